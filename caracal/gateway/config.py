@@ -1,0 +1,397 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The gateway's configuration: every variable of SPEC section 2, read once from
+the environment into one immutable L{GatewayConfig}, with the startup rules
+applied. A refused configuration raises L{ConfigError} whose message is the
+one line the operator sees.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+PRODUCTION = "production"
+DEV = "dev"
+PRODUCTION_PORT = 8081
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+class ConfigError(Exception):
+    """
+    The configuration is refused. C{str(error)} is the single line shown to
+    the operator; it never contains a secret value.
+    """
+
+
+def parse_duration(text: str) -> float:
+    """
+    Parse a Go duration (C{250ms}, C{5s}, C{1m30s}) into seconds.
+
+    @raise ValueError: C{text} is not a non-negative Go duration.
+    """
+    text = text.strip()
+    if text == "0":
+        return 0.0
+    if text.startswith("+"):
+        text = text[1:]
+    if not text:
+        raise ValueError("empty duration")
+    total = 0.0
+    position = 0
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None:
+            raise ValueError(f"not a duration: {text!r}")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    return total
+
+
+def parse_bool(text: str) -> bool:
+    """
+    Parse a boolean the way Go's C{strconv.ParseBool} does.
+
+    @raise ValueError: C{text} is not one of the accepted spellings.
+    """
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is, parsed from C{REDIS_URL}."""
+
+    host: str
+    port: int
+    db: int
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+
+def parse_redis_url(text: str) -> RedisAddress:
+    """
+    Parse C{redis://[:password@]host[:port][/db]} (or C{rediss://}).
+
+    @raise ValueError: the URL is malformed.
+    """
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError("scheme must be redis or rediss")
+    if not parts.hostname:
+        raise ValueError("host missing")
+    try:
+        port = parts.port or 6379
+    except ValueError as error:
+        raise ValueError("bad port") from error
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError("database must be a number")
+    password = unquote(parts.password) if parts.password is not None else None
+    return RedisAddress(
+        host=parts.hostname,
+        port=port,
+        db=int(path) if path else 0,
+        password=password or None,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def redact_url(text: str) -> str:
+    """Return C{text} with any password in its userinfo replaced by C{***}."""
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return "***"
+    if not parts.scheme or parts.password is None:
+        return re.sub(r"password=\S+", "password=***", text)
+    user = quote(parts.username or "", safe="")
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """
+    The whole configuration of one gateway process (SPEC section 2).
+
+    Durations are in seconds. Build it with L{GatewayConfig.from_environ}.
+    """
+
+    env: str = PRODUCTION
+    port: int = PRODUCTION_PORT
+    bind_address: str = ""
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    insecure_http: bool = False
+    insecure_sts: bool = False
+    sts_url: str = ""
+    sts_ca_file: str | None = None
+    upstream_ca_file: str | None = None
+    database_url: str = field(default="", repr=False)
+    redis_url: str = field(default="", repr=False)
+    jti_fail_open: bool = False
+    streams_hmac_key: bytes | None = field(default=None, repr=False)
+    allow_private_upstreams: bool = False
+    upstream_host_allowlist: frozenset[str] = frozenset()
+    max_request_bytes: int = 10 * 1024 * 1024
+    sts_timeout: float = 5.0
+    upstream_timeout: float = 30.0
+    read_header_timeout: float = 5.0
+    read_timeout: float = 30.0
+    write_timeout: float = 60.0
+    idle_timeout: float = 120.0
+    log_level: str = "info"
+
+    @property
+    def production(self) -> bool:
+        """C{True} when the production-only rules apply."""
+        return self.env == PRODUCTION
+
+    @property
+    def tls_enabled(self) -> bool:
+        """C{True} when the listener speaks TLS."""
+        return self.tls_cert_file is not None
+
+    @property
+    def redis(self) -> RedisAddress:
+        """C{REDIS_URL}, parsed."""
+        return parse_redis_url(self.redis_url)
+
+    @property
+    def sts_base_url(self) -> str:
+        """C{STS_URL} without a trailing slash, ready for path joining."""
+        return self.sts_url.rstrip("/")
+
+    def escape_hatches(self) -> list[str]:
+        """The names of the development escape hatches this configuration uses."""
+        hatches = []
+        for name, value in (
+            ("INSECURE_HTTP", self.insecure_http),
+            ("INSECURE_STS", self.insecure_sts),
+            ("JTI_FAIL_OPEN", self.jti_fail_open),
+            ("ALLOW_PRIVATE_UPSTREAMS", self.allow_private_upstreams),
+        ):
+            if value:
+                hatches.append(name)
+        return hatches
+
+    def redacted(self) -> dict[str, object]:
+        """The effective configuration as a JSON-able dict with secrets redacted."""
+        return {
+            "CARACAL_ENV": self.env,
+            "PORT": self.port,
+            "BIND_ADDRESS": self.bind_address or "*",
+            "TLS_CERT_FILE": self.tls_cert_file,
+            "TLS_KEY_FILE": self.tls_key_file,
+            "INSECURE_HTTP": self.insecure_http,
+            "INSECURE_STS": self.insecure_sts,
+            "STS_URL": redact_url(self.sts_url),
+            "STS_CA_FILE": self.sts_ca_file,
+            "UPSTREAM_CA_FILE": self.upstream_ca_file,
+            "DATABASE_URL": redact_url(self.database_url),
+            "REDIS_URL": redact_url(self.redis_url),
+            "JTI_FAIL_OPEN": self.jti_fail_open,
+            "STREAMS_HMAC_KEY": "***" if self.streams_hmac_key else None,
+            "ALLOW_PRIVATE_UPSTREAMS": self.allow_private_upstreams,
+            "UPSTREAM_HOST_ALLOWLIST": sorted(self.upstream_host_allowlist),
+            "MAX_REQUEST_BYTES": self.max_request_bytes,
+            "STS_TIMEOUT": self.sts_timeout,
+            "UPSTREAM_TIMEOUT": self.upstream_timeout,
+            "READ_HEADER_TIMEOUT": self.read_header_timeout,
+            "READ_TIMEOUT": self.read_timeout,
+            "WRITE_TIMEOUT": self.write_timeout,
+            "IDLE_TIMEOUT": self.idle_timeout,
+            "LOG_LEVEL": self.log_level,
+        }
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> GatewayConfig:
+        """
+        Read and validate the configuration.
+
+        @raise ConfigError: a value is malformed or a startup rule fails; the
+            message is the SPEC's, verbatim.
+        """
+        return _Reader(environ).read()
+
+
+class _Reader:
+    """Reads typed values out of an environment, naming the variable on error."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def text(self, name: str) -> str | None:
+        value = self.environ.get(name)
+        if value is None or value.strip() == "":
+            return None
+        return value.strip()
+
+    def boolean(self, name: str) -> bool:
+        value = self.text(name)
+        if value is None:
+            return False
+        try:
+            return parse_bool(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a boolean (true or false)") from None
+
+    def duration(self, name: str, default: float) -> float:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a duration such as 250ms, 5s or 1m30s") from None
+        if seconds <= 0:
+            raise ConfigError(f"{name} must be a positive duration")
+        return seconds
+
+    def integer(self, name: str, default: int, low: int, high: int) -> int:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            number = int(value, 10)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer") from None
+        if not low <= number <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}")
+        return number
+
+    def read(self) -> GatewayConfig:
+        env = self.text("CARACAL_ENV") or PRODUCTION
+        if env not in (PRODUCTION, DEV):
+            raise ConfigError("CARACAL_ENV must be production or dev")
+        production = env == PRODUCTION
+
+        cert = self.text("TLS_CERT_FILE")
+        key = self.text("TLS_KEY_FILE")
+        insecure_http = self.boolean("INSECURE_HTTP")
+        insecure_sts = self.boolean("INSECURE_STS")
+        jti_fail_open = self.boolean("JTI_FAIL_OPEN")
+        allow_private = self.boolean("ALLOW_PRIVATE_UPSTREAMS")
+        port = self.integer("PORT", PRODUCTION_PORT, 1, 65535)
+        max_request_bytes = self.integer("MAX_REQUEST_BYTES", 10 * 1024 * 1024, 1, 2**62)
+        timeouts = {
+            "sts_timeout": self.duration("STS_TIMEOUT", 5.0),
+            "upstream_timeout": self.duration("UPSTREAM_TIMEOUT", 30.0),
+            "read_header_timeout": self.duration("READ_HEADER_TIMEOUT", 5.0),
+            "read_timeout": self.duration("READ_TIMEOUT", 30.0),
+            "write_timeout": self.duration("WRITE_TIMEOUT", 60.0),
+            "idle_timeout": self.duration("IDLE_TIMEOUT", 120.0),
+        }
+        log_level = (self.text("LOG_LEVEL") or "info").lower()
+        if log_level not in LOG_LEVELS:
+            raise ConfigError("LOG_LEVEL must be one of debug, info, warn, error")
+
+        # The startup rules, in the order of SPEC section 2.
+        if (cert is None) != (key is None):
+            raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must both be set")
+        if cert is None and not insecure_http:
+            raise ConfigError(
+                "TLS_CERT_FILE/TLS_KEY_FILE required; set INSECURE_HTTP=true to run plaintext"
+            )
+        if production and (insecure_http or insecure_sts):
+            raise ConfigError(
+                "INSECURE_HTTP and INSECURE_STS are forbidden when CARACAL_ENV=production"
+            )
+        if production and jti_fail_open:
+            raise ConfigError("JTI_FAIL_OPEN is forbidden when CARACAL_ENV=production")
+        if production and port != PRODUCTION_PORT:
+            raise ConfigError("PORT must be 8081")
+
+        hmac_text = self.text("STREAMS_HMAC_KEY")
+        if hmac_text is None and production:
+            raise ConfigError("STREAMS_HMAC_KEY is required when CARACAL_ENV=production")
+        hmac_key = None
+        if hmac_text is not None:
+            try:
+                hmac_key = bytes.fromhex(hmac_text)
+            except ValueError:
+                hmac_key = b""
+            if len(hmac_key) < 32:
+                raise ConfigError("STREAMS_HMAC_KEY must be hex-encoded and at least 32 bytes")
+
+        allowlist = frozenset(
+            host.strip().lower().rstrip(".")
+            for host in (self.text("UPSTREAM_HOST_ALLOWLIST") or "").split(",")
+            if host.strip()
+        )
+        if production and allow_private and not allowlist:
+            raise ConfigError(
+                "UPSTREAM_HOST_ALLOWLIST is required when ALLOW_PRIVATE_UPSTREAMS=true"
+                " in production"
+            )
+
+        sts_url = self.text("STS_URL")
+        if sts_url is None:
+            raise ConfigError("STS_URL is required")
+        try:
+            sts_parts = urlsplit(sts_url)
+            sts_parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ConfigError("STS_URL must be an absolute http(s) URL") from None
+        if sts_parts.scheme not in ("http", "https") or not sts_parts.hostname:
+            raise ConfigError("STS_URL must be an absolute http(s) URL")
+        if sts_parts.scheme == "http" and not insecure_sts:
+            raise ConfigError("STS_URL must use https; set INSECURE_STS=true to override")
+
+        database_url = self.text("DATABASE_URL")
+        if database_url is None:
+            raise ConfigError("DATABASE_URL is required")
+        redis_url = self.text("REDIS_URL")
+        if redis_url is None:
+            raise ConfigError("REDIS_URL is required")
+        try:
+            parse_redis_url(redis_url)
+        except ValueError as error:
+            raise ConfigError(f"REDIS_URL is malformed: {error}") from None
+
+        return GatewayConfig(
+            env=env,
+            port=port,
+            bind_address=self.text("BIND_ADDRESS") or "",
+            tls_cert_file=cert,
+            tls_key_file=key,
+            insecure_http=insecure_http,
+            insecure_sts=insecure_sts,
+            sts_url=sts_url,
+            sts_ca_file=self.text("STS_CA_FILE"),
+            upstream_ca_file=self.text("UPSTREAM_CA_FILE"),
+            database_url=database_url,
+            redis_url=redis_url,
+            jti_fail_open=jti_fail_open,
+            streams_hmac_key=hmac_key,
+            allow_private_upstreams=allow_private,
+            upstream_host_allowlist=allowlist,
+            max_request_bytes=max_request_bytes,
+            log_level=log_level,
+            **timeouts,
+        )
