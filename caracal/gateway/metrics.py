@@ -104,7 +104,9 @@ def merge_snapshots(snapshots: list[dict]) -> dict[str, object]:
             if name not in histograms:
                 continue
             target = histograms[name]
-            target["buckets"] = [a + b for a, b in zip(target["buckets"], histogram["buckets"])]
+            target["buckets"] = [
+                a + b for a, b in zip(target["buckets"], histogram["buckets"], strict=True)
+            ]
             target["sum"] += histogram["sum"]
             target["count"] += histogram["count"]
     merged["histograms"] = histograms
@@ -132,7 +134,7 @@ def render_prometheus(snapshot: dict) -> bytes:
         lines.append(f"# HELP {full} {help_text}")
         lines.append(f"# TYPE {full} histogram")
         cumulative = 0
-        for bound, count in zip(BUCKETS + (float("inf"),), histogram["buckets"]):
+        for bound, count in zip((*BUCKETS, float("inf")), histogram["buckets"], strict=True):
             cumulative += count
             label = "+Inf" if bound == float("inf") else repr(bound)
             lines.append(f'{full}_bucket{{le="{label}"}} {cumulative}')
