@@ -1,0 +1,127 @@
+# -*- test-case-name: tests.test_endpoints -*-
+"""
+The local endpoints of SPEC section 10: C{/health}, C{/ready}, C{/metrics}.
+They are answered by the gateway itself and never proxied.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from caracal.gateway.metrics import render_json, render_prometheus
+
+log = Logger(namespace="caracal.ready")
+
+READY_CHECK_TIMEOUT = 2.0
+
+
+def _gone(request) -> bool:
+    """The answer can no longer be written (finished, or the client left)."""
+    return bool(request.finished or getattr(request, "_disconnected", False))
+
+
+def _json(request, status: int, document: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(document, sort_keys=True).encode("utf-8") + b"\n"
+
+
+class HealthResource(Resource):
+    """C{GET /health}: 200 while the process runs."""
+
+    isLeaf = True
+
+    def render(self, request):
+        return _json(request, 200, {"status": "ok"})
+
+
+class ReadyResource(Resource):
+    """
+    C{GET /ready}: 200 when every dependency answers, else 503 naming the ones
+    that did not. Each check is bounded by a short timeout and run in parallel.
+    Failure details go to the log, never to the body (they may hold addresses
+    or credentials).
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        checks: dict[str, Callable[[], defer.Deferred]],
+        clock,
+        timeout: float = READY_CHECK_TIMEOUT,
+    ) -> None:
+        Resource.__init__(self)
+        self.checks = checks
+        self.clock = clock
+        self.timeout = timeout
+
+    def _run(self, name: str, check) -> defer.Deferred:
+        d = defer.maybeDeferred(check)
+        d.addTimeout(self.timeout, self.clock)
+
+        def failed(failure):
+            log.warn("readiness check {check} failed: {error}", check=name, error=failure.value)
+            return "unavailable"
+
+        return d.addCallbacks(lambda _: "ok", failed)
+
+    def render(self, request):
+        names = sorted(self.checks)
+        d = defer.gatherResults([self._run(name, self.checks[name]) for name in names])
+
+        def answer(results):
+            if _gone(request):
+                return
+            statuses = dict(zip(names, results, strict=True))
+            failed = [name for name, status in statuses.items() if status != "ok"]
+            document = {"status": "not_ready" if failed else "ready", "checks": statuses}
+            if failed:
+                document["failed"] = failed
+            request.write(_json(request, 503 if failed else 200, document))
+            request.finish()
+
+        d.addCallback(answer)
+        return NOT_DONE_YET
+
+
+class MetricsResource(Resource):
+    """
+    C{GET /metrics}: the JSON counters, or the Prometheus text format when the
+    client asks for C{text/plain}. C{snapshot} returns the counters to show
+    (this process's, or every worker's summed).
+    """
+
+    isLeaf = True
+
+    def __init__(self, snapshot: Callable[[], defer.Deferred | dict]) -> None:
+        Resource.__init__(self)
+        self.snapshot = snapshot
+
+    def render(self, request):
+        accept = (request.getHeader(b"accept") or b"").lower()
+        prometheus = b"text/plain" in accept
+
+        def answer(snapshot):
+            if _gone(request):
+                return
+            request.setHeader(b"cache-control", b"no-store")
+            if prometheus:
+                request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+                request.write(render_prometheus(snapshot))
+            else:
+                request.setHeader(b"content-type", b"application/json")
+                request.write(render_json(snapshot))
+            request.finish()
+
+        defer.maybeDeferred(self.snapshot).addCallback(answer).addErrback(
+            lambda failure: log.failure("metrics snapshot failed", failure)
+        )
+        return NOT_DONE_YET
