@@ -15,10 +15,24 @@ from caracal.gateway.metrics import (
     render_prometheus,
 )
 
-SPEC_NAMES = """requests_total requests_allowed requests_denied denials_missing_auth
-denials_bad_bearer denials_expiring denials_bad_routing denials_binding denials_path_traversal
-denials_signature denials_jti_replay denials_revoked sts_exchange_errors upstream_errors
-bindings_loaded revocations_active""".split()
+SPEC_NAMES = [
+    "requests_total",
+    "requests_allowed",
+    "requests_denied",
+    "denials_missing_auth",
+    "denials_bad_bearer",
+    "denials_expiring",
+    "denials_bad_routing",
+    "denials_binding",
+    "denials_path_traversal",
+    "denials_signature",
+    "denials_jti_replay",
+    "denials_revoked",
+    "sts_exchange_errors",
+    "upstream_errors",
+    "bindings_loaded",
+    "revocations_active",
+]
 
 
 class MetricsTests(SynchronousTestCase):
