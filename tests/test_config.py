@@ -1,0 +1,603 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Tests for L{caracal.gateway.config}: every startup rule of SPEC section 2,
+refused and accepted, in production and in dev, with the operator's message
+asserted verbatim; the value syntaxes (Go durations, Go booleans, integers,
+C{REDIS_URL}); the defaults; and the redaction of secrets.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from caracal.gateway.config import (
+    ConfigError,
+    GatewayConfig,
+    RedisAddress,
+    parse_bool,
+    parse_duration,
+    parse_redis_url,
+    redact_url,
+)
+
+HMAC_KEY_HEX = "a1" * 32
+DATABASE_PASSWORD = "pg-s3cret-pw"
+REDIS_PASSWORD = "redis-s3cret-pw"
+
+BOOLEANS = ("INSECURE_HTTP", "INSECURE_STS", "JTI_FAIL_OPEN", "ALLOW_PRIVATE_UPSTREAMS")
+DURATIONS = {
+    "STS_TIMEOUT": ("sts_timeout", 5.0),
+    "UPSTREAM_TIMEOUT": ("upstream_timeout", 30.0),
+    "READ_HEADER_TIMEOUT": ("read_header_timeout", 5.0),
+    "READ_TIMEOUT": ("read_timeout", 30.0),
+    "WRITE_TIMEOUT": ("write_timeout", 60.0),
+    "IDLE_TIMEOUT": ("idle_timeout", 120.0),
+}
+
+MSG_ENV = "CARACAL_ENV must be production or dev"
+MSG_TLS_PAIR = "TLS_CERT_FILE and TLS_KEY_FILE must both be set"
+MSG_TLS_REQUIRED = "TLS_CERT_FILE/TLS_KEY_FILE required; set INSECURE_HTTP=true to run plaintext"
+MSG_INSECURE = "INSECURE_HTTP and INSECURE_STS are forbidden when CARACAL_ENV=production"
+MSG_JTI = "JTI_FAIL_OPEN is forbidden when CARACAL_ENV=production"
+MSG_PORT = "PORT must be 8081"
+MSG_HMAC_REQUIRED = "STREAMS_HMAC_KEY is required when CARACAL_ENV=production"
+MSG_HMAC_FORMAT = "STREAMS_HMAC_KEY must be hex-encoded and at least 32 bytes"
+MSG_ALLOWLIST = (
+    "UPSTREAM_HOST_ALLOWLIST is required when ALLOW_PRIVATE_UPSTREAMS=true in production"
+)
+MSG_STS_HTTPS = "STS_URL must use https; set INSECURE_STS=true to override"
+
+
+def production(**overrides: str | None) -> dict[str, str]:
+    """
+    A complete, valid production environment with C{overrides} applied; an
+    override of C{None} removes the variable.
+    """
+    environ = {
+        "CARACAL_ENV": "production",
+        "TLS_CERT_FILE": "/etc/caracal/tls/server.crt",
+        "TLS_KEY_FILE": "/etc/caracal/tls/server.key",
+        "STS_URL": "https://sts.example.com/",
+        "DATABASE_URL": f"postgresql://gateway:{DATABASE_PASSWORD}@db.example.com:5432/caracal",
+        "REDIS_URL": f"redis://:{REDIS_PASSWORD}@redis.example.com:6380/2",
+        "STREAMS_HMAC_KEY": HMAC_KEY_HEX,
+    }
+    return _apply(environ, overrides)
+
+
+def dev(**overrides: str | None) -> dict[str, str]:
+    """The smallest valid dev environment (plaintext, no HMAC key) plus C{overrides}."""
+    environ = {
+        "CARACAL_ENV": "dev",
+        "INSECURE_HTTP": "true",
+        "STS_URL": "https://127.0.0.1:8443",
+        "DATABASE_URL": "postgresql://root@127.0.0.1:5432/test",
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+    }
+    return _apply(environ, overrides)
+
+
+def _apply(environ: dict[str, str], overrides: dict[str, str | None]) -> dict[str, str]:
+    for name, value in overrides.items():
+        if value is None:
+            environ.pop(name, None)
+        else:
+            environ[name] = value
+    return environ
+
+
+class ConfigTestMixin:
+    def refused(self, environ: dict[str, str], message: str) -> None:
+        """Assert that C{environ} is refused with exactly C{message}."""
+        error = self.assertRaises(ConfigError, GatewayConfig.from_environ, environ)
+        self.assertEqual(str(error), message)
+
+    def accepted(self, environ: dict[str, str]) -> GatewayConfig:
+        """Assert that C{environ} is accepted; return the configuration."""
+        config = GatewayConfig.from_environ(environ)
+        self.assertIsInstance(config, GatewayConfig)
+        return config
+
+
+class DefaultsTests(ConfigTestMixin, SynchronousTestCase):
+    """Every variable left unset takes the SPEC's default."""
+
+    def test_production_defaults(self) -> None:
+        config = self.accepted(production(CARACAL_ENV=None))
+        self.assertEqual(config.env, "production")
+        self.assertTrue(config.production)
+        self.assertEqual(config.port, 8081)
+        self.assertEqual(config.bind_address, "")
+        self.assertFalse(config.insecure_http)
+        self.assertFalse(config.insecure_sts)
+        self.assertFalse(config.jti_fail_open)
+        self.assertFalse(config.allow_private_upstreams)
+        self.assertEqual(config.upstream_host_allowlist, frozenset())
+        self.assertIsNone(config.sts_ca_file)
+        self.assertIsNone(config.upstream_ca_file)
+        self.assertEqual(config.max_request_bytes, 10485760)
+        self.assertEqual(config.log_level, "info")
+        for attribute, default in DURATIONS.values():
+            self.assertEqual(getattr(config, attribute), default, attribute)
+        self.assertTrue(config.tls_enabled)
+        self.assertEqual(config.escape_hatches(), [])
+
+    def test_empty_value_is_unset(self) -> None:
+        """A variable set to the empty string (or blanks) counts as unset."""
+        config = self.accepted(production(CARACAL_ENV="", PORT=" ", STS_TIMEOUT=""))
+        self.assertEqual(config.env, "production")
+        self.assertEqual(config.port, 8081)
+        self.assertEqual(config.sts_timeout, 5.0)
+
+    def test_values_read(self) -> None:
+        config = self.accepted(
+            dev(
+                PORT="9443",
+                BIND_ADDRESS="127.0.0.1",
+                INSECURE_HTTP=None,
+                TLS_CERT_FILE="/tmp/c.pem",
+                TLS_KEY_FILE="/tmp/k.pem",
+                STS_CA_FILE="/tmp/sts-ca.pem",
+                UPSTREAM_CA_FILE="/tmp/up-ca.pem",
+                MAX_REQUEST_BYTES="1024",
+                LOG_LEVEL="DEBUG",
+            )
+        )
+        self.assertEqual(config.env, "dev")
+        self.assertFalse(config.production)
+        self.assertEqual(config.port, 9443)
+        self.assertEqual(config.bind_address, "127.0.0.1")
+        self.assertEqual((config.tls_cert_file, config.tls_key_file), ("/tmp/c.pem", "/tmp/k.pem"))
+        self.assertEqual(config.sts_ca_file, "/tmp/sts-ca.pem")
+        self.assertEqual(config.upstream_ca_file, "/tmp/up-ca.pem")
+        self.assertEqual(config.max_request_bytes, 1024)
+        self.assertEqual(config.log_level, "debug")
+
+    def test_sts_base_url(self) -> None:
+        """C{sts_base_url} drops the trailing slash so paths can be appended."""
+        config = self.accepted(production(STS_URL="https://sts.example.com/base/"))
+        self.assertEqual(config.sts_base_url, "https://sts.example.com/base")
+        config = self.accepted(production(STS_URL="https://sts.example.com"))
+        self.assertEqual(config.sts_base_url, "https://sts.example.com")
+
+
+class EnvironmentRuleTests(ConfigTestMixin, SynchronousTestCase):
+    """C{CARACAL_ENV} is production or dev, nothing else."""
+
+    def test_unknown_refused(self) -> None:
+        for value in ("staging", "Production", "DEV", "prod", "development"):
+            self.refused(production(CARACAL_ENV=value), MSG_ENV)
+            self.refused(dev(CARACAL_ENV=value), MSG_ENV)
+
+    def test_known_accepted(self) -> None:
+        self.assertEqual(self.accepted(production()).env, "production")
+        self.assertEqual(self.accepted(dev()).env, "dev")
+
+
+class TLSRuleTests(ConfigTestMixin, SynchronousTestCase):
+    """The TLS files come as a pair, or plaintext is asked for explicitly."""
+
+    def test_only_one_file_refused(self) -> None:
+        for environ in (production, dev):
+            self.refused(environ(TLS_CERT_FILE="/c.pem", TLS_KEY_FILE=None), MSG_TLS_PAIR)
+            self.refused(environ(TLS_CERT_FILE=None, TLS_KEY_FILE="/k.pem"), MSG_TLS_PAIR)
+
+    def test_only_one_file_refused_even_with_insecure_http(self) -> None:
+        self.refused(dev(TLS_CERT_FILE="/c.pem", INSECURE_HTTP="true"), MSG_TLS_PAIR)
+
+    def test_neither_file_refused(self) -> None:
+        self.refused(production(TLS_CERT_FILE=None, TLS_KEY_FILE=None), MSG_TLS_REQUIRED)
+        self.refused(dev(INSECURE_HTTP=None), MSG_TLS_REQUIRED)
+        self.refused(dev(INSECURE_HTTP="false"), MSG_TLS_REQUIRED)
+
+    def test_both_files_accepted(self) -> None:
+        config = self.accepted(production())
+        self.assertTrue(config.tls_enabled)
+        config = self.accepted(dev(INSECURE_HTTP=None, TLS_CERT_FILE="/c", TLS_KEY_FILE="/k"))
+        self.assertTrue(config.tls_enabled)
+        self.assertFalse(config.insecure_http)
+
+    def test_plaintext_in_dev_accepted(self) -> None:
+        config = self.accepted(dev())
+        self.assertTrue(config.insecure_http)
+        self.assertFalse(config.tls_enabled)
+        self.assertEqual(config.escape_hatches(), ["INSECURE_HTTP"])
+
+
+class EscapeHatchRuleTests(ConfigTestMixin, SynchronousTestCase):
+    """INSECURE_HTTP, INSECURE_STS and JTI_FAIL_OPEN are dev-only."""
+
+    def test_insecure_http_in_production_refused(self) -> None:
+        self.refused(production(INSECURE_HTTP="true"), MSG_INSECURE)
+        # Without certificate files too: the production rule is what the
+        # operator must hear about, not the missing files.
+        self.refused(
+            production(INSECURE_HTTP="1", TLS_CERT_FILE=None, TLS_KEY_FILE=None), MSG_INSECURE
+        )
+
+    def test_insecure_sts_in_production_refused(self) -> None:
+        self.refused(production(INSECURE_STS="true"), MSG_INSECURE)
+        self.refused(production(INSECURE_STS="T", STS_URL="http://sts:8080"), MSG_INSECURE)
+
+    def test_explicit_false_in_production_accepted(self) -> None:
+        config = self.accepted(
+            production(INSECURE_HTTP="false", INSECURE_STS="0", JTI_FAIL_OPEN="False")
+        )
+        self.assertEqual(config.escape_hatches(), [])
+
+    def test_jti_fail_open_in_production_refused(self) -> None:
+        self.refused(production(JTI_FAIL_OPEN="true"), MSG_JTI)
+
+    def test_escape_hatches_in_dev_accepted(self) -> None:
+        config = self.accepted(
+            dev(
+                INSECURE_STS="true",
+                STS_URL="http://127.0.0.1:8080",
+                JTI_FAIL_OPEN="true",
+                ALLOW_PRIVATE_UPSTREAMS="true",
+            )
+        )
+        self.assertTrue(config.insecure_http)
+        self.assertTrue(config.insecure_sts)
+        self.assertTrue(config.jti_fail_open)
+        self.assertTrue(config.allow_private_upstreams)
+        self.assertEqual(
+            config.escape_hatches(),
+            ["INSECURE_HTTP", "INSECURE_STS", "JTI_FAIL_OPEN", "ALLOW_PRIVATE_UPSTREAMS"],
+        )
+
+
+class PortRuleTests(ConfigTestMixin, SynchronousTestCase):
+    """Production listens on 8081 only."""
+
+    def test_other_port_in_production_refused(self) -> None:
+        for port in ("8080", "443", "18081"):
+            self.refused(production(PORT=port), MSG_PORT)
+
+    def test_8081_in_production_accepted(self) -> None:
+        self.assertEqual(self.accepted(production(PORT="8081")).port, 8081)
+
+    def test_other_port_in_dev_accepted(self) -> None:
+        self.assertEqual(self.accepted(dev(PORT="18443")).port, 18443)
+
+    def test_malformed_port_refused(self) -> None:
+        for environ in (production, dev):
+            self.refused(environ(PORT="http"), "PORT must be an integer")
+            self.refused(environ(PORT="80.5"), "PORT must be an integer")
+            self.refused(environ(PORT="0"), "PORT must be between 1 and 65535")
+            self.refused(environ(PORT="65536"), "PORT must be between 1 and 65535")
+            self.refused(environ(PORT="-1"), "PORT must be between 1 and 65535")
+
+
+class HMACKeyRuleTests(ConfigTestMixin, SynchronousTestCase):
+    """STREAMS_HMAC_KEY: required in production; when set, hex and >= 32 bytes."""
+
+    def test_missing_in_production_refused(self) -> None:
+        self.refused(production(STREAMS_HMAC_KEY=None), MSG_HMAC_REQUIRED)
+        self.refused(production(STREAMS_HMAC_KEY=""), MSG_HMAC_REQUIRED)
+
+    def test_missing_in_dev_accepted(self) -> None:
+        self.assertIsNone(self.accepted(dev()).streams_hmac_key)
+
+    def test_malformed_refused(self) -> None:
+        for environ in (production, dev):
+            for value in ("zz" * 32, "a1" * 31, "a1" * 32 + "a", "not hex at all"):
+                self.refused(environ(STREAMS_HMAC_KEY=value), MSG_HMAC_FORMAT)
+
+    def test_message_hides_the_key(self) -> None:
+        bad = "secretsecret" * 6
+        error = self.assertRaises(
+            ConfigError, GatewayConfig.from_environ, dev(STREAMS_HMAC_KEY=bad)
+        )
+        self.assertNotIn(bad, str(error))
+
+    def test_accepted(self) -> None:
+        self.assertEqual(self.accepted(production()).streams_hmac_key, bytes.fromhex(HMAC_KEY_HEX))
+        config = self.accepted(dev(STREAMS_HMAC_KEY="AB" * 48))
+        self.assertEqual(config.streams_hmac_key, b"\xab" * 48)
+
+
+class AllowlistRuleTests(ConfigTestMixin, SynchronousTestCase):
+    """Private upstreams in production need an explicit host allowlist."""
+
+    def test_private_without_allowlist_in_production_refused(self) -> None:
+        self.refused(production(ALLOW_PRIVATE_UPSTREAMS="true"), MSG_ALLOWLIST)
+        self.refused(
+            production(ALLOW_PRIVATE_UPSTREAMS="true", UPSTREAM_HOST_ALLOWLIST=" , ,"),
+            MSG_ALLOWLIST,
+        )
+
+    def test_private_with_allowlist_in_production_accepted(self) -> None:
+        config = self.accepted(
+            production(
+                ALLOW_PRIVATE_UPSTREAMS="true",
+                UPSTREAM_HOST_ALLOWLIST="API.internal.example.com, payments.internal.example.com.,",
+            )
+        )
+        self.assertTrue(config.allow_private_upstreams)
+        self.assertEqual(
+            config.upstream_host_allowlist,
+            frozenset({"api.internal.example.com", "payments.internal.example.com"}),
+        )
+        self.assertEqual(config.escape_hatches(), ["ALLOW_PRIVATE_UPSTREAMS"])
+
+    def test_private_without_allowlist_in_dev_accepted(self) -> None:
+        config = self.accepted(dev(ALLOW_PRIVATE_UPSTREAMS="true"))
+        self.assertTrue(config.allow_private_upstreams)
+        self.assertEqual(config.upstream_host_allowlist, frozenset())
+
+    def test_allowlist_without_private_accepted(self) -> None:
+        config = self.accepted(production(UPSTREAM_HOST_ALLOWLIST="tools.example.com"))
+        self.assertFalse(config.allow_private_upstreams)
+        self.assertEqual(config.upstream_host_allowlist, frozenset({"tools.example.com"}))
+
+
+class STSURLRuleTests(ConfigTestMixin, SynchronousTestCase):
+    """STS_URL: required, absolute, https unless INSECURE_STS."""
+
+    def test_http_without_insecure_sts_refused(self) -> None:
+        self.refused(production(STS_URL="http://sts.example.com"), MSG_STS_HTTPS)
+        self.refused(dev(STS_URL="http://127.0.0.1:8080"), MSG_STS_HTTPS)
+        self.refused(dev(STS_URL="http://127.0.0.1:8080", INSECURE_STS="false"), MSG_STS_HTTPS)
+
+    def test_http_with_insecure_sts_in_dev_accepted(self) -> None:
+        config = self.accepted(dev(STS_URL="http://127.0.0.1:8080/", INSECURE_STS="true"))
+        self.assertEqual(config.sts_url, "http://127.0.0.1:8080/")
+        self.assertEqual(config.sts_base_url, "http://127.0.0.1:8080")
+
+    def test_https_accepted(self) -> None:
+        self.assertEqual(
+            self.accepted(production()).sts_url,
+            "https://sts.example.com/",
+        )
+
+    def test_missing_refused(self) -> None:
+        for environ in (production, dev):
+            self.refused(environ(STS_URL=None), "STS_URL is required")
+
+    def test_not_absolute_refused(self) -> None:
+        message = "STS_URL must be an absolute http(s) URL"
+        for value in ("sts.example.com", "/oauth", "ftp://sts.example.com", "https://"):
+            self.refused(production(STS_URL=value), message)
+        self.refused(production(STS_URL="https://sts.example.com:99999"), message)
+
+
+class RequiredURLTests(ConfigTestMixin, SynchronousTestCase):
+    """DATABASE_URL and REDIS_URL are required; REDIS_URL must parse."""
+
+    def test_database_url_missing(self) -> None:
+        for environ in (production, dev):
+            self.refused(environ(DATABASE_URL=None), "DATABASE_URL is required")
+
+    def test_redis_url_missing(self) -> None:
+        for environ in (production, dev):
+            self.refused(environ(REDIS_URL=None), "REDIS_URL is required")
+
+    def test_database_dsn_accepted(self) -> None:
+        config = self.accepted(dev(DATABASE_URL="host=127.0.0.1 dbname=test user=root"))
+        self.assertEqual(config.database_url, "host=127.0.0.1 dbname=test user=root")
+
+    def test_redis_url_malformed(self) -> None:
+        for value in (
+            "http://127.0.0.1:6379",
+            "redis://",
+            "redis://127.0.0.1:port",
+            "redis://127.0.0.1:6379/zero",
+        ):
+            error = self.assertRaises(ConfigError, GatewayConfig.from_environ, dev(REDIS_URL=value))
+            self.assertTrue(str(error).startswith("REDIS_URL is malformed: "), str(error))
+
+    def test_redis_url_error_hides_the_password(self) -> None:
+        error = self.assertRaises(
+            ConfigError,
+            GatewayConfig.from_environ,
+            dev(REDIS_URL=f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/db"),
+        )
+        self.assertNotIn(REDIS_PASSWORD, str(error))
+
+    def test_redis_property(self) -> None:
+        config = self.accepted(production())
+        self.assertEqual(
+            config.redis,
+            RedisAddress(
+                host="redis.example.com", port=6380, db=2, password=REDIS_PASSWORD, tls=False
+            ),
+        )
+
+
+class RedisURLTests(SynchronousTestCase):
+    """L{parse_redis_url} reads C{redis://[:password@]host[:port][/db]}."""
+
+    def test_defaults(self) -> None:
+        self.assertEqual(
+            parse_redis_url("redis://127.0.0.1"),
+            RedisAddress(host="127.0.0.1", port=6379, db=0, password=None, tls=False),
+        )
+
+    def test_full(self) -> None:
+        address = parse_redis_url("rediss://:p%40ss%3Aword@cache.example.com:6390/15")
+        self.assertEqual(
+            address,
+            RedisAddress(
+                host="cache.example.com", port=6390, db=15, password="p@ss:word", tls=True
+            ),
+        )
+
+    def test_trailing_slash_is_db_zero(self) -> None:
+        self.assertEqual(parse_redis_url("redis://h:1/").db, 0)
+
+    def test_user_and_password(self) -> None:
+        """A username (Redis 6 ACL form) is tolerated; the password is kept."""
+        self.assertEqual(parse_redis_url("redis://default:pw@h").password, "pw")
+
+    def test_empty_password_is_none(self) -> None:
+        self.assertIsNone(parse_redis_url("redis://:@h").password)
+
+    def test_ipv6(self) -> None:
+        address = parse_redis_url("redis://[::1]:6379/1")
+        self.assertEqual((address.host, address.port, address.db), ("::1", 6379, 1))
+
+    def test_malformed(self) -> None:
+        for value in ("unix:///tmp/redis.sock", "redis://", "redis://h:x", "redis://h/a"):
+            self.assertRaises(ValueError, parse_redis_url, value)
+
+    def test_repr_hides_password(self) -> None:
+        self.assertNotIn("hunter2", repr(parse_redis_url("redis://:hunter2@h")))
+
+
+class BooleanTests(ConfigTestMixin, SynchronousTestCase):
+    """Booleans take Go's C{strconv.ParseBool} spellings, nothing else."""
+
+    def test_spellings(self) -> None:
+        for text in ("1", "t", "T", "TRUE", "true", "True"):
+            self.assertIs(parse_bool(text), True, text)
+        for text in ("0", "f", "F", "FALSE", "false", "False"):
+            self.assertIs(parse_bool(text), False, text)
+
+    def test_other_spellings_refused(self) -> None:
+        for text in ("yes", "no", "on", "off", "tRUE", "fAlse", "2", "", "y"):
+            self.assertRaises(ValueError, parse_bool, text)
+
+    def test_malformed_names_the_variable(self) -> None:
+        for name in BOOLEANS:
+            self.refused(dev(**{name: "yes"}), f"{name} must be a boolean (true or false)")
+            self.refused(production(**{name: "on"}), f"{name} must be a boolean (true or false)")
+
+    def test_every_spelling_in_the_environment(self) -> None:
+        for text in ("1", "t", "T", "TRUE", "true", "True"):
+            self.assertTrue(self.accepted(dev(JTI_FAIL_OPEN=text)).jti_fail_open, text)
+        for text in ("0", "f", "F", "FALSE", "false", "False"):
+            self.assertFalse(self.accepted(production(JTI_FAIL_OPEN=text)).jti_fail_open, text)
+
+
+class DurationTests(ConfigTestMixin, SynchronousTestCase):
+    """Durations take Go's C{time.ParseDuration} syntax."""
+
+    def test_go_syntax(self) -> None:
+        cases = {
+            "250ms": 0.25,
+            "5s": 5.0,
+            "1m30s": 90.0,
+            "1h": 3600.0,
+            ".5s": 0.5,
+            "1.5h": 5400.0,
+            "2h45m10s": 9910.0,
+            "1.s": 1.0,
+            "0": 0.0,
+            "0s": 0.0,
+            "+5s": 5.0,
+            "100us": 0.0001,
+            "100\u00b5s": 0.0001,
+            "1500ns": 0.0000015,
+            "1m0.25s": 60.25,
+        }
+        for text, seconds in cases.items():
+            self.assertAlmostEqual(parse_duration(text), seconds, places=9, msg=text)
+
+    def test_malformed(self) -> None:
+        for text in ("5", "1.5", "", "s", "-5s", "5 s", "1sm", "5S", "1d", "five seconds", "."):
+            self.assertRaises(ValueError, parse_duration, text)
+
+    def test_every_variable(self) -> None:
+        for name, (attribute, _default) in DURATIONS.items():
+            config = self.accepted(production(**{name: "1m30s"}))
+            self.assertEqual(getattr(config, attribute), 90.0, name)
+            config = self.accepted(dev(**{name: "250ms"}))
+            self.assertEqual(getattr(config, attribute), 0.25, name)
+
+    def test_malformed_names_the_variable(self) -> None:
+        for name in DURATIONS:
+            message = f"{name} must be a duration such as 250ms, 5s or 1m30s"
+            self.refused(production(**{name: "30"}), message)
+            self.refused(dev(**{name: "soon"}), message)
+
+    def test_zero_refused(self) -> None:
+        """A zero timeout would mean none at all; the gateway refuses it."""
+        for name in DURATIONS:
+            self.refused(dev(**{name: "0s"}), f"{name} must be a positive duration")
+
+
+class OtherValueTests(ConfigTestMixin, SynchronousTestCase):
+    """MAX_REQUEST_BYTES and LOG_LEVEL."""
+
+    def test_max_request_bytes(self) -> None:
+        self.assertEqual(self.accepted(dev(MAX_REQUEST_BYTES="1")).max_request_bytes, 1)
+        self.refused(dev(MAX_REQUEST_BYTES="10MB"), "MAX_REQUEST_BYTES must be an integer")
+        self.refused(dev(MAX_REQUEST_BYTES="0"), f"MAX_REQUEST_BYTES must be between 1 and {2**62}")
+
+    def test_log_level(self) -> None:
+        for level in ("debug", "info", "warn", "error", "WARN", "Info"):
+            self.assertEqual(self.accepted(dev(LOG_LEVEL=level)).log_level, level.lower())
+        for level in ("warning", "trace", "verbose"):
+            self.refused(dev(LOG_LEVEL=level), "LOG_LEVEL must be one of debug, info, warn, error")
+
+
+class RedactionTests(ConfigTestMixin, SynchronousTestCase):
+    """Secrets never leave the configuration object in clear."""
+
+    def test_redacted_hides_secrets(self) -> None:
+        config = self.accepted(production(STS_URL="https://client:sts-pw-123@sts.example.com"))
+        redacted = config.redacted()
+        text = json.dumps(redacted)
+        for secret in (DATABASE_PASSWORD, REDIS_PASSWORD, HMAC_KEY_HEX, "sts-pw-123"):
+            self.assertNotIn(secret, text)
+        self.assertEqual(redacted["STREAMS_HMAC_KEY"], "***")
+        self.assertEqual(
+            redacted["DATABASE_URL"], "postgresql://gateway:***@db.example.com:5432/caracal"
+        )
+        self.assertEqual(redacted["REDIS_URL"], "redis://:***@redis.example.com:6380/2")
+        self.assertEqual(redacted["STS_URL"], "https://client:***@sts.example.com")
+
+    def test_redacted_shows_the_rest(self) -> None:
+        config = self.accepted(production(UPSTREAM_HOST_ALLOWLIST="b.example,a.example"))
+        redacted = config.redacted()
+        self.assertEqual(redacted["CARACAL_ENV"], "production")
+        self.assertEqual(redacted["PORT"], 8081)
+        self.assertEqual(redacted["BIND_ADDRESS"], "*")
+        self.assertEqual(redacted["TLS_CERT_FILE"], "/etc/caracal/tls/server.crt")
+        self.assertEqual(redacted["UPSTREAM_HOST_ALLOWLIST"], ["a.example", "b.example"])
+        self.assertEqual(redacted["STS_TIMEOUT"], 5.0)
+        self.assertEqual(redacted["LOG_LEVEL"], "info")
+
+    def test_no_hmac_key(self) -> None:
+        self.assertIsNone(self.accepted(dev()).redacted()["STREAMS_HMAC_KEY"])
+
+    def test_dsn_password_redacted(self) -> None:
+        config = self.accepted(
+            dev(DATABASE_URL="host=db dbname=caracal user=gw password=dsn-s3cret")
+        )
+        self.assertEqual(
+            config.redacted()["DATABASE_URL"], "host=db dbname=caracal user=gw password=***"
+        )
+
+    def test_url_without_password_unchanged(self) -> None:
+        self.assertEqual(
+            redact_url("postgresql://root@127.0.0.1/test"), "postgresql://root@127.0.0.1/test"
+        )
+        self.assertEqual(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0")
+
+    def test_repr_hides_secrets(self) -> None:
+        text = repr(self.accepted(production()))
+        for secret in (DATABASE_PASSWORD, REDIS_PASSWORD, HMAC_KEY_HEX, "a1a1"):
+            self.assertNotIn(secret, text)
+
+    def test_quoted_dsn_password_redacted(self) -> None:
+        """libpq allows a quoted password with spaces; none of it may show."""
+        redacted = redact_url("host=db password='two words' dbname=caracal")
+        self.assertNotIn("two", redacted)
+        self.assertNotIn("words", redacted)
+
+    test_quoted_dsn_password_redacted.todo = (  # type: ignore[attr-defined]
+        "config.redact_url: the password=\\S+ pattern stops at the space inside quotes"
+    )
+
+    def test_query_password_redacted_with_userinfo(self) -> None:
+        """A password in the query string is hidden even when userinfo has one."""
+        redacted = redact_url("postgresql://u:pw@db/caracal?password=query-s3cret")
+        self.assertNotIn("query-s3cret", redacted)
+
+    test_query_password_redacted_with_userinfo.todo = (  # type: ignore[attr-defined]
+        "config.redact_url: the userinfo branch keeps the query untouched"
+    )
