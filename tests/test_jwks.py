@@ -1,0 +1,269 @@
+# -*- test-case-name: tests.test_jwks -*-
+"""Tests for L{caracal.gateway.jwks}: the per-zone cache of the STS's signing keys."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+
+from caracal.gateway.jwks import JWKSCache, JWKSUnavailable, UnknownKeyID, usable_keys
+
+
+def ec_jwk(key: ec.EllipticCurvePrivateKey, kid: str, **extra) -> dict:
+    """The public JWK of C{key} as the STS publishes it."""
+    jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jwk.update(kid=kid, alg="ES256", use="sig")
+    jwk.update(extra)
+    return jwk
+
+
+def public_numbers(key) -> tuple[int, int]:
+    numbers = key.public_numbers()
+    return numbers.x, numbers.y
+
+
+class FakeSTS:
+    """
+    A JWKS endpoint: C{keys[zone]} is the list of JWKs served; C{calls} counts
+    fetches; with C{manual}, each fetch waits until the test fires it.
+    """
+
+    def __init__(self):
+        self.keys: dict[str, list] = {}
+        self.calls: list[str] = []
+        self.down = False
+        self.manual = False
+        self.pending: list[tuple[str, defer.Deferred]] = []
+
+    def fetch(self, zone_id):
+        self.calls.append(zone_id)
+        if self.manual:
+            d = defer.Deferred()
+            self.pending.append((zone_id, d))
+            return d
+        if self.down:
+            return defer.fail(ConnectionRefusedError("sts down"))
+        return defer.succeed({"keys": list(self.keys.get(zone_id, []))})
+
+    def release(self):
+        """Answer every pending fetch with the current keys."""
+        pending, self.pending = self.pending, []
+        for zone_id, d in pending:
+            d.callback({"keys": list(self.keys.get(zone_id, []))})
+
+
+class JWKSCacheTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_800_000_000)
+        self.sts = FakeSTS()
+        self.cache = JWKSCache(self.sts.fetch, self.clock)
+        self.k1 = ec.generate_private_key(ec.SECP256R1())
+        self.k2 = ec.generate_private_key(ec.SECP256R1())
+        self.sts.keys["zone-a"] = [ec_jwk(self.k1, "k1")]
+
+    def key(self, zone_id, kid):
+        return self.successResultOf(self.cache.key_for(zone_id, kid))
+
+    def assertKey(self, zone_id, kid, private):
+        self.assertEqual(
+            public_numbers(self.key(zone_id, kid)), public_numbers(private.public_key())
+        )
+
+    def test_fetchesOnFirstUse(self):
+        """The first lookup of a zone fetches its JWKS and finds the key by kid."""
+        self.assertKey("zone-a", "k1", self.k1)
+        self.assertEqual(self.sts.calls, ["zone-a"])
+
+    def test_cachedWithinTTL(self):
+        """Lookups within five minutes are answered from the cache."""
+        self.key("zone-a", "k1")
+        self.clock.advance(299)
+        self.key("zone-a", "k1")
+        self.assertEqual(self.sts.calls, ["zone-a"])
+
+    def test_refetchedAfterTTL(self):
+        """After five minutes the zone's keys are fetched again."""
+        self.key("zone-a", "k1")
+        self.clock.advance(300)
+        self.key("zone-a", "k1")
+        self.assertEqual(self.sts.calls, ["zone-a", "zone-a"])
+
+    def test_removedKeyGoneAfterTTL(self):
+        """A key the STS stops publishing is no longer accepted after the refetch."""
+        self.key("zone-a", "k1")
+        self.sts.keys["zone-a"] = [ec_jwk(self.k2, "k2")]
+        self.clock.advance(300)
+        self.failureResultOf(self.cache.key_for("zone-a", "k1"), UnknownKeyID)
+
+    def test_unknownKidRefetchesOnce(self):
+        """
+        An unknown kid forces one refetch; a second unknown kid within 30 s
+        does not fetch again; after 30 s one may.
+        """
+        self.key("zone-a", "k1")
+        self.clock.advance(30)
+        self.failureResultOf(self.cache.key_for("zone-a", "nope"), UnknownKeyID)
+        self.assertEqual(len(self.sts.calls), 2)
+        self.clock.advance(29.9)
+        self.failureResultOf(self.cache.key_for("zone-a", "other"), UnknownKeyID)
+        self.failureResultOf(self.cache.key_for("zone-a", "nope"), UnknownKeyID)
+        self.assertEqual(len(self.sts.calls), 2)
+        self.clock.advance(0.1)
+        self.failureResultOf(self.cache.key_for("zone-a", "nope"), UnknownKeyID)
+        self.assertEqual(len(self.sts.calls), 3)
+
+    def test_firstFetchCountsForRateLimit(self):
+        """An unknown kid right after the first fetch does not fetch again."""
+        self.failureResultOf(self.cache.key_for("zone-a", "nope"), UnknownKeyID)
+        self.failureResultOf(self.cache.key_for("zone-a", "nope"), UnknownKeyID)
+        self.assertEqual(len(self.sts.calls), 1)
+
+    def test_rotation(self):
+        """A key added by the STS is found by the refetch its unknown kid triggers."""
+        self.key("zone-a", "k1")
+        self.clock.advance(31)
+        self.sts.keys["zone-a"].append(ec_jwk(self.k2, "k2"))
+        self.assertKey("zone-a", "k2", self.k2)
+        self.assertKey("zone-a", "k1", self.k1)
+        self.assertEqual(len(self.sts.calls), 2)
+
+    def test_concurrentLookupsShareOneFetch(self):
+        """Lookups of one zone while its fetch is in flight wait for that fetch."""
+        self.sts.manual = True
+        first = self.cache.key_for("zone-a", "k1")
+        second = self.cache.key_for("zone-a", "k1")
+        unknown = self.cache.key_for("zone-a", "nope")
+        self.assertNoResult(first)
+        self.assertNoResult(second)
+        self.assertEqual(self.sts.calls, ["zone-a"])
+        self.sts.release()
+        self.assertEqual(
+            public_numbers(self.successResultOf(first)), public_numbers(self.k1.public_key())
+        )
+        self.assertEqual(
+            public_numbers(self.successResultOf(second)), public_numbers(self.k1.public_key())
+        )
+        self.failureResultOf(unknown, UnknownKeyID)
+        self.assertEqual(self.sts.calls, ["zone-a"])
+
+    def test_unknownKidJoinsInFlightRefetch(self):
+        """An unknown kid arriving during a refetch waits for it instead of failing."""
+        self.key("zone-a", "k1")
+        self.clock.advance(31)
+        self.sts.manual = True
+        first = self.cache.key_for("zone-a", "k2")
+        second = self.cache.key_for("zone-a", "k2")
+        self.sts.keys["zone-a"].append(ec_jwk(self.k2, "k2"))
+        self.sts.release()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(len(self.sts.calls), 2)
+
+    def test_cancelledWaiterDoesNotDisturbOthers(self):
+        """Cancelling one lookup leaves the shared fetch and other lookups alone."""
+        self.sts.manual = True
+        first = self.cache.key_for("zone-a", "k1")
+        second = self.cache.key_for("zone-a", "k1")
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.sts.release()
+        self.successResultOf(second)
+
+    def test_zonesIndependent(self):
+        """Each zone has its own keys, cache and refetch budget."""
+        self.sts.keys["zone-b"] = [ec_jwk(self.k2, "k2")]
+        self.assertKey("zone-a", "k1", self.k1)
+        self.assertKey("zone-b", "k2", self.k2)
+        # A key of zone B is unknown in zone A, and vice versa.
+        self.failureResultOf(self.cache.key_for("zone-a", "k2"), UnknownKeyID)
+        self.failureResultOf(self.cache.key_for("zone-b", "k1"), UnknownKeyID)
+        self.assertEqual(self.sts.calls, ["zone-a", "zone-b"])
+        # Zone A's exhausted refetch budget does not stop zone B's.
+        self.clock.advance(31)
+        self.failureResultOf(self.cache.key_for("zone-b", "nope"), UnknownKeyID)
+        self.assertEqual(self.sts.calls, ["zone-a", "zone-b", "zone-b"])
+
+    def test_fetchFailureWithoutCache(self):
+        """No keys and no STS: the lookup fails with JWKSUnavailable."""
+        self.sts.down = True
+        self.failureResultOf(self.cache.key_for("zone-a", "k1"), JWKSUnavailable)
+        # The next request tries again.
+        self.sts.down = False
+        self.key("zone-a", "k1")
+
+    def test_fetchRaisingSynchronously(self):
+        """A fetch function that raises is a fetch failure, not a crash."""
+
+        def fetch(zone_id):
+            raise RuntimeError("boom")
+
+        cache = JWKSCache(fetch, self.clock)
+        self.failureResultOf(cache.key_for("zone-a", "k1"), JWKSUnavailable)
+
+    def test_fetchFailureWithFreshCache(self):
+        """A failed refetch for an unknown kid keeps the cached keys in service."""
+        self.key("zone-a", "k1")
+        self.clock.advance(31)
+        self.sts.down = True
+        self.failureResultOf(self.cache.key_for("zone-a", "k2"), UnknownKeyID)
+        self.key("zone-a", "k1")
+
+    def test_fetchFailureWithExpiredCache(self):
+        """Keys past their five minutes are not used when the refetch fails."""
+        self.key("zone-a", "k1")
+        self.clock.advance(300)
+        self.sts.down = True
+        self.failureResultOf(self.cache.key_for("zone-a", "k1"), JWKSUnavailable)
+
+    def test_malformedJWKSIsFailure(self):
+        """A JWKS that is not an object with a keys list counts as a failed fetch."""
+        for document in (None, [], "keys", {}, {"keys": {}}, {"keys": "k1"}):
+            cache = JWKSCache(lambda zone_id, d=document: defer.succeed(d), self.clock)
+            self.failureResultOf(cache.key_for("zone-a", "k1"), JWKSUnavailable)
+
+    def test_onlyES256KeysKept(self):
+        """RSA, oct, other curves, other algs, encryption and private keys are skipped."""
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        rsa_jwk = RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
+        rsa_jwk.update(kid="rsa", alg="RS256")
+        p384 = ECAlgorithm.to_jwk(
+            ec.generate_private_key(ec.SECP384R1()).public_key(), as_dict=True
+        )
+        p384.update(kid="p384")
+        private = ECAlgorithm.to_jwk(self.k2, as_dict=True)
+        private.update(kid="private")
+        jwks = {
+            "keys": [
+                rsa_jwk,
+                {"kty": "oct", "kid": "oct", "k": "c2VjcmV0"},
+                p384,
+                ec_jwk(self.k2, "hs", alg="HS256"),
+                ec_jwk(self.k2, "enc", use="enc"),
+                private,
+                ec_jwk(self.k2, "bad-point", x="AAAA"),
+                ec_jwk(self.k2, ""),
+                "not a jwk",
+                ec_jwk(self.k1, "good"),
+            ]
+        }
+        keys = usable_keys(jwks)
+        self.assertEqual(list(keys), ["good"])
+        self.assertEqual(public_numbers(keys["good"]), public_numbers(self.k1.public_key()))
+
+    def test_algAbsentAccepted(self):
+        """An EC P-256 JWK without alg is an ES256 key."""
+        jwk = ec_jwk(self.k1, "k1")
+        del jwk["alg"], jwk["use"]
+        self.assertEqual(list(usable_keys({"keys": [jwk]})), ["k1"])
+
+    def test_nonECKeysIgnoredByCache(self):
+        """A kid naming an RSA key in the set is unknown to the cache."""
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        rsa_jwk = RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True)
+        rsa_jwk["kid"] = "rsa"
+        self.sts.keys["zone-a"].append(rsa_jwk)
+        self.failureResultOf(self.cache.key_for("zone-a", "rsa"), UnknownKeyID)
+        self.key("zone-a", "k1")
