@@ -118,20 +118,32 @@ def parse_redis_url(text: str) -> RedisAddress:
     )
 
 
+_DSN_SECRET = re.compile(r"""\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""")
+_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:ssl)?password=)[^&]*")
+
+
 def redact_url(text: str) -> str:
-    """Return C{text} with any password in its userinfo replaced by C{***}."""
+    """
+    Return C{text} (a URL or a libpq C{key=value} DSN) with every password
+    replaced by C{***}: the userinfo one, a C{password=} query parameter, and
+    a DSN's C{password} / C{sslpassword}, quoted or not.
+    """
     try:
         parts = urlsplit(text)
+        port = parts.port
     except ValueError:
         return "***"
-    if not parts.scheme or parts.password is None:
-        return re.sub(r"password=\S+", "password=***", text)
-    user = quote(parts.username or "", safe="")
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    if not parts.scheme or "://" not in text:
+        return _DSN_SECRET.sub(r"\1=***", text)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = quote(parts.username or "", safe="")
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{user}:***@{host}" + (f":{port}" if port else "")
+    query = _QUERY_SECRET.sub(r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 @dataclass(frozen=True)
