@@ -1,0 +1,439 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+TLS for the gateway (SPEC section 3).
+
+Inbound: L{ServerTLS} serves the certificate chain in C{TLS_CERT_FILE} with the
+key in C{TLS_KEY_FILE} from a pyOpenSSL context (TLS 1.2 minimum, TLS 1.3
+offered, the library's default ciphers). A renewed certificate is picked up by
+L{ServerTLS.reload} (on SIGHUP, see L{install_sighup_reload}, or when the files
+change, see L{ServerTLS.watch}) without a restart: new connections get the new
+context, open ones keep the context they were made with.
+
+Outbound: L{client_tls_policy} is the C{IPolicyForHTTPS} for the STS and https
+upstreams: the peer certificate is verified against the hostname, trusting the
+platform roots plus an optional PEM bundle.
+
+Startup refusals raise L{ConfigError} whose single line names the file and the
+reason; key material never appears in a message or a log line.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import signal
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.internet import task
+from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import TLSVersion, optionsForClientTLS
+from twisted.logger import Logger
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+from caracal.gateway.config import ConfigError
+
+log = Logger(namespace="caracal.gateway.tls")
+
+CERT_VARIABLE = "TLS_CERT_FILE"
+KEY_VARIABLE = "TLS_KEY_FILE"
+
+# Server options on top of OpenSSL's defaults: no TLS compression (CRIME),
+# our cipher order rather than the client's, fresh ECDH/DH keys per handshake.
+_SERVER_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_SINGLE_ECDH_USE
+    | SSL.OP_SINGLE_DH_USE
+)
+
+# Outbound connections keep a small cache of connection creators per
+# (hostname, port): building one loads the trust store, which is too costly
+# to repeat for every new pooled connection.
+_CLIENT_CREATOR_CACHE_SIZE = 256
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _stamp(moment: datetime.datetime) -> str:
+    """C{2026-01-01T00:00:00Z}: the form used in operator messages."""
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _read(variable: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as error:
+        reason = error.strerror or error.__class__.__name__
+        raise ConfigError(f"{variable} {path}: cannot read: {reason}") from None
+
+
+def _fingerprint(certificate: x509.Certificate) -> str:
+    der = certificate.public_bytes(serialization.Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+def _same_public_key(certificate: x509.Certificate, key) -> bool:
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    return certificate.public_key().public_bytes(der, spki) == key.public_key().public_bytes(
+        der, spki
+    )
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """
+    A checked certificate chain and its private key, ready to serve.
+
+    @ivar cert_file: the path the chain was read from.
+    @ivar key_file: the path the key was read from.
+    @ivar chain: the certificates, leaf first, then the intermediates.
+    @ivar key: the private key (never shown in the repr).
+    """
+
+    cert_file: str
+    key_file: str
+    chain: tuple[x509.Certificate, ...]
+    key: object = field(repr=False)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        """The server's own certificate."""
+        return self.chain[0]
+
+    @property
+    def intermediates(self) -> tuple[x509.Certificate, ...]:
+        """The certificates sent after the leaf."""
+        return self.chain[1:]
+
+    @property
+    def not_before(self) -> datetime.datetime:
+        """Start of the leaf's validity (UTC)."""
+        return self.leaf.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        """End of the leaf's validity (UTC)."""
+        return self.leaf.not_valid_after_utc
+
+    @property
+    def subject(self) -> str:
+        """The leaf's subject, RFC 4514 form."""
+        return self.leaf.subject.rfc4514_string()
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the leaf (hex): identifies the served certificate in logs."""
+        return _fingerprint(self.leaf)
+
+
+def load_server_certificate(
+    cert_file: str, key_file: str, now: datetime.datetime | None = None
+) -> ServerCredentials:
+    """
+    Read and check the server's PEM chain (leaf first, then intermediates)
+    and its PEM private key.
+
+    @param now: the moment the leaf must be valid at (default: the wall clock).
+    @raise ConfigError: one line naming C{TLS_CERT_FILE} or C{TLS_KEY_FILE},
+        the path and the reason: unreadable, no PEM certificate, not a PEM
+        private key, key not matching the leaf, leaf expired or not yet valid.
+    """
+    now = now or _utcnow()
+    cert_data = _read(CERT_VARIABLE, cert_file)
+    key_data = _read(KEY_VARIABLE, key_file)
+
+    if b"-----BEGIN CERTIFICATE-----" not in cert_data:
+        raise ConfigError(f"{CERT_VARIABLE} {cert_file}: no PEM certificate found")
+    try:
+        chain = tuple(x509.load_pem_x509_certificates(cert_data))
+    except ValueError:
+        raise ConfigError(f"{CERT_VARIABLE} {cert_file}: malformed PEM certificate") from None
+
+    if b"PRIVATE KEY-----" not in key_data:
+        hint = " (it holds a certificate)" if b"-----BEGIN CERTIFICATE-----" in key_data else ""
+        raise ConfigError(f"{KEY_VARIABLE} {key_file}: not a PEM private key{hint}")
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        # cryptography raises TypeError for a key that needs a passphrase.
+        raise ConfigError(
+            f"{KEY_VARIABLE} {key_file}: encrypted private keys are not supported"
+        ) from None
+    except ValueError:
+        # The library's message is not echoed: it could quote key bytes.
+        raise ConfigError(f"{KEY_VARIABLE} {key_file}: not a PEM private key") from None
+    except UnsupportedAlgorithm:
+        raise ConfigError(f"{KEY_VARIABLE} {key_file}: unsupported private key type") from None
+
+    if not _same_public_key(chain[0], key):
+        if any(_same_public_key(c, key) for c in chain[1:]):
+            raise ConfigError(
+                f"{CERT_VARIABLE} {cert_file}: the certificate for {KEY_VARIABLE} is not first"
+                " (leaf first, then intermediates)"
+            )
+        raise ConfigError(
+            f"{KEY_VARIABLE} {key_file}: does not match the certificate in {CERT_VARIABLE}"
+        )
+
+    leaf = chain[0]
+    if now >= leaf.not_valid_after_utc:
+        raise ConfigError(
+            f"{CERT_VARIABLE} {cert_file}: certificate expired on"
+            f" {_stamp(leaf.not_valid_after_utc)}"
+        )
+    if now < leaf.not_valid_before_utc:
+        raise ConfigError(
+            f"{CERT_VARIABLE} {cert_file}: certificate not valid before"
+            f" {_stamp(leaf.not_valid_before_utc)}"
+        )
+    return ServerCredentials(cert_file=cert_file, key_file=key_file, chain=chain, key=key)
+
+
+def server_context(credentials: ServerCredentials) -> SSL.Context:
+    """
+    A fresh server context serving C{credentials}: TLS 1.2 minimum, TLS 1.3
+    allowed, OpenSSL's default cipher list (never weakened), the leaf plus
+    every intermediate presented.
+
+    @raise ConfigError: OpenSSL refused the certificate or key.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(_SERVER_OPTIONS)
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    try:
+        context.use_certificate(crypto.X509.from_cryptography(credentials.leaf))
+        for intermediate in credentials.intermediates:
+            context.add_extra_chain_cert(crypto.X509.from_cryptography(intermediate))
+        context.use_privatekey(crypto.PKey.from_cryptography_key(credentials.key))
+        context.check_privatekey()
+    except (SSL.Error, crypto.Error, TypeError, ValueError):
+        # e.g. a key type or a too-weak key OpenSSL will not serve.
+        raise ConfigError(
+            f"{CERT_VARIABLE} {credentials.cert_file}: OpenSSL refused the certificate"
+            f" or the key in {KEY_VARIABLE} {credentials.key_file}"
+        ) from None
+    return context
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    """What tells us a file was replaced or rewritten; None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    The gateway's inbound TLS, reloadable while serving.
+
+    Use C{server_tls.creator} with
+    C{twisted.protocols.tls.TLSMemoryBIOFactory(creator, False, site)} (or
+    C{listenSSL} / C{SSL4ServerEndpoint}). Each new connection is made from
+    the context current at accept time; L{reload} replaces that context, so
+    connections already open keep theirs and are not dropped.
+
+    @ivar credentials: the L{ServerCredentials} being served.
+    """
+
+    def __init__(self, cert_file: str, key_file: str, clock=None):
+        """
+        Load and check the files now.
+
+        @param clock: an C{IReactorTime} for L{watch} (default: the reactor).
+        @raise ConfigError: the files cannot be served (see
+            L{load_server_certificate}).
+        """
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._clock = clock
+        self._stamps = self._file_stamps()
+        self.credentials = load_server_certificate(cert_file, key_file)
+        self._context = server_context(self.credentials)
+
+    def __repr__(self) -> str:
+        return (
+            f"<ServerTLS {self.cert_file} subject={self.credentials.subject}"
+            f" not_after={_stamp(self.not_after)}>"
+        )
+
+    @property
+    def creator(self) -> IOpenSSLServerConnectionCreator:
+        """The connection creator for the TLS listener (this object)."""
+        return self
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        """End of validity (UTC) of the certificate currently served."""
+        return self.credentials.not_after
+
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
+        """
+        A server-side connection from the current context (the
+        C{IOpenSSLServerConnectionCreator} interface).
+        """
+        return SSL.Connection(self._context, None)
+
+    def _file_stamps(self):
+        return (_file_stamp(self.cert_file), _file_stamp(self.key_file))
+
+    def reload(self) -> bool:
+        """
+        Re-read both files and serve them to new connections.
+
+        @return: True when the new certificate is in service; False when the
+            files were refused, in which case the previous certificate keeps
+            being served and the reason is logged as an error.
+        """
+        # Stamped before reading, so a write racing with this read is seen by
+        # the next poll of watch() and read again.
+        self._stamps = self._file_stamps()
+        try:
+            credentials = load_server_certificate(self.cert_file, self.key_file)
+            context = server_context(credentials)
+        except ConfigError as error:
+            log.error(
+                "TLS certificate reload refused, still serving {subject}"
+                " (valid until {not_after}): {reason}",
+                reason=str(error),
+                subject=self.credentials.subject,
+                not_after=_stamp(self.not_after),
+            )
+            return False
+        self.credentials = credentials
+        self._context = context
+        log.info(
+            "TLS certificate reloaded: {subject} valid until {not_after}, sha256 {fingerprint}",
+            subject=credentials.subject,
+            not_after=_stamp(credentials.not_after),
+            fingerprint=credentials.fingerprint,
+        )
+        return True
+
+    def _poll(self) -> None:
+        if self._file_stamps() != self._stamps:
+            self.reload()
+
+    def watch(self, interval: float = 5.0) -> task.LoopingCall:
+        """
+        Poll both files every C{interval} seconds on the clock; when either
+        one's (mtime, size, inode) changes, L{reload}.
+
+        @return: the running C{LoopingCall}; call C{.stop()} to end watching.
+        """
+        loop = task.LoopingCall(self._poll)
+        loop.clock = self._clock
+        done = loop.start(interval, now=False)
+        # _poll cannot raise for a bad file (reload logs and keeps serving);
+        # anything else is a bug worth a log line rather than a silent stop.
+        done.addErrback(lambda failure: log.failure("TLS file watch stopped", failure))
+        return loop
+
+
+def install_sighup_reload(server_tls: ServerTLS, reactor):
+    """
+    Make SIGHUP reload C{server_tls} (see L{ServerTLS.reload}).
+
+    The handler only schedules the reload with C{reactor.callFromThread}: the
+    files are read in the reactor thread, not inside the signal handler. Call
+    it from the main thread (Python only installs signal handlers there), and
+    after the reactor's own signal handlers if it installs any for SIGHUP.
+
+    @return: the previous SIGHUP handler, to restore with
+        C{signal.signal(signal.SIGHUP, previous)}.
+    """
+
+    def on_sighup(signum, frame):
+        reactor.callFromThread(server_tls.reload)
+
+    return signal.signal(signal.SIGHUP, on_sighup)
+
+
+def _load_ca_bundle(ca_file: str, variable: str) -> tuple[crypto.X509, ...]:
+    data = _read(variable, ca_file)
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(f"{variable} {ca_file}: no PEM certificate found")
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ConfigError(f"{variable} {ca_file}: malformed PEM certificate") from None
+    return tuple(crypto.X509.from_cryptography(c) for c in certificates)
+
+
+@implementer(IOpenSSLTrustRoot)
+class PlatformTrustPlus:
+    """
+    An C{IOpenSSLTrustRoot}: OpenSSL's default verify paths (the platform
+    roots) plus extra CA certificates, read once at startup.
+
+    The interface is only importable from Twisted's private C{_sslverify}
+    module; Twisted's own C{OpenSSLDefaultPaths} is the same plus nothing.
+    """
+
+    def __init__(self, extra: tuple[crypto.X509, ...] = ()):
+        self._extra = extra
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        context.set_default_verify_paths()
+        store = context.get_cert_store()
+        for certificate in self._extra:
+            store.add_cert(certificate)
+
+
+@implementer(IPolicyForHTTPS)
+class GatewayTLSPolicy:
+    """
+    Outbound TLS for C{twisted.web.client.Agent} (and treq): TLS 1.2 minimum,
+    the certificate verified against the hostname (service_identity) and a
+    chain to a trusted root.
+    """
+
+    def __init__(self, trust_root: PlatformTrustPlus):
+        self._trust_root = trust_root
+        self._creators: dict[tuple[str, int], object] = {}
+
+    def creatorForNetloc(self, hostname: bytes, port: int):
+        """A client connection creator verifying C{hostname}."""
+        name = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname
+        key = (name, port)
+        creator = self._creators.get(key)
+        if creator is None:
+            if len(self._creators) >= _CLIENT_CREATOR_CACHE_SIZE:
+                self._creators.clear()
+            creator = optionsForClientTLS(
+                name,
+                trustRoot=self._trust_root,
+                extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
+            )
+            self._creators[key] = creator
+        return creator
+
+
+def client_tls_policy(ca_file: str | None, variable: str = "UPSTREAM_CA_FILE") -> IPolicyForHTTPS:
+    """
+    The C{IPolicyForHTTPS} for outbound TLS (the STS, https upstreams).
+
+    @param ca_file: a PEM bundle of extra trusted CAs, on top of the platform
+        roots; None for the platform roots only.
+    @param variable: the variable C{ca_file} came from (C{STS_CA_FILE} or
+        C{UPSTREAM_CA_FILE}), named in the error message.
+    @raise ConfigError: the bundle is unreadable or holds no PEM certificate.
+    """
+    extra = _load_ca_bundle(ca_file, variable) if ca_file else ()
+    return GatewayTLSPolicy(PlatformTrustPlus(extra))

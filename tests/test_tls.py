@@ -1,0 +1,593 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+Unit tests for L{caracal.gateway.tls}: every startup refusal names the file
+and the reason, the server context's protocol floor, reload and file watching
+on a L{task.Clock}, the SIGHUP hook and the outbound policy's bundle checks.
+Handshakes here run between two in-memory OpenSSL connections (no sockets).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.internet import task
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from twisted.logger import Logger, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface.verify import verifyObject
+
+from caracal.gateway import tls
+from caracal.gateway.config import ConfigError
+from caracal.gateway.tls import (
+    ServerTLS,
+    client_tls_policy,
+    install_sighup_reload,
+    load_server_certificate,
+)
+from tests.support.certs import make_authority, make_chain, make_leaf
+
+UTC = datetime.timezone.utc
+
+
+def _write(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def _handshake(server_context: SSL.Context, client_context: SSL.Context):
+    """
+    Run a TLS handshake between two memory-BIO connections.
+
+    @return: (server connection, client connection) after success.
+    @raise SSL.Error: either side refused.
+    """
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    client.set_tlsext_host_name(b"localhost")
+    for _ in range(20):
+        done = 0
+        for here, there in ((client, server), (server, client)):
+            try:
+                here.do_handshake()
+                done += 1
+            except SSL.WantReadError:
+                pass
+            try:
+                data = here.bio_read(65536)
+            except SSL.WantReadError:
+                data = b""
+            if data:
+                there.bio_write(data)
+        if done == 2:
+            return server, client
+    raise AssertionError("handshake did not finish")
+
+
+def _client_context(version: int | None = None, seclevel0: bool = False) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_METHOD)
+    if version is not None:
+        context.set_min_proto_version(version)
+        context.set_max_proto_version(version)
+    if seclevel0:
+        # Lets this client even try TLS 1.0/1.1 (OpenSSL 3 refuses them above level 0).
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    return context
+
+
+class LoadServerCertificateTests(SynchronousTestCase):
+    """
+    L{load_server_certificate} accepts a good chain and refuses each bad file
+    with one line naming the variable, the path and the reason.
+    """
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.root, self.leaf = make_chain(self.directory)
+        self.cert_file = os.path.join(self.directory, "server.crt")
+        self.key_file = os.path.join(self.directory, "server.key")
+
+    def assertRefused(self, message, cert_file=None, key_file=None, now=None):
+        error = self.assertRaises(
+            ConfigError,
+            load_server_certificate,
+            cert_file or self.cert_file,
+            key_file or self.key_file,
+            now=now,
+        )
+        self.assertEqual(str(error), message)
+        self.assertNotIn("\n", str(error))
+        return error
+
+    def test_good_chain(self):
+        """The leaf comes first, the intermediate after it; the key matches."""
+        credentials = load_server_certificate(self.cert_file, self.key_file)
+        self.assertEqual(credentials.leaf, self.leaf.cert)
+        self.assertEqual(list(credentials.intermediates), self.leaf.intermediates)
+        self.assertEqual(len(credentials.chain), 2)
+        self.assertEqual(credentials.not_after, self.leaf.cert.not_valid_after_utc)
+        self.assertEqual(credentials.not_after.tzinfo, UTC)
+        self.assertEqual(credentials.subject, "CN=localhost")
+        self.assertEqual(len(credentials.fingerprint), 64)
+
+    def test_repr_hides_key(self):
+        """The private key never shows up in the credentials' repr."""
+        credentials = load_server_certificate(self.cert_file, self.key_file)
+        text = repr(credentials)
+        self.assertNotIn("key=", text)
+        self.assertNotIn("PRIVATE", text)
+
+    def test_missing_cert_file(self):
+        missing = os.path.join(self.directory, "absent.crt")
+        self.assertRefused(
+            f"TLS_CERT_FILE {missing}: cannot read: No such file or directory",
+            cert_file=missing,
+        )
+
+    def test_missing_key_file(self):
+        missing = os.path.join(self.directory, "absent.key")
+        self.assertRefused(
+            f"TLS_KEY_FILE {missing}: cannot read: No such file or directory",
+            key_file=missing,
+        )
+
+    def test_cert_file_is_a_directory(self):
+        self.assertRefused(
+            f"TLS_CERT_FILE {self.directory}: cannot read: Is a directory",
+            cert_file=self.directory,
+        )
+
+    def test_cert_garbage(self):
+        garbage = _write(os.path.join(self.directory, "garbage.crt"), b"not a certificate\n")
+        self.assertRefused(f"TLS_CERT_FILE {garbage}: no PEM certificate found", cert_file=garbage)
+
+    def test_cert_empty(self):
+        empty = _write(os.path.join(self.directory, "empty.crt"), b"")
+        self.assertRefused(f"TLS_CERT_FILE {empty}: no PEM certificate found", cert_file=empty)
+
+    def test_cert_malformed_pem(self):
+        broken = _write(
+            os.path.join(self.directory, "broken.crt"),
+            b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+        )
+        self.assertRefused(f"TLS_CERT_FILE {broken}: malformed PEM certificate", cert_file=broken)
+
+    def test_key_garbage(self):
+        garbage = _write(os.path.join(self.directory, "garbage.key"), b"hunter2\n")
+        self.assertRefused(f"TLS_KEY_FILE {garbage}: not a PEM private key", key_file=garbage)
+
+    def test_key_malformed_pem(self):
+        """A broken key block is refused without echoing any of its bytes."""
+        body = b"c2VjcmV0LWtleS1tYXRlcmlhbA=="
+        broken = _write(
+            os.path.join(self.directory, "broken.key"),
+            b"-----BEGIN PRIVATE KEY-----\n" + body + b"\n-----END PRIVATE KEY-----\n",
+        )
+        error = self.assertRefused(f"TLS_KEY_FILE {broken}: not a PEM private key", key_file=broken)
+        self.assertNotIn(body.decode(), str(error))
+
+    def test_certificate_given_as_key(self):
+        """TLS_KEY_FILE pointing at the certificate is named as such."""
+        self.assertRefused(
+            f"TLS_KEY_FILE {self.cert_file}: not a PEM private key (it holds a certificate)",
+            key_file=self.cert_file,
+        )
+
+    def test_key_given_as_certificate(self):
+        self.assertRefused(
+            f"TLS_CERT_FILE {self.key_file}: no PEM certificate found", cert_file=self.key_file
+        )
+
+    def test_encrypted_key(self):
+        encrypted = _write(
+            os.path.join(self.directory, "encrypted.key"),
+            self.leaf.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            ),
+        )
+        self.assertRefused(
+            f"TLS_KEY_FILE {encrypted}: encrypted private keys are not supported",
+            key_file=encrypted,
+        )
+
+    def test_key_does_not_match(self):
+        other = make_leaf(make_authority())
+        other_key = _write(os.path.join(self.directory, "other.key"), other.key_pem)
+        error = self.assertRefused(
+            f"TLS_KEY_FILE {other_key}: does not match the certificate in TLS_CERT_FILE",
+            key_file=other_key,
+        )
+        self.assertNotIn("PRIVATE", str(error))
+
+    def test_chain_out_of_order(self):
+        """An intermediate before the leaf is refused with the expected order."""
+        reordered = _write(
+            os.path.join(self.directory, "reordered.crt"),
+            self.leaf.intermediates[0].public_bytes(serialization.Encoding.PEM)
+            + self.leaf.cert.public_bytes(serialization.Encoding.PEM),
+        )
+        self.assertRefused(
+            f"TLS_CERT_FILE {reordered}: the certificate for TLS_KEY_FILE is not first"
+            " (leaf first, then intermediates)",
+            cert_file=reordered,
+        )
+
+    def test_expired(self):
+        leaf = make_leaf(make_authority(), not_after=datetime.datetime(2026, 1, 1, tzinfo=UTC))
+        cert_file, key_file = leaf.write(self.directory, "expired")
+        self.assertRefused(
+            f"TLS_CERT_FILE {cert_file}: certificate expired on 2026-01-01T00:00:00Z",
+            cert_file=cert_file,
+            key_file=key_file,
+            now=datetime.datetime(2026, 3, 1, tzinfo=UTC),
+        )
+
+    def test_expired_by_wall_clock(self):
+        """Without C{now}, the wall clock decides."""
+        leaf = make_leaf(make_authority(), not_after=datetime.datetime(2020, 1, 1, tzinfo=UTC))
+        cert_file, key_file = leaf.write(self.directory, "old")
+        self.assertRefused(
+            f"TLS_CERT_FILE {cert_file}: certificate expired on 2020-01-01T00:00:00Z",
+            cert_file=cert_file,
+            key_file=key_file,
+        )
+
+    def test_not_yet_valid(self):
+        not_before = self.leaf.cert.not_valid_before_utc
+        self.assertRefused(
+            f"TLS_CERT_FILE {self.cert_file}: certificate not valid before"
+            f" {not_before.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+            now=not_before - datetime.timedelta(hours=1),
+        )
+
+    def test_valid_at_the_edges(self):
+        """Valid from not_before up to (not including) not_after."""
+        load_server_certificate(
+            self.cert_file, self.key_file, now=self.leaf.cert.not_valid_before_utc
+        )
+        self.assertRaises(
+            ConfigError,
+            load_server_certificate,
+            self.cert_file,
+            self.key_file,
+            now=self.leaf.cert.not_valid_after_utc,
+        )
+
+
+class ServerContextTests(SynchronousTestCase):
+    """
+    The server context: TLS 1.2 floor, TLS 1.3 offered, whole chain sent.
+    """
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.root, self.leaf = make_chain(self.directory)
+        self.server_tls = ServerTLS(
+            os.path.join(self.directory, "server.crt"),
+            os.path.join(self.directory, "server.key"),
+            clock=task.Clock(),
+        )
+
+    def test_creator_interface(self):
+        self.assertTrue(verifyObject(IOpenSSLServerConnectionCreator, self.server_tls.creator))
+        connection = self.server_tls.creator.serverConnectionForTLS(None)
+        self.assertIsInstance(connection, SSL.Connection)
+
+    def test_tls13_offered(self):
+        _, client = _handshake(self.server_tls._context, _client_context())
+        self.assertEqual(client.get_protocol_version_name(), "TLSv1.3")
+
+    def test_tls12_accepted(self):
+        _, client = _handshake(self.server_tls._context, _client_context(SSL.TLS1_2_VERSION))
+        self.assertEqual(client.get_protocol_version_name(), "TLSv1.2")
+
+    def test_chain_presented(self):
+        _, client = _handshake(self.server_tls._context, _client_context())
+        chain = [c.to_cryptography() for c in client.get_peer_cert_chain()]
+        self.assertEqual(chain, [self.leaf.cert, *self.leaf.intermediates])
+
+    def test_old_protocols_refused_by_the_floor(self):
+        """
+        TLS 1.0/1.1 are refused because of the configured minimum, not only
+        because of OpenSSL's security level: with the level lowered on our
+        context they are still refused, while a context without the floor
+        accepts them from the same client.
+        """
+        context = self.server_tls._context
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        control = SSL.Context(SSL.TLS_METHOD)
+        control.set_min_proto_version(SSL.TLS1_VERSION)
+        control.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        credentials = self.server_tls.credentials
+        control.use_certificate(crypto.X509.from_cryptography(credentials.leaf))
+        control.use_privatekey(crypto.PKey.from_cryptography_key(credentials.key))
+        for version, name in ((SSL.TLS1_VERSION, "TLSv1"), (SSL.TLS1_1_VERSION, "TLSv1.1")):
+            _, client = _handshake(control, _client_context(version, seclevel0=True))
+            self.assertEqual(client.get_protocol_version_name(), name)
+            self.assertRaises(
+                SSL.Error, _handshake, context, _client_context(version, seclevel0=True)
+            )
+
+    def test_compression_off(self):
+        options = self.server_tls._context.set_options(0)
+        self.assertTrue(options & SSL.OP_NO_COMPRESSION)
+        self.assertTrue(options & SSL.OP_CIPHER_SERVER_PREFERENCE)
+
+
+class ReloadTests(SynchronousTestCase):
+    """
+    L{ServerTLS.reload} swaps the certificate for new connections only, and
+    keeps the old one when the new files are bad.
+    """
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.root, self.leaf = make_chain(self.directory)
+        self.cert_file = os.path.join(self.directory, "server.crt")
+        self.key_file = os.path.join(self.directory, "server.key")
+        self.clock = task.Clock()
+        self.server_tls = ServerTLS(self.cert_file, self.key_file, clock=self.clock)
+        self.events = []
+        self.patch(tls, "log", Logger(namespace="test", observer=self.events.append))
+
+    def served(self):
+        """The leaf a new connection would present."""
+        connection = self.server_tls.creator.serverConnectionForTLS(None)
+        return connection.get_certificate().to_cryptography()
+
+    def renew(self, **options):
+        """Write a fresh leaf from a new chain over the served files."""
+        staging = self.mktemp()
+        os.makedirs(staging)
+        _, leaf = make_chain(staging, **options)
+        # Replace by rename, as certbot-style renewals do: a new inode.
+        os.replace(os.path.join(staging, "server.crt"), self.cert_file)
+        os.replace(os.path.join(staging, "server.key"), self.key_file)
+        return leaf
+
+    def messages(self):
+        return [formatEvent(event) for event in self.events]
+
+    def test_reload_serves_new_certificate(self):
+        before = self.server_tls.creator.serverConnectionForTLS(None)
+        renewed = self.renew()
+        self.assertTrue(self.server_tls.reload())
+        self.assertEqual(self.served(), renewed.cert)
+        self.assertEqual(self.server_tls.not_after, renewed.cert.not_valid_after_utc)
+        # A connection made before keeps the context it was made with.
+        self.assertEqual(before.get_certificate().to_cryptography(), self.leaf.cert)
+        self.assertEqual(len(self.messages()), 1)
+        self.assertIn("reloaded", self.messages()[0])
+
+    def test_reload_keeps_old_on_garbage(self):
+        _write(self.cert_file, b"garbage")
+        self.assertFalse(self.server_tls.reload())
+        self.assertEqual(self.served(), self.leaf.cert)
+        self.assertEqual(self.server_tls.not_after, self.leaf.cert.not_valid_after_utc)
+        [message] = self.messages()
+        self.assertIn(f"TLS_CERT_FILE {self.cert_file}: no PEM certificate found", message)
+        self.assertEqual(self.events[0]["log_level"].name, "error")
+
+    def test_reload_keeps_old_on_missing_key(self):
+        os.remove(self.key_file)
+        self.assertFalse(self.server_tls.reload())
+        self.assertEqual(self.served(), self.leaf.cert)
+        [message] = self.messages()
+        self.assertIn("cannot read: No such file or directory", message)
+
+    def test_reload_keeps_old_on_mismatch(self):
+        """Only the certificate renewed (the key not yet): refused, old kept."""
+        other = make_leaf(make_authority())
+        _write(self.cert_file, other.chain_pem)
+        self.assertFalse(self.server_tls.reload())
+        self.assertEqual(self.served(), self.leaf.cert)
+        [message] = self.messages()
+        self.assertIn("does not match", message)
+        self.assertNotIn("PRIVATE", message)
+
+    def test_reload_keeps_old_on_expired(self):
+        self.renew(not_after=datetime.datetime(2020, 1, 1, tzinfo=UTC))
+        self.assertFalse(self.server_tls.reload())
+        self.assertEqual(self.served(), self.leaf.cert)
+        self.assertIn("expired on 2020-01-01T00:00:00Z", self.messages()[0])
+
+    def test_construction_refuses_bad_files(self):
+        _write(self.key_file, b"")
+        error = self.assertRaises(ConfigError, ServerTLS, self.cert_file, self.key_file)
+        self.assertEqual(str(error), f"TLS_KEY_FILE {self.key_file}: not a PEM private key")
+
+    def test_repr(self):
+        text = repr(self.server_tls)
+        self.assertIn(self.cert_file, text)
+        self.assertNotIn("PRIVATE", text)
+
+
+class WatchTests(ReloadTests):
+    """
+    L{ServerTLS.watch} polls the files on the clock and reloads on change.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.reloads = []
+        original = self.server_tls.reload
+
+        def counting_reload():
+            result = original()
+            self.reloads.append(result)
+            return result
+
+        self.server_tls.reload = counting_reload
+        self.loop = self.server_tls.watch(interval=5.0)
+        self.addCleanup(lambda: self.loop.running and self.loop.stop())
+
+    def test_no_change_no_reload(self):
+        self.clock.advance(5)
+        self.clock.advance(5)
+        self.assertEqual(self.reloads, [])
+
+    def test_renamed_files_reloaded(self):
+        renewed = self.renew()
+        self.clock.advance(4.9)
+        self.assertEqual(self.reloads, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.reloads, [True])
+        self.assertEqual(self.served(), renewed.cert)
+        self.clock.advance(5)
+        self.assertEqual(self.reloads, [True])
+
+    def test_rewritten_in_place_reloaded(self):
+        """Same inode, possibly same size: the modification time tells."""
+        other = make_leaf(make_authority())
+        _write(self.cert_file, other.chain_pem)
+        _write(self.key_file, other.key_pem)
+        stat = os.stat(self.cert_file)
+        os.utime(self.cert_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        self.clock.advance(5)
+        self.assertEqual(self.reloads, [True])
+        self.assertEqual(self.served(), other.cert)
+
+    def test_half_renewed_then_completed(self):
+        """
+        A renewal caught between the two writes fails once, keeps the old
+        certificate, and succeeds on the poll after the key lands.
+        """
+        other = make_leaf(make_authority())
+        _write(self.cert_file, other.chain_pem)
+        self.clock.advance(5)
+        self.assertEqual(self.reloads, [False])
+        self.assertEqual(self.served(), self.leaf.cert)
+        self.clock.advance(5)
+        self.assertEqual(self.reloads, [False])
+        _write(self.key_file, other.key_pem)
+        self.clock.advance(5)
+        self.assertEqual(self.reloads, [False, True])
+        self.assertEqual(self.served(), other.cert)
+
+    def test_stop(self):
+        self.loop.stop()
+        self.renew()
+        self.clock.advance(10)
+        self.assertEqual(self.reloads, [])
+        self.assertEqual(self.served(), self.leaf.cert)
+
+    def test_sighup_reload_then_no_double_reload(self):
+        """A reload done otherwise (SIGHUP) is not repeated by the watch."""
+        renewed = self.renew()
+        self.server_tls.reload()
+        self.clock.advance(5)
+        self.assertEqual(self.reloads, [True])
+        self.assertEqual(self.served(), renewed.cert)
+
+
+class _RecordingReactor:
+    def __init__(self):
+        self.calls = []
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.calls.append((f, args, kwargs))
+
+
+class SighupTests(SynchronousTestCase):
+    """
+    L{install_sighup_reload} makes SIGHUP schedule a reload on the reactor.
+    """
+
+    def test_sighup_schedules_reload(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        make_chain(directory)
+        server_tls = ServerTLS(
+            os.path.join(directory, "server.crt"),
+            os.path.join(directory, "server.key"),
+            clock=task.Clock(),
+        )
+        reactor = _RecordingReactor()
+        marker = signal.getsignal(signal.SIGHUP)
+        previous = install_sighup_reload(server_tls, reactor)
+        self.addCleanup(signal.signal, signal.SIGHUP, previous)
+        self.assertIs(previous, marker)
+        os.kill(os.getpid(), signal.SIGHUP)
+        # Python runs the handler at the next bytecode boundary in this thread.
+        for _ in range(1000):
+            if reactor.calls:
+                break
+        self.assertEqual(reactor.calls, [(server_tls.reload, (), {})])
+
+
+class ClientPolicyTests(SynchronousTestCase):
+    """
+    L{client_tls_policy} checks the extra bundle at startup and hands out
+    hostname-verifying creators.
+    """
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        os.makedirs(self.directory)
+        self.root, self.leaf = make_chain(self.directory)
+        self.ca_file = os.path.join(self.directory, "server-ca.pem")
+
+    def test_policy_interface(self):
+        policy = client_tls_policy(self.ca_file, variable="STS_CA_FILE")
+        self.assertTrue(verifyObject(IPolicyForHTTPS, policy))
+        creator = policy.creatorForNetloc(b"localhost", 443)
+        self.assertTrue(verifyObject(IOpenSSLClientConnectionCreator, creator))
+        self.assertIs(policy.creatorForNetloc(b"localhost", 443), creator)
+        self.assertIsNot(policy.creatorForNetloc(b"sts.example", 443), creator)
+
+    def test_no_bundle(self):
+        policy = client_tls_policy(None)
+        self.assertTrue(verifyObject(IPolicyForHTTPS, policy))
+
+    def test_missing_bundle(self):
+        missing = os.path.join(self.directory, "absent.pem")
+        error = self.assertRaises(ConfigError, client_tls_policy, missing, variable="STS_CA_FILE")
+        self.assertEqual(
+            str(error), f"STS_CA_FILE {missing}: cannot read: No such file or directory"
+        )
+
+    def test_garbage_bundle_default_variable(self):
+        garbage = _write(os.path.join(self.directory, "garbage.pem"), b"nope")
+        error = self.assertRaises(ConfigError, client_tls_policy, garbage)
+        self.assertEqual(str(error), f"UPSTREAM_CA_FILE {garbage}: no PEM certificate found")
+
+    def test_malformed_bundle(self):
+        broken = _write(
+            os.path.join(self.directory, "broken.pem"),
+            b"-----BEGIN CERTIFICATE-----\nbm9wZQ==\n-----END CERTIFICATE-----\n",
+        )
+        error = self.assertRaises(ConfigError, client_tls_policy, broken, variable="STS_CA_FILE")
+        self.assertEqual(str(error), f"STS_CA_FILE {broken}: malformed PEM certificate")
+
+    def test_trust_root_adds_bundle(self):
+        """
+        The bundle's root joins the platform roots: a chain under it verifies
+        against the store the policy builds, and not without the bundle.
+        """
+
+        def verify(policy):
+            context = SSL.Context(SSL.TLS_METHOD)
+            policy._trust_root._addCACertsToContext(context)
+            crypto.X509StoreContext(
+                context.get_cert_store(),
+                crypto.X509.from_cryptography(self.leaf.cert),
+                chain=[crypto.X509.from_cryptography(c) for c in self.leaf.intermediates],
+            ).verify_certificate()
+
+        verify(client_tls_policy(self.ca_file))
+        self.assertRaises(crypto.X509StoreContextError, verify, client_tls_policy(None))
