@@ -1,0 +1,283 @@
+# -*- test-case-name: tests.test_tokens -*-
+"""
+The caller's bearer token: SPEC section 6 steps 2 (extraction), 3 (it is a
+JWT with an C{exp}), 4 (C{exp} at least 35 s away), 8 (ES256 signature) and
+the claims steps 9 and 10 read (C{use}, C{jti}, C{sid}).
+
+Every refusal is a L{Denial}. Descriptions are fixed texts: they never quote
+the token, a claim or a header, so nothing of the credential reaches an error
+body or a log line. Logs identify a token by L{fingerprint}.
+
+Decisions where the SPEC is silent:
+  - An C{Authorization} header with another scheme (C{Basic ...}) carries no
+    bearer token, so it is answered like a missing one (401 C{missing_token}).
+  - Several C{Authorization} headers are ambiguous (which one would the
+    upstream or a cache believe?) and are refused as 401 C{invalid_token}.
+  - "C{exp} at least 35 s away": exactly 35 s left passes, 34.9 s does not.
+  - C{aud} and C{iss} are not checked: the SPEC names no audience or issuer,
+    and the signing key is already chosen per zone, so only the zone's STS can
+    have issued an accepted token. C{exp} is checked again at verification
+    with no leeway; C{nbf} and C{iat}, when present, must not be more than
+    5 s ahead of the gateway's clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import jwt
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.web.http_headers import Headers
+
+from caracal.gateway.denials import Denial
+from caracal.gateway.jwks import JWKSCache, JWKSUnavailable, UnknownKeyID
+
+MAX_TOKEN_BYTES = 4096
+MIN_SECONDS_LEFT = 35.0
+ALGORITHM = "ES256"
+FINGERPRINT_LENGTH = 12
+# How far ahead of our clock an nbf/iat may be (STS and gateway clocks differ).
+CLOCK_SKEW = 5.0
+
+
+def fingerprint(token: str) -> str:
+    """
+    The short identifier of a token that logs carry instead of the token: the
+    first 12 hex digits of its SHA-256.
+    """
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def _missing() -> Denial:
+    return Denial(401, "missing_token", "a bearer token is required", metric="denials_missing_auth")
+
+
+def _malformed(description: str = "the bearer token is malformed") -> Denial:
+    return Denial(401, "invalid_token", description, metric="denials_bad_bearer")
+
+
+def _bad_signature(description: str = "the bearer token could not be verified") -> Denial:
+    return Denial(401, "invalid_token", description, metric="denials_signature")
+
+
+def extract_bearer(headers: Headers) -> str:
+    """
+    The token of the request's single C{Authorization: Bearer <token>}
+    header (scheme case-insensitive).
+
+    @raise Denial: 401 C{missing_token} without an C{Authorization} header,
+        with another scheme, or with an empty token; 401 C{invalid_token} for
+        several C{Authorization} headers, a token over 4096 bytes, or one that
+        is not a single run of visible ASCII.
+    """
+    values = headers.getRawHeaders(b"authorization")
+    if not values:
+        raise _missing()
+    if len(values) > 1:
+        raise _malformed("exactly one Authorization header is allowed")
+    # Split on the first run of spaces/tabs: "<scheme> <credentials>".
+    value = values[0].strip(b" \t")
+    parts = value.split(None, 1)
+    if not parts or parts[0].lower() != b"bearer":
+        raise _missing()
+    token = parts[1].strip(b" \t") if len(parts) == 2 else b""
+    if not token:
+        raise _missing()
+    if len(token) > MAX_TOKEN_BYTES:
+        raise _malformed("the bearer token is too large")
+    # A bearer token is token68 (RFC 6750): visible ASCII, no whitespace.
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise _malformed()
+    return token.decode("ascii")
+
+
+def _segments(token: str) -> None:
+    """Refuse anything that is not three dot-separated non-empty JWS segments."""
+    segments = token.split(".")
+    if len(segments) != 3 or not all(segments):
+        raise _malformed("the bearer token is not a JWT")
+
+
+def peek_header(token: str) -> dict[str, Any]:
+    """
+    The JOSE header of C{token}, decoded without any verification.
+
+    @raise Denial: 401 C{invalid_token} when the token is not a compact JWS
+        whose header is a base64url JSON object.
+    """
+    _segments(token)
+    try:
+        return jwt.get_unverified_header(token)
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise _malformed("the bearer token is not a JWT") from None
+
+
+def peek_claims(token: str) -> dict[str, Any]:
+    """
+    The claims of C{token}, decoded WITHOUT verifying the signature (SPEC
+    step 3; the signature is step 8, once the resource names the zone).
+
+    @raise Denial: 401 C{invalid_token} when the token is not a compact JWS
+        with base64url JSON-object header and payload, or has no finite
+        numeric C{exp}.
+    """
+    peek_header(token)
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise _malformed("the bearer token is not a JWT") from None
+    if _expiry(claims) is None:
+        raise _malformed("the bearer token has no valid exp claim")
+    return claims
+
+
+def _expiry(claims: dict[str, Any]) -> float | None:
+    """C{exp} as a finite float, or None."""
+    return _number(claims.get("exp"))
+
+
+def _number(value: object) -> float | None:
+    """A JSON date as a finite float, or None (bool, string, NaN, huge ints are not dates)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def seconds_left(claims: dict[str, Any], now: float) -> float:
+    """
+    Seconds until the token's C{exp} (SPEC step 4).
+
+    @param claims: claims from L{peek_claims}.
+    @param now: the current POSIX time.
+    @raise Denial: 401 C{credential_expired} when fewer than 35 s are left
+        (expired tokens included); 401 C{invalid_token} without a valid C{exp}.
+    """
+    exp = _expiry(claims)
+    if exp is None:
+        raise _malformed("the bearer token has no valid exp claim")
+    left = exp - now
+    if left < MIN_SECONDS_LEFT:
+        raise Denial(
+            401,
+            "credential_expired",
+            "the bearer token expires in less than 35 seconds",
+            metric="denials_expiring",
+        )
+    return left
+
+
+def single_use(claims: dict[str, Any]) -> bool:
+    """Whether the token is single-use: every token whose C{use} is not C{ambient}."""
+    return claims.get("use") != "ambient"
+
+
+def replay_jti(claims: dict[str, Any]) -> str | None:
+    """
+    The C{jti} to claim in the replay guard (SPEC step 9), or None for an
+    ambient token, which may be used many times.
+
+    @raise Denial: 401 C{invalid_token} for a single-use token without a
+        non-empty string C{jti}.
+    """
+    if not single_use(claims):
+        return None
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not jti:
+        raise _malformed("a single-use token must carry a jti claim")
+    return jti
+
+
+def session_id(claims: dict[str, Any]) -> str | None:
+    """The caller's session (SPEC step 10): C{sid}, else C{agent_session_id}, else None."""
+    for name in ("sid", "agent_session_id"):
+        value = claims.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def verify_token(
+    token: str, zone_id: str, jwks_cache: JWKSCache, now: float | None = None
+) -> Deferred:
+    """
+    Verify C{token}'s ES256 signature with zone C{zone_id}'s keys (SPEC step 8).
+
+    The header must name C{alg} exactly C{ES256} and a C{kid}; the key is
+    looked up by C{kid} in the zone's JWKS only, and pyjwt is allowed ES256
+    only, so neither C{none}, HMAC-with-the-public-key nor RSA tokens pass.
+    The times are checked against C{now} (default: the cache's clock, the
+    reactor in production): C{exp} must be in the future with no leeway;
+    C{nbf} and C{iat}, when present, may be at most 5 s ahead (clock skew
+    between STS and gateway must not refuse every fresh token).
+
+    @return: a L{Deferred} firing with the verified claims, or failing with
+        L{Denial} 401 C{invalid_token} (metric C{denials_signature}) or 503
+        C{sts_unavailable} (no metric) when the zone's keys cannot be fetched.
+    """
+    return maybeDeferred(_key_for_token, token, zone_id, jwks_cache).addCallbacks(
+        _verified_claims,
+        _key_failure,
+        callbackArgs=(token, now if now is not None else jwks_cache.clock.seconds()),
+    )
+
+
+def _key_for_token(token: str, zone_id: str, jwks_cache: JWKSCache) -> Deferred:
+    try:
+        _segments(token)
+        header = jwt.get_unverified_header(token)
+    except (Denial, jwt.PyJWTError, ValueError, TypeError):
+        raise _bad_signature("the bearer token is not a JWT") from None
+    if header.get("alg") != ALGORITHM:
+        raise _bad_signature("the bearer token must be signed with ES256")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or not kid:
+        raise _bad_signature("the bearer token names no signing key")
+    return jwks_cache.key_for(zone_id, kid)
+
+
+def _key_failure(failure):
+    if failure.check(JWKSUnavailable):
+        raise Denial(503, "sts_unavailable", "the token signing keys are unavailable")
+    if failure.check(UnknownKeyID):
+        raise _bad_signature("the bearer token is signed with an unknown key")
+    return failure
+
+
+def _verified_claims(key, token: str, now: float) -> dict[str, Any]:
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            options={
+                "require": ["exp"],
+                "verify_signature": True,
+                # pyjwt reads the wall clock; the times are checked below
+                # against the gateway's clock instead.
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+                "verify_aud": False,
+                "verify_iss": False,
+            },
+        )
+    except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
+        raise _bad_signature() from None
+    exp = _expiry(claims)
+    if exp is None:
+        raise _bad_signature("the bearer token has no valid exp claim")
+    if exp <= now:
+        raise _bad_signature("the bearer token has expired")
+    for name in ("nbf", "iat"):
+        if name not in claims:
+            continue
+        moment = _number(claims[name])
+        if moment is None or moment > now + CLOCK_SKEW:
+            raise _bad_signature("the bearer token is not valid yet")
+    return claims

@@ -1,0 +1,393 @@
+# -*- test-case-name: tests.test_tokens -*-
+"""Tests for L{caracal.gateway.tokens}: bearer extraction, claim peek, ES256 verification."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from caracal.gateway.denials import Denial
+from caracal.gateway.jwks import JWKSCache
+from caracal.gateway.tokens import (
+    extract_bearer,
+    fingerprint,
+    peek_claims,
+    peek_header,
+    replay_jti,
+    seconds_left,
+    session_id,
+    single_use,
+    verify_token,
+)
+from tests.test_jwks import FakeSTS, ec_jwk
+
+# Far in the past on purpose: verification must use the gateway's clock, not
+# the wall clock (a token valid at NOW is long expired in real time).
+NOW = 1_000_000_000.0
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64json(value) -> str:
+    return b64(json.dumps(value).encode("utf-8"))
+
+
+def headers_with(*values: bytes) -> Headers:
+    headers = Headers()
+    for value in values:
+        headers.addRawHeader(b"authorization", value)
+    return headers
+
+
+class DenialAssertions:
+    def assertDenial(self, denial, status, code, metric, token=None):
+        self.assertIsInstance(denial, Denial)
+        self.assertEqual((denial.status, denial.code, denial.metric), (status, code, metric))
+        self.assertTrue(denial.description)
+        if token:
+            # Nothing of the credential may reach an error body or a log line.
+            for text in (denial.description, repr(denial), str(denial)):
+                self.assertNotIn(token, text)
+                for segment in token.split("."):
+                    if len(segment) > 8:
+                        self.assertNotIn(segment, text)
+
+
+class FingerprintTests(SynchronousTestCase):
+    def test_shortSHA256(self):
+        """The fingerprint is the first 12 hex digits of the token's SHA-256."""
+        token = "eyJhbGciOiJFUzI1NiJ9.eyJleHAiOjF9.c2ln"
+        self.assertEqual(fingerprint(token), hashlib.sha256(token.encode()).hexdigest()[:12])
+        self.assertEqual(len(fingerprint(token)), 12)
+        self.assertNotEqual(fingerprint(token), fingerprint(token + "x"))
+
+
+class ExtractBearerTests(SynchronousTestCase, DenialAssertions):
+    def refused(self, headers, code, metric):
+        denial = self.assertRaises(Denial, extract_bearer, headers)
+        self.assertDenial(denial, 401, code, metric)
+
+    def test_bearer(self):
+        self.assertEqual(extract_bearer(headers_with(b"Bearer abc.def.ghi")), "abc.def.ghi")
+
+    def test_schemeCaseInsensitive(self):
+        self.assertEqual(extract_bearer(headers_with(b"bearer tok")), "tok")
+        self.assertEqual(extract_bearer(headers_with(b"BEARER tok")), "tok")
+        self.assertEqual(extract_bearer(headers_with(b"BeArEr tok")), "tok")
+
+    def test_extraSpacesTolerated(self):
+        """RFC 7235 allows one or more spaces between scheme and credentials."""
+        self.assertEqual(extract_bearer(headers_with(b"Bearer   tok  ")), "tok")
+
+    def test_missing(self):
+        self.refused(Headers(), "missing_token", "denials_missing_auth")
+
+    def test_otherScheme(self):
+        """Basic credentials carry no bearer token: answered as missing."""
+        self.refused(headers_with(b"Basic dXNlcjpwYXNz"), "missing_token", "denials_missing_auth")
+
+    def test_schemeGluedToToken(self):
+        self.refused(headers_with(b"Bearertok"), "missing_token", "denials_missing_auth")
+
+    def test_bearerWithoutToken(self):
+        for value in (b"Bearer", b"Bearer ", b"Bearer \t ", b"", b"   "):
+            self.refused(headers_with(value), "missing_token", "denials_missing_auth")
+
+    def test_sizeLimit(self):
+        """4096 bytes of token pass; 4097 are refused as invalid."""
+        self.assertEqual(extract_bearer(headers_with(b"Bearer " + b"a" * 4096)), "a" * 4096)
+        self.refused(headers_with(b"Bearer " + b"a" * 4097), "invalid_token", "denials_bad_bearer")
+
+    def test_twoHeaders(self):
+        """Two Authorization headers are ambiguous, even if both are bearers."""
+        self.refused(headers_with(b"Bearer a", b"Bearer b"), "invalid_token", "denials_bad_bearer")
+        self.refused(headers_with(b"Basic x", b"Bearer b"), "invalid_token", "denials_bad_bearer")
+
+    def test_tokenWithSpaceOrNonASCII(self):
+        """A token is one run of visible ASCII."""
+        for value in (b"Bearer a b", b"Bearer a,Bearer b", b"Bearer caf\xc3\xa9", b"Bearer a\x00"):
+            self.refused(headers_with(value), "invalid_token", "denials_bad_bearer")
+
+
+class PeekTests(SynchronousTestCase, DenialAssertions):
+    def token(self, header=None, payload=None, signature="c2lnbmF0dXJl"):
+        header = {"alg": "ES256", "kid": "k1"} if header is None else header
+        payload = {"exp": NOW + 300, "sub": "agent"} if payload is None else payload
+        return f"{b64json(header)}.{b64json(payload)}.{signature}"
+
+    def refused(self, token):
+        denial = self.assertRaises(Denial, peek_claims, token)
+        self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer", token)
+
+    def test_claims(self):
+        """The payload is returned as decoded, without any verification."""
+        self.assertEqual(peek_claims(self.token()), {"exp": NOW + 300, "sub": "agent"})
+        self.assertEqual(peek_header(self.token()), {"alg": "ES256", "kid": "k1"})
+
+    def test_realJWT(self):
+        key = ec.generate_private_key(ec.SECP256R1())
+        token = jwt.encode({"exp": 123, "jti": "j"}, key, algorithm="ES256")
+        self.assertEqual(peek_claims(token), {"exp": 123, "jti": "j"})
+
+    def test_notAJWT(self):
+        self.refused("not-a-jwt")
+
+    def test_segmentCount(self):
+        good = self.token()
+        self.refused(".".join(good.split(".")[:2]))
+        self.refused(good + ".extra")
+        self.refused(good.rsplit(".", 1)[0] + ".")
+        self.refused("." + good.split(".", 1)[1])
+
+    def test_badBase64(self):
+        _, payload, signature = self.token().split(".")
+        self.refused(f"!!!!.{payload}.{signature}")
+        header, _, signature = self.token().split(".")
+        self.refused(f"{header}.e30*.{signature}")
+
+    def test_headerNotJSONObject(self):
+        for header in ([], "ES256", 1):
+            self.refused(self.token(header=header))
+        _, payload, signature = self.token().split(".")
+        self.refused(f"{b64(b'{not json')}.{payload}.{signature}")
+
+    def test_payloadNotJSONObject(self):
+        self.refused(self.token(payload=[1, 2]))
+        header, _, signature = self.token().split(".")
+        self.refused(f"{header}.{b64(b'not json')}.{signature}")
+
+    def test_peekHeaderRefusesGarbage(self):
+        denial = self.assertRaises(Denial, peek_header, "a.b")
+        self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
+
+    def test_noExp(self):
+        self.refused(self.token(payload={"sub": "agent"}))
+
+    def test_expNotANumber(self):
+        for exp in (str(int(NOW + 300)), True, None, [1], {"a": 1}):
+            self.refused(self.token(payload={"exp": exp}))
+
+    def test_expNotFinite(self):
+        header, _, signature = self.token().split(".")
+        for raw in (b'{"exp": NaN}', b'{"exp": Infinity}', b'{"exp": 1' + b"0" * 400 + b"}"):
+            self.refused(f"{header}.{b64(raw)}.{signature}")
+
+
+class SecondsLeftTests(SynchronousTestCase, DenialAssertions):
+    def test_enoughLeft(self):
+        self.assertEqual(seconds_left({"exp": NOW + 36}, NOW), 36)
+        self.assertEqual(seconds_left({"exp": NOW + 3600.5}, NOW), 3600.5)
+
+    def test_exactly35(self):
+        """'At least 35 s away': exactly 35 s passes."""
+        self.assertEqual(seconds_left({"exp": NOW + 35}, NOW), 35)
+
+    def test_underThreshold(self):
+        for exp in (NOW + 34.9, NOW + 1, NOW, NOW - 1, 0):
+            denial = self.assertRaises(Denial, seconds_left, {"exp": exp}, NOW)
+            self.assertDenial(denial, 401, "credential_expired", "denials_expiring")
+
+    def test_badExp(self):
+        denial = self.assertRaises(Denial, seconds_left, {"exp": "soon"}, NOW)
+        self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
+
+
+class ClaimTests(SynchronousTestCase, DenialAssertions):
+    def test_singleUse(self):
+        """Every token whose use is not exactly 'ambient' is single-use."""
+        self.assertFalse(single_use({"use": "ambient"}))
+        for claims in ({}, {"use": "per_call"}, {"use": "Ambient"}, {"use": None}):
+            self.assertTrue(single_use(claims))
+
+    def test_replayJti(self):
+        self.assertEqual(replay_jti({"jti": "j-1"}), "j-1")
+        self.assertIsNone(replay_jti({"use": "ambient"}))
+        self.assertIsNone(replay_jti({"use": "ambient", "jti": "j-1"}))
+
+    def test_singleUseNeedsJti(self):
+        for claims in ({}, {"jti": ""}, {"jti": 7}, {"jti": None}, {"use": "per_call"}):
+            denial = self.assertRaises(Denial, replay_jti, claims)
+            self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
+
+    def test_sessionId(self):
+        self.assertEqual(session_id({"sid": "s1", "agent_session_id": "a1"}), "s1")
+        self.assertEqual(session_id({"agent_session_id": "a1"}), "a1")
+        self.assertEqual(session_id({"sid": "", "agent_session_id": "a1"}), "a1")
+        self.assertIsNone(session_id({}))
+        self.assertIsNone(session_id({"sid": 5}))
+
+
+class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.other_zone_key = ec.generate_private_key(ec.SECP256R1())
+        self.sts = FakeSTS()
+        self.sts.keys["zone-a"] = [ec_jwk(self.key, "k1")]
+        self.sts.keys["zone-b"] = [ec_jwk(self.other_zone_key, "kb")]
+        self.cache = JWKSCache(self.sts.fetch, self.clock)
+
+    def mint(self, key=None, kid="k1", algorithm="ES256", **claims):
+        payload = {"sub": "agent-1", "exp": int(NOW + 300), "iat": int(NOW), "jti": "j-1"}
+        payload.update(claims)
+        headers = {"kid": kid} if kid is not None else {}
+        return jwt.encode(payload, key or self.key, algorithm=algorithm, headers=headers)
+
+    def forge(self, header: dict, payload: dict | None = None, sign=None) -> str:
+        """A token built by hand, as an attacker would, with C{sign(signing_input)}."""
+        payload = payload or {"sub": "agent-1", "exp": int(NOW + 300), "jti": "j-1"}
+        signing_input = f"{b64json(header)}.{b64json(payload)}"
+        signature = sign(signing_input.encode("ascii")) if sign else b""
+        return f"{signing_input}.{b64(signature)}"
+
+    def refused(self, token, zone_id="zone-a"):
+        failure = self.failureResultOf(verify_token(token, zone_id, self.cache), Denial)
+        self.assertDenial(failure.value, 401, "invalid_token", "denials_signature", token)
+        return failure.value
+
+    def test_valid(self):
+        claims = self.successResultOf(verify_token(self.mint(use="ambient"), "zone-a", self.cache))
+        self.assertEqual(claims["sub"], "agent-1")
+        self.assertEqual(claims["use"], "ambient")
+
+    def test_audAndIssNotRequired(self):
+        """The SPEC names no audience or issuer: tokens carrying them still pass."""
+        token = self.mint(aud="some-api", iss="https://sts.example")
+        claims = self.successResultOf(verify_token(token, "zone-a", self.cache))
+        self.assertEqual(claims["aud"], "some-api")
+
+    def test_algNone(self):
+        """An unsigned token is refused before any key is fetched."""
+        self.refused(self.forge({"alg": "none", "kid": "k1"}))
+        self.refused(self.forge({"alg": "none", "kid": "k1"}, sign=lambda data: b"x"))
+        self.refused(self.forge({"alg": "None", "kid": "k1"}, sign=lambda data: b"x"))
+        self.assertEqual(self.sts.calls, [])
+
+    def test_algMissingOrOdd(self):
+        self.refused(self.forge({"kid": "k1"}, sign=lambda data: b"x"))
+        self.refused(self.forge({"alg": ["ES256"], "kid": "k1"}, sign=lambda data: b"x"))
+        self.refused(self.forge({"alg": "es256", "kid": "k1"}, sign=lambda data: b"x"))
+
+    def test_hmacKeyConfusion(self):
+        """
+        HS256 keyed with the zone's public key (PEM, DER point or JWK JSON),
+        the classic confusion attack, is refused.
+        """
+        public = self.key.public_key()
+        secrets = [
+            public.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+            public.public_bytes(
+                serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+            ),
+            json.dumps(ec_jwk(self.key, "k1")).encode(),
+        ]
+        for secret in secrets:
+            for alg in ("HS256", "ES256"):
+                token = self.forge(
+                    {"alg": alg, "kid": "k1"},
+                    sign=lambda data, s=secret: hmac.new(s, data, hashlib.sha256).digest(),
+                )
+                self.refused(token)
+
+    def test_rs256(self):
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.refused(self.mint(key=rsa_key, algorithm="RS256"))
+
+    def test_otherECAlgorithms(self):
+        p384 = ec.generate_private_key(ec.SECP384R1())
+        self.refused(self.mint(key=p384, algorithm="ES384"))
+
+    def test_missingKid(self):
+        self.refused(self.mint(kid=None))
+        self.refused(self.forge({"alg": "ES256", "kid": ""}, sign=lambda data: b"x"))
+        self.refused(self.forge({"alg": "ES256", "kid": 1}, sign=lambda data: b"x"))
+
+    def test_kidOfAnotherZone(self):
+        """A key of zone B does not verify a token for a zone-A resource."""
+        token = self.mint(key=self.other_zone_key, kid="kb")
+        self.successResultOf(verify_token(token, "zone-b", self.cache))
+        self.refused(token, "zone-a")
+
+    def test_wrongKeyRightKid(self):
+        intruder = ec.generate_private_key(ec.SECP256R1())
+        self.refused(self.mint(key=intruder, kid="k1"))
+
+    def test_tamperedPayload(self):
+        header, _, signature = self.mint().split(".")
+        forged = {"sub": "admin", "exp": int(NOW + 300), "iat": int(NOW), "jti": "j-1"}
+        self.refused(f"{header}.{b64json(forged)}.{signature}")
+
+    def test_tamperedSignature(self):
+        header, payload, signature = self.mint().split(".")
+        raw = bytearray(base64.urlsafe_b64decode(signature + "=="))
+        raw[5] ^= 1
+        self.refused(f"{header}.{payload}.{b64(bytes(raw))}")
+        self.refused(f"{header}.{payload}.{b64(bytes(raw[:40]))}")
+
+    def test_expired(self):
+        """exp is checked with no leeway against the gateway's clock."""
+        self.refused(self.mint(exp=int(NOW) - 1))
+        self.refused(self.mint(exp=int(NOW)))
+        self.successResultOf(verify_token(self.mint(exp=int(NOW) + 1), "zone-a", self.cache))
+
+    def test_usesGivenNow(self):
+        token = self.mint(exp=int(NOW) + 10)
+        self.successResultOf(verify_token(token, "zone-a", self.cache, now=NOW + 9))
+        failure = self.failureResultOf(verify_token(token, "zone-a", self.cache, now=NOW + 10))
+        self.assertDenial(failure.value, 401, "invalid_token", "denials_signature", token)
+
+    def test_expMissing(self):
+        token = jwt.encode({"sub": "x"}, self.key, algorithm="ES256", headers={"kid": "k1"})
+        self.refused(token)
+
+    def test_notYetValid(self):
+        """nbf/iat more than 5 s ahead are refused; small clock skew is tolerated."""
+        self.refused(self.mint(nbf=int(NOW) + 60))
+        self.refused(self.mint(iat=int(NOW) + 60))
+        self.refused(self.mint(iat="yesterday"))
+        self.successResultOf(verify_token(self.mint(nbf=int(NOW) + 5), "zone-a", self.cache))
+        self.successResultOf(verify_token(self.mint(iat=int(NOW) + 3), "zone-a", self.cache))
+
+    def test_garbage(self):
+        for token in ("not-a-jwt", "a.b", "a.b.c", ""):
+            self.refused(token)
+
+    def test_jwksUnavailable(self):
+        """The zone's keys cannot be fetched: 503 sts_unavailable, no denial metric."""
+        self.sts.down = True
+        token = self.mint()
+        failure = self.failureResultOf(verify_token(token, "zone-a", self.cache), Denial)
+        self.assertDenial(failure.value, 503, "sts_unavailable", None, token)
+
+    def test_waitsForKeys(self):
+        """Verification waits for the zone's keys to arrive."""
+        self.sts.manual = True
+        d = verify_token(self.mint(), "zone-a", self.cache)
+        self.assertNoResult(d)
+        self.sts.release()
+        self.assertEqual(self.successResultOf(d)["jti"], "j-1")
+
+    def test_unexpectedKeyFailurePropagates(self):
+        """A programming error in the key lookup is not disguised as a bad token."""
+
+        class BrokenCache:
+            clock = self.clock
+
+            def key_for(self, zone_id, kid):
+                return defer.fail(ZeroDivisionError())
+
+        self.failureResultOf(verify_token(self.mint(), "zone-a", BrokenCache()), ZeroDivisionError)
