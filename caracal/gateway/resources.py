@@ -1,0 +1,550 @@
+# -*- test-case-name: tests.test_resources -*-
+"""
+The resource table (SPEC section 4), cached in memory.
+
+The request path asks a L{ResourceStore} for a resource synchronously: the
+answer comes from an in-memory snapshot and never waits for the database.
+L{PostgresResourceStore} keeps that snapshot fresh: it LISTENs for the
+C{gateway_resources_changed} notifications the schema's trigger sends, reloads
+the whole table on each (bursts coalesced), reloads periodically as a safety
+net, and through a Postgres outage keeps serving the last good snapshot while
+it reconnects with a capped backoff. L{MemoryResourceStore} is the in-memory
+double for tests; both pass the same test suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import psycopg2
+from psycopg2.extensions import parse_dsn
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from txpostgres.txpostgres import Connection
+
+from caracal.gateway.config import ConfigError, redact_url
+
+CARACAL_JWT = "caracal_jwt"
+PROVIDER_OAUTH = "provider_oauth"
+PROVIDER_APIKEY = "provider_apikey"
+AUTH_MODES = (CARACAL_JWT, PROVIDER_OAUTH, PROVIDER_APIKEY)
+
+#: The channel the schema's trigger NOTIFYs on every change to the table.
+CHANNEL = "gateway_resources_changed"
+
+_SELECT_RESOURCES = (
+    "SELECT resource_identifier, zone_id, application_id, upstream_url,"
+    " auth_mode, auth_header, auth_scheme FROM gateway_resources"
+)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """
+    One row of C{gateway_resources}: where a resource lives and how the
+    gateway presents the mandate to it.
+
+    @ivar auth_header: the credential header's name; C{None} means
+        C{Authorization}.
+    @ivar auth_scheme: the scheme before the credential; C{None} means
+        C{Bearer} for C{caracal_jwt} and no scheme for the provider modes.
+    """
+
+    resource_identifier: str
+    zone_id: str
+    application_id: str
+    upstream_url: str
+    auth_mode: str = CARACAL_JWT
+    auth_header: str | None = None
+    auth_scheme: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth_mode not in AUTH_MODES:
+            raise ValueError(f"auth_mode must be one of {', '.join(AUTH_MODES)}")
+
+    @property
+    def credential_header(self) -> str:
+        """The name of the header that carries the credential upstream."""
+        return self.auth_header or "Authorization"
+
+    @property
+    def credential_scheme(self) -> str:
+        """The scheme put before the credential; C{""} for none."""
+        if self.auth_scheme is not None:
+            return self.auth_scheme
+        return "Bearer" if self.auth_mode == CARACAL_JWT else ""
+
+    def credential_value(self, credential: str) -> str:
+        """The credential header's value for C{credential} (mandate or provider token)."""
+        scheme = self.credential_scheme
+        return f"{scheme} {credential}" if scheme else credential
+
+
+class ResourceStoreUnavailable(Exception):
+    """The resource store cannot answer a readiness check; C{str()} says why."""
+
+
+@runtime_checkable
+class ResourceStore(Protocol):
+    """Where the gateway looks resources up."""
+
+    def get(self, identifier: str) -> Resource | None:
+        """The resource named C{identifier}, from memory; C{None} if unknown."""
+
+    def count(self) -> int:
+        """How many resources the snapshot holds."""
+
+    def check(self) -> Deferred[None]:
+        """
+        Readiness: fires C{None} when the backing store answers, errbacks with
+        L{ResourceStoreUnavailable} otherwise.
+        """
+
+
+class MemoryResourceStore:
+    """
+    A L{ResourceStore} held in a dict, for tests.
+
+    @ivar unavailable: when set to an exception, L{check} errbacks with it
+        (to exercise readiness failures); lookups keep working.
+    """
+
+    def __init__(self, resources: Iterable[Resource] = ()) -> None:
+        self._resources = {resource.resource_identifier: resource for resource in resources}
+        self.unavailable: Exception | None = None
+
+    def put(self, resource: Resource) -> None:
+        """Add or replace C{resource}."""
+        self._resources[resource.resource_identifier] = resource
+
+    def remove(self, identifier: str) -> None:
+        """Forget the resource named C{identifier}, if known."""
+        self._resources.pop(identifier, None)
+
+    def get(self, identifier: str) -> Resource | None:
+        """See L{ResourceStore.get}."""
+        return self._resources.get(identifier)
+
+    def count(self) -> int:
+        """See L{ResourceStore.count}."""
+        return len(self._resources)
+
+    def check(self) -> Deferred[None]:
+        """See L{ResourceStore.check}."""
+        if self.unavailable is not None:
+            return fail(self.unavailable)
+        return succeed(None)
+
+
+def connection_parameters(dsn: str) -> dict[str, str]:
+    """
+    Parse C{dsn} (a C{postgresql://} URL or a libpq key=value DSN) into libpq
+    parameters, adding TCP keepalives and an application name unless the DSN
+    sets them: keepalives let a silently vanished server be noticed.
+
+    @raise ConfigError: C{dsn} is neither; the message never contains it.
+    """
+    try:
+        parameters = parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        raise ConfigError("DATABASE_URL is not a valid Postgres URL or DSN") from None
+    defaults = {
+        "application_name": "caracal-gateway",
+        "keepalives": "1",
+        "keepalives_idle": "30",
+        "keepalives_interval": "10",
+        "keepalives_count": "3",
+    }
+    return {**defaults, **parameters}
+
+
+def _reason(failure: Failure) -> str:
+    """A failure as one short log-safe line (libpq messages span lines)."""
+    text = " ".join(str(failure.value).split()) or failure.type.__name__
+    return text[:300]
+
+
+def _settled(deferred: Deferred) -> Deferred[None]:
+    """A Deferred firing C{None} when C{deferred} fires, leaving its result alone."""
+    waiter: Deferred[None] = Deferred()
+
+    def passthrough(result):
+        waiter.callback(None)
+        return result
+
+    deferred.addBoth(passthrough)
+    return waiter
+
+
+class _StoreConnection(Connection):
+    """
+    A txpostgres connection that tells its owner when it is lost.
+
+    txpostgres lets a failure to read from a dead connection escape from
+    C{doRead} into the reactor (a logged traceback); here it becomes a
+    C{lost} call instead.
+    """
+
+    def __init__(self, reactor, lost: Callable[[Connection, Failure], None]) -> None:
+        super().__init__(reactor=reactor)
+        self._lost = lost
+
+    def doRead(self) -> None:
+        try:
+            super().doRead()
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            self._lost(self, Failure())
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._lost(self, reason)
+
+
+class PostgresResourceStore(Service):
+    """
+    A L{ResourceStore} over the C{gateway_resources} table.
+
+    Start it as a service. It never blocks the reactor and never fails to
+    start: while Postgres cannot be reached it logs, keeps retrying with a
+    capped backoff, and L{check} errbacks. Once connected it LISTENs, then
+    loads the snapshot; each notification triggers a full reload (at most one
+    in flight plus one queued, however many notifications arrive), and so
+    does every C{reload_interval} seconds. After a reconnection it LISTENs
+    and reloads again, so changes made during the outage are picked up.
+
+    @ivar loaded: fires C{None} once the first snapshot is in memory.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        dsn: str,
+        reactor=None,
+        reload_interval: float = 30.0,
+        clock=None,
+        *,
+        initial_backoff: float = 0.5,
+        max_backoff: float = 5.0,
+        query_timeout: float = 10.0,
+        check_timeout: float = 2.0,
+        connection_factory: Callable[[Callable[[Connection, Failure], None]], Connection]
+        | None = None,
+    ) -> None:
+        """
+        @param dsn: C{DATABASE_URL}; parsed now so a malformed one fails at
+            startup (L{ConfigError}).
+        @param reactor: drives the database sockets (default: the global one).
+        @param clock: schedules timers (default: C{reactor}).
+        @param query_timeout: a connection attempt or reload taking longer is
+            treated as a dead connection and retried.
+        @param check_timeout: bound on the readiness C{SELECT 1}.
+        @param connection_factory: makes a txpostgres-like connection given
+            the C{lost(connection, reason)} callback (tests substitute one).
+        """
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self._clock = clock if clock is not None else reactor
+        self._parameters = connection_parameters(dsn)
+        self._where = redact_url(dsn)
+        self._reload_interval = reload_interval
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
+        self._backoff = initial_backoff
+        self._query_timeout = query_timeout
+        self._check_timeout = check_timeout
+        self._factory = connection_factory or (lambda lost: _StoreConnection(self._reactor, lost))
+
+        self._snapshot: dict[str, Resource] = {}
+        self._loaded_at: float | None = None
+        self.loaded: Deferred[None] = Deferred()
+
+        self._connection: Connection | None = None  # LISTENing, usable
+        self._pending: Connection | None = None  # connecting / LISTENing
+        self._retry: IDelayedCall | None = None
+        self._reloading = False
+        self._reload_queued = False
+        self._inflight: set[Deferred] = set()
+        self._periodic: LoopingCall | None = None
+        self._last_error = "not connected yet"
+        self._down_since: float | None = None
+        self._failures = 0
+        self._warned_at: float | None = None
+
+    # -- the ResourceStore interface -------------------------------------
+
+    def get(self, identifier: str) -> Resource | None:
+        """See L{ResourceStore.get}: a dict lookup, never a query."""
+        return self._snapshot.get(identifier)
+
+    def count(self) -> int:
+        """See L{ResourceStore.count}."""
+        return len(self._snapshot)
+
+    def check(self) -> Deferred[None]:
+        """
+        See L{ResourceStore.check}: a C{SELECT 1} bounded by C{check_timeout}
+        on the live connection; also fails until the first snapshot is loaded
+        (a gateway without one would refuse every request).
+        """
+        connection = self._connection
+        if connection is None:
+            return fail(ResourceStoreUnavailable(f"postgres unreachable: {self._last_error}"))
+        if self._loaded_at is None:
+            return fail(ResourceStoreUnavailable(f"resources not loaded: {self._last_error}"))
+        probe = self._bounded(connection.runQuery("SELECT 1"), self._check_timeout)
+
+        def unavailable(failure: Failure) -> Failure:
+            if failure.check(ResourceStoreUnavailable):
+                return failure
+            return Failure(ResourceStoreUnavailable(f"postgres check failed: {_reason(failure)}"))
+
+        return probe.addCallbacks(lambda _: None, unavailable)
+
+    def snapshot_age(self) -> float | None:
+        """Seconds since the snapshot was last loaded; C{None} before the first load."""
+        if self._loaded_at is None:
+            return None
+        return self._clock.seconds() - self._loaded_at
+
+    @property
+    def connected(self) -> bool:
+        """C{True} while LISTENing on a live connection."""
+        return self._connection is not None
+
+    # -- IService --------------------------------------------------------
+
+    def startService(self) -> None:
+        """Start connecting (asynchronously) and the periodic reload."""
+        super().startService()
+        self.log.info("resource store connecting to {where}", where=self._where)
+        self._connect()
+        self._periodic = LoopingCall(self._request_reload)
+        self._periodic.clock = self._clock
+        self._periodic.start(self._reload_interval, now=False)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop reloading and reconnecting, close the connection."""
+        super().stopService()
+        if self._periodic is not None and self._periodic.running:
+            self._periodic.stop()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        for connection in (self._pending, self._connection):
+            if connection is not None:
+                self._close(connection)
+        self._pending = self._connection = None
+        # Queries still in flight errback as their connection closes; wait
+        # for them so nothing fires after the service has stopped.
+        return gatherResults([_settled(inflight) for inflight in self._inflight]).addCallback(
+            lambda _: None
+        )
+
+    # -- connection life cycle -------------------------------------------
+
+    def _connect(self) -> None:
+        self._retry = None
+        if not self.running:
+            return
+        connection = self._factory(self._lost)
+        self._pending = connection
+        connection.addNotifyObserver(self._notified)
+
+        def listen(_):
+            return self._bounded(connection.runOperation(f"LISTEN {CHANNEL}"), None, connection)
+
+        attempt = self._bounded(connection.connect(**self._parameters), None, connection)
+        attempt.addCallback(listen)
+        attempt.addCallbacks(
+            lambda _: self._listening(connection),
+            lambda failure: self._attempt_failed(connection, failure),
+        )
+        self._track(attempt)
+
+    def _listening(self, connection: Connection) -> None:
+        if connection is not self._pending:
+            return
+        self._pending = None
+        self._connection = connection
+        self._backoff = self._initial_backoff
+        if self._down_since is not None:
+            self.log.info(
+                "resource store reconnected to {where} after {seconds:.1f}s",
+                where=self._where,
+                seconds=self._clock.seconds() - self._down_since,
+            )
+        else:
+            self.log.info("resource store connected to {where}", where=self._where)
+        self._down_since = None
+        self._failures = 0
+        self._warned_at = None
+        self._request_reload()
+
+    def _attempt_failed(self, connection: Connection, failure: Failure) -> None:
+        if connection is not self._pending:
+            return
+        self._pending = None
+        self._close(connection)
+        self._down(failure)
+
+    def _lost(self, connection: Connection, reason: Failure) -> None:
+        """A connection died (read error, server gone, closed by a timeout)."""
+        if connection is self._pending:
+            # The attempt's own Deferred errbacks too; it does the bookkeeping.
+            return
+        if connection is not self._connection:
+            return
+        self._connection = None
+        self._close(connection)
+        self._down(reason)
+
+    def _down(self, reason: Failure) -> None:
+        """Record an outage, log it (not too often) and schedule a reconnection."""
+        self._last_error = _reason(reason)
+        now = self._clock.seconds()
+        self._failures += 1
+        if self._down_since is None:
+            self._down_since = now
+        if not self.running:
+            return
+        if self._warned_at is None or now - self._warned_at >= 60.0:
+            self._warned_at = now
+            self.log.warn(
+                "resource store cannot reach postgres at {where} ({error}); serving the last"
+                " snapshot of {count} resources, retrying (attempt {attempt})",
+                where=self._where,
+                error=self._last_error,
+                count=self.count(),
+                attempt=self._failures,
+            )
+        # Jitter spreads the reconnections of many gateways after a restart.
+        delay = self._backoff * random.uniform(0.8, 1.0)
+        self._backoff = min(self._backoff * 2, self._max_backoff)
+        self._retry = self._clock.callLater(delay, self._connect)
+
+    def _close(self, connection: Connection) -> None:
+        connection.removeNotifyObserver(self._notified)
+        # A connection that never opened or is already broken has nothing
+        # left to release; closing it may raise.
+        with contextlib.suppress(Exception):
+            connection.close()
+
+    # -- reloading -------------------------------------------------------
+
+    def _notified(self, notify) -> None:
+        if notify.channel == CHANNEL:
+            self._request_reload()
+
+    def _request_reload(self) -> None:
+        """Reload now, or once more after the reload in flight."""
+        if self._connection is None:
+            return  # the reconnection reloads
+        if self._reloading:
+            self._reload_queued = True
+            return
+        self._reloading = True
+        self._reload_queued = False
+        connection = self._connection
+        reload = self._track(
+            self._bounded(connection.runQuery(_SELECT_RESOURCES), None, connection)
+        )
+        reload.addCallbacks(self._install, self._reload_failed, errbackArgs=(connection,))
+        reload.addBoth(self._reload_done)
+
+    def _install(self, rows) -> None:
+        self._snapshot = {
+            row[0]: Resource(
+                resource_identifier=row[0],
+                zone_id=row[1],
+                application_id=row[2],
+                upstream_url=row[3],
+                auth_mode=row[4],
+                auth_header=row[5],
+                auth_scheme=row[6],
+            )
+            for row in rows
+        }
+        first = self._loaded_at is None
+        self._loaded_at = self._clock.seconds()
+        if first:
+            self.log.info("resource store loaded {count} resources", count=len(self._snapshot))
+            self.loaded.callback(None)
+        else:
+            self.log.debug("resource store reloaded {count} resources", count=len(self._snapshot))
+
+    def _reload_failed(self, failure: Failure, connection: Connection) -> None:
+        if connection is not self._connection:
+            return  # that connection is already gone and being replaced
+        if connection.closed:
+            self._lost(connection, failure)
+            return
+        # The server answered but the query failed (no table yet, a
+        # permission): keep the snapshot, the next notification or period
+        # tries again.
+        self._last_error = _reason(failure)
+        self.log.error(
+            "resource store reload failed ({error}); serving the last snapshot of"
+            " {count} resources",
+            error=self._last_error,
+            count=self.count(),
+        )
+
+    def _reload_done(self, _) -> None:
+        self._reloading = False
+        if self._reload_queued:
+            self._request_reload()
+
+    # -- helpers ---------------------------------------------------------
+
+    def _track(self, deferred: Deferred) -> Deferred:
+        """Remember C{deferred} until it fires, so stopService can wait for it."""
+        self._inflight.add(deferred)
+
+        def forget(result):
+            self._inflight.discard(deferred)
+            return result
+
+        return deferred.addBoth(forget)
+
+    def _bounded(
+        self, deferred: Deferred, timeout: float | None, connection: Connection | None = None
+    ) -> Deferred:
+        """
+        C{deferred}, or L{ResourceStoreUnavailable} after C{timeout} seconds
+        (C{query_timeout} when C{None}). With C{connection}, a timeout also
+        closes it: a query that hangs that long means the link is dead, and
+        closing is how txpostgres lets go of it. (Cancelling a txpostgres
+        query raises into the caller instead of cancelling it.)
+        """
+        seconds = self._query_timeout if timeout is None else timeout
+        result: Deferred = Deferred()
+
+        def expire() -> None:
+            # Close first, so whoever handles the errback sees a dead connection.
+            if connection is not None:
+                self._close(connection)
+            result.errback(ResourceStoreUnavailable(f"no answer within {seconds:g}s"))
+
+        timer = self._clock.callLater(seconds, expire)
+
+        def settle(outcome):
+            if timer.active():
+                timer.cancel()
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+            # After a timeout the late outcome is dropped on purpose.
+
+        deferred.addBoth(settle)
+        return result

@@ -1,0 +1,150 @@
+# -*- test-case-name: tests.integration.test_resource_store -*-
+"""
+Throw-away Postgres databases on the shared test server (127.0.0.1:5432, trust
+auth) for integration tests, and a way to cut one of them off: terminating its
+backends and refusing new connections to that database is a real outage for
+whoever uses it, without touching the shared server or anyone else's data.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from importlib.resources import files
+
+import psycopg2
+from psycopg2 import sql
+
+#: The shared server's maintenance connection; override with CARACAL_TEST_POSTGRES.
+ADMIN_DSN = os.environ.get("CARACAL_TEST_POSTGRES", "host=127.0.0.1 port=5432 dbname=test")
+
+
+def schema_sql() -> str:
+    """The packaged schema, as the admin command's migrate applies it."""
+    return files("caracal.gateway").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+def _admin():
+    connection = psycopg2.connect(ADMIN_DSN)
+    connection.autocommit = True
+    return connection
+
+
+def postgres_available() -> str | None:
+    """C{None} when the shared server answers, else why not (for C{skip})."""
+    try:
+        _admin().close()
+    except psycopg2.Error as error:
+        return f"no Postgres at {ADMIN_DSN}: {' '.join(str(error).split())}"
+    return None
+
+
+class TemporaryDatabase:
+    """
+    A uniquely named database (C{caracal_t_<random>}) with the schema applied.
+
+    Call L{create}, use L{dsn} / L{url} / L{execute}, and L{drop} in cleanup
+    (it terminates remaining backends first).
+    """
+
+    def __init__(self, apply_schema: bool = True) -> None:
+        self.name = f"caracal_t_{secrets.token_hex(6)}"
+        self.apply_schema = apply_schema
+        parameters = psycopg2.extensions.parse_dsn(ADMIN_DSN)
+        parameters["dbname"] = self.name
+        self.dsn = psycopg2.extensions.make_dsn(**parameters)
+        host = parameters.get("host", "127.0.0.1")
+        port = parameters.get("port", "5432")
+        user = parameters.get("user", "")
+        self.url = f"postgresql://{user + '@' if user else ''}{host}:{port}/{self.name}"
+
+    def create(self) -> TemporaryDatabase:
+        """Create the database (and apply the schema); returns C{self}."""
+        admin = _admin()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
+        finally:
+            admin.close()
+        if self.apply_schema:
+            self.execute(schema_sql())
+        return self
+
+    def execute(self, statement: str, parameters=None) -> list[tuple]:
+        """Run one statement (autocommit) in the database; rows if it returns any."""
+        connection = psycopg2.connect(self.dsn)
+        connection.autocommit = True
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(statement, parameters)
+                return cursor.fetchall() if cursor.description is not None else []
+        finally:
+            connection.close()
+
+    def block_connections(self) -> None:
+        """
+        An outage of this database: refuse new connections, then terminate
+        every existing backend of it.
+        """
+        admin = _admin()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+                        sql.Identifier(self.name)
+                    )
+                )
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (self.name,),
+                )
+        finally:
+            admin.close()
+
+    def allow_connections(self) -> None:
+        """End the outage started by L{block_connections}."""
+        admin = _admin()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
+                        sql.Identifier(self.name)
+                    )
+                )
+        finally:
+            admin.close()
+
+    def backends(self, application_name: str | None = None) -> int:
+        """How many sessions are connected to this database (optionally by name)."""
+        admin = _admin()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                    " AND (%s::text IS NULL OR application_name = %s)",
+                    (self.name, application_name, application_name),
+                )
+                return cursor.fetchone()[0]
+        finally:
+            admin.close()
+
+    def drop(self) -> None:
+        """Drop the database, terminating whoever is still connected."""
+        admin = _admin()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(
+                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+                        sql.Identifier(self.name)
+                    )
+                )
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (self.name,),
+                )
+                cursor.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(self.name))
+                )
+        finally:
+            admin.close()

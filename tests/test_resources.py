@@ -1,0 +1,542 @@
+# -*- test-case-name: tests.test_resources -*-
+"""
+Tests for L{caracal.gateway.resources}: the resource row, the in-memory store,
+the contract every store passes, and the Postgres store's life cycle driven
+by a fake connection and a fake clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psycopg2
+from psycopg2.extensions import Notify
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from caracal.gateway.config import ConfigError
+from caracal.gateway.resources import (
+    CHANNEL,
+    MemoryResourceStore,
+    PostgresResourceStore,
+    Resource,
+    ResourceStore,
+    ResourceStoreUnavailable,
+)
+
+#: The resources every store under the contract is loaded with.
+CONTRACT_RESOURCES = (
+    Resource("mcp-weather", "zone-a", "app-1", "https://weather.example/mcp"),
+    Resource(
+        "github",
+        "zone-b",
+        "app-2",
+        "https://api.github.example/v3",
+        auth_mode="provider_oauth",
+        auth_header="X-GitHub-Token",
+        auth_scheme="token",
+    ),
+    Resource("search", "zone-a", "app-3", "http://search.example", auth_mode="provider_apikey"),
+)
+
+
+class ResourceTests(SynchronousTestCase):
+    """The defaults SPEC section 4 gives NULL auth_header / auth_scheme."""
+
+    def test_caracal_jwt_defaults(self):
+        resource = Resource("r", "z", "a", "https://u.example")
+        self.assertEqual(resource.auth_mode, "caracal_jwt")
+        self.assertEqual(resource.credential_header, "Authorization")
+        self.assertEqual(resource.credential_scheme, "Bearer")
+        self.assertEqual(resource.credential_value("m.a.n"), "Bearer m.a.n")
+
+    def test_provider_modes_have_no_default_scheme(self):
+        for mode in ("provider_oauth", "provider_apikey"):
+            resource = Resource("r", "z", "a", "https://u.example", auth_mode=mode)
+            self.assertEqual(resource.credential_header, "Authorization")
+            self.assertEqual(resource.credential_scheme, "")
+            self.assertEqual(resource.credential_value("pt"), "pt")
+
+    def test_explicit_header_and_scheme(self):
+        resource = Resource(
+            "r", "z", "a", "https://u.example", "provider_apikey", "X-Api-Key", "Key"
+        )
+        self.assertEqual(resource.credential_header, "X-Api-Key")
+        self.assertEqual(resource.credential_scheme, "Key")
+        self.assertEqual(resource.credential_value("k"), "Key k")
+
+    def test_empty_scheme_means_none_even_for_caracal_jwt(self):
+        resource = Resource("r", "z", "a", "https://u.example", auth_scheme="")
+        self.assertEqual(resource.credential_scheme, "")
+        self.assertEqual(resource.credential_value("m"), "m")
+
+    def test_empty_header_means_authorization(self):
+        resource = Resource("r", "z", "a", "https://u.example", auth_header="")
+        self.assertEqual(resource.credential_header, "Authorization")
+
+    def test_unknown_auth_mode_refused(self):
+        self.assertRaises(ValueError, Resource, "r", "z", "a", "https://u", auth_mode="basic")
+
+    def test_frozen(self):
+        resource = Resource("r", "z", "a", "https://u.example")
+        self.assertRaises(
+            dataclasses.FrozenInstanceError, setattr, resource, "upstream_url", "http://x"
+        )
+
+
+class ResourceStoreContract:
+    """
+    What every L{ResourceStore} does. Mix into a test case whose setUp sets
+    C{self.store} to a ready store holding exactly L{CONTRACT_RESOURCES}.
+    """
+
+    store: ResourceStore
+
+    def test_provides_interface(self):
+        self.assertIsInstance(self.store, ResourceStore)
+
+    def test_get_known(self):
+        for expected in CONTRACT_RESOURCES:
+            self.assertEqual(self.store.get(expected.resource_identifier), expected)
+
+    def test_get_unknown(self):
+        self.assertIsNone(self.store.get("no-such-resource"))
+        self.assertIsNone(self.store.get(""))
+
+    def test_identifiers_are_exact(self):
+        self.assertIsNone(self.store.get("GITHUB"))
+        self.assertIsNone(self.store.get("github "))
+
+    def test_count(self):
+        self.assertEqual(self.store.count(), len(CONTRACT_RESOURCES))
+
+    def test_fields(self):
+        github = self.store.get("github")
+        self.assertEqual(github.zone_id, "zone-b")
+        self.assertEqual(github.application_id, "app-2")
+        self.assertEqual(github.upstream_url, "https://api.github.example/v3")
+        self.assertEqual(github.credential_header, "X-GitHub-Token")
+        self.assertEqual(github.credential_scheme, "token")
+        search = self.store.get("search")
+        self.assertIsNone(search.auth_header)
+        self.assertIsNone(search.auth_scheme)
+        self.assertEqual(search.credential_scheme, "")
+        weather = self.store.get("mcp-weather")
+        self.assertEqual(weather.credential_scheme, "Bearer")
+
+
+class MemoryResourceStoreContractTests(ResourceStoreContract, SynchronousTestCase):
+    """L{MemoryResourceStore} passes the contract."""
+
+    def setUp(self):
+        self.store = MemoryResourceStore(CONTRACT_RESOURCES)
+
+
+class MemoryResourceStoreTests(SynchronousTestCase):
+    """The in-memory store's own surface: put, remove, simulated unavailability."""
+
+    def test_empty(self):
+        store = MemoryResourceStore()
+        self.assertEqual(store.count(), 0)
+        self.assertIsNone(self.successResultOf(store.check()))
+
+    def test_put_replaces(self):
+        store = MemoryResourceStore()
+        store.put(Resource("r", "z", "a", "https://one.example"))
+        store.put(Resource("r", "z", "a", "https://two.example"))
+        self.assertEqual(store.count(), 1)
+        self.assertEqual(store.get("r").upstream_url, "https://two.example")
+
+    def test_remove(self):
+        store = MemoryResourceStore(CONTRACT_RESOURCES)
+        store.remove("github")
+        store.remove("never-there")
+        self.assertIsNone(store.get("github"))
+        self.assertEqual(store.count(), len(CONTRACT_RESOURCES) - 1)
+
+    def test_unavailable(self):
+        store = MemoryResourceStore(CONTRACT_RESOURCES)
+        store.unavailable = ResourceStoreUnavailable("postgres unreachable")
+        self.failureResultOf(store.check(), ResourceStoreUnavailable)
+        # Lookups keep working, as they do from a real store's last snapshot.
+        self.assertIsNotNone(store.get("github"))
+
+
+def _row(resource: Resource) -> tuple:
+    return (
+        resource.resource_identifier,
+        resource.zone_id,
+        resource.application_id,
+        resource.upstream_url,
+        resource.auth_mode,
+        resource.auth_header,
+        resource.auth_scheme,
+    )
+
+
+class FakeConnection:
+    """
+    Stands in for a txpostgres connection: records what is asked of it and
+    leaves every answer to the test.
+    """
+
+    def __init__(self, lost) -> None:
+        self.lost = lost
+        self.closed = 0
+        self.parameters = None
+        self.connecting: Deferred | None = None
+        self.statements: list[tuple[str, Deferred]] = []
+        self.observers: set = set()
+
+    def addNotifyObserver(self, observer):
+        self.observers.add(observer)
+
+    def removeNotifyObserver(self, observer):
+        self.observers.discard(observer)
+
+    def connect(self, **parameters):
+        self.parameters = parameters
+        self.connecting = Deferred()
+        return self.connecting
+
+    def _run(self, statement):
+        if self.closed:
+            raise AssertionError(f"{statement!r} on a closed connection")
+        answer = Deferred()
+        self.statements.append((statement, answer))
+        return answer
+
+    runQuery = runOperation = _run
+
+    def pending(self) -> list[str]:
+        """Statements not answered yet."""
+        return [statement for statement, answer in self.statements if not answer.called]
+
+    def answer(self, statement_start: str, result=None):
+        """Answer the oldest pending statement starting with C{statement_start}."""
+        for statement, answer in self.statements:
+            if not answer.called and statement.startswith(statement_start):
+                answer.callback(result)
+                return
+        raise AssertionError(f"no pending {statement_start!r} in {self.pending()}")
+
+    def fail(self, statement_start: str, error: Exception):
+        for statement, answer in self.statements:
+            if not answer.called and statement.startswith(statement_start):
+                answer.errback(error)
+                return
+        raise AssertionError(f"no pending {statement_start!r}")
+
+    def _abort(self, error: Exception, reason: Failure):
+        if self.connecting is not None and not self.connecting.called:
+            self.connecting.errback(error)
+        for _, answer in self.statements:
+            if not answer.called:
+                answer.errback(error)
+        self.lost(self, reason)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = 1
+        self._abort(psycopg2.InterfaceError("connection already closed"), Failure(ConnectionDone()))
+
+    def die(self):
+        """The server went away."""
+        self.closed = 2
+        error = psycopg2.OperationalError("server closed the connection unexpectedly")
+        self._abort(error, Failure(error))
+
+    def notify(self, payload: str, channel: str = CHANNEL):
+        for observer in list(self.observers):
+            observer(Notify(4242, channel, payload))
+
+
+class PostgresResourceStoreTests(SynchronousTestCase):
+    """The Postgres store's life cycle, with a fake connection and clock."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.connections: list[FakeConnection] = []
+        self.events: list[dict] = []
+        self.store = self.make_store()
+
+    def make_store(self, dsn="postgresql://gw:s3cret-pw@db.internal:5432/caracal", **kwargs):
+        def factory(lost):
+            connection = FakeConnection(lost)
+            self.connections.append(connection)
+            return connection
+
+        store = PostgresResourceStore(
+            dsn,
+            reactor=object(),
+            clock=self.clock,
+            reload_interval=30.0,
+            connection_factory=factory,
+            **kwargs,
+        )
+        store.log = Logger(namespace="test", observer=self.events.append)
+        self.addCleanup(self.stop, store)
+        return store
+
+    def stop(self, store):
+        if store.running:
+            self.successResultOf(store.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def retry_delay(self) -> float:
+        """Seconds until the scheduled reconnection."""
+        (retry,) = [c for c in self.clock.getDelayedCalls() if c.func == self.store._connect]
+        return retry.getTime() - self.clock.seconds()
+
+    @property
+    def connection(self) -> FakeConnection:
+        return self.connections[-1]
+
+    def bring_up(self, resources=CONTRACT_RESOURCES):
+        """Start the store and let it connect, LISTEN and load C{resources}."""
+        self.store.startService()
+        self.connect_and_load(resources)
+
+    def connect_and_load(self, resources=CONTRACT_RESOURCES):
+        self.connection.connecting.callback(None)
+        self.connection.answer(f"LISTEN {CHANNEL}")
+        self.connection.answer("SELECT resource_identifier", [_row(r) for r in resources])
+
+    def test_start_does_not_wait_for_postgres(self):
+        self.store.startService()
+        self.assertEqual(len(self.connections), 1)
+        self.assertIsNone(self.store.get("github"))
+        self.assertEqual(self.store.count(), 0)
+        self.assertNoResult(self.store.loaded)
+        failure = self.failureResultOf(self.store.check(), ResourceStoreUnavailable)
+        self.assertIn("unreachable", str(failure.value))
+
+    def test_connection_parameters(self):
+        self.store.startService()
+        parameters = self.connection.parameters
+        self.assertEqual(parameters["host"], "db.internal")
+        self.assertEqual(parameters["dbname"], "caracal")
+        self.assertEqual(parameters["password"], "s3cret-pw")
+        self.assertEqual(parameters["keepalives"], "1")
+        self.assertEqual(parameters["application_name"], "caracal-gateway")
+
+    def test_libpq_dsn_accepted(self):
+        store = self.make_store("host=127.0.0.1 dbname=test application_name=mine")
+        store.startService()
+        self.assertEqual(self.connection.parameters["dbname"], "test")
+        self.assertEqual(self.connection.parameters["application_name"], "mine")
+
+    def test_malformed_dsn(self):
+        error = self.assertRaises(
+            ConfigError, PostgresResourceStore, "host=x password=s3cret junk", reactor=object()
+        )
+        self.assertNotIn("s3cret", str(error))
+
+    def test_listen_before_load(self):
+        self.store.startService()
+        self.connection.connecting.callback(None)
+        # The snapshot is read only after LISTEN took effect, so no change
+        # can fall between the two.
+        self.assertEqual(self.connection.pending(), [f"LISTEN {CHANNEL}"])
+        self.connection.answer("LISTEN")
+        self.assertEqual(len(self.connection.pending()), 1)
+        self.assertTrue(self.connection.pending()[0].startswith("SELECT resource_identifier"))
+
+    def test_initial_load(self):
+        self.bring_up()
+        self.assertIsNone(self.successResultOf(self.store.loaded))
+        self.assertEqual(self.store.count(), 3)
+        self.assertEqual(self.store.get("github"), CONTRACT_RESOURCES[1])
+        self.assertEqual(self.store.snapshot_age(), 0)
+        self.clock.advance(7)
+        self.assertEqual(self.store.snapshot_age(), 7)
+
+    def test_check(self):
+        self.bring_up()
+        checked = self.store.check()
+        self.assertNoResult(checked)
+        self.connection.answer("SELECT 1", [(1,)])
+        self.assertIsNone(self.successResultOf(checked))
+
+    def test_check_is_bounded(self):
+        self.bring_up()
+        checked = self.store.check()
+        self.clock.advance(2.0)
+        self.failureResultOf(checked, ResourceStoreUnavailable)
+        # A slow probe alone is no reason to drop the connection.
+        self.assertEqual(self.connection.closed, 0)
+        self.connection.answer("SELECT 1", [(1,)])
+
+    def test_check_before_first_snapshot(self):
+        self.store.startService()
+        self.connection.connecting.callback(None)
+        self.connection.answer("LISTEN")
+        self.connection.fail(
+            "SELECT resource_identifier", psycopg2.errors.UndefinedTable("no gateway_resources")
+        )
+        failure = self.failureResultOf(self.store.check(), ResourceStoreUnavailable)
+        self.assertIn("not loaded", str(failure.value))
+        self.assertIn("no gateway_resources", str(failure.value))
+
+    def test_notification_reloads(self):
+        self.bring_up()
+        self.connection.notify("new")
+        added = Resource("new", "zone-c", "app-9", "https://new.example")
+        self.connection.answer(
+            "SELECT resource_identifier", [_row(r) for r in (*CONTRACT_RESOURCES, added)]
+        )
+        self.assertEqual(self.store.get("new"), added)
+        self.assertEqual(self.store.count(), 4)
+
+    def test_other_channels_ignored(self):
+        self.bring_up()
+        self.connection.notify("x", channel="something_else")
+        self.assertEqual(self.connection.pending(), [])
+
+    def test_deletion_reaches_snapshot(self):
+        self.bring_up()
+        self.connection.notify("github")
+        self.connection.answer("SELECT resource_identifier", [_row(CONTRACT_RESOURCES[0])])
+        self.assertIsNone(self.store.get("github"))
+        self.assertEqual(self.store.count(), 1)
+
+    def test_notification_burst_coalesced(self):
+        self.bring_up()
+        for index in range(50):
+            self.connection.notify(f"r{index}")
+        # One reload in flight, one queued behind it, however many notifications.
+        self.assertEqual(len(self.connection.pending()), 1)
+        self.connection.answer("SELECT resource_identifier", [])
+        self.assertEqual(len(self.connection.pending()), 1)
+        self.connection.answer("SELECT resource_identifier", [])
+        self.assertEqual(self.connection.pending(), [])
+        selects = [s for s, _ in self.connection.statements if s.startswith("SELECT resource")]
+        self.assertEqual(len(selects), 3)  # the initial load plus the two
+
+    def test_periodic_reload(self):
+        self.bring_up()
+        self.clock.advance(29.9)
+        self.assertEqual(self.connection.pending(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(self.connection.pending()), 1)
+
+    def test_failed_reload_keeps_snapshot_and_connection(self):
+        self.bring_up()
+        self.connection.notify("x")
+        self.connection.fail(
+            "SELECT resource_identifier", psycopg2.errors.InsufficientPrivilege("denied")
+        )
+        self.assertEqual(self.store.count(), 3)
+        self.assertTrue(self.store.connected)
+        self.assertEqual(len(self.connections), 1)
+        self.assertTrue(any("reload failed" in formatEvent(e) for e in self.events))
+
+    def test_outage_keeps_snapshot_and_reconnects(self):
+        self.bring_up()
+        self.connection.die()
+        self.assertFalse(self.store.connected)
+        self.assertEqual(self.store.get("github"), CONTRACT_RESOURCES[1])
+        self.failureResultOf(self.store.check(), ResourceStoreUnavailable)
+        self.assertEqual(len(self.connections), 1)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.connections), 2)
+        # After reconnecting it LISTENs again and reloads: a change made
+        # during the outage is picked up.
+        changed = dataclasses.replace(CONTRACT_RESOURCES[1], upstream_url="https://moved.example")
+        self.connect_and_load([changed])
+        self.assertTrue(self.store.connected)
+        self.assertEqual(self.store.get("github"), changed)
+        self.assertEqual(self.store.count(), 1)
+
+    def test_outage_during_reload(self):
+        self.bring_up()
+        self.connection.notify("x")
+        self.connection.die()
+        self.assertFalse(self.store.connected)
+        self.assertEqual(self.store.count(), 3)
+        self.clock.advance(0.5)
+        self.connect_and_load()
+        self.assertTrue(self.store.connected)
+
+    def test_reconnect_backoff_is_capped(self):
+        self.store.startService()
+        delays = []
+        for _ in range(8):
+            self.connection.connecting.errback(psycopg2.OperationalError("refused"))
+            delays.append(self.retry_delay())
+            self.clock.advance(delays[-1])
+        self.assertEqual(len(self.connections), 9)
+        self.assertTrue(all(d <= 5.0 for d in delays), delays)
+        self.assertGreaterEqual(delays[-1], 4.0)  # reached the cap (with jitter)
+        self.assertLess(delays[0], delays[3])
+        for connection in self.connections[:-1]:
+            self.assertTrue(connection.closed)
+
+    def test_backoff_resets_after_success(self):
+        self.store.startService()
+        for _ in range(5):
+            self.connection.connecting.errback(psycopg2.OperationalError("refused"))
+            self.clock.advance(5.0)
+        self.connect_and_load()
+        self.connection.die()
+        self.assertLessEqual(self.retry_delay(), 0.5)
+
+    def test_connect_timeout(self):
+        self.store.startService()
+        self.clock.advance(10.0)
+        self.assertTrue(self.connections[0].closed)
+        self.clock.advance(0.5)
+        self.assertEqual(len(self.connections), 2)
+
+    def test_hung_reload_drops_connection(self):
+        self.bring_up()
+        self.connection.notify("x")
+        self.clock.advance(10.0)
+        self.assertTrue(self.connections[0].closed)
+        self.assertFalse(self.store.connected)
+        self.assertEqual(self.store.count(), 3)
+        self.clock.advance(0.5)
+        self.connect_and_load([])
+        self.assertEqual(self.store.count(), 0)
+
+    def test_stop(self):
+        self.bring_up()
+        self.connection.notify("x")
+        self.successResultOf(self.store.stopService())
+        self.assertTrue(self.connection.closed)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_while_down(self):
+        self.store.startService()
+        self.connection.connecting.errback(psycopg2.OperationalError("refused"))
+        self.successResultOf(self.store.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(len(self.connections), 1)
+
+    def test_logs_never_contain_the_password(self):
+        self.store.startService()
+        self.connection.connecting.errback(psycopg2.OperationalError("refused"))
+        self.clock.advance(1)
+        self.connect_and_load()
+        text = "\n".join(formatEvent(event) for event in self.events)
+        self.assertIn("db.internal", text)
+        self.assertIn("refused", text)
+        self.assertNotIn("s3cret-pw", text)
+
+    def test_outage_logged_once_a_minute(self):
+        self.store.startService()
+        for _ in range(12):
+            self.connection.connecting.errback(psycopg2.OperationalError("refused"))
+            self.clock.advance(5.0)
+        warnings = [e for e in self.events if "cannot reach" in formatEvent(e)]
+        self.assertEqual(len(warnings), 1)
+        for _ in range(12):
+            self.connection.connecting.errback(psycopg2.OperationalError("refused"))
+            self.clock.advance(5.0)
+        warnings = [e for e in self.events if "cannot reach" in formatEvent(e)]
+        self.assertEqual(len(warnings), 2)
