@@ -1,0 +1,622 @@
+# -*- test-case-name: tests.test_forward -*-
+"""
+Forwarding a request to its upstream (SPEC section 8, pipeline step 13):
+the target URL, header hygiene in both directions, the credential by auth
+mode, and the streaming relay of the response with back-pressure, client
+disconnects and revocation cuts.
+
+The pure functions at the top decide what is sent; L{Forwarder} sends it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from caracal.gateway.denials import Denial
+from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
+
+log = Logger()
+
+# Hop-by-hop headers (RFC 9110 section 7.6.1 and the old proxy ones): they
+# describe one connection, never the end-to-end message.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Request headers the gateway never passes on besides the hop-by-hop ones:
+# the caller's own bearer, framing the Agent recomputes (Content-Length,
+# Host, Expect: the body is already received), and client-IP claims a caller
+# could forge (X-Forwarded-For is replaced, so its siblings are dropped too).
+_DROPPED_REQUEST = frozenset(
+    {
+        b"authorization",
+        b"content-length",
+        b"host",
+        b"expect",
+        b"forwarded",
+        b"x-real-ip",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-request-id",
+    }
+)
+
+# The X-Caracal-* names belong to the gateway in both directions.
+_CARACAL_PREFIX = b"x-caracal-"
+
+REVOKED_TRAILER = b"X-Caracal-Revoked"
+
+_TRACEPARENT = re.compile(rb"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+class MissingProviderToken(Exception):
+    """
+    A provider auth mode needs the STS's C{provider_token} and the mandate
+    has none. The lead answers 502 C{sts_unavailable}.
+    """
+
+
+def _bytes(text) -> bytes:
+    return text.encode("latin-1") if isinstance(text, str) else text
+
+
+def _name(header) -> bytes:
+    return (header.encode("ascii") if isinstance(header, str) else header).lower()
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    """Header names listed in C{Connection}: hop-by-hop for this message."""
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        for token in value.split(b","):
+            token = token.strip().lower()
+            if token:
+                tokens.add(token)
+    return tokens
+
+
+def target_path(base_path: bytes, request_path: bytes) -> bytes:
+    """
+    The upstream base path joined with the request path, with exactly one
+    slash between them (C{/api} + C{/tools/x} is C{/api/tools/x}; C{/} +
+    C{/x} is C{/x}; C{/api} + C{/} is C{/api/}). Both stay percent-encoded
+    as received.
+    """
+    base = base_path or b"/"
+    if not base.startswith(b"/"):
+        base = b"/" + base
+    if not request_path:
+        return base
+    if not request_path.startswith(b"/"):
+        request_path = b"/" + request_path
+    return base.rstrip(b"/") + request_path
+
+
+def _query_pairs(query: bytes) -> list[tuple[bytes, bytes]]:
+    """(decoded key, raw pair) for each non-empty pair of C{query}."""
+    pairs = []
+    for raw in query.split(b"&"):
+        if not raw:
+            continue
+        key = raw.split(b"=", 1)[0]
+        pairs.append((unquote_to_bytes(key.replace(b"+", b" ")), raw))
+    return pairs
+
+
+def merge_query(upstream_query: bytes, request_query: bytes) -> bytes:
+    """
+    The upstream URL's query with the request's query after it, except the
+    request's pairs whose key the upstream already sets: upstream values win
+    (keys compared after percent-decoding, so C{a%62} cannot sneak past
+    C{ab}). Pairs keep their order and their raw encoding.
+    """
+    upstream = _query_pairs(upstream_query)
+    pinned = {key for key, _raw in upstream}
+    merged = [raw for _key, raw in upstream]
+    merged += [raw for key, raw in _query_pairs(request_query) if key not in pinned]
+    return b"&".join(merged)
+
+
+def make_traceparent() -> bytes:
+    """A fresh W3C trace context header value (version 00, not sampled)."""
+    return b"00-%s-%s-00" % (os.urandom(16).hex().encode(), os.urandom(8).hex().encode())
+
+
+def forward_request_headers(
+    inbound: Headers,
+    client_ip: str | None,
+    proto: str,
+    host: str,
+    request_id: str,
+    drop=(),
+) -> Headers:
+    """
+    The headers to send upstream: C{inbound} minus hop-by-hop headers (and
+    every header C{Connection} names), every C{X-Caracal-*}, the caller's
+    C{Authorization} and the names in C{drop} (the credential header), then
+    C{Host} = C{host} (the upstream's host[:port]), C{X-Forwarded-For} =
+    C{client_ip} (replaced, never appended), C{X-Forwarded-Proto} = C{proto},
+    C{X-Forwarded-Host} = the inbound C{Host}, C{X-Request-Id} and a
+    C{traceparent} when the caller sent no valid one.
+    """
+    removed = HOP_BY_HOP | _DROPPED_REQUEST | _connection_tokens(inbound)
+    removed |= {_name(n) for n in drop}
+    outbound = Headers()
+    for name, values in inbound.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in removed or lowered.startswith(_CARACAL_PREFIX):
+            continue
+        outbound.setRawHeaders(name, list(values))
+    outbound.setRawHeaders(b"Host", [host.encode("ascii")])
+    if client_ip:
+        outbound.setRawHeaders(b"X-Forwarded-For", [client_ip.encode("ascii")])
+    outbound.setRawHeaders(b"X-Forwarded-Proto", [proto.encode("ascii")])
+    inbound_host = inbound.getRawHeaders(b"host")
+    if inbound_host:
+        outbound.setRawHeaders(b"X-Forwarded-Host", [inbound_host[0]])
+    outbound.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
+    trace = outbound.getRawHeaders(b"traceparent")
+    if not trace or len(trace) != 1 or not _TRACEPARENT.match(trace[0].strip().lower()):
+        # Absent or malformed: W3C says start a new trace, and drop the
+        # tracestate that belonged to the broken one.
+        outbound.setRawHeaders(b"traceparent", [make_traceparent()])
+        if trace:
+            outbound.removeHeader(b"tracestate")
+    return outbound
+
+
+def _credential(scheme: str, token: str) -> bytes:
+    value = f"{scheme} {token}" if scheme else token
+    return value.encode("latin-1")
+
+
+def credential_headers(resource, mandate) -> list[tuple[bytes, bytes]]:
+    """
+    The headers carrying the mandate to the upstream, by the resource's
+    C{auth_mode}: C{caracal_jwt} puts the mandate in the credential header;
+    the provider modes put the STS's provider token there and the mandate in
+    C{X-Caracal-Identity}. An empty scheme means the bare token.
+
+    @raise MissingProviderToken: a provider mode without a provider token.
+    """
+    name = resource.credential_header.encode("ascii")
+    scheme = resource.credential_scheme or ""
+    if resource.auth_mode == "caracal_jwt":
+        return [(name, _credential(scheme, mandate.access_token))]
+    if resource.auth_mode in ("provider_oauth", "provider_apikey"):
+        if not mandate.provider_token:
+            raise MissingProviderToken(resource.auth_mode)
+        return [
+            (name, _credential(scheme, mandate.provider_token)),
+            (b"X-Caracal-Identity", mandate.access_token.encode("latin-1")),
+        ]
+    raise ValueError(f"unknown auth_mode {resource.auth_mode!r}")
+
+
+# Response headers the gateway sets itself and never takes from upstream.
+_DROPPED_RESPONSE = frozenset({b"x-request-id"})
+
+
+def response_headers(upstream: Headers, transformed: bool = False) -> Headers:
+    """
+    The upstream's response headers minus hop-by-hop ones (and those its
+    C{Connection} names), every C{X-Caracal-*} (C{X-Caracal-Identity} above
+    all) and its C{X-Request-Id} (the gateway's own is echoed). The
+    C{Content-Length} stays unless the body is C{transformed}.
+    """
+    removed = HOP_BY_HOP | _DROPPED_RESPONSE | _connection_tokens(upstream)
+    if transformed:
+        removed |= {b"content-length"}
+    headers = Headers()
+    for name, values in upstream.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered in removed or lowered.startswith(_CARACAL_PREFIX):
+            continue
+        headers.setRawHeaders(name, list(values))
+    return headers
+
+
+def _body_producer(request):
+    """The spooled request body as a producer of known length, or None."""
+    content = getattr(request, "content", None)
+    if content is None:
+        return None
+    content.seek(0, os.SEEK_END)
+    length = content.tell()
+    content.seek(0)
+    framed = request.requestHeaders.hasHeader(
+        b"content-length"
+    ) or request.requestHeaders.hasHeader(b"transfer-encoding")
+    if length == 0 and not framed:
+        # A GET without a body must stay without Content-Length upstream.
+        return None
+    return FileBodyProducer(content)
+
+
+def _client_ip(request) -> str | None:
+    try:
+        address = request.getClientAddress()
+    except AttributeError:
+        return None
+    return getattr(address, "host", None)
+
+
+class Forwarder:
+    """
+    Sends requests to pinned upstreams over one shared persistent connection
+    pool and relays the responses.
+
+    @param reactor: the reactor (clock and connections).
+    @param tls_policy: an L{IPolicyForHTTPS} verifying upstream certificates.
+    @param timeout: seconds to wait for the response headers
+        (C{UPSTREAM_TIMEOUT}); also bounds the TCP connect.
+    @param metrics: a L{caracal.gateway.metrics.Metrics} or None.
+    @param pool: an L{HTTPConnectionPool}; a persistent one is made if None.
+    """
+
+    def __init__(self, reactor, tls_policy, timeout: float, metrics=None, pool=None) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._timeout = timeout
+        self._metrics = metrics
+        if pool is None:
+            pool = HTTPConnectionPool(reactor, persistent=True)
+            pool.maxPersistentPerHost = 16
+            pool.cachedConnectionTimeout = 60
+        self.pool = pool
+
+    def close(self) -> defer.Deferred:
+        """Close the idle pooled connections (at shutdown)."""
+        return self.pool.closeCachedConnections()
+
+    def forward(
+        self,
+        request,
+        pinned: PinnedUpstream,
+        credential_headers,
+        token_expires_in: float,
+        watch_revocation=None,
+    ) -> defer.Deferred[None]:
+        """
+        Forward C{request} to C{pinned} and stream the response into it.
+
+        @param credential_headers: (name, value) pairs from
+            L{credential_headers}; each replaces any inbound header of that
+            name.
+        @param token_expires_in: seconds left on the caller's token; sent
+            back (less the time spent here) as C{X-Caracal-Token-Expires-In}.
+        @param watch_revocation: C{callable(cut) -> cancel}: calls C{cut()}
+            when the caller's session is revoked; the stream is then cut.
+
+        @return: a Deferred that fires with None once the response is fully
+            written, cut, or the client has gone (the request is then
+            finished or its connection closed: the caller writes nothing
+            more). It fails with a L{Denial} (502 C{upstream_unreachable},
+            504 C{upstream_timeout}, 401 C{session_revoked}) only when no
+            response byte was written yet.
+        """
+        url = pinned.url
+        path = target_path(url.base_path, request.path)
+        query = merge_query(url.query, request.uri.partition(b"?")[2])
+        request_id = getattr(request, "request_id", None) or str(uuid.uuid4())
+        credentials = [(_bytes(n), _bytes(v)) for n, v in credential_headers]
+        headers = forward_request_headers(
+            request.requestHeaders,
+            _client_ip(request),
+            "https" if request.isSecure() else "http",
+            url.host_header,
+            request_id,
+            drop=[n for n, _v in credentials],
+        )
+        for name, value in credentials:
+            headers.setRawHeaders(name, [value])
+        agent = Agent.usingEndpointFactory(
+            self._reactor,
+            PinnedEndpointFactory(pinned, self._tls_policy, self._reactor, self._timeout),
+            pool=self.pool,
+        )
+        exchange = _Exchange(self, request, token_expires_in, watch_revocation)
+        exchange.start(agent, url.uri(path, query), headers, _body_producer(request))
+        return exchange.result
+
+
+def _upstream_denial(failure) -> Denial:
+    return Denial(
+        502,
+        "upstream_unreachable",
+        "the upstream could not be reached",
+        metric="upstream_errors",
+        reason=f"upstream_unreachable:{failure.type.__name__}",
+    )
+
+
+class _Exchange:
+    """
+    One forwarded request's life: C{waiting} for response headers, then
+    C{streaming}, then C{done} (finished, failed, cut or client gone).
+    """
+
+    def __init__(self, forwarder: Forwarder, request, token_expires_in, watch_revocation):
+        self._forwarder = forwarder
+        self._reactor = forwarder._reactor
+        self._request = request
+        self._token_expires_in = token_expires_in
+        self._watch = watch_revocation
+        self._cancel_watch = None
+        self._timer = None
+        self._pending = None
+        self._relay: _BodyRelay | None = None
+        self._trailer = False
+        self.state = "waiting"
+        self.result: defer.Deferred[None] = defer.Deferred()
+
+    def start(self, agent, uri: bytes, headers: Headers, body) -> None:
+        self._started = self._reactor.seconds()
+        self._request.notifyFinish().addCallbacks(lambda _: None, self._client_gone)
+        self._timer = self._reactor.callLater(self._forwarder._timeout, self._timed_out)
+        if self._watch is not None:
+            self._cancel_watch = self._watch(self.cut)
+        if self.state != "waiting":
+            return
+        self._pending = agent.request(self._request.method, uri, headers, body)
+        self._pending.addCallbacks(self._got_response, self._request_failed)
+        self._pending.addErrback(self._unexpected)
+
+    # -- before the response headers ---------------------------------------
+
+    def _fail(self, denial: Denial) -> None:
+        self._close("done")
+        if self._pending is not None:
+            self._pending.cancel()
+        self.result.errback(denial)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self.state == "waiting":
+            self._fail(
+                Denial(
+                    504,
+                    "upstream_timeout",
+                    "the upstream did not answer in time",
+                    metric="upstream_errors",
+                )
+            )
+
+    def _request_failed(self, failure) -> None:
+        if self.state != "waiting":
+            return None  # we cancelled it: timed out, revoked or client gone
+        log.info(
+            "upstream request failed: {error}", error=failure.getErrorMessage() or failure.type
+        )
+        self._pending = None
+        self._fail(_upstream_denial(failure))
+        return None
+
+    def _unexpected(self, failure) -> None:
+        """A bug of ours while handling the response: never leave it hanging."""
+        log.failure("relaying the upstream response failed", failure)
+        if self.state == "waiting":
+            self._fail(_upstream_denial(failure))
+        elif self.state == "streaming":
+            self._close("done")
+            if self._relay is not None:
+                self._relay.stop_upstream()
+            if self._connected():
+                self._request.loseConnection()
+            self.result.callback(None)
+
+    def _got_response(self, response) -> None:
+        self._pending = None
+        if self.state != "waiting":
+            response.deliverBody(_Discard())
+            return
+        elapsed = self._reactor.seconds() - self._started
+        log_fields = getattr(self._request, "log_fields", None)
+        if log_fields is not None:
+            log_fields["upstream_ms"] = round(elapsed * 1000, 1)
+        metrics = self._forwarder._metrics
+        if metrics is not None:
+            metrics.observe("upstream_duration_seconds", elapsed)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.state = "streaming"
+        self._write_head(response, elapsed)
+        if self.state != "streaming":
+            return  # the client went away while the headers were written
+        relay = self._relay = _BodyRelay(self)
+        self._request.registerProducer(relay, True)
+        if getattr(self._request.channel, "_waitingForTransport", False):
+            # The client is already not reading: start paused.
+            relay.paused = True
+        response.deliverBody(relay)
+        # deliverBody resumes the upstream transport after handing over any
+        # buffered data; a pause asked for meanwhile must hold.
+        if relay.paused and self.state == "streaming":
+            relay.transport.pauseProducing()
+
+    def _write_head(self, response, elapsed: float) -> None:
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in response_headers(response.headers).getAllRawHeaders():
+            request.responseHeaders.setRawHeaders(name, values)
+        left = max(0, int(self._token_expires_in - elapsed))
+        request.responseHeaders.setRawHeaders(
+            b"X-Caracal-Token-Expires-In", [str(left).encode("ascii")]
+        )
+        will_chunk = (
+            request.clientproto == b"HTTP/1.1"
+            and not request.responseHeaders.hasHeader(b"content-length")
+            and request.method != b"HEAD"
+            and response.code not in NO_BODY_CODES
+        )
+        if self._watch is not None and will_chunk:
+            request.responseHeaders.setRawHeaders(b"Trailer", [REVOKED_TRAILER])
+            self._trailer = True
+        # Send the head now: an SSE client must see it before the first event.
+        request.write(b"")
+        self._trailer = self._trailer and bool(getattr(request, "chunked", False))
+
+    # -- while streaming ---------------------------------------------------
+
+    def _close(self, state: str) -> None:
+        self.state = state
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._cancel_watch is not None:
+            cancel, self._cancel_watch = self._cancel_watch, None
+            cancel()
+
+    def _connected(self) -> bool:
+        return not getattr(self._request, "_disconnected", False) and (
+            self._request.channel is not None
+        )
+
+    def _release_client(self) -> None:
+        if self._relay is not None and self._connected() and self._request.producer is not None:
+            self._request.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        if self.state == "streaming":
+            self._request.write(data)
+
+    def body_ended(self, reason) -> None:
+        """The upstream body is complete, or the upstream connection failed."""
+        if self.state != "streaming":
+            return
+        self._close("done")
+        self._release_client()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: an upstream without length or chunking ends
+            # its body by closing; that is how such a body ends.
+            if self._connected():
+                self._request.finish()
+        else:
+            log.info("upstream body interrupted: {error}", error=reason.getErrorMessage())
+            log_fields = getattr(self._request, "log_fields", None)
+            if log_fields is not None:
+                log_fields["upstream_cut"] = "upstream_error"
+            # The client must see a truncated message, not a complete one:
+            # close without the final chunk.
+            if self._connected():
+                self._request.loseConnection()
+        self.result.callback(None)
+
+    def cut(self) -> None:
+        """The caller's session was revoked: stop the upstream now."""
+        if self.state == "waiting":
+            self._fail(
+                Denial(401, "session_revoked", "the session was revoked", metric="denials_revoked")
+            )
+            return
+        if self.state != "streaming":
+            return
+        self._close("cut")
+        log_fields = getattr(self._request, "log_fields", None)
+        if log_fields is not None:
+            log_fields["upstream_cut"] = "session_revoked"
+        self._release_client()
+        if self._connected():
+            request = self._request
+            if self._trailer and request.chunked:
+                # twisted.web has no trailer support: end the chunked body
+                # ourselves, then stop finish() from writing a second
+                # terminator.
+                request.channel.write(b"0\r\n" + REVOKED_TRAILER + b": true\r\n\r\n")
+                request.chunked = 0
+                request.finish()
+            else:
+                # No way to mark the body as cut except closing.
+                request.loseConnection()
+        if self._relay is not None:
+            self._relay.stop_upstream()
+        self.result.callback(None)
+
+    def _client_gone(self, failure) -> None:
+        if self.state == "waiting":
+            self._close("gone")
+            if self._pending is not None:
+                self._pending.cancel()
+            self.result.callback(None)
+        elif self.state == "streaming":
+            self._close("gone")
+            if self._relay is not None:
+                self._relay.stop_upstream()
+            self.result.callback(None)
+
+
+@implementer(IPushProducer)
+class _BodyRelay(Protocol):
+    """
+    Receives the upstream body (as the Response's body protocol) and is the
+    producer registered on the client's request, so that the client's
+    transport pausing us pauses the upstream connection's reading.
+    """
+
+    def __init__(self, exchange: _Exchange) -> None:
+        self._exchange = exchange
+        self.paused = False
+
+    # self.transport is the client protocol's TransportProxyProducer: it
+    # stops forwarding to the real connection once this response is done, so
+    # a pooled connection is never left paused (or closed) by us.
+
+    def dataReceived(self, data: bytes) -> None:
+        self._exchange.write(data)
+
+    def connectionLost(self, reason) -> None:
+        self._exchange.body_ended(reason)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.stop_upstream()
+
+    def stop_upstream(self) -> None:
+        """Drop the upstream connection (its body is not wanted any more)."""
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+class _Discard(Protocol):
+    """Body protocol for a response nobody wants: close its connection."""
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
