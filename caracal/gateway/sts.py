@@ -1,0 +1,499 @@
+# -*- test-case-name: tests.test_sts -*-
+"""
+The gateway's client of the STS (SPEC section 5 and step 11 of section 6):
+the RFC 8693 token exchange that turns a caller's bearer into a per-call
+L{Mandate}, the per-zone JWKS fetch, and the STS health probe.
+
+Every call goes over one treq L{HTTPClient} on an L{Agent} with a persistent
+L{HTTPConnectionPool}, so connections to the STS are kept alive and reused.
+Every call is bounded in time (C{timeout}, on the reactor) and in the size of
+the body read; past either bound the connection is dropped, not drained.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from http.cookiejar import DefaultCookiePolicy
+from urllib.parse import urlencode
+
+from treq.client import HTTPClient
+from treq.cookies import IndexableCookieJar
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    HTTPConnectionPool,
+    RequestNotSent,
+    ResponseDone,
+    ResponseNeverReceived,
+)
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from caracal.gateway.denials import Denial
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 (a URN)
+
+#: Most bytes of a token-exchange answer the gateway reads (SPEC section 5).
+MAX_EXCHANGE_BYTES = 16 * 1024
+#: Most bytes of a JWKS document the gateway reads.
+MAX_JWKS_BYTES = 64 * 1024
+#: Most bytes of a health answer the gateway reads (it only wants the status).
+MAX_HEALTH_BYTES = 4 * 1024
+
+METRIC = "sts_exchange_errors"
+
+# An STS error code is passed through to the caller only when it looks like
+# an OAuth error code; anything else is replaced so the STS cannot inject text.
+_ERROR_CODE = re.compile(r"[a-z0-9_]{1,64}\Z")
+# Descriptions are passed through only as short printable ASCII.
+_DESCRIPTION = re.compile(r"[\x20-\x7e]{1,200}\Z")
+# Something shaped like a JWT (or its first two parts) is never echoed.
+_JWT_LIKE = re.compile(r"eyJ[A-Za-z0-9_-]{4,}")
+# Tokens are sent on as header values: visible ASCII only, no CR/LF.
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]{1,8192}\Z")
+_PROVIDER_TOKEN = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,8190}[\x21-\x7e])?\Z")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
+
+# When the STS answers 4xx with an error code that is not a plain OAuth code,
+# the status is kept and the code replaced by the SPEC's code for that status.
+_GENERIC_CODES = {400: "invalid_request", 401: "invalid_token"}
+
+
+class STSUnavailable(Exception):
+    """The STS could not be asked (JWKS fetch or health): unreachable, slow or malformed."""
+
+
+class _BodyTooLarge(Exception):
+    """The STS sent more bytes than the call allows; the connection was dropped."""
+
+
+class _MalformedAnswer(Exception):
+    """The STS's answer was not what SPEC section 5 describes."""
+
+
+@dataclass(frozen=True)
+class Mandate:
+    """
+    The STS's answer to a token exchange: the per-call mandate forwarded to
+    the upstream, and for provider auth modes the provider's credential.
+    The tokens never appear in the repr.
+    """
+
+    access_token: str = field(repr=False)
+    token_type: str = "Bearer"  # noqa: S105 (a scheme name)
+    expires_in: int | None = None
+    issued_token_type: str | None = None
+    provider_token: str | None = field(default=None, repr=False)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body written in one go. The form is a few hundred bytes, so the
+    default producer's cooperator (extra reactor turns) buys nothing.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self.body)
+        return succeed(None)
+
+    def stopProducing(self):
+        pass
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+
+class _BoundedBody(Protocol):
+    """
+    Collect a response body up to C{limit} bytes. Past the limit (announced by
+    Content-Length or actually received) the connection is dropped and
+    C{finished} errbacks with L{_BodyTooLarge}; nothing more is kept.
+    """
+
+    def __init__(self, limit: int, declared: int, finished: Deferred) -> None:
+        self._limit = limit
+        self._declared = declared
+        self._finished: Deferred | None = finished
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def connectionMade(self) -> None:
+        if self._declared != UNKNOWN_LENGTH and self._declared > self._limit:
+            self._fail(_BodyTooLarge(self._declared))
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished is None:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._fail(_BodyTooLarge(self._size))
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason=connectionDone) -> None:
+        if self._finished is None:
+            return
+        finished, self._finished = self._finished, None
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(b"".join(self._chunks))
+        else:
+            finished.errback(reason)
+        self._chunks = []
+
+    def abort(self) -> None:
+        """Stop reading: drop the connection (it cannot go back to the pool)."""
+        self._finished = None
+        self._chunks = []
+        transport = self.transport
+        if transport is None:
+            return
+        abort = getattr(transport, "abortConnection", None) or transport.loseConnection
+        abort()
+
+    def _fail(self, exception: Exception) -> None:
+        finished = self._finished
+        self.abort()
+        if finished is not None:
+            finished.errback(exception)
+
+
+def read_bounded(response, limit: int) -> Deferred:
+    """
+    Read C{response}'s body, at most C{limit} bytes. Cancelling the returned
+    L{Deferred} drops the connection.
+    """
+    protocol: _BoundedBody
+
+    def cancel(_deferred: Deferred) -> None:
+        protocol.abort()
+
+    finished: Deferred = Deferred(cancel)
+    protocol = _BoundedBody(limit, response.length, finished)
+    response.deliverBody(protocol)
+    return finished
+
+
+def _text(value: object, pattern: re.Pattern) -> str | None:
+    if isinstance(value, str) and pattern.match(value):
+        return value
+    return None
+
+
+def parse_mandate(body: bytes) -> Mandate:
+    """
+    Parse a 200 token-exchange answer. Raises L{_MalformedAnswer} unless it is
+    a JSON object with a usable C{access_token} and well-typed optional fields.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _MalformedAnswer("token exchange answer is not JSON") from e
+    if not isinstance(document, dict):
+        raise _MalformedAnswer("token exchange answer is not a JSON object")
+    access_token = _text(document.get("access_token"), _HEADER_TOKEN)
+    if access_token is None:
+        raise _MalformedAnswer("token exchange answer has no usable access_token")
+    token_type = document.get("token_type", "Bearer")
+    if not isinstance(token_type, str) or not _DESCRIPTION.match(token_type):
+        raise _MalformedAnswer("token exchange answer has a malformed token_type")
+    expires_in = document.get("expires_in")
+    if expires_in is not None and (
+        isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in < 0
+    ):
+        raise _MalformedAnswer("token exchange answer has a malformed expires_in")
+    issued_token_type = document.get("issued_token_type")
+    if issued_token_type is not None and _text(issued_token_type, _DESCRIPTION) is None:
+        raise _MalformedAnswer("token exchange answer has a malformed issued_token_type")
+    provider_token = document.get("provider_token")
+    if provider_token is not None and _text(provider_token, _PROVIDER_TOKEN) is None:
+        raise _MalformedAnswer("token exchange answer has a malformed provider_token")
+    return Mandate(
+        access_token=access_token,
+        token_type=token_type,
+        expires_in=expires_in,
+        issued_token_type=issued_token_type,
+        provider_token=provider_token,
+    )
+
+
+def refusal(status: int, body: bytes, subject_token: str) -> Denial | None:
+    """
+    The L{Denial} for an STS 4xx answer carrying a JSON C{error}, or C{None}
+    when the answer carries none (the caller then answers 502). The STS's
+    description is passed on only when it is short printable text that holds
+    nothing token-like.
+    """
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("error"), str):
+        return None
+    code = document["error"]
+    if not _ERROR_CODE.match(code):
+        code = _GENERIC_CODES.get(status, "access_denied")
+    description = _text(document.get("error_description"), _DESCRIPTION)
+    if (
+        description is None
+        or _JWT_LIKE.search(description)
+        or (subject_token and subject_token in description)
+    ):
+        description = "the STS refused the token exchange"
+    return Denial(status, code, description, metric=METRIC)
+
+
+class STSClient:
+    """
+    Client of one STS.
+
+    @param base_url: the STS's base URL (C{STS_URL}); a trailing slash is ignored.
+    @param reactor: the reactor, also the clock of the timeouts.
+    @param tls_policy: an L{IPolicyForHTTPS} for an https STS (the Agent's
+        default, the system roots, when C{None}).
+    @param timeout: seconds a whole call (connect, request, answer) may take.
+    @param pool: the L{HTTPConnectionPool} to use; a persistent one by default.
+    @param agent: an L{IAgent} to use instead of building one (tests).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        base_url: str,
+        reactor,
+        tls_policy=None,
+        timeout: float = 5.0,
+        pool: HTTPConnectionPool | None = None,
+        agent=None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self._reactor = reactor
+        if agent is None:
+            if pool is None:
+                pool = HTTPConnectionPool(reactor, persistent=True)
+                # Many concurrent exchanges share one STS; keep enough idle
+                # connections that a burst does not reconnect every time, and
+                # drop idle ones before a typical 60 s server idle timeout so a
+                # POST is not sent on a connection the STS is closing.
+                pool.maxPersistentPerHost = 16
+                pool.cachedConnectionTimeout = 50
+            kwargs = {"pool": pool}
+            if tls_policy is not None:
+                kwargs["contextFactory"] = tls_policy
+            agent = Agent(reactor, **kwargs)
+        self.pool = pool
+        # The STS has no business setting cookies that every caller would share.
+        cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        self._http = HTTPClient(agent, cookiejar=cookies, data_to_body_producer=_BytesProducer)
+
+    def close(self) -> Deferred:
+        """Close the pooled idle connections (fires when they are closed)."""
+        if self.pool is None:
+            return succeed(None)
+        return self.pool.closeCachedConnections()
+
+    def _bounded(self, d: Deferred) -> Deferred:
+        # Whatever failure the cancellation surfaces as (the Agent may wrap it
+        # in ResponseNeverReceived), a timed-out call is a TimeoutError.
+        return d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_timed_out)
+
+    def _request(self, method: str, path: str, headers: dict, body: bytes | None = None):
+        kwargs = {
+            "headers": headers,
+            # Never buffer: the body is read by read_bounded, under a limit.
+            "unbuffered": True,
+            # The STS answers directly; a redirect is a misconfiguration.
+            "allow_redirects": False,
+        }
+        if body is not None:
+            kwargs["data"] = body
+        return self._http.request(method, self.base_url + path, **kwargs)
+
+    def exchange(
+        self,
+        subject_token: str,
+        zone_id: str,
+        application_id: str,
+        resource: str,
+        request_id: str,
+    ) -> Deferred:
+        """
+        Exchange the caller's bearer for a per-call mandate (SPEC step 11).
+
+        @return: a L{Deferred} firing with a L{Mandate}, or failing with a
+            L{Denial}: the STS's own 4xx status and code when it answers with
+            a JSON error, 504 C{sts_unavailable} on timeout, 502
+            C{sts_unavailable} on any other failure.
+        """
+        form = urlencode(
+            [
+                ("grant_type", GRANT_TYPE),
+                ("subject_token", subject_token),
+                ("subject_token_type", ACCESS_TOKEN_TYPE),
+                ("zone_id", zone_id),
+                ("application_id", application_id),
+                ("resource", resource),
+            ]
+        ).encode("ascii")
+        headers = {
+            b"Accept": [b"application/json"],
+            b"Content-Type": [b"application/x-www-form-urlencoded"],
+        }
+        if _REQUEST_ID.match(request_id or ""):
+            headers[b"X-Request-Id"] = [request_id.encode("ascii")]
+
+        def attempt() -> Deferred:
+            return self._request("POST", "/oauth/2/token", headers, form)
+
+        def retry_stale(failure):
+            # A pooled connection the STS closed while idle fails before any
+            # answer; the exchange has no side effect, so try once more on a
+            # fresh connection (still inside the same time bound).
+            failure.trap(RequestNotSent, ResponseNeverReceived)
+            if _cancelled(failure):
+                # Cancelled (timeout or caller), not a stale connection.
+                return failure
+            return attempt()
+
+        def answered(response):
+            return read_bounded(response, MAX_EXCHANGE_BYTES).addCallback(
+                lambda body: (response.code, body)
+            )
+
+        def judged(result):
+            status, body = result
+            if status == 200:
+                try:
+                    return parse_mandate(body)
+                except _MalformedAnswer as e:
+                    self.log.warn("STS token exchange answer malformed: {why}", why=str(e))
+                    raise _unavailable(502, "the STS answered with a malformed mandate") from e
+            if 400 <= status < 500:
+                denial = refusal(status, body, subject_token)
+                if denial is not None:
+                    raise denial
+            self.log.warn("STS token exchange answered HTTP {status}", status=status)
+            raise _unavailable(502, "the STS could not exchange the token")
+
+        def failed(failure):
+            if failure.check(Denial):
+                return failure
+            if _cancelled(failure):
+                # The caller cancelled (its client went away): not an STS failure.
+                raise CancelledError()
+            if failure.check(TimeoutError):
+                self.log.warn("STS token exchange timed out after {timeout}s", timeout=self.timeout)
+                raise _unavailable(504, "the STS did not answer in time")
+            self.log.warn("STS token exchange failed: {error}", error=_describe_failure(failure))
+            raise _unavailable(502, "the STS could not be reached")
+
+        d = attempt()
+        d.addErrback(retry_stale)
+        d.addCallback(answered)
+        self._bounded(d)
+        d.addCallback(judged)
+        d.addErrback(failed)
+        return d
+
+    def _get(self, path: str, limit: int) -> Deferred:
+        """GET C{path} under the time bound; fire with (status, body) or fail STSUnavailable."""
+        d = self._request("GET", path, {b"Accept": [b"application/json"]})
+        d.addCallback(
+            lambda response: read_bounded(response, limit).addCallback(
+                lambda body: (response.code, body)
+            )
+        )
+        self._bounded(d)
+
+        def failed(failure):
+            if failure.check(STSUnavailable):
+                return failure
+            if _cancelled(failure):
+                raise CancelledError()
+            raise STSUnavailable(f"STS {path.split('?')[0]}: {_describe_failure(failure)}")
+
+        return d.addErrback(failed)
+
+    def fetch_jwks(self, zone_id: str) -> Deferred:
+        """
+        Fetch zone C{zone_id}'s JWKS document.
+
+        @return: a L{Deferred} firing with the JWKS dict (it has a C{keys}
+            list), or failing with L{STSUnavailable}.
+        """
+        path = "/.well-known/jwks.json?" + urlencode([("zone_id", zone_id)])
+
+        def judged(result):
+            status, body = result
+            if status != 200:
+                raise STSUnavailable(f"STS JWKS answered HTTP {status}")
+            try:
+                document = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise STSUnavailable("STS JWKS is not JSON") from e
+            if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+                raise STSUnavailable("STS JWKS has no keys list")
+            return document
+
+        return self._get(path, MAX_JWKS_BYTES).addCallback(judged)
+
+    def health(self) -> Deferred:
+        """
+        Probe C{GET /health}: fire with C{None} on 200, else fail with
+        L{STSUnavailable}.
+        """
+
+        def judged(result):
+            status, _body = result
+            if status != 200:
+                raise STSUnavailable(f"STS health answered HTTP {status}")
+
+        return self._get("/health", MAX_HEALTH_BYTES).addCallback(judged)
+
+
+def _cancelled(failure) -> bool:
+    """Whether C{failure} is a cancellation, bare or wrapped by the Agent."""
+    if failure.check(CancelledError):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
+
+
+def _timed_out(result, timeout: float):
+    if isinstance(result, Failure):
+        raise TimeoutError(timeout, "STS call")
+    return result
+
+
+def _unavailable(status: int, description: str) -> Denial:
+    return Denial(status, "sts_unavailable", description, metric=METRIC)
+
+
+def _describe_failure(failure) -> str:
+    """A one-line reason for a log line: the exception type, and the body-size case."""
+    if failure.check(TimeoutError):
+        return "timed out"
+    if failure.check(_BodyTooLarge):
+        return "answer too large"
+    error = failure.value
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        # ResponseFailed & co. wrap the real reasons.
+        return ", ".join(type(r.value).__name__ for r in reasons)
+    return type(error).__name__

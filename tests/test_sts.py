@@ -1,0 +1,405 @@
+# -*- test-case-name: tests.test_sts -*-
+"""
+Unit tests of L{caracal.gateway.sts}: the STS client over an in-memory HTTP
+connection (treq's L{RequestTraversalAgent}), time driven by a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qs
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import CancelledError, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
+from twisted.web.iweb import IAgent
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
+
+from caracal.gateway.denials import Denial
+from caracal.gateway.sts import (
+    MAX_EXCHANGE_BYTES,
+    MAX_JWKS_BYTES,
+    Mandate,
+    STSClient,
+    STSUnavailable,
+)
+
+BASE = "http://sts.test:8080"
+SUBJECT = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLXN1YmplY3Q"
+MANDATE = {
+    "access_token": "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJtYW5kYXRlIn0.bWFuZGF0ZS1zaWc",
+    "token_type": "Bearer",
+    "expires_in": 120,
+    "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+    "provider_token": "devprov-0123456789abcdef",
+}
+
+
+class STSDouble(Resource):
+    """
+    Answers every request with C{status} and C{body}; records requests.
+    With C{hang}, answers nothing (the test writes with C{request.write}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, status=200, body=b"", hang=False, content_type=b"application/json"):
+        super().__init__()
+        self.status = status
+        self.body = json.dumps(body).encode() if isinstance(body, dict) else body
+        self.hang = hang
+        self.content_type = content_type
+        self.requests = []
+        self.bodies = []
+        self.lost = []
+
+    def render(self, request):
+        self.requests.append(request)
+        self.bodies.append(request.content.read())
+        request.notifyFinish().addErrback(self.lost.append)
+        request.setResponseCode(self.status)
+        request.setHeader(b"content-type", self.content_type)
+        if self.hang:
+            return NOT_DONE_YET
+        return self.body
+
+
+def client_for(resource, timeout=5.0):
+    clock = Clock()
+    agent = RequestTraversalAgent(resource)
+    return STSClient(BASE, clock, timeout=timeout, agent=agent), clock, agent
+
+
+def exchange(client, subject=SUBJECT, request_id="req-1"):
+    return client.exchange(subject, "zone-a", "app-1", "res://tools/search", request_id)
+
+
+@implementer(IAgent)
+class ScriptedAgent:
+    """An IAgent whose request() answers from a list of callables (one per call)."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.calls = 0
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        self.calls += 1
+        return self.answers.pop(0)(method, uri, headers, bodyProducer)
+
+
+class ExchangeRequestTests(SynchronousTestCase):
+    """What the client sends."""
+
+    def test_form_fields_and_headers(self):
+        """The exchange is a form POST to /oauth/2/token with exactly SPEC's fields."""
+        sts = STSDouble(body=MANDATE)
+        client, _, _ = client_for(sts)
+        self.successResultOf(exchange(client, request_id="req-42"))
+        [request] = sts.requests
+        self.assertEqual(request.method, b"POST")
+        self.assertEqual(request.path, b"/oauth/2/token")
+        self.assertEqual(
+            parse_qs(sts.bodies[0].decode(), strict_parsing=True),
+            {
+                "grant_type": ["urn:ietf:params:oauth:grant-type:token-exchange"],
+                "subject_token": [SUBJECT],
+                "subject_token_type": ["urn:ietf:params:oauth:token-type:access_token"],
+                "zone_id": ["zone-a"],
+                "application_id": ["app-1"],
+                "resource": ["res://tools/search"],
+            },
+        )
+        headers = request.requestHeaders
+        self.assertEqual(headers.getRawHeaders(b"accept"), [b"application/json"])
+        self.assertEqual(
+            headers.getRawHeaders(b"content-type"), [b"application/x-www-form-urlencoded"]
+        )
+        self.assertEqual(headers.getRawHeaders(b"x-request-id"), [b"req-42"])
+
+    def test_form_values_are_encoded(self):
+        """Values with form metacharacters arrive intact (no field injection)."""
+        sts = STSDouble(body=MANDATE)
+        client, _, _ = client_for(sts)
+        self.successResultOf(client.exchange(SUBJECT, "z&zone_id=evil", "a b", "r=1", "req"))
+        fields = parse_qs(sts.bodies[0].decode())
+        self.assertEqual(fields["zone_id"], ["z&zone_id=evil"])
+        self.assertEqual(fields["application_id"], ["a b"])
+        self.assertEqual(fields["resource"], ["r=1"])
+
+    def test_trailing_slash_in_base_url(self):
+        """A trailing slash on STS_URL does not double the path's slash."""
+        sts = STSDouble(body=MANDATE)
+        client = STSClient(BASE + "/", Clock(), agent=RequestTraversalAgent(sts))
+        self.successResultOf(exchange(client))
+        self.assertEqual(sts.requests[0].uri, b"/oauth/2/token")
+
+    def test_unprintable_request_id_not_sent(self):
+        """A request id that could not be a header value is left out."""
+        sts = STSDouble(body=MANDATE)
+        client, _, _ = client_for(sts)
+        self.successResultOf(exchange(client, request_id="bad\nid"))
+        self.assertIsNone(sts.requests[0].requestHeaders.getRawHeaders(b"x-request-id"))
+
+
+class MandateTests(SynchronousTestCase):
+    """Parsing a 200 answer."""
+
+    def test_full_mandate(self):
+        client, _, _ = client_for(STSDouble(body=MANDATE))
+        mandate = self.successResultOf(exchange(client))
+        self.assertEqual(mandate, Mandate(**MANDATE))
+
+    def test_minimal_mandate(self):
+        """Only access_token is required; provider_token is absent outside provider modes."""
+        client, _, _ = client_for(STSDouble(body={"access_token": "abc.def.ghi"}))
+        mandate = self.successResultOf(exchange(client))
+        self.assertEqual(mandate.access_token, "abc.def.ghi")
+        self.assertEqual(mandate.token_type, "Bearer")
+        self.assertIsNone(mandate.expires_in)
+        self.assertIsNone(mandate.provider_token)
+
+    def test_repr_hides_tokens(self):
+        mandate = Mandate(**MANDATE)
+        text = repr(mandate) + str(mandate)
+        self.assertNotIn(MANDATE["access_token"], text)
+        self.assertNotIn(MANDATE["provider_token"], text)
+        self.assertIn("Bearer", text)
+
+    def test_mandate_is_frozen(self):
+        mandate = Mandate(**MANDATE)
+        with self.assertRaises(AttributeError):
+            mandate.access_token = "other"
+
+
+class ExchangeErrorTests(SynchronousTestCase):
+    """Every STS failure becomes the Denial of SPEC step 11."""
+
+    def denial(self, status, body, content_type=b"application/json"):
+        client, _, _ = client_for(STSDouble(status=status, body=body, content_type=content_type))
+        denial = self.failureResultOf(exchange(client), Denial).value
+        self.assertEqual(denial.metric, "sts_exchange_errors")
+        self.assertNotIn(SUBJECT, denial.description)
+        return denial
+
+    def assertUnavailable(self, denial, status=502):
+        self.assertEqual((denial.status, denial.code), (status, "sts_unavailable"))
+
+    def test_4xx_json_error_passed_through(self):
+        """An STS 4xx with a JSON error answers with that status, code and description."""
+        denial = self.denial(403, {"error": "access_denied", "error_description": "not granted"})
+        self.assertEqual(
+            (denial.status, denial.code, denial.description), (403, "access_denied", "not granted")
+        )
+
+    def test_4xx_json_error_without_description(self):
+        denial = self.denial(401, {"error": "invalid_token"})
+        self.assertEqual((denial.status, denial.code), (401, "invalid_token"))
+        self.assertEqual(denial.description, "the STS refused the token exchange")
+
+    def test_description_echoing_the_token_is_replaced(self):
+        """An STS that quotes the subject token does not get it into the error body."""
+        for description in (f"bad token {SUBJECT}", "bad eyJhbGciOiJIUzI1NiJ9 header"):
+            denial = self.denial(401, {"error": "invalid_token", "error_description": description})
+            self.assertEqual(denial.description, "the STS refused the token exchange")
+
+    def test_description_with_control_characters_is_replaced(self):
+        denial = self.denial(400, {"error": "invalid_request", "error_description": "a\r\nb"})
+        self.assertEqual(denial.description, "the STS refused the token exchange")
+
+    def test_odd_error_code_is_replaced(self):
+        """A code that is not [a-z0-9_] keeps the status, with the SPEC code for it."""
+        self.assertEqual(self.denial(401, {"error": "Bad Code <b>"}).code, "invalid_token")
+        self.assertEqual(self.denial(400, {"error": "x" * 65}).code, "invalid_request")
+        self.assertEqual(self.denial(403, {"error": "nope!"}).code, "access_denied")
+
+    def test_4xx_without_json_error(self):
+        self.assertUnavailable(self.denial(400, b"<html>bad</html>", b"text/html"))
+        self.assertUnavailable(self.denial(404, {"message": "no error field"}))
+        self.assertUnavailable(self.denial(400, {"error": 17}))
+
+    def test_5xx(self):
+        """A 5xx is a 502 even when it carries a JSON error."""
+        self.assertUnavailable(self.denial(500, {"error": "server_error"}))
+        self.assertUnavailable(self.denial(503, b""))
+
+    def test_redirect_not_followed(self):
+        sts = STSDouble(status=302, body=b"")
+        sts.hang = False
+        client, _, _ = client_for(sts)
+        self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
+        self.assertEqual(len(sts.requests), 1)
+
+    def test_bad_json(self):
+        self.assertUnavailable(self.denial(200, b"{not json"))
+        self.assertUnavailable(self.denial(200, b"\xff\xfe"))
+        self.assertUnavailable(self.denial(200, b'["access_token"]'))
+
+    def test_missing_or_malformed_access_token(self):
+        self.assertUnavailable(self.denial(200, {"token_type": "Bearer"}))
+        self.assertUnavailable(self.denial(200, {"access_token": ""}))
+        self.assertUnavailable(self.denial(200, {"access_token": 12}))
+        self.assertUnavailable(self.denial(200, {"access_token": "a\r\nX-Evil: 1"}))
+
+    def test_malformed_optional_fields(self):
+        for extra in (
+            {"expires_in": "120"},
+            {"expires_in": -1},
+            {"expires_in": True},
+            {"provider_token": 5},
+            {"provider_token": "k\nX: y"},
+            {"token_type": None},
+        ):
+            self.assertUnavailable(self.denial(200, {"access_token": "a.b.c", **extra}))
+
+    def test_declared_oversized_body(self):
+        """A Content-Length over 16 KiB is refused without reading it."""
+        self.assertUnavailable(
+            self.denial(200, json.dumps({"access_token": "a" * MAX_EXCHANGE_BYTES}).encode())
+        )
+
+    def test_streamed_oversized_body_stops_reading(self):
+        """Past 16 KiB of a chunked body the client drops the connection."""
+        sts = STSDouble(hang=True)
+        client, _, agent = client_for(sts)
+        d = exchange(client)
+        [request] = sts.requests
+        request.write(b" " * (MAX_EXCHANGE_BYTES - 100))
+        agent.flush()
+        self.assertNoResult(d)
+        request.write(b" " * 200)
+        agent.flush()
+        self.assertUnavailable(self.failureResultOf(d, Denial).value)
+        self.assertEqual(len(sts.lost), 1, "the server saw the connection dropped")
+
+    def test_body_exactly_at_limit_is_read(self):
+        body = json.dumps({"access_token": "a.b.c"}).encode()
+        body += b" " * (MAX_EXCHANGE_BYTES - len(body))
+        client, _, _ = client_for(STSDouble(body=body))
+        self.assertEqual(self.successResultOf(exchange(client)).access_token, "a.b.c")
+
+    def test_timeout_waiting_for_headers(self):
+        """No answer within the timeout: 504, and the connection is aborted."""
+        sts = STSDouble(hang=True)
+        client, clock, agent = client_for(sts, timeout=2.0)
+        d = exchange(client)
+        clock.advance(1.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        self.assertUnavailable(self.failureResultOf(d, Denial).value, 504)
+        agent.flush()
+        self.assertEqual(len(sts.lost), 1, "the server saw the connection dropped")
+
+    def test_timeout_reading_body(self):
+        """The bound covers the whole exchange, body included."""
+        sts = STSDouble(hang=True)
+        client, clock, agent = client_for(sts, timeout=2.0)
+        d = exchange(client)
+        sts.requests[0].write(b'{"access_token": ')
+        agent.flush()
+        clock.advance(2.0)
+        self.assertUnavailable(self.failureResultOf(d, Denial).value, 504)
+        agent.flush()
+        self.assertEqual(len(sts.lost), 1)
+
+    def test_connection_refused(self):
+        agent = ScriptedAgent(lambda *a: fail(ConnectionRefusedError()))
+        client = STSClient(BASE, Clock(), agent=agent)
+        self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
+        self.assertEqual(agent.calls, 1)
+
+    def test_stale_pooled_connection_retried_once(self):
+        """A connection dropped before any answer is retried once, then it is a 502."""
+        lost = lambda *a: fail(ResponseNeverReceived([Failure(ConnectionRefusedError())]))  # noqa: E731
+        agent = ScriptedAgent(lost, lost, lost)
+        client = STSClient(BASE, Clock(), agent=agent)
+        self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
+        self.assertEqual(agent.calls, 2)
+
+    def test_stale_pooled_connection_retry_succeeds(self):
+        sts = STSDouble(body=MANDATE)
+        real = RequestTraversalAgent(sts)
+        agent = ScriptedAgent(
+            lambda *a: fail(ResponseNeverReceived([Failure(ConnectionRefusedError())])),
+            real.request,
+        )
+        client = STSClient(BASE, Clock(), agent=agent)
+        self.assertEqual(self.successResultOf(exchange(client)), Mandate(**MANDATE))
+        self.assertEqual(len(sts.requests), 1)
+
+    def test_caller_cancellation_is_not_a_denial(self):
+        """A cancelled exchange (the caller went away) stays a cancellation."""
+        sts = STSDouble(hang=True)
+        client, _, agent = client_for(sts)
+        d = exchange(client)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        agent.flush()
+        self.assertEqual(len(sts.lost), 1)
+
+
+class JWKSTests(SynchronousTestCase):
+    """fetch_jwks."""
+
+    jwks = {"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": "AA", "y": "BB"}]}
+
+    def test_fetch(self):
+        sts = STSDouble(body=self.jwks)
+        client, _, _ = client_for(sts)
+        self.assertEqual(self.successResultOf(client.fetch_jwks("zone a&b")), self.jwks)
+        [request] = sts.requests
+        self.assertEqual(request.method, b"GET")
+        self.assertEqual(request.path, b"/.well-known/jwks.json")
+        self.assertEqual(request.args, {b"zone_id": [b"zone a&b"]})
+
+    def test_failures(self):
+        for status, body in (
+            (500, self.jwks),
+            (404, {"error": "unknown_zone"}),
+            (200, b"not json"),
+            (200, {"no": "keys"}),
+            (200, {"keys": "nope"}),
+            (200, json.dumps({"keys": [], "pad": "x" * MAX_JWKS_BYTES}).encode()),
+        ):
+            client, _, _ = client_for(STSDouble(status=status, body=body))
+            self.failureResultOf(client.fetch_jwks("z"), STSUnavailable)
+
+    def test_timeout(self):
+        sts = STSDouble(hang=True)
+        client, clock, agent = client_for(sts, timeout=1.0)
+        d = client.fetch_jwks("z")
+        clock.advance(1.0)
+        self.failureResultOf(d, STSUnavailable)
+        agent.flush()
+        self.assertEqual(len(sts.lost), 1)
+
+    def test_unreachable(self):
+        client = STSClient(
+            BASE, Clock(), agent=ScriptedAgent(lambda *a: fail(ConnectionRefusedError()))
+        )
+        self.failureResultOf(client.fetch_jwks("z"), STSUnavailable)
+
+
+class HealthTests(SynchronousTestCase):
+    """health."""
+
+    def test_up(self):
+        sts = STSDouble(body={"status": "ok"})
+        client, _, _ = client_for(sts)
+        self.assertIsNone(self.successResultOf(client.health()))
+        self.assertEqual(sts.requests[0].path, b"/health")
+
+    def test_down(self):
+        client, _, _ = client_for(STSDouble(status=503, body=b"down"))
+        self.failureResultOf(client.health(), STSUnavailable)
+
+    def test_timeout(self):
+        client, clock, _ = client_for(STSDouble(hang=True), timeout=1.0)
+        d = client.health()
+        clock.advance(1.0)
+        self.failureResultOf(d, STSUnavailable)
