@@ -1,0 +1,487 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+Tests for L{caracal.gateway.tap}: the command line, the refused start, and
+the lifetime of L{GatewayService} (start order, TLS, certificate reload,
+SIGTERM drain and exit status), all in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.test.iosim import FakeTransport, connect
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from caracal.gateway import tap
+from caracal.gateway.app import Gateway
+from caracal.gateway.config import GatewayConfig
+from caracal.gateway.metrics import Metrics
+from caracal.gateway.tls import ServerTLS
+from tests.support.certs import make_chain, make_leaf
+
+DEV_PLAINTEXT = {
+    "CARACAL_ENV": "dev",
+    "INSECURE_HTTP": "true",
+    "STS_URL": "https://127.0.0.1:8443",
+    "DATABASE_URL": "postgresql://root@127.0.0.1/test",
+    "REDIS_URL": "redis://127.0.0.1:6379",
+    "PORT": "18081",
+    "BIND_ADDRESS": "127.0.0.1",
+}
+
+
+class OptionsTests(SynchronousTestCase):
+    """C{twistd caracal-gateway} takes only C{--workers} on its command line."""
+
+    def parse(self, *argv: str) -> tap.Options:
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_default_one_worker(self) -> None:
+        self.assertEqual(self.parse()["workers"], 1)
+
+    def test_one_worker(self) -> None:
+        self.assertEqual(self.parse("--workers", "1")["workers"], 1)
+        self.assertEqual(self.parse("--workers=1")["workers"], 1)
+
+    def test_workers_must_be_a_number(self) -> None:
+        self.assertRaises(usage.UsageError, self.parse, "--workers", "many")
+
+    def test_workers_at_least_one(self) -> None:
+        error = self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
+        self.assertEqual(str(error), "--workers must be at least 1")
+
+    def test_several_workers_refused(self) -> None:
+        """Not silently ignored: the operator would believe several serve."""
+        error = self.assertRaises(usage.UsageError, self.parse, "--workers", "4")
+        self.assertEqual(str(error), "--workers greater than 1 is not supported by this version")
+
+    def test_no_positional_arguments(self) -> None:
+        self.assertRaises(usage.UsageError, self.parse, "extra")
+
+
+class RefusedStartTests(SynchronousTestCase):
+    """
+    A refused configuration ends L{tap.makeService} with one line on stderr
+    and C{SystemExit(1)}, before anything listens.
+    """
+
+    def refused(self, environ: dict[str, str]) -> str:
+        stderr = io.StringIO()
+        self.patch(tap.os, "environ", environ)
+        self.patch(tap.sys, "stderr", stderr)
+        bound = []
+        self.patch(tap, "bind_listener", lambda *args: bound.append(args))
+        error = self.assertRaises(SystemExit, tap.makeService, tap.Options())
+        self.assertEqual(error.code, 1)
+        self.assertEqual(bound, [], "nothing may listen after a refusal")
+        output = stderr.getvalue()
+        self.assertTrue(output.endswith("\n"))
+        self.assertEqual(output.count("\n"), 1, output)
+        self.assertNotIn("Traceback", output)
+        return output
+
+    def test_nothing_configured(self) -> None:
+        self.assertEqual(
+            self.refused({}),
+            "caracal-gateway: TLS_CERT_FILE/TLS_KEY_FILE required;"
+            " set INSECURE_HTTP=true to run plaintext\n",
+        )
+
+    def test_unknown_environment(self) -> None:
+        self.assertEqual(
+            self.refused(dict(DEV_PLAINTEXT, CARACAL_ENV="staging")),
+            "caracal-gateway: CARACAL_ENV must be production or dev\n",
+        )
+
+    def test_escape_hatch_in_production(self) -> None:
+        self.assertEqual(
+            self.refused(dict(DEV_PLAINTEXT, CARACAL_ENV="production")),
+            "caracal-gateway: INSECURE_HTTP and INSECURE_STS are forbidden"
+            " when CARACAL_ENV=production\n",
+        )
+
+    def test_malformed_duration(self) -> None:
+        self.assertEqual(
+            self.refused(dict(DEV_PLAINTEXT, READ_TIMEOUT="30")),
+            "caracal-gateway: READ_TIMEOUT must be a duration such as 250ms, 5s or 1m30s\n",
+        )
+
+    def test_missing_certificate_file(self) -> None:
+        """The TLS files are loaded in makeService: a bad file is a refused start."""
+        missing = os.path.join(self.mktemp(), "server.crt")
+        environ = dict(DEV_PLAINTEXT, TLS_CERT_FILE=missing, TLS_KEY_FILE=missing)
+        del environ["INSECURE_HTTP"]
+        output = self.refused(environ)
+        self.assertTrue(output.startswith("caracal-gateway: TLS_CERT_FILE "), output)
+        self.assertIn(missing, output)
+
+    def test_certificate_and_key_mismatch(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        _root, leaf = make_chain(directory)
+        other = make_leaf(make_chain(directory, stem="other")[0])
+        cert_path, _ = leaf.write(directory, "server")
+        _, other_key_path = other.write(directory, "other-leaf")
+        environ = dict(DEV_PLAINTEXT, TLS_CERT_FILE=cert_path, TLS_KEY_FILE=other_key_path)
+        del environ["INSECURE_HTTP"]
+        output = self.refused(environ)
+        self.assertTrue(output.startswith("caracal-gateway: "), output)
+        self.assertTrue(cert_path in output or other_key_path in output, output)
+
+
+class BindListenerTests(SynchronousTestCase):
+    """L{tap.bind_listener} turns an unusable address into a L{ConfigError}."""
+
+    def test_message_names_the_address(self) -> None:
+        def refuse(*args, **kwargs):
+            raise OSError(98, "Address already in use")
+
+        self.patch(tap.socket, "create_server", refuse)
+        error = self.assertRaises(tap.ConfigError, tap.bind_listener, "127.0.0.1", 8081)
+        self.assertEqual(str(error), "cannot listen on 127.0.0.1:8081: Address already in use")
+        error = self.assertRaises(tap.ConfigError, tap.bind_listener, "::1", 8081)
+        self.assertEqual(str(error), "cannot listen on [::1]:8081: Address already in use")
+        error = self.assertRaises(tap.ConfigError, tap.bind_listener, "", 8081)
+        self.assertEqual(str(error), "cannot listen on *:8081: Address already in use")
+
+
+# Doubles for GatewayService: each records what happens to it in one shared
+# list, so the tests can assert the order of the lifecycle steps.
+
+
+@dataclass
+class FakePort:
+    events: list
+
+    def getHost(self):
+        return IPv4Address("TCP", "127.0.0.1", 8081)
+
+    def stopListening(self):
+        self.events.append("stop listening")
+
+
+@dataclass
+class FakeEndpoint:
+    events: list
+    factories: list = field(default_factory=list)
+    failure: Exception | None = None
+
+    def listen(self, factory):
+        self.events.append("listen")
+        self.factories.append(factory)
+        if self.failure is not None:
+            return defer.fail(self.failure)
+        return defer.succeed(FakePort(self.events))
+
+
+class FakeBackground(Service):
+    def __init__(self, events: list, stop_error: Exception | None = None):
+        self.events = events
+        self.stop_error = stop_error
+
+    def privilegedStartService(self):
+        self.events.append("background privileged start")
+
+    def startService(self):
+        Service.startService(self)
+        self.events.append("background start")
+
+    def stopService(self):
+        Service.stopService(self)
+        self.events.append("background stop")
+        if self.stop_error is not None:
+            raise self.stop_error
+
+
+class DrainingSite(Site):
+    """A site with the HTTP helper's C{drain}/C{inflight}, driven by the test."""
+
+    def __init__(self, events: list):
+        Site.__init__(self, Resource())
+        self.events = events
+        self.inflight = 0
+        self.drains: list[defer.Deferred] = []
+
+    def drain(self, timeout: float) -> defer.Deferred:
+        self.events.append(f"drain {timeout}")
+        d = defer.Deferred()
+        self.drains.append(d)
+        return d
+
+
+class StopError(Exception):
+    pass
+
+
+class GatewayServiceTests(SynchronousTestCase):
+    """The lifetime of one gateway process, with the reactor in memory."""
+
+    def setUp(self) -> None:
+        self.events: list = []
+        self.log_events: list = []
+        self.patch(tap, "log", Logger(observer=self.log_events.append))
+        self.reactor = MemoryReactorClock()
+        self.endpoint = FakeEndpoint(self.events)
+        self.sighup: list = []
+
+    def service(
+        self,
+        environ=None,
+        site=None,
+        server_tls=None,
+        background=None,
+    ) -> tap.GatewayService:
+        config = GatewayConfig.from_environ(environ or DEV_PLAINTEXT)
+        gateway = Gateway(
+            config=config,
+            metrics=Metrics(),
+            service=background or FakeBackground(self.events),
+            site=site if site is not None else DrainingSite(self.events),
+        )
+        return tap.GatewayService(
+            gateway,
+            self.endpoint,
+            self.reactor,
+            server_tls=server_tls,
+            install_sighup=self.install_sighup,
+            restore_sighup=self.restore_sighup,
+        )
+
+    def install_sighup(self, server_tls, reactor):
+        self.sighup.append(("install", server_tls, reactor))
+        return "previous handler"
+
+    def restore_sighup(self, previous):
+        self.sighup.append(("restore", previous))
+
+    def logged(self) -> list[str]:
+        return [formatEvent(event) for event in self.log_events]
+
+    def tls_files(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        root, leaf = make_chain(directory)
+        return directory, root, leaf
+
+    def handshake(self, factory, root) -> bytes:
+        """
+        Connect an in-memory TLS client trusting C{root} to C{factory}; return
+        the DER of the certificate the server presented.
+        """
+        server = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        client_factory = TLSMemoryBIOFactory(
+            optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(root.pem)),
+            True,
+            Factory.forProtocol(Protocol),
+        )
+        client = client_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8081))
+        pump = connect(
+            server,
+            FakeTransport(server, isServer=True),
+            client,
+            FakeTransport(client, isServer=False),
+        )
+        pump.flush()
+        peer = client.getPeerCertificate()
+        self.assertIsNotNone(peer, "TLS handshake did not complete")
+        return Certificate(peer).dump()
+
+    def test_background_starts_before_listening(self) -> None:
+        service = self.service()
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(self.events, ["background privileged start", "background start", "listen"])
+        self.assertIsNotNone(service.port)
+
+    def test_plaintext_listens_with_the_site(self) -> None:
+        site = DrainingSite(self.events)
+        service = self.service(site=site)
+        service.startService()
+        self.assertEqual(self.endpoint.factories, [site])
+        self.assertEqual(self.sighup, [], "no certificate to reload in plaintext")
+
+    def test_tls_serves_the_chain(self) -> None:
+        directory, root, leaf = self.tls_files()
+        server_tls = ServerTLS(
+            os.path.join(directory, "server.crt"),
+            os.path.join(directory, "server.key"),
+            clock=self.reactor,
+        )
+        site = DrainingSite(self.events)
+        service = self.service(site=site, server_tls=server_tls)
+        service.startService()
+        [factory] = self.endpoint.factories
+        self.assertIsInstance(factory, TLSMemoryBIOFactory)
+        self.assertIs(factory.wrappedFactory, site)
+        self.assertEqual(self.handshake(factory, root), leaf.cert.public_bytes(Encoding.DER))
+
+    def mktemp_dir(self) -> str:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        return directory
+
+    def replace_files(self, leaf, cert_path: str, key_path: str) -> None:
+        """Replace the files the way renewal tools do: write aside, then rename."""
+        staging = self.mktemp_dir()
+        new_cert, new_key = leaf.write(staging, "renewed")
+        os.replace(new_key, key_path)
+        os.replace(new_cert, cert_path)
+
+    def test_certificate_file_change_reloads(self) -> None:
+        """
+        The certificate files are watched while the service runs: a renewed
+        certificate reaches new connections, and watching ends on stop.
+        """
+        directory, _root, leaf = self.tls_files()
+        cert_path = os.path.join(directory, "server.crt")
+        key_path = os.path.join(directory, "server.key")
+        server_tls = ServerTLS(cert_path, key_path, clock=self.reactor)
+        service = self.service(server_tls=server_tls)
+        service.startService()
+        [factory] = self.endpoint.factories
+
+        renewed_root, renewed = make_chain(self.mktemp_dir())
+        self.replace_files(renewed, cert_path, key_path)
+        self.reactor.advance(tap.TLS_WATCH_INTERVAL)
+        self.assertEqual(
+            self.handshake(factory, renewed_root), renewed.cert.public_bytes(Encoding.DER)
+        )
+
+        service.stopService()
+        self.replace_files(leaf, cert_path, key_path)
+        self.reactor.advance(tap.TLS_WATCH_INTERVAL * 3)
+        self.assertEqual(
+            self.handshake(factory, renewed_root), renewed.cert.public_bytes(Encoding.DER)
+        )
+
+    def test_sighup_reload_installed_and_restored(self) -> None:
+        directory, _root, _leaf = self.tls_files()
+        server_tls = ServerTLS(
+            os.path.join(directory, "server.crt"),
+            os.path.join(directory, "server.key"),
+            clock=self.reactor,
+        )
+        service = self.service(server_tls=server_tls)
+        service.startService()
+        self.assertEqual(self.sighup, [("install", server_tls, self.reactor)])
+        service.stopService()
+        self.assertEqual(
+            self.sighup,
+            [("install", server_tls, self.reactor), ("restore", "previous handler")],
+        )
+
+    def test_startup_logs_configuration_and_escape_hatches(self) -> None:
+        environ = dict(
+            DEV_PLAINTEXT,
+            JTI_FAIL_OPEN="true",
+            REDIS_URL="redis://:redis-pw-123@127.0.0.1:6379",
+            STREAMS_HMAC_KEY="b2" * 32,
+        )
+        self.service(environ=environ).startService()
+        text = "\n".join(self.logged())
+        self.assertIn('"CARACAL_ENV": "dev"', text)
+        self.assertIn('"REDIS_URL": "redis://:***@127.0.0.1:6379"', text)
+        self.assertNotIn("redis-pw-123", text)
+        self.assertNotIn("b2b2", text)
+        warnings = [
+            formatEvent(event) for event in self.log_events if event["log_level"].name == "warn"
+        ]
+        self.assertEqual(
+            warnings,
+            [
+                f"escape hatch {name} is enabled; never use it where real credentials flow"
+                for name in ("INSECURE_HTTP", "JTI_FAIL_OPEN")
+            ],
+        )
+
+    def test_sigterm_stops_accepting_drains_then_stops_background(self) -> None:
+        site = DrainingSite(self.events)
+        service = self.service(site=site)
+        service.startService()
+        self.reactor._exitSignal = signal.SIGTERM
+        del self.events[:]
+
+        stopped = service.stopService()
+        self.assertEqual(self.events, ["stop listening", f"drain {tap.DRAIN_TIMEOUT}"])
+        self.assertNoResult(stopped)
+        self.assertEqual(self.reactor._exitSignal, signal.SIGTERM)
+
+        site.drains[0].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(
+            self.events, ["stop listening", f"drain {tap.DRAIN_TIMEOUT}", "background stop"]
+        )
+        # twistd would re-raise SIGTERM on itself after the reactor stops.
+        self.assertIsNone(self.reactor._exitSignal)
+
+    def test_drain_timeout_logged(self) -> None:
+        site = DrainingSite(self.events)
+        service = self.service(site=site)
+        service.startService()
+        site.inflight = 2
+        stopped = service.stopService()
+        site.drains[0].callback(None)
+        self.successResultOf(stopped)
+        self.assertIn("drain timed out after 25.0 s; 2 requests cut", self.logged())
+
+    def test_sigint_keeps_its_exit_signal(self) -> None:
+        service = self.service()
+        service.startService()
+        self.reactor._exitSignal = signal.SIGINT
+        stopped = service.stopService()
+        service.gateway.site.drains[0].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor._exitSignal, signal.SIGINT)
+
+    def test_site_without_drain(self) -> None:
+        """A plain Site has nothing to drain: the stop goes straight on."""
+        service = self.service(site=Site(Resource()))
+        service.startService()
+        self.reactor._exitSignal = signal.SIGTERM
+        del self.events[:]
+        self.successResultOf(service.stopService())
+        self.assertEqual(self.events, ["stop listening", "background stop"])
+        self.assertIsNone(self.reactor._exitSignal)
+
+    def test_failed_stop_keeps_exit_signal(self) -> None:
+        """An unclean stop must not exit 0."""
+        service = self.service(background=FakeBackground(self.events, StopError("boom")))
+        service.startService()
+        self.reactor._exitSignal = signal.SIGTERM
+        stopped = service.stopService()
+        service.gateway.site.drains[0].callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor._exitSignal, signal.SIGTERM)
+        self.assertIn("caracal-gateway did not stop cleanly", self.logged())
+
+    def test_stop_before_listening(self) -> None:
+        service = self.service()
+        stopped = service.stopService()
+        service.gateway.site.drains[0].callback(None)
+        self.successResultOf(stopped)
+        self.assertNotIn("stop listening", self.events)
+
+    def test_listen_failure_stops_the_reactor(self) -> None:
+        self.endpoint.failure = OSError("adoption failed")
+        service = self.service()
+        service.startService()
+        self.assertTrue(self.reactor.hasStopped)
+        self.assertIsNone(service.port)
+        self.assertIn("caracal-gateway could not listen; stopping", self.logged())
