@@ -49,6 +49,9 @@ class TemporaryDatabase:
 
     def __init__(self, apply_schema: bool = True) -> None:
         self.name = f"caracal_t_{secrets.token_hex(6)}"
+        #: A login role allowed only to read the table, as a gateway should
+        #: be; L{block_reader} cuts it off while the tests' own role writes on.
+        self.reader = f"{self.name}_reader"
         self.apply_schema = apply_schema
         parameters = psycopg2.extensions.parse_dsn(ADMIN_DSN)
         parameters["dbname"] = self.name
@@ -57,6 +60,7 @@ class TemporaryDatabase:
         port = parameters.get("port", "5432")
         user = parameters.get("user", "")
         self.url = f"postgresql://{user + '@' if user else ''}{host}:{port}/{self.name}"
+        self.reader_url = f"postgresql://{self.reader}@{host}:{port}/{self.name}"
 
     def create(self) -> TemporaryDatabase:
         """Create the database (and apply the schema); returns C{self}."""
@@ -68,6 +72,12 @@ class TemporaryDatabase:
             admin.close()
         if self.apply_schema:
             self.execute(schema_sql())
+            self.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(self.reader)))
+            self.execute(
+                sql.SQL("GRANT SELECT ON gateway_resources TO {}").format(
+                    sql.Identifier(self.reader)
+                )
+            )
         return self
 
     def execute(self, statement: str, parameters=None) -> list[tuple]:
@@ -99,6 +109,29 @@ class TemporaryDatabase:
                     " WHERE datname = %s AND pid <> pg_backend_pid()",
                     (self.name,),
                 )
+        finally:
+            admin.close()
+
+    def block_reader(self) -> None:
+        """
+        An outage as the reader role sees it: it may no longer log in, and its
+        sessions are terminated. The database stays writable for the tests.
+        """
+        self._admin_execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(self.reader)))
+        self._admin_execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+            (self.reader,),
+        )
+
+    def allow_reader(self) -> None:
+        """End the outage started by L{block_reader}."""
+        self._admin_execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(self.reader)))
+
+    def _admin_execute(self, statement, parameters=None) -> None:
+        admin = _admin()
+        try:
+            with admin.cursor() as cursor:
+                cursor.execute(statement, parameters)
         finally:
             admin.close()
 
@@ -145,6 +178,10 @@ class TemporaryDatabase:
                 )
                 cursor.execute(
                     sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(self.name))
+                )
+                # The role's only grants lived in the dropped database.
+                cursor.execute(
+                    sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(self.reader))
                 )
         finally:
             admin.close()
