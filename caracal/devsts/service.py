@@ -1,0 +1,322 @@
+# -*- test-case-name: tests.test_devsts -*-
+"""
+A development STS: a small, real implementation of SPEC section 5 for tests,
+the demo and curl users. It is NOT part of the gateway and NOT fit for
+production: keys are ephemeral (one ES256 key per zone, made on first use and
+lost on restart), nothing authenticates the caller of the exchange, and
+C{POST /dev/mint} hands out caller tokens to anyone who asks.
+
+Endpoints (L{DevSTS.resource}):
+  - C{POST /oauth/2/token}: RFC 8693 token exchange; verifies the subject
+    token against the zone's key and answers with a mandate;
+  - C{GET /.well-known/jwks.json?zone_id=Z}: zone Z's public key;
+  - C{GET /health}: 200;
+  - C{POST /dev/mint} (form C{zone_id}, C{use}, C{ttl}, C{sid}, C{sub}):
+    C{{"token": ...}}, a caller token signed by the zone's key.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+from twisted.web.resource import Resource
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 (a URN)
+ISSUER = "caracal-devsts"
+#: The actor named in every mandate's C{act} claim (RFC 8693 section 4.1).
+ACTOR = "caracal-gateway"
+#: Longest life of a mandate, in seconds; never past the caller token's C{exp}.
+MANDATE_TTL = 120
+#: Longest life of a token minted through C{POST /dev/mint}.
+MAX_MINT_TTL = 24 * 3600
+
+
+@dataclass
+class ZoneKey:
+    """A zone's signing key and its key id."""
+
+    kid: str
+    private_key: ec.EllipticCurvePrivateKey = field(repr=False)
+
+    def jwk(self) -> dict:
+        """The public key as a JWK (kty EC, crv P-256, alg ES256, kid, x, y)."""
+        jwk = ECAlgorithm.to_jwk(self.private_key.public_key(), as_dict=True)
+        jwk.update({"alg": "ES256", "kid": self.kid, "use": "sig"})
+        return jwk
+
+
+@dataclass(frozen=True)
+class ExchangeRecord:
+    """What one token exchange asked for (never the token itself)."""
+
+    zone_id: str
+    application_id: str
+    resource: str
+    request_id: str | None
+    granted: bool
+
+
+class InvalidSubject(Exception):
+    """The subject token does not verify against the zone's key."""
+
+
+class DevSTS:
+    """
+    The development STS's state: per-zone keys and call counters.
+
+    @ivar exchanges: token-exchange requests received (whatever their outcome).
+    @ivar jwks_fetches: JWKS requests received.
+    @ivar health_checks: health requests received.
+    @ivar exchange_log: one L{ExchangeRecord} per exchange request received.
+    @ivar fail_exchanges: when set to C{(status, body_dict)}, every exchange is
+        answered with that instead (for failure drills).
+    """
+
+    def __init__(self, clock=None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self._zones: dict[str, ZoneKey] = {}
+        self.exchanges = 0
+        self.jwks_fetches = 0
+        self.health_checks = 0
+        self.exchange_log: list[ExchangeRecord] = []
+        self.fail_exchanges: tuple[int, dict] | None = None
+
+    def now(self) -> int:
+        """The clock's time in whole seconds."""
+        return int(self.clock.seconds())
+
+    def zone_key(self, zone_id: str) -> ZoneKey:
+        """Zone C{zone_id}'s key, made on first use."""
+        key = self._zones.get(zone_id)
+        if key is None:
+            key = ZoneKey(
+                kid=secrets.token_urlsafe(12), private_key=ec.generate_private_key(ec.SECP256R1())
+            )
+            self._zones[zone_id] = key
+        return key
+
+    def rotate(self, zone_id: str) -> ZoneKey:
+        """Replace zone C{zone_id}'s key by a fresh one (tokens of the old key stop verifying)."""
+        self._zones.pop(zone_id, None)
+        return self.zone_key(zone_id)
+
+    def jwks(self, zone_id: str) -> dict:
+        """Zone C{zone_id}'s JWKS document."""
+        return {"keys": [self.zone_key(zone_id).jwk()]}
+
+    def _sign(self, zone_id: str, claims: dict) -> str:
+        key = self.zone_key(zone_id)
+        return jwt.encode(claims, key.private_key, algorithm="ES256", headers={"kid": key.kid})
+
+    def mint(
+        self,
+        zone_id: str,
+        subject: str,
+        use: str = "per_call",
+        ttl: int = 300,
+        session_id: str | None = None,
+        jti: str | None = None,
+        extra_claims: dict | None = None,
+    ) -> str:
+        """
+        A caller token for C{subject} in zone C{zone_id}, ES256-signed by the
+        zone's key with its C{kid} in the header. Tokens whose C{use} is not
+        C{ambient} always carry a C{jti} (random unless given); a C{sid} is
+        random unless given. C{extra_claims} override the defaults.
+        """
+        now = self.now()
+        claims: dict = {
+            "iss": ISSUER,
+            "sub": subject,
+            "zone_id": zone_id,
+            "iat": now,
+            "exp": now + int(ttl),
+            "use": use,
+            "sid": session_id or "sess-" + secrets.token_hex(8),
+        }
+        if jti is not None or use != "ambient":
+            claims["jti"] = jti or secrets.token_hex(16)
+        claims.update(extra_claims or {})
+        return self._sign(zone_id, claims)
+
+    def verify_subject(self, token: str, zone_id: str) -> dict:
+        """
+        The claims of C{token} if it is an unexpired ES256 token signed by zone
+        C{zone_id}'s current key and naming that zone; else L{InvalidSubject}.
+        """
+        key = self._zones.get(zone_id)
+        if key is None:
+            raise InvalidSubject("unknown zone")
+        try:
+            header = jwt.get_unverified_header(token)
+            if header.get("alg") != "ES256" or header.get("kid") != key.kid:
+                raise InvalidSubject("wrong key")
+            # Expiry is checked on our clock (tests drive it), not time.time().
+            claims = jwt.decode(
+                token,
+                key.private_key.public_key(),
+                algorithms=["ES256"],
+                options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
+            )
+        except jwt.PyJWTError as e:
+            raise InvalidSubject("bad signature or format") from e
+        exp = claims.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)) or exp <= self.now():
+            raise InvalidSubject("expired")
+        if claims.get("zone_id", zone_id) != zone_id:
+            raise InvalidSubject("other zone")
+        return claims
+
+    def issue_mandate(self, subject_claims: dict, zone_id: str, application_id: str, resource):
+        """The token-exchange answer (a dict) for a verified subject."""
+        now = self.now()
+        exp = min(now + MANDATE_TTL, int(subject_claims["exp"]))
+        claims = {
+            "iss": ISSUER,
+            "sub": subject_claims.get("sub"),
+            "zone_id": zone_id,
+            "application_id": application_id,
+            "resource": resource,
+            "act": {"sub": ACTOR},
+            "iat": now,
+            "exp": exp,
+            "jti": secrets.token_hex(16),
+        }
+        sid = subject_claims.get("sid") or subject_claims.get("agent_session_id")
+        if sid:
+            claims["sid"] = sid
+        return {
+            "access_token": self._sign(zone_id, claims),
+            "token_type": "Bearer",
+            "expires_in": max(exp - now, 0),
+            "issued_token_type": ACCESS_TOKEN_TYPE,
+            # The gateway only forwards this for provider auth modes.
+            "provider_token": "devprov-" + secrets.token_hex(12),
+        }
+
+    def resource(self) -> Resource:
+        """The twisted.web resource serving this STS's endpoints."""
+        return _STSResource(self)
+
+
+def _json(request, status: int, document: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def _arg(request, name: str) -> str | None:
+    values = request.args.get(name.encode("ascii"))
+    if not values or len(values) != 1:
+        return None
+    try:
+        value = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return value or None
+
+
+class _STSResource(Resource):
+    isLeaf = True
+
+    def __init__(self, sts: DevSTS) -> None:
+        super().__init__()
+        self.sts = sts
+
+    def render(self, request):
+        route = (request.method, request.path)
+        if route == (b"POST", b"/oauth/2/token"):
+            return self._exchange(request)
+        if route == (b"GET", b"/.well-known/jwks.json"):
+            return self._jwks(request)
+        if route == (b"GET", b"/health"):
+            self.sts.health_checks += 1
+            return _json(request, 200, {"status": "ok"})
+        if route == (b"POST", b"/dev/mint"):
+            return self._mint(request)
+        return _json(request, 404, {"error": "not_found"})
+
+    def _exchange(self, request) -> bytes:
+        sts = self.sts
+        sts.exchanges += 1
+        fields = {
+            name: _arg(request, name)
+            for name in (
+                "grant_type",
+                "subject_token",
+                "subject_token_type",
+                "zone_id",
+                "application_id",
+                "resource",
+            )
+        }
+        request_id = request.getHeader(b"x-request-id")
+        record = {
+            "zone_id": fields["zone_id"] or "",
+            "application_id": fields["application_id"] or "",
+            "resource": fields["resource"] or "",
+            "request_id": request_id.decode("ascii", "replace") if request_id else None,
+        }
+        if sts.fail_exchanges is not None:
+            sts.exchange_log.append(ExchangeRecord(granted=False, **record))
+            status, document = sts.fail_exchanges
+            return _json(request, status, document)
+        if (
+            None in fields.values()
+            or fields["grant_type"] != GRANT_TYPE
+            or fields["subject_token_type"] != ACCESS_TOKEN_TYPE
+        ):
+            sts.exchange_log.append(ExchangeRecord(granted=False, **record))
+            return _json(
+                request,
+                400,
+                {"error": "invalid_request", "error_description": "missing or wrong form fields"},
+            )
+        try:
+            claims = sts.verify_subject(fields["subject_token"], fields["zone_id"])
+        except InvalidSubject:
+            sts.exchange_log.append(ExchangeRecord(granted=False, **record))
+            return _json(
+                request,
+                401,
+                {"error": "invalid_token", "error_description": "subject token not valid"},
+            )
+        sts.exchange_log.append(ExchangeRecord(granted=True, **record))
+        answer = sts.issue_mandate(
+            claims, fields["zone_id"], fields["application_id"], fields["resource"]
+        )
+        return _json(request, 200, answer)
+
+    def _jwks(self, request) -> bytes:
+        self.sts.jwks_fetches += 1
+        zone_id = _arg(request, "zone_id")
+        if zone_id is None:
+            return _json(request, 400, {"error": "invalid_request"})
+        return _json(request, 200, self.sts.jwks(zone_id))
+
+    def _mint(self, request) -> bytes:
+        zone_id = _arg(request, "zone_id")
+        use = _arg(request, "use") or "per_call"
+        try:
+            ttl = int(_arg(request, "ttl") or 300)
+        except ValueError:
+            ttl = -1
+        if zone_id is None or not 0 < ttl <= MAX_MINT_TTL:
+            return _json(request, 400, {"error": "invalid_request"})
+        token = self.sts.mint(
+            zone_id,
+            _arg(request, "sub") or "dev-agent",
+            use=use,
+            ttl=ttl,
+            session_id=_arg(request, "sid"),
+        )
+        return _json(request, 200, {"token": token})

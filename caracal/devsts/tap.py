@@ -1,0 +1,96 @@
+# -*- test-case-name: tests.test_devsts -*-
+"""
+C{twistd -n caracal-devsts --port 8443 --bind 127.0.0.1
+[--tls-cert F --tls-key K | --insecure-http]}: serve the development STS.
+
+For development and tests only (see L{caracal.devsts}).
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from OpenSSL import SSL, crypto
+from twisted.application import internet
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.python import usage
+from twisted.web.server import Site
+
+from caracal.devsts.service import DevSTS
+
+
+def tls_options(cert_file: str, key_file: str) -> CertificateOptions:
+    """
+    Server TLS options from a PEM chain (leaf first, then intermediates) and
+    a PEM key: TLS 1.2 at least, the whole chain presented. Raises
+    L{usage.UsageError} naming the file and the reason.
+    """
+    try:
+        with open(cert_file, "rb") as f:
+            chain_pem = f.read()
+        with open(key_file, "rb") as f:
+            key_pem = f.read()
+    except OSError as e:
+        raise usage.UsageError(f"{e.filename}: cannot read: {e.strerror}") from e
+    try:
+        chain = [
+            crypto.X509.from_cryptography(c) for c in x509.load_pem_x509_certificates(chain_pem)
+        ]
+    except ValueError as e:
+        raise usage.UsageError(f"{cert_file}: not a PEM certificate chain") from e
+    try:
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    except crypto.Error as e:
+        raise usage.UsageError(f"{key_file}: not a PEM private key") from e
+    options = CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+    )
+    try:
+        # Builds the context now, so a key that does not match fails at startup.
+        options.getContext()
+    except SSL.Error as e:
+        raise usage.UsageError(f"{key_file}: does not match {cert_file}") from e
+    return options
+
+
+class Options(usage.Options):
+    """Command line of C{twistd caracal-devsts}."""
+
+    synopsis = "[--port P] [--bind A] [--tls-cert F --tls-key K | --insecure-http]"
+    optParameters = [
+        ["port", "p", 8443, "TCP port to listen on", int],
+        ["bind", "b", "127.0.0.1", "address to listen on"],
+        ["tls-cert", None, None, "PEM certificate chain (leaf first)"],
+        ["tls-key", None, None, "PEM private key"],
+    ]
+    optFlags = [["insecure-http", None, "serve plaintext HTTP (development only)"]]
+
+    def postOptions(self) -> None:
+        cert, key = self["tls-cert"], self["tls-key"]
+        if bool(cert) != bool(key):
+            raise usage.UsageError("--tls-cert and --tls-key must both be set")
+        if cert and self["insecure-http"]:
+            raise usage.UsageError("--insecure-http and --tls-cert/--tls-key exclude each other")
+        if not cert and not self["insecure-http"]:
+            raise usage.UsageError(
+                "--tls-cert/--tls-key required; pass --insecure-http for plaintext"
+            )
+        # Loaded here so a bad file is a usage error on the terminal, not a traceback.
+        self["tls"] = tls_options(cert, key) if cert else None
+
+
+def makeService(options: Options):
+    """The listening service of the development STS."""
+    sts = DevSTS()
+    site = Site(sts.resource())
+    if options["tls"] is not None:
+        service = internet.SSLServer(
+            options["port"], site, options["tls"], interface=options["bind"]
+        )
+    else:
+        service = internet.TCPServer(options["port"], site, interface=options["bind"])
+    # Reachable for whoever embeds the service (e.g. to read the counters).
+    service.sts = sts
+    return service

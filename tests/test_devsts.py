@@ -1,0 +1,303 @@
+# -*- test-case-name: tests.test_devsts -*-
+"""
+Tests of the development STS (L{caracal.devsts}): minting, the token
+exchange, the JWKS, zone isolation, and its twistd plugin options. The HTTP
+side runs in memory (treq's L{StubTreq}); time is a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jwt
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.task import Clock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from caracal.devsts import DevSTS
+from caracal.devsts.tap import Options, makeService
+from caracal.gateway.denials import Denial
+from caracal.gateway.sts import STSClient
+from tests.support.certs import make_chain
+
+BASE = "http://devsts.test"
+T0 = 1_800_000_000
+
+
+def make_sts():
+    clock = Clock()
+    clock.advance(T0)
+    sts = DevSTS(clock=clock)
+    return sts, clock, StubTreq(sts.resource())
+
+
+def exchange_form(token, zone_id="zone-a", **overrides):
+    form = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token": token,
+        "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "zone_id": zone_id,
+        "application_id": "app-1",
+        "resource": "res-search",
+    }
+    form.update(overrides)
+    return {k: v for k, v in form.items() if v is not None}
+
+
+class DevSTSTests(SynchronousTestCase):
+    def post(self, http, path, form):
+        response = self.successResultOf(http.post(BASE + path, data=form))
+        return response.code, json.loads(self.successResultOf(response.content()))
+
+    def verify(self, sts, token, zone_id):
+        """Decode C{token} with zone C{zone_id}'s published JWK, as a gateway would."""
+        [jwk] = sts.jwks(zone_id)["keys"]
+        key = jwt.PyJWK(jwk).key
+        self.assertEqual(jwt.get_unverified_header(token)["kid"], jwk["kid"])
+        return jwt.decode(
+            token, key, algorithms=["ES256"], options={"verify_exp": False, "verify_iat": False}
+        )
+
+    def test_mint_claims(self):
+        sts, _, _ = make_sts()
+        token = sts.mint("zone-a", "agent-7", ttl=60, session_id="s1", jti="j1")
+        claims = self.verify(sts, token, "zone-a")
+        self.assertEqual(
+            claims,
+            {
+                "iss": "caracal-devsts",
+                "sub": "agent-7",
+                "zone_id": "zone-a",
+                "iat": T0,
+                "exp": T0 + 60,
+                "use": "per_call",
+                "jti": "j1",
+                "sid": "s1",
+            },
+        )
+
+    def test_mint_defaults(self):
+        """Per-call tokens always get a fresh jti; ambient ones none unless given."""
+        sts, _, _ = make_sts()
+        a = self.verify(sts, sts.mint("zone-a", "agent"), "zone-a")
+        b = self.verify(sts, sts.mint("zone-a", "agent"), "zone-a")
+        self.assertNotEqual(a["jti"], b["jti"])
+        ambient = self.verify(sts, sts.mint("zone-a", "agent", use="ambient"), "zone-a")
+        self.assertNotIn("jti", ambient)
+        self.assertTrue(ambient["sid"])
+        extra = self.verify(
+            sts, sts.mint("zone-a", "agent", extra_claims={"sid": None, "x": 1}), "zone-a"
+        )
+        self.assertEqual((extra["sid"], extra["x"]), (None, 1))
+
+    def test_exchange_roundtrip(self):
+        """A minted token exchanges for a zone-signed mandate within the caller's exp."""
+        sts, _, http = make_sts()
+        token = sts.mint("zone-a", "agent-7", ttl=60, session_id="s1")
+        status, answer = self.post(http, "/oauth/2/token", exchange_form(token))
+        self.assertEqual(status, 200)
+        self.assertEqual(answer["token_type"], "Bearer")
+        self.assertEqual(
+            answer["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token"
+        )
+        self.assertEqual(answer["expires_in"], 60)
+        self.assertTrue(answer["provider_token"].startswith("devprov-"))
+        mandate = self.verify(sts, answer["access_token"], "zone-a")
+        self.assertEqual(mandate["sub"], "agent-7")
+        self.assertEqual(mandate["zone_id"], "zone-a")
+        self.assertEqual(mandate["application_id"], "app-1")
+        self.assertEqual(mandate["resource"], "res-search")
+        self.assertEqual(mandate["act"], {"sub": "caracal-gateway"})
+        self.assertEqual(mandate["sid"], "s1")
+        self.assertEqual(mandate["exp"], T0 + 60)
+        self.assertEqual(sts.exchanges, 1)
+        [record] = sts.exchange_log
+        self.assertTrue(record.granted)
+        self.assertEqual((record.application_id, record.resource), ("app-1", "res-search"))
+
+    def test_mandate_life_capped(self):
+        sts, _, http = make_sts()
+        token = sts.mint("zone-a", "agent", ttl=3600)
+        _, answer = self.post(http, "/oauth/2/token", exchange_form(token))
+        self.assertEqual(answer["expires_in"], 120)
+        self.assertEqual(self.verify(sts, answer["access_token"], "zone-a")["exp"], T0 + 120)
+
+    def test_exchange_through_gateway_client(self):
+        """The gateway's STSClient and the dev STS agree on the wire format."""
+        sts, _, _ = make_sts()
+        client = STSClient(BASE, Clock(), agent=RequestTraversalAgent(sts.resource()))
+        token = sts.mint("zone-a", "agent")
+        mandate = self.successResultOf(client.exchange(token, "zone-a", "app-1", "res", "r1"))
+        self.assertEqual(self.verify(sts, mandate.access_token, "zone-a")["resource"], "res")
+        self.assertEqual(sts.exchange_log[0].request_id, "r1")
+        # And a refusal comes back as the STS's own 401.
+        denial = self.failureResultOf(
+            client.exchange(token + "x", "zone-a", "app-1", "res", "r2"), Denial
+        ).value
+        self.assertEqual((denial.status, denial.code), (401, "invalid_token"))
+        jwks = self.successResultOf(client.fetch_jwks("zone-a"))
+        self.assertEqual(jwks, sts.jwks("zone-a"))
+        self.assertIsNone(self.successResultOf(client.health()))
+        self.assertEqual((sts.exchanges, sts.jwks_fetches, sts.health_checks), (2, 1, 1))
+
+    def test_bad_subject_refused(self):
+        sts, clock, http = make_sts()
+        other = DevSTS(clock=clock)
+        good = sts.mint("zone-a", "agent", ttl=60)
+        header, payload, signature = good.split(".")
+        tampered_payload = jwt.utils.base64url_encode(
+            json.dumps({**json.loads(jwt.utils.base64url_decode(payload)), "sub": "root"}).encode()
+        ).decode()
+        for token in (
+            "not-a-jwt",
+            other.mint("zone-a", "agent"),  # another STS's key, same zone name
+            f"{header}.{tampered_payload}.{signature}",
+            jwt.encode({"sub": "a", "exp": T0 + 60}, "secret", algorithm="HS256"),
+            sts.mint("zone-a", "agent", ttl=-1),  # expired
+        ):
+            status, answer = self.post(http, "/oauth/2/token", exchange_form(token))
+            self.assertEqual((status, answer["error"]), (401, "invalid_token"))
+            self.assertNotIn(token, json.dumps(answer))
+        self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(good))[0], 200)
+        clock.advance(61)
+        self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(good))[0], 401)
+
+    def test_missing_fields(self):
+        sts, _, http = make_sts()
+        token = sts.mint("zone-a", "agent")
+        for override in (
+            {"subject_token": None},
+            {"zone_id": None},
+            {"application_id": None},
+            {"resource": None},
+            {"grant_type": "client_credentials"},
+            {"subject_token_type": None},
+        ):
+            status, answer = self.post(http, "/oauth/2/token", exchange_form(token, **override))
+            self.assertEqual((status, answer["error"]), (400, "invalid_request"), override)
+
+    def test_jwks_shape(self):
+        sts, _, http = make_sts()
+        response = self.successResultOf(
+            http.get(BASE + "/.well-known/jwks.json", params={"zone_id": "zone-a"})
+        )
+        self.assertEqual(response.code, 200)
+        document = json.loads(self.successResultOf(response.content()))
+        [key] = document["keys"]
+        self.assertEqual((key["kty"], key["crv"], key["alg"]), ("EC", "P-256", "ES256"))
+        for name in ("kid", "x", "y"):
+            self.assertIsInstance(key[name], str)
+            self.assertTrue(key[name])
+        self.assertNotIn("d", key, "the private part is never published")
+        self.assertEqual(sts.jwks_fetches, 1)
+
+    def test_zone_isolation(self):
+        """Each zone has its own key: a zone-a token is refused for zone-b."""
+        sts, _, http = make_sts()
+        a = sts.jwks("zone-a")["keys"][0]
+        b = sts.jwks("zone-b")["keys"][0]
+        self.assertNotEqual(a["kid"], b["kid"])
+        self.assertNotEqual((a["x"], a["y"]), (b["x"], b["y"]))
+        token = sts.mint("zone-a", "agent")
+        status, _ = self.post(http, "/oauth/2/token", exchange_form(token, zone_id="zone-b"))
+        self.assertEqual(status, 401)
+        # Even a zone-b-signed token claiming zone-a is refused for zone-b.
+        forged = sts.mint("zone-b", "agent", extra_claims={"zone_id": "zone-a"})
+        status, _ = self.post(http, "/oauth/2/token", exchange_form(forged, zone_id="zone-b"))
+        self.assertEqual(status, 401)
+        self.assertEqual(sts.jwks("zone-a")["keys"][0], a, "keys are stable per zone")
+
+    def test_rotate(self):
+        sts, _, http = make_sts()
+        token = sts.mint("zone-a", "agent")
+        sts.rotate("zone-a")
+        self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(token))[0], 401)
+
+    def test_dev_mint_endpoint(self):
+        sts, _, http = make_sts()
+        status, answer = self.post(
+            http, "/dev/mint", {"zone_id": "zone-a", "use": "ambient", "ttl": "90", "sid": "s9"}
+        )
+        self.assertEqual(status, 200)
+        claims = self.verify(sts, answer["token"], "zone-a")
+        self.assertEqual(
+            (claims["use"], claims["exp"] - claims["iat"], claims["sid"]), ("ambient", 90, "s9")
+        )
+        for bad in (
+            {"use": "per_call"},
+            {"zone_id": "z", "ttl": "x"},
+            {"zone_id": "z", "ttl": "0"},
+        ):
+            self.assertEqual(self.post(http, "/dev/mint", bad)[0], 400)
+
+    def test_health_and_unknown_paths(self):
+        sts, _, http = make_sts()
+        self.assertEqual(self.successResultOf(http.get(BASE + "/health")).code, 200)
+        self.assertEqual(self.successResultOf(http.get(BASE + "/oauth/2/token")).code, 404)
+        self.assertEqual(self.successResultOf(http.get(BASE + "/nope")).code, 404)
+        self.assertEqual(sts.health_checks, 1)
+
+    def test_scripted_failure(self):
+        """fail_exchanges answers every exchange as told (failure drills)."""
+        sts, _, http = make_sts()
+        sts.fail_exchanges = (403, {"error": "access_denied"})
+        status, answer = self.post(http, "/oauth/2/token", exchange_form(sts.mint("zone-a", "a")))
+        self.assertEqual((status, answer), (403, {"error": "access_denied"}))
+        self.assertEqual(sts.exchanges, 1)
+
+
+class TapTests(SynchronousTestCase):
+    """C{twistd caracal-devsts} options."""
+
+    def parse(self, *argv):
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_plaintext(self):
+        options = self.parse("--insecure-http", "--port", "0")
+        service = makeService(options)
+        self.assertEqual(service.args[0], 0)
+        self.assertEqual(service.kwargs["interface"], "127.0.0.1")
+        self.assertIsInstance(service.sts, DevSTS)
+
+    def test_tls_required_or_explicitly_plaintext(self):
+        self.assertRaises(usage.UsageError, self.parse)
+        self.assertRaises(usage.UsageError, self.parse, "--tls-cert", "a.pem")
+        self.assertRaises(
+            usage.UsageError, self.parse, "--tls-cert", "a", "--tls-key", "b", "--insecure-http"
+        )
+
+    def test_tls_files(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        _root, _leaf = make_chain(directory)
+        cert, key = os.path.join(directory, "server.crt"), os.path.join(directory, "server.key")
+        options = self.parse("--tls-cert", cert, "--tls-key", key, "--bind", "::1")
+        service = makeService(options)
+        self.assertIs(service.args[2], options["tls"])
+        self.assertEqual(service.kwargs["interface"], "::1")
+        # The whole chain is presented: leaf plus the intermediate.
+        self.assertEqual(len(options["tls"].extraCertChain), 1)
+
+    def test_tls_file_errors_name_the_file(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        make_chain(directory)
+        cert, key = os.path.join(directory, "server.crt"), os.path.join(directory, "server.key")
+        _, other_leaf = make_chain(directory, stem="other")
+        missing = os.path.join(directory, "missing.crt")
+        garbage = os.path.join(directory, "garbage.pem")
+        with open(garbage, "wb") as f:
+            f.write(b"not pem")
+        other_key = os.path.join(directory, "other.key")
+        for c, k, named in (
+            (missing, key, missing),
+            (garbage, key, garbage),
+            (cert, garbage, garbage),
+            (cert, other_key, other_key),
+        ):
+            error = self.assertRaises(usage.UsageError, self.parse, "--tls-cert", c, "--tls-key", k)
+            self.assertIn(named, str(error))
