@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+from types import SimpleNamespace
 
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
@@ -50,11 +51,15 @@ def _handshake(server_context: SSL.Context, client_context: SSL.Context):
     @return: (server connection, client connection) after success.
     @raise SSL.Error: either side refused.
     """
-    server = SSL.Connection(server_context, None)
-    server.set_accept_state()
     client = SSL.Connection(client_context, None)
-    client.set_connect_state()
     client.set_tlsext_host_name(b"localhost")
+    return _connect(SSL.Connection(server_context, None), client)
+
+
+def _connect(server: SSL.Connection, client: SSL.Connection):
+    """Drive a handshake between two memory-BIO connections."""
+    server.set_accept_state()
+    client.set_connect_state()
     for _ in range(20):
         done = 0
         for here, there in ((client, server), (server, client)):
@@ -591,3 +596,19 @@ class ClientPolicyTests(SynchronousTestCase):
 
         verify(client_tls_policy(self.ca_file))
         self.assertRaises(crypto.X509StoreContextError, verify, client_tls_policy(None))
+
+    def test_outbound_floor(self):
+        """
+        Outbound connections exclude TLS 1.0 and 1.1 by configuration (the
+        protocol-exclusion options Twisted applies for C{raiseMinimumTo}),
+        not only through OpenSSL's security level.
+        """
+        creator = client_tls_policy(self.ca_file).creatorForNetloc(b"localhost", 443)
+        # Twisted only reads the wrapped factory (for ALPN) from the protocol.
+        protocol = SimpleNamespace(factory=SimpleNamespace(wrappedFactory=object()))
+        connection = creator.clientConnectionForTLS(protocol)
+        options = connection.set_options(0)
+        excluded = SSL.OP_NO_SSLv3 | SSL.OP_NO_TLSv1 | SSL.OP_NO_TLSv1_1
+        self.assertEqual(options & excluded, excluded)
+        self.assertFalse(options & SSL.OP_NO_TLSv1_2)
+        self.assertFalse(options & SSL.OP_NO_TLSv1_3)
