@@ -1,0 +1,578 @@
+# -*- test-case-name: tests.test_http -*-
+"""
+The gateway's HTTP server layer on twisted.web: the request id (SPEC step
+0), the request body limit (step 1), the four server timeouts, draining at
+shutdown, and the JSON access log.
+
+Everything here happens before or around the resource's C{render}: a body
+over C{MAX_REQUEST_BYTES} is answered with 413 as soon as it is known to be
+too large, without the resource ever being called, and a slow or idle client
+is cut by the channel's own timers (driven by the C{clock} given to the site)
+without holding anyone else up.
+
+The timeouts follow Go's C{http.Server}, whose knobs the SPEC copies:
+
+  - C{READ_HEADER_TIMEOUT} runs from the start of a request (connection open
+    for the first one, the first byte of the next one on keep-alive) until
+    all of its headers are in;
+  - C{READ_TIMEOUT} runs from the same start until the whole body is in;
+  - C{WRITE_TIMEOUT} runs from the end of reading the request until the
+    response is completely handed to the kernel; past it the connection is
+    aborted, which also bounds a client that stops reading;
+  - C{IDLE_TIMEOUT} closes a keep-alive connection waiting for its next
+    request.
+
+Twisted's own 60 s idle timer (L{twisted.protocols.policies.TimeoutMixin})
+is switched off so these rule alone.
+"""
+
+from __future__ import annotations
+
+import re
+from uuid import uuid4
+
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.server import Request, Site
+
+from caracal.gateway.denials import error_body, write_error
+from caracal.gateway.logs import (
+    ACCESS_EVENT_KEY,
+    ACCESS_NAMESPACE,
+    LOG_FIELDS,
+    access_record,
+    format_access_line,
+)
+
+SERVER_NAME = b"caracal-gateway"
+
+# How long a connection we decided to close may take to go away (flush the
+# last answer, let the client read it) before it is aborted.
+CLOSE_GRACE = 2.0
+
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
+_log = Logger()
+
+
+def choose_request_id(values: list[bytes] | None) -> str:
+    """
+    The request id for a request whose inbound C{X-Request-Id} values are
+    C{values}: the inbound one when there is exactly one and it is 1 to 128
+    printable ASCII characters (0x21-0x7e), else a new UUID4.
+    """
+    if values and len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
+        return values[0].decode("ascii")
+    return str(uuid4())
+
+
+class GatewayRequest(Request):
+    """
+    One request to the gateway.
+
+    @ivar request_id: the SPEC step 0 request id; set as soon as the headers
+        are in and echoed as C{X-Request-Id} on every response.
+    @ivar log_fields: filled by the pipeline (L{LOG_FIELDS}: resource, zone,
+        application, upstream_host, sts_ms, upstream_ms, denial,
+        token_fingerprint) and written to the access log when the request
+        finishes. Never put a token or a header value here.
+    @ivar started_at: clock time the request began (its first line).
+    @ivar finished_at: clock time it finished (or its connection was lost).
+    @ivar response_complete: C{True} once the whole response was handed over.
+    """
+
+    # A proxy must not invent a content type for an upstream answer without
+    # one; local endpoints and error envelopes set their own.
+    defaultContentType = None
+
+    def __init__(self, channel, *args, **kwargs) -> None:
+        super().__init__(channel, *args, **kwargs)
+        self.gateway_site = channel.site
+        self._clock = self.gateway_site.clock
+        # Replaced by the channel's choice once the headers are in; set now so
+        # even an answer sent before that carries an id.
+        self.request_id = str(uuid4())
+        self.log_fields: dict = dict.fromkeys(LOG_FIELDS)
+        self.started_at = self._clock.seconds()
+        self.finished_at: float | None = None
+        self.response_complete = False
+        self.body_bytes = 0
+        self._limit = self.gateway_site.config.max_request_bytes
+        self._answered_early = False
+        self._inflight = False
+
+    # -- body ---------------------------------------------------------------
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """
+        Take a piece of the request body; refuse the request (413) the moment
+        the body grows past C{MAX_REQUEST_BYTES}, before storing the piece.
+        """
+        if self._answered_early:
+            return
+        self.body_bytes += len(data)
+        if self.body_bytes > self._limit:
+            self.channel.body_too_large(self)
+            return
+        self.content.write(data)
+
+    # -- response -----------------------------------------------------------
+
+    def _prepare_response_headers(self) -> None:
+        self.responseHeaders.setRawHeaders(b"server", [SERVER_NAME])
+        self.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id.encode("ascii")])
+        channel = getattr(self, "channel", None)
+        if channel is not None and (self.gateway_site.draining or not channel.persistent):
+            self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            channel.persistent = False
+
+    def write(self, data: bytes) -> None:
+        """Write response data; the first write fixes the gateway's own headers."""
+        if not self.startedWriting and not self._disconnected:
+            self._prepare_response_headers()
+        super().write(data)
+
+    def finish(self) -> None:
+        """Finish the response; the access log line is written from here."""
+        if self._disconnected or self.finished:
+            return super().finish()
+        self.finished_at = self._clock.seconds()
+        # Site.log runs inside http.Request.finish, before it sets finished.
+        self.response_complete = True
+        try:
+            return super().finish()
+        finally:
+            self._mark_done()
+
+    def connectionLost(self, reason) -> None:
+        """The connection went away before the response finished."""
+        super().connectionLost(reason)
+        if self._inflight and not self.finished:
+            self.finished_at = self._clock.seconds()
+            self.gateway_site.log(self)
+        self._mark_done()
+
+    def processingFailed(self, reason):
+        """An unexpected error while rendering: a JSON 500, never a traceback."""
+        _log.failure(
+            "unhandled error rendering request {request_id}",
+            failure=reason,
+            request_id=self.request_id,
+        )
+        if self._disconnected or self.finished:
+            return reason
+        if self.startedWriting:
+            # Too late for a clean answer; the client must not take a
+            # truncated body for a whole one.
+            self.channel.transport.abortConnection()
+            return reason
+        body = write_error(self, 500, "internal_error", "internal error")
+        self.write(body)
+        self.finish()
+        return reason
+
+    # -- for the channel ----------------------------------------------------
+
+    def mark_inflight(self) -> None:
+        """Count this request as in flight (its headers are in)."""
+        if not self._inflight:
+            self._inflight = True
+            self.gateway_site._request_started()
+
+    def _mark_done(self) -> None:
+        if self._inflight:
+            self._inflight = False
+            self.gateway_site._request_ended()
+
+    def answer_early(
+        self, command: bytes, uri: bytes, version: bytes, status: int, code: str, description: str
+    ) -> None:
+        """
+        Answer with the JSON error envelope before the request was fully read
+        (413, 408): the resource is never called.
+        """
+        self._answered_early = True
+        self.method, self.uri, self.clientproto = command, uri, version
+        self.path = uri.split(b"?", 1)[0]
+        self.site = self.gateway_site
+        self.responseHeaders.setRawHeaders(b"date", [datetimeToString()])
+        body = write_error(self, status, code, description)
+        self.write(body)
+        self.finish()
+
+
+class GatewayChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} enforcing the body limit and the four server timeouts
+    with the site's clock. Built by L{GatewaySite.buildProtocol}.
+    """
+
+    # TimeoutMixin's idle timer is off; our own timers below rule.
+    timeOut = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._timers: dict = {}
+        self._state = "reading"
+        self._request_bytes_seen = False
+        self._headers_in = False
+        self._flush_pending = False
+        self._refused = False
+        self._closing = False
+
+    # -- timers ---------------------------------------------------------------
+
+    @property
+    def _clock(self):
+        return self.site.clock
+
+    @property
+    def _config(self):
+        return self.site.config
+
+    def _arm(self, name: str, seconds: float, action) -> None:
+        self._cancel(name)
+        self._timers[name] = self._clock.callLater(seconds, self._fire, name, action)
+
+    def _fire(self, name: str, action) -> None:
+        self._timers.pop(name, None)
+        action()
+
+    def _cancel(self, *names: str) -> None:
+        for name in names or tuple(self._timers):
+            call = self._timers.pop(name, None)
+            if call is not None and call.active():
+                call.cancel()
+
+    def armed(self) -> set[str]:
+        """The names of the timers currently running (for tests and debugging)."""
+        return {name for name, call in self._timers.items() if call.active()}
+
+    def _start_reading(self) -> None:
+        # A request begins: its headers and its whole body each get a deadline.
+        self._state = "reading"
+        self._headers_in = False
+        self._request_bytes_seen = False
+        self._cancel("idle")
+        self._arm("header", self._config.read_header_timeout, self._header_timed_out)
+        self._arm("read", self._config.read_timeout, self._read_timed_out)
+
+    def _enter_idle(self) -> None:
+        self._state = "idle"
+        self._cancel("header", "read")
+        if self.site.draining:
+            self._close_soon()
+        elif not self._flush_pending:
+            self._arm("idle", self._config.idle_timeout, self._idle_timed_out)
+
+    # -- connection -----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Start the first request's header and read deadlines."""
+        super().connectionMade()
+        self.site._channel_opened(self)
+        self._start_reading()
+
+    def connectionLost(self, reason) -> None:
+        """Stop every timer; unfinished requests are told (and logged)."""
+        self._cancel()
+        self.site._channel_closed(self)
+        super().connectionLost(reason)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed the parser; a byte after an idle wait starts a new request."""
+        if self._refused or self._closing:
+            # Read and drop: a refused body is never stored, and reading it
+            # lets the client see our answer instead of a reset.
+            return
+        if self._state == "idle" and data:
+            self._start_reading()
+        if self._state == "reading" and data:
+            self._request_bytes_seen = True
+        super().dataReceived(data)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        """Body bytes (or pipelined requests); dropped once refused."""
+        if self._refused or self._closing:
+            return
+        super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        """
+        Headers are in: stop the header deadline, choose the request id,
+        count the request in flight and refuse a declared body over the limit
+        before reading any of it.
+        """
+        if self._refused or self._closing:
+            return
+        self._cancel("header")
+        self._headers_in = True
+        request = self.requests[-1]
+        request.request_id = choose_request_id(
+            request.requestHeaders.getRawHeaders(b"x-request-id")
+        )
+        request.mark_inflight()
+        limit = self._config.max_request_bytes
+        if self.length is not None and self.length > limit:
+            self._refuse(request, 413, "payload_too_large", f"request body exceeds {limit} bytes")
+            return
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:
+        """The whole request is in: the response now has WRITE_TIMEOUT."""
+        if self._refused or self._closing:
+            return
+        self._cancel("header", "read")
+        self._state = "handling"
+        self._arm("write", self._config.write_timeout, self._write_timed_out)
+        super().allContentReceived()
+
+    def requestDone(self, request) -> None:
+        """
+        The response is handed to the transport. Keep WRITE_TIMEOUT running
+        while the transport still holds more than it wants (the client is
+        slow to read), then wait for the next request or close.
+        """
+        if self.site.draining:
+            self.persistent = False
+        if self.persistent and not self._closing:
+            if self._waitingForTransport:
+                self._flush_pending = True
+            else:
+                self._cancel("write")
+            if any(self._dataBuffer):
+                # A pipelined request is already waiting to be parsed.
+                self._start_reading()
+                self._request_bytes_seen = True
+            else:
+                self._enter_idle()
+        super().requestDone(request)
+
+    def resumeProducing(self) -> None:
+        """The transport drained its buffer: a pending response is written."""
+        super().resumeProducing()
+        if self._flush_pending and self.persistent and not self._closing:
+            self._flush_pending = False
+            self._cancel("write")
+            if self._state == "idle":
+                self._enter_idle()
+
+    def loseConnection(self) -> None:
+        """
+        Close after what is written. After a refusal a plain TCP connection
+        is only half-closed so the client, perhaps still sending its body,
+        reads the answer instead of a reset; the abort timer bounds it.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self._cancel("header", "read", "idle")
+        transport = self.transport
+        if (
+            self._refused
+            and not interfaces.ISSLTransport.providedBy(transport)
+            and hasattr(transport, "loseWriteConnection")
+        ):
+            self._networkProducer.unregisterProducer()
+            transport.loseWriteConnection()
+            return
+        super().loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        """A request line or header longer than Twisted's limit: 400."""
+        self._respondToBadRequestAndDisconnect()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's version writes a bare 400; ours carries the envelope and
+        # the request id, and closes with a bounded grace.
+        if self._closing:
+            return
+        request_id = self.requests[-1].request_id if self.requests else str(uuid4())
+        self._write_raw_error(
+            400, b"Bad Request", "invalid_request", "malformed request", request_id
+        )
+        self._close_soon()
+
+    # -- refusals and timeouts -----------------------------------------------
+
+    def body_too_large(self, request) -> None:
+        """A chunked body grew past the limit: 413 and close."""
+        limit = self._config.max_request_bytes
+        self._refuse(request, 413, "payload_too_large", f"request body exceeds {limit} bytes")
+
+    def _refuse(self, request, status: int, code: str, description: str) -> None:
+        # Answer through the request so the id, the access log and the
+        # metrics are the same as for any other answer.
+        self._refused = True
+        self.persistent = False
+        self._cancel()
+        self._arm("abort", CLOSE_GRACE, self._abort)
+        metrics = self.site.metrics
+        metrics.increment("requests_total")
+        metrics.increment("requests_denied")
+        request.log_fields["denial"] = code
+        request.answer_early(self._command, self._path, self._version, status, code, description)
+
+    def _write_raw_error(
+        self, status: int, reason: bytes, code: str, description: str, request_id: str
+    ) -> None:
+        body = error_body(code, description, request_id)
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"Server: " + SERVER_NAME + b"\r\n",
+            b"Date: " + datetimeToString() + b"\r\n",
+            b"Content-Type: application/json\r\n",
+            b"Cache-Control: no-store\r\n",
+            b"X-Request-Id: " + request_id.encode("ascii") + b"\r\n",
+            b"Content-Length: %d\r\n" % (len(body),),
+            b"Connection: close\r\n\r\n",
+        ]
+        self.transport.writeSequence([*head, body])
+
+    def _close_soon(self) -> None:
+        self._cancel()
+        self._arm("abort", CLOSE_GRACE, self._abort)
+        self.loseConnection()
+
+    def _abort(self) -> None:
+        self.transport.abortConnection()
+
+    def _peer(self) -> str:
+        return str(getattr(self.transport.getPeer(), "host", "-"))
+
+    def _header_timed_out(self) -> None:
+        _log.info("request headers not received in time from {peer}", peer=self._peer())
+        self._timed_out_reading()
+
+    def _read_timed_out(self) -> None:
+        _log.info("request not received in time from {peer}", peer=self._peer())
+        self._timed_out_reading()
+
+    def _timed_out_reading(self) -> None:
+        if self._headers_in and self.requests:
+            self._refuse(self.requests[-1], 408, "request_timeout", "request not received in time")
+            return
+        if self._request_bytes_seen:
+            self._write_raw_error(
+                408,
+                b"Request Timeout",
+                "request_timeout",
+                "request not received in time",
+                str(uuid4()),
+            )
+        self._close_soon()
+
+    def _write_timed_out(self) -> None:
+        _log.info("response not written in time to {peer}", peer=self._peer())
+        self._cancel()
+        self.transport.abortConnection()
+
+    def _idle_timed_out(self) -> None:
+        self._close_soon()
+
+    def drain_started(self) -> None:
+        """The site drains: close this connection now if no request is under way."""
+        if self._closing or self._refused:
+            return
+        if self._state == "idle" or (self._state == "reading" and not self._request_bytes_seen):
+            self._close_soon()
+
+
+class GatewaySite(Site):
+    """
+    The gateway's L{Site}: L{GatewayRequest}s on L{GatewayChannel}s, one JSON
+    access-log line per request, the in-flight count and draining.
+
+    @ivar draining: set by L{drain}; responses then carry C{Connection: close}
+        and idle keep-alive connections are closed.
+    @ivar access_log: the L{Logger} (namespace C{caracal.access}) the access
+        lines are emitted through.
+    """
+
+    requestFactory = GatewayRequest
+    protocol = GatewayChannel
+
+    def __init__(self, resource, config, metrics, clock=None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        super().__init__(resource, timeout=None, reactor=clock, parsePOSTFormSubmission=False)
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.draining = False
+        self.access_log = Logger(namespace=ACCESS_NAMESPACE)
+        self._inflight = 0
+        self._channels: set[GatewayChannel] = set()
+        self._drain_waiters: list[Deferred] = []
+
+    @property
+    def inflight(self) -> int:
+        """Requests whose headers are in and whose response has not finished."""
+        return self._inflight
+
+    def buildProtocol(self, addr):
+        """A L{GatewayChannel} for a new connection."""
+        channel = super().buildProtocol(addr)
+        channel.timeOut = None
+        return channel
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """HTTP/1.1 only: the limits and timers here are HTTP/1.1's."""
+        return [b"http/1.1"]
+
+    def startFactory(self) -> None:
+        """Nothing: the legacy access log file of L{HTTPFactory} is not used."""
+
+    def stopFactory(self) -> None:
+        """Nothing to undo (see L{startFactory})."""
+
+    def log(self, request) -> None:
+        """Emit the one JSON access-log line of C{request}."""
+        record = access_record(request)
+        self.access_log.info(
+            "{access_line}", access_line=format_access_line(record), **{ACCESS_EVENT_KEY: record}
+        )
+
+    def drain(self, timeout: float) -> Deferred:
+        """
+        Stop keeping connections alive and wait for the requests in flight.
+
+        @return: a L{Deferred} firing with the number of requests still in
+            flight: C{0} as soon as none is left, more if C{timeout} seconds
+            passed first.
+        """
+        self.draining = True
+        for channel in list(self._channels):
+            channel.drain_started()
+        waiter: Deferred = Deferred()
+        if self._inflight == 0:
+            waiter.callback(0)
+            return waiter
+        self._drain_waiters.append(waiter)
+
+        def expire() -> None:
+            if waiter in self._drain_waiters:
+                self._drain_waiters.remove(waiter)
+                waiter.callback(self._inflight)
+
+        call = self.clock.callLater(timeout, expire)
+        waiter.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return waiter
+
+    def _channel_opened(self, channel: GatewayChannel) -> None:
+        self._channels.add(channel)
+
+    def _channel_closed(self, channel: GatewayChannel) -> None:
+        self._channels.discard(channel)
+
+    def _request_started(self) -> None:
+        self._inflight += 1
+
+    def _request_ended(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for waiter in waiters:
+                waiter.callback(0)

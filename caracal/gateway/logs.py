@@ -1,0 +1,190 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+The gateway's logs: one JSON access-log line per request (SPEC section 11)
+and a twisted.logger observer writing every event as one JSON object per
+line, filtered by C{LOG_LEVEL}.
+
+An access record carries the request id, method, path (never the query
+string: a query may carry secrets), status, sizes, timings, the client
+address and the pipeline's L{LOG_FIELDS}. Headers and tokens are never part
+of it; the pipeline records a token's fingerprint instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from zope.interface import provider
+
+ACCESS_NAMESPACE = "caracal.access"
+
+# The keys the proxy pipeline fills on C{request.log_fields}; always present
+# in the record (C{None} until filled) so every line has the same shape.
+LOG_FIELDS = (
+    "resource",
+    "zone",
+    "application",
+    "upstream_host",
+    "sts_ms",
+    "upstream_ms",
+    "denial",
+    "token_fingerprint",
+)
+
+# The event key carrying the access record on C{caracal.access} events.
+ACCESS_EVENT_KEY = "access"
+
+# Status recorded when the connection went away before a response started
+# (nginx's convention for "client closed request").
+STATUS_NO_RESPONSE = 499
+
+_LEVELS = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
+
+
+def _timestamp(seconds: float) -> str:
+    """ISO 8601 UTC with milliseconds, e.g. C{2024-05-01T12:00:00.123Z}."""
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("ascii", "backslashreplace")
+    return value
+
+
+def _request_path(request) -> str | None:
+    # request.path never has the query; before the request line is fully
+    # processed only uri is set, so strip the query from it ourselves.
+    path = getattr(request, "path", None)
+    if path is None:
+        uri = getattr(request, "uri", None)
+        if isinstance(uri, bytes):
+            path = uri.split(b"?", 1)[0]
+    return _text(path)
+
+
+def _client_ip(request) -> str | None:
+    try:
+        address = request.getClientAddress()
+    except Exception:
+        return None
+    return getattr(address, "host", None)
+
+
+def access_record(request) -> dict:
+    """
+    The access-log record of C{request} (a L{caracal.gateway.http.GatewayRequest}).
+
+    Keys: C{ts}, C{request_id}, C{method}, C{path} (no query string),
+    C{status}, C{bytes_sent}, C{duration_ms}, C{client_ip}, then the
+    pipeline's L{LOG_FIELDS} (and any other key it put in C{log_fields}; the
+    core keys above cannot be overridden). A request whose connection was lost
+    before it finished also has C{"aborted": true}; its status is the one sent
+    or L{STATUS_NO_RESPONSE} when no response had started.
+    """
+    finished_at = getattr(request, "finished_at", None)
+    if finished_at is None:
+        finished_at = time.time()
+    started_at = getattr(request, "started_at", None)
+    duration_ms = None
+    if started_at is not None:
+        duration_ms = round(max(0.0, finished_at - started_at) * 1000.0, 3)
+    complete = bool(
+        getattr(request, "response_complete", False) or getattr(request, "finished", False)
+    )
+    status = request.code
+    if not complete and not getattr(request, "startedWriting", False):
+        status = STATUS_NO_RESPONSE
+    record = {
+        "ts": _timestamp(finished_at),
+        "request_id": getattr(request, "request_id", None),
+        "method": _text(request.method),
+        "path": _request_path(request),
+        "status": status,
+        "bytes_sent": request.sentLength,
+        "duration_ms": duration_ms,
+        "client_ip": _client_ip(request),
+    }
+    fields = getattr(request, "log_fields", None) or {}
+    for name in LOG_FIELDS:
+        record[name] = fields.get(name)
+    for name, value in fields.items():
+        record.setdefault(name, value)
+    if not complete:
+        record["aborted"] = True
+    return record
+
+
+def format_access_line(record: dict) -> str:
+    """C{record} as one compact JSON line (no trailing newline)."""
+    return json.dumps(record, separators=(",", ":"), default=str)
+
+
+def level_named(name: str | LogLevel) -> LogLevel:
+    """
+    The L{LogLevel} for a C{LOG_LEVEL} value (C{debug}, C{info}, C{warn},
+    C{error}); a L{LogLevel} is returned as is.
+
+    @raise ValueError: unknown level name.
+    """
+    if isinstance(name, str):
+        try:
+            return LogLevel.levelWithName(name.strip().lower())
+        except Exception:
+            raise ValueError(f"unknown log level: {name!r}") from None
+    return name
+
+
+def _rank(level) -> int:
+    try:
+        return _LEVELS.index(level)
+    except ValueError:
+        return _LEVELS.index(LogLevel.info)
+
+
+def json_log_observer(out_file, level: str | LogLevel = "info") -> ILogObserver:
+    """
+    A twisted.logger observer writing one JSON object per line to
+    C{out_file} (anything with C{write(str)}; flushed after each line when it
+    can be) for every event at C{level} or above.
+
+    C{caracal.access} events are written as their access record; any other
+    event as C{{"ts", "level", "namespace", "msg"}} (plus C{"traceback"}
+    when the event carries a failure). Events without a level count as info.
+    """
+    minimum = _rank(level_named(level))
+
+    @provider(ILogObserver)
+    def observe(event: dict) -> None:
+        event_level = event.get("log_level", LogLevel.info)
+        if _rank(event_level) < minimum:
+            return
+        record = event.get(ACCESS_EVENT_KEY)
+        if event.get("log_namespace") == ACCESS_NAMESPACE and isinstance(record, dict):
+            line = format_access_line(record)
+        else:
+            entry = {
+                "ts": _timestamp(event.get("log_time") or time.time()),
+                "level": getattr(event_level, "name", str(event_level)),
+                "namespace": event.get("log_namespace", "-"),
+                "msg": formatEvent(event),
+            }
+            failure = event.get("log_failure")
+            if failure is not None:
+                try:
+                    entry["traceback"] = failure.getTraceback()
+                except Exception:
+                    entry["traceback"] = "(unformattable traceback)"
+            line = json.dumps(entry, separators=(",", ":"), default=str)
+        out_file.write(line + "\n")
+        flush = getattr(out_file, "flush", None)
+        if flush is not None:
+            flush()
+
+    return observe

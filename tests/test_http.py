@@ -1,0 +1,552 @@
+# -*- test-case-name: tests.test_http -*-
+"""
+Tests for L{caracal.gateway.http}: request ids, the body limit, the four
+server timeouts and draining, on channels built by a L{GatewaySite} and fed
+raw bytes through a L{StringTransport} with a L{Clock}.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from io import BytesIO
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from caracal.gateway.config import GatewayConfig
+from caracal.gateway.http import GatewaySite, choose_request_id
+from caracal.gateway.logs import ACCESS_NAMESPACE
+from caracal.gateway.metrics import Metrics
+
+LIMIT = 100
+READ_HEADER = 5.0
+READ = 10.0
+WRITE = 20.0
+IDLE = 40.0
+
+
+class RecordingResource(Resource):
+    """
+    Answers C{ok <body length>}; C{/slow} is left pending (NOT_DONE_YET) for
+    the test to finish; C{/boom} raises.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rendered: list = []
+        self.bodies: list[bytes] = []
+        self.pending: list = []
+
+    def render(self, request):
+        self.rendered.append(request)
+        if request.path == b"/boom":
+            raise RuntimeError("boom")
+        body = request.content.read()
+        self.bodies.append(body)
+        if request.path == b"/slow":
+            self.pending.append(request)
+            return NOT_DONE_YET
+        request.setHeader(b"content-type", b"text/plain")
+        return b"ok %d" % (len(body),)
+
+
+def parse_responses(data: bytes) -> list[tuple[int, dict[bytes, list[bytes]], bytes]]:
+    """Split raw bytes from the server into (status, headers, body) tuples."""
+    responses = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ")[1])
+        headers: dict[bytes, list[bytes]] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers.setdefault(name.strip().lower(), []).append(value.strip())
+        if b"content-length" in headers:
+            length = int(headers[b"content-length"][0])
+            body, data = rest[:length], rest[length:]
+        elif headers.get(b"transfer-encoding") == [b"chunked"]:
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line, 16)
+                body += rest[:size]
+                rest = rest[size + 2 :]
+                if size == 0:
+                    break
+            data = rest
+        else:
+            body, data = rest, b""
+        responses.append((status, headers, body))
+    return responses
+
+
+def one_response(transport: StringTransport):
+    responses = parse_responses(transport.value())
+    assert len(responses) == 1, responses
+    return responses[0]
+
+
+class HTTPTestMixin:
+    """Builds a site on a clock and connects StringTransport clients to it."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.resource = RecordingResource()
+        self.metrics = Metrics()
+        self.config = GatewayConfig(
+            max_request_bytes=LIMIT,
+            read_header_timeout=READ_HEADER,
+            read_timeout=READ,
+            write_timeout=WRITE,
+            idle_timeout=IDLE,
+        )
+        self.site = GatewaySite(self.resource, self.config, self.metrics, clock=self.clock)
+        self.access_events: list[dict] = []
+        self.site.access_log = Logger(
+            namespace=ACCESS_NAMESPACE, observer=self.access_events.append
+        )
+
+    def connect(self):
+        channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8081))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "203.0.113.7", 41000))
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def request(self, channel, path=b"/", headers=(), body=b"", method=b"POST"):
+        head = [method + b" " + path + b" HTTP/1.1", b"Host: gateway.example"]
+        head.extend(headers)
+        if body or method == b"POST":
+            head.append(b"Content-Length: %d" % (len(body),))
+        channel.dataReceived(b"\r\n".join(head) + b"\r\n\r\n" + body)
+
+
+class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
+    """SPEC step 0: the inbound id is kept when valid, else a UUID4 is made."""
+
+    def sent_id(self, *header_lines: bytes) -> str:
+        channel, transport = self.connect()
+        self.request(channel, headers=header_lines)
+        status, headers, _ = one_response(transport)
+        self.assertEqual(status, 200)
+        [echoed] = headers[b"x-request-id"]
+        [request] = self.resource.rendered[-1:]
+        self.assertEqual(request.request_id, echoed.decode("ascii"))
+        return echoed.decode("ascii")
+
+    def assertGenerated(self, request_id: str) -> None:
+        self.assertEqual(uuid.UUID(request_id).version, 4)
+        self.assertEqual(str(uuid.UUID(request_id)), request_id)
+
+    def test_valid_id_kept(self) -> None:
+        self.assertEqual(self.sent_id(b"X-Request-Id: req-42_~!{}"), "req-42_~!{}")
+
+    def test_128_characters_kept(self) -> None:
+        value = "a" * 128
+        self.assertEqual(self.sent_id(b"X-Request-Id: " + value.encode()), value)
+
+    def test_129_characters_replaced(self) -> None:
+        self.assertGenerated(self.sent_id(b"X-Request-Id: " + b"a" * 129))
+
+    def test_inner_space_replaced(self) -> None:
+        self.assertGenerated(self.sent_id(b"X-Request-Id: two words"))
+
+    def test_non_ascii_replaced(self) -> None:
+        self.assertGenerated(self.sent_id("X-Request-Id: caf\u00e9".encode()))
+
+    def test_control_characters_replaced(self) -> None:
+        self.assertGenerated(self.sent_id(b"X-Request-Id: a\x01b"))
+        self.assertGenerated(self.sent_id(b"X-Request-Id: a\x7fb"))
+
+    def test_empty_replaced(self) -> None:
+        self.assertGenerated(self.sent_id(b"X-Request-Id: "))
+
+    def test_absent_generated(self) -> None:
+        first = self.sent_id()
+        second = self.sent_id()
+        self.assertGenerated(first)
+        self.assertNotEqual(first, second)
+
+    def test_two_values_replaced(self) -> None:
+        request_id = self.sent_id(b"X-Request-Id: one", b"X-Request-Id: two")
+        self.assertNotIn(request_id, ("one", "two"))
+        self.assertGenerated(request_id)
+
+    def test_choose_request_id(self) -> None:
+        self.assertEqual(choose_request_id([b"!~"]), "!~")
+        self.assertGenerated(choose_request_id(None))
+        self.assertGenerated(choose_request_id([b"\x21" * 129]))
+        self.assertGenerated(choose_request_id([b""]))
+
+    def test_id_on_413(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nX-Request-Id: big-one\r\nContent-Length: 101\r\n\r\n"
+        )
+        status, headers, body = one_response(transport)
+        self.assertEqual(status, 413)
+        self.assertEqual(headers[b"x-request-id"], [b"big-one"])
+        self.assertEqual(json.loads(body)["request_id"], "big-one")
+
+    def test_id_on_500(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel, path=b"/boom", headers=[b"X-Request-Id: crash-1"])
+        status, headers, body = one_response(transport)
+        self.assertEqual(status, 500)
+        self.assertEqual(headers[b"x-request-id"], [b"crash-1"])
+        self.assertEqual(
+            json.loads(body),
+            {"error": "internal_error", "description": "internal error", "request_id": "crash-1"},
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_id_on_400(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
+        status, headers, body = one_response(transport)
+        self.assertEqual(status, 400)
+        self.assertEqual(headers[b"x-request-id"], [json.loads(body)["request_id"].encode()])
+        self.assertTrue(transport.disconnecting)
+
+    def test_server_header(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel)
+        _, headers, _ = one_response(transport)
+        self.assertEqual(headers[b"server"], [b"caracal-gateway"])
+        self.assertNotIn(b"TwistedWeb", transport.value())
+
+
+class MeasuringFile(BytesIO):
+    """A request body store that fails the test if more than LIMIT is written."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        super().__init__()
+        self.case = case
+        self.largest = 0
+
+    def write(self, data: bytes) -> int:
+        written = super().write(data)
+        self.largest = max(self.largest, self.tell())
+        self.case.assertLessEqual(self.tell(), LIMIT)
+        return written
+
+
+class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
+    """SPEC step 1: bodies over MAX_REQUEST_BYTES are refused with 413."""
+
+    def assertPayloadTooLarge(self, transport: StringTransport) -> None:
+        status, headers, body = one_response(transport)
+        self.assertEqual(status, 413)
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+        self.assertEqual(headers[b"connection"], [b"close"])
+        envelope = json.loads(body)
+        self.assertEqual(envelope["error"], "payload_too_large")
+        self.assertEqual(envelope["request_id"], headers[b"x-request-id"][0].decode())
+        self.assertEqual(self.resource.rendered, [])
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.metrics.counters["requests_total"], 1)
+        self.assertEqual(self.metrics.counters["requests_denied"], 1)
+
+    def test_content_length_over_limit(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /upload HTTP/1.1\r\nHost: g\r\nContent-Length: 101\r\n\r\n")
+        self.assertPayloadTooLarge(transport)
+        self.assertEqual(channel.requests, [])
+        # The body that follows is read and dropped, never stored or parsed.
+        transport.clear()
+        channel.dataReceived(b"x" * 101 + b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.resource.rendered, [])
+        self.assertEqual(self.site.inflight, 0)
+
+    def test_huge_content_length_answered_before_body(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 20971520\r\n\r\n"
+        )
+        self.assertNotIn(b"100 Continue", transport.value())
+        self.assertPayloadTooLarge(transport)
+
+    def test_refused_connection_aborted_after_grace(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(2.0)
+        self.assertTrue(transport.disconnected)
+
+    def start_chunked(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        [request] = channel.requests
+        request.content = MeasuringFile(self)
+        return channel, transport, request
+
+    def test_chunked_over_limit(self) -> None:
+        channel, transport, request = self.start_chunked()
+        store = request.content
+        for _ in range(3):
+            channel.dataReceived(b"1e\r\n" + b"y" * 30 + b"\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(store.largest, 90)
+        # 90 + 30 > 100: refused on this chunk, none of which is stored.
+        channel.dataReceived(b"1e\r\n" + b"y" * 30 + b"\r\n")
+        self.assertPayloadTooLarge(transport)
+        self.assertEqual(store.largest, 90)
+        transport.clear()
+        channel.dataReceived(b"1e\r\n" + b"y" * 30 + b"\r\n0\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.resource.rendered, [])
+
+    def test_chunked_single_huge_chunk(self) -> None:
+        channel, transport, request = self.start_chunked()
+        store = request.content
+        channel.dataReceived(b"100000\r\n" + b"z" * 60)
+        channel.dataReceived(b"z" * 60)
+        self.assertPayloadTooLarge(transport)
+        self.assertEqual(store.largest, 60)
+
+    def test_content_length_at_limit_accepted(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel, body=b"b" * LIMIT)
+        status, _, body = one_response(transport)
+        self.assertEqual((status, body), (200, b"ok 100"))
+        self.assertEqual(self.resource.bodies, [b"b" * LIMIT])
+        self.assertFalse(transport.disconnecting)
+
+    def test_chunked_at_limit_accepted(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"32\r\n" + b"c" * 50 + b"\r\n32\r\n" + b"c" * 50 + b"\r\n0\r\n\r\n"
+        )
+        status, _, body = one_response(transport)
+        self.assertEqual((status, body), (200, b"ok 100"))
+
+    def test_large_bodies_spool_to_a_file(self) -> None:
+        config = GatewayConfig(max_request_bytes=10 * 1024 * 1024)
+        site = GatewaySite(self.resource, config, self.metrics, clock=self.clock)
+        channel = site.buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 200000\r\n\r\n")
+        large = channel.requests[0].content
+        self.assertNotIsInstance(large, BytesIO)
+        self.assertIsInstance(large.fileno(), int)
+        channel.dataReceived(b"d" * 200000)
+        self.assertEqual(self.resource.bodies, [b"d" * 200000])
+
+        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n")
+        self.assertIsInstance(channel.requests[0].content, BytesIO)
+
+
+class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
+    """The four server timeouts, each on the site's clock."""
+
+    def test_twisted_idle_timer_off(self) -> None:
+        channel, _ = self.connect()
+        self.assertIsNone(channel.timeOut)
+        self.assertIsNone(channel._TimeoutMixin__timeoutCall)
+
+    def test_header_trickle_cut_other_client_served(self) -> None:
+        slow, slow_transport = self.connect()
+        slow.dataReceived(b"GET / HTTP/1.1\r\n")
+        header = b"X-Slow: " + b"a" * 20
+        for index in range(4):
+            self.clock.advance(1)
+            slow.dataReceived(header[index : index + 1])
+            if index == 1:
+                fast, fast_transport = self.connect()
+                self.request(fast, method=b"GET")
+        self.assertEqual(self.clock.seconds(), 4)
+        self.assertFalse(slow_transport.disconnecting)
+        self.clock.advance(0.9)
+        self.assertFalse(slow_transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(slow_transport.disconnecting)
+        status, headers, body = one_response(slow_transport)
+        self.assertEqual(status, 408)
+        self.assertEqual(json.loads(body)["request_id"], headers[b"x-request-id"][0].decode())
+
+        status, _, body = one_response(fast_transport)
+        self.assertEqual((status, body), (200, b"ok 0"))
+        self.assertFalse(fast_transport.disconnecting)
+        self.assertEqual(len(self.resource.rendered), 1)
+
+    def test_silent_connection_closed_at_header_timeout(self) -> None:
+        _, transport = self.connect()
+        self.clock.advance(READ_HEADER - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(2.0)
+        self.assertTrue(transport.disconnected)
+
+    def test_body_trickle_cut_at_read_timeout(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nX-Request-Id: trickle\r\nContent-Length: 90\r\n\r\n"
+        )
+        # Past READ_HEADER: the headers are in, so only READ_TIMEOUT applies.
+        for _ in range(9):
+            self.clock.advance(1)
+            channel.dataReceived(b"e" * 5)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        status, headers, body = one_response(transport)
+        self.assertEqual(status, 408)
+        self.assertEqual(headers[b"x-request-id"], [b"trickle"])
+        self.assertEqual(json.loads(body)["error"], "request_timeout")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.rendered, [])
+        self.assertEqual(self.site.inflight, 0)
+
+    def test_response_not_written_aborts_at_write_timeout(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel, path=b"/slow")
+        [request] = self.resource.pending
+        request.write(b"partial")
+        self.clock.advance(WRITE - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+
+    def test_client_not_reading_aborts_at_write_timeout(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel, path=b"/slow")
+        [request] = self.resource.pending
+        channel.pauseProducing()  # the transport's buffer is full
+        request.write(b"x" * 1000)
+        request.finish()
+        self.clock.advance(WRITE)
+        self.assertTrue(transport.disconnected)
+
+    def test_flushed_response_stops_write_timer(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel, path=b"/slow")
+        [request] = self.resource.pending
+        channel.pauseProducing()
+        request.finish()
+        self.clock.advance(WRITE / 2)
+        channel.resumeProducing()
+        self.assertEqual(channel.armed(), {"idle"})
+        self.clock.advance(WRITE)
+        self.assertFalse(transport.disconnecting)
+
+    def test_idle_keep_alive_closed_at_idle_timeout(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel)
+        self.assertEqual(one_response(transport)[0], 200)
+        # The header deadline does not run while idle: still open after it.
+        self.clock.advance(IDLE - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_idle_restarts_after_each_request(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel)
+        self.clock.advance(IDLE - 1)
+        transport.clear()
+        self.request(channel)
+        self.assertEqual(one_response(transport)[0], 200)
+        self.clock.advance(IDLE - 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_keep_alive_request_gets_header_timeout_from_first_byte(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel)
+        self.clock.advance(30)
+        transport.clear()
+        channel.dataReceived(b"G")
+        self.clock.advance(READ_HEADER - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(one_response(transport)[0], 408)
+
+    def test_pipelined_requests_answered_in_order(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"GET /slow HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"
+        )
+        [request] = self.resource.pending
+        request.finish()
+        statuses = [(status, body) for status, _, body in parse_responses(transport.value())]
+        self.assertEqual(statuses, [(200, b""), (200, b"ok 2")])
+        self.assertEqual(channel.armed(), {"idle"})
+
+
+class DrainTests(HTTPTestMixin, SynchronousTestCase):
+    """site.drain(): wait for requests in flight, close keep-alive connections."""
+
+    def test_inflight_counts_requests_until_finished(self) -> None:
+        channel, transport = self.connect()
+        self.assertEqual(self.site.inflight, 0)
+        channel.dataReceived(b"POST /slow HTTP/1.1\r\nContent-Length: 4\r\n\r\n")
+        self.assertEqual(self.site.inflight, 1)
+        channel.dataReceived(b"body")
+        self.assertEqual(self.site.inflight, 1)
+        self.resource.pending[0].finish()
+        self.assertEqual(self.site.inflight, 0)
+
+    def test_inflight_released_on_connection_lost(self) -> None:
+        channel, _ = self.connect()
+        self.request(channel, path=b"/slow")
+        self.assertEqual(self.site.inflight, 1)
+        channel.connectionLost(None)
+        self.assertEqual(self.site.inflight, 0)
+
+    def test_drain_fires_when_inflight_finishes(self) -> None:
+        channel, transport = self.connect()
+        self.request(channel, path=b"/slow")
+        idle_channel, idle_transport = self.connect()
+        self.request(idle_channel)
+        drained = self.site.drain(25)
+        self.assertNoResult(drained)
+        # The idle keep-alive connection is closed at once.
+        self.assertTrue(idle_transport.disconnecting)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(10)
+        self.resource.pending[0].finish()
+        self.assertEqual(self.successResultOf(drained), 0)
+        _, headers, _ = one_response(transport)
+        self.assertEqual(headers[b"connection"], [b"close"])
+        self.assertTrue(transport.disconnecting)
+        # Once both connections are gone no timer is left: neither the
+        # channels' nor the drain's own deadline.
+        channel.connectionLost(None)
+        idle_channel.connectionLost(None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_drain_fires_at_timeout(self) -> None:
+        channel, _ = self.connect()
+        self.request(channel, path=b"/slow")
+        drained = self.site.drain(25)
+        self.clock.advance(24.9)
+        self.assertNoResult(drained)
+        self.clock.advance(0.1)
+        self.assertEqual(self.successResultOf(drained), 1)
+
+    def test_drain_without_requests_fires_at_once(self) -> None:
+        self.assertEqual(self.successResultOf(self.site.drain(25)), 0)
+
+    def test_request_during_drain_closes_connection(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.site.drain(25)
+        channel.dataReceived(b"Host: gateway.example\r\n\r\n")
+        status, headers, _ = one_response(transport)
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"connection"], [b"close"])
+        self.assertTrue(transport.disconnecting)
