@@ -157,6 +157,25 @@ class LoadServerCertificateTests(SynchronousTestCase):
         garbage = _write(os.path.join(self.directory, "garbage.crt"), b"not a certificate\n")
         self.assertRefused(f"TLS_CERT_FILE {garbage}: no PEM certificate found", cert_file=garbage)
 
+    def test_cert_reported_before_key(self):
+        """With both files bad, the certificate is named first."""
+        garbage = _write(os.path.join(self.directory, "garbage.crt"), b"nope")
+        self.assertRefused(
+            f"TLS_CERT_FILE {garbage}: no PEM certificate found",
+            cert_file=garbage,
+            key_file=os.path.join(self.directory, "absent.key"),
+        )
+
+    def test_naive_now_is_utc(self):
+        not_after = self.leaf.cert.not_valid_after_utc
+        self.assertRaises(
+            ConfigError,
+            load_server_certificate,
+            self.cert_file,
+            self.key_file,
+            now=not_after.replace(tzinfo=None),
+        )
+
     def test_cert_empty(self):
         empty = _write(os.path.join(self.directory, "empty.crt"), b"")
         self.assertRefused(f"TLS_CERT_FILE {empty}: no PEM certificate found", cert_file=empty)

@@ -144,14 +144,16 @@ def load_server_certificate(
     Read and check the server's PEM chain (leaf first, then intermediates)
     and its PEM private key.
 
-    @param now: the moment the leaf must be valid at (default: the wall clock).
+    @param now: the moment the leaf must be valid at (default: the wall
+        clock; a naive datetime is taken as UTC).
     @raise ConfigError: one line naming C{TLS_CERT_FILE} or C{TLS_KEY_FILE},
         the path and the reason: unreadable, no PEM certificate, not a PEM
         private key, key not matching the leaf, leaf expired or not yet valid.
     """
     now = now or _utcnow()
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=datetime.timezone.utc)
     cert_data = _read(CERT_VARIABLE, cert_file)
-    key_data = _read(KEY_VARIABLE, key_file)
 
     if b"-----BEGIN CERTIFICATE-----" not in cert_data:
         raise ConfigError(f"{CERT_VARIABLE} {cert_file}: no PEM certificate found")
@@ -160,6 +162,8 @@ def load_server_certificate(
     except ValueError:
         raise ConfigError(f"{CERT_VARIABLE} {cert_file}: malformed PEM certificate") from None
 
+    # Read only once the chain is good, so the operator fixes one file at a time.
+    key_data = _read(KEY_VARIABLE, key_file)
     if b"PRIVATE KEY-----" not in key_data:
         hint = " (it holds a certificate)" if b"-----BEGIN CERTIFICATE-----" in key_data else ""
         raise ConfigError(f"{KEY_VARIABLE} {key_file}: not a PEM private key{hint}")
