@@ -1,0 +1,555 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+Tests for L{caracal.gateway.upstream}: the SSRF rules, table-driven, and the
+pinned endpoint. Nothing here touches the network; the public addresses in
+the tables are only classified, never connected to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHostnameResolver, IOpenSSLClientConnectionCreator
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import URI
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from caracal.gateway.upstream import (
+    PinnedEndpointFactory,
+    PinnedUpstream,
+    UpstreamGuard,
+    UpstreamRefused,
+    UpstreamURL,
+    has_dot_segment,
+    is_public_address,
+    numeric_host,
+    parse_upstream,
+)
+
+DOT_SEGMENTS = [
+    b"/..",
+    b"/../etc/passwd",
+    b"/a/../b",
+    b"/a/./b",
+    b"/.",
+    b"/a/.",
+    b"..",
+    b"/%2e%2e/x",
+    b"/%2E%2e/x",
+    b"/.%2e/x",
+    b"/%2e./x",
+    b"/%2e/x",
+    b"/%252e%252e/x",  # double-encoded
+    b"/%25252e%25252e/x",  # triple-encoded
+    b"/a\\..\\b",
+    b"/a%5c..%5cb",
+    b"/a%5C..",
+    b"/..%5cx",
+    b"/%5c..",
+    b"/a/..%2fb",
+    b"/a%2f..%2fb",
+    b"/a%252f..%252fb",
+    b"/%c0%ae%c0%ae/x",  # overlong UTF-8
+    b"/..;jsessionid=1/admin",  # servlet path parameter
+    b"/.;/admin",
+    b"/a/..?x=1",
+    b"/%" + b"25" * 8 + b"2e",  # encoded deeper than we decode: refused
+]
+
+NOT_DOT_SEGMENTS = [
+    b"/",
+    b"",
+    b"/a.b",
+    b"/...",  # three dots: an ordinary name, not a dot segment
+    b"/.../x",
+    b"/.well-known/openid-configuration",
+    b"/v1.2/x",
+    b"/a..b",
+    b"/..a",
+    b"/a..",
+    b"/%2ea",
+    b"/a%2e",
+    b"/a%2eb/c",
+    b"/tools/x?path=../y",  # the query is not the path
+    b"/x;..",  # parameter value, not a segment
+    b"/a%20b",
+    b"/%252ex",
+]
+
+
+class DotSegmentTests(SynchronousTestCase):
+    """L{has_dot_segment} over every spelling, and the names that must pass."""
+
+    def test_dot_segments(self):
+        for path in DOT_SEGMENTS:
+            self.assertTrue(has_dot_segment(path), path)
+
+    def test_not_dot_segments(self):
+        for path in NOT_DOT_SEGMENTS:
+            self.assertFalse(has_dot_segment(path), path)
+
+
+NUMERIC = [
+    ("127.0.0.1", "127.0.0.1"),
+    ("2130706433", "127.0.0.1"),
+    ("0x7f.1", "127.0.0.1"),
+    ("0X7F.0.0.1", "127.0.0.1"),
+    ("0177.0.0.1", "127.0.0.1"),
+    ("127.1", "127.0.0.1"),
+    ("127.0.1", "127.0.0.1"),
+    ("0x7f000001", "127.0.0.1"),
+    ("017700000001", "127.0.0.1"),
+    ("0", "0.0.0.0"),
+    ("0x", "0.0.0.0"),
+    ("169.254.43518", "169.254.169.254"),
+    ("0xa9.0xfe.0xa9.0xfe", "169.254.169.254"),
+    ("127.0.0.1.", "127.0.0.1"),
+    ("8.8.8.8", "8.8.8.8"),
+    ("::1", "::1"),
+    ("[::1]", "::1"),
+    ("[::ffff:127.0.0.1]", "::ffff:7f00:1"),
+    ("fe80::1%25eth0", "fe80::1%eth0"),
+    ("[fe80::1%eth0]", "fe80::1%eth0"),
+]
+
+NOT_NUMERIC = [
+    "example.com",
+    "localhost",
+    "256.0.0.1",
+    "1.2.3.4.5",
+    "08.0.0.1",  # 8 is not an octal digit
+    "0x100.0.0.1",
+    "1.2.3.4 extra",
+    "4294967296",
+    "1.16777216",
+    "",
+    "[::1",
+    "::g",
+    "１２７.0.0.1",  # fullwidth digits
+]
+
+
+class NumericHostTests(SynchronousTestCase):
+    """L{numeric_host} reads every spelling inet_aton accepts."""
+
+    def test_numeric(self):
+        for host, expected in NUMERIC:
+            self.assertEqual(numeric_host(host), ipaddress.ip_address(expected), host)
+
+    def test_not_numeric(self):
+        for host in NOT_NUMERIC:
+            self.assertIsNone(numeric_host(host), host)
+
+
+REFUSED_ADDRESSES = [
+    # IPv4
+    "0.0.0.0",
+    "0.1.2.3",
+    "10.0.0.1",
+    "10.255.255.255",
+    "100.64.0.1",
+    "100.127.255.254",
+    "127.0.0.1",
+    "127.8.9.10",
+    "169.254.169.254",  # cloud metadata
+    "169.254.0.1",
+    "172.16.0.1",
+    "172.31.255.254",
+    "192.0.0.1",
+    "192.0.0.9",
+    "192.0.0.170",
+    "192.0.2.1",
+    "192.88.99.1",
+    "192.168.1.1",
+    "198.18.0.1",
+    "198.19.255.254",
+    "198.51.100.7",
+    "203.0.113.9",
+    "224.0.0.1",
+    "239.255.255.250",
+    "240.0.0.1",
+    "255.255.255.255",
+    # IPv6
+    "::",
+    "::1",
+    "fc00::1",
+    "fd12:3456:789a::1",
+    "fe80::1",
+    "fe80::1%eth0",
+    "fec0::1",
+    "ff02::1",
+    "ff0e::1",
+    "2001:db8::1",
+    "3fff::1",
+    "100::1",
+    "2001:2::1",
+    "2001:10::1",
+    # IPv4 forms, judged by the embedded address
+    "::ffff:127.0.0.1",  # mapped
+    "::ffff:10.0.0.1",
+    "::ffff:169.254.169.254",
+    "::ffff:0:127.0.0.1",  # translated
+    "::127.0.0.1",  # compatible
+    "::10.1.2.3",
+    "64:ff9b::127.0.0.1",  # NAT64
+    "64:ff9b::a9fe:a9fe",
+    "64:ff9b::192.168.0.1",
+    "64:ff9b:1::8.8.8.8",  # local-use NAT64: never public
+    "64:ff9b:1::a00:1",
+    "2002:7f00:1::",  # 6to4 of 127.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+    "2002:c0a8:101::1",  # 6to4 of 192.168.1.1
+    "2001:0:4136:e378:8000:63bf:80ff:fffe",  # Teredo, client 127.0.0.1
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo, client 10.0.0.1
+    "2001:0:a00:1::f7f7:f7f7",  # Teredo, server 10.0.0.1, client 8.8.8.8
+]
+
+PUBLIC_ADDRESSES = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "93.184.216.34",
+    "100.63.255.255",  # just below 100.64/10
+    "100.128.0.1",  # just above it
+    "172.15.255.255",
+    "172.32.0.1",
+    "192.0.3.1",
+    "198.17.255.255",
+    "198.20.0.1",
+    "223.255.255.254",
+    "2606:4700:4700::1111",
+    "2a00:1450:4001:81c::200e",
+    "::ffff:8.8.8.8",
+    "64:ff9b::8.8.8.8",
+    "2002:808:808::1",  # 6to4 of 8.8.8.8
+    "2001:0:4136:e378:8000:63bf:f7f7:f7f7",  # Teredo, client 8.8.8.8
+]
+
+
+class AddressClassTests(SynchronousTestCase):
+    """L{is_public_address} over every refused class and public examples."""
+
+    def test_refused(self):
+        for text in REFUSED_ADDRESSES:
+            self.assertFalse(is_public_address(ipaddress.ip_address(text)), text)
+
+    def test_public(self):
+        for text in PUBLIC_ADDRESSES:
+            self.assertTrue(is_public_address(ipaddress.ip_address(text)), text)
+
+
+GOOD_URLS = [
+    ("http://example.com", UpstreamURL("http", "example.com", 80, b"/", b"")),
+    ("https://example.com", UpstreamURL("https", "example.com", 443, b"/", b"")),
+    ("HTTPS://Example.COM:8443/API", UpstreamURL("https", "example.com", 8443, b"/API", b"")),
+    ("http://example.com:/x", UpstreamURL("http", "example.com", 80, b"/x", b"")),
+    ("http://example.com/a?b=1&c#frag", UpstreamURL("http", "example.com", 80, b"/a", b"b=1&c")),
+    ("http://example.com/a%2Fb", UpstreamURL("http", "example.com", 80, b"/a%2Fb", b"")),
+    ("http://[::1]:8080/", UpstreamURL("http", "::1", 8080, b"/", b"")),
+    ("http://[FE80::1%25eth0]/", UpstreamURL("http", "fe80::1%eth0", 80, b"/", b"")),
+    ("http://0x7f.1/", UpstreamURL("http", "127.0.0.1", 80, b"/", b"")),
+    ("http://2130706433:81/", UpstreamURL("http", "127.0.0.1", 81, b"/", b"")),
+    ("http://bücher.example/ä", UpstreamURL("http", "xn--bcher-kva.example", 80, b"/%C3%A4", b"")),
+    ("http://example.com./", UpstreamURL("http", "example.com.", 80, b"/", b"")),
+    ("http://my_service.internal/", UpstreamURL("http", "my_service.internal", 80, b"/", b"")),
+    (
+        "http://example.com/.well-known/x",
+        UpstreamURL("http", "example.com", 80, b"/.well-known/x", b""),
+    ),
+    ("http://example.com:65535/", UpstreamURL("http", "example.com", 65535, b"/", b"")),
+]
+
+BAD_URLS = [
+    ("", "bad_url"),
+    ("example.com/x", "bad_scheme"),
+    ("ftp://example.com/", "bad_scheme"),
+    ("file:///etc/passwd", "bad_scheme"),
+    ("gopher://example.com/", "bad_scheme"),
+    ("http:///x", "bad_host"),
+    ("http://", "bad_host"),
+    ("http://:80/", "bad_host"),
+    ("http://user:pass@example.com/", "userinfo"),
+    ("http://user@example.com/", "userinfo"),
+    ("http://example.com@127.0.0.1/", "userinfo"),
+    ("http://@example.com/", "userinfo"),
+    ("http://example.com:0/", "bad_port"),
+    ("http://example.com:65536/", "bad_port"),
+    ("http://example.com:-1/", "bad_port"),
+    ("http://example.com:+80/", "bad_port"),
+    ("http://example.com:8o/", "bad_port"),
+    ("http://example.com:١٢/", "bad_port"),  # Arabic-Indic digits
+    ("http://example.com/../admin", "dot_segment"),
+    ("http://example.com/a/%2e%2e/admin", "dot_segment"),
+    ("http://example.com/a/%252e%252e/admin", "dot_segment"),
+    ("http://example.com/a/..;/admin", "dot_segment"),
+    ("http://example.com\\@127.0.0.1/", "bad_url"),
+    ("http://example.com/a\\..\\b", "bad_url"),
+    ("http://exa mple.com/", "bad_url"),
+    (" http://example.com/", "bad_url"),
+    ("http://example.com/\t", "bad_url"),
+    ("http://example.com/\n", "bad_url"),
+    ("http://example.com\r\n.evil/", "bad_url"),
+    ("http://example.com/\x00", "bad_url"),
+    ("http://example.com/\x7f", "bad_url"),
+    ("http://example.com/\x85", "bad_url"),
+    ("http://::1/", "bad_host"),
+    ("http://[::1/", "bad_url"),
+    ("http://[::1]x/", "bad_host"),
+    ("http://[v1.fe]/", "bad_host"),
+    ("http://[127.0.0.1]/", "bad_url"),  # urlsplit refuses it
+    ("http://exa%6dple.com/", "bad_host"),
+    ("http://-example.com/", "bad_host"),
+    ("http://example..com/", "bad_host"),
+    ("http://exa$mple.com/", "bad_host"),
+    ("http://" + "a" * 64 + ".com/", "bad_host"),
+]
+
+
+class ParseUpstreamTests(SynchronousTestCase):
+    """L{parse_upstream}: the static rules."""
+
+    def test_good(self):
+        for url, expected in GOOD_URLS:
+            self.assertEqual(parse_upstream(url), expected, url)
+
+    def test_bad(self):
+        for url, reason in BAD_URLS:
+            with self.assertRaises(UpstreamRefused, msg=repr(url)) as caught:
+                parse_upstream(url)
+            self.assertEqual(caught.exception.reason, reason, url)
+
+    def test_refusal_hides_secrets(self):
+        """Neither the userinfo nor the query appears in the refusal."""
+        for url in ("http://admin:hunter2@example.com/", "ftp://example.com/?key=hunter2"):
+            with self.assertRaises(UpstreamRefused) as caught:
+                parse_upstream(url)
+            self.assertNotIn("hunter2", str(caught.exception))
+            self.assertNotIn("hunter2", repr(caught.exception))
+
+    def test_frozen(self):
+        url = parse_upstream("http://example.com/")
+        with self.assertRaises(AttributeError):
+            url.host = "evil.example"
+
+    def test_host_header_and_uri(self):
+        cases = [
+            ("http://example.com/", "example.com", b"http://example.com:80/x?q"),
+            ("http://example.com:8080/", "example.com:8080", b"http://example.com:8080/x?q"),
+            ("https://example.com:443/", "example.com", b"https://example.com:443/x?q"),
+            ("http://[::1]:81/", "[::1]:81", b"http://[::1]:81/x?q"),
+            ("https://[2606:4700::1]/", "[2606:4700::1]", b"https://[2606:4700::1]:443/x?q"),
+        ]
+        for url, host_header, uri in cases:
+            parsed = parse_upstream(url)
+            self.assertEqual(parsed.host_header, host_header)
+            self.assertEqual(parsed.uri(b"/x", b"q"), uri)
+
+
+@implementer(IHostnameResolver)
+class FakeResolver:
+    """An IHostnameResolver answering from a table, recording every question."""
+
+    def __init__(self, table=None):
+        self.table = table or {}
+        self.asked = []
+
+    def resolveHostName(
+        self,
+        resolutionReceiver,
+        hostName,
+        portNumber=0,
+        addressTypes=None,
+        transportSemantics="TCP",
+    ):
+        self.asked.append(hostName)
+        resolutionReceiver.resolutionBegan(None)
+        for text in self.table.get(hostName, []):
+            kind = IPv6Address if ":" in text else IPv4Address
+            resolutionReceiver.addressResolved(kind("TCP", text, portNumber))
+        resolutionReceiver.resolutionComplete()
+        return None
+
+
+@implementer(IHostnameResolver)
+class RefusingResolver:
+    """A resolver that must not be asked: the rule before it refuses."""
+
+    def __init__(self, case):
+        self.case = case
+
+    def resolveHostName(self, *args, **kwargs):
+        self.case.fail("the resolver was asked")
+
+
+class UpstreamGuardTests(SynchronousTestCase):
+    """L{UpstreamGuard.check}: the rules in order, one resolution."""
+
+    def refused(self, d) -> UpstreamRefused:
+        return self.failureResultOf(d, UpstreamRefused).value
+
+    def test_public_name_pinned(self):
+        resolver = FakeResolver({"api.example": ["93.184.216.34", "2606:4700::1"]})
+        guard = UpstreamGuard(resolver)
+        pinned = self.successResultOf(guard.check("https://API.example/v1?x=1"))
+        self.assertEqual(
+            pinned,
+            PinnedUpstream(
+                url=UpstreamURL("https", "api.example", 443, b"/v1", b"x=1"),
+                address="93.184.216.34",
+                family=socket.AF_INET,
+            ),
+        )
+        self.assertEqual(resolver.asked, ["api.example"])
+
+    def test_ipv6_pinned(self):
+        guard = UpstreamGuard(FakeResolver({"v6.example": ["2606:4700::1"]}))
+        pinned = self.successResultOf(guard.check("http://v6.example/"))
+        self.assertEqual((pinned.address, pinned.family), ("2606:4700::1", socket.AF_INET6))
+
+    def test_name_to_private_refused(self):
+        for address in ("127.0.0.1", "10.0.0.5", "169.254.169.254", "::1", "::ffff:10.0.0.1"):
+            guard = UpstreamGuard(FakeResolver({"internal.example": [address]}))
+            refusal = self.refused(guard.check("http://internal.example/"))
+            self.assertEqual(refusal.reason, "private_address", address)
+
+    def test_mixed_public_private_refused(self):
+        """Every address must be public, not just the first."""
+        guard = UpstreamGuard(FakeResolver({"rebind.example": ["93.184.216.34", "127.0.0.1"]}))
+        self.assertEqual(
+            self.refused(guard.check("http://rebind.example/")).reason, "private_address"
+        )
+
+    def test_allowlist_miss_before_resolving(self):
+        guard = UpstreamGuard(RefusingResolver(self), allowlist=frozenset({"api.example"}))
+        refusal = self.refused(guard.check("http://other.example/"))
+        self.assertEqual(refusal.reason, "not_allowlisted")
+
+    def test_allowlist_case_and_trailing_dot(self):
+        resolver = FakeResolver({"api.example.": ["93.184.216.34"], "api.example": ["8.8.8.8"]})
+        guard = UpstreamGuard(resolver, allowlist=frozenset({"api.example."}))
+        self.successResultOf(guard.check("http://api.example/"))
+        pinned = self.successResultOf(guard.check("http://API.EXAMPLE./"))
+        self.assertEqual(pinned.url.host, "api.example.")
+
+    def test_dot_segment_before_resolving(self):
+        guard = UpstreamGuard(RefusingResolver(self))
+        self.assertEqual(
+            self.refused(guard.check("http://x.example/%2e%2e/")).reason, "dot_segment"
+        )
+
+    def test_static_rules_before_resolving(self):
+        guard = UpstreamGuard(RefusingResolver(self), allow_private=True)
+        for url in ("ftp://x.example/", "http://u:p@x.example/", "http://x.example:0/"):
+            self.refused(guard.check(url))
+
+    def test_numeric_host_judged_without_resolving(self):
+        guard = UpstreamGuard(RefusingResolver(self))
+        for url in (
+            "http://127.0.0.1/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://0177.0.0.1/",
+            "http://127.1/",
+            "http://[::1]/",
+            "http://[::ffff:127.0.0.1]/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://0xa9fea9fe/",
+        ):
+            self.assertEqual(self.refused(guard.check(url)).reason, "private_address", url)
+        pinned = self.successResultOf(guard.check("http://8.8.8.8/"))
+        self.assertEqual((pinned.address, pinned.family), ("8.8.8.8", socket.AF_INET))
+
+    def test_allow_private(self):
+        guard = UpstreamGuard(FakeResolver({"localhost": ["127.0.0.1"]}), allow_private=True)
+        pinned = self.successResultOf(guard.check("http://127.0.0.1:8080/"))
+        self.assertEqual((pinned.address, pinned.url.port), ("127.0.0.1", 8080))
+        pinned = self.successResultOf(guard.check("http://localhost:8080/"))
+        self.assertEqual((pinned.address, pinned.url.host), ("127.0.0.1", "localhost"))
+
+    def test_allow_private_keeps_allowlist(self):
+        guard = UpstreamGuard(
+            RefusingResolver(self), allowlist=frozenset({"api.internal"}), allow_private=True
+        )
+        self.assertEqual(self.refused(guard.check("http://10.0.0.1/")).reason, "not_allowlisted")
+
+    def test_resolution_failure_refused(self):
+        resolver = FakeResolver({})
+        guard = UpstreamGuard(resolver, allow_private=True)
+        self.assertEqual(
+            self.refused(guard.check("http://nowhere.example/")).reason, "unresolvable"
+        )
+        self.assertEqual(resolver.asked, ["nowhere.example"])
+
+    def test_resolves_once(self):
+        resolver = FakeResolver({"api.example": ["93.184.216.34"]})
+        guard = UpstreamGuard(resolver)
+        self.successResultOf(guard.check("http://api.example/"))
+        self.assertEqual(len(resolver.asked), 1)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class FakeCreator:
+    def __init__(self, hostname):
+        self.hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        raise NotImplementedError("not connected in these tests")
+
+
+@implementer(IPolicyForHTTPS)
+class RecordingPolicy:
+    def __init__(self):
+        self.asked = []
+
+    def creatorForNetloc(self, hostname, port):
+        self.asked.append((hostname, port))
+        return FakeCreator(hostname)
+
+
+class PinnedEndpointFactoryTests(SynchronousTestCase):
+    """L{PinnedEndpointFactory} connects to the pinned address only."""
+
+    def connect(self, pinned, uri):
+        reactor = MemoryReactorClock()
+        policy = RecordingPolicy()
+        factory = PinnedEndpointFactory(pinned, policy, reactor, connect_timeout=7)
+        verifyObject(IAgentEndpointFactory, factory)
+        endpoint = factory.endpointForURI(URI.fromBytes(uri))
+        from twisted.internet.protocol import Factory, Protocol
+
+        endpoint.connect(Factory.forProtocol(Protocol))
+        return reactor, policy
+
+    def test_http_connects_to_pinned_ipv4(self):
+        pinned = PinnedUpstream(parse_upstream("http://api.example:8080/"), "93.184.216.34", 2)
+        reactor, policy = self.connect(pinned, b"http://api.example:8080/x")
+        [(host, port, _factory, timeout, _bind)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("93.184.216.34", 8080, 7))
+        self.assertEqual(policy.asked, [])
+
+    def test_https_verifies_hostname(self):
+        pinned = PinnedUpstream(parse_upstream("https://api.example/"), "93.184.216.34", 2)
+        reactor, policy = self.connect(pinned, b"https://api.example/x")
+        [(host, port, _factory, _timeout, _bind)] = reactor.tcpClients
+        self.assertEqual((host, port), ("93.184.216.34", 443))
+        self.assertEqual(policy.asked, [(b"api.example", 443)])
+
+    def test_ipv6(self):
+        pinned = PinnedUpstream(
+            parse_upstream("https://v6.example:8443/"), "2606:4700::1", socket.AF_INET6
+        )
+        reactor, policy = self.connect(pinned, b"https://v6.example:8443/")
+        [(host, port, _factory, _timeout, _bind)] = reactor.tcpClients
+        self.assertEqual((host, port), ("2606:4700::1", 8443))
+        self.assertEqual(policy.asked, [(b"v6.example", 8443)])
+
+    def test_other_uri_refused(self):
+        pinned = PinnedUpstream(parse_upstream("http://api.example/"), "93.184.216.34", 2)
+        factory = PinnedEndpointFactory(pinned, RecordingPolicy(), MemoryReactorClock())
+        for uri in (b"http://evil.example/", b"https://api.example/", b"http://api.example:81/"):
+            with self.assertRaises(UpstreamRefused):
+                factory.endpointForURI(URI.fromBytes(uri))
