@@ -51,7 +51,7 @@ class RecordingResource(Resource):
             raise RuntimeError("boom")
         body = request.content.read()
         self.bodies.append(body)
-        if request.path == b"/slow":
+        if request.path.startswith(b"/slow"):
             self.pending.append(request)
             return NOT_DONE_YET
         request.setHeader(b"content-type", b"text/plain")

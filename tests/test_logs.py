@@ -1,0 +1,197 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+Tests for L{caracal.gateway.logs}: the access-log record and line written by
+L{GatewaySite}, and the JSON-lines observer with its level filter.
+"""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from caracal.gateway.logs import (
+    ACCESS_NAMESPACE,
+    LOG_FIELDS,
+    access_record,
+    format_access_line,
+    json_log_observer,
+    level_named,
+)
+from tests.test_http import HTTPTestMixin, one_response
+
+CORE_FIELDS = {
+    "ts",
+    "request_id",
+    "method",
+    "path",
+    "status",
+    "bytes_sent",
+    "duration_ms",
+    "client_ip",
+}
+
+TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhZ2VudCJ9.c2lnbmF0dXJlLXNlY3JldA"
+
+
+class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
+    """One JSON line per request, exactly the documented fields, no secrets."""
+
+    def access_lines(self) -> list[str]:
+        return [event["access_line"] for event in self.access_events]
+
+    def test_one_line_with_exactly_the_fields(self) -> None:
+        self.clock.advance(1_700_000_000)
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"GET /slow/items?page=2 HTTP/1.1\r\nHost: g\r\nX-Request-Id: log-1\r\n\r\n"
+        )
+        [request] = self.resource.pending
+        request.log_fields.update(resource="res-1", zone="z", token_fingerprint="ab12cd34")
+        self.clock.advance(0.25)
+        request.setHeader(b"content-type", b"text/plain")
+        request.setHeader(b"content-length", b"5")
+        request.write(b"hello")
+        request.finish()
+        self.assertEqual(one_response(transport)[0], 200)
+
+        [line] = self.access_lines()
+        record = json.loads(line)
+        self.assertEqual(set(record), CORE_FIELDS | set(LOG_FIELDS))
+        self.assertEqual(
+            {name: record[name] for name in CORE_FIELDS - {"ts"}},
+            {
+                "request_id": "log-1",
+                "method": "GET",
+                "path": "/slow/items",
+                "status": 200,
+                "bytes_sent": 5,
+                "duration_ms": 250.0,
+                "client_ip": "203.0.113.7",
+            },
+        )
+        self.assertEqual(record["ts"], "2023-11-14T22:13:20.250Z")
+        self.assertEqual(record["resource"], "res-1")
+        self.assertEqual(record["token_fingerprint"], "ab12cd34")
+        self.assertIsNone(record["upstream_host"])
+        self.assertNotIn("\n", line)
+        self.assertEqual(self.access_events[0]["log_namespace"], ACCESS_NAMESPACE)
+        self.assertEqual(self.access_events[0]["log_level"], LogLevel.info)
+
+    def test_no_token_or_query_string_leaks(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"GET /items?token=secret&x=1 HTTP/1.1\r\nHost: g\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n"
+            b"Cookie: session=cookie-secret\r\n\r\n"
+        )
+        self.assertEqual(one_response(transport)[0], 200)
+        [line] = self.access_lines()
+        for secret in ("secret", TOKEN, "token=", "Bearer", "Authorization", "page", "x=1"):
+            self.assertNotIn(secret, line)
+        self.assertEqual(json.loads(line)["path"], "/items")
+
+    def test_413_line_names_the_denial(self) -> None:
+        channel, _ = self.connect()
+        channel.dataReceived(b"POST /up?key=secret HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+        [line] = self.access_lines()
+        record = json.loads(line)
+        self.assertEqual(record["status"], 413)
+        self.assertEqual(record["denial"], "payload_too_large")
+        self.assertEqual(record["path"], "/up")
+        self.assertNotIn("secret", line)
+
+    def test_aborted_request_logged(self) -> None:
+        channel, _ = self.connect()
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\nX-Request-Id: gone\r\n\r\n")
+        self.clock.advance(3)
+        channel.connectionLost(Failure(ConnectionError("client went away")))
+        [line] = self.access_lines()
+        record = json.loads(line)
+        self.assertEqual(record["request_id"], "gone")
+        self.assertEqual(record["status"], 499)
+        self.assertTrue(record["aborted"])
+        self.assertEqual(record["duration_ms"], 3000.0)
+
+    def test_access_event_through_observer(self) -> None:
+        out = StringIO()
+        self.site.access_log = Logger(
+            namespace=ACCESS_NAMESPACE, observer=json_log_observer(out, "info")
+        )
+        channel, _ = self.connect()
+        channel.dataReceived(b"GET /a?q=secret HTTP/1.1\r\nX-Request-Id: obs\r\n\r\n")
+        [line] = out.getvalue().splitlines()
+        record = json.loads(line)
+        self.assertEqual(record["request_id"], "obs")
+        self.assertEqual(set(record), CORE_FIELDS | set(LOG_FIELDS))
+        self.assertNotIn("secret", out.getvalue())
+
+    def test_format_access_line_compact(self) -> None:
+        self.assertEqual(format_access_line({"a": 1, "b": None}), '{"a":1,"b":null}')
+
+    def test_access_record_of_unfinished_request(self) -> None:
+        channel, _ = self.connect()
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\n\r\n")
+        [request] = self.resource.pending
+        record = access_record(request)
+        self.assertEqual(record["status"], 499)
+        self.assertTrue(record["aborted"])
+
+
+class ObserverTests(SynchronousTestCase):
+    """json_log_observer: one JSON object per line, filtered by level."""
+
+    def emit(self, level_name: str, *levels: LogLevel) -> list[dict]:
+        out = StringIO()
+        log = Logger(namespace="caracal.test", observer=json_log_observer(out, level_name))
+        for level in levels:
+            log.emit(level, "event at {which}", which=level.name)
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    def test_event_shape(self) -> None:
+        [entry] = self.emit("info", LogLevel.info)
+        self.assertEqual(set(entry), {"ts", "level", "namespace", "msg"})
+        self.assertEqual(entry["level"], "info")
+        self.assertEqual(entry["namespace"], "caracal.test")
+        self.assertEqual(entry["msg"], "event at info")
+        self.assertTrue(entry["ts"].endswith("Z"))
+
+    def test_level_filter(self) -> None:
+        every = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
+        self.assertEqual(len(self.emit("debug", *every)), 5)
+        self.assertEqual(
+            [entry["level"] for entry in self.emit("info", *every)],
+            ["info", "warn", "error", "critical"],
+        )
+        self.assertEqual(
+            [entry["level"] for entry in self.emit("warn", *every)], ["warn", "error", "critical"]
+        )
+        self.assertEqual(
+            [entry["level"] for entry in self.emit("error", *every)], ["error", "critical"]
+        )
+
+    def test_access_events_filtered_like_others(self) -> None:
+        out = StringIO()
+        log = Logger(namespace=ACCESS_NAMESPACE, observer=json_log_observer(out, "warn"))
+        log.info("{access_line}", access_line="{}", access={"request_id": "x"})
+        self.assertEqual(out.getvalue(), "")
+
+    def test_failure_traceback(self) -> None:
+        out = StringIO()
+        log = Logger(namespace="caracal.test", observer=json_log_observer(out, "info"))
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            log.failure("it broke")
+        [entry] = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(entry["level"], "critical")
+        self.assertEqual(entry["msg"], "it broke")
+        self.assertIn("ZeroDivisionError", entry["traceback"])
+
+    def test_level_named(self) -> None:
+        self.assertIs(level_named("WARN"), LogLevel.warn)
+        self.assertIs(level_named(LogLevel.error), LogLevel.error)
+        self.assertRaises(ValueError, level_named, "loud")
