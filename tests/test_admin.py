@@ -1,0 +1,424 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+Tests for L{caracal.gateway.admin}: argument handling, validation and exit
+statuses, with a recording fake in place of the database.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+
+import psycopg2
+import psycopg2.errors
+from twisted.trial.unittest import SynchronousTestCase
+
+from caracal.gateway import admin
+
+DSN = "postgresql://admin:hunter2@db.internal:5432/caracal"
+
+
+class FakeCursor:
+    def __init__(self, database: FakeDatabase) -> None:
+        self.database = database
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+    def execute(self, statement, parameters=None):
+        self.database.executed.append((statement, parameters))
+        if self.database.error is not None:
+            raise self.database.error
+
+    def fetchone(self):
+        return self.database.results.pop(0)
+
+    def fetchall(self):
+        return self.database.results.pop(0)
+
+
+class FakeDatabase:
+    """Stands in for psycopg2.connect: records statements, answers from C{results}."""
+
+    def __init__(self) -> None:
+        self.executed: list[tuple[str, object]] = []
+        self.results: list = []
+        self.error: Exception | None = None
+        self.connect_error: Exception | None = None
+        self.connected_with: list = []
+        self.closed = 0
+        self.autocommit = False
+
+    def __call__(self, dsn, **kwargs):
+        self.connected_with.append((dsn, kwargs))
+        if self.connect_error is not None:
+            raise self.connect_error
+        return self
+
+    def cursor(self):
+        return FakeCursor(self)
+
+    def close(self):
+        self.closed += 1
+
+
+class AdminTests(SynchronousTestCase):
+    def setUp(self):
+        self.database = FakeDatabase()
+        self.environ = {"DATABASE_URL": DSN}
+
+    def run_admin(self, *argv):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        status = admin.main(
+            list(argv),
+            environ=self.environ,
+            stdout=stdout,
+            stderr=stderr,
+            connect=self.database,
+        )
+        return status, stdout.getvalue(), stderr.getvalue()
+
+    def assertRefused(self, status, stderr, expected_status, fragment):
+        self.assertEqual(status, expected_status, stderr)
+        self.assertEqual(len(stderr.splitlines()), 1, stderr)
+        self.assertTrue(stderr.startswith("caracal-gateway-admin: error: "), stderr)
+        self.assertIn(fragment, stderr)
+        self.assertNotIn("Traceback", stderr)
+        self.assertNotIn("hunter2", stderr)
+
+    # -- the registry and parsing -----------------------------------------
+
+    def test_registry(self):
+        self.assertEqual(list(admin.COMMANDS), ["migrate", "add", "list", "update", "remove"])
+
+    def test_no_command(self):
+        status, _, stderr = self.run_admin()
+        self.assertRefused(status, stderr, 2, "required")
+
+    def test_unknown_command(self):
+        status, _, stderr = self.run_admin("frobnicate")
+        self.assertRefused(status, stderr, 2, "invalid choice")
+
+    def test_missing_required_option(self):
+        status, _, stderr = self.run_admin("add", "r", "--zone", "z")
+        self.assertRefused(status, stderr, 2, "add: the following arguments are required")
+        self.assertEqual(self.database.connected_with, [])
+
+    def test_bad_auth_mode(self):
+        status, _, stderr = self.run_admin(
+            "add",
+            "r",
+            "--zone",
+            "z",
+            "--application",
+            "a",
+            "--upstream",
+            "https://u.example",
+            "--auth-mode",
+            "basic",
+        )
+        self.assertRefused(status, stderr, 2, "invalid choice: 'basic'")
+
+    def test_database_url_required(self):
+        self.environ = {}
+        status, _, stderr = self.run_admin("list")
+        self.assertRefused(status, stderr, 2, "DATABASE_URL is required")
+
+    def test_malformed_database_url(self):
+        status, _, stderr = self.run_admin("--database-url", "host=x password=hunter2 junk", "list")
+        self.assertRefused(status, stderr, 2, "not a valid Postgres URL or DSN")
+
+    def test_database_url_option_wins_in_either_position(self):
+        other = "host=127.0.0.1 dbname=other"
+        self.database.results = [[]]
+        self.run_admin("--database-url", other, "list")
+        self.database.results = [[]]
+        self.run_admin("list", "--database-url", other)
+        self.assertEqual([dsn for dsn, _ in self.database.connected_with], [other, other])
+
+    def test_unreachable_database(self):
+        self.database.connect_error = psycopg2.OperationalError(
+            'connection to server at "db.internal", port 5432 failed:\n  Connection refused\n'
+        )
+        status, _, stderr = self.run_admin("list")
+        self.assertRefused(status, stderr, 1, "cannot connect to the database at")
+        self.assertIn("postgresql://admin:***@db.internal:5432/caracal", stderr)
+        self.assertIn("Connection refused", stderr)
+
+    def test_connection_parameters(self):
+        self.database.results = [[]]
+        self.run_admin("list")
+        ((dsn, kwargs),) = self.database.connected_with
+        self.assertEqual(dsn, DSN)
+        self.assertEqual(kwargs["application_name"], "caracal-gateway-admin")
+        self.assertTrue(self.database.autocommit)
+        self.assertEqual(self.database.closed, 1)
+
+    # -- migrate ------------------------------------------------------------
+
+    def test_migrate_applies_packaged_schema(self):
+        status, stdout, _ = self.run_admin("migrate")
+        self.assertEqual(status, 0)
+        ((statement, _),) = self.database.executed
+        self.assertIn("CREATE TABLE IF NOT EXISTS gateway_resources", statement)
+        self.assertIn("gateway_resources_changed", statement)
+        self.assertEqual(statement, admin.schema_sql())
+        self.assertIn("schema applied", stdout)
+
+    def test_migrate_database_error(self):
+        self.database.error = psycopg2.errors.InsufficientPrivilege(
+            "permission denied for schema public"
+        )
+        status, _, stderr = self.run_admin("migrate")
+        self.assertRefused(status, stderr, 1, "permission denied")
+
+    # -- add ----------------------------------------------------------------
+
+    def add(self, *extra, upstream="https://api.example/mcp"):
+        return self.run_admin(
+            "add",
+            "res-1",
+            "--zone",
+            "zone-a",
+            "--application",
+            "app-1",
+            "--upstream",
+            upstream,
+            *extra,
+        )
+
+    def test_add(self):
+        self.database.results = [("res-1",)]
+        status, stdout, stderr = self.add(
+            "--auth-mode", "provider_apikey", "--auth-header", "X-Api-Key", "--auth-scheme", ""
+        )
+        self.assertEqual((status, stderr), (0, ""))
+        self.assertIn("added res-1", stdout)
+        ((statement, parameters),) = self.database.executed
+        self.assertIn("INSERT INTO gateway_resources", statement)
+        self.assertEqual(
+            parameters,
+            (
+                "res-1",
+                "zone-a",
+                "app-1",
+                "https://api.example/mcp",
+                "provider_apikey",
+                "X-Api-Key",
+                "",
+            ),
+        )
+
+    def test_add_defaults_are_null(self):
+        self.database.results = [("res-1",)]
+        self.add()
+        ((_, parameters),) = self.database.executed
+        self.assertEqual(parameters[4:], ("caracal_jwt", None, None))
+
+    def test_add_existing(self):
+        self.database.results = [None]
+        status, _, stderr = self.add()
+        self.assertRefused(status, stderr, 1, "res-1 already exists")
+
+    def test_add_refuses_bad_upstreams_before_connecting(self):
+        for url, fragment in (
+            ("http://user@x.example", "userinfo"),
+            ("http://user:pw@x.example", "userinfo"),
+            ("ftp://x.example", "scheme"),
+            ("http://h.example/a/../b", ". or .."),
+            ("http://h.example/a/%2e%2e/b", ". or .."),
+            ("//no-scheme.example", "scheme"),
+            ("https://", "host"),
+            ("", "empty"),
+        ):
+            status, _, stderr = self.add(upstream=url)
+            self.assertRefused(status, stderr, 2, fragment)
+            self.assertIn("upstream URL refused", stderr)
+            self.assertNotIn(":pw@", stderr)
+        self.assertEqual(self.database.connected_with, [])
+
+    def test_add_allowlist(self):
+        self.environ["UPSTREAM_HOST_ALLOWLIST"] = "api.example, other.example"
+        self.database.results = [("res-1",)]
+        status, _, _ = self.add(upstream="https://API.example./mcp")
+        self.assertEqual(status, 0)
+        status, _, stderr = self.add(upstream="https://evil.example/")
+        self.assertRefused(status, stderr, 2, "evil.example is not on UPSTREAM_HOST_ALLOWLIST")
+
+    def test_allowlist_option_overrides_environment(self):
+        self.environ["UPSTREAM_HOST_ALLOWLIST"] = "api.example"
+        status, _, stderr = self.add("--allowlist", "only.example")
+        self.assertRefused(status, stderr, 2, "api.example is not on")
+
+    def test_add_warns_about_private_numeric_host(self):
+        self.database.results = [("res-1",)]
+        status, _, stderr = self.add(upstream="http://0x7f.1:8080/")
+        self.assertEqual(status, 0)
+        self.assertIn("warning: upstream host 127.0.0.1 is not a public address", stderr)
+
+    def test_add_refuses_bad_identifiers(self):
+        def add(resource="r", zone="z", application="a"):
+            return self.run_admin(
+                "add",
+                resource,
+                "--zone",
+                zone,
+                "--application",
+                application,
+                "--upstream",
+                "https://u.example",
+            )
+
+        for arguments, fragment in (
+            ({"resource": ""}, "resource must not be empty"),
+            ({"resource": "a b"}, "visible ASCII"),
+            ({"zone": "z\r\n"}, "--zone"),
+            ({"application": "x" * 300}, "--application"),
+        ):
+            status, _, stderr = add(**arguments)
+            self.assertRefused(status, stderr, 2, fragment)
+
+    def test_add_refuses_bad_header_and_scheme(self):
+        for extra, fragment in (
+            (("--auth-header", "X Api"), "HTTP header name"),
+            (("--auth-header", "X-Key\r\nInjected: 1"), "HTTP header name"),
+            (("--auth-header", "Host"), "reserved"),
+            (("--auth-header", "x-caracal-identity"), "reserved"),
+            (("--auth-header", "Transfer-Encoding"), "reserved"),
+            (("--auth-scheme", "Bearer extra"), "--auth-scheme"),
+        ):
+            status, _, stderr = self.add(*extra)
+            self.assertRefused(status, stderr, 2, fragment)
+
+    def test_missing_table(self):
+        self.database.error = psycopg2.errors.UndefinedTable(
+            'relation "gateway_resources" does not exist'
+        )
+        status, _, stderr = self.add()
+        self.assertRefused(status, stderr, 1, "run caracal-gateway-admin migrate")
+
+    # -- list -----------------------------------------------------------------
+
+    def rows(self):
+        when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
+        return [
+            (
+                "github",
+                "zone-b",
+                "app-2",
+                "https://gh.example",
+                "provider_oauth",
+                "X-Tok",
+                "token",
+                when,
+            ),
+            (
+                "weather",
+                "zone-a",
+                "app-1",
+                "https://w.example/mcp",
+                "caracal_jwt",
+                None,
+                None,
+                when,
+            ),
+        ]
+
+    def test_list_table(self):
+        self.database.results = [self.rows()]
+        status, stdout, _ = self.run_admin("list")
+        self.assertEqual(status, 0)
+        lines = stdout.splitlines()
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(
+            lines[0].split(),
+            ["RESOURCE", "ZONE", "APPLICATION", "UPSTREAM", "MODE", "HEADER", "SCHEME"],
+        )
+        self.assertEqual(
+            lines[1].split(),
+            ["github", "zone-b", "app-2", "https://gh.example", "provider_oauth", "X-Tok", "token"],
+        )
+        self.assertEqual(
+            lines[2].split(),
+            ["weather", "zone-a", "app-1", "https://w.example/mcp", "caracal_jwt", "-", "-"],
+        )
+        # Columns line up.
+        self.assertEqual(lines[1].index("zone-b"), lines[0].index("ZONE"))
+
+    def test_list_json(self):
+        self.database.results = [self.rows()]
+        status, stdout, _ = self.run_admin("list", "--json")
+        self.assertEqual(status, 0)
+        records = json.loads(stdout)
+        self.assertEqual(records[1]["resource_identifier"], "weather")
+        self.assertIsNone(records[1]["auth_header"])
+        self.assertEqual(records[0]["updated_at"], "2026-01-02T03:04:05+00:00")
+        self.assertEqual(len(records[0]), 8)
+
+    def test_list_empty_json(self):
+        self.database.results = [[]]
+        status, stdout, _ = self.run_admin("list", "--json")
+        self.assertEqual((status, json.loads(stdout)), (0, []))
+
+    # -- update ---------------------------------------------------------------
+
+    def test_update(self):
+        self.database.results = [("res-1",)]
+        status, stdout, _ = self.run_admin(
+            "update",
+            "res-1",
+            "--upstream",
+            "https://new.example",
+            "--auth-mode",
+            "provider_oauth",
+            "--default-auth-scheme",
+        )
+        self.assertEqual(status, 0)
+        self.assertIn("updated res-1", stdout)
+        ((statement, parameters),) = self.database.executed
+        self.assertIn("SET upstream_url = %s, auth_mode = %s, auth_scheme = %s", statement)
+        self.assertEqual(parameters, ("https://new.example", "provider_oauth", None, "res-1"))
+
+    def test_update_nothing(self):
+        status, _, stderr = self.run_admin("update", "res-1")
+        self.assertRefused(status, stderr, 2, "nothing to update")
+
+    def test_update_unknown(self):
+        self.database.results = [None]
+        status, _, stderr = self.run_admin("update", "nope", "--zone", "z")
+        self.assertRefused(status, stderr, 1, "no resource nope")
+
+    def test_update_bad_upstream(self):
+        status, _, stderr = self.run_admin("update", "res-1", "--upstream", "http://h/a/../b")
+        self.assertRefused(status, stderr, 2, "upstream URL refused")
+
+    def test_update_header_conflict(self):
+        status, _, stderr = self.run_admin(
+            "update", "res-1", "--auth-header", "X-A", "--default-auth-header"
+        )
+        self.assertRefused(status, stderr, 2, "not allowed with argument")
+
+    # -- remove -------------------------------------------------------------
+
+    def test_remove(self):
+        self.database.results = [("res-1",)]
+        status, stdout, _ = self.run_admin("remove", "res-1")
+        self.assertEqual(status, 0)
+        self.assertIn("removed res-1", stdout)
+        ((statement, parameters),) = self.database.executed
+        self.assertIn("DELETE FROM gateway_resources", statement)
+        self.assertEqual(parameters, ("res-1",))
+
+    def test_remove_unknown(self):
+        self.database.results = [None]
+        status, _, stderr = self.run_admin("remove", "nope")
+        self.assertRefused(status, stderr, 1, "no resource nope")
+
+    def test_unexpected_error_is_one_line(self):
+        self.database.connect_error = RuntimeError("boom\nsecond line")
+        status, _, stderr = self.run_admin("list")
+        self.assertRefused(status, stderr, 1, "RuntimeError: boom second line")
