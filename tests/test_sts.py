@@ -6,6 +6,7 @@ connection (treq's L{RequestTraversalAgent}), time driven by a L{Clock}.
 
 from __future__ import annotations
 
+import gzip
 import json
 from urllib.parse import parse_qs
 
@@ -49,8 +50,11 @@ class STSDouble(Resource):
 
     isLeaf = True
 
-    def __init__(self, status=200, body=b"", hang=False, content_type=b"application/json"):
+    def __init__(
+        self, status=200, body=b"", hang=False, content_type=b"application/json", headers=None
+    ):
         super().__init__()
+        self.headers = headers or {}
         self.status = status
         self.body = json.dumps(body).encode() if isinstance(body, dict) else body
         self.hang = hang
@@ -65,6 +69,8 @@ class STSDouble(Resource):
         request.notifyFinish().addErrback(self.lost.append)
         request.setResponseCode(self.status)
         request.setHeader(b"content-type", self.content_type)
+        for name, value in self.headers.items():
+            request.setHeader(name, value)
         if self.hang:
             return NOT_DONE_YET
         return self.body
@@ -282,6 +288,28 @@ class ExchangeErrorTests(SynchronousTestCase):
         body += b" " * (MAX_EXCHANGE_BYTES - len(body))
         client, _, _ = client_for(STSDouble(body=body))
         self.assertEqual(self.successResultOf(exchange(client)).access_token, "a.b.c")
+
+    def gzipped(self, body):
+        return STSDouble(body=gzip.compress(body), headers={b"content-encoding": b"gzip"})
+
+    def test_gzip_answer(self):
+        """A gzip-encoded mandate (treq asks for gzip) is read."""
+        client, _, _ = client_for(self.gzipped(json.dumps(MANDATE).encode()))
+        self.assertEqual(self.successResultOf(exchange(client)), Mandate(**MANDATE))
+
+    def test_gzip_bomb(self):
+        """A small compressed answer that inflates past 16 KiB is refused."""
+        bomb = b'{"access_token": "a.b.c", "pad": "' + b"0" * (50 * MAX_EXCHANGE_BYTES) + b'"}'
+        sts = self.gzipped(bomb)
+        self.assertLess(len(sts.body), MAX_EXCHANGE_BYTES)
+        client, _, _ = client_for(sts)
+        self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
+
+    def test_bad_gzip(self):
+        for body in (b"not gzip at all", gzip.compress(json.dumps(MANDATE).encode())[:-12]):
+            sts = STSDouble(body=body, headers={b"content-encoding": b"gzip"})
+            client, _, _ = client_for(sts)
+            self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
 
     def test_timeout_waiting_for_headers(self):
         """No answer within the timeout: 504, and the connection is aborted."""

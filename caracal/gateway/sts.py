@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlencode
@@ -26,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     Agent,
+    GzipDecoder,
     HTTPConnectionPool,
     RequestNotSent,
     ResponseDone,
@@ -123,14 +125,19 @@ class _BoundedBody(Protocol):
     Collect a response body up to C{limit} bytes. Past the limit (announced by
     Content-Length or actually received) the connection is dropped and
     C{finished} errbacks with L{_BodyTooLarge}; nothing more is kept.
+
+    With C{gzip}, the bytes received are gunzipped here, never more than the
+    limit at a time, so a small compressed answer cannot inflate without bound.
     """
 
-    def __init__(self, limit: int, declared: int, finished: Deferred) -> None:
+    def __init__(self, limit: int, declared: int, finished: Deferred, gzip: bool = False) -> None:
         self._limit = limit
         self._declared = declared
         self._finished: Deferred | None = finished
         self._chunks: list[bytes] = []
         self._size = 0
+        self._received = 0
+        self._gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzip else None
 
     def connectionMade(self) -> None:
         if self._declared != UNKNOWN_LENGTH and self._declared > self._limit:
@@ -139,6 +146,17 @@ class _BoundedBody(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._finished is None:
             return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._fail(_BodyTooLarge(self._received))
+            return
+        if self._gunzip is not None:
+            try:
+                # At most one byte past what is still allowed: enough to tell.
+                data = self._gunzip.decompress(data, self._limit - self._size + 1)
+            except zlib.error as e:
+                self._fail(_MalformedAnswer(f"bad gzip body: {e}"))
+                return
         self._size += len(data)
         if self._size > self._limit:
             self._fail(_BodyTooLarge(self._size))
@@ -149,10 +167,12 @@ class _BoundedBody(Protocol):
         if self._finished is None:
             return
         finished, self._finished = self._finished, None
-        if reason.check(ResponseDone, PotentialDataLoss):
-            finished.callback(b"".join(self._chunks))
-        else:
+        if not reason.check(ResponseDone, PotentialDataLoss):
             finished.errback(reason)
+        elif self._gunzip is not None and not self._gunzip.eof:
+            finished.errback(_MalformedAnswer("truncated gzip body"))
+        else:
+            finished.callback(b"".join(self._chunks))
         self._chunks = []
 
     def abort(self) -> None:
@@ -178,13 +198,19 @@ def read_bounded(response, limit: int) -> Deferred:
     L{Deferred} drops the connection.
     """
     protocol: _BoundedBody
+    raw = getattr(response, "original", response)  # under treq's wrapper
+    gzip = isinstance(raw, GzipDecoder)
+    if gzip:
+        # treq asks for gzip and would inflate it unbounded; take the raw
+        # bytes and inflate them here under the limit instead.
+        raw = raw.original
 
     def cancel(_deferred: Deferred) -> None:
         protocol.abort()
 
     finished: Deferred = Deferred(cancel)
-    protocol = _BoundedBody(limit, response.length, finished)
-    response.deliverBody(protocol)
+    protocol = _BoundedBody(limit, raw.length, finished, gzip=gzip)
+    raw.deliverBody(protocol)
     return finished
 
 
