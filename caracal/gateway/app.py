@@ -8,13 +8,14 @@ The listener itself is the tap's business (L{caracal.gateway.tap}).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from caracal.gateway.config import GatewayConfig
+from caracal.gateway.endpoints import HealthResource, MetricsResource, ReadyResource
 from caracal.gateway.metrics import Metrics
+from caracal.gateway.resource import GatewayResource, GatewayRoot, Pipeline
 
 
 @dataclass
@@ -24,28 +25,115 @@ class Gateway:
 
     @ivar service: background services to start before listening and stop
         after the listener has drained (stores, stream followers).
-    @ivar site: the HTTP factory to listen with.
+    @ivar site: the HTTP factory to listen with (a L{GatewaySite}).
+    @ivar pipeline: the collaborators of the request pipeline.
     """
 
     config: GatewayConfig
     metrics: Metrics
     service: IService
-    site: Site
+    site: Any
+    pipeline: Pipeline
 
 
-class _NotReady(Resource):
-    isLeaf = True
+@dataclass
+class Backends:
+    """
+    What the pipeline talks to outside the process. L{build_backends} makes
+    the real ones; tests may pass their own.
+    """
 
-    def render(self, request):
-        if request.path == b"/health":
-            request.setHeader(b"content-type", b"application/json")
-            return b'{"status":"ok"}'
-        request.setResponseCode(503)
-        request.setHeader(b"content-type", b"application/json")
-        return b'{"error":"not_ready","description":"pipeline not built"}'
+    resources: Any
+    replay: Any
+    audit: Any
+    revocations: Any
+    sts: Any
+    checks: dict
+    services: list
 
 
-def build_gateway(config: GatewayConfig, reactor) -> Gateway:
-    """Build every part of a gateway from C{config}; nothing is started yet."""
+def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends:
+    """The real stores and clients: Postgres, Redis, the STS over treq."""
+    from caracal.gateway.audit import RedisAuditLog
+    from caracal.gateway.redisconn import check_redis, connect_redis
+    from caracal.gateway.replay import RedisReplayGuard
+    from caracal.gateway.resources import PostgresResourceStore
+    from caracal.gateway.revocations import RevocationFollower, RevocationStore
+    from caracal.gateway.sts import STSClient
+    from caracal.gateway.tls import client_tls_policy
+
+    resources = PostgresResourceStore(config.database_url, reactor)
+    redis = connect_redis(config.redis, reactor)
+    revocations = RevocationStore(reactor)
+    follower = RevocationFollower(
+        config.redis, revocations, config.streams_hmac_key, reactor, metrics
+    )
+    sts_policy = client_tls_policy(config.sts_ca_file, variable="STS_CA_FILE")
+    sts = STSClient(config.sts_base_url, reactor, sts_policy, config.sts_timeout)
+    return Backends(
+        resources=resources,
+        replay=RedisReplayGuard(redis, reactor),
+        audit=RedisAuditLog(redis, config.streams_hmac_key, reactor),
+        revocations=revocations,
+        sts=sts,
+        checks={
+            "postgres": resources.check,
+            "redis": lambda: check_redis(redis, reactor),
+            "sts": sts.health,
+        },
+        services=[resources, follower],
+    )
+
+
+def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = None) -> Gateway:
+    """
+    Build every part of a gateway from C{config}. Clients open their
+    connections at once (Redis), so call this in the process that will run
+    them: after twistd has daemonized, i.e. from C{startService}.
+
+    @raise caracal.gateway.config.ConfigError: a CA bundle is unusable.
+    """
+    from caracal.gateway.forward import Forwarder
+    from caracal.gateway.http import GatewaySite
+    from caracal.gateway.jwks import JWKSCache
+    from caracal.gateway.tls import client_tls_policy
+    from caracal.gateway.upstream import UpstreamGuard
+
     metrics = Metrics()
-    return Gateway(config=config, metrics=metrics, service=MultiService(), site=Site(_NotReady()))
+    if backends is None:
+        backends = build_backends(config, reactor, metrics)
+    upstream_policy = client_tls_policy(config.upstream_ca_file, variable="UPSTREAM_CA_FILE")
+    pipeline = Pipeline(
+        resources=backends.resources,
+        jwks=JWKSCache(backends.sts.fetch_jwks, reactor),
+        replay=backends.replay,
+        audit=backends.audit,
+        revocations=backends.revocations,
+        sts=backends.sts,
+        guard=UpstreamGuard(
+            reactor.nameResolver,
+            allowlist=config.upstream_host_allowlist,
+            allow_private=config.allow_private_upstreams,
+        ),
+        forwarder=Forwarder(reactor, upstream_policy, config.upstream_timeout, metrics),
+        metrics=metrics,
+        clock=reactor,
+        jti_fail_open=config.jti_fail_open,
+    )
+    metrics.gauge("bindings_loaded", backends.resources.count)
+    metrics.gauge("revocations_active", backends.revocations.active)
+
+    ready = ReadyResource(backends.checks, reactor)
+    root = GatewayRoot(
+        GatewayResource(pipeline),
+        {
+            b"/health": HealthResource(),
+            b"/ready": ready,
+            b"/metrics": MetricsResource(metrics.snapshot),
+        },
+    )
+    service = MultiService()
+    for child in backends.services:
+        child.setServiceParent(service)
+    site = GatewaySite(root, config, metrics, clock=reactor)
+    return Gateway(config=config, metrics=metrics, service=service, site=site, pipeline=pipeline)

@@ -1,0 +1,342 @@
+# -*- test-case-name: tests.test_pipeline -*-
+"""
+The request pipeline of SPEC section 6, in one place.
+
+L{GatewayResource.render} builds one deferred chain whose callbacks are the
+SPEC's steps, in the SPEC's order. Each step either returns (the chain goes
+on) or raises one L{Denial}; L{GatewayResource._deny} is the single errback
+that turns a Denial into the status, error body, metric and log fields. The
+first failing step answers and nothing after it runs: no STS call and no
+upstream contact for a refused request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.proxy import ReverseProxyResource
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from caracal.gateway import tokens
+from caracal.gateway.denials import Denial, write_denial, write_error
+from caracal.gateway.forward import MissingProviderToken, credential_headers
+from caracal.gateway.replay import ReplayCheckUnavailable
+from caracal.gateway.resources import Resource as ToolResource
+from caracal.gateway.upstream import UpstreamRefused, has_dot_segment
+
+log = Logger(namespace="caracal.pipeline")
+
+RESOURCE_HEADER = b"x-caracal-resource"
+CLIENT_ID_HEADER = b"x-caracal-client-id"
+REPLAY_EVENT = "replay_detected"
+
+
+class _ClientGone(Exception):
+    """The caller disconnected; the rest of the chain is skipped quietly."""
+
+
+@dataclass
+class Call:
+    """What the pipeline has learnt about one request so far."""
+
+    request: Any
+    token: str = field(default="", repr=False)
+    claims: dict = field(default_factory=dict, repr=False)
+    seconds_left: float = 0.0
+    resource: ToolResource | None = None
+    mandate: Any = field(default=None, repr=False)
+    pinned: Any = None
+    gone: bool = False
+
+    @property
+    def zone_id(self) -> str:
+        return self.resource.zone_id
+
+    @property
+    def session_id(self) -> str | None:
+        return tokens.session_id(self.claims)
+
+
+@dataclass
+class Pipeline:
+    """
+    Everything the steps talk to. Each collaborator is an interface with a
+    real implementation (Postgres, Redis, treq, Agent) and a fake for tests.
+    """
+
+    resources: Any
+    jwks: Any
+    replay: Any
+    audit: Any
+    revocations: Any
+    sts: Any
+    guard: Any
+    forwarder: Any
+    metrics: Any
+    clock: Any
+    jti_fail_open: bool = False
+
+
+class GatewayResource(ReverseProxyResource):
+    """
+    The proxied part of the gateway. A L{ReverseProxyResource} whose upstream
+    is chosen per request (from the resource table) and reached only after
+    every guard of SPEC section 6 has passed.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        # The stock host/port/path are unused: the upstream comes from Postgres.
+        ReverseProxyResource.__init__(self, "", 0, b"")
+        self.pipeline = pipeline
+
+    def getChild(self, path, request):
+        return self
+
+    def render(self, request):
+        self.pipeline.metrics.increment("requests_total")
+        call = Call(request)
+        request.notifyFinish().addErrback(lambda _: setattr(call, "gone", True))
+        d = defer.succeed(call)
+        d.addCallback(self._authenticate)  # steps 2-4
+        d.addCallback(self._route)  # steps 5-7
+        d.addCallback(self._verify_signature)  # step 8
+        d.addCallback(self._guard_replay)  # step 9
+        d.addCallback(self._check_session)  # step 10
+        d.addCallback(self._exchange)  # step 11
+        d.addCallback(self._guard_upstream)  # step 12
+        d.addCallback(self._forward)  # step 13
+        d.addErrback(self._deny, call)
+        d.addErrback(self._fail, call)
+        return NOT_DONE_YET
+
+    # Steps 2 to 4: a bearer JWT that is not about to expire.
+    def _authenticate(self, call: Call) -> Call:
+        call.token = tokens.extract_bearer(call.request.requestHeaders)
+        call.request.log_fields["token_fingerprint"] = tokens.fingerprint(call.token)
+        call.claims = tokens.peek_claims(call.token)
+        call.seconds_left = tokens.seconds_left(call.claims, self.pipeline.clock.seconds())
+        return call
+
+    # Steps 5 to 7: which resource, and a path that cannot climb out of it.
+    def _route(self, call: Call) -> Call:
+        headers = call.request.requestHeaders
+        if headers.hasHeader(CLIENT_ID_HEADER):
+            raise Denial(
+                400,
+                "invalid_request",
+                "X-Caracal-Client-ID must not be sent by the caller",
+                metric="denials_bad_routing",
+            )
+        identifiers = headers.getRawHeaders(RESOURCE_HEADER) or []
+        if len(identifiers) != 1 or not identifiers[0].strip():
+            raise Denial(
+                400,
+                "invalid_request",
+                "exactly one X-Caracal-Resource header is required",
+                metric="denials_bad_routing",
+            )
+        identifier = identifiers[0].strip().decode("utf-8", "replace")
+        call.request.log_fields["resource"] = identifier
+        call.resource = self.pipeline.resources.get(identifier)
+        if call.resource is None:
+            raise Denial(403, "access_denied", "no such resource", metric="denials_binding")
+        call.request.log_fields["zone"] = call.resource.zone_id
+        call.request.log_fields["application"] = call.resource.application_id
+        if has_dot_segment(call.request.path):
+            raise Denial(
+                400,
+                "invalid_request",
+                "the request path contains a dot segment",
+                metric="denials_path_traversal",
+            )
+        return call
+
+    # Step 8: an ES256 signature from the resource's zone.
+    def _verify_signature(self, call: Call) -> defer.Deferred:
+        d = tokens.verify_token(call.token, call.zone_id, self.pipeline.jwks)
+
+        def verified(claims):
+            call.claims = claims
+            return call
+
+        return d.addCallback(verified)
+
+    # Step 9: single-use tokens are used once, across every replica.
+    def _guard_replay(self, call: Call):
+        jti = tokens.replay_jti(call.claims)
+        if jti is None:
+            return call
+        request_id = call.request.request_id
+        ttl_ms = max(1, int(call.seconds_left * 1000))
+        d = self.pipeline.replay.claim(call.zone_id, jti, request_id, ttl_ms)
+
+        def claimed(first_use):
+            if first_use:
+                return call
+            self.pipeline.audit.emit(
+                REPLAY_EVENT,
+                request_id,
+                "deny",
+                zone_id=call.zone_id,
+                resource=call.resource.resource_identifier,
+                token_fingerprint=tokens.fingerprint(call.token),
+            )
+            raise Denial(
+                401,
+                "invalid_token",
+                "token already used",
+                metric="denials_jti_replay",
+                reason="replay_detected",
+            )
+
+        def unavailable(failure):
+            failure.trap(ReplayCheckUnavailable)
+            if self.pipeline.jti_fail_open:
+                log.warn(
+                    "replay check skipped: Redis unavailable and JTI_FAIL_OPEN=true"
+                    " (request {request_id})",
+                    request_id=request_id,
+                )
+                call.request.log_fields["replay_check"] = "skipped"
+                return call
+            raise Denial(503, "replay_check_unavailable", "the replay check is unavailable")
+
+        return d.addCallbacks(claimed, unavailable)
+
+    # Step 10: the caller's session has not been revoked.
+    def _check_session(self, call: Call) -> Call:
+        session = call.session_id
+        if session and self.pipeline.revocations.is_revoked(call.zone_id, session):
+            raise Denial(401, "session_revoked", "the session is revoked", metric="denials_revoked")
+        return call
+
+    # Step 11: the per-call mandate from the STS.
+    def _exchange(self, call: Call) -> defer.Deferred:
+        if call.gone:
+            raise _ClientGone()
+        started = self.pipeline.clock.seconds()
+        resource = call.resource
+        d = self.pipeline.sts.exchange(
+            call.token,
+            resource.zone_id,
+            resource.application_id,
+            resource.resource_identifier,
+            call.request.request_id,
+        )
+
+        def exchanged(mandate):
+            elapsed = self.pipeline.clock.seconds() - started
+            call.request.log_fields["sts_ms"] = round(elapsed * 1000, 1)
+            self.pipeline.metrics.observe("sts_exchange_duration_seconds", elapsed)
+            call.mandate = mandate
+            return call
+
+        return d.addCallback(exchanged)
+
+    # Step 12: the upstream URL passes the SSRF rules; the address is pinned.
+    def _guard_upstream(self, call: Call) -> defer.Deferred:
+        d = self.pipeline.guard.check(call.resource.upstream_url)
+
+        def pinned(upstream):
+            call.pinned = upstream
+            call.request.log_fields["upstream_host"] = upstream.url.host
+            return call
+
+        def refused(failure):
+            failure.trap(UpstreamRefused)
+            call.request.log_fields["upstream_refused"] = failure.value.reason
+            raise Denial(
+                403,
+                "access_denied",
+                "the resource's upstream is not allowed",
+                metric="denials_binding",
+                reason="upstream_refused",
+            )
+
+        return d.addCallbacks(pinned, refused)
+
+    # Step 13: forward with the mandate, streaming the answer.
+    def _forward(self, call: Call) -> defer.Deferred:
+        if call.gone:
+            raise _ClientGone()
+        try:
+            credentials = credential_headers(call.resource, call.mandate)
+        except MissingProviderToken:
+            raise Denial(
+                502,
+                "sts_unavailable",
+                "the STS returned no provider token for a provider-auth resource",
+                metric="sts_exchange_errors",
+            ) from None
+        self.pipeline.metrics.increment("requests_allowed")
+        watch = None
+        session = call.session_id
+        if session:
+            revocations, zone = self.pipeline.revocations, call.zone_id
+
+            def watch(cut):
+                return revocations.watch(zone, session, cut)
+
+        return self.pipeline.forwarder.forward(
+            call.request, call.pinned, credentials, int(call.seconds_left), watch
+        )
+
+    def _deny(self, failure, call: Call) -> None:
+        failure.trap(Denial, _ClientGone)
+        if failure.check(_ClientGone) or call.gone:
+            return
+        denial = failure.value
+        request = call.request
+        request.log_fields["denial"] = denial.reason
+        if denial.metric:
+            self.pipeline.metrics.increment(denial.metric)
+        if denial.metric not in ("upstream_errors",):
+            self.pipeline.metrics.increment("requests_denied")
+        if request.startedWriting:
+            # The answer had begun; all we can do is cut it.
+            request.loseConnection()
+            return
+        request.write(write_denial(request, denial))
+        request.finish()
+
+    def _fail(self, failure, call: Call) -> None:
+        log.failure(
+            "pipeline error (request {request_id})",
+            failure,
+            request_id=call.request.request_id,
+        )
+        request = call.request
+        request.log_fields["denial"] = "internal_error"
+        if call.gone:
+            return
+        if request.startedWriting:
+            request.loseConnection()
+            return
+        request.write(write_error(request, 500, "internal_error", "internal error"))
+        request.finish()
+
+
+class GatewayRoot(Resource):
+    """
+    The site's root: the local endpoints of SPEC section 10 by exact path,
+    every other request to the pipeline.
+    """
+
+    isLeaf = True
+
+    def __init__(self, proxy: Resource, local: dict[bytes, Resource]) -> None:
+        Resource.__init__(self)
+        self.proxy = proxy
+        self.local = local
+
+    def render(self, request):
+        endpoint = self.local.get(request.path)
+        if endpoint is not None and request.method in (b"GET", b"HEAD"):
+            return endpoint.render(request)
+        return self.proxy.render(request)

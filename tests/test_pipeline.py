@@ -1,0 +1,413 @@
+# -*- test-case-name: tests.test_pipeline -*-
+"""
+Every row of SPEC section 6, step by step, against in-memory stores and
+fakes that count their calls: a refused request must reach neither the STS
+nor the upstream. Deterministic: a task.Clock drives time.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+from twisted.internet import defer, task
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from caracal.gateway.denials import Denial
+from caracal.gateway.jwks import JWKSCache
+from caracal.gateway.metrics import Metrics
+from caracal.gateway.replay import MemoryReplayGuard, ReplayCheckUnavailable
+from caracal.gateway.resource import GatewayResource, Pipeline
+from caracal.gateway.resources import MemoryResourceStore
+from caracal.gateway.resources import Resource as ToolResource
+from caracal.gateway.revocations import RevocationStore
+from caracal.gateway.upstream import UpstreamRefused
+
+ZONE = "zone-a"
+NOW = 1_800_000_000.0
+
+
+class PipelineRequest(DummyRequest):
+    """A DummyRequest with what GatewayRequest adds (request id, log fields)."""
+
+    def __init__(self, path=b"/tools/run", method=b"POST"):
+        DummyRequest.__init__(self, [])
+        self.path = path
+        self.uri = path
+        self.method = method
+        self.request_id = str(uuid.uuid4())
+        self.log_fields = {}
+        self.startedWriting = False
+        self.lost = False
+
+    def write(self, data):
+        self.startedWriting = True
+        DummyRequest.write(self, data)
+
+    def loseConnection(self):
+        self.lost = True
+
+    @property
+    def body(self):
+        return b"".join(self.written)
+
+
+class FakeSTS:
+    """Counts exchanges; answers with a mandate or a Denial."""
+
+    def __init__(self):
+        self.calls = []
+        self.denial = None
+
+    def exchange(self, subject_token, zone_id, application_id, resource, request_id):
+        self.calls.append((subject_token, zone_id, application_id, resource, request_id))
+        if self.denial:
+            return defer.fail(self.denial)
+        return defer.succeed(Mandate())
+
+
+class Mandate:
+    access_token = "mandate-token"
+    token_type = "Bearer"
+    expires_in = 60
+    issued_token_type = "urn:ietf:params:oauth:token-type:access_token"
+    provider_token = "provider-secret"
+
+
+class Pinned:
+    class url:
+        host = "tools.example"
+
+
+class FakeGuard:
+    def __init__(self):
+        self.calls = []
+        self.refuse = False
+
+    def check(self, url):
+        self.calls.append(url)
+        if self.refuse:
+            return defer.fail(UpstreamRefused("private_address", "resolves to a private address"))
+        return defer.succeed(Pinned())
+
+
+class FakeForwarder:
+    def __init__(self):
+        self.calls = []
+        self.denial = None
+
+    def forward(self, request, pinned, credentials, expires_in, watch):
+        self.calls.append((pinned, credentials, expires_in, watch))
+        if self.denial:
+            return defer.fail(self.denial)
+        request.setResponseCode(200)
+        request.write(b"upstream says hi")
+        request.finish()
+        return defer.succeed(None)
+
+
+class RecordingAudit:
+    def __init__(self):
+        self.events = []
+
+    def emit(self, event_type, request_id, decision, **metadata):
+        self.events.append((event_type, request_id, decision, metadata))
+        return defer.succeed(None)
+
+
+class UnavailableReplay:
+    def claim(self, zone_id, jti, request_id, ttl_ms):
+        return defer.fail(ReplayCheckUnavailable("down"))
+
+
+class PipelineTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.kid = "k1"
+        self.jwks_fetches = 0
+        self.jwks_down = False
+        self.sts = FakeSTS()
+        self.guard = FakeGuard()
+        self.forwarder = FakeForwarder()
+        self.audit = RecordingAudit()
+        self.metrics = Metrics()
+        self.revocations = RevocationStore(self.clock)
+        self.resources = MemoryResourceStore(
+            [
+                ToolResource(
+                    resource_identifier="tools",
+                    zone_id=ZONE,
+                    application_id="app-1",
+                    upstream_url="https://tools.example/api",
+                    auth_mode="caracal_jwt",
+                    auth_header=None,
+                    auth_scheme=None,
+                )
+            ]
+        )
+        self.pipeline = Pipeline(
+            resources=self.resources,
+            jwks=JWKSCache(self.fetch_jwks, self.clock),
+            replay=MemoryReplayGuard(self.clock),
+            audit=self.audit,
+            revocations=self.revocations,
+            sts=self.sts,
+            guard=self.guard,
+            forwarder=self.forwarder,
+            metrics=self.metrics,
+            clock=self.clock,
+        )
+        self.resource = GatewayResource(self.pipeline)
+
+    def fetch_jwks(self, zone_id):
+        self.jwks_fetches += 1
+        if self.jwks_down:
+            return defer.fail(ConnectionRefusedError("sts down"))
+        jwk = ECAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
+        jwk.update(kid=self.kid, alg="ES256")
+        return defer.succeed({"keys": [jwk]})
+
+    def mint(self, key=None, kid="k1", ttl=300, **claims):
+        payload = {"sub": "agent-1", "exp": int(NOW + ttl), "iat": int(NOW), "use": "per_call"}
+        payload["jti"] = str(uuid.uuid4())
+        payload.update(claims)
+        payload = {k: v for k, v in payload.items() if v is not None}
+        headers = {"kid": kid} if kid else {}
+        return jwt.encode(payload, key or self.key, algorithm="ES256", headers=headers)
+
+    def call(self, token=None, resource=b"tools", path=b"/tools/run", headers=()):
+        request = PipelineRequest(path=path)
+        if token is not None:
+            request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + token.encode()])
+        if resource is not None:
+            request.requestHeaders.setRawHeaders(b"x-caracal-resource", [resource])
+        for name, value in headers:
+            request.requestHeaders.addRawHeader(name, value)
+        self.resource.render(request)
+        return request
+
+    def assertDenied(self, request, status, code, metric=None):
+        self.assertEqual(request.responseCode, status)
+        body = json.loads(request.body)
+        self.assertEqual(body["error"], code)
+        self.assertEqual(body["request_id"], request.request_id)
+        self.assertEqual(
+            request.responseHeaders.getRawHeaders(b"content-type"), [b"application/json"]
+        )
+        if status == 401:
+            self.assertEqual(
+                request.responseHeaders.getRawHeaders(b"www-authenticate"), [b"Bearer"]
+            )
+        self.assertTrue(request.log_fields.get("denial"))
+        if metric:
+            self.assertEqual(self.metrics.counters[metric], 1)
+        self.assertEqual(self.metrics.counters["requests_denied"], 1)
+        self.assertEqual(self.forwarder.calls, [])
+
+    def assertNoSTS(self):
+        self.assertEqual(self.sts.calls, [])
+        self.assertEqual(self.guard.calls, [])
+
+    # step 2
+    def test_missingToken(self):
+        request = self.call(token=None)
+        self.assertDenied(request, 401, "missing_token", "denials_missing_auth")
+        self.assertNoSTS()
+        self.assertEqual(self.jwks_fetches, 0)
+
+    def test_oversizedToken(self):
+        request = self.call(token="a" * 4097)
+        self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
+        self.assertNoSTS()
+
+    # step 3
+    def test_notAJWT(self):
+        request = self.call(token="not-a-jwt")
+        self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
+        self.assertNoSTS()
+
+    def test_noExp(self):
+        token = jwt.encode({"sub": "x"}, self.key, algorithm="ES256", headers={"kid": "k1"})
+        request = self.call(token=token)
+        self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
+
+    # step 4
+    def test_expiringSoon(self):
+        request = self.call(token=self.mint(ttl=20))
+        self.assertDenied(request, 401, "credential_expired", "denials_expiring")
+        self.assertNoSTS()
+
+    def test_expiryCheckedBeforeRouting(self):
+        """The first failing step answers: an expiring token to an unknown resource."""
+        request = self.call(token=self.mint(ttl=20), resource=b"nope")
+        self.assertDenied(request, 401, "credential_expired")
+
+    # step 5
+    def test_inboundClientIdRefused(self):
+        request = self.call(token=self.mint(), headers=[(b"X-Caracal-Client-ID", b"spoof")])
+        self.assertDenied(request, 400, "invalid_request", "denials_bad_routing")
+        self.assertNoSTS()
+
+    def test_resourceHeaderMissing(self):
+        request = self.call(token=self.mint(), resource=None)
+        self.assertDenied(request, 400, "invalid_request", "denials_bad_routing")
+
+    # step 6
+    def test_unknownResource(self):
+        request = self.call(token=self.mint(), resource=b"unknown")
+        self.assertDenied(request, 403, "access_denied", "denials_binding")
+        self.assertNoSTS()
+        self.assertEqual(self.jwks_fetches, 0)
+
+    # step 7
+    def test_pathTraversal(self):
+        for path in (b"/a/../b", b"/a/%2e%2e/b", b"/a/%2E%2e", b"/./x", b"/a/..%5cb"):
+            self.metrics = Metrics()
+            self.pipeline.metrics = self.metrics
+            request = self.call(token=self.mint(), path=path)
+            self.assertDenied(request, 400, "invalid_request", "denials_path_traversal")
+        self.assertNoSTS()
+        self.assertEqual(self.jwks_fetches, 0)
+
+    # step 8
+    def test_wrongKey(self):
+        other = ec.generate_private_key(ec.SECP256R1())
+        request = self.call(token=self.mint(key=other))
+        self.assertDenied(request, 401, "invalid_token", "denials_signature")
+        self.assertNoSTS()
+
+    def test_missingKid(self):
+        request = self.call(token=self.mint(kid=None))
+        self.assertDenied(request, 401, "invalid_token")
+        self.assertNoSTS()
+
+    def test_jwksUnreachable(self):
+        self.jwks_down = True
+        request = self.call(token=self.mint())
+        self.assertEqual(request.responseCode, 503)
+        self.assertEqual(json.loads(request.body)["error"], "sts_unavailable")
+        self.assertNoSTS()
+
+    # step 9
+    def test_replayRefusedAndAudited(self):
+        token = self.mint()
+        first = self.call(token=token)
+        self.assertEqual(first.responseCode, 200)
+        second = self.call(token=token)
+        self.assertEqual(second.responseCode, 401)
+        self.assertEqual(json.loads(second.body)["error"], "invalid_token")
+        self.assertEqual(self.metrics.counters["denials_jti_replay"], 1)
+        self.assertEqual(len(self.sts.calls), 1)
+        [(event, request_id, decision, metadata)] = self.audit.events
+        self.assertEqual(
+            (event, request_id, decision), ("replay_detected", second.request_id, "deny")
+        )
+        self.assertNotIn(token, json.dumps(metadata))
+
+    def test_ambientTokensReusable(self):
+        token = self.mint(use="ambient", jti=None)
+        self.assertEqual(self.call(token=token).responseCode, 200)
+        self.assertEqual(self.call(token=token).responseCode, 200)
+
+    def test_singleUseWithoutJti(self):
+        request = self.call(token=self.mint(jti=None))
+        self.assertDenied(request, 401, "invalid_token")
+        self.assertNoSTS()
+
+    def test_replayGuardUnavailableFailsClosed(self):
+        self.pipeline.replay = UnavailableReplay()
+        request = self.call(token=self.mint())
+        self.assertDenied(request, 503, "replay_check_unavailable")
+        self.assertNoSTS()
+
+    def test_replayGuardUnavailableFailOpen(self):
+        self.pipeline.replay = UnavailableReplay()
+        self.pipeline.jti_fail_open = True
+        request = self.call(token=self.mint())
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(request.log_fields["replay_check"], "skipped")
+
+    # step 10
+    def test_revokedSession(self):
+        self.revocations.revoke(ZONE, "s-1")
+        request = self.call(token=self.mint(sid="s-1"))
+        self.assertDenied(request, 401, "session_revoked", "denials_revoked")
+        self.assertNoSTS()
+
+    def test_revokedAgentSessionId(self):
+        self.revocations.revoke(ZONE, "s-2")
+        request = self.call(token=self.mint(agent_session_id="s-2"))
+        self.assertDenied(request, 401, "session_revoked")
+
+    def test_revocationIsPerZone(self):
+        self.revocations.revoke("other-zone", "s-1")
+        self.assertEqual(self.call(token=self.mint(sid="s-1")).responseCode, 200)
+
+    # step 11
+    def test_stsErrorPassedThrough(self):
+        self.sts.denial = Denial(403, "access_denied", "no grant", metric="sts_exchange_errors")
+        request = self.call(token=self.mint())
+        self.assertDenied(request, 403, "access_denied", "sts_exchange_errors")
+        self.assertEqual(self.guard.calls, [])
+
+    def test_stsExchangeArguments(self):
+        token = self.mint()
+        request = self.call(token=token)
+        self.assertEqual(self.sts.calls, [(token, ZONE, "app-1", "tools", request.request_id)])
+
+    # step 12
+    def test_upstreamRefused(self):
+        self.guard.refuse = True
+        request = self.call(token=self.mint())
+        self.assertDenied(request, 403, "access_denied")
+        self.assertEqual(self.guard.calls, ["https://tools.example/api"])
+
+    # step 13
+    def test_forwardedWithMandate(self):
+        token = self.mint(sid="s-9")
+        request = self.call(token=token)
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(request.body, b"upstream says hi")
+        [(pinned, credentials, expires_in, watch)] = self.forwarder.calls
+        self.assertEqual(credentials, [(b"Authorization", b"Bearer mandate-token")])
+        self.assertNotIn(token.encode(), repr(credentials).encode())
+        self.assertEqual(expires_in, 300)
+        self.assertIsNotNone(watch)
+        self.assertEqual(self.metrics.counters["requests_allowed"], 1)
+        self.assertEqual(self.metrics.counters["requests_denied"], 0)
+        self.assertEqual(request.log_fields["zone"], ZONE)
+        self.assertEqual(request.log_fields["upstream_host"], "tools.example")
+
+    def test_forwardFailure(self):
+        self.forwarder.denial = Denial(504, "upstream_timeout", "slow", metric="upstream_errors")
+        request = self.call(token=self.mint())
+        self.assertEqual(request.responseCode, 504)
+        self.assertEqual(json.loads(request.body)["error"], "upstream_timeout")
+        self.assertEqual(self.metrics.counters["upstream_errors"], 1)
+
+    def test_noTokenInBodiesOrLogFields(self):
+        token = self.mint()
+        for request in (self.call(token=token), self.call(token=token)):
+            self.assertNotIn(token.encode(), request.body)
+            self.assertNotIn(token, json.dumps(request.log_fields))
+            self.assertEqual(len(request.log_fields["token_fingerprint"]), 12)
+
+    def test_clientGoneBeforeExchange(self):
+        """A caller that disconnected is not exchanged for at the STS."""
+        release = defer.Deferred()
+        self.pipeline.jwks = JWKSCache(lambda zone: release, self.clock)
+        request = self.call(token=self.mint())
+        request.processingFailed = None
+        for d in request._finishedDeferreds:
+            d.errback(ConnectionError("gone"))
+        request._finishedDeferreds = []
+        self.fetch_jwks_result = self.fetch_jwks(ZONE)
+        self.fetch_jwks_result.addCallback(release.callback)
+        self.assertEqual(self.sts.calls, [])
+        self.assertEqual(request.written, [])
