@@ -12,7 +12,7 @@ from urllib.parse import parse_qs
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import CancelledError, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -343,7 +343,7 @@ class ExchangeErrorTests(SynchronousTestCase):
 
     def test_stale_pooled_connection_retried_once(self):
         """A connection dropped before any answer is retried once, then it is a 502."""
-        lost = lambda *a: fail(ResponseNeverReceived([Failure(ConnectionRefusedError())]))  # noqa: E731
+        lost = lambda *a: fail(ResponseNeverReceived([Failure(ConnectionDone())]))  # noqa: E731
         agent = ScriptedAgent(lost, lost, lost)
         client = STSClient(BASE, Clock(), agent=agent)
         self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
@@ -353,12 +353,20 @@ class ExchangeErrorTests(SynchronousTestCase):
         sts = STSDouble(body=MANDATE)
         real = RequestTraversalAgent(sts)
         agent = ScriptedAgent(
-            lambda *a: fail(ResponseNeverReceived([Failure(ConnectionRefusedError())])),
+            lambda *a: fail(ResponseNeverReceived([Failure(ConnectionDone())])),
             real.request,
         )
         client = STSClient(BASE, Clock(), agent=agent)
         self.assertEqual(self.successResultOf(exchange(client)), Mandate(**MANDATE))
         self.assertEqual(len(sts.requests), 1)
+
+    def test_other_lost_responses_not_retried(self):
+        """Only a peer closing the connection is retried, not e.g. a TLS failure."""
+        broken = lambda *a: fail(ResponseNeverReceived([Failure(ValueError("tls"))]))  # noqa: E731
+        agent = ScriptedAgent(broken, broken)
+        client = STSClient(BASE, Clock(), agent=agent)
+        self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
+        self.assertEqual(agent.calls, 1)
 
     def test_caller_cancellation_is_not_a_denial(self):
         """A cancelled exchange (the caller went away) stays a cancellation."""

@@ -22,6 +22,7 @@ from urllib.parse import urlencode
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -392,8 +393,10 @@ class STSClient:
             # answer; the exchange has no side effect, so try once more on a
             # fresh connection (still inside the same time bound).
             failure.trap(RequestNotSent, ResponseNeverReceived)
-            if _cancelled(failure):
-                # Cancelled (timeout or caller), not a stale connection.
+            reasons = getattr(failure.value, "reasons", None) or []
+            if not all(r.check(ConnectionDone, ConnectionLost) for r in reasons):
+                # Cancelled (timeout or caller), a TLS failure...: not a stale
+                # connection, so a second attempt would not fare better.
                 return failure
             return attempt()
 

@@ -89,6 +89,17 @@ class DevSTSTests(STSClientTestCase):
         self.assertEqual(port.factory.connections, 1)
 
     @inlineCallbacks
+    def test_server_closed_idle_connection(self):
+        """An idle pooled connection the STS closed is replaced, not an error."""
+        sts, base_url, port = yield self.dev_sts()
+        client = self.client(base_url)
+        yield client.exchange(sts.mint("zone-a", "a"), "zone-a", "app", "res", "r1")
+        yield port.factory.close_connections()
+        mandate = yield client.exchange(sts.mint("zone-a", "a"), "zone-a", "app", "res", "r2")
+        self.assertTrue(mandate.access_token)
+        self.assertEqual(port.factory.connections, 2)
+
+    @inlineCallbacks
     def test_concurrent_exchanges(self):
         """Concurrent exchanges all succeed (the pool opens what it needs)."""
         from twisted.internet.defer import gatherResults
