@@ -215,6 +215,22 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(headers[b"x-request-id"], [json.loads(body)["request_id"].encode()])
         self.assertTrue(transport.disconnecting)
 
+    def test_id_on_malformed_chunked_body(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST / HTTP/1.1\r\nX-Request-Id: bad-chunk\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n"
+        )
+        status, headers, body = one_response(transport)
+        self.assertEqual(status, 400)
+        self.assertEqual(headers[b"x-request-id"], [b"bad-chunk"])
+        self.assertEqual(json.loads(body)["error"], "invalid_request")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.resource.rendered, [])
+        self.assertEqual(self.site.inflight, 0)
+        [event] = self.access_events
+        self.assertEqual(event["access"]["status"], 400)
+
     def test_server_header(self) -> None:
         channel, transport = self.connect()
         self.request(channel)
@@ -462,6 +478,21 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(1)
         self.assertTrue(transport.disconnecting)
+
+    def test_idle_timer_stops_when_next_request_starts(self) -> None:
+        config = GatewayConfig(
+            read_header_timeout=READ_HEADER, read_timeout=READ, write_timeout=WRITE, idle_timeout=3
+        )
+        self.site = GatewaySite(self.resource, config, self.metrics, clock=self.clock)
+        channel, transport = self.connect()
+        self.request(channel)
+        self.clock.advance(2)
+        self.request(channel, path=b"/slow")
+        self.assertEqual(channel.armed(), {"write"})
+        self.clock.advance(WRITE - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.resource.pending[0].finish()
+        self.assertEqual(channel.armed(), {"idle"})
 
     def test_keep_alive_request_gets_header_timeout_from_first_byte(self) -> None:
         channel, transport = self.connect()

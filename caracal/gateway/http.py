@@ -387,7 +387,12 @@ class GatewayChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's version writes a bare 400; ours carries the envelope and
         # the request id, and closes with a bounded grace.
-        if self._closing:
+        if self._closing or self._refused:
+            return
+        if self._headers_in and self._state == "reading" and self.requests:
+            # A malformed body: the request has its id and is counted, so it
+            # is answered (and logged) like any other early refusal.
+            self._refuse(self.requests[-1], 400, "invalid_request", "malformed request body")
             return
         request_id = self.requests[-1].request_id if self.requests else str(uuid4())
         self._write_raw_error(
