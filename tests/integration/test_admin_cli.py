@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -169,3 +170,32 @@ class AdminCommandTests(TestCase):
     def test_libpq_dsn(self):
         code, _, stderr = self.admin("--database-url", self.database.dsn, "migrate")
         self.assertEqual((code, stderr), (0, ""))
+
+
+class PsqlSchemaTests(TestCase):
+    """C{etc/schema.sql} is appliable with plain C{psql -f}, repeatedly."""
+
+    skip = _SKIP or (None if shutil.which("psql") else "psql is not installed")
+
+    def test_psql_twice(self):
+        database = TemporaryDatabase(apply_schema=False).create()
+        self.addCleanup(database.drop)
+        schema = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "schema.sql")
+        for _ in range(2):
+            completed = subprocess.run(
+                ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", schema, database.url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            self.assertEqual(completed.returncode, 0, completed.stderr)
+            self.assertNotIn("ERROR", completed.stderr)
+        database.execute(
+            "INSERT INTO gateway_resources (resource_identifier, zone_id, application_id,"
+            " upstream_url) VALUES ('r', 'z', 'a', 'https://u.example')"
+        )
+        self.assertEqual(
+            database.execute("SELECT auth_mode, auth_header, auth_scheme FROM gateway_resources"),
+            [("caracal_jwt", None, None)],
+        )
