@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
 
 from caracal.gateway.config import GatewayConfig
 from caracal.gateway.endpoints import HealthResource, MetricsResource, ReadyResource
@@ -36,6 +37,17 @@ class Gateway:
     pipeline: Pipeline
 
 
+class ClosingService(Service):
+    """Closes clients (connection pools) when the gateway stops."""
+
+    def __init__(self, *closers) -> None:
+        self.closers = closers
+
+    def stopService(self) -> defer.Deferred:
+        Service.stopService(self)
+        return defer.gatherResults([defer.maybeDeferred(close) for close in self.closers])
+
+
 @dataclass
 class Backends:
     """
@@ -55,7 +67,7 @@ class Backends:
 def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends:
     """The real stores and clients: Postgres, Redis, the STS over treq."""
     from caracal.gateway.audit import RedisAuditLog
-    from caracal.gateway.redisconn import check_redis, connect_redis
+    from caracal.gateway.redisconn import check_redis, close_redis, connect_redis
     from caracal.gateway.replay import RedisReplayGuard
     from caracal.gateway.resources import PostgresResourceStore
     from caracal.gateway.revocations import RevocationFollower, RevocationStore
@@ -81,7 +93,7 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
             "redis": lambda: check_redis(redis, reactor),
             "sts": sts.health,
         },
-        services=[resources, follower],
+        services=[resources, follower, ClosingService(lambda: close_redis(redis), sts.close)],
     )
 
 
@@ -133,7 +145,7 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
         },
     )
     service = MultiService()
-    for child in backends.services:
+    for child in [*backends.services, ClosingService(pipeline.forwarder.close)]:
         child.setServiceParent(service)
     site = GatewaySite(root, config, metrics, clock=reactor)
     return Gateway(config=config, metrics=metrics, service=service, site=site, pipeline=pipeline)

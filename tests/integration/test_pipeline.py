@@ -1,0 +1,259 @@
+# -*- test-case-name: tests.integration.test_pipeline -*-
+"""
+The whole gateway end to end, in process, over real sockets on 127.0.0.1:
+TLS listener, real Postgres (temporary database), real Redis, the dev STS and
+a local upstream. Each test shows what the caller got AND what was (or was
+not) contacted behind the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+
+from tests.support.gateway import GatewayHarness
+from tests.support.redis import SyncRedis
+
+
+def wait_until(predicate, timeout=3.0, interval=0.01):
+    """Poll C{predicate} on the reactor until true; fail after C{timeout}."""
+    deadline = reactor.seconds() + timeout
+
+    @defer.inlineCallbacks
+    def poll():
+        while True:
+            result = yield defer.maybeDeferred(predicate)
+            if result:
+                return result
+            if reactor.seconds() > deadline:
+                raise AssertionError("condition not met in time")
+            yield task.deferLater(reactor, interval, lambda: None)
+
+    return poll()
+
+
+class PipelineEndToEndTests(TestCase):
+    timeout = 30
+    env: dict = {}
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gw = GatewayHarness(**self.env)
+        self.addCleanup(self.gw.stop)
+        yield self.gw.start()
+
+    @defer.inlineCallbacks
+    def error_of(self, response):
+        body = yield response.json()
+        self.assertEqual(body["request_id"], response.headers.getRawHeaders("x-request-id")[0])
+        return body["error"]
+
+
+class AllowedRequestTests(PipelineEndToEndTests):
+    @defer.inlineCallbacks
+    def test_forwardedWithMandateNotCallerToken(self):
+        self.gw.add_resource()
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
+        token = self.gw.mint(session_id="s-1")
+        response = yield self.gw.request(
+            token,
+            path="/tools/run?a=1",
+            headers={b"X-Request-Id": [b"req-e2e-1"], b"X-Caracal-Debug": [b"x"]},
+            data=b'{"q": 1}',
+        )
+        self.assertEqual(response.code, 200)
+        seen = yield response.json()
+        headers = dict(seen["headers"])
+        self.assertEqual(seen["path"], "/api/tools/run")
+        self.assertEqual(seen["query"], "a=1")
+        self.assertTrue(headers["authorization"].startswith("Bearer "))
+        self.assertNotIn(token, json.dumps(seen))
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+        self.assertEqual(headers["x-request-id"], "req-e2e-1")
+        self.assertNotIn("x-caracal-debug", headers)
+        self.assertNotIn("x-caracal-resource", headers)
+        self.assertEqual(response.headers.getRawHeaders("x-request-id"), ["req-e2e-1"])
+        left = int(response.headers.getRawHeaders("x-caracal-token-expires-in")[0])
+        self.assertTrue(250 < left <= 300)
+        self.assertEqual(self.gw.sts.exchanges, 1)
+        counters = self.gw.gateway.metrics.snapshot()
+        self.assertEqual(counters["requests_allowed"], 1)
+
+    @defer.inlineCallbacks
+    def test_replayRefusedAndAuditedInRedis(self):
+        self.gw.add_resource()
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
+        token = self.gw.mint()
+        first = yield self.gw.request(token)
+        yield first.content()
+        self.assertEqual(first.code, 200)
+        second = yield self.gw.request(token)
+        self.assertEqual(second.code, 401)
+        self.assertEqual((yield self.error_of(second)), "invalid_token")
+        self.assertEqual(self.gw.sts.exchanges, 1)
+        request_id = second.headers.getRawHeaders("x-request-id")[0]
+        redis = SyncRedis()
+        self.addCleanup(redis.close)
+        entries = redis.call("XREVRANGE", "caracal.audit.events", "+", "-", "COUNT", "200")
+        events = [json.loads(dict(zip(f[::2], f[1::2], strict=True))["data"]) for _, f in entries]
+        [event] = [e for e in events if e.get("request_id") == request_id]
+        self.assertEqual(event["event_type"], "replay_detected")
+        self.assertNotIn(token, json.dumps(event))
+
+    @defer.inlineCallbacks
+    def test_resourceAddedIsServedWithinASecond(self):
+        token = self.gw.mint(use="ambient")
+        before = yield self.gw.request(token)
+        self.assertEqual(before.code, 403)
+        yield before.content()
+        added = time.monotonic()
+        self.gw.add_resource()
+
+        @defer.inlineCallbacks
+        def served():
+            response = yield self.gw.request(token)
+            yield response.content()
+            return response.code == 200
+
+        yield wait_until(served, timeout=1.0)
+        self.assertLess(time.monotonic() - added, 1.0)
+
+    @defer.inlineCallbacks
+    def test_localEndpoints(self):
+        health = yield self.gw.client.get(self.gw.base_url + "/health")
+        self.assertEqual(health.code, 200)
+        yield health.content()
+        ready = yield self.gw.client.get(self.gw.base_url + "/ready")
+        document = yield ready.json()
+        self.assertEqual((ready.code, document["status"]), (200, "ready"))
+        metrics = yield self.gw.client.get(
+            self.gw.base_url + "/metrics", headers={b"Accept": [b"text/plain"]}
+        )
+        text = yield metrics.text()
+        self.assertIn("caracal_gateway_requests_total ", text)
+
+
+class RefusedRequestTests(PipelineEndToEndTests):
+    @defer.inlineCallbacks
+    def assertRefused(self, response, status, code):
+        self.assertEqual(response.code, status)
+        self.assertEqual((yield self.error_of(response)), code)
+        if status == 401:
+            self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ["Bearer"])
+        self.assertEqual(self.gw.sts.exchanges, 0)
+        self.assertEqual(self.gw.upstream.requests, [])
+
+    @defer.inlineCallbacks
+    def test_missingToken(self):
+        response = yield self.gw.request(None)
+        yield self.assertRefused(response, 401, "missing_token")
+
+    @defer.inlineCallbacks
+    def test_unknownResource(self):
+        response = yield self.gw.request(self.gw.mint(), resource="nope")
+        yield self.assertRefused(response, 403, "access_denied")
+
+    @defer.inlineCallbacks
+    def test_traversal(self):
+        self.gw.add_resource()
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
+        response = yield self.gw.request(self.gw.mint(), path="/a/%2e%2e/admin")
+        yield self.assertRefused(response, 400, "invalid_request")
+
+    @defer.inlineCallbacks
+    def test_otherZonesKeyRefused(self):
+        self.gw.add_resource()
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
+        foreign = self.gw.sts.mint("another-zone", "agent-1")
+        response = yield self.gw.request(foreign)
+        yield self.assertRefused(response, 401, "invalid_token")
+
+    @defer.inlineCallbacks
+    def test_revokedSessionWithinASecond(self):
+        self.gw.add_resource()
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
+        self.gw.revoke("s-revoked")
+        revocations = self.gw.gateway.pipeline.revocations
+        yield wait_until(lambda: revocations.is_revoked(self.gw.zone, "s-revoked"), timeout=1.0)
+        response = yield self.gw.request(self.gw.mint(session_id="s-revoked"))
+        yield self.assertRefused(response, 401, "session_revoked")
+
+    @defer.inlineCallbacks
+    def test_forgedRevocationIgnored(self):
+        self.gw.add_resource()
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
+        self.gw.revoke("s-forged", sign=False)
+        self.gw.revoke("s-marker")
+        revocations = self.gw.gateway.pipeline.revocations
+        yield wait_until(lambda: revocations.is_revoked(self.gw.zone, "s-marker"), timeout=1.0)
+        self.assertFalse(revocations.is_revoked(self.gw.zone, "s-forged"))
+
+    @defer.inlineCallbacks
+    def test_oversizedBody(self):
+        response = yield self.gw.request(self.gw.mint(), data=b"x" * (64 * 1024 + 1))
+        self.assertEqual(response.code, 413)
+        self.assertEqual((yield self.error_of(response)), "payload_too_large")
+        self.assertEqual(self.gw.sts.exchanges, 0)
+
+
+RefusedRequestTests.env = {"MAX_REQUEST_BYTES": "65536"}
+
+
+class SSRFTests(PipelineEndToEndTests):
+    """With private upstreams not allowed, a loopback upstream is never contacted."""
+
+    env = {"ALLOW_PRIVATE_UPSTREAMS": "false"}
+
+    @defer.inlineCallbacks
+    def check_refused(self, upstream):
+        self.gw.add_resource(upstream=upstream)
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
+        response = yield self.gw.request(self.gw.mint())
+        self.assertEqual(response.code, 403)
+        body = yield response.json()
+        self.assertEqual(body["error"], "access_denied")
+        self.assertEqual(self.gw.upstream.connections, 0)
+        self.assertEqual(self.gw.upstream.requests, [])
+
+    def test_loopbackAddress(self):
+        return self.check_refused(self.gw.upstream.url("/api"))
+
+    def test_loopbackName(self):
+        return self.check_refused(self.gw.upstream.url("/api", host="localhost"))
+
+    def test_decimalSpelling(self):
+        return self.check_refused(f"http://2130706433:{self.gw.upstream.port}/api")
+
+    def test_mappedIPv6(self):
+        return self.check_refused(f"http://[::ffff:127.0.0.1]:{self.gw.upstream.port}/api")
+
+
+class StreamingTests(PipelineEndToEndTests):
+    @defer.inlineCallbacks
+    def test_sseEventsArriveOneByOneAndRevocationCuts(self):
+        self.gw.add_resource()
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
+        opened = self.gw.upstream.next_sse()
+        response = yield self.gw.request(self.gw.mint(session_id="s-live"), path="/sse")
+        self.assertEqual(response.code, 200)
+        stream = yield opened
+        received = []
+        arrived = defer.Deferred()
+
+        def collect(data):
+            received.append(data)
+            if not arrived.called:
+                arrived.callback(None)
+
+        done = treq.collect(response, collect)
+        stream.send(b"data: one\n\n")
+        yield arrived
+        self.assertEqual(b"".join(received), b"data: one\n\n")
+        self.gw.revoke("s-live")
+        yield done
+        self.assertEqual(response.headers.getRawHeaders("trailer"), ["X-Caracal-Revoked"])
+        self.assertNotIn(b"two", b"".join(received))
