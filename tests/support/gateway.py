@@ -84,23 +84,25 @@ class GatewayHarness:
 
     @defer.inlineCallbacks
     def stop(self):
-        """Stop whatever L{start} got to start, in reverse order."""
-        if hasattr(self, "pool"):
-            yield self.pool.closeCachedConnections()
-        if hasattr(self, "port"):
-            yield defer.maybeDeferred(self.port.stopListening)
-        if hasattr(self, "gateway"):
-            yield defer.maybeDeferred(self.gateway.service.stopService)
-        if hasattr(self, "upstream"):
-            yield self.upstream.stop()
-        if hasattr(self, "sts_port"):
-            yield stop_listening(self.sts_port)
-        for key in self.redis.call("KEYS", f"seen:jti:{self.zone}:*") or []:
-            self.redis.call("DEL", key)
-        if self.stream_ids:
-            self.redis.call("XDEL", "caracal.sessions.revoke", *self.stream_ids)
-        self.redis.close()
-        self.database.drop()
+        """Stop whatever L{start} got to start, in reverse order; always drop the database."""
+        try:
+            if hasattr(self, "pool"):
+                yield self.pool.closeCachedConnections()
+            if hasattr(self, "port"):
+                yield defer.maybeDeferred(self.port.stopListening)
+            if hasattr(self, "gateway"):
+                yield defer.maybeDeferred(self.gateway.service.stopService)
+            if hasattr(self, "upstream"):
+                yield self.upstream.stop()
+            if hasattr(self, "sts_port"):
+                yield stop_listening(self.sts_port)
+            for key in self.redis.call("KEYS", f"seen:jti:{self.zone}:*") or []:
+                self.redis.call("DEL", key)
+            if self.stream_ids:
+                self.redis.call("XDEL", "caracal.sessions.revoke", *self.stream_ids)
+        finally:
+            self.redis.close()
+            self.database.drop()
 
     def add_resource(
         self,
