@@ -338,14 +338,42 @@ class Forwarder:
         )
         for name, value in credentials:
             headers.setRawHeaders(name, [value])
+        exchange = _Exchange(self, request, token_expires_in, watch_revocation)
         agent = Agent.usingEndpointFactory(
             self._reactor,
             PinnedEndpointFactory(pinned, self._tls_policy, self._reactor, self._timeout),
-            pool=self.pool,
+            pool=_PoolView(self.pool, exchange),
         )
-        exchange = _Exchange(self, request, token_expires_in, watch_revocation)
         exchange.start(agent, url.uri(path, query), headers, _body_producer(request))
         return exchange.result
+
+
+class _PoolView:
+    """
+    The shared pool as one request's Agent sees it, noting which connection
+    the request got: twisted's client parser moves C{Connection} out of the
+    response headers (into the protocol's parser), and the headers it names
+    are hop-by-hop too.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool, exchange: _Exchange) -> None:
+        self._pool = pool
+        self._exchange = exchange
+        self.persistent = pool.persistent
+
+    def getConnection(self, key, endpoint):
+        def got(protocol):
+            self._exchange.protocol = protocol
+            return protocol
+
+        return self._pool.getConnection(key, endpoint).addCallback(got)
+
+
+def _connection_headers(protocol) -> Headers:
+    """The response's connection-control headers, as the client parser kept them."""
+    parser = getattr(protocol, "_parser", None)
+    headers = getattr(parser, "connHeaders", None)
+    return headers if isinstance(headers, Headers) else Headers()
 
 
 def _upstream_denial(failure) -> Denial:
@@ -375,6 +403,7 @@ class _Exchange:
         self._pending = None
         self._relay: _BodyRelay | None = None
         self._trailer = False
+        self.protocol = None
         self.state = "waiting"
         self.result: defer.Deferred[None] = defer.Deferred()
 
@@ -466,7 +495,21 @@ class _Exchange:
     def _write_head(self, response, elapsed: float) -> None:
         request = self._request
         request.setResponseCode(response.code, response.phrase)
-        for name, values in response_headers(response.headers).getAllRawHeaders():
+        # twisted's client parser keeps the framing headers apart from
+        # response.headers: put back Connection (it names more hop-by-hop
+        # headers) and Content-Length (the client gets the body unchunked).
+        upstream = response.headers.copy()
+        framing = _connection_headers(self.protocol)
+        for name in (b"Connection", b"Content-Length"):
+            for value in framing.getRawHeaders(name, []):
+                upstream.addRawHeader(name, value)
+        if (
+            not upstream.hasHeader(b"content-length")
+            and isinstance(response.length, int)
+            and request.method != b"HEAD"
+        ):
+            upstream.setRawHeaders(b"Content-Length", [str(response.length).encode("ascii")])
+        for name, values in response_headers(upstream).getAllRawHeaders():
             request.responseHeaders.setRawHeaders(name, values)
         left = max(0, int(self._token_expires_in - elapsed))
         request.responseHeaders.setRawHeaders(
