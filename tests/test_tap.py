@@ -145,6 +145,24 @@ class RefusedStartTests(SynchronousTestCase):
         self.assertTrue(output.startswith("caracal-gateway: "), output)
         self.assertTrue(cert_path in output or other_key_path in output, output)
 
+    def test_unusable_ca_bundle(self) -> None:
+        """CA bundles are read before daemonizing: a bad one is a refused start."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        bundle = os.path.join(directory, "sts-ca.pem")
+        with open(bundle, "w") as f:
+            f.write("not a certificate\n")
+        self.assertEqual(
+            self.refused(dict(DEV_PLAINTEXT, STS_CA_FILE=bundle)),
+            f"caracal-gateway: STS_CA_FILE {bundle}: no PEM certificate found\n",
+        )
+        missing = os.path.join(directory, "missing.pem")
+        self.assertEqual(
+            self.refused(dict(DEV_PLAINTEXT, UPSTREAM_CA_FILE=missing)),
+            f"caracal-gateway: UPSTREAM_CA_FILE {missing}: cannot read:"
+            " No such file or directory\n",
+        )
+
 
 class BindListenerTests(SynchronousTestCase):
     """L{tap.bind_listener} turns an unusable address into a L{ConfigError}."""
@@ -213,10 +231,11 @@ class FakeBackground(Service):
 class DrainingSite(Site):
     """A site with the HTTP helper's C{drain}/C{inflight}, driven by the test."""
 
-    def __init__(self, events: list):
-        Site.__init__(self, Resource())
+    def __init__(self, events: list, reactor):
+        # Our reactor, or the channels' timeouts land on the global one.
+        Site.__init__(self, Resource(), reactor=reactor)
         self.events = events
-        self.inflight = 0
+        self.inflight = 0  # only read by the log line
         self.drains: list[defer.Deferred] = []
 
     def drain(self, timeout: float) -> defer.Deferred:
@@ -253,13 +272,22 @@ class GatewayServiceTests(SynchronousTestCase):
             config=config,
             metrics=Metrics(),
             service=background or FakeBackground(self.events),
-            site=site if site is not None else DrainingSite(self.events),
+            site=site if site is not None else DrainingSite(self.events, self.reactor),
+            pipeline=None,
         )
+
+        def build(built_config, reactor):
+            self.assertIs(built_config, config)
+            self.assertIs(reactor, self.reactor)
+            self.events.append("build")
+            return gateway
+
         return tap.GatewayService(
-            gateway,
+            config,
             self.endpoint,
             self.reactor,
             server_tls=server_tls,
+            build=build,
             install_sighup=self.install_sighup,
             restore_sighup=self.restore_sighup,
         )
@@ -303,15 +331,37 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIsNotNone(peer, "TLS handshake did not complete")
         return Certificate(peer).dump()
 
+    def test_built_after_daemonizing(self) -> None:
+        """
+        Nothing is built until twistd starts the service (after it has
+        daemonized): clients connect as soon as they are built.
+        """
+        service = self.service()
+        self.assertEqual(self.events, [])
+        self.assertIsNone(service.gateway)
+        service.privilegedStartService()
+        self.assertEqual(self.events, ["build", "background privileged start"])
+
     def test_background_starts_before_listening(self) -> None:
         service = self.service()
         service.privilegedStartService()
         service.startService()
-        self.assertEqual(self.events, ["background privileged start", "background start", "listen"])
+        self.assertEqual(
+            self.events,
+            ["build", "background privileged start", "background start", "listen"],
+        )
         self.assertIsNotNone(service.port)
 
+    def test_start_without_privileged_start(self) -> None:
+        service = self.service()
+        service.startService()
+        self.assertEqual(
+            self.events,
+            ["build", "background privileged start", "background start", "listen"],
+        )
+
     def test_plaintext_listens_with_the_site(self) -> None:
-        site = DrainingSite(self.events)
+        site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site)
         service.startService()
         self.assertEqual(self.endpoint.factories, [site])
@@ -324,7 +374,7 @@ class GatewayServiceTests(SynchronousTestCase):
             os.path.join(directory, "server.key"),
             clock=self.reactor,
         )
-        site = DrainingSite(self.events)
+        site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site, server_tls=server_tls)
         service.startService()
         [factory] = self.endpoint.factories
@@ -412,7 +462,7 @@ class GatewayServiceTests(SynchronousTestCase):
         )
 
     def test_sigterm_stops_accepting_drains_then_stops_background(self) -> None:
-        site = DrainingSite(self.events)
+        site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site)
         service.startService()
         self.reactor._exitSignal = signal.SIGTERM
@@ -423,7 +473,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertNoResult(stopped)
         self.assertEqual(self.reactor._exitSignal, signal.SIGTERM)
 
-        site.drains[0].callback(None)
+        site.drains[0].callback(0)
         self.successResultOf(stopped)
         self.assertEqual(
             self.events, ["stop listening", f"drain {tap.DRAIN_TIMEOUT}", "background stop"]
@@ -432,33 +482,32 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIsNone(self.reactor._exitSignal)
 
     def test_drain_timeout_logged(self) -> None:
-        site = DrainingSite(self.events)
+        site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site)
         service.startService()
-        site.inflight = 2
         stopped = service.stopService()
-        site.drains[0].callback(None)
+        site.drains[0].callback(2)
         self.successResultOf(stopped)
         self.assertIn("drain timed out after 25.0 s; 2 requests cut", self.logged())
+        self.assertIn("background stop", self.events)
+
+    def test_clean_drain_logs_no_warning(self) -> None:
+        site = DrainingSite(self.events, self.reactor)
+        service = self.service(site=site)
+        service.startService()
+        stopped = service.stopService()
+        site.drains[0].callback(0)
+        self.successResultOf(stopped)
+        self.assertFalse([line for line in self.logged() if "drain timed out" in line])
 
     def test_sigint_keeps_its_exit_signal(self) -> None:
         service = self.service()
         service.startService()
         self.reactor._exitSignal = signal.SIGINT
         stopped = service.stopService()
-        service.gateway.site.drains[0].callback(None)
+        service.gateway.site.drains[0].callback(0)
         self.successResultOf(stopped)
         self.assertEqual(self.reactor._exitSignal, signal.SIGINT)
-
-    def test_site_without_drain(self) -> None:
-        """A plain Site has nothing to drain: the stop goes straight on."""
-        service = self.service(site=Site(Resource()))
-        service.startService()
-        self.reactor._exitSignal = signal.SIGTERM
-        del self.events[:]
-        self.successResultOf(service.stopService())
-        self.assertEqual(self.events, ["stop listening", "background stop"])
-        self.assertIsNone(self.reactor._exitSignal)
 
     def test_failed_stop_keeps_exit_signal(self) -> None:
         """An unclean stop must not exit 0."""
@@ -466,17 +515,18 @@ class GatewayServiceTests(SynchronousTestCase):
         service.startService()
         self.reactor._exitSignal = signal.SIGTERM
         stopped = service.stopService()
-        service.gateway.site.drains[0].callback(None)
+        service.gateway.site.drains[0].callback(0)
         self.successResultOf(stopped)
         self.assertEqual(self.reactor._exitSignal, signal.SIGTERM)
         self.assertIn("caracal-gateway did not stop cleanly", self.logged())
 
-    def test_stop_before_listening(self) -> None:
+    def test_stop_before_start(self) -> None:
+        """Stopping a service that never started has nothing to undo."""
         service = self.service()
-        stopped = service.stopService()
-        service.gateway.site.drains[0].callback(None)
-        self.successResultOf(stopped)
-        self.assertNotIn("stop listening", self.events)
+        self.reactor._exitSignal = signal.SIGTERM
+        self.successResultOf(service.stopService())
+        self.assertEqual(self.events, [])
+        self.assertIsNone(self.reactor._exitSignal)
 
     def test_listen_failure_stops_the_reactor(self) -> None:
         self.endpoint.failure = OSError("adoption failed")

@@ -11,6 +11,11 @@ nothing listening and no pidfile left behind.
 The listening socket is bound here too, for the same reason: an address
 already in use is a refused start, not a traceback in a log file. The
 running service adopts that socket once the reactor is set up.
+
+The gateway itself (L{build_gateway}) is built in C{startService}, after
+daemonizing, because its clients connect at once and a forked-away parent
+must not own those connections; the files it reads (CA bundles) are checked
+here first so their errors are refused starts too.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from twisted.python import usage
 
 from caracal.gateway.app import Gateway, build_gateway
 from caracal.gateway.config import ConfigError, GatewayConfig
-from caracal.gateway.tls import ServerTLS, install_sighup_reload
+from caracal.gateway.tls import ServerTLS, client_tls_policy, install_sighup_reload
 
 log = Logger()
 
@@ -98,47 +103,54 @@ def bind_listener(address: str, port: int) -> socket.socket:
     except socket.gaierror as error:
         raise ConfigError(f"BIND_ADDRESS {address}: {error.strerror}") from None
     except OSError as error:
-        raise ConfigError(f"cannot listen on {where}: {error.strerror or error}") from None
+        # create_server appends "(while attempting to bind ...)" to strerror.
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ConfigError(f"cannot listen on {where}: {reason}") from None
 
 
 class GatewayService(Service):
     """
-    One gateway's lifetime: start the background services, then listen;
-    on stop, stop accepting, drain in-flight requests, then stop the
-    background services.
+    One gateway's lifetime: build it and start its background services,
+    then listen; on stop, stop accepting, drain in-flight requests, then
+    stop the background services.
 
+    @ivar gateway: the L{Gateway} once started, else C{None}.
     @ivar port: the C{IListeningPort} once listening, else C{None}.
     """
 
     def __init__(
         self,
-        gateway: Gateway,
+        config: GatewayConfig,
         endpoint,
         reactor,
         server_tls: ServerTLS | None = None,
         drain_timeout: float = DRAIN_TIMEOUT,
+        build=build_gateway,
         install_sighup=install_sighup_reload,
         restore_sighup=None,
     ) -> None:
         """
         @param endpoint: the C{IStreamServerEndpoint} to listen on.
         @param server_tls: serve TLS with it; plaintext when C{None}.
+        @param build: C{build(config, reactor) -> Gateway} (L{build_gateway}).
         @param install_sighup: installs the SIGHUP reload and returns the
             previous handler (L{install_sighup_reload}).
         @param restore_sighup: puts the previous handler back (default:
             C{signal.signal(SIGHUP, previous)}).
         """
-        self.gateway = gateway
+        self.config = config
         self.endpoint = endpoint
         self.reactor = reactor
         self.server_tls = server_tls
         self.drain_timeout = drain_timeout
+        self._build = build
         self._install_sighup = install_sighup
         self._restore_sighup = restore_sighup or (
             lambda previous: signal.signal(signal.SIGHUP, previous)
         )
         self._previous_sighup = None
         self._watch = None
+        self.gateway: Gateway | None = None
         self.port = None
         self._listening = None
 
@@ -146,15 +158,26 @@ class GatewayService(Service):
         """The protocol factory to listen with: the site, wrapped in TLS unless plaintext."""
         if self.server_tls is None:
             return self.gateway.site
-        return TLSMemoryBIOFactory(self.server_tls.creator, False, self.gateway.site)
+        return TLSMemoryBIOFactory(
+            self.server_tls.creator, False, self.gateway.site, clock=self.reactor
+        )
+
+    def _ensure_built(self) -> None:
+        if self.gateway is None:
+            self.gateway = self._build(self.config, self.reactor)
+            self.gateway.service.privilegedStartService()
 
     def privilegedStartService(self) -> None:
+        """
+        Build the gateway: twistd calls this after daemonizing, so the
+        connections its clients open belong to the daemon.
+        """
         Service.privilegedStartService(self)
-        self.gateway.service.privilegedStartService()
+        self._ensure_built()
 
     def startService(self) -> None:
         Service.startService(self)
-        config = self.gateway.config
+        config = self.config
         log.info(
             "caracal-gateway starting; effective configuration: {configuration}",
             configuration=json.dumps(config.redacted(), sort_keys=True),
@@ -164,6 +187,7 @@ class GatewayService(Service):
                 "escape hatch {hatch} is enabled; never use it where real credentials flow",
                 hatch=hatch,
             )
+        self._ensure_built()
         # Stores and followers first, so the first request finds them running.
         self.gateway.service.startService()
         if self.server_tls is not None:
@@ -200,7 +224,7 @@ class GatewayService(Service):
             self._previous_sighup = None
         d = defer.maybeDeferred(self._stop_listening)
         d.addCallback(lambda _: self._drain())
-        d.addCallback(lambda _: self.gateway.service.stopService())
+        d.addCallback(lambda _: self._stop_background())
         d.addCallbacks(self._stopped_cleanly, self._stop_failed)
         return d
 
@@ -211,20 +235,24 @@ class GatewayService(Service):
         log.info("caracal-gateway no longer accepting connections")
         return port.stopListening()
 
-    def _drain(self):
-        site = self.gateway.site
-        drain = getattr(site, "drain", None)
-        if drain is None:
+    def _stop_background(self):
+        if self.gateway is None:
             return None
+        return self.gateway.service.stopService()
+
+    def _drain(self):
+        if self.gateway is None:
+            return None
+        site = self.gateway.site
         log.info(
             "draining {inflight} in-flight requests (up to {timeout} s)",
-            inflight=getattr(site, "inflight", "?"),
+            inflight=site.inflight,
             timeout=self.drain_timeout,
         )
-        d = defer.maybeDeferred(drain, self.drain_timeout)
 
-        def drained(_):
-            left = getattr(site, "inflight", 0)
+        def drained(left: int) -> None:
+            # GatewaySite.drain fires with the number of requests still in
+            # flight: more than zero when the timeout cut them.
             if left:
                 log.warn(
                     "drain timed out after {timeout} s; {left} requests cut",
@@ -232,7 +260,7 @@ class GatewayService(Service):
                     left=left,
                 )
 
-        return d.addCallback(drained)
+        return defer.maybeDeferred(site.drain, self.drain_timeout).addCallback(drained)
 
     def _stopped_cleanly(self, _) -> None:
         # twistd remembers the signal that stopped the reactor
@@ -254,9 +282,9 @@ class GatewayService(Service):
 
 def makeService(options: Options) -> GatewayService:
     """
-    Build the gateway from the environment (the C{IServiceMaker} entry
-    point). A refused configuration ends the process here, see
-    L{refuse_start}.
+    Read and check the configuration, load the certificate, bind the port
+    (the C{IServiceMaker} entry point). A refused configuration ends the
+    process here, see L{refuse_start}.
     """
     from twisted.internet import reactor
 
@@ -265,10 +293,13 @@ def makeService(options: Options) -> GatewayService:
         server_tls = None
         if not config.insecure_http:
             server_tls = ServerTLS(config.tls_cert_file, config.tls_key_file, clock=reactor)
-        gateway = build_gateway(config, reactor)
+        # Read now so an unusable bundle is refused before daemonizing;
+        # build_gateway reads them again in startService.
+        client_tls_policy(config.sts_ca_file, variable="STS_CA_FILE")
+        client_tls_policy(config.upstream_ca_file, variable="UPSTREAM_CA_FILE")
         listener = bind_listener(config.bind_address, config.port)
     except ConfigError as error:
         refuse_start(str(error))
     family = listener.family
     endpoint = AdoptedStreamServerEndpoint(reactor, listener.detach(), family)
-    return GatewayService(gateway, endpoint, reactor, server_tls)
+    return GatewayService(config, endpoint, reactor, server_tls)
