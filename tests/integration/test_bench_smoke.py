@@ -1,0 +1,97 @@
+# -*- test-case-name: tests.integration.test_bench_smoke -*-
+"""
+The benchmark harness (C{bench/run.py}) runs end to end on this machine: a
+one-second run of target (a), and of (b) when Postgres and Redis answer,
+reports real traffic with zero errors; a per_call run whose token pool is too
+small is reported invalid rather than measured on error paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+from twisted.trial.unittest import SynchronousTestCase
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN = os.path.join(REPO, "bench", "run.py")
+
+
+def _services_reason() -> str | None:
+    """C{None} when the shared Postgres and Redis answer, else why not."""
+    for name, port in (("Postgres", 5432), ("Redis", 6379)):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError as error:
+            return f"no {name} on 127.0.0.1:{port}: {error}"
+    return None
+
+
+class BenchSmokeTests(SynchronousTestCase):
+    """Very short runs of the real harness (real processes on 127.0.0.1)."""
+
+    def run_bench(self, *arguments: str) -> tuple[int, dict, str]:
+        out = os.path.abspath(self.mktemp())
+        completed = subprocess.run(
+            [sys.executable, RUN, "--duration", "1", "--connections", "2", "--warmup", "0",
+             "--quiet", "--out", out, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            check=False,
+        )  # fmt: skip
+        if shutil.which("wrk") is None and "python gave no result" in completed.stderr:
+            self.skipTest(f"wrk absent and the Python fallback failed: {completed.stderr}")
+        report = {}
+        if os.path.exists(out):
+            with open(out, encoding="utf-8") as f:
+                report = json.load(f)
+        return completed.returncode, report, completed.stdout + completed.stderr
+
+    def assertCleanRun(self, result: dict) -> None:
+        self.assertGreater(result["requests"], 0)
+        self.assertGreater(result["rps"], 0)
+        self.assertEqual(result["errors"], 0)
+        self.assertEqual(result["tokens_exhausted"], 0)
+        self.assertTrue(result["valid"])
+        self.assertLessEqual(result["p50_ms"], result["p99_ms"])
+
+    def test_bare_and_gateway(self) -> None:
+        """(a), and (b) when its services exist, carry traffic with 0 errors; ratios reported."""
+        missing = _services_reason()
+        targets = "bare" if missing else "bare,ambient"
+        status, report, output = self.run_bench("--targets", targets)
+        self.assertEqual(status, 0, output)
+        self.assertIn("(a) bare ReverseProxyResource, TLS", output)
+        self.assertCleanRun(report["targets"]["bare"])
+        self.assertEqual(report["settings"]["connections"], 2)
+        if missing:
+            return
+        self.assertCleanRun(report["targets"]["ambient"])
+        ratio = report["ratios"]["ambient/bare"]
+        self.assertAlmostEqual(
+            ratio["rps"],
+            report["targets"]["ambient"]["rps"] / report["targets"]["bare"]["rps"],
+            places=2,
+        )
+        self.assertIn("ratio (b)/(a)", output)
+
+    def test_per_call_pool_too_small_is_invalid(self) -> None:
+        """Requests beyond the pre-minted single-use tokens make the run invalid (exit 1)."""
+        missing = _services_reason()
+        if missing:
+            raise self.skipTest(missing)
+        # A pool sized for 1 req/s runs dry within the second.
+        status, report, output = self.run_bench("--targets", "per_call", "--assumed-rate", "1")
+        self.assertEqual(status, 1, output)
+        result = report["targets"]["per_call"]
+        self.assertGreater(result["tokens_exhausted"], 0)
+        self.assertFalse(result["valid"])
+        # Each exhausted request was refused by the gateway, none reached the upstream.
+        self.assertGreaterEqual(result["non2xx"], result["tokens_exhausted"])
+        self.assertIn("INVALID", output)
