@@ -6,12 +6,20 @@ merge, header hygiene both ways and the credential by auth mode.
 
 from __future__ import annotations
 
+import io
 import re
 
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import server
 from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyChannel
 
+from caracal.gateway.denials import Denial
 from caracal.gateway.forward import (
+    Forwarder,
     MissingProviderToken,
     credential_headers,
     forward_request_headers,
@@ -20,8 +28,10 @@ from caracal.gateway.forward import (
     response_headers,
     target_path,
 )
+from caracal.gateway.metrics import Metrics
 from caracal.gateway.resources import Resource
 from caracal.gateway.sts import Mandate
+from caracal.gateway.upstream import PinnedUpstream, parse_upstream
 
 TARGET_PATHS = [
     (b"/api", b"/tools/x", b"/api/tools/x"),
@@ -300,3 +310,220 @@ class ResponseHeadersTests(SynchronousTestCase):
         out = response_headers(self.upstream(), transformed=True)
         self.assertFalse(out.hasHeader(b"content-length"))
         self.assertTrue(out.hasHeader(b"content-type"))
+
+
+def client_request(method=b"GET", uri=b"/x?a=1", clientproto=b"HTTP/1.1") -> server.Request:
+    """A real server Request on a fake channel, as the gateway's site makes them."""
+    channel = DummyChannel()
+    request = server.Request(channel, False)
+    # Kept apart: the request forgets its channel once finished.
+    request.test_transport = channel.transport
+    request.method = method
+    request.uri = uri
+    request.path = uri.partition(b"?")[0]
+    request.clientproto = clientproto
+    request.content = io.BytesIO(b"")
+    request.request_id = "req-1"
+    request.log_fields = {}
+    request.requestHeaders.setRawHeaders(b"host", [b"gateway.test"])
+    return request
+
+
+def written(request) -> bytes:
+    return request.test_transport.written.getvalue()
+
+
+class ForwarderTests(SynchronousTestCase):
+    """L{Forwarder} on a memory reactor, with the upstream played by the test."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.metrics = Metrics()
+        self.forwarder = Forwarder(self.reactor, None, 5.0, self.metrics)
+        self.pinned = PinnedUpstream(parse_upstream("http://api.example/base"), "93.184.216.34", 2)
+        self.cancelled = 0
+        self.cut = None
+
+    def watch(self, cut):
+        self.cut = cut
+
+        def cancel():
+            self.cancelled += 1
+
+        return cancel
+
+    def forward(self, request, watch=None):
+        return self.forwarder.forward(
+            request, self.pinned, [(b"Authorization", b"Bearer mandate")], 300, watch
+        )
+
+    def connect_upstream(self) -> StringTransport:
+        """Complete the pending TCP connection; return the upstream's transport."""
+        [(host, port, factory, _timeout, _bind)] = self.reactor.tcpClients
+        self.assertEqual((host, port), ("93.184.216.34", 80))
+        transport = StringTransport()
+        protocol = factory.buildProtocol(None)
+        protocol.makeConnection(transport)
+        self.upstream_protocol = protocol
+        return transport
+
+    def respond(self, data: bytes) -> None:
+        self.upstream_protocol.dataReceived(data)
+
+    def test_request_sent(self):
+        self.forward(client_request())
+        upstream = self.connect_upstream()
+        sent = upstream.value()
+        self.assertTrue(sent.startswith(b"GET /base/x?a=1 HTTP/1.1\r\n"), sent)
+        self.assertIn(b"Authorization: Bearer mandate\r\n", sent)
+        self.assertIn(b"Host: api.example\r\n", sent)
+
+    def test_timeout(self):
+        d = self.forward(client_request())
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.2)
+        denial = self.failureResultOf(d, Denial).value
+        self.assertEqual((denial.status, denial.code), (504, "upstream_timeout"))
+        self.assertEqual(denial.metric, "upstream_errors")
+
+    def test_timeout_after_connect_aborts(self):
+        d = self.forward(client_request())
+        upstream = self.connect_upstream()
+        self.reactor.advance(5.1)
+        self.assertEqual(self.failureResultOf(d, Denial).value.status, 504)
+        self.assertTrue(upstream.disconnecting or upstream.disconnected)
+
+    def test_refused(self):
+        d = self.forward(client_request())
+        [(_host, _port, factory, _timeout, _bind)] = self.reactor.tcpClients
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        denial = self.failureResultOf(d, Denial).value
+        self.assertEqual((denial.status, denial.code), (502, "upstream_unreachable"))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stream_then_finish(self):
+        request = client_request()
+        d = self.forward(request, self.watch)
+        self.connect_upstream()
+        self.respond(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"X-Caracal-Identity: leak\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        head = written(request)
+        self.assertIn(b"Trailer: X-Caracal-Revoked\r\n", head)
+        self.assertIn(b"X-Caracal-Token-Expires-In: 300\r\n", head)
+        self.assertNotIn(b"leak", head)
+        self.respond(b"b\r\ndata: one\n\n\r\n")
+        self.assertTrue(written(request).endswith(b"b\r\ndata: one\n\n\r\n"))
+        self.assertNoResult(d)
+        self.respond(b"0\r\n\r\n")
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(written(request).endswith(b"0\r\n\r\n"))
+        self.assertEqual(request.finished, 1)
+        self.assertEqual(self.cancelled, 1)
+        self.assertIsNone(request.producer)
+        self.assertEqual(self.metrics.histograms["upstream_duration_seconds"].count, 1)
+
+    def test_cut_writes_trailer(self):
+        request = client_request()
+        d = self.forward(request, self.watch)
+        upstream = self.connect_upstream()
+        self.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        self.cut()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(
+            written(request).endswith(b"5\r\nhello\r\n0\r\nX-Caracal-Revoked: true\r\n\r\n")
+        )
+        self.assertEqual(request.finished, 1)
+        self.assertEqual(upstream.producerState, "stopped")
+        self.respond(b"5\r\nlater\r\n")
+        self.assertNotIn(b"later", written(request))
+        self.assertEqual(request.log_fields["upstream_cut"], "session_revoked")
+
+    def test_cut_fixed_length_closes(self):
+        request = client_request()
+        d = self.forward(request, self.watch)
+        self.connect_upstream()
+        self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello")
+        self.assertIn(b"Content-Length: 100\r\n", written(request))
+        self.assertNotIn(b"Trailer", written(request))
+        self.cut()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertFalse(request.finished)
+        self.assertTrue(request.test_transport.disconnected)
+
+    def test_http10_client_not_chunked(self):
+        request = client_request(clientproto=b"HTTP/1.0")
+        self.forward(request, self.watch)
+        self.connect_upstream()
+        self.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        self.assertNotIn(b"Trailer", written(request))
+        self.cut()
+        self.assertTrue(request.test_transport.disconnected)
+
+    def test_back_pressure(self):
+        """The client's transport pausing the request pauses the upstream read."""
+        request = client_request()
+        self.forward(request)
+        upstream = self.connect_upstream()
+        self.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        [(producer, streaming)] = request.test_transport.producers
+        self.assertTrue(streaming)
+        self.assertEqual(upstream.producerState, "producing")
+        producer.pauseProducing()
+        self.assertEqual(upstream.producerState, "paused")
+        producer.resumeProducing()
+        self.assertEqual(upstream.producerState, "producing")
+
+    def test_client_gone_mid_stream(self):
+        request = client_request()
+        d = self.forward(request, self.watch)
+        upstream = self.connect_upstream()
+        self.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(upstream.producerState, "stopped")
+        self.assertEqual(self.cancelled, 1)
+
+    def test_client_gone_while_waiting(self):
+        request = client_request()
+        d = self.forward(request)
+        upstream = self.connect_upstream()
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(upstream.disconnecting or upstream.disconnected)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_client_already_gone(self):
+        request = client_request()
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(self.successResultOf(self.forward(request, self.watch)))
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertIsNone(self.cut)
+
+    def test_already_revoked(self):
+        """A watch that fires at once: 401, and the upstream is never contacted."""
+
+        def revoked(cut):
+            cut()
+            return lambda: setattr(self, "cancelled", self.cancelled + 1)
+
+        d = self.forward(client_request(), revoked)
+        denial = self.failureResultOf(d, Denial).value
+        self.assertEqual((denial.status, denial.code), (401, "session_revoked"))
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.cancelled, 1)
+
+    def test_upstream_dies_mid_body(self):
+        """A truncated upstream body is not passed off as complete."""
+        request = client_request()
+        d = self.forward(request)
+        upstream = self.connect_upstream()
+        self.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        self.upstream_protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(self.successResultOf(d))
+        self.assertFalse(request.finished)
+        self.assertFalse(written(request).endswith(b"0\r\n\r\n"))
+        self.assertTrue(request.test_transport.disconnected)
+        del upstream

@@ -12,6 +12,7 @@ import socket
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHostnameResolver, IOpenSSLClientConnectionCreator
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI
@@ -375,6 +376,22 @@ class FakeResolver:
 
 
 @implementer(IHostnameResolver)
+class SilentResolver:
+    """A resolver that never answers (a hung getaddrinfo)."""
+
+    def resolveHostName(self, resolutionReceiver, hostName, *args, **kwargs):
+        resolutionReceiver.resolutionBegan(None)
+
+
+@implementer(IHostnameResolver)
+class BrokenResolver:
+    """A resolver that raises instead of answering."""
+
+    def resolveHostName(self, *args, **kwargs):
+        raise OSError("resolver exploded")
+
+
+@implementer(IHostnameResolver)
 class RefusingResolver:
     """A resolver that must not be asked: the rule before it refuses."""
 
@@ -483,6 +500,31 @@ class UpstreamGuardTests(SynchronousTestCase):
             self.refused(guard.check("http://nowhere.example/")).reason, "unresolvable"
         )
         self.assertEqual(resolver.asked, ["nowhere.example"])
+
+    def test_prefers_ipv4(self):
+        resolver = FakeResolver({"dual.example": ["2606:4700::1", "93.184.216.34"]})
+        pinned = self.successResultOf(UpstreamGuard(resolver).check("http://dual.example/"))
+        self.assertEqual((pinned.address, pinned.family), ("93.184.216.34", socket.AF_INET))
+
+    def test_resolution_timeout(self):
+        clock = Clock()
+        guard = UpstreamGuard(SilentResolver(), clock=clock, timeout=2.0)
+        d = guard.check("http://hang.example/")
+        clock.advance(1.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        self.assertEqual(self.refused(d).reason, "resolution_timeout")
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_resolution_in_time_cancels_timer(self):
+        clock = Clock()
+        guard = UpstreamGuard(FakeResolver({"a.example": ["8.8.8.8"]}), clock=clock, timeout=2.0)
+        self.successResultOf(guard.check("http://a.example/"))
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_resolver_raising(self):
+        guard = UpstreamGuard(BrokenResolver())
+        self.assertEqual(self.refused(guard.check("http://a.example/")).reason, "unresolvable")
 
     def test_resolves_once(self):
         resolver = FakeResolver({"api.example": ["93.184.216.34"]})

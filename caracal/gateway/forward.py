@@ -323,6 +323,10 @@ class Forwarder:
             504 C{upstream_timeout}, 401 C{session_revoked}) only when no
             response byte was written yet.
         """
+        if getattr(request, "_disconnected", False):
+            # The client left before we were called: contact nobody (its
+            # body file is closed and notifyFinish would never fire).
+            return defer.succeed(None)
         url = pinned.url
         path = target_path(url.base_path, request.path)
         query = merge_query(url.query, request.uri.partition(b"?")[2])
@@ -412,10 +416,14 @@ class _Exchange:
         self._request.notifyFinish().addCallbacks(lambda _: None, self._client_gone)
         self._timer = self._reactor.callLater(self._forwarder._timeout, self._timed_out)
         if self._watch is not None:
-            self._cancel_watch = self._watch(self.cut)
-        if self.state != "waiting":
-            return
-        self._pending = agent.request(self._request.method, uri, headers, body)
+            cancel = self._watch(self.cut)
+            if self.state != "waiting":
+                # Already revoked: the watch called cut() before returning.
+                cancel()
+                return
+            self._cancel_watch = cancel
+        # maybeDeferred: the Agent raises some errors instead of failing.
+        self._pending = defer.maybeDeferred(agent.request, self._request.method, uri, headers, body)
         self._pending.addCallbacks(self._got_response, self._request_failed)
         self._pending.addErrback(self._unexpected)
 

@@ -426,7 +426,8 @@ class PinnedUpstream:
     An upstream that passed every rule, with the address to connect to.
 
     @ivar url: the parsed URL (its C{host} is what TLS verifies).
-    @ivar address: the IP address (text) that passed the check.
+    @ivar address: the IP address (text) that passed the check: the first
+        IPv4 address the name resolved to, else the first address.
     @ivar family: C{socket.AF_INET} or C{socket.AF_INET6}.
     """
 
@@ -459,7 +460,8 @@ class _Collector:
             self.addresses.append(address.host)
 
     def resolutionComplete(self) -> None:
-        self.done.callback(self.addresses)
+        if not self.done.called:  # not after a timeout gave up on us
+            self.done.callback(self.addresses)
 
 
 class UpstreamGuard:
@@ -473,12 +475,24 @@ class UpstreamGuard:
         (case-insensitive, trailing dot ignored).
     @param allow_private: skip the public-address rule (the allowlist and
         the static rules still apply).
+    @param clock: with C{timeout}, bounds the resolution: a resolver that
+        does not answer within C{timeout} seconds refuses the upstream
+        (getaddrinfo in a thread can hang far longer than any client waits).
     """
 
-    def __init__(self, resolver, allowlist=frozenset(), allow_private: bool = False) -> None:
+    def __init__(
+        self,
+        resolver,
+        allowlist=frozenset(),
+        allow_private: bool = False,
+        clock=None,
+        timeout: float | None = None,
+    ) -> None:
         self._resolver = resolver
         self._allowlist = frozenset(_host_key(h) for h in allowlist)
         self._allow_private = allow_private
+        self._clock = clock
+        self._timeout = timeout
 
     def check(self, url: str) -> defer.Deferred[PinnedUpstream]:
         """
@@ -499,8 +513,24 @@ class UpstreamGuard:
             except UpstreamRefused:
                 return defer.fail()
         collector = _Collector()
-        self._resolver.resolveHostName(collector, upstream.host, 0)
-        return collector.done.addCallback(lambda found: self._pin(upstream, found))
+        try:
+            self._resolver.resolveHostName(collector, upstream.host, 0)
+        except Exception:
+            return defer.fail(
+                UpstreamRefused("unresolvable", f"upstream host {upstream.host} did not resolve")
+            )
+        done = collector.done
+        if self._clock is not None and self._timeout is not None and not done.called:
+
+            def timed_out(failure):
+                failure.trap(defer.TimeoutError, defer.CancelledError)
+                raise UpstreamRefused(
+                    "resolution_timeout", f"upstream host {upstream.host} did not resolve in time"
+                )
+
+            done.addTimeout(self._timeout, self._clock)
+            done.addErrback(timed_out)
+        return done.addCallback(lambda found: self._pin(upstream, found))
 
     def _check_allowlist(self, upstream: UpstreamURL) -> None:
         if self._allowlist and _host_key(upstream.host) not in self._allowlist:
@@ -525,7 +555,10 @@ class UpstreamGuard:
                         "private_address",
                         f"upstream host {upstream.host} has a non-public address",
                     )
-        text, address = addresses[0]
+        # A pinned address gets no happy-eyeballs fallback, so take the family
+        # most likely to be routable from a server: the first IPv4 address,
+        # else the first one.
+        text, address = next(((t, a) for t, a in addresses if a.version == 4), addresses[0])
         return PinnedUpstream(url=upstream, address=text, family=_family(address))
 
 
