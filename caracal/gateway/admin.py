@@ -42,6 +42,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import parse_dsn
 
+from caracal.gateway import checkconfig
 from caracal.gateway.config import redact_url
 from caracal.gateway.resources import AUTH_MODES, CARACAL_JWT
 from caracal.gateway.upstream import (
@@ -440,6 +441,10 @@ def remove(context: Context) -> int:
         raise failure(f"no resource {resource}")
     print(f"removed {resource}", file=context.stdout)
     return EXIT_OK
+
+
+# check-config lives in its own module (it reads the gateway's whole environment).
+register("check-config", checkconfig.HELP, checkconfig.configure)(checkconfig.run)
 
 
 # -- the command line ----------------------------------------------------
