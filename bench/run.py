@@ -136,6 +136,20 @@ class Processes:
                 time.sleep(0.1)
         raise BenchError(f"{name} did not listen on {port} within {START_TIMEOUT:.0f} s")
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) used so far by each running child, from /proc."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        used = {}
+        for name, process, _path in self.running:
+            try:
+                with open(f"/proc/{process.pid}/stat", encoding="ascii") as f:
+                    # Fields after the parenthesised command: utime, stime are 12th, 13th.
+                    fields = f.read().rsplit(")", 1)[1].split()
+                used[name] = (int(fields[11]) + int(fields[12])) / ticks
+            except (OSError, IndexError, ValueError):
+                continue
+        return used
+
     def stop_all(self) -> None:
         """SIGTERM every child (newest first), SIGKILL any still there after 30 s."""
         for _name, process, _path in reversed(self.running):
@@ -419,6 +433,10 @@ def ratios(results: dict) -> dict:
             "p50": round(other["p50_ms"] / bare["p50_ms"], 3) if bare["p50_ms"] else None,
             "p99": round(other["p99_ms"] / bare["p99_ms"], 3) if bare["p99_ms"] else None,
         }
+        if bare.get("cpu_ms_per_request") and other.get("cpu_ms_per_request"):
+            out[f"{name}/bare"]["cpu_per_request"] = round(
+                other["cpu_ms_per_request"] / bare["cpu_ms_per_request"], 3
+            )
     return out
 
 
@@ -441,11 +459,18 @@ def format_table(results: dict, ratio: dict) -> str:
             f"{LABELS[name]:<38}{result['rps']:>10.1f}{result['p50_ms']:>10.2f}"
             f"{result['p99_ms']:>10.2f}{result['errors']:>8d}{flag}"
         )
+    for name in TARGETS:
+        cpu = results.get(name, {}).get("cpu_s")
+        if cpu:
+            spent = ", ".join(f"{process} {seconds:.1f} s" for process, seconds in cpu.items())
+            per_request = results[name].get("cpu_ms_per_request", 0.0)
+            lines.append(f"cpu during {name}: {spent} ({per_request:.2f} ms per request)")
     for key, value in ratio.items():
         letter = {"ambient/bare": "(b)/(a)", "per_call/bare": "(c)/(a)"}[key]
+        cpu = value.get("cpu_per_request")
         lines.append(
             f"ratio {letter}: throughput {value['rps']:.3f}x, p50 {value['p50']:.2f}x,"
-            f" p99 {value['p99']:.2f}x"
+            f" p99 {value['p99']:.2f}x" + (f", cpu/request {cpu:.2f}x" if cpu else "")
         )
     return "\n".join(lines)
 
@@ -600,11 +625,25 @@ class Bench:
                 self.resource, warmup_file or token_file,
             )  # fmt: skip
         self.say(f"measuring {LABELS[name]} for {args.duration} s ...")
+        before = self.processes.cpu_seconds()
         raw = run_load(
             self.loader, port, mode, args.duration, args.connections, args.threads,
             self.resource, token_file,
         )  # fmt: skip
-        self.results[name] = summarize(raw)
+        after = self.processes.cpu_seconds()
+        result = summarize(raw)
+        # Where the cores went during the measurement (the load generator excluded).
+        result["cpu_s"] = {
+            process: round(after[process] - before[process], 2)
+            for process in after
+            if process in before and after[process] - before[process] >= 0.05
+        }
+        # CPU per request depends much less on other load than req/s does.
+        if result["requests"]:
+            result["cpu_ms_per_request"] = round(
+                1000 * sum(result["cpu_s"].values()) / result["requests"], 3
+            )
+        self.results[name] = result
 
     def per_call_budget(self, seconds: int) -> int:
         """Tokens enough for C{seconds} at 1.5 times the fastest gateway rate seen (or a guess)."""
@@ -614,6 +653,7 @@ class Bench:
     def run(self) -> dict:
         args = self.args
         self.loader = loader_available(args.loader)
+        self.load_at_start = os.getloadavg()
         self.say(f"load generator: {self.loader}; temporary files in {self.directory}")
         self.start_upstream_and_certs()
         wanted = args.targets
@@ -686,6 +726,8 @@ class Bench:
                 "platform": platform.platform(),
                 "python": platform.python_version(),
                 "twisted": twisted.__version__,
+                # Other work on the machine skews the figures; recorded to judge them.
+                "loadavg_at_start": [round(x, 2) for x in self.load_at_start],
             },
             "settings": {
                 "duration_s": args.duration,
