@@ -1,0 +1,194 @@
+# -*- test-case-name: tests.test_replay,tests.integration.test_redis_stores -*-
+"""
+Refusal of replayed single-use tokens (SPEC section 6 step 9, section 9).
+
+The first gateway to see a token's C{jti} claims it in Redis with
+C{SET seen:jti:<zone_id>:<jti> <request_id> NX PX <ms left>}; every later
+presentation of that token, on any gateway, finds the key and is a replay.
+
+Key safety. C{zone_id} and C{jti} end up inside a Redis key, so they are
+checked before use (L{replay_key}); a refused one raises L{ReplayKeyInvalid},
+which the pipeline answers as C{invalid_token}:
+
+ - both must be non-empty strings of at most 256 UTF-8 bytes without control
+   characters (C0, DEL, C1), which keeps keys bounded and log-safe;
+ - C{zone_id} must not contain C{:}. The zone is the only separator-delimited
+   part of the key, so with a colon-free zone the key splits back into exactly
+   one (zone, jti) pair even when the C{jti} contains colons: two different
+   pairs can never share a key, and the key format stays the SPEC's verbatim.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+KEY_PREFIX = "seen:jti:"
+MAX_KEY_PART_BYTES = 256
+
+_log = Logger()
+
+
+class ReplayCheckUnavailable(Exception):
+    """
+    The replay check could not be made: Redis failed, is disconnected, or did
+    not answer within the guard's time bound. SPEC: 503
+    C{replay_check_unavailable} (or pass with a warning when fail-open).
+    """
+
+
+class ReplayKeyInvalid(ValueError):
+    """A C{zone_id} or C{jti} unfit for a replay key (see the module docstring)."""
+
+
+def _check_part(name: str, value) -> None:
+    if not isinstance(value, str) or not value:
+        raise ReplayKeyInvalid(f"{name} must be a non-empty string")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_KEY_PART_BYTES:
+        raise ReplayKeyInvalid(f"{name} longer than {MAX_KEY_PART_BYTES} bytes")
+    for character in value:
+        code = ord(character)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            raise ReplayKeyInvalid(f"{name} contains a control character")
+
+
+def replay_key(zone_id: str, jti: str) -> str:
+    """
+    The Redis key recording C{jti}'s first use in C{zone_id}.
+
+    @raise ReplayKeyInvalid: either part is unfit for a key.
+    """
+    _check_part("zone_id", zone_id)
+    _check_part("jti", jti)
+    if ":" in zone_id:
+        raise ReplayKeyInvalid("zone_id must not contain ':'")
+    return f"{KEY_PREFIX}{zone_id}:{jti}"
+
+
+def _check_ttl(ttl_ms) -> int:
+    if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 1:
+        raise ValueError("ttl_ms must be a positive integer")
+    return ttl_ms
+
+
+class IReplayGuard(Interface):
+    """Records the first use of each single-use token."""
+
+    def claim(zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
+        """
+        Claim C{jti} in C{zone_id} for C{ttl_ms} milliseconds.
+
+        @return: a Deferred firing C{True} on first use, C{False} for a
+            replay; errback L{ReplayKeyInvalid} for an unfit zone/jti,
+            C{ValueError} for a non-positive C{ttl_ms},
+            L{ReplayCheckUnavailable} when the check cannot be made.
+        """
+
+
+#: The SPEC's name for the interface.
+ReplayGuard = IReplayGuard
+
+
+@implementer(IReplayGuard)
+class MemoryReplayGuard:
+    """
+    In-process replay guard for tests and single-process dev runs; expiry is
+    driven by C{clock}. Expired entries are pruned on every claim, so memory
+    holds only unexpired claims.
+    """
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self._claims: dict[str, tuple[str, float]] = {}
+        self._expiries: list[tuple[float, str]] = []
+
+    def _prune(self, now: float) -> None:
+        while self._expiries and self._expiries[0][0] <= now:
+            expires_at, key = heapq.heappop(self._expiries)
+            held = self._claims.get(key)
+            if held is not None and held[1] == expires_at:
+                del self._claims[key]
+
+    def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
+        """See L{IReplayGuard.claim}."""
+        try:
+            key = replay_key(zone_id, jti)
+            ttl_ms = _check_ttl(ttl_ms)
+        except ValueError:
+            return defer.fail()
+        now = self._clock.seconds()
+        self._prune(now)
+        if key in self._claims:
+            return defer.succeed(False)
+        expires_at = now + ttl_ms / 1000.0
+        self._claims[key] = (request_id, expires_at)
+        heapq.heappush(self._expiries, (expires_at, key))
+        return defer.succeed(True)
+
+    def lookup(self, zone_id: str, jti: str) -> tuple[str, int] | None:
+        """
+        The claim held for C{jti}: C{(request_id, milliseconds left)}, or
+        C{None} (the counterpart of Redis C{GET} and C{PTTL}).
+        """
+        now = self._clock.seconds()
+        self._prune(now)
+        held = self._claims.get(replay_key(zone_id, jti))
+        if held is None:
+            return None
+        return held[0], round((held[1] - now) * 1000)
+
+    def __len__(self) -> int:
+        self._prune(self._clock.seconds())
+        return len(self._claims)
+
+
+@implementer(IReplayGuard)
+class RedisReplayGuard:
+    """
+    Replay guard shared by every gateway through Redis.
+
+    @param redis: a handler from L{caracal.gateway.redisconn.connect_redis}.
+    @param clock: the reactor (C{IReactorTime}) bounding each call.
+    @param timeout: seconds a claim may take before it fails with
+        L{ReplayCheckUnavailable}; keeps a stalled Redis from holding
+        requests.
+    """
+
+    def __init__(self, redis, clock, timeout: float = 0.5) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._timeout = timeout
+
+    def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
+        """See L{IReplayGuard.claim}."""
+        try:
+            key = replay_key(zone_id, jti)
+            ttl_ms = _check_ttl(ttl_ms)
+        except ValueError:
+            return defer.fail()
+        d = defer.maybeDeferred(
+            self._redis.set, key, request_id, pexpire=ttl_ms, only_if_not_exists=True
+        )
+        d.addTimeout(self._timeout, self._clock)
+        return d.addCallbacks(self._answered, self._unavailable)
+
+    @staticmethod
+    def _answered(reply) -> bool:
+        # SET ... NX answers +OK when it set the key and a nil bulk when the
+        # key already existed.
+        if reply == "OK":
+            return True
+        if reply is None:
+            return False
+        raise ReplayCheckUnavailable(f"unexpected reply to SET NX: {type(reply).__name__}")
+
+    @staticmethod
+    def _unavailable(failure):
+        reason = failure.getErrorMessage() or failure.type.__name__
+        if failure.check(defer.TimeoutError, defer.CancelledError):
+            reason = "no reply in time"
+        _log.warn("replay check unavailable: {reason}", reason=reason)
+        raise ReplayCheckUnavailable(reason)

@@ -1,0 +1,202 @@
+"""
+Redis for tests: unique names on the shared server (127.0.0.1:6379), a
+private C{redis-server} that a test may stop and restart (outage tests never
+touch the shared one), a tiny synchronous client for setup and inspection,
+and a polling helper that waits on a condition with a deadline instead of
+sleeping.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+from twisted.internet import defer, task
+
+from caracal.gateway.config import RedisAddress
+
+SHARED_HOST = "127.0.0.1"
+SHARED_PORT = 6379
+
+
+def redis_namespace(kind: str = "test") -> str:
+    """A random, colon-free name prefix (usable as a zone id or stream name part)."""
+    return f"{kind}-{uuid.uuid4().hex[:16]}"
+
+
+def shared_address() -> RedisAddress:
+    """The shared Redis every integration test uses (with unique names)."""
+    return RedisAddress(host=SHARED_HOST, port=SHARED_PORT, db=0)
+
+
+class RedisReplyError(Exception):
+    """Redis answered with an error reply."""
+
+
+class SyncRedis:
+    """
+    A minimal blocking RESP client for test setup and inspection (one short
+    command at a time; never used for blocking reads).
+    """
+
+    def __init__(self, host: str = SHARED_HOST, port: int = SHARED_PORT, timeout: float = 2.0):
+        self._socket = socket.create_connection((host, port), timeout=timeout)
+        self._buffer = b""
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._socket.close()
+
+    def call(self, *arguments):
+        """Send one command and return its decoded reply (bulk strings as str)."""
+        parts = [b"*%d\r\n" % len(arguments)]
+        for argument in arguments:
+            data = argument if isinstance(argument, bytes) else str(argument).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self._socket.sendall(b"".join(parts))
+        return self._reply()
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buffer:
+            chunk = self._socket.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\r\n", 1)
+        return line
+
+    def _exact(self, size: int) -> bytes:
+        while len(self._buffer) < size + 2:
+            chunk = self._socket.recv(65536)
+            if not chunk:
+                raise ConnectionError("redis closed the connection")
+            self._buffer += chunk
+        data, self._buffer = self._buffer[:size], self._buffer[size + 2 :]
+        return data
+
+    def _reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisReplyError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            return None if size < 0 else self._exact(size).decode("utf-8", "replace")
+        if kind == b"*":
+            count = int(rest)
+            return None if count < 0 else [self._reply() for _ in range(count)]
+        raise ConnectionError(f"unexpected reply {line!r}")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class PrivateRedis:
+    """
+    A C{redis-server} of the test's own, on 127.0.0.1 and a free port, with
+    no persistence: started, stopped and restarted (same port) by the test
+    to simulate an outage. Register C{stop} as a cleanup.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> RedisAddress:
+        """Where this server listens."""
+        return RedisAddress(host="127.0.0.1", port=self.port, db=0)
+
+    def start(self, deadline: float = 10.0) -> None:
+        """Start the server and wait until it answers C{PING}."""
+        executable = shutil.which("redis-server") or "redis-server"
+        self._process = subprocess.Popen(
+            [
+                executable,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--loglevel",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        give_up = time.monotonic() + deadline
+        while True:
+            try:
+                client = SyncRedis("127.0.0.1", self.port, timeout=0.5)
+                try:
+                    if client.call("PING") == "PONG":
+                        return
+                finally:
+                    client.close()
+            except OSError:
+                pass
+            if self._process.poll() is not None or time.monotonic() > give_up:
+                self.stop()
+                raise RuntimeError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the server (no-op when it is not running) and wait for it to exit."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+    def client(self) -> SyncRedis:
+        """A synchronous client to this server."""
+        return SyncRedis("127.0.0.1", self.port)
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01, clock=None):
+    """
+    Poll C{predicate()} (which may return a Deferred) every C{interval}
+    seconds until it is true; fires with the elapsed seconds, or errbacks
+    with C{AssertionError} after C{timeout}. Exceptions from the predicate
+    count as false until the deadline.
+    """
+    if clock is None:
+        from twisted.internet import reactor as clock
+
+    @defer.inlineCallbacks
+    def poll():
+        started = clock.seconds()
+        last_error = None
+        while True:
+            try:
+                if (yield defer.maybeDeferred(predicate)):
+                    return clock.seconds() - started
+            except Exception as error:
+                last_error = error
+            if clock.seconds() - started > timeout:
+                raise AssertionError(
+                    f"condition not met within {timeout}s (last error: {last_error!r})"
+                )
+            yield task.deferLater(clock, interval, lambda: None)
+
+    return poll()

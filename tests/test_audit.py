@@ -1,0 +1,126 @@
+"""Tests for L{caracal.gateway.audit} that need no Redis."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from caracal.gateway.audit import (
+    IAuditLog,
+    MemoryAuditLog,
+    RedisAuditLog,
+    audit_event,
+    rfc3339,
+)
+from caracal.gateway.revocations import verify_fields
+
+KEY = bytes(range(32))
+
+
+class FakeRedis:
+    """Records commands; answers with C{reply} (a value or an exception)."""
+
+    def __init__(self, reply="1-0"):
+        self.reply = reply
+        self.commands = []
+
+    def execute_command(self, *arguments):
+        self.commands.append(arguments)
+        if isinstance(self.reply, Exception):
+            return defer.fail(self.reply)
+        if isinstance(self.reply, defer.Deferred):
+            return self.reply
+        return defer.succeed(self.reply)
+
+
+class AuditEventTests(unittest.SynchronousTestCase):
+    """The C{data} document."""
+
+    def test_rfc3339(self):
+        """Timestamps are RFC 3339 UTC with milliseconds."""
+        self.assertEqual(rfc3339(1_700_000_000.25), "2023-11-14T22:13:20.250Z")
+
+    def test_core_fields_win(self):
+        """Metadata cannot override the core fields."""
+        event = audit_event("replay_detected", "r-1", "deny", 0, {"decision": "allow", "zone": "z"})
+        self.assertEqual(event["decision"], "deny")
+        self.assertEqual(event["zone"], "z")
+        self.assertEqual(event["occurred_at"], "1970-01-01T00:00:00.000Z")
+
+    def test_credentials_redacted(self):
+        """Metadata named like a credential never reaches the event."""
+        event = audit_event("x", "r", "deny", 0, {"access_token": "eyJsecret", "Token": "t"})
+        self.assertEqual(event["access_token"], "[redacted]")
+        self.assertEqual(event["Token"], "[redacted]")
+        self.assertNotIn("eyJsecret", json.dumps(event))
+
+
+class MemoryAuditLogTests(unittest.SynchronousTestCase):
+    """L{MemoryAuditLog} keeps the events in order."""
+
+    def test_emit(self):
+        clock = task.Clock()
+        clock.advance(1_700_000_000)
+        log = MemoryAuditLog(clock)
+        self.assertTrue(verifyObject(IAuditLog, log))
+        self.assertIsNone(
+            self.successResultOf(
+                log.emit("replay_detected", "r-1", "deny", zone_id="z", token_fingerprint="ab12")
+            )
+        )
+        log.emit("other", "r-2", "allow")
+        self.assertEqual(
+            log.events[0],
+            {
+                "event_type": "replay_detected",
+                "request_id": "r-1",
+                "decision": "deny",
+                "occurred_at": "2023-11-14T22:13:20.000Z",
+                "zone_id": "z",
+                "token_fingerprint": "ab12",
+            },
+        )
+        self.assertEqual([e["request_id"] for e in log.events], ["r-1", "r-2"])
+
+
+class RedisAuditLogUnitTests(unittest.SynchronousTestCase):
+    """L{RedisAuditLog} command shape and failure handling, against a fake client."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+
+    def test_command(self):
+        """One bounded C{XADD} with C{id}, C{data} and a verifiable C{_sig}."""
+        redis = FakeRedis()
+        log = RedisAuditLog(redis, KEY, self.clock, stream="s")
+        self.assertTrue(verifyObject(IAuditLog, log))
+        self.successResultOf(log.emit("replay_detected", "r-1", "deny", zone_id="z"))
+        [command] = redis.commands
+        self.assertEqual(command[:6], ("XADD", "s", "MAXLEN", "~", 100_000, "*"))
+        fields = dict(zip(command[6::2], command[7::2], strict=True))
+        self.assertEqual(set(fields), {"id", "data", "_sig"})
+        self.assertTrue(verify_fields(KEY, "s", fields))
+        self.assertEqual(json.loads(fields["data"])["event_type"], "replay_detected")
+
+    def test_unsigned_without_key(self):
+        """Without a key there is no C{_sig}."""
+        redis = FakeRedis()
+        RedisAuditLog(redis, None, self.clock, stream="s").emit("e", "r", "deny")
+        self.assertNotIn("_sig", redis.commands[0])
+
+    def test_failure_swallowed(self):
+        """A Redis error is logged, never passed to the caller."""
+        log = RedisAuditLog(FakeRedis(ConnectionError("down")), KEY, self.clock)
+        self.assertIsNone(self.successResultOf(log.emit("e", "r", "deny")))
+
+    def test_timeout(self):
+        """A Redis that never answers releases the emit after the timeout."""
+        log = RedisAuditLog(FakeRedis(defer.Deferred()), KEY, self.clock, timeout=2.0)
+        d = log.emit("e", "r", "deny")
+        self.assertNoResult(d)
+        self.clock.advance(2.0)
+        self.assertIsNone(self.successResultOf(d))

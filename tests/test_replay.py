@@ -1,0 +1,183 @@
+"""
+Tests for L{caracal.gateway.replay}: the key rules, and the contract every
+L{IReplayGuard} must honour (L{ReplayGuardContract}), run here against the
+in-memory guard and in C{tests.integration.test_redis_stores} against Redis.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from caracal.gateway.replay import (
+    IReplayGuard,
+    MemoryReplayGuard,
+    ReplayKeyInvalid,
+    replay_key,
+)
+
+
+class ReplayGuardContract:
+    """
+    Tests every replay guard passes. Subclasses (also L{unittest.TestCase})
+    provide:
+
+     - C{make_guard()}: a fresh guard;
+     - C{stored(zone_id, jti)}: Deferred firing C{(request_id, ms left)} or
+       C{None}, read from the guard's backing store;
+     - C{let_expire(zone_id, jti, ttl_ms)}: Deferred firing once a claim made
+       with C{ttl_ms} has expired;
+     - C{new_zone()}: a zone id unique to the test.
+    """
+
+    ttl_ms = 200
+
+    def setUp(self):
+        self.guard = self.make_guard()
+
+    def new_jti(self) -> str:
+        return str(uuid.uuid4())
+
+    def test_interface(self):
+        """The guard provides L{IReplayGuard}."""
+        self.assertTrue(verifyObject(IReplayGuard, self.guard))
+
+    @defer.inlineCallbacks
+    def test_first_use(self):
+        """The first claim of a jti succeeds and records the request id."""
+        zone, jti = self.new_zone(), self.new_jti()
+        first = yield self.guard.claim(zone, jti, "request-1", 60_000)
+        self.assertIs(first, True)
+        request_id, left = yield self.stored(zone, jti)
+        self.assertEqual(request_id, "request-1")
+        self.assertGreater(left, 0)
+        self.assertLessEqual(left, 60_000)
+
+    @defer.inlineCallbacks
+    def test_replay(self):
+        """A second claim of the same jti is a replay and keeps the first request id."""
+        zone, jti = self.new_zone(), self.new_jti()
+        yield self.guard.claim(zone, jti, "request-1", 60_000)
+        second = yield self.guard.claim(zone, jti, "request-2", 60_000)
+        self.assertIs(second, False)
+        request_id, _ = yield self.stored(zone, jti)
+        self.assertEqual(request_id, "request-1")
+
+    @defer.inlineCallbacks
+    def test_zones_independent(self):
+        """The same jti in two zones is two first uses."""
+        zone_a, zone_b, jti = self.new_zone(), self.new_zone(), self.new_jti()
+        self.assertIs((yield self.guard.claim(zone_a, jti, "request-1", 60_000)), True)
+        self.assertIs((yield self.guard.claim(zone_b, jti, "request-2", 60_000)), True)
+        self.assertIs((yield self.guard.claim(zone_a, jti, "request-3", 60_000)), False)
+
+    @defer.inlineCallbacks
+    def test_jti_with_colon_distinct(self):
+        """Jtis containing colons do not collide with other jtis."""
+        zone = self.new_zone()
+        self.assertIs((yield self.guard.claim(zone, "a:b", "request-1", 60_000)), True)
+        self.assertIs((yield self.guard.claim(zone, "a", "request-2", 60_000)), True)
+        self.assertIs((yield self.guard.claim(zone, "a:b", "request-3", 60_000)), False)
+
+    @defer.inlineCallbacks
+    def test_expiry(self):
+        """Once the ttl has passed, the jti can be claimed again."""
+        zone, jti = self.new_zone(), self.new_jti()
+        self.assertIs((yield self.guard.claim(zone, jti, "request-1", self.ttl_ms)), True)
+        _, left = yield self.stored(zone, jti)
+        self.assertLessEqual(left, self.ttl_ms)
+        yield self.let_expire(zone, jti, self.ttl_ms)
+        self.assertIsNone((yield self.stored(zone, jti)))
+        self.assertIs((yield self.guard.claim(zone, jti, "request-2", self.ttl_ms)), True)
+
+    @defer.inlineCallbacks
+    def test_invalid_zone(self):
+        """A zone id with a colon is refused with L{ReplayKeyInvalid}."""
+        yield self.assertFailure(
+            self.guard.claim("zone:x", self.new_jti(), "request-1", 60_000), ReplayKeyInvalid
+        )
+
+    @defer.inlineCallbacks
+    def test_invalid_ttl(self):
+        """A non-positive ttl is a programming error, refused with C{ValueError}."""
+        yield self.assertFailure(
+            self.guard.claim(self.new_zone(), self.new_jti(), "request-1", 0), ValueError
+        )
+
+
+class MemoryReplayGuardTests(ReplayGuardContract, unittest.TestCase):
+    """L{MemoryReplayGuard} passes the replay guard contract (clock-driven, no sleeps)."""
+
+    def make_guard(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        return MemoryReplayGuard(self.clock)
+
+    def new_zone(self) -> str:
+        return f"zone-{uuid.uuid4().hex[:8]}"
+
+    def stored(self, zone_id, jti):
+        return defer.succeed(self.guard.lookup(zone_id, jti))
+
+    def let_expire(self, zone_id, jti, ttl_ms):
+        self.clock.advance(ttl_ms / 1000.0)
+        return defer.succeed(None)
+
+    def test_not_expired_before_ttl(self):
+        """One millisecond before the ttl the claim still holds."""
+        zone, jti = self.new_zone(), self.new_jti()
+        self.successResultOf(self.guard.claim(zone, jti, "request-1", 1000))
+        self.clock.advance(0.999)
+        self.assertIs(self.successResultOf(self.guard.claim(zone, jti, "request-2", 1000)), False)
+        self.assertEqual(self.guard.lookup(zone, jti), ("request-1", 1))
+
+    def test_pruned(self):
+        """Expired claims are dropped from memory."""
+        for _ in range(5):
+            self.successResultOf(self.guard.claim(self.new_zone(), self.new_jti(), "r", 1000))
+        self.assertEqual(len(self.guard), 5)
+        self.clock.advance(1)
+        self.assertEqual(len(self.guard), 0)
+
+
+class ReplayKeyTests(unittest.SynchronousTestCase):
+    """The replay key format and the rules keeping caller strings out of trouble."""
+
+    def test_format(self):
+        """The key is the SPEC's C{seen:jti:<zone_id>:<jti>}."""
+        self.assertEqual(replay_key("zone-1", "abc"), "seen:jti:zone-1:abc")
+        self.assertEqual(replay_key("zone-1", "a:b"), "seen:jti:zone-1:a:b")
+
+    def test_refused(self):
+        """Empty, oversized, control-character and colon-zone parts are refused."""
+        refused = [
+            ("", "jti"),
+            ("zone", ""),
+            ("zone:1", "jti"),
+            ("z" * 257, "jti"),
+            ("zone", "j" * 257),
+            ("zone", "\u00e9" * 129),  # 258 UTF-8 bytes
+            ("zone", "a\nb"),
+            ("zone\r", "jti"),
+            ("zone", "a\x00"),
+            ("zone", "a\x7f"),
+            ("zone", "a\x85"),
+            (None, "jti"),
+            ("zone", b"jti"),
+        ]
+        for zone_id, jti in refused:
+            with self.assertRaises(ReplayKeyInvalid, msg=repr((zone_id, jti))):
+                replay_key(zone_id, jti)
+
+    def test_limits_accepted(self):
+        """Exactly 256 bytes and non-ASCII printable characters are fine."""
+        self.assertTrue(replay_key("z" * 256, "j" * 256).endswith("j" * 256))
+        self.assertEqual(replay_key("zone", "\u00e9t\u00e9"), "seen:jti:zone:\u00e9t\u00e9")
+
+    def test_claim_invalid_is_errback(self):
+        """A refused key reaches the caller as an errback, not an exception."""
+        guard = MemoryReplayGuard(task.Clock())
+        self.failureResultOf(guard.claim("zone", "a\nb", "r", 1000), ReplayKeyInvalid)

@@ -1,0 +1,482 @@
+"""
+Tests for L{caracal.gateway.revocations} that need no Redis: the signature
+rule, the store, and the follower against an in-memory stream double driven
+by a L{task.Clock}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from twisted.internet import defer, task
+from twisted.trial import unittest
+
+from caracal.gateway.revocations import (
+    RETENTION_SECONDS,
+    RevocationFollower,
+    RevocationStore,
+    parse_entries,
+    parse_xread,
+    sign_fields,
+    verify_fields,
+)
+
+KEY = b"0123456789abcdef0123456789abcdef"
+STREAM = "caracal.sessions.revoke"
+
+
+def expected_signature(key: bytes, text: str) -> str:
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+class SignatureTests(unittest.SynchronousTestCase):
+    """C{_sig}: HMAC-SHA256 of the stream name and the sorted fields."""
+
+    def test_vector(self):
+        """The signature matches the SPEC's rule applied by hand."""
+        fields = {"zone_id": "zone-1", "session_id": "sess-9"}
+        text = "caracal.sessions.revoke\nsession_id=sess-9\nzone_id=zone-1\n"
+        self.assertEqual(sign_fields(KEY, STREAM, fields), expected_signature(KEY, text))
+
+    def test_known_value(self):
+        """
+        A fixed vector, computed outside Python with
+        C{printf 'st\\nsession_id=s\\nzone_id=z\\n' | openssl dgst -sha256 -hmac kkk...k}.
+        """
+        fields = {"zone_id": "z", "session_id": "s"}
+        self.assertEqual(
+            sign_fields(b"k" * 32, "st", fields),
+            "00e9482b5de86eef98c10d756d036d8760a70726b2b719f2bacc01cc1bcf9433",
+        )
+
+    def test_byte_order(self):
+        """Names sort by their UTF-8 bytes: upper case, lower case, then non-ASCII."""
+        fields = {"\u00e9": "4", "a": "3", "Z": "2", "B": "1", "_x": "5"}
+        text = "st\nB=1\nZ=2\n_x=5\na=3\n\u00e9=4\n"
+        self.assertEqual(sign_fields(KEY, "st", fields), expected_signature(KEY, text))
+
+    def test_sig_excluded(self):
+        """The C{_sig} field itself is not signed."""
+        fields = {"zone_id": "z", "session_id": "s"}
+        with_sig = dict(fields, _sig="anything")
+        self.assertEqual(sign_fields(KEY, STREAM, with_sig), sign_fields(KEY, STREAM, fields))
+
+    def test_stream_bound(self):
+        """A signature for one stream does not verify on another."""
+        fields = {"zone_id": "z", "session_id": "s"}
+        fields["_sig"] = sign_fields(KEY, STREAM, fields)
+        self.assertTrue(verify_fields(KEY, STREAM, fields))
+        self.assertFalse(verify_fields(KEY, "other", fields))
+
+    def test_verify(self):
+        """Verification refuses a missing, altered, or foreign-key signature."""
+        fields = {"zone_id": "z", "session_id": "s"}
+        self.assertFalse(verify_fields(KEY, STREAM, fields))
+        fields["_sig"] = sign_fields(KEY, STREAM, fields)
+        self.assertTrue(verify_fields(KEY, STREAM, fields))
+        self.assertTrue(verify_fields(KEY, STREAM, dict(fields, _sig=fields["_sig"].upper())))
+        self.assertFalse(verify_fields(KEY, STREAM, dict(fields, session_id="t")))
+        self.assertFalse(verify_fields(b"x" * 32, STREAM, fields))
+        self.assertFalse(verify_fields(KEY, STREAM, dict(fields, _sig="\u00e9")))
+        self.assertFalse(verify_fields(KEY, STREAM, dict(fields, extra="1")))
+
+
+class ParseTests(unittest.SynchronousTestCase):
+    """Raw stream replies into entries."""
+
+    def test_xrange(self):
+        reply = [["1-0", ["zone_id", "z", "session_id", "s"]], ["2-0", ["odd"]], ["3-0", None]]
+        self.assertEqual(
+            parse_entries(reply),
+            [("1-0", {"zone_id": "z", "session_id": "s"}), ("2-0", None), ("3-0", None)],
+        )
+
+    def test_xread(self):
+        self.assertEqual(parse_xread(None, "s"), [])
+        reply = [["s", [["1-0", ["a", "b"]]]], ["other", [["2-0", ["c", "d"]]]]]
+        self.assertEqual(parse_xread(reply, "s"), [("1-0", {"a": "b"})])
+
+
+class RevocationStoreTests(unittest.SynchronousTestCase):
+    """The revoked-session store."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = RevocationStore(self.clock)
+
+    def test_revoke(self):
+        """A revoked session is revoked in its zone only."""
+        self.assertFalse(self.store.is_revoked("z", "s"))
+        self.store.revoke("z", "s")
+        self.assertTrue(self.store.is_revoked("z", "s"))
+        self.assertFalse(self.store.is_revoked("other", "s"))
+        self.assertFalse(self.store.is_revoked("z", "t"))
+        self.assertEqual(self.store.active(), 1)
+
+    def test_expiry(self):
+        """An entry expires 24 h after its revocation time, and is pruned."""
+        self.store.revoke("z", "s")
+        self.store.revoke("z", "old", revoked_at=self.clock.seconds() - 3600)
+        self.assertEqual(self.store.active(), 2)
+        self.clock.advance(RETENTION_SECONDS - 3600 - 1)
+        self.assertTrue(self.store.is_revoked("z", "old"))
+        self.clock.advance(1)
+        self.assertFalse(self.store.is_revoked("z", "old"))
+        self.assertTrue(self.store.is_revoked("z", "s"))
+        self.clock.advance(3600)
+        self.assertFalse(self.store.is_revoked("z", "s"))
+        self.assertEqual(self.store.active(), 0)
+
+    def test_too_old_ignored(self):
+        """A revocation older than the retention is not held."""
+        self.store.revoke("z", "s", revoked_at=self.clock.seconds() - RETENTION_SECONDS)
+        self.assertFalse(self.store.is_revoked("z", "s"))
+        self.assertEqual(self.store.active(), 0)
+
+    def test_revoke_again_extends(self):
+        """A later revocation of the same session restarts its 24 h."""
+        self.store.revoke("z", "s")
+        self.clock.advance(3600)
+        self.store.revoke("z", "s")
+        self.clock.advance(RETENTION_SECONDS - 1800)
+        self.assertTrue(self.store.is_revoked("z", "s"))
+        self.clock.advance(1800)
+        self.assertFalse(self.store.is_revoked("z", "s"))
+
+    def test_watch_fires_once(self):
+        """The watch callback runs once, synchronously, on revocation."""
+        calls = []
+        self.store.watch("z", "s", lambda: calls.append("s"))
+        self.store.watch("z", "other", lambda: calls.append("other"))
+        self.store.revoke("z", "s")
+        self.assertEqual(calls, ["s"])
+        self.store.revoke("z", "s")
+        self.assertEqual(calls, ["s"])
+        self.assertEqual(self.store.watching(), 1)
+
+    def test_watch_cancel(self):
+        """A cancelled watch never fires and is forgotten; cancelling twice is fine."""
+        calls = []
+        cancel = self.store.watch("z", "s", lambda: calls.append(1))
+        keep = self.store.watch("z", "s", lambda: calls.append(2))
+        cancel()
+        cancel()
+        self.assertEqual(self.store.watching(), 1)
+        self.store.revoke("z", "s")
+        self.assertEqual(calls, [2])
+        keep()
+        self.assertEqual(self.store.watching(), 0)
+
+    def test_watch_already_revoked(self):
+        """Watching a session already revoked fires at once."""
+        calls = []
+        self.store.revoke("z", "s")
+        self.store.watch("z", "s", lambda: calls.append(1))()
+        self.assertEqual(calls, [1])
+        self.assertEqual(self.store.watching(), 0)
+
+    def test_watcher_error_isolated(self):
+        """A failing watcher does not stop the others."""
+        calls = []
+
+        def boom():
+            raise RuntimeError("boom")
+
+        self.store.watch("z", "s", boom)
+        self.store.watch("z", "s", lambda: calls.append(1))
+        self.store.revoke("z", "s")
+        self.assertEqual(calls, [1])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class FakeRedisServer:
+    """
+    An in-memory double of a Redis server serving C{XRANGE}, C{XREAD BLOCK}
+    and C{XADD} to L{FakeConnection}s. C{fail_next} makes that many commands
+    fail; C{stall} makes commands never answer. C{times} records when each
+    command arrived.
+    """
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.streams: dict[str, list[tuple[str, list[str]]]] = {}
+        self.blocked: list[tuple[defer.Deferred, str, str]] = []
+        self.fail_next = 0
+        self.stall = False
+        self.commands = []
+        self.times = []
+        self.connections = []
+        self._last = (0, 0)
+
+    @staticmethod
+    def _key(entry_id):
+        ms, seq = entry_id.split("-")
+        return int(ms), int(seq)
+
+    def next_id(self):
+        ms = int(self.clock.seconds() * 1000)
+        seq = self._last[1] + 1 if ms == self._last[0] else 0
+        return f"{ms}-{seq}"
+
+    def add(self, stream, fields, entry_id=None):
+        entry_id = entry_id or self.next_id()
+        self._last = max(self._last, self._key(entry_id))
+        flat = [item for pair in fields.items() for item in pair]
+        self.streams.setdefault(stream, []).append((entry_id, flat))
+        # reads issued by the callbacks below land in a fresh list
+        waiting, self.blocked = self.blocked, []
+        still = []
+        for d, name, after in waiting:
+            if name == stream and not d.called:
+                d.callback([[name, self._after(name, after, 500)]])
+            elif not d.called:
+                still.append((d, name, after))
+        self.blocked = still + self.blocked
+        return entry_id
+
+    def _after(self, stream, after, count):
+        return [
+            [entry_id, flat]
+            for entry_id, flat in self.streams.get(stream, [])
+            if self._key(entry_id) > self._key(after)
+        ][:count]
+
+    def execute(self, command, *arguments):
+        self.commands.append((command, *arguments))
+        self.times.append(self.clock.seconds())
+        if self.stall:
+            return defer.Deferred()
+        if self.fail_next:
+            self.fail_next -= 1
+            return defer.fail(ConnectionError("Lost connection"))
+        if command == "XRANGE":
+            stream, start, _, _, count = arguments
+            ms, seq = self._key(start)
+            before = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-99999"
+            return defer.succeed(self._after(stream, before, count))
+        if command == "XREAD":
+            block = arguments[1]
+            count, stream, after = arguments[3], arguments[5], arguments[6]
+            ready = self._after(stream, after, count)
+            if ready:
+                return defer.succeed([[stream, ready]])
+            d = defer.Deferred()
+            self.blocked.append((d, stream, after))
+            self.clock.callLater(block / 1000, lambda: d.called or d.callback(None))
+            return d
+        if command == "XADD":
+            stream = arguments[0]
+            star = arguments.index("*")
+            fields = dict(zip(arguments[star + 1 :: 2], arguments[star + 2 :: 2], strict=True))
+            return defer.succeed(self.add(stream, fields))
+        return defer.fail(ValueError(command))
+
+
+class FakeConnection:
+    """One client connection to a L{FakeRedisServer}."""
+
+    def __init__(self, server):
+        self.server = server
+        self.closed = False
+        self.pending = []
+
+    def execute_command(self, *arguments):
+        if self.closed:
+            return defer.fail(ConnectionError("Not connected"))
+        d = self.server.execute(*arguments)
+        if not d.called:
+            self.pending.append(d)
+        return d
+
+    def disconnect(self):
+        self.closed = True
+        for d in self.pending:
+            if not d.called:
+                d.errback(ConnectionError("Lost connection"))
+        self.pending = []
+        return defer.succeed(None)
+
+
+class Metrics:
+    def __init__(self):
+        self.counts = {}
+
+    def increment(self, name, amount=1):
+        self.counts[name] = self.counts.get(name, 0) + amount
+
+
+class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
+    """The follower's logic against L{FakeRedisServer}, time driven by a Clock."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.redis = FakeRedisServer(self.clock)
+        self.store = RevocationStore(self.clock)
+        self.metrics = Metrics()
+
+    def connect(self, address, reactor):
+        connection = FakeConnection(self.redis)
+        self.redis.connections.append(connection)
+        return connection
+
+    def follower(self, key=KEY):
+        follower = RevocationFollower(
+            None, self.store, key, self.clock, self.metrics, connect=self.connect
+        )
+        self.addCleanup(lambda: follower.running and follower.stopService())
+        return follower
+
+    def publish(self, zone, session, key=KEY, entry_id=None, **extra):
+        fields = {"zone_id": zone, "session_id": session, **extra}
+        if key:
+            fields["_sig"] = sign_fields(key, STREAM, fields)
+        return self.redis.add(STREAM, fields, entry_id)
+
+    def test_initial_load(self):
+        """Start loads the last 24 h and skips older entries; then it is ready."""
+        now_ms = int(self.clock.seconds() * 1000)
+        self.publish("z", "too-old", entry_id=f"{now_ms - 86_400_001}-0")
+        self.publish("z", "recent", entry_id=f"{now_ms - 3_600_000}-0")
+        follower = self.follower()
+        ready = follower.when_ready()
+        follower.startService()
+        self.successResultOf(ready)
+        self.assertTrue(follower.ready)
+        self.assertTrue(self.store.is_revoked("z", "recent"))
+        self.assertFalse(self.store.is_revoked("z", "too-old"))
+        # the recent entry expires 24 h after its XADD, not after the load
+        self.clock.advance(RETENTION_SECONDS - 3600)
+        self.assertFalse(self.store.is_revoked("z", "recent"))
+
+    def test_load_pages(self):
+        """The initial load reads in pages until a short page."""
+        for index in range(5):
+            self.publish("z", f"s{index}")
+        follower = self.follower()
+        follower.page_size = 2
+        follower.startService()
+        self.assertEqual(self.store.active(), 5)
+        ranges = [c for c in self.redis.commands if c[0] == "XRANGE"]
+        self.assertEqual(len(ranges), 3)
+
+    def test_follow(self):
+        """An entry published after start is applied as it arrives."""
+        follower = self.follower()
+        follower.startService()
+        self.publish("z", "s")
+        self.assertTrue(self.store.is_revoked("z", "s"))
+        self.assertEqual(follower.applied, 1)
+
+    def test_block_timeout_continues(self):
+        """An empty block period leads to another read from the same id."""
+        follower = self.follower()
+        follower.startService()
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)
+        reads = [c for c in self.redis.commands if c[0] == "XREAD"]
+        self.assertEqual(len(reads), 3)
+        self.assertEqual(reads[0][:7], ("XREAD", "BLOCK", 1000, "COUNT", 500, "STREAMS", STREAM))
+        self.assertEqual({c[-1] for c in reads}, {follower.last_id})
+        self.publish("z", "s")
+        self.assertTrue(self.store.is_revoked("z", "s"))
+
+    def test_rejected(self):
+        """Unsigned, forged and malformed entries are ignored, counted, dead-lettered."""
+        follower = self.follower()
+        follower.startService()
+        unsigned = self.publish("z", "unsigned", key=None)
+        forged = self.publish("z", "forged", key=b"y" * 32)
+        fields = {"zone_id": "z"}
+        fields["_sig"] = sign_fields(KEY, STREAM, fields)
+        malformed = self.redis.add(STREAM, fields)
+        self.assertEqual(self.store.active(), 0)
+        self.assertEqual(follower.rejected, 3)
+        self.assertEqual(self.metrics.counts, {"revocations_rejected": 3})
+        dead = self.redis.streams[STREAM + ".dead"]
+        reasons = [dict(zip(flat[::2], flat[1::2], strict=True)) for _, flat in dead]
+        self.assertEqual(
+            [(r["reason"], r["source_id"], r.get("session_id")) for r in reasons],
+            [
+                ("unsigned", unsigned, "unsigned"),
+                ("bad_signature", forged, "forged"),
+                ("malformed", malformed, None),
+            ],
+        )
+        self.publish("z", "good")
+        self.assertTrue(self.store.is_revoked("z", "good"))
+
+    def test_metrics_without_counter(self):
+        """A Metrics that does not know the counter yet does not break the follower."""
+
+        class StrictMetrics:
+            def increment(self, name, amount=1):
+                raise KeyError(name)
+
+        self.metrics = StrictMetrics()
+        follower = self.follower()
+        follower.startService()
+        self.publish("z", "s", key=None)
+        self.assertEqual(follower.rejected, 1)
+
+    def test_no_key_accepts_unsigned(self):
+        """Without a key (dev) unsigned entries apply."""
+        follower = self.follower(key=None)
+        follower.startService()
+        self.publish("z", "s", key=None)
+        self.assertTrue(self.store.is_revoked("z", "s"))
+
+    def test_retry_backoff(self):
+        """Errors are retried with a capped backoff, resuming from the last id."""
+        follower = self.follower()
+        follower.startService()
+        self.publish("z", "before")
+        last = follower.last_id
+        self.redis.fail_next = 9
+        self.clock.advance(1.0)  # the pending read ends, the next ones fail
+        first_failure = len(self.redis.commands) - 1
+        for _ in range(12):
+            # jump exactly to the next timer: the backoff wait or the read's block
+            next_call = min(call.getTime() for call in self.clock.getDelayedCalls())
+            self.clock.advance(next_call - self.clock.seconds())
+        times = self.redis.times[first_failure:]
+        delays = [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
+        self.assertEqual(delays[:9], [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0])
+        # after the outage: reads resume from the last id seen, nothing lost
+        self.publish("z", "during")
+        self.assertTrue(self.store.is_revoked("z", "during"))
+        reads = [c for c in self.redis.commands[first_failure:] if c[0] == "XREAD"]
+        self.assertEqual(reads[0][-1], last)
+
+    def test_stuck_read_reconnects(self):
+        """A read with no answer past the block period plus margin gets a new connection."""
+        follower = self.follower()
+        follower.startService()
+        self.redis.stall = True
+        self.clock.advance(1.0)  # current read ends, the next one gets no answer
+        self.clock.advance(1.0 + follower.read_margin)
+        self.assertEqual(len(self.redis.connections), 2)
+        self.assertTrue(self.redis.connections[0].closed)
+        self.redis.stall = False
+        self.clock.advance(0.1)
+        self.publish("z", "s")
+        self.assertTrue(self.store.is_revoked("z", "s"))
+
+    def test_stop_prompt(self):
+        """Stopping interrupts a blocked read at once."""
+        follower = self.follower()
+        follower.startService()
+        self.successResultOf(follower.stopService())
+        self.assertTrue(self.redis.connections[0].closed)
+        self.assertFalse(follower.running)
+
+    def test_stop_during_backoff(self):
+        """Stopping interrupts the backoff wait too."""
+        follower = self.follower()
+        self.redis.fail_next = 1
+        follower.startService()
+        self.assertFalse(follower.ready)
+        self.successResultOf(follower.stopService())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
