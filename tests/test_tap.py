@@ -7,10 +7,13 @@ SIGTERM drain and exit status), all in memory.
 
 from __future__ import annotations
 
+import datetime
 import io
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.application.service import Service
@@ -27,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from caracal.gateway import tap
+from caracal.gateway import tap, workers
 from caracal.gateway.app import Gateway
 from caracal.gateway.config import GatewayConfig
 from caracal.gateway.metrics import Metrics
@@ -67,10 +70,8 @@ class OptionsTests(SynchronousTestCase):
         error = self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
         self.assertEqual(str(error), "--workers must be at least 1")
 
-    def test_several_workers_refused(self) -> None:
-        """Not silently ignored: the operator would believe several serve."""
-        error = self.assertRaises(usage.UsageError, self.parse, "--workers", "4")
-        self.assertEqual(str(error), "--workers greater than 1 is not supported by this version")
+    def test_several_workers(self) -> None:
+        self.assertEqual(self.parse("--workers", "4")["workers"], 4)
 
     def test_no_positional_arguments(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "extra")
@@ -162,6 +163,83 @@ class RefusedStartTests(SynchronousTestCase):
             f"caracal-gateway: UPSTREAM_CA_FILE {missing}: cannot read:"
             " No such file or directory\n",
         )
+
+
+class FakeListener:
+    """What L{tap.bind_listener} returns, without a socket."""
+
+    family = socket.AF_INET
+
+    def __init__(self):
+        self.detached = False
+
+    def detach(self) -> int:
+        self.detached = True
+        return 97
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """A valid configuration: one serving process, or a supervisor of workers."""
+
+    def make(self, *argv: str):
+        self.patch(tap.os, "environ", DEV_PLAINTEXT)
+        listener = FakeListener()
+        self.patch(tap, "bind_listener", lambda address, port: listener)
+        options = tap.Options()
+        options.parseOptions(list(argv))
+        return tap.makeService(options), listener
+
+    def test_one_worker_serves_in_process(self) -> None:
+        service, listener = self.make()
+        self.assertIsInstance(service, tap.GatewayService)
+        self.assertEqual(service.endpoint.fileno, 97)
+        self.assertTrue(listener.detached)
+
+    def test_several_workers_supervised(self) -> None:
+        created = []
+
+        def for_listener(fd, count, reactor):
+            created.append((fd, count))
+            return "supervisor"
+
+        self.patch(workers.WorkerSupervisor, "for_listener", staticmethod(for_listener))
+        service, listener = self.make("--workers", "3")
+        self.assertEqual(service, "supervisor")
+        self.assertEqual(created, [(97, 3)])
+
+
+class ExpiryWarningTests(SynchronousTestCase):
+    """L{tap.warn_if_expiring}: a certificate close to its end is a warning at start."""
+
+    NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
+
+    def setUp(self) -> None:
+        self.log_events: list = []
+        self.patch(tap, "log", Logger(observer=self.log_events.append))
+
+    def served(self, days: float):
+        return SimpleNamespace(not_after=self.NOW + datetime.timedelta(days=days))
+
+    def test_expiring_soon_warns(self) -> None:
+        self.assertTrue(tap.warn_if_expiring(self.served(3.5), now=self.NOW))
+        [event] = self.log_events
+        self.assertEqual(event["log_level"].name, "warn")
+        self.assertEqual(
+            formatEvent(event),
+            "TLS certificate expires in 3.5 days (2030-01-04T12:00:00+00:00); renew it",
+        )
+
+    def test_just_under_fourteen_days_warns(self) -> None:
+        self.assertTrue(tap.warn_if_expiring(self.served(13.99), now=self.NOW))
+
+    def test_fourteen_days_or_more_is_quiet(self) -> None:
+        self.assertFalse(tap.warn_if_expiring(self.served(14), now=self.NOW))
+        self.assertFalse(tap.warn_if_expiring(self.served(90), now=self.NOW))
+        self.assertEqual(self.log_events, [])
+
+    def test_plaintext_is_quiet(self) -> None:
+        self.assertFalse(tap.warn_if_expiring(None, now=self.NOW))
+        self.assertEqual(self.log_events, [])
 
 
 class BindListenerTests(SynchronousTestCase):
@@ -381,6 +459,30 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIsInstance(factory, TLSMemoryBIOFactory)
         self.assertIs(factory.wrappedFactory, site)
         self.assertEqual(self.handshake(factory, root), leaf.cert.public_bytes(Encoding.DER))
+
+    def test_start_warns_of_a_certificate_expiring_soon(self) -> None:
+        directory = self.mktemp_dir()
+        not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=5)
+        make_chain(directory, not_after=not_after)
+        server_tls = ServerTLS(
+            os.path.join(directory, "server.crt"),
+            os.path.join(directory, "server.key"),
+            clock=self.reactor,
+        )
+        self.service(server_tls=server_tls).startService()
+        expiring = [line for line in self.logged() if line.startswith("TLS certificate expires")]
+        self.assertEqual(len(expiring), 1, self.logged())
+        self.assertIn("renew it", expiring[0])
+
+    def test_start_quiet_for_a_fresh_certificate(self) -> None:
+        directory, _root, _leaf = self.tls_files()
+        server_tls = ServerTLS(
+            os.path.join(directory, "server.crt"),
+            os.path.join(directory, "server.key"),
+            clock=self.reactor,
+        )
+        self.service(server_tls=server_tls).startService()
+        self.assertFalse([line for line in self.logged() if "expires in" in line])
 
     def mktemp_dir(self) -> str:
         directory = self.mktemp()

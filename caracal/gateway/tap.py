@@ -20,6 +20,7 @@ here first so their errors are refused starts too.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -47,6 +48,9 @@ TLS_WATCH_INTERVAL = 5.0
 
 LISTEN_BACKLOG = 511
 
+#: A served certificate expiring sooner than this is logged as a warning at start.
+CERTIFICATE_EXPIRY_WARNING = datetime.timedelta(days=14)
+
 
 class Options(usage.Options):
     """Command line of C{twistd caracal-gateway}; the rest is environment (SPEC 2)."""
@@ -58,10 +62,6 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
-        if self["workers"] > 1:
-            # Refused rather than silently ignored: one process would serve
-            # while the operator believes several do.
-            raise usage.UsageError("--workers greater than 1 is not supported by this version")
 
 
 def refuse_start(message: str, stderr=None) -> None:
@@ -106,6 +106,38 @@ def bind_listener(address: str, port: int) -> socket.socket:
         # create_server appends "(while attempting to bind ...)" to strerror.
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise ConfigError(f"cannot listen on {where}: {reason}") from None
+
+
+def warn_if_expiring(server_tls, now: datetime.datetime | None = None) -> bool:
+    """
+    Log a warning when the certificate C{server_tls} serves expires within
+    L{CERTIFICATE_EXPIRY_WARNING} (an expired one was refused already).
+
+    @return: C{True} when the warning was logged.
+    """
+    if server_tls is None:
+        return False
+    now = now or datetime.datetime.now(datetime.UTC)
+    left = server_tls.not_after - now
+    if left >= CERTIFICATE_EXPIRY_WARNING:
+        return False
+    log.warn(
+        "TLS certificate expires in {days:.1f} days ({not_after}); renew it",
+        days=left.total_seconds() / 86400.0,
+        not_after=server_tls.not_after.isoformat(),
+    )
+    return True
+
+
+def tls_factory(site, server_tls, reactor):
+    """
+    The protocol factory to listen with: C{site}, wrapped in TLS with
+    C{server_tls} unless that is C{None} (plaintext). Shared by the single
+    process and the workers (L{caracal.gateway.workers}).
+    """
+    if server_tls is None:
+        return site
+    return TLSMemoryBIOFactory(server_tls.creator, False, site, clock=reactor)
 
 
 class GatewayService(Service):
@@ -156,11 +188,7 @@ class GatewayService(Service):
 
     def factory(self):
         """The protocol factory to listen with: the site, wrapped in TLS unless plaintext."""
-        if self.server_tls is None:
-            return self.gateway.site
-        return TLSMemoryBIOFactory(
-            self.server_tls.creator, False, self.gateway.site, clock=self.reactor
-        )
+        return tls_factory(self.gateway.site, self.server_tls, self.reactor)
 
     def _ensure_built(self) -> None:
         if self.gateway is None:
@@ -187,6 +215,7 @@ class GatewayService(Service):
                 "escape hatch {hatch} is enabled; never use it where real credentials flow",
                 hatch=hatch,
             )
+        warn_if_expiring(self.server_tls)
         self._ensure_built()
         # Stores and followers first, so the first request finds them running.
         self.gateway.service.startService()
@@ -280,11 +309,15 @@ class GatewayService(Service):
         log.failure("caracal-gateway did not stop cleanly", failure)
 
 
-def makeService(options: Options) -> GatewayService:
+def makeService(options: Options) -> Service:
     """
     Read and check the configuration, load the certificate, bind the port
     (the C{IServiceMaker} entry point). A refused configuration ends the
     process here, see L{refuse_start}.
+
+    With C{--workers 1} this process serves (L{GatewayService}); with more,
+    it only supervises that many worker processes sharing the bound socket
+    (L{caracal.gateway.workers.WorkerSupervisor}).
     """
     from twisted.internet import reactor
 
@@ -301,5 +334,12 @@ def makeService(options: Options) -> GatewayService:
     except ConfigError as error:
         refuse_start(str(error))
     family = listener.family
+    if options["workers"] > 1:
+        from caracal.gateway.workers import WorkerSupervisor
+
+        # The workers load the certificate themselves (and reload it); this
+        # process only checked it. It keeps the socket open so a restarted
+        # worker can inherit it again.
+        return WorkerSupervisor.for_listener(listener.detach(), options["workers"], reactor)
     endpoint = AdoptedStreamServerEndpoint(reactor, listener.detach(), family)
     return GatewayService(config, endpoint, reactor, server_tls)

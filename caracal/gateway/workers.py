@@ -1,0 +1,630 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+C{twistd caracal-gateway --workers N}: N worker processes share one port.
+
+The twistd process (the only one with the pidfile) binds the listening
+socket in L{caracal.gateway.tap.makeService}, then does not serve: its
+L{WorkerSupervisor} spawns N workers (C{python -m caracal.gateway.workers})
+which inherit the socket as file descriptor 3 and the configuration as
+their environment. The kernel spreads the connections over the workers'
+C{accept} calls.
+
+Each worker (L{main}) reads the configuration the same way, loads the
+certificate, builds its own gateway (its own Redis, Postgres and STS
+connections) and serves with L{caracal.gateway.tap.GatewayService}: SIGHUP
+and the file watch reload the certificate, SIGTERM drains in-flight
+requests (25 s) and exits 0. It writes its log as JSON lines on stdout.
+
+The supervisor:
+ - relays each worker's stdout and stderr into its own log, marked with the
+   worker's index (access lines keep their record, plus C{"worker"});
+ - restarts a worker that exits while it is not stopping, after
+   L{RESTART_BACKOFF} seconds; when workers exited unexpectedly more than
+   L{MAX_RESTARTS} times within L{RESTART_WINDOW} seconds the configuration
+   or the host is broken, restarting again would only hide that: it gives
+   up, stops everything and the twistd process exits with status 1 (after
+   twistd removed the pidfile), so systemd or the operator sees a failure;
+ - forwards SIGHUP to every worker;
+ - on stop (SIGTERM) sends SIGTERM to every worker, waits for all of them
+   (up to L{STOP_TIMEOUT} seconds, then SIGKILL), and exits 0.
+
+Metrics (C{/metrics}, SPEC 10) are summed across workers: every worker
+writes its counters as JSON to C{<metrics dir>/<index>.json} (a private
+0700 directory the supervisor creates) every L{METRICS_INTERVAL} seconds
+and when it stops, and answers C{/metrics} with its live counters plus the
+other workers' files (L{SharedMetrics}). Counters and histograms are
+summed; the gauges (C{bindings_loaded}, C{revocations_active}) describe
+state every worker holds a copy of, so they are the answering worker's own,
+not a sum. A restarted worker carries on from its predecessor's file, so
+the sums never go backwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections import deque
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol, task
+from twisted.logger import Logger, LogLevel
+
+from caracal.gateway.logs import ACCESS_EVENT_KEY, ACCESS_NAMESPACE, format_access_line
+from caracal.gateway.metrics import GAUGES, merge_snapshots
+
+log = Logger()
+_access_log = Logger(namespace=ACCESS_NAMESPACE)
+
+#: Seconds between a worker's unexpected exit and its replacement.
+RESTART_BACKOFF = 1.0
+#: More unexpected exits than this within L{RESTART_WINDOW} seconds: give up.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+#: How long the supervisor waits for workers after SIGTERM before SIGKILL;
+#: longer than a worker's own drain (L{caracal.gateway.tap.DRAIN_TIMEOUT}).
+STOP_TIMEOUT = 30.0
+#: How often a worker publishes its counters to the others.
+METRICS_INTERVAL = 0.5
+
+#: The file descriptor a worker finds the listening socket on.
+LISTENER_FD = 3
+
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
+def relay_line(index: int, line: str, stderr: bool = False) -> None:
+    """
+    Re-emit one line a worker wrote into this process's log.
+
+    A JSON access record (from L{caracal.gateway.logs.json_log_observer}) is
+    emitted again as an access event, with C{"worker": index} added; any
+    other JSON event keeps its level and gets a C{worker N:} prefix; a
+    plain line (a traceback on stderr) is logged as is, prefixed, at
+    warning level when it came on stderr.
+    """
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        entry = None
+    if isinstance(entry, dict) and "request_id" in entry and "status" in entry:
+        record = dict(entry, worker=index)
+        _access_log.info(
+            "{access_line}", access_line=format_access_line(record), **{ACCESS_EVENT_KEY: record}
+        )
+        return
+    if isinstance(entry, dict) and "msg" in entry:
+        level = _LEVELS.get(entry.get("level"), LogLevel.info)
+        text = str(entry["msg"])
+        if entry.get("traceback"):
+            text += "\n" + str(entry["traceback"]).rstrip("\n")
+        log.emit(level, "worker {worker}: {line}", worker=index, line=text)
+        return
+    level = LogLevel.warn if stderr else LogLevel.info
+    log.emit(level, "worker {worker}: {line}", worker=index, line=line)
+
+
+class WorkerProtocol(protocol.ProcessProtocol):
+    """
+    One worker process as the supervisor sees it: its output relayed line by
+    line, its end reported to the supervisor.
+
+    @ivar index: the worker's slot, 0 to N-1 (kept across restarts).
+    @ivar status: the exit status once ended (as C{subprocess} reports it:
+        minus the signal number when killed), else C{None}.
+    """
+
+    def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
+        self.supervisor = supervisor
+        self.index = index
+        self.status: int | None = None
+        self._buffers = {1: b"", 2: b""}
+        self._waiting: list[defer.Deferred] = []
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.transport, "pid", None)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        self._buffers[childFD] = rest
+        for line in lines:
+            self._relay(childFD, line)
+
+    def _relay(self, childFD: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text:
+            relay_line(self.index, text, stderr=childFD == 2)
+
+    def signal(self, number: int) -> None:
+        """Send signal C{number} to the worker, unless it has ended already."""
+        if self.status is not None or self.transport is None:
+            return
+        with contextlib.suppress(error.ProcessExitedAlready, OSError):
+            self.transport.signalProcess(number)
+
+    def ended(self) -> defer.Deferred:
+        """Fires with the exit status once the worker has ended."""
+        if self.status is not None:
+            return defer.succeed(self.status)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def processEnded(self, reason) -> None:
+        for childFD, rest in list(self._buffers.items()):
+            if rest:
+                self._relay(childFD, rest)
+        self._buffers = {1: b"", 2: b""}
+        value = reason.value
+        signal_number = getattr(value, "signal", None)
+        self.status = -signal_number if signal_number else (value.exitCode or 0)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.status)
+        self.supervisor.worker_ended(self)
+
+
+def _install_sighup(handler):
+    return signal.signal(signal.SIGHUP, handler)
+
+
+def _restore_sighup(previous) -> None:
+    signal.signal(signal.SIGHUP, previous)
+
+
+def exit_after_shutdown(status: int):
+    """
+    Make this process exit with C{status} once twistd is done: after the
+    reactor stopped and twistd removed the pidfile, which happens after its
+    services stopped, so an C{atexit} handler is the first moment that
+    leaves nothing behind. (twistd itself only knows "exit 0" or "die of
+    the signal that stopped the reactor".)
+    """
+
+    def leave() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    atexit.register(leave)
+
+
+class WorkerSupervisor(Service):
+    """
+    The twistd process of C{--workers N}: runs N workers, restarts them,
+    forwards SIGHUP and stops them on SIGTERM (see the module docstring).
+
+    @ivar workers: the current L{WorkerProtocol} of each slot (C{None}
+        while a replacement waits for its backoff).
+    @ivar gave_up: C{True} once restarts were too frequent.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        spawn,
+        reactor,
+        metrics_dir: str | None = None,
+        backoff: float = RESTART_BACKOFF,
+        max_restarts: int = MAX_RESTARTS,
+        restart_window: float = RESTART_WINDOW,
+        stop_timeout: float = STOP_TIMEOUT,
+        install_sighup=_install_sighup,
+        restore_sighup=_restore_sighup,
+        give_up=None,
+    ) -> None:
+        """
+        @param spawn: C{spawn(protocol, index)} starts worker C{index} with
+            C{protocol} (see L{spawn_worker}) and returns its transport.
+        @param metrics_dir: the workers' shared metrics directory; removed
+            when the supervisor stops.
+        @param install_sighup: installs a SIGHUP handler, returns the
+            previous one; C{restore_sighup} puts that back.
+        @param give_up: C{give_up(status)} called once when restarts are too
+            frequent, before the reactor is stopped (default
+            L{exit_after_shutdown}).
+        """
+        self.count = count
+        self._spawn = spawn
+        self.reactor = reactor
+        self.metrics_dir = metrics_dir
+        self.backoff = backoff
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.stop_timeout = stop_timeout
+        self._install_sighup = install_sighup
+        self._restore_sighup = restore_sighup
+        self._give_up = give_up or exit_after_shutdown
+        self._previous_sighup = None
+        self.workers: list[WorkerProtocol | None] = [None] * count
+        self._pending: dict[int, object] = {}
+        self._exits: deque[float] = deque()
+        self.stopping = False
+        self.gave_up = False
+
+    @classmethod
+    def for_listener(cls, fd: int, count: int, reactor, environ=None) -> WorkerSupervisor:
+        """
+        The supervisor of C{count} real worker processes inheriting the
+        listening socket C{fd}, with a fresh private metrics directory.
+        """
+        metrics_dir = tempfile.mkdtemp(prefix="caracal-gateway-metrics-")
+        spawn = spawn_worker(reactor, fd, metrics_dir, environ)
+        return cls(count, spawn, reactor, metrics_dir=metrics_dir)
+
+    def startService(self) -> None:
+        Service.startService(self)
+        log.info("caracal-gateway supervising {count} workers", count=self.count)
+        self._previous_sighup = self._install_sighup(self._on_sighup)
+        for index in range(self.count):
+            self._start_worker(index)
+
+    def _on_sighup(self, signum, frame) -> None:
+        # Signal handler context: only schedule the forwarding.
+        self.reactor.callFromThread(self.signal_workers, signal.SIGHUP)
+
+    def signal_workers(self, number: int) -> None:
+        """Send signal C{number} to every running worker."""
+        for worker in self.workers:
+            if worker is not None:
+                worker.signal(number)
+
+    def _start_worker(self, index: int) -> None:
+        self._pending.pop(index, None)
+        if self.stopping:
+            return
+        worker = WorkerProtocol(self, index)
+        self.workers[index] = worker
+        try:
+            self._spawn(worker, index)
+        except Exception:
+            log.failure("could not start worker {worker}", worker=index)
+            self.workers[index] = None
+            self._unexpected_exit(index)
+            return
+        log.info("worker {worker} started (pid {pid})", worker=index, pid=worker.pid)
+
+    def worker_ended(self, worker: WorkerProtocol) -> None:
+        """Called by a L{WorkerProtocol} when its process has ended."""
+        index = worker.index
+        if self.workers[index] is worker:
+            self.workers[index] = None
+        if self.stopping:
+            log.info(
+                "worker {worker} exited with status {status}", worker=index, status=worker.status
+            )
+            return
+        log.error(
+            "worker {worker} (pid {pid}) exited unexpectedly with status {status}",
+            worker=index,
+            pid=worker.pid,
+            status=worker.status,
+        )
+        self._unexpected_exit(index)
+
+    def _unexpected_exit(self, index: int) -> None:
+        now = self.reactor.seconds()
+        self._exits.append(now)
+        while self._exits and self._exits[0] <= now - self.restart_window:
+            self._exits.popleft()
+        if len(self._exits) > self.max_restarts:
+            self._stop_giving_up(len(self._exits))
+            return
+        log.info("restarting worker {worker} in {delay} s", worker=index, delay=self.backoff)
+        self._pending[index] = self.reactor.callLater(self.backoff, self._start_worker, index)
+
+    def _stop_giving_up(self, exits: int) -> None:
+        if self.gave_up:
+            return
+        self.gave_up = True
+        log.critical(
+            "workers exited {exits} times within {window} s; giving up, caracal-gateway stops",
+            exits=exits,
+            window=self.restart_window,
+        )
+        self._give_up(1)
+        self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred:
+        """
+        SIGTERM every worker, wait for all (SIGKILL after C{stop_timeout}),
+        then remove the metrics directory.
+        """
+        Service.stopService(self)
+        self.stopping = True
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        if self._previous_sighup is not None:
+            self._restore_sighup(self._previous_sighup)
+            self._previous_sighup = None
+        running = [worker for worker in self.workers if worker is not None]
+        log.info("stopping {count} workers", count=len(running))
+        ended = [worker.ended() for worker in running]
+        for worker in running:
+            worker.signal(signal.SIGTERM)
+        timer = self.reactor.callLater(self.stop_timeout, self._kill, running)
+        d = defer.gatherResults(ended)
+
+        def done(statuses):
+            if timer.active():
+                timer.cancel()
+            self._remove_metrics_dir()
+            # Same as GatewayService: an orderly stop on SIGTERM exits 0,
+            # not "killed by SIGTERM" (twistd re-raises the exit signal).
+            if not self.gave_up and getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+                self.reactor._exitSignal = None
+            log.info("caracal-gateway stopped; worker exit statuses {statuses}", statuses=statuses)
+
+        return d.addCallback(done)
+
+    def _kill(self, workers: list[WorkerProtocol]) -> None:
+        for worker in workers:
+            if worker.status is None:
+                log.warn(
+                    "worker {worker} still running after {timeout} s; killing it",
+                    worker=worker.index,
+                    timeout=self.stop_timeout,
+                )
+                worker.signal(signal.SIGKILL)
+
+    def _remove_metrics_dir(self) -> None:
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def worker_argv(index: int, metrics_dir: str | None, executable: str | None = None) -> list[str]:
+    """The command line of worker C{index}."""
+    argv = [executable or sys.executable, "-m", "caracal.gateway.workers"]
+    argv += ["--fd", str(LISTENER_FD), "--index", str(index), "--parent-pid", str(os.getpid())]
+    if metrics_dir is not None:
+        argv += ["--metrics-dir", metrics_dir]
+    return argv
+
+
+def spawn_worker(reactor, listener_fd: int, metrics_dir: str | None, environ=None):
+    """
+    A C{spawn(protocol, index)} for L{WorkerSupervisor} running real worker
+    processes: this interpreter, this environment (the configuration), the
+    listening socket C{listener_fd} inherited as fd L{LISTENER_FD}, stdout
+    and stderr piped back for the relay. stdin is a pipe nobody writes to.
+    """
+
+    def spawn(worker: WorkerProtocol, index: int):
+        env = dict(os.environ if environ is None else environ)
+        argv = worker_argv(index, metrics_dir)
+        return reactor.spawnProcess(
+            worker,
+            argv[0],
+            argv,
+            env=env,
+            childFDs={0: "w", 1: "r", 2: "r", LISTENER_FD: listener_fd},
+        )
+
+    return spawn
+
+
+class SharedMetrics:
+    """
+    One worker's side of the summed metrics.
+
+    @ivar directory: the shared directory (one C{<index>.json} per worker).
+    @ivar carried: what this slot's previous worker had counted (read from
+        its file at start), so a restart does not make the sums drop.
+    """
+
+    def __init__(self, directory: str, index: int, live) -> None:
+        """@param live: this process's C{snapshot()} (L{Metrics.snapshot})."""
+        self.directory = directory
+        self.index = index
+        self.live = live
+        self.path = os.path.join(directory, f"{index}.json")
+        self.carried = self._read(self.path)
+        self._loop = None
+
+    @staticmethod
+    def _read(path: str) -> dict | None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def own(self) -> dict:
+        """This slot's counters: the live ones plus the carried ones."""
+        live = self.live()
+        if self.carried is None:
+            return live
+        merged = merge_snapshots([self.carried, live])
+        for name in GAUGES:
+            merged[name] = live.get(name, 0)
+        return merged
+
+    def publish(self) -> None:
+        """Write L{own} atomically to this worker's file."""
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(self.own(), f)
+            os.replace(temporary, self.path)
+        except OSError as e:
+            log.warn("cannot publish metrics to {path}: {error}", path=self.path, error=e)
+
+    def others(self) -> list[dict]:
+        """The other workers' last published counters."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        found = []
+        for name in sorted(names):
+            if not name.endswith(".json") or name == f"{self.index}.json":
+                continue
+            value = self._read(os.path.join(self.directory, name))
+            if value is not None:
+                found.append(value)
+        return found
+
+    def snapshot(self) -> dict:
+        """
+        Every worker's counters and histograms summed; the gauges are this
+        worker's own (each worker holds the same bindings and revocations).
+        """
+        own = self.own()
+        merged = merge_snapshots([own, *self.others()])
+        for name in GAUGES:
+            merged[name] = own.get(name, 0)
+        return merged
+
+    def start(self, clock, interval: float = METRICS_INTERVAL) -> None:
+        """Publish every C{interval} seconds, from now."""
+        self._loop = task.LoopingCall(self.publish)
+        self._loop.clock = clock
+        self._loop.start(interval, now=True)
+
+    def stop(self) -> None:
+        """Stop the periodic publishing and publish one last time."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self.publish()
+
+
+def install_shared_metrics(gateway, shared_for):
+    """
+    Make C{gateway}'s C{/metrics} answer the summed counters: replaces the
+    snapshot callable of its L{MetricsResource} (the site's root is a
+    L{GatewayRoot}, whose C{local} maps C{/metrics} to it).
+
+    @param shared_for: C{shared_for(live_snapshot) -> SharedMetrics}.
+    @return: the L{SharedMetrics}.
+    """
+    shared = shared_for(gateway.metrics.snapshot)
+    gateway.site.resource.local[b"/metrics"].snapshot = shared.snapshot
+    return shared
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """
+    Linux: get SIGTERM when the supervisor dies (even by SIGKILL), so no
+    worker keeps serving the port without it. If it already died, leave.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        raise SystemExit(1)
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The worker's command line (written by L{worker_argv})."""
+    parser = argparse.ArgumentParser(prog="caracal.gateway.workers")
+    parser.add_argument("--fd", type=int, default=LISTENER_FD)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--metrics-dir", default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Run one worker until it is stopped; returns the exit status: 0 after an
+    orderly stop, 1 when it could not start or stop cleanly.
+    """
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    _die_with_parent(arguments.parent_pid)
+
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+    from twisted.logger import globalLogBeginner
+
+    from caracal.gateway.app import build_gateway
+    from caracal.gateway.config import ConfigError, GatewayConfig
+    from caracal.gateway.logs import json_log_observer
+    from caracal.gateway.tap import GatewayService
+    from caracal.gateway.tls import ServerTLS
+
+    try:
+        config = GatewayConfig.from_environ(os.environ)
+        globalLogBeginner.beginLoggingTo(
+            [json_log_observer(sys.stdout, config.log_level)], redirectStandardIO=False
+        )
+        server_tls = None
+        if not config.insecure_http:
+            server_tls = ServerTLS(config.tls_cert_file, config.tls_key_file, clock=reactor)
+    except ConfigError as e:
+        sys.stderr.write(f"caracal-gateway worker {arguments.index}: {e}\n")
+        return 1
+
+    # The socket object finds out the family; the descriptor stays open
+    # for the endpoint, which adopts (duplicates) and then closes it.
+    probe = socket.socket(fileno=arguments.fd)
+    family = probe.family
+    probe.detach()
+
+    shared: list[SharedMetrics] = []
+
+    def build(config, reactor):
+        gateway = build_gateway(config, reactor)
+        directory = arguments.metrics_dir
+        if directory is not None:
+            shared.append(
+                install_shared_metrics(
+                    gateway, lambda live: SharedMetrics(directory, arguments.index, live)
+                )
+            )
+        return gateway
+
+    endpoint = AdoptedStreamServerEndpoint(reactor, arguments.fd, family)
+    service = GatewayService(config, endpoint, reactor, server_tls, build=build)
+    failed: list[bool] = []
+
+    def start() -> None:
+        try:
+            service.privilegedStartService()
+            service.startService()
+        except Exception:
+            log.failure("worker {worker} could not start", worker=arguments.index)
+            failed.append(True)
+            reactor.stop()
+            return
+        for each in shared:
+            each.start(reactor)
+
+    def stop():
+        if not service.running:
+            return None
+
+        def published(result):
+            for each in shared:
+                each.stop()
+            return result
+
+        return service.stopService().addBoth(published)
+
+    reactor.callWhenRunning(start)
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    reactor.run()
+    if failed or getattr(reactor, "_exitSignal", None) not in (None, signal.SIGINT):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
