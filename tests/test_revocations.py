@@ -444,6 +444,7 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
         times = self.redis.times[first_failure:]
         delays = [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
         self.assertEqual(delays[:9], [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0])
+        self.assertEqual(follower.errors, 9)
         # after the outage: reads resume from the last id seen, nothing lost
         self.publish("z", "during")
         self.assertTrue(self.store.is_revoked("z", "during"))

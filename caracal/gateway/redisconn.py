@@ -26,24 +26,61 @@ import txredisapi
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
 
 from caracal.gateway.config import RedisAddress
 
 #: Seconds allowed for one TCP (and TLS) connection attempt.
 CONNECT_TIMEOUT = 2.0
 
+_log = Logger()
+
 
 class RedisUnavailable(Exception):
     """Redis did not answer (down, disconnected, or slower than allowed)."""
 
 
-class _ReconnectingRedisFactory(txredisapi.RedisFactory):
+class _RedisProtocol(txredisapi.RedisProtocol):
     """
-    txredisapi's factory with a shorter reconnection backoff: the library's
-    default starts at 1 s and grows to 10 s, which keeps the gateway failing
-    JTI checks for up to 10 s after Redis is back. Here: 0.1 s growing to 2 s.
+    txredisapi's protocol, except that a failed C{AUTH} or C{SELECT} only
+    drops this connection. The library's own version also stops the pool slot
+    from ever reconnecting, so a single hiccup during a Redis restart (the
+    connection lost mid-handshake, C{LOADING}) would leave the gateway without
+    Redis for good. Here the slot reconnects with its usual backoff and the
+    failure is logged each time (a wrong password shows up in the log and in
+    C{/ready}).
     """
 
+    @defer.inlineCallbacks
+    def connectionMade(self):
+        try:
+            if self.password is not None:
+                yield self.auth(self.password, self.username)
+            if self.dbid is not None:
+                yield self.select(self.dbid)
+        except Exception as error:
+            _log.warn(
+                "redis connection setup failed (AUTH/SELECT): {reason}",
+                reason=str(error) or type(error).__name__,
+            )
+            self.transport.loseConnection()
+            return
+        self.connected = 1
+        self._ready = True
+        self._waiting_for_connect, waiting = [], self._waiting_for_connect
+        for d in waiting:
+            d.callback(self)
+
+
+class _ReconnectingRedisFactory(txredisapi.RedisFactory):
+    """
+    txredisapi's factory with L{_RedisProtocol} and a shorter reconnection
+    backoff: the library's default starts at 1 s and grows to 10 s, which
+    keeps the gateway failing JTI checks for up to 10 s after Redis is back.
+    Here: 0.1 s growing to 2 s.
+    """
+
+    protocol = _RedisProtocol
     initialDelay = 0.1
     maxDelay = 2.0
 
@@ -74,6 +111,10 @@ def _connect(address, reactor, pool_size, connect_timeout, tls_options):
         convertNumbers=False,
     )
     factory.reconnect = True
+    # A lazy pool's handler is already in the caller's hands; this Deferred
+    # only reports a pool that never filled up, which the calls' own time
+    # bounds already surface.
+    factory.deferred.addErrback(lambda _: None)
     factory.startConnecting(_endpoint(address, reactor, connect_timeout, tls_options))
     return factory.handler
 

@@ -256,6 +256,7 @@ class RevocationFollower(Service):
     @ivar ready: C{True} once the initial 24 h load is done.
     @ivar rejected: entries refused since start.
     @ivar applied: entries applied since start.
+    @ivar errors: failed Redis calls since start (each one retried).
     """
 
     name = "revocation-follower"
@@ -295,6 +296,7 @@ class RevocationFollower(Service):
         self.ready = False
         self.rejected = 0
         self.applied = 0
+        self.errors = 0
 
     def when_ready(self) -> defer.Deferred:
         """A Deferred firing C{None} once the initial 24 h load is done."""
@@ -343,6 +345,7 @@ class RevocationFollower(Service):
             except Exception as error:
                 if not self.running:
                     break
+                self.errors += 1
                 _log.warn(
                     "revocation stream {stream}: {reason}; retrying in {delay:.1f}s",
                     stream=self.stream,
