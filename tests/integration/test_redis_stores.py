@@ -7,10 +7,12 @@ for outages, a private C{redis-server} the test stops and restarts.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 
 from twisted.internet import defer, reactor
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.trial import unittest
 
 from caracal.gateway.audit import RedisAuditLog
@@ -238,3 +240,33 @@ class RedisAuditLogTests(RedisTestMixin, unittest.TestCase):
         private.stop()
         result = yield log.emit("replay_detected", "req-1", "deny")
         self.assertIsNone(result)
+
+
+class RedisTLSTests(RedisTestMixin, unittest.TestCase):
+    """C{rediss://}: TLS to Redis, with the server certificate verified."""
+
+    def setUp(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.redis = PrivateRedis(tls_directory=directory)
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+
+    @defer.inlineCallbacks
+    def test_trusted(self):
+        """With the server's CA trusted, commands go through TLS."""
+        with open(self.redis.ca_file, "rb") as ca:
+            trust = Certificate.loadPEM(ca.read())
+        options = optionsForClientTLS("localhost", trustRoot=trust)
+        guard = RedisReplayGuard(
+            self.connect(self.redis.address, tls_options=options), reactor, timeout=2.0
+        )
+        self.assertIs((yield guard.claim("zone", "jti-1", "r1", 60_000)), True)
+        self.assertEqual(self.redis.client().call("GET", "seen:jti:zone:jti-1"), "r1")
+
+    @defer.inlineCallbacks
+    def test_untrusted(self):
+        """By default (system roots) the test CA is not trusted: no command is sent."""
+        guard = RedisReplayGuard(self.connect(self.redis.address), reactor, timeout=0.5)
+        yield self.assertFailure(guard.claim("zone", "jti-1", "r1", 60_000), ReplayCheckUnavailable)
+        self.assertIsNone(self.redis.client().call("GET", "seen:jti:zone:jti-1"))

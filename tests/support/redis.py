@@ -8,8 +8,10 @@ sleeping.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 import uuid
@@ -42,8 +44,16 @@ class SyncRedis:
     command at a time; never used for blocking reads).
     """
 
-    def __init__(self, host: str = SHARED_HOST, port: int = SHARED_PORT, timeout: float = 2.0):
+    def __init__(
+        self,
+        host: str = SHARED_HOST,
+        port: int = SHARED_PORT,
+        timeout: float = 2.0,
+        tls: ssl.SSLContext | None = None,
+    ):
         self._socket = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:
+            self._socket = tls.wrap_socket(self._socket, server_hostname=host)
         self._buffer = b""
 
     def close(self) -> None:
@@ -107,16 +117,52 @@ class PrivateRedis:
     A C{redis-server} of the test's own, on 127.0.0.1 and a free port, with
     no persistence: started, stopped and restarted (same port) by the test
     to simulate an outage. Register C{stop} as a cleanup.
+
+    With C{tls_directory}, it speaks TLS only (C{rediss}), with a certificate
+    for C{localhost} / C{127.0.0.1} from a test CA written there
+    (C{redis-ca.pem} is the root to trust).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls_directory: str | None = None) -> None:
         self.port = free_port()
         self._process: subprocess.Popen | None = None
+        self.tls_directory = tls_directory
+        self.ca_file = None
+        if tls_directory is not None:
+            from tests.support.certs import make_chain
+
+            make_chain(tls_directory, "redis")
+            self.ca_file = os.path.join(tls_directory, "redis-ca.pem")
 
     @property
     def address(self) -> RedisAddress:
         """Where this server listens."""
-        return RedisAddress(host="127.0.0.1", port=self.port, db=0)
+        host = "localhost" if self.tls_directory else "127.0.0.1"
+        return RedisAddress(host=host, port=self.port, db=0, tls=self.tls_directory is not None)
+
+    def _listen_arguments(self) -> list[str]:
+        if self.tls_directory is None:
+            return ["--port", str(self.port)]
+        directory = self.tls_directory
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            os.path.join(directory, "redis.crt"),
+            "--tls-key-file",
+            os.path.join(directory, "redis.key"),
+            "--tls-ca-cert-file",
+            self.ca_file,
+            "--tls-auth-clients",
+            "no",
+        ]
+
+    def _client_tls(self) -> ssl.SSLContext | None:
+        if self.tls_directory is None:
+            return None
+        return ssl.create_default_context(cafile=self.ca_file)
 
     def start(self, deadline: float = 10.0) -> None:
         """Start the server and wait until it answers C{PING}."""
@@ -126,8 +172,7 @@ class PrivateRedis:
                 executable,
                 "--bind",
                 "127.0.0.1",
-                "--port",
-                str(self.port),
+                *self._listen_arguments(),
                 "--save",
                 "",
                 "--appendonly",
@@ -143,7 +188,7 @@ class PrivateRedis:
         give_up = time.monotonic() + deadline
         while True:
             try:
-                client = SyncRedis("127.0.0.1", self.port, timeout=0.5)
+                client = self.client(timeout=0.5)
                 try:
                     if client.call("PING") == "PONG":
                         return
@@ -168,9 +213,10 @@ class PrivateRedis:
             process.kill()
             process.wait(timeout=5)
 
-    def client(self) -> SyncRedis:
+    def client(self, timeout: float = 2.0) -> SyncRedis:
         """A synchronous client to this server."""
-        return SyncRedis("127.0.0.1", self.port)
+        host = "localhost" if self.tls_directory else "127.0.0.1"
+        return SyncRedis(host, self.port, timeout=timeout, tls=self._client_tls())
 
 
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01, clock=None):
