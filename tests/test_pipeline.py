@@ -320,6 +320,14 @@ class PipelineTests(SynchronousTestCase):
         self.assertDenied(request, 401, "invalid_token")
         self.assertNoSTS()
 
+    def test_unusableJtiRefused(self):
+        """A jti Redis keys cannot hold unambiguously is an invalid token, not a 500."""
+        for jti in ("x" * 257, "a\nb"):
+            self.metrics = self.pipeline.metrics = Metrics()
+            request = self.call(token=self.mint(jti=jti))
+            self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
+        self.assertNoSTS()
+
     def test_replayGuardUnavailableFailsClosed(self):
         self.pipeline.replay = UnavailableReplay()
         request = self.call(token=self.mint())

@@ -24,6 +24,7 @@ COUNTERS = (
     "denials_revoked",
     "sts_exchange_errors",
     "upstream_errors",
+    "revocations_rejected",
 )
 
 GAUGES = ("bindings_loaded", "revocations_active")

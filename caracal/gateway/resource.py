@@ -24,7 +24,7 @@ from twisted.web.server import NOT_DONE_YET
 from caracal.gateway import tokens
 from caracal.gateway.denials import Denial, write_denial, write_error
 from caracal.gateway.forward import MissingProviderToken, credential_headers
-from caracal.gateway.replay import ReplayCheckUnavailable
+from caracal.gateway.replay import ReplayCheckUnavailable, ReplayKeyInvalid
 from caracal.gateway.resources import Resource as ToolResource
 from caracal.gateway.upstream import UpstreamRefused, has_dot_segment
 
@@ -196,6 +196,8 @@ class GatewayResource(ReverseProxyResource):
             )
 
         def unavailable(failure):
+            if failure.check(ReplayKeyInvalid):
+                raise Denial(401, "invalid_token", "unusable jti", metric="denials_bad_bearer")
             failure.trap(ReplayCheckUnavailable)
             if self.pipeline.jti_fail_open:
                 log.warn(
