@@ -72,6 +72,8 @@ class Spawner:
 def end(worker: workers.WorkerProtocol, code: int | None = 1, number: int | None = None) -> None:
     """Make C{worker}'s process end with exit C{code} or killed by signal C{number}."""
     worker.transport.exited = True
+    # Twisted's process transport forgets its pid once the process ended.
+    worker.transport.pid = None
     if number is not None:
         reason = error.ProcessTerminated(exitCode=None, signal=number)
     elif code == 0:
@@ -124,6 +126,7 @@ class SupervisorTests(SynchronousTestCase):
         end(worker, number=signal.SIGKILL)
         self.assertIsNone(supervisor.workers[1])
         self.assertIn("worker 1 (pid 1001) exited unexpectedly with status -9", self.logged())
+        self.assertEqual(worker.pid, 1001)
 
         self.reactor.advance(workers.RESTART_BACKOFF - 0.01)
         self.assertEqual(self.spawner.indexes(), [0, 1])

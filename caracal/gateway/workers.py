@@ -119,18 +119,21 @@ class WorkerProtocol(protocol.ProcessProtocol):
     @ivar index: the worker's slot, 0 to N-1 (kept across restarts).
     @ivar status: the exit status once ended (as C{subprocess} reports it:
         minus the signal number when killed), else C{None}.
+    @ivar pid: the process id, kept after the process ended.
     """
 
     def __init__(self, supervisor: WorkerSupervisor, index: int) -> None:
         self.supervisor = supervisor
         self.index = index
         self.status: int | None = None
+        self.pid: int | None = None
         self._buffers = {1: b"", 2: b""}
         self._waiting: list[defer.Deferred] = []
 
-    @property
-    def pid(self) -> int | None:
-        return getattr(self.transport, "pid", None)
+    def connectionMade(self) -> None:
+        # Twisted forgets the transport's pid once the process has ended;
+        # the exit is logged with it, so keep it.
+        self.pid = getattr(self.transport, "pid", None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         buffered = self._buffers.get(childFD, b"") + data

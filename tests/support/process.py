@@ -449,3 +449,24 @@ class Subreaper:
             return result[0]
 
         return wait_until(reaped, timeout, reactor).addCallback(done)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live processes whose parent is C{pid} (Linux C{/proc}); empty elsewhere."""
+    children = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state, then the parent's pid.
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.append(int(entry))
+    return sorted(children)

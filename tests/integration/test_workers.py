@@ -1,0 +1,225 @@
+# -*- test-case-name: tests.integration.test_workers -*-
+"""
+C{twistd caracal-gateway --workers 2} as a real process tree on a free
+127.0.0.1 port: both workers serve the one port, C{/metrics} answered by
+either sums both, a killed worker is replaced while the port keeps
+serving, and SIGTERM to the daemon stops every worker, removes the pidfile
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.internet.ssl import Certificate
+from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+from tests.support.process import (
+    GatewayProcess,
+    Subreaper,
+    child_pids,
+    free_port,
+    gateway_environ,
+    pid_alive,
+    read_pidfile,
+    wait_until,
+)
+
+TWO_WORKERS = ("-n", "caracal-gateway", "--workers", "2")
+
+#: Workers start a full interpreter each, then connect to their backends.
+START_TIMEOUT = 30.0
+
+
+def listening_workers(output: bytes) -> set[int]:
+    """The indexes of the workers that logged they listen, as relayed by the supervisor."""
+    return {
+        int(index) for index in re.findall(rb"worker (\d+): caracal-gateway listening on", output)
+    }
+
+
+def serving_workers(output: bytes) -> set[int]:
+    """The indexes of the workers whose access lines the supervisor relayed."""
+    return {int(index) for index in re.findall(rb'"worker":(\d+)\}', output)}
+
+
+class WorkersTests(TestCase):
+    timeout = 120
+
+    def directory(self) -> str:
+        path = os.path.abspath(self.mktemp())
+        os.makedirs(path)
+        return path
+
+    def gateway(self, environ, args=TWO_WORKERS, root=None) -> GatewayProcess:
+        process = GatewayProcess(environ, args, cwd=self.directory(), root=root)
+        self.addCleanup(self.kill, process)
+        return process
+
+    @defer.inlineCallbacks
+    def kill(self, process: GatewayProcess):
+        workers = child_pids(process.pid) if process.pid else []
+        if process.running:
+            process.send_signal(signal.SIGKILL)
+            yield process.ended()
+        for pid in workers:
+            self.kill_pid(pid)
+
+    def kill_pid(self, pid: int) -> None:
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+    def client(self, root=None):
+        """A treq client opening a new connection per request, so both workers get some."""
+        pool = HTTPConnectionPool(reactor, persistent=False)
+        if root is None:
+            return treq.client.HTTPClient(Agent(reactor, pool=pool))
+        policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(root.pem))
+        return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+
+    @defer.inlineCallbacks
+    def get(self, client, url: str):
+        response = yield client.get(url, timeout=10)
+        body = yield response.content()
+        return response.code, body
+
+    @defer.inlineCallbacks
+    def both_listening(self, gateway: GatewayProcess):
+        ready = yield wait_until(
+            lambda: listening_workers(gateway.output) == {0, 1}, START_TIMEOUT, reactor
+        )
+        self.assertTrue(ready, gateway.output.decode(errors="replace")[-3000:])
+
+    @defer.inlineCallbacks
+    def test_both_workers_serve_and_metrics_are_summed(self):
+        port = free_port()
+        environ, _ = gateway_environ(self.directory(), port, tls=False, LOG_LEVEL="info")
+        gateway = self.gateway(environ)
+        yield gateway.start(timeout=START_TIMEOUT)
+        yield self.both_listening(gateway)
+        client = self.client()
+        base = f"http://127.0.0.1:{port}"
+
+        # Concurrent batches of tokenless requests (401 each, counted in
+        # requests_total) until the access lines show both workers served.
+        sent = 0
+        for _ in range(10):
+            answers = yield defer.gatherResults(
+                [self.get(client, f"{base}/tool/{sent + n}") for n in range(20)]
+            )
+            sent += 20
+            self.assertEqual({code for code, _ in answers}, {401})
+            both = yield wait_until(lambda: len(serving_workers(gateway.output)) == 2, 1, reactor)
+            if both:
+                break
+        self.assertEqual(serving_workers(gateway.output), {0, 1})
+
+        @defer.inlineCallbacks
+        def summed():
+            code, body = yield self.get(client, f"{base}/metrics")
+            self.assertEqual(code, 200)
+            return json.loads(body)["requests_total"] == sent
+
+        # Workers publish every 0.5 s; afterwards every answer, whichever
+        # worker gives it, is the sum.
+        self.assertTrue((yield wait_until(summed, 5, reactor)), f"{sent} requests sent")
+        for _ in range(10):
+            code, body = yield self.get(client, f"{base}/metrics")
+            self.assertEqual(json.loads(body)["requests_total"], sent)
+        self.assertEqual(listening_workers(gateway.output), {0, 1})
+
+        self.assertEqual((yield gateway.stop()), 0, gateway.errors.decode(errors="replace"))
+
+    @defer.inlineCallbacks
+    def test_killed_worker_is_restarted(self):
+        port = free_port()
+        environ, root = gateway_environ(self.directory(), port, LOG_LEVEL="info")
+        gateway = self.gateway(environ, root=root)
+        yield gateway.start(timeout=START_TIMEOUT)
+        yield self.both_listening(gateway)
+        workers = child_pids(gateway.pid)
+        self.assertEqual(len(workers), 2, workers)
+
+        victim = workers[0]
+        os.kill(victim, signal.SIGKILL)
+        # The other worker keeps the port serving at once.
+        self.assertEqual((yield gateway.health()), 200)
+
+        def replaced():
+            now = child_pids(gateway.pid)
+            return len(now) == 2 and victim not in now
+
+        self.assertTrue((yield wait_until(replaced, START_TIMEOUT, reactor)))
+        self.assertRegex(
+            gateway.output.decode(errors="replace"),
+            rf"worker \d \(pid {victim}\) exited unexpectedly with status -9",
+        )
+
+        def relistening():
+            return len(re.findall(rb"caracal-gateway listening on", gateway.output)) == 3
+
+        self.assertTrue((yield wait_until(relistening, START_TIMEOUT, reactor)))
+        for _ in range(10):
+            self.assertEqual((yield gateway.health()), 200)
+
+        self.assertEqual((yield gateway.stop()), 0, gateway.errors.decode(errors="replace"))
+        for pid in child_pids(gateway.pid) + workers:
+            self.assertFalse(pid_alive(pid))
+
+    @defer.inlineCallbacks
+    def test_daemon_sigterm_stops_every_worker(self):
+        if not Subreaper.available():
+            raise self.skipException("reading a daemon's exit status needs Linux's subreaper")
+        subreaper = Subreaper()
+        subreaper.enable()
+        self.addCleanup(subreaper.disable)
+
+        port = free_port()
+        directory = self.directory()
+        environ, root = gateway_environ(directory, port, LOG_LEVEL="info")
+        pidfile = os.path.join(directory, "gateway.pid")
+        logfile = os.path.join(directory, "gateway.log")
+        launcher = self.gateway(
+            environ,
+            ("--pidfile", pidfile, "--logfile", logfile, "caracal-gateway", "--workers", "2"),
+            root=root,
+        )
+        yield launcher.start(timeout=START_TIMEOUT, daemon=True)
+        self.assertEqual(launcher.errors, b"")
+
+        pid = read_pidfile(pidfile)
+        self.addCleanup(self.kill_pid, pid)
+
+        def two_workers():
+            with open(logfile, "rb") as f:
+                return listening_workers(f.read()) == {0, 1}
+
+        self.assertTrue((yield wait_until(two_workers, START_TIMEOUT, reactor)))
+        workers = child_pids(pid)
+        self.assertEqual(len(workers), 2, workers)
+        for worker in workers:
+            self.addCleanup(self.kill_pid, worker)
+        self.assertEqual((yield launcher.health()), 200)
+
+        os.kill(pid, signal.SIGTERM)
+        status = yield Subreaper.wait_exit(pid, timeout=40)
+        with open(logfile) as f:
+            log = f.read()
+        self.assertEqual(status, 0, log)
+        self.assertFalse(os.path.exists(pidfile))
+        for worker in workers:
+            self.assertFalse(pid_alive(worker), f"worker {worker} outlived the daemon")
+        self.assertIn("worker 0 exited with status 0", log)
+        self.assertIn("worker 1 exited with status 0", log)
+        self.assertIn("Server Shut Down.", log)
+        self.assertNotIn("Traceback", log)
