@@ -115,7 +115,9 @@ class DemoError(Exception):
 
 def say(text: str = "") -> None:
     """One line of the demo's story, at once (the children write logs, not here)."""
-    print(text, flush=True)
+    # A closed stdout (the demo piped into head) must not stop the cleanup.
+    with contextlib.suppress(BrokenPipeError):
+        print(text, flush=True)
 
 
 # -- the state directory -------------------------------------------------
@@ -209,9 +211,9 @@ def port_free(port: int) -> bool:
     return True
 
 
-def pick_port(preferred: int, taken: set[int]) -> int:
-    """C{preferred} if free, else any free port; never one of C{taken}."""
-    if preferred not in taken and port_free(preferred):
+def pick_port(preferred: int | None, taken: set[int]) -> int:
+    """C{preferred} if given and free, else any free port; never one of C{taken}."""
+    if preferred and preferred not in taken and port_free(preferred):
         taken.add(preferred)
         return preferred
     while True:
@@ -299,7 +301,14 @@ class Child:
         """What twistd writes outside its log (a refused start)."""
         return self.state.path(f"{self.name}.out")
 
+    #: Where this run's lines begin in the log (twistd appends to it).
+    log_offset: int = 0
+
     def start(self) -> None:
+        try:
+            self.log_offset = os.path.getsize(self.logfile)
+        except OSError:
+            self.log_offset = 0
         argv = twistd_argv("-n", "--pidfile", self.pidfile, "--logfile", self.logfile, *self.args)
         with open(self.outfile, "wb") as out:
             self.process = subprocess.Popen(
@@ -319,6 +328,20 @@ class Child:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def written(self) -> str:
+        """What this run of the child wrote so far (its stray output, then its log)."""
+        text = ""
+        with contextlib.suppress(OSError), open(self.outfile, errors="replace") as f:
+            text += f.read()
+        with contextlib.suppress(OSError), open(self.logfile, errors="replace") as f:
+            f.seek(self.log_offset)
+            text += f.read()
+        return text
+
+    def port_taken(self) -> bool:
+        """Whether the child died because its port was taken meanwhile."""
+        return not self.running() and "Address already in use" in self.written()
 
     def tail(self, lines: int = 8) -> str:
         """The end of what the child wrote, to explain a failure."""
@@ -461,12 +484,12 @@ def admin(database_url: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def register_resource(database_url: str, upstream_url: str) -> str:
+def register_resource(database_url: str, upstream_url: str, zone: str) -> str:
     """Migrate the schema and add (or update) C{demo-tool}; returns what was done."""
     migrated = admin(database_url, "migrate")
     if migrated.returncode != 0:
         raise DemoError(f"caracal-gateway-admin migrate failed: {migrated.stderr.strip()}")
-    fields = ["--zone", ZONE, "--application", APPLICATION, "--upstream", upstream_url]
+    fields = ["--zone", zone, "--application", APPLICATION, "--upstream", upstream_url]
     added = admin(database_url, "add", RESOURCE, *fields)
     if added.returncode == 0:
         return "added"
@@ -493,9 +516,9 @@ def _clean_environ() -> dict[str, str]:
     return env
 
 
-def mint(sts_url: str, session: str) -> str:
+def mint(sts_url: str, zone: str, session: str) -> str:
     """A fresh per_call caller token from the dev STS."""
-    form = urlencode({"zone_id": ZONE, "use": "per_call", "ttl": TOKEN_TTL, "sid": session})
+    form = urlencode({"zone_id": zone, "use": "per_call", "ttl": TOKEN_TTL, "sid": session})
     reply = call(
         "POST",
         sts_url + "/dev/mint",
@@ -521,6 +544,31 @@ class Demo:
     options: argparse.Namespace
     state: State
     supervisor: Supervisor = field(default_factory=Supervisor)
+    taken: set[int] = field(default_factory=set)
+
+    def launch(self, preferred: int, make, probe, marker, attempts: int = 3):
+        """
+        Start the child C{make(port)} on C{preferred} (or a free port when it
+        is taken) and wait until C{probe(port)} succeeds and its log shows
+        C{marker(port)}: the log proves the answer came from this child and
+        not from something else that took the port meanwhile, in which case
+        it is tried again on another free port. Returns C{(child, port)}.
+        """
+        for attempt in range(attempts):
+            port = pick_port(preferred if attempt == 0 else None, self.taken)
+            child = self.supervisor.add(make(port))
+            child.start()
+            try:
+                child.wait_ready(
+                    lambda child=child, port=port: marker(port) in child.written() and probe(port)
+                )
+            except DemoError:
+                if not child.port_taken():
+                    raise
+                self.supervisor.children.remove(child)
+                continue
+            return child, port
+        raise DemoError(f"{child.label}: no free port after {attempts} attempts")
 
     def refuse_if_running(self) -> None:
         running = []
@@ -540,14 +588,6 @@ class Demo:
         self.refuse_if_running()
         check_services(options.postgres, options.redis_url)
 
-        taken: set[int] = set()
-        gateway_port = pick_port(options.gateway_port, taken)
-        sts_port = pick_port(options.sts_port, taken)
-        upstream_port = pick_port(options.upstream_port, taken)
-        sts_url = f"http://{LOOPBACK}:{sts_port}"
-        upstream_url = f"http://{LOOPBACK}:{upstream_port}"
-        gateway_url = f"https://localhost:{gateway_port}"
-
         say(f"caracal demo: state in {state.shown('')}")
         certificates = ensure_certificates(state.directory)
         say(
@@ -559,73 +599,83 @@ class Demo:
         hmac_key = state.hmac_key()
         say(f"  hmac key      {state.shown('streams_hmac_key')} (STREAMS_HMAC_KEY)")
 
-        database_url, created = prepare_database(options.postgres, options.database)
-        done = register_resource(database_url, upstream_url)
-        say(
-            f"  database      {options.database} ({'created' if created else 'exists'},"
-            f" schema migrated); resource {RESOURCE} -> {upstream_url} ({done})"
-        )
-
         environ = _clean_environ()
-        upstream = self.supervisor.add(
-            Child(
+        upstream, upstream_port = self.launch(
+            options.upstream_port,
+            lambda port: Child(
                 "upstream",
                 "the demo tool server",
                 [
                     "web",
                     "--listen",
-                    f"tcp:{upstream_port}:interface={LOOPBACK}",
+                    f"tcp:{port}:interface={LOOPBACK}",
                     "--class",
                     "caracal.demo.upstream.EchoTool",
                 ],
                 state,
                 environ,
-            )
+            ),
+            lambda port: call("GET", f"http://{LOOPBACK}:{port}/").status == 200,
+            lambda port: f"Site starting on {port}",
         )
-        sts = self.supervisor.add(
-            Child(
+        upstream_url = f"http://{LOOPBACK}:{upstream_port}"
+        say(f"  tool server   {upstream_url} (pid {upstream.pid}): echoes what it receives")
+
+        sts, sts_port = self.launch(
+            options.sts_port,
+            lambda port: Child(
                 "sts",
                 "the dev STS",
-                ["caracal-devsts", "--port", str(sts_port), "--bind", LOOPBACK, "--insecure-http"],
+                ["caracal-devsts", "--port", str(port), "--bind", LOOPBACK, "--insecure-http"],
                 state,
                 environ,
-            )
+            ),
+            lambda port: call("GET", f"http://{LOOPBACK}:{port}/health").status == 200,
+            lambda port: f"Site starting on {port}",
         )
-        gateway_env = dict(environ)
-        gateway_env.update(
-            {
-                "CARACAL_ENV": "dev",
-                "PORT": str(gateway_port),
-                "BIND_ADDRESS": LOOPBACK,
-                "TLS_CERT_FILE": certificates.cert_file,
-                "TLS_KEY_FILE": certificates.key_file,
-                # Dev only: the dev STS speaks plaintext on loopback.
-                "INSECURE_STS": "true",
-                "STS_URL": sts_url,
-                "DATABASE_URL": database_url,
-                "REDIS_URL": options.redis_url,
-                "STREAMS_HMAC_KEY": hmac_key,
-                # Dev only: the tool server is on loopback, which production refuses.
-                "ALLOW_PRIVATE_UPSTREAMS": "true",
-                "UPSTREAM_HOST_ALLOWLIST": "127.0.0.1,localhost",
-            }
-        )
-        gateway = self.supervisor.add(
-            Child("gateway", "the gateway", ["caracal-gateway"], state, gateway_env)
-        )
-
-        upstream.start()
-        sts.start()
-        upstream.wait_ready(lambda: call("GET", upstream_url + "/").status == 200)
-        say(f"  tool server   {upstream_url} (pid {upstream.pid}): echoes what it receives")
-        sts.wait_ready(lambda: call("GET", sts_url + "/health").status == 200)
+        sts_url = f"http://{LOOPBACK}:{sts_port}"
         say(f"  dev STS       {sts_url} (pid {sts.pid}): plaintext, INSECURE_STS (dev only)")
 
-        tls = ssl.create_default_context(cafile=certificates.ca_file)
-        gateway.start()
-        gateway.wait_ready(
-            lambda: call("GET", gateway_url + "/ready", tls=tls, timeout=3).status == 200
+        database_url, created = prepare_database(options.postgres, options.database)
+        done = register_resource(database_url, upstream_url, options.zone)
+        say(
+            f"  database      {options.database} ({'created' if created else 'exists'},"
+            f" schema migrated); resource {RESOURCE} -> {upstream_url} ({done})"
         )
+
+        def gateway_child(port: int) -> Child:
+            gateway_env = dict(environ)
+            gateway_env.update(
+                {
+                    "CARACAL_ENV": "dev",
+                    "PORT": str(port),
+                    "BIND_ADDRESS": LOOPBACK,
+                    "TLS_CERT_FILE": certificates.cert_file,
+                    "TLS_KEY_FILE": certificates.key_file,
+                    # Dev only: the dev STS speaks plaintext on loopback.
+                    "INSECURE_STS": "true",
+                    "STS_URL": sts_url,
+                    "DATABASE_URL": database_url,
+                    "REDIS_URL": options.redis_url,
+                    "STREAMS_HMAC_KEY": hmac_key,
+                    # Dev only: the tool server is on loopback, which production refuses.
+                    "ALLOW_PRIVATE_UPSTREAMS": "true",
+                    "UPSTREAM_HOST_ALLOWLIST": "127.0.0.1,localhost",
+                }
+            )
+            return Child("gateway", "the gateway", ["caracal-gateway"], state, gateway_env)
+
+        # Verified against the demo CA: only our own gateway passes this probe.
+        tls = ssl.create_default_context(cafile=certificates.ca_file)
+        gateway, gateway_port = self.launch(
+            options.gateway_port,
+            gateway_child,
+            lambda port: (
+                call("GET", f"https://localhost:{port}/ready", tls=tls, timeout=3).status == 200
+            ),
+            lambda port: f"port={port})",
+        )
+        gateway_url = f"https://localhost:{gateway_port}"
         say(f"  gateway       {gateway_url} (pid {gateway.pid}): CARACAL_ENV=dev, TLS, ready")
         say()
 
@@ -642,7 +692,7 @@ class Demo:
         return 0
 
     def show_request(self, gateway_url: str, sts_url: str, tls: ssl.SSLContext) -> None:
-        token = mint(sts_url, "demo-session")
+        token = mint(sts_url, self.options.zone, "demo-session")
         self.token = token
         say(
             f"One request through the gateway (a fresh per_call token {fingerprint(token)}"
@@ -696,7 +746,7 @@ class Demo:
             (
                 "an unknown resource",
                 {
-                    "Authorization": f"Bearer {mint(sts_url, 'demo-session')}",
+                    "Authorization": f"Bearer {mint(sts_url, self.options.zone, 'demo-session')}",
                     "X-Caracal-Resource": "no-such-tool",
                 },
             ),
@@ -708,7 +758,7 @@ class Demo:
 
     def show_repeat(self, gateway_url: str, sts_url: str) -> None:
         mint_command = (
-            f"curl -s -d zone_id={ZONE} -d use=per_call {sts_url}/dev/mint"
+            f"curl -s -d zone_id={self.options.zone} -d use=per_call {sts_url}/dev/mint"
             " | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"token\"])'"
         )
         line = (
@@ -806,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--stop", action="store_true", help="stop a demo left running")
     parser.add_argument("--state-dir", default=".demo", help="certificates, pidfiles, logs")
     parser.add_argument("--database", default=DEFAULT_DATABASE, help="database to use")
+    parser.add_argument("--zone", default=ZONE, help=f"the demo resource's zone ({ZONE})")
     parser.add_argument(
         "--postgres", default=DEFAULT_POSTGRES, help=f"Postgres server DSN ({DEFAULT_POSTGRES})"
     )
