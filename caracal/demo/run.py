@@ -770,7 +770,9 @@ class Demo:
         if self.options.keep_running:
             say("Repeat it (a fresh token each time; the services keep running):")
         else:
-            say(f"Repeat it while the services run ({PROG} --keep-running keeps them up):")
+            say(
+                f"Repeat it while the services run ({demo_command()} --keep-running keeps them up):"
+            )
         say(f"  {line}")
         say()
 
@@ -796,7 +798,17 @@ class Demo:
 def stop_command(options: argparse.Namespace) -> str:
     """The command line that stops a kept-running demo with these options."""
     extra = "" if options.state_dir == ".demo" else f" --state-dir {options.state_dir}"
-    return f"python -m {PROG} --stop{extra}"
+    return f"{demo_command()} --stop{extra}"
+
+
+def demo_command() -> str:
+    """How this demo was started, e.g. C{.venv/bin/python -m caracal.demo}, to paste again."""
+    python = os.path.relpath(sys.executable)
+    if python.startswith(".."):
+        python = sys.executable
+    elif os.sep not in python:
+        python = os.path.join(".", python)
+    return f"{python} -m {PROG}"
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
