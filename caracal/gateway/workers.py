@@ -36,7 +36,8 @@ other workers' files (L{SharedMetrics}). Counters and histograms are
 summed; the gauges (C{bindings_loaded}, C{revocations_active}) describe
 state every worker holds a copy of, so they are the answering worker's own,
 not a sum. A restarted worker carries on from its predecessor's file, so
-the sums never go backwards.
+the sums never go backwards. The other workers' part of an answer may be
+up to L{METRICS_INTERVAL} seconds old.
 """
 
 from __future__ import annotations
