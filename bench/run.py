@@ -3,7 +3,7 @@
 Benchmark of the gateway against a bare Twisted reverse proxy, on this machine,
 in one run (see bench/README.rst):
 
-    /tmp/venv/bin/python bench/run.py [--duration 10] [--connections 16]
+    .venv/bin/python bench/run.py [--duration 10] [--connections 16]
         [--out bench/last-run.json]
 
 Everything runs on 127.0.0.1, each server in its own process:

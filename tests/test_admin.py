@@ -93,7 +93,9 @@ class AdminTests(SynchronousTestCase):
     # -- the registry and parsing -----------------------------------------
 
     def test_registry(self):
-        self.assertEqual(list(admin.COMMANDS), ["migrate", "add", "list", "update", "remove", "check-config"])
+        self.assertEqual(
+            list(admin.COMMANDS), ["migrate", "add", "list", "update", "remove", "check-config"]
+        )
 
     def test_no_command(self):
         status, _, stderr = self.run_admin()
