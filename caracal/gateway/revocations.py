@@ -294,6 +294,8 @@ class RevocationFollower(Service):
         self._ready_waiters: list[defer.Deferred] = []
         self.last_id: str | None = None
         self.ready = False
+        # Set by a Redis error: re-read the 24 h window before reading on.
+        self._resync = False
         self.rejected = 0
         self.applied = 0
         self.errors = 0
@@ -340,11 +342,20 @@ class RevocationFollower(Service):
                 if not self.ready:
                     yield self._load()
                     self._caught_up()
+                elif self._resync:
+                    # Redis may be back empty (restarted without persistence),
+                    # handing out ids lower than the last one we saw: reading
+                    # on after that id would skip them. Re-read the whole
+                    # window instead; applying an entry twice is harmless.
+                    self.last_id = None
+                    yield self._load()
+                    self._resync = False
                 yield self._read()
                 delay = self.initial_delay
             except Exception as error:
                 if not self.running:
                     break
+                self._resync = True
                 self.errors += 1
                 _log.warn(
                     "revocation stream {stream}: {reason}; retrying in {delay:.1f}s",

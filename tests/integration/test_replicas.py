@@ -308,11 +308,3 @@ class RedisRestartTests(PrivateRedisMixin, ReplicaTestCase):
         second_id = self.set.revoke(second)
         self.assertLess(int(second_id.split("-")[0]), int(ahead.split("-")[0]))
         yield self.enforced_everywhere(second, time.monotonic(), timeout=5.0)
-
-    # Remove once the follower re-reads the 24 h window after a Redis error:
-    # it resumes XREAD after its last id, so entries of a Redis restarted
-    # empty with lower ids are never seen. Trial reports UNEXPECTED SUCCESS
-    # the day the follower is fixed.
-    test_revocationWithLowerIdAfterRestartEnforcedEverywhere.todo = (
-        "RevocationFollower reads on after its old last id once Redis is back empty"
-    )
