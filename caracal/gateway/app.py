@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, IServiceCollection, MultiService, Service
 from twisted.internet import defer
 
 from caracal.gateway.config import GatewayConfig
@@ -35,6 +35,30 @@ class Gateway:
     service: IService
     site: Any
     pipeline: Pipeline
+
+    def when_loaded(self, clock, timeout: float) -> defer.Deferred:
+        """
+        Fire once the state the pipeline decides on is in memory: the first
+        resource snapshot and each follower's initial window (the last 24 h
+        of revocations). Serving before then would wrongly refuse known
+        resources and, worse, let a revoked session through. Fires C{True}
+        when loaded, C{False} when C{timeout} passed first (a dependency is
+        down: the caller serves anyway, failing closed on what is missing).
+        """
+        waits = []
+        loaded = getattr(getattr(self.pipeline, "resources", None), "loaded", None)
+        if isinstance(loaded, defer.Deferred):
+            observed = defer.Deferred()
+            loaded.addBoth(lambda result: (observed.callback(None), result)[1])
+            waits.append(observed)
+        children = self.service if IServiceCollection.providedBy(self.service) else []
+        for child in children:
+            when_ready = getattr(child, "when_ready", None)
+            if when_ready is not None:
+                waits.append(when_ready())
+        d = defer.gatherResults(waits, consumeErrors=True)
+        d.addTimeout(timeout, clock)
+        return d.addCallbacks(lambda _: True, lambda _: False)
 
 
 class ClosingService(Service):

@@ -43,6 +43,9 @@ log = Logger()
 #: How long SIGTERM waits for in-flight requests (SPEC section 11).
 DRAIN_TIMEOUT = 25.0
 
+#: How long accepting waits for the resource snapshot and revocation window.
+STARTUP_LOAD_TIMEOUT = 10.0
+
 #: How often the certificate files are checked for a renewal.
 TLS_WATCH_INTERVAL = 5.0
 
@@ -222,10 +225,30 @@ class GatewayService(Service):
         if self.server_tls is not None:
             self._watch = self.server_tls.watch(TLS_WATCH_INTERVAL)
             self._previous_sighup = self._install_sighup(self.server_tls, self.reactor)
-        self._listening = self.endpoint.listen(self.factory())
+        # Accepting waits (bounded) for the resource snapshot and the
+        # revocation window: the socket is bound already, so early clients
+        # queue in the backlog instead of meeting a half-loaded gateway.
+        self._listening = self.gateway.when_loaded(self.reactor, STARTUP_LOAD_TIMEOUT)
+        self._listening.addCallback(self._listen_when_loaded)
         self._listening.addCallbacks(self._listened, self._listen_failed)
 
+    def _listen_when_loaded(self, loaded: bool):
+        if not self.running:
+            return defer.succeed(None)
+        if not loaded:
+            log.warn(
+                "resources or revocations not loaded after {timeout} s; serving anyway"
+                " (unknown resources are refused until the snapshot arrives)",
+                timeout=STARTUP_LOAD_TIMEOUT,
+            )
+        return self.endpoint.listen(self.factory())
+
     def _listened(self, port) -> None:
+        if port is None:
+            return
+        if not self.running:
+            port.stopListening()
+            return
         self.port = port
         log.info(
             "caracal-gateway listening on {address} ({scheme})",
