@@ -18,6 +18,9 @@ from caracal.gateway.endpoints import HealthResource, MetricsResource, ReadyReso
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.resource import GatewayResource, GatewayRoot, Pipeline
 
+#: Upper bound on resolving an upstream's name (also bounded by UPSTREAM_TIMEOUT).
+DNS_TIMEOUT = 5.0
+
 
 @dataclass
 class Gateway:
@@ -150,6 +153,9 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
             reactor.nameResolver,
             allowlist=config.upstream_host_allowlist,
             allow_private=config.allow_private_upstreams,
+            clock=reactor,
+            # A name that never resolves must not hold the request forever.
+            timeout=min(config.upstream_timeout, DNS_TIMEOUT),
         ),
         forwarder=Forwarder(reactor, upstream_policy, config.upstream_timeout, metrics),
         metrics=metrics,
