@@ -47,7 +47,8 @@ from psycopg2.extensions import make_dsn, parse_dsn
 
 from caracal.demo.certificates import ensure_certificates
 from caracal.gateway.checkconfig import ProbeFailed, ping_redis
-from caracal.gateway.config import parse_redis_url, redact_url
+from caracal.gateway.config import GatewayConfig, parse_redis_url, redact_url
+from caracal.gateway.logfile import LOG_FILE_VARIABLE
 from caracal.gateway.tokens import fingerprint
 
 PROG = "caracal.demo"
@@ -71,34 +72,10 @@ START_TIMEOUT = 30.0
 #: How long a child may take to exit after SIGTERM (the gateway drains first).
 STOP_TIMEOUT = 30.0
 
-#: Gateway variables a newcomer's shell might hold; the children never inherit them.
-GATEWAY_VARIABLES = (
-    "CARACAL_ENV",
-    "PORT",
-    "BIND_ADDRESS",
-    "TLS_CERT_FILE",
-    "TLS_KEY_FILE",
-    "INSECURE_HTTP",
-    "INSECURE_STS",
-    "STS_URL",
-    "STS_CA_FILE",
-    "UPSTREAM_CA_FILE",
-    "DATABASE_URL",
-    "REDIS_URL",
-    "JTI_FAIL_OPEN",
-    "STREAMS_HMAC_KEY",
-    "ALLOW_PRIVATE_UPSTREAMS",
-    "UPSTREAM_HOST_ALLOWLIST",
-    "MAX_REQUEST_BYTES",
-    "STS_TIMEOUT",
-    "UPSTREAM_TIMEOUT",
-    "READ_HEADER_TIMEOUT",
-    "READ_TIMEOUT",
-    "WRITE_TIMEOUT",
-    "IDLE_TIMEOUT",
-    "LOG_LEVEL",
-    "CARACAL_LOG_FILE",
-)
+#: Gateway variables a newcomer's shell might hold; the children never inherit
+#: them. Derived from the configuration itself so a new setting is covered
+#: without touching the demo.
+GATEWAY_VARIABLES = frozenset(GatewayConfig().redacted()) | {LOG_FILE_VARIABLE}
 
 
 #: The children's pidfile names and what their command lines contain.

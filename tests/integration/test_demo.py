@@ -25,7 +25,7 @@ import psycopg2
 from psycopg2 import sql
 from twisted.trial.unittest import SynchronousTestCase
 
-from caracal.demo.run import alive, read_pid
+from caracal.demo.run import _clean_environ, alive, read_pid
 from tests.support.postgres import ADMIN_DSN, postgres_available
 from tests.support.redis import SyncRedis
 
@@ -202,3 +202,15 @@ class DemoTests(SynchronousTestCase):
             self.demo_argv("--stop"), cwd=ROOT, capture_output=True, text=True, timeout=30
         )
         self.assertEqual((again.returncode, again.stdout), (0, "no demo was running\n"))
+
+
+class CleanEnvironTests(SynchronousTestCase):
+    """The children never inherit gateway settings from the newcomer's shell."""
+
+    def test_gateway_variables_dropped(self):
+        from tests.integration.test_etc_files import SPEC_VARIABLES
+
+        shell = dict.fromkeys((*SPEC_VARIABLES, "CARACAL_LOG_FILE"), "from-the-shell")
+        shell["HOME"] = "/home/newcomer"
+        self.patch(os, "environ", shell)
+        self.assertEqual(_clean_environ(), {"HOME": "/home/newcomer", "PYTHONUNBUFFERED": "1"})
