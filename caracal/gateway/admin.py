@@ -29,11 +29,12 @@ function adding its arguments, a function running it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import TextIO
@@ -106,6 +107,16 @@ class Context:
             ) from None
         connection.autocommit = True
         return connection
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator:
+        """A cursor on a fresh L{database} connection, closed when the block ends."""
+        connection = self.database()
+        try:
+            with connection.cursor() as cursor:
+                yield cursor
+        finally:
+            connection.close()
 
     def warn(self, message: str) -> None:
         """One warning line on stderr."""
@@ -254,12 +265,8 @@ def schema_sql() -> str:
 def migrate(context: Context) -> int:
     """Apply the schema; safe to repeat (it is idempotent and one transaction)."""
     statement = schema_sql()
-    connection = context.database()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(statement)
-    finally:
-        connection.close()
+    with context.cursor() as cursor:
+        cursor.execute(statement)
     print("schema applied", file=context.stdout)
     return EXIT_OK
 
@@ -302,19 +309,15 @@ def add(context: Context) -> int:
         None if args.auth_header is None else auth_header(args.auth_header),
         None if args.auth_scheme is None else auth_scheme(args.auth_scheme),
     )
-    connection = context.database()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO gateway_resources (resource_identifier, zone_id, application_id,"
-                " upstream_url, auth_mode, auth_header, auth_scheme)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (resource_identifier) DO NOTHING RETURNING resource_identifier",
-                row,
-            )
-            inserted = cursor.fetchone()
-    finally:
-        connection.close()
+    with context.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO gateway_resources (resource_identifier, zone_id, application_id,"
+            " upstream_url, auth_mode, auth_header, auth_scheme)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (resource_identifier) DO NOTHING RETURNING resource_identifier",
+            row,
+        )
+        inserted = cursor.fetchone()
     if inserted is None:
         raise failure(f"resource {args.resource} already exists (use update)")
     print(f"added {args.resource}", file=context.stdout)
@@ -328,16 +331,12 @@ def _configure_list(parser: argparse.ArgumentParser) -> None:
 @register("list", "list the resources", _configure_list)
 def list_(context: Context) -> int:
     """Print every resource, as a table or as JSON."""
-    connection = context.database()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM gateway_resources"  # noqa: S608 - constants
-                " ORDER BY resource_identifier"
-            )
-            rows = cursor.fetchall()
-    finally:
-        connection.close()
+    with context.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM gateway_resources"  # noqa: S608 - constants
+            " ORDER BY resource_identifier"
+        )
+        rows = cursor.fetchall()
     records = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
     for record in records:
         record["updated_at"] = record["updated_at"].isoformat()
@@ -400,18 +399,14 @@ def update(context: Context) -> int:
     if not changes:
         raise usage_error("nothing to update: give at least one field option")
     assignments = ", ".join(f"{column} = %s" for column in changes)
-    connection = context.database()
-    try:
-        with connection.cursor() as cursor:
-            # Column names come from the fixed set above, values are parameters.
-            cursor.execute(
-                f"UPDATE gateway_resources SET {assignments}"  # noqa: S608
-                " WHERE resource_identifier = %s RETURNING resource_identifier",
-                (*changes.values(), resource),
-            )
-            updated = cursor.fetchone()
-    finally:
-        connection.close()
+    with context.cursor() as cursor:
+        # Column names come from the fixed set above, values are parameters.
+        cursor.execute(
+            f"UPDATE gateway_resources SET {assignments}"  # noqa: S608
+            " WHERE resource_identifier = %s RETURNING resource_identifier",
+            (*changes.values(), resource),
+        )
+        updated = cursor.fetchone()
     if updated is None:
         raise failure(f"no resource {resource}")
     print(f"updated {resource}", file=context.stdout)
@@ -426,17 +421,13 @@ def _configure_remove(parser: argparse.ArgumentParser) -> None:
 def remove(context: Context) -> int:
     """Delete a resource; fails if it does not exist."""
     resource = context.args.resource
-    connection = context.database()
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "DELETE FROM gateway_resources WHERE resource_identifier = %s"
-                " RETURNING resource_identifier",
-                (resource,),
-            )
-            removed = cursor.fetchone()
-    finally:
-        connection.close()
+    with context.cursor() as cursor:
+        cursor.execute(
+            "DELETE FROM gateway_resources WHERE resource_identifier = %s"
+            " RETURNING resource_identifier",
+            (resource,),
+        )
+        removed = cursor.fetchone()
     if removed is None:
         raise failure(f"no resource {resource}")
     print(f"removed {resource}", file=context.stdout)
