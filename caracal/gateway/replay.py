@@ -68,10 +68,16 @@ def replay_key(zone_id: str, jti: str) -> str:
     return f"{KEY_PREFIX}{zone_id}:{jti}"
 
 
-def _check_ttl(ttl_ms) -> int:
+def _claim_arguments(zone_id: str, jti: str, ttl_ms) -> tuple[str, int]:
+    """
+    The key and TTL of a claim, checked the same way by every guard.
+
+    @raise ValueError: an unfit zone, jti or TTL (L{ReplayKeyInvalid} for the key).
+    """
+    key = replay_key(zone_id, jti)
     if isinstance(ttl_ms, bool) or not isinstance(ttl_ms, int) or ttl_ms < 1:
         raise ValueError("ttl_ms must be a positive integer")
-    return ttl_ms
+    return key, ttl_ms
 
 
 class IReplayGuard(Interface):
@@ -115,8 +121,7 @@ class MemoryReplayGuard:
     def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
         """See L{IReplayGuard.claim}."""
         try:
-            key = replay_key(zone_id, jti)
-            ttl_ms = _check_ttl(ttl_ms)
+            key, ttl_ms = _claim_arguments(zone_id, jti, ttl_ms)
         except ValueError:
             return defer.fail()
         now = self._clock.seconds()
@@ -165,8 +170,7 @@ class RedisReplayGuard:
     def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
         """See L{IReplayGuard.claim}."""
         try:
-            key = replay_key(zone_id, jti)
-            ttl_ms = _check_ttl(ttl_ms)
+            key, ttl_ms = _claim_arguments(zone_id, jti, ttl_ms)
         except ValueError:
             return defer.fail()
         d = defer.maybeDeferred(
