@@ -21,18 +21,19 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.test.iosim import FakeTransport, connect
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from caracal.gateway import tap, workers
 from caracal.gateway.app import Gateway
 from caracal.gateway.config import GatewayConfig
+from caracal.gateway.http import GatewaySite
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.tls import ServerTLS
 from tests.support.certs import make_chain, make_leaf
@@ -327,6 +328,20 @@ class StopError(Exception):
     pass
 
 
+class NeverAnswers(Resource):
+    """An upstream call that outlives any drain: rendered, never finished."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.pending: list = []
+
+    def render(self, request):
+        self.pending.append(request)
+        return NOT_DONE_YET
+
+
 class GatewayServiceTests(SynchronousTestCase):
     """The lifetime of one gateway process, with the reactor in memory."""
 
@@ -592,6 +607,39 @@ class GatewayServiceTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertIn("drain timed out after 25.0 s; 2 requests cut", self.logged())
         self.assertIn("background stop", self.events)
+
+    def test_request_outliving_the_drain_bound_is_cut(self) -> None:
+        """
+        With the real site, the stop waits exactly L{tap.DRAIN_TIMEOUT}
+        (SPEC 11: 25 s) for a request that never finishes, then goes on:
+        background stopped, the cut logged, exit status 0. twistd then stops
+        the reactor, whose shutdown closes the unanswered connection.
+        """
+        config = GatewayConfig.from_environ(DEV_PLAINTEXT)
+        resource = NeverAnswers()
+        site = GatewaySite(resource, config, Metrics(), clock=self.reactor)
+        service = self.service(site=site)
+        service.startService()
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 8081))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 41000))
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: gateway.example\r\n\r\n")
+        self.assertEqual((len(resource.pending), site.inflight), (1, 1))
+        self.reactor._exitSignal = signal.SIGTERM
+
+        stopped = service.stopService()
+        self.reactor.advance(tap.DRAIN_TIMEOUT - 0.1)
+        self.assertNoResult(stopped)
+        self.assertNotIn("background stop", self.events)
+        self.reactor.advance(0.1)
+        self.successResultOf(stopped)
+
+        self.assertIn("background stop", self.events)
+        self.assertIn("drain timed out after 25.0 s; 1 requests cut", self.logged())
+        self.assertEqual(site.inflight, 1)
+        self.assertEqual(transport.value(), b"", "the request was answered after all")
+        self.assertIsNone(self.reactor._exitSignal)
+        channel.connectionLost(None)
 
     def test_clean_drain_logs_no_warning(self) -> None:
         site = DrainingSite(self.events, self.reactor)
