@@ -21,12 +21,10 @@ import subprocess
 import sys
 import time
 
-import psycopg2
-from psycopg2 import sql
 from twisted.trial.unittest import SynchronousTestCase
 
 from caracal.demo.run import _clean_environ, alive, read_pid
-from tests.support.postgres import ADMIN_DSN, postgres_available
+from tests.support.postgres import drop_database, postgres_available
 from tests.support.redis import SyncRedis
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,23 +43,8 @@ class DemoTests(SynchronousTestCase):
         self.state = os.path.abspath(self.mktemp())
         self.database = f"caracal_demo_t_{secrets.token_hex(4)}"
         self.zone = f"demo-zone-{secrets.token_hex(4)}"
-        self.addCleanup(self.drop_database)
+        self.addCleanup(drop_database, self.database)
         self.addCleanup(self.delete_jti_keys)
-
-    def drop_database(self):
-        connection = psycopg2.connect(ADMIN_DSN)
-        connection.autocommit = True
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    (self.database,),
-                )
-                cursor.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(self.database))
-                )
-        finally:
-            connection.close()
 
     def delete_jti_keys(self):
         redis = SyncRedis()

@@ -8,32 +8,55 @@ whoever uses it, without touching the shared server or anyone else's data.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from importlib.resources import files
+from collections.abc import Iterator
 
 import psycopg2
 from psycopg2 import sql
+
+# The packaged schema, exactly as the admin command's migrate applies it.
+from caracal.gateway.admin import schema_sql
 
 #: The shared server's maintenance connection; override with CARACAL_TEST_POSTGRES.
 ADMIN_DSN = os.environ.get("CARACAL_TEST_POSTGRES", "host=127.0.0.1 port=5432 dbname=test")
 
 
-def schema_sql() -> str:
-    """The packaged schema, as the admin command's migrate applies it."""
-    return files("caracal.gateway").joinpath("schema.sql").read_text(encoding="utf-8")
-
-
-def _admin():
-    connection = psycopg2.connect(ADMIN_DSN)
+@contextlib.contextmanager
+def _cursor(dsn: str = ADMIN_DSN) -> Iterator:
+    """A cursor on a fresh autocommit connection (by default the maintenance one)."""
+    connection = psycopg2.connect(dsn)
     connection.autocommit = True
-    return connection
+    try:
+        with connection.cursor() as cursor:
+            yield cursor
+    finally:
+        connection.close()
+
+
+def drop_database(name: str) -> None:
+    """
+    Drop database C{name} if it exists: refuse new connections first, then
+    terminate whoever is still connected (a gateway under test reconnects).
+    """
+    with _cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cursor.fetchone() is None:
+            return
+        database = sql.Identifier(name)
+        cursor.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(database))
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+        )
+        cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(database))
 
 
 def postgres_available() -> str | None:
     """C{None} when the shared server answers, else why not (for C{skip})."""
     try:
-        _admin().close()
+        with _cursor():
+            pass
     except psycopg2.Error as error:
         return f"no Postgres at {ADMIN_DSN}: {' '.join(str(error).split())}"
     return None
@@ -64,12 +87,8 @@ class TemporaryDatabase:
 
     def create(self) -> TemporaryDatabase:
         """Create the database (and apply the schema); returns C{self}."""
-        admin = _admin()
-        try:
-            with admin.cursor() as cursor:
-                cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
-        finally:
-            admin.close()
+        with _cursor() as cursor:
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.name)))
         if self.apply_schema:
             self.execute(schema_sql())
             self.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(self.reader)))
@@ -82,35 +101,32 @@ class TemporaryDatabase:
 
     def execute(self, statement: str, parameters=None) -> list[tuple]:
         """Run one statement (autocommit) in the database; rows if it returns any."""
-        connection = psycopg2.connect(self.dsn)
-        connection.autocommit = True
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(statement, parameters)
-                return cursor.fetchall() if cursor.description is not None else []
-        finally:
-            connection.close()
+        with _cursor(self.dsn) as cursor:
+            cursor.execute(statement, parameters)
+            return cursor.fetchall() if cursor.description is not None else []
 
     def block_connections(self) -> None:
         """
         An outage of this database: refuse new connections, then terminate
         every existing backend of it.
         """
-        admin = _admin()
-        try:
-            with admin.cursor() as cursor:
-                cursor.execute(
-                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
-                        sql.Identifier(self.name)
-                    )
+        with _cursor() as cursor:
+            cursor.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
+                    sql.Identifier(self.name)
                 )
-                cursor.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (self.name,),
-                )
-        finally:
-            admin.close()
+            )
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                (self.name,),
+            )
+
+    def allow_connections(self) -> None:
+        """End the outage started by L{block_connections}."""
+        self._admin_execute(
+            sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(self.name))
+        )
 
     def block_reader(self) -> None:
         """
@@ -128,60 +144,21 @@ class TemporaryDatabase:
         self._admin_execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(self.reader)))
 
     def _admin_execute(self, statement, parameters=None) -> None:
-        admin = _admin()
-        try:
-            with admin.cursor() as cursor:
-                cursor.execute(statement, parameters)
-        finally:
-            admin.close()
-
-    def allow_connections(self) -> None:
-        """End the outage started by L{block_connections}."""
-        admin = _admin()
-        try:
-            with admin.cursor() as cursor:
-                cursor.execute(
-                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(
-                        sql.Identifier(self.name)
-                    )
-                )
-        finally:
-            admin.close()
+        with _cursor() as cursor:
+            cursor.execute(statement, parameters)
 
     def backends(self, application_name: str | None = None) -> int:
         """How many sessions are connected to this database (optionally by name)."""
-        admin = _admin()
-        try:
-            with admin.cursor() as cursor:
-                cursor.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
-                    " AND (%s::text IS NULL OR application_name = %s)",
-                    (self.name, application_name, application_name),
-                )
-                return cursor.fetchone()[0]
-        finally:
-            admin.close()
+        with _cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                " AND (%s::text IS NULL OR application_name = %s)",
+                (self.name, application_name, application_name),
+            )
+            return cursor.fetchone()[0]
 
     def drop(self) -> None:
-        """Drop the database, terminating whoever is still connected."""
-        admin = _admin()
-        try:
-            with admin.cursor() as cursor:
-                cursor.execute(
-                    sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(
-                        sql.Identifier(self.name)
-                    )
-                )
-                cursor.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    (self.name,),
-                )
-                cursor.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(self.name))
-                )
-                # The role's only grants lived in the dropped database.
-                cursor.execute(
-                    sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(self.reader))
-                )
-        finally:
-            admin.close()
+        """Drop the database, terminating whoever is still connected, and its reader role."""
+        drop_database(self.name)
+        # The role's only grants lived in the dropped database.
+        self._admin_execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(self.reader)))
