@@ -22,7 +22,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import Logger, formatEvent
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.test.iosim import FakeTransport, connect
@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from caracal.gateway import tap, workers
+from caracal.gateway import logfile, tap, workers
 from caracal.gateway.app import Gateway
 from caracal.gateway.config import GatewayConfig
 from caracal.gateway.http import GatewaySite
@@ -241,6 +241,79 @@ class ExpiryWarningTests(SynchronousTestCase):
     def test_plaintext_is_quiet(self) -> None:
         self.assertFalse(tap.warn_if_expiring(None, now=self.NOW))
         self.assertEqual(self.log_events, [])
+
+
+class LevelIgnoredWarningTests(SynchronousTestCase):
+    """
+    twistd's own log writes every level; a LOG_LEVEL asking for less says
+    so at start, naming the --logger that applies it.
+    """
+
+    def setUp(self) -> None:
+        self.log_events: list = []
+        self.patch(tap, "log", Logger(observer=self.log_events.append))
+
+    def twistd_options(self, *argv: str) -> tap.Options:
+        """This plugin's options as twistd parses them (real ServerOptions)."""
+        from twisted.scripts.twistd import ServerOptions
+
+        server = ServerOptions()
+        server.parseOptions([*argv, "caracal-gateway"])
+        return server.subOptions
+
+    def warned(self, level: str, options) -> list[str]:
+        config = GatewayConfig.from_environ(dict(DEV_PLAINTEXT, LOG_LEVEL=level))
+        returned = tap.warn_if_level_ignored(config, options)
+        lines = [formatEvent(event) for event in self.log_events]
+        self.assertEqual(returned, bool(lines))
+        return lines
+
+    def test_warn_under_twistd_default_log(self) -> None:
+        self.assertEqual(
+            self.warned("warn", self.twistd_options("-n")),
+            [
+                "LOG_LEVEL=warn is not applied to twistd's own log, which writes every"
+                " level; run twistd with --logger caracal.gateway.logfile.observer to apply it"
+            ],
+        )
+        self.assertEqual(self.log_events[0]["log_level"], LogLevel.warn)
+
+    def test_error_under_logfile(self) -> None:
+        self.assertEqual(len(self.warned("ERROR", self.twistd_options("--logfile", "x.log"))), 1)
+
+    def test_quiet_with_the_levelled_logger(self) -> None:
+        self.assertEqual(
+            self.warned("error", self.twistd_options("-n", "--logger", tap.LEVELLED_LOGGER)), []
+        )
+
+    def test_levelled_logger_is_the_logfile_observer(self) -> None:
+        options = self.twistd_options("-n", "--logger", tap.LEVELLED_LOGGER)
+        self.assertIs(options.parent["logger"], logfile.observer)
+
+    def test_quiet_with_another_logger(self) -> None:
+        """Another --logger may filter; the gateway cannot tell, so it says nothing."""
+        options = self.twistd_options("-n", "--logger", "twisted.logger.globalLogPublisher")
+        self.assertEqual(self.warned("warn", options), [])
+
+    def test_quiet_when_everything_is_asked_for(self) -> None:
+        """twistd's log writes debug and info lines: those levels are honoured."""
+        options = self.twistd_options("-n")
+        self.assertEqual(self.warned("debug", options), [])
+        self.assertEqual(self.warned("info", options), [])
+
+    def test_quiet_outside_twistd(self) -> None:
+        """Options parsed on their own (no twistd parent): nothing is known."""
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(self.warned("error", options), [])
+
+    def test_make_service_warns(self) -> None:
+        self.patch(tap.os, "environ", dict(DEV_PLAINTEXT, LOG_LEVEL="warn"))
+        self.patch(tap, "bind_listener", lambda address, port: FakeListener())
+        service = tap.makeService(self.twistd_options("-n"))
+        self.assertIsInstance(service, tap.GatewayService)
+        [event] = self.log_events
+        self.assertIn("LOG_LEVEL=warn is not applied", formatEvent(event))
 
 
 class BindListenerTests(SynchronousTestCase):

@@ -15,6 +15,12 @@ Environment:
  - C{CARACAL_LOG_FILE}: the log file's path; unset, empty or C{-} means
    standard output (journald under systemd).
  - C{LOG_LEVEL}: C{debug}, C{info} (default), C{warn} or C{error}.
+
+C{LOG_LEVEL} is applied here only: without C{--logger}, twistd's own
+observer (standard output with C{-n}, C{--logfile}, C{--syslog}) writes
+events of every level, and twistd has no public hook to filter it. The tap
+warns at start when C{LOG_LEVEL} asks for fewer lines than that
+(L{caracal.gateway.tap.warn_if_level_ignored}).
 """
 
 from __future__ import annotations

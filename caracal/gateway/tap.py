@@ -54,6 +54,13 @@ LISTEN_BACKLOG = 511
 #: A served certificate expiring sooner than this is logged as a warning at start.
 CERTIFICATE_EXPIRY_WARNING = datetime.timedelta(days=14)
 
+#: The twistd C{--logger} that writes at C{LOG_LEVEL}.
+LEVELLED_LOGGER = "caracal.gateway.logfile.observer"
+
+# Levels twistd's own log cannot honour: it writes every event, so only a
+# request for less than everything goes unheard (debug is what it shows).
+_LEVELS_TWISTD_IGNORES = ("warn", "error")
+
 
 class Options(usage.Options):
     """Command line of C{twistd caracal-gateway}; the rest is environment (SPEC 2)."""
@@ -128,6 +135,36 @@ def warn_if_expiring(server_tls, now: datetime.datetime | None = None) -> bool:
         "TLS certificate expires in {days:.1f} days ({not_after}); renew it",
         days=left.total_seconds() / 86400.0,
         not_after=server_tls.not_after.isoformat(),
+    )
+    return True
+
+
+def warn_if_level_ignored(config: GatewayConfig, options: usage.Options) -> bool:
+    """
+    Log a warning when C{LOG_LEVEL} asks for fewer lines than twistd's own
+    log will write.
+
+    Without C{--logger}, twistd picks the observer itself (standard output
+    with C{-n}, C{--logfile}, C{--syslog}) and that observer writes events
+    of every level; twistd offers no public way to filter it short of
+    replacing its choice of destination. C{--logger}
+    L{caracal.gateway.logfile.observer} applies C{LOG_LEVEL}. Another
+    C{--logger} may or may not filter: nothing is said then.
+
+    @param options: this plugin's options; twistd sets C{options.parent} to
+        its own (C{--logger} is resolved to the factory by then).
+    @return: C{True} when the warning was logged.
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None or config.log_level not in _LEVELS_TWISTD_IGNORES:
+        return False
+    if twistd.get("logger") is not None:
+        return False
+    log.warn(
+        "LOG_LEVEL={log_level_name} is not applied to twistd's own log, which writes every level;"
+        " run twistd with --logger {logger} to apply it",
+        log_level_name=config.log_level,
+        logger=LEVELLED_LOGGER,
     )
     return True
 
@@ -356,6 +393,8 @@ def makeService(options: Options) -> Service:
         listener = bind_listener(config.bind_address, config.port)
     except ConfigError as error:
         refuse_start(str(error))
+    # Logged before twistd's logging starts: held and written first.
+    warn_if_level_ignored(config, options)
     family = listener.family
     if options["workers"] > 1:
         from caracal.gateway.workers import WorkerSupervisor
