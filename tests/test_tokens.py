@@ -366,6 +366,25 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
         for token in ("not-a-jwt", "a.b", "a.b.c", ""):
             self.refused(token)
 
+    def test_headerSegmentSpelledOddly(self):
+        """
+        The header is read apart from pyjwt to pick the key; a header segment
+        that is not plain base64url (padding, another alphabet, a non-canonical
+        last character, deep nesting, not an object) is refused as a 401, never
+        an unhandled error.
+        """
+        good = self.mint()
+        header, rest = good.split(".", 1)
+        for odd in (
+            header + "=",
+            header.replace("J", "+", 1),
+            header[:-1] + chr(ord(header[-1]) + 1),
+            b64(b"[" * 3000),
+            b64(b'"ES256"'),
+        ):
+            self.refused(f"{odd}.{rest}")
+        self.successResultOf(verify_token(good, "zone-a", self.cache))
+
     def test_jwksUnavailable(self):
         """The zone's keys cannot be fetched: 503 sts_unavailable, no denial metric."""
         self.sts.down = True
