@@ -23,8 +23,8 @@ from caracal.devsts import DevSTS
 from caracal.devsts.tap import tls_options
 from tests.support.certs import make_authority, make_chain, make_leaf
 from tests.support.postgres import TemporaryDatabase, postgres_available
-from tests.support.process import free_port
 from tests.support.sts import ScriptedSTS, listen, stop_listening
+from tests.support.waiting import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DB_PASSWORD = "pg-Pass-" + secrets.token_hex(6)

@@ -25,7 +25,8 @@ from caracal.gateway.redisconn import (
 )
 from caracal.gateway.replay import RedisReplayGuard, ReplayCheckUnavailable
 from caracal.gateway.revocations import verify_fields
-from tests.support.redis import PrivateRedis, SyncRedis, redis_namespace, shared_address, wait_until
+from tests.support.redis import PrivateRedis, SyncRedis, redis_namespace, shared_address
+from tests.support.waiting import wait_until
 from tests.test_replay import ReplayGuardContract
 
 KEY = bytes(range(32))

@@ -29,8 +29,9 @@ from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from caracal.gateway.revocations import REVOCATION_STREAM, sign_fields
-from tests.support.redis import SHARED_PORT, PrivateRedis, wait_until
+from tests.support.redis import SHARED_PORT, PrivateRedis
 from tests.support.replicas import DEAD_LETTER_STREAM, ReplicaSet
+from tests.support.waiting import wait_until
 
 log = Logger()
 

@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from caracal.gateway.resources import PostgresResourceStore, Resource, ResourceStoreUnavailable
 from tests.support.postgres import TemporaryDatabase, postgres_available, schema_sql
+from tests.support.waiting import poll_until
 from tests.test_resources import CONTRACT_RESOURCES, ResourceStoreContract
 
 _SKIP = postgres_available()
@@ -38,18 +39,6 @@ def insert(database: TemporaryDatabase, resource: Resource) -> None:
             resource.auth_scheme,
         ),
     )
-
-
-@inlineCallbacks
-def wait_until(predicate, deadline: float = 1.0, step: float = 0.01):
-    """Poll C{predicate} until true; return the seconds it took, or None at the deadline."""
-    started = time.monotonic()
-    while True:
-        if predicate():
-            return time.monotonic() - started
-        if time.monotonic() - started > deadline:
-            return None
-        yield deferLater(reactor, step, lambda: None)
 
 
 class _DatabaseTestCase(TestCase):
@@ -111,7 +100,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         self.assertIsNone(store.get("r1"))
 
         insert(self.database, Resource("r1", "z", "a", "https://one.example"))
-        took = yield wait_until(lambda: store.get("r1") is not None)
+        took = yield poll_until(lambda: store.get("r1") is not None, 1.0)
         self.assertIsNotNone(took, "INSERT did not arrive within a second")
         self.assertLess(took, 1.0)
 
@@ -119,7 +108,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
             "UPDATE gateway_resources SET upstream_url = 'https://two.example',"
             " auth_mode = 'provider_apikey', auth_header = 'X-Key' WHERE resource_identifier = 'r1'"
         )
-        took = yield wait_until(lambda: store.get("r1").upstream_url == "https://two.example")
+        took = yield poll_until(lambda: store.get("r1").upstream_url == "https://two.example", 1.0)
         self.assertIsNotNone(took, "UPDATE did not arrive within a second")
         self.assertEqual(
             store.get("r1"),
@@ -127,7 +116,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         )
 
         self.database.execute("DELETE FROM gateway_resources WHERE resource_identifier = 'r1'")
-        took = yield wait_until(lambda: store.get("r1") is None)
+        took = yield poll_until(lambda: store.get("r1") is None, 1.0)
         self.assertIsNotNone(took, "DELETE did not arrive within a second")
 
     @inlineCallbacks
@@ -136,7 +125,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         store = yield self.start_store()
         self.assertEqual(store.count(), 1)
         self.database.execute("TRUNCATE gateway_resources")
-        took = yield wait_until(lambda: store.count() == 0)
+        took = yield poll_until(lambda: store.count() == 0, 1.0)
         self.assertIsNotNone(took, "TRUNCATE did not arrive within a second")
 
     @inlineCallbacks
@@ -147,7 +136,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
             "UPDATE gateway_resources SET resource_identifier = 'new-name'"
             " WHERE resource_identifier = 'old-name'"
         )
-        took = yield wait_until(lambda: store.get("new-name") is not None)
+        took = yield poll_until(lambda: store.get("new-name") is not None, 1.0)
         self.assertIsNotNone(took)
         self.assertIsNone(store.get("old-name"))
 
@@ -163,8 +152,8 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
                 "UPDATE gateway_resources SET zone_id = %s WHERE resource_identifier = 'b7'",
                 (f"z{i}",),
             )
-        took = yield wait_until(
-            lambda: store.count() == 500 and store.get("b7").zone_id == "z19", deadline=2.0
+        took = yield poll_until(
+            lambda: store.count() == 500 and store.get("b7").zone_id == "z19", 2.0
         )
         self.assertIsNotNone(took, f"burst not settled: {store.count()} resources")
 
@@ -176,7 +165,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         self.addCleanup(self.database.execute, "ALTER TABLE gateway_resources ENABLE TRIGGER USER")
         store = yield self.start_store(reload_interval=0.2)
         insert(self.database, Resource("quiet", "z", "a", "https://q.example"))
-        took = yield wait_until(lambda: store.get("quiet") is not None)
+        took = yield poll_until(lambda: store.get("quiet") is not None, 1.0)
         self.assertIsNotNone(took)
 
     def test_updated_at_touched(self):
@@ -247,7 +236,7 @@ class PostgresOutageTests(_DatabaseTestCase):
         yield store.check()
 
         self.database.block_reader()
-        lost = yield wait_until(lambda: not store.connected, deadline=5.0)
+        lost = yield poll_until(lambda: not store.connected, 5.0)
         self.assertIsNotNone(lost, "the store did not notice its connection was terminated")
         # The last good snapshot keeps serving; readiness reports the outage.
         self.assertEqual(store.get("mcp-weather"), CONTRACT_RESOURCES[0])
@@ -264,7 +253,7 @@ class PostgresOutageTests(_DatabaseTestCase):
         self.assertIsNone(store.get("github"))
 
         self.database.allow_reader()
-        took = yield wait_until(lambda: store.get("github") is not None, deadline=5.0)
+        took = yield poll_until(lambda: store.get("github") is not None, 5.0)
         self.assertIsNotNone(took, "change made during the outage not picked up")
         self.assertIsNone(store.get("mcp-weather"))
         self.assertTrue(store.connected)
@@ -273,7 +262,7 @@ class PostgresOutageTests(_DatabaseTestCase):
         # And it LISTENs again: a later change arrives by NOTIFY, not by the
         # hourly reload.
         insert(self.database, CONTRACT_RESOURCES[2])
-        took = yield wait_until(lambda: store.get("search") is not None)
+        took = yield poll_until(lambda: store.get("search") is not None, 1.0)
         self.assertIsNotNone(took, "no NOTIFY after reconnecting")
         self.assertLess(took, 1.0)
 
@@ -301,10 +290,10 @@ class PostgresOutageTests(_DatabaseTestCase):
         insert(self.database, CONTRACT_RESOURCES[0])
         store = yield self.start_store(max_backoff=0.5)
         self.database.block_connections()
-        lost = yield wait_until(lambda: not store.connected, deadline=5.0)
+        lost = yield poll_until(lambda: not store.connected, 5.0)
         self.assertIsNotNone(lost)
         self.assertEqual(store.get("mcp-weather"), CONTRACT_RESOURCES[0])
         self.database.allow_connections()
-        took = yield wait_until(lambda: store.connected, deadline=5.0)
+        took = yield poll_until(lambda: store.connected, 5.0)
         self.assertIsNotNone(took, "no reconnection after the database came back")
         yield store.check()

@@ -18,7 +18,8 @@ from caracal.gateway.revocations import (
     publish_revocation,
     sign_fields,
 )
-from tests.support.redis import PrivateRedis, SyncRedis, redis_namespace, shared_address, wait_until
+from tests.support.redis import PrivateRedis, SyncRedis, redis_namespace, shared_address
+from tests.support.waiting import wait_until
 
 KEY = bytes(range(32))
 DAY_MS = 24 * 3600 * 1000

@@ -24,25 +24,18 @@ import ctypes
 import errno
 import os
 import signal
-import socket
 import sys
 
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
 from tests.support.certs import make_chain
+from tests.support.waiting import free_port, poll_until
 
 #: How long L{GatewayProcess.start} waits for the port to accept.
 START_TIMEOUT = 10.0
 POLL_INTERVAL = 0.05
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on C{host} nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def twistd_command(*args: str) -> list[str]:
@@ -134,23 +127,12 @@ class _Collector(protocol.ProcessProtocol):
 
 def wait_until(predicate, timeout: float, reactor=None, interval: float = POLL_INTERVAL):
     """
-    Poll C{predicate} (returning a bool or a Deferred of one) until it is
-    true. Fires with C{True}, or C{False} once C{timeout} seconds passed.
+    L{poll_until} as a yes/no: fires with C{True} once C{predicate} holds,
+    C{False} once C{timeout} seconds passed.
     """
-    if reactor is None:
-        from twisted.internet import reactor
-
-    @defer.inlineCallbacks
-    def poll():
-        deadline = reactor.seconds() + timeout
-        while True:
-            if (yield defer.maybeDeferred(predicate)):
-                return True
-            if reactor.seconds() >= deadline:
-                return False
-            yield task.deferLater(reactor, interval, lambda: None)
-
-    return poll()
+    return poll_until(predicate, timeout, reactor, interval).addCallback(
+        lambda took: took is not None
+    )
 
 
 def port_accepts(host: str, port: int, reactor=None) -> defer.Deferred:

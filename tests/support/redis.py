@@ -1,9 +1,8 @@
 """
 Redis for tests: unique names on the shared server (127.0.0.1:6379), a
 private C{redis-server} that a test may stop and restart (outage tests never
-touch the shared one), a tiny synchronous client for setup and inspection,
-and a polling helper that waits on a condition with a deadline instead of
-sleeping.
+touch the shared one) and a tiny synchronous client for setup and
+inspection. Polling helpers live in L{tests.support.waiting}.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ import subprocess
 import time
 import uuid
 
-from twisted.internet import defer, task
-
 from caracal.gateway.config import RedisAddress
+from tests.support.waiting import free_port
 
 SHARED_HOST = "127.0.0.1"
 SHARED_PORT = 6379
@@ -103,13 +101,6 @@ class SyncRedis:
             count = int(rest)
             return None if count < 0 else [self._reply() for _ in range(count)]
         raise ConnectionError(f"unexpected reply {line!r}")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class PrivateRedis:
@@ -217,32 +208,3 @@ class PrivateRedis:
         """A synchronous client to this server."""
         host = "localhost" if self.tls_directory else "127.0.0.1"
         return SyncRedis(host, self.port, timeout=timeout, tls=self._client_tls())
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01, clock=None):
-    """
-    Poll C{predicate()} (which may return a Deferred) every C{interval}
-    seconds until it is true; fires with the elapsed seconds, or errbacks
-    with C{AssertionError} after C{timeout}. Exceptions from the predicate
-    count as false until the deadline.
-    """
-    if clock is None:
-        from twisted.internet import reactor as clock
-
-    @defer.inlineCallbacks
-    def poll():
-        started = clock.seconds()
-        last_error = None
-        while True:
-            try:
-                if (yield defer.maybeDeferred(predicate)):
-                    return clock.seconds() - started
-            except Exception as error:
-                last_error = error
-            if clock.seconds() - started > timeout:
-                raise AssertionError(
-                    f"condition not met within {timeout}s (last error: {last_error!r})"
-                )
-            yield task.deferLater(clock, interval, lambda: None)
-
-    return poll()
