@@ -33,7 +33,7 @@ from caracal.gateway.tls import (
     install_sighup_reload,
     load_server_certificate,
 )
-from tests.support.certs import make_authority, make_chain, make_leaf
+from tests.support.certs import client_context, make_authority, make_chain, make_leaf
 
 UTC = datetime.timezone.utc
 
@@ -77,17 +77,6 @@ def _connect(server: SSL.Connection, client: SSL.Connection):
         if done == 2:
             return server, client
     raise AssertionError("handshake did not finish")
-
-
-def _client_context(version: int | None = None, seclevel0: bool = False) -> SSL.Context:
-    context = SSL.Context(SSL.TLS_METHOD)
-    if version is not None:
-        context.set_min_proto_version(version)
-        context.set_max_proto_version(version)
-    if seclevel0:
-        # Lets this client even try TLS 1.0/1.1 (OpenSSL 3 refuses them above level 0).
-        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
-    return context
 
 
 class LoadServerCertificateTests(SynchronousTestCase):
@@ -312,15 +301,15 @@ class ServerContextTests(SynchronousTestCase):
         self.assertIsInstance(connection, SSL.Connection)
 
     def test_tls13_offered(self):
-        _, client = _handshake(self.server_tls._context, _client_context())
+        _, client = _handshake(self.server_tls._context, client_context())
         self.assertEqual(client.get_protocol_version_name(), "TLSv1.3")
 
     def test_tls12_accepted(self):
-        _, client = _handshake(self.server_tls._context, _client_context(SSL.TLS1_2_VERSION))
+        _, client = _handshake(self.server_tls._context, client_context(SSL.TLS1_2_VERSION))
         self.assertEqual(client.get_protocol_version_name(), "TLSv1.2")
 
     def test_chain_presented(self):
-        _, client = _handshake(self.server_tls._context, _client_context())
+        _, client = _handshake(self.server_tls._context, client_context())
         chain = [c.to_cryptography() for c in client.get_peer_cert_chain()]
         self.assertEqual(chain, [self.leaf.cert, *self.leaf.intermediates])
 
@@ -340,10 +329,10 @@ class ServerContextTests(SynchronousTestCase):
         control.use_certificate(crypto.X509.from_cryptography(credentials.leaf))
         control.use_privatekey(crypto.PKey.from_cryptography_key(credentials.key))
         for version, name in ((SSL.TLS1_VERSION, "TLSv1"), (SSL.TLS1_1_VERSION, "TLSv1.1")):
-            _, client = _handshake(control, _client_context(version, seclevel0=True))
+            _, client = _handshake(control, client_context(version, seclevel0=True))
             self.assertEqual(client.get_protocol_version_name(), name)
             self.assertRaises(
-                SSL.Error, _handshake, context, _client_context(version, seclevel0=True)
+                SSL.Error, _handshake, context, client_context(version, seclevel0=True)
             )
 
     def test_compression_off(self):

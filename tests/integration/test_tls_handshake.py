@@ -26,7 +26,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from caracal.gateway.tls import ServerTLS, client_tls_policy
-from tests.support.certs import make_authority, make_chain, make_leaf
+from tests.support.certs import client_context, make_authority, make_chain, make_leaf
 
 
 class _Hello(Resource):
@@ -63,17 +63,7 @@ class _Client:
     """A blocking pyOpenSSL client; every method runs in a worker thread."""
 
     def __init__(self, port, version=None, ca_file=None, seclevel0=False):
-        context = SSL.Context(SSL.TLS_METHOD)
-        if version is not None:
-            context.set_min_proto_version(version)
-            context.set_max_proto_version(version)
-        if seclevel0:
-            # OpenSSL 3+ only tries TLS 1.0/1.1 at security level 0.
-            context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
-        if ca_file is not None:
-            context.load_verify_locations(ca_file)
-            context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
-        self.context = context
+        self.context = client_context(version, seclevel0, ca_file)
         self.port = port
         self.connection = None
 

@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
 
 
 def _name(common_name: str) -> x509.Name:
@@ -153,3 +154,23 @@ def make_chain(directory: str, stem: str = "server", **leaf_options) -> tuple[Au
     with open(os.path.join(directory, f"{stem}-ca.pem"), "wb") as f:
         f.write(root.pem)
     return root, leaf
+
+
+def client_context(
+    version: int | None = None, seclevel0: bool = False, ca_file: str | None = None
+) -> SSL.Context:
+    """
+    A pyOpenSSL client context for handshake tests: pinned to C{version}
+    when given, verifying the server against C{ca_file} when given.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    if version is not None:
+        context.set_min_proto_version(version)
+        context.set_max_proto_version(version)
+    if seclevel0:
+        # Lets this client even try TLS 1.0/1.1 (OpenSSL 3 refuses them above level 0).
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    if ca_file is not None:
+        context.load_verify_locations(ca_file)
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
+    return context
