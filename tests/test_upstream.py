@@ -331,6 +331,17 @@ class ParseUpstreamTests(SynchronousTestCase):
             self.assertNotIn("hunter2", str(caught.exception))
             self.assertNotIn("hunter2", repr(caught.exception))
 
+    def test_remembered(self):
+        """An accepted URL is parsed once; a refused one is refused every time."""
+        first = parse_upstream("http://remembered.example:8080/api?x=1")
+        self.assertIs(parse_upstream("http://remembered.example:8080/api?x=1"), first)
+        for _ in range(2):
+            with self.assertRaises(UpstreamRefused):
+                parse_upstream("http://remembered.example/../admin")
+        for url in (None, b"http://example.com/", ""):
+            with self.assertRaises(UpstreamRefused):
+                parse_upstream(url)
+
     def test_frozen(self):
         url = parse_upstream("http://example.com/")
         with self.assertRaises(AttributeError):
@@ -479,6 +490,23 @@ class UpstreamGuardTests(SynchronousTestCase):
             self.assertEqual(self.refused(guard.check(url)).reason, "private_address", url)
         pinned = self.successResultOf(guard.check("http://8.8.8.8/"))
         self.assertEqual((pinned.address, pinned.family), ("8.8.8.8", socket.AF_INET))
+
+    def test_numeric_verdicts_remembered_per_guard(self):
+        """
+        A numeric host's pin is kept (it cannot change), a refusal is given
+        again every time, and one guard's verdict is not another's.
+        """
+        open_guard = UpstreamGuard(RefusingResolver(self), allow_private=True)
+        strict = UpstreamGuard(RefusingResolver(self))
+        pinned = self.successResultOf(open_guard.check("http://127.0.0.1:9/"))
+        self.assertIs(self.successResultOf(open_guard.check("http://127.0.0.1:9/")), pinned)
+        for _ in range(2):
+            self.assertEqual(
+                self.refused(strict.check("http://127.0.0.1:9/")).reason, "private_address"
+            )
+        listed = UpstreamGuard(RefusingResolver(self), {"10.0.0.1"}, allow_private=True)
+        self.successResultOf(listed.check("http://10.0.0.1/"))
+        self.assertEqual(self.refused(listed.check("http://10.0.0.2/")).reason, "not_allowlisted")
 
     def test_allow_private(self):
         guard = UpstreamGuard(FakeResolver({"localhost": ["127.0.0.1"]}), allow_private=True)

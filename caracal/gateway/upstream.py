@@ -12,6 +12,7 @@ TLS still verifies the certificate for the hostname.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -45,6 +46,9 @@ _OVERLONG = (
     (b"\xc1\x9c", b"\\"),
     (b"\xc0\x5c", b"\\"),
 )
+
+# Most numeric-host verdicts an UpstreamGuard remembers (one per upstream URL).
+_NUMERIC_CACHE_SIZE = 4096
 
 _SEPARATORS = re.compile(rb"[/\\]")
 _PERCENT = re.compile(rb"%[0-9a-fA-F]{2}")
@@ -225,10 +229,19 @@ def parse_upstream(url: str) -> UpstreamURL:
     or backslash anywhere, no dot segment in the path (L{has_dot_segment}).
     The fragment is dropped. Nothing here touches the network.
 
+    The result depends on C{url} alone and URLs come from the resource
+    table, so accepted URLs are remembered (L{UpstreamURL} is immutable);
+    a refusal is worked out again each time.
+
     @raise UpstreamRefused: a rule failed.
     """
     if not isinstance(url, str) or not url:
         raise UpstreamRefused("bad_url", "upstream URL is empty")
+    return _parse_upstream(url)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_upstream(url: str) -> UpstreamURL:
     # urlsplit silently strips or tolerates these; refuse them up front.
     _refuse_characters(url)
     try:
@@ -493,6 +506,8 @@ class UpstreamGuard:
         self._allow_private = allow_private
         self._clock = clock
         self._timeout = timeout
+        # Pinned upstreams whose host is an address, by parsed URL.
+        self._numeric: dict[UpstreamURL, PinnedUpstream] = {}
 
     def check(self, url: str) -> defer.Deferred[PinnedUpstream]:
         """
@@ -506,12 +521,20 @@ class UpstreamGuard:
             self._check_allowlist(upstream)
         except UpstreamRefused:
             return defer.fail()
+        pinned = self._numeric.get(upstream)
+        if pinned is not None:
+            return defer.succeed(pinned)
         address = numeric_host(upstream.host)
         if address is not None:
             try:
-                return defer.succeed(self._pin(upstream, [upstream.host]))
+                pinned = self._pin(upstream, [upstream.host])
             except UpstreamRefused:
                 return defer.fail()
+            # A numeric host's verdict never changes (no DNS): keep it.
+            if len(self._numeric) >= _NUMERIC_CACHE_SIZE:
+                self._numeric.clear()
+            self._numeric[upstream] = pinned
+            return defer.succeed(pinned)
         collector = _Collector()
         try:
             self._resolver.resolveHostName(collector, upstream.host, 0)
