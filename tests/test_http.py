@@ -518,6 +518,46 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(channel.armed(), {"idle"})
 
 
+class PersistenceTests(HTTPTestMixin, SynchronousTestCase):
+    """Connection: close is honoured in every spelling RFC 9110 allows."""
+
+    def answered(self, *headers: bytes, version: bytes = b"HTTP/1.1"):
+        channel, transport = self.connect()
+        head = [b"GET / " + version, b"Host: gateway.example", *headers]
+        channel.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")
+        status, response_headers, _ = one_response(transport)
+        self.assertEqual(status, 200)
+        return response_headers, transport
+
+    def assertCloses(self, *headers: bytes, version: bytes = b"HTTP/1.1") -> None:
+        response_headers, transport = self.answered(*headers, version=version)
+        self.assertEqual(response_headers[b"connection"], [b"close"], headers)
+        self.assertTrue(transport.disconnecting, headers)
+
+    def test_close_in_a_comma_list(self) -> None:
+        for header in (
+            b"Connection: close, X-Hop",
+            b"Connection: X-Hop,close",
+            b"Connection: keep-alive ,  CLOSE",
+            b"Connection: close",
+            b"Connection: x-hop close",
+        ):
+            self.assertCloses(header)
+
+    def test_close_in_a_second_header(self) -> None:
+        self.assertCloses(b"Connection: keep-alive", b"Connection: close")
+
+    def test_other_tokens_keep_alive(self) -> None:
+        for headers in ((), (b"Connection: keep-alive, X-Close",), (b"Connection: closed",)):
+            response_headers, transport = self.answered(*headers)
+            self.assertNotIn(b"connection", response_headers, headers)
+            self.assertFalse(transport.disconnecting, headers)
+
+    def test_http_1_0_closes(self) -> None:
+        response_headers, transport = self.answered(version=b"HTTP/1.0")
+        self.assertTrue(transport.disconnecting)
+
+
 class DrainTests(HTTPTestMixin, SynchronousTestCase):
     """site.drain(): wait for requests in flight, close keep-alive connections."""
 

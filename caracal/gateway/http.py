@@ -53,6 +53,8 @@ SERVER_NAME = b"caracal-gateway"
 CLOSE_GRACE = 2.0
 
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# What separates the tokens of a Connection header (a comma-separated list).
+_LIST_SEPARATORS = re.compile(rb"[,\s]+")
 
 _log = Logger()
 
@@ -319,6 +321,23 @@ class GatewayChannel(HTTPChannel):
             self._refuse(request, 413, "payload_too_large", f"request body exceeds {limit} bytes")
             return
         super().allHeadersReceived()
+
+    def checkPersistence(self, request, version: bytes) -> bool:
+        """
+        Whether the connection may stay open after this request: HTTP/1.1
+        without a C{close} token in any C{Connection} header. Twisted reads
+        only the first header and splits it on spaces, so C{Connection:
+        close, X-Hop} (the RFC 9110 list form) kept the connection open;
+        here tokens are split on commas (and whitespace, as before).
+        """
+        if version != b"HTTP/1.1":
+            # As Twisted: HTTP/1.0 and 0.9 responses end by closing.
+            return False
+        for value in request.requestHeaders.getRawHeaders(b"connection", ()):
+            if b"close" in _LIST_SEPARATORS.split(value.lower()):
+                request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+                return False
+        return True
 
     def allContentReceived(self) -> None:
         """The whole request is in: the response now has WRITE_TIMEOUT."""
