@@ -43,10 +43,15 @@ class ZoneKey:
 
     kid: str
     private_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    #: The verification key, derived once (every exchange verifies with it).
+    public_key: ec.EllipticCurvePublicKey = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.public_key = self.private_key.public_key()
 
     def jwk(self) -> dict:
         """The public key as a JWK (kty EC, crv P-256, alg ES256, kid, x, y)."""
-        jwk = ECAlgorithm.to_jwk(self.private_key.public_key(), as_dict=True)
+        jwk = ECAlgorithm.to_jwk(self.public_key, as_dict=True)
         jwk.update({"alg": "ES256", "kid": self.kid, "use": "sig"})
         return jwk
 
@@ -156,18 +161,22 @@ class DevSTS:
         if key is None:
             raise InvalidSubject("unknown zone")
         try:
-            header = jwt.get_unverified_header(token)
-            if header.get("alg") != "ES256" or header.get("kid") != key.kid:
-                raise InvalidSubject("wrong key")
-            # Expiry is checked on our clock (tests drive it), not time.time().
-            claims = jwt.decode(
+            # One pyjwt parse for header and claims (each parse re-checks the
+            # whole token). Expiry is checked on our clock (tests drive it),
+            # not time.time().
+            decoded = jwt.decode_complete(
                 token,
-                key.private_key.public_key(),
+                key.public_key,
                 algorithms=["ES256"],
                 options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
             )
         except jwt.PyJWTError as e:
             raise InvalidSubject("bad signature or format") from e
+        header, claims = decoded["header"], decoded["payload"]
+        # alg is ES256 (the only algorithm allowed above); the kid must be the
+        # zone's current one even though the signature matched its key.
+        if header.get("alg") != "ES256" or header.get("kid") != key.kid:
+            raise InvalidSubject("wrong key")
         exp = claims.get("exp")
         if isinstance(exp, bool) or not isinstance(exp, (int, float)) or exp <= self.now():
             raise InvalidSubject("expired")
