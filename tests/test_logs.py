@@ -173,6 +173,21 @@ class ObserverTests(SynchronousTestCase):
             [entry["level"] for entry in self.emit("error", *every)], ["error", "critical"]
         )
 
+    def test_access_line_encoded_once(self) -> None:
+        """
+        The line the emitter encoded (GatewaySite.log, the workers' relay) is
+        written as is; a record without one is encoded here.
+        """
+        out = StringIO()
+        log = Logger(namespace=ACCESS_NAMESPACE, observer=json_log_observer(out, "info"))
+        record = {"request_id": "x", "status": 200}
+        log.info("{access_line}", access_line=format_access_line(record), access=record)
+        log.info("record only", access={"request_id": "y"})
+        self.assertEqual(
+            out.getvalue().splitlines(),
+            ['{"request_id":"x","status":200}', '{"request_id":"y"}'],
+        )
+
     def test_access_events_filtered_like_others(self) -> None:
         out = StringIO()
         log = Logger(namespace=ACCESS_NAMESPACE, observer=json_log_observer(out, "warn"))

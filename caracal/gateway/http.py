@@ -90,12 +90,13 @@ class GatewayRequest(Request):
     defaultContentType = None
 
     def __init__(self, channel, *args, **kwargs) -> None:
+        # Set by the channel once the headers are in; until then (an answer
+        # sent before that) a fresh one is made on first use, so most
+        # requests never draw the random bytes of an id they would not keep.
+        self._request_id: str | None = None
         super().__init__(channel, *args, **kwargs)
         self.gateway_site = channel.site
         self._clock = self.gateway_site.clock
-        # Replaced by the channel's choice once the headers are in; set now so
-        # even an answer sent before that carries an id.
-        self.request_id = str(uuid4())
         self.log_fields: dict = dict.fromkeys(LOG_FIELDS)
         self.started_at = self._clock.seconds()
         self.finished_at: float | None = None
@@ -104,6 +105,17 @@ class GatewayRequest(Request):
         self._limit = self.gateway_site.config.max_request_bytes
         self._answered_early = False
         self._inflight = False
+
+    @property
+    def request_id(self) -> str:
+        """The request id (SPEC step 0); a new UUID4 until the channel chose one."""
+        if self._request_id is None:
+            self._request_id = str(uuid4())
+        return self._request_id
+
+    @request_id.setter
+    def request_id(self, value: str) -> None:
+        self._request_id = value
 
     # -- body ---------------------------------------------------------------
 

@@ -121,9 +121,13 @@ def access_record(request) -> dict:
     return record
 
 
+# One encoder for every line: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+
 def format_access_line(record: dict) -> str:
     """C{record} as one compact JSON line (no trailing newline)."""
-    return json.dumps(record, separators=(",", ":"), default=str)
+    return _ENCODER.encode(record)
 
 
 def level_named(name: str | LogLevel) -> LogLevel:
@@ -167,7 +171,11 @@ def json_log_observer(out_file, level: str | LogLevel = "info") -> ILogObserver:
             return
         record = event.get(ACCESS_EVENT_KEY)
         if event.get("log_namespace") == ACCESS_NAMESPACE and isinstance(record, dict):
-            line = format_access_line(record)
+            # The emitter already encoded the record for text observers
+            # (GatewaySite.log); encoding it a second time would be waste.
+            line = event.get("access_line")
+            if not isinstance(line, str):
+                line = format_access_line(record)
         else:
             entry = {
                 "ts": _timestamp(event.get("log_time") or time.time()),
@@ -181,7 +189,7 @@ def json_log_observer(out_file, level: str | LogLevel = "info") -> ILogObserver:
                     entry["traceback"] = failure.getTraceback()
                 except Exception:
                     entry["traceback"] = "(unformattable traceback)"
-            line = json.dumps(entry, separators=(",", ":"), default=str)
+            line = _ENCODER.encode(entry)
         out_file.write(line + "\n")
         flush = getattr(out_file, "flush", None)
         if flush is not None:
