@@ -376,11 +376,7 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
         The daemon writes its pidfile and log file, serves, and on SIGTERM
         removes the pidfile and exits 0.
         """
-        if not Subreaper.available():
-            raise self.skipException("reading a daemon's exit status needs Linux's subreaper")
-        subreaper = Subreaper()
-        subreaper.enable()
-        self.addCleanup(subreaper.disable)
+        Subreaper.for_test(self)
 
         port = free_port()
         directory = self.directory()

@@ -188,11 +188,7 @@ class WorkersTests(TestCase):
 
     @defer.inlineCallbacks
     def test_daemon_sigterm_stops_every_worker(self):
-        if not Subreaper.available():
-            raise self.skipException("reading a daemon's exit status needs Linux's subreaper")
-        subreaper = Subreaper()
-        subreaper.enable()
-        self.addCleanup(subreaper.disable)
+        Subreaper.for_test(self)
 
         port = free_port()
         directory = self.directory()

@@ -404,6 +404,19 @@ class Subreaper:
     def disable(self) -> None:
         self._set(0)
 
+    @classmethod
+    def for_test(cls, case) -> Subreaper:
+        """
+        Enable a subreaper for the trial test C{case} until it ends; skip the
+        test where reading a daemon's exit status is impossible.
+        """
+        if not cls.available():
+            raise case.skipException("reading a daemon's exit status needs Linux's subreaper")
+        subreaper = cls()
+        subreaper.enable()
+        case.addCleanup(subreaper.disable)
+        return subreaper
+
     @staticmethod
     def wait_exit(pid: int, timeout: float = 30.0, reactor=None) -> defer.Deferred:
         """
