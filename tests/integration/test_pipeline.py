@@ -12,28 +12,12 @@ import json
 import time
 
 import treq
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 
 from tests.support.gateway import GatewayHarness
 from tests.support.redis import SyncRedis
-
-
-def wait_until(predicate, timeout=3.0, interval=0.01):
-    """Poll C{predicate} on the reactor until true; fail after C{timeout}."""
-    deadline = reactor.seconds() + timeout
-
-    @defer.inlineCallbacks
-    def poll():
-        while True:
-            result = yield defer.maybeDeferred(predicate)
-            if result:
-                return result
-            if reactor.seconds() > deadline:
-                raise AssertionError("condition not met in time")
-            yield task.deferLater(reactor, interval, lambda: None)
-
-    return poll()
+from tests.support.waiting import wait_until
 
 
 class PipelineEndToEndTests(TestCase):
