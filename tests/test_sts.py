@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import gzip
 import json
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs
 
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import CancelledError, fail
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI, ResponseNeverReceived
-from twisted.web.error import SchemeNotSupported
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -31,7 +29,6 @@ from caracal.gateway.sts import (
     Mandate,
     STSClient,
     STSUnavailable,
-    _ReusedEndpoints,
 )
 
 BASE = "http://sts.test:8080"
@@ -130,26 +127,6 @@ class ExchangeRequestTests(SynchronousTestCase):
             headers.getRawHeaders(b"content-type"), [b"application/x-www-form-urlencoded"]
         )
         self.assertEqual(headers.getRawHeaders(b"x-request-id"), [b"req-42"])
-        # As treq did: gzip is accepted (and inflated under the size limit).
-        self.assertEqual(headers.getRawHeaders(b"accept-encoding"), [b"gzip"])
-
-    def test_form_is_what_urlencode_gives(self):
-        """The pre-encoded form is byte for byte urlencode() of the six fields."""
-        sts = STSDouble(body=MANDATE)
-        client, _, _ = client_for(sts)
-        args = ("to+k/en=", "z&zone_id=evil", "a b", "r=1\u00e9")
-        self.successResultOf(client.exchange(*args, "req"))
-        expected = urlencode(
-            [
-                ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
-                ("subject_token", args[0]),
-                ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token"),
-                ("zone_id", args[1]),
-                ("application_id", args[2]),
-                ("resource", args[3]),
-            ]
-        )
-        self.assertEqual(sts.bodies[0], expected.encode("ascii"))
 
     def test_form_values_are_encoded(self):
         """Values with form metacharacters arrive intact (no field injection)."""
@@ -174,41 +151,6 @@ class ExchangeRequestTests(SynchronousTestCase):
         client, _, _ = client_for(sts)
         self.successResultOf(exchange(client, request_id="bad\nid"))
         self.assertIsNone(sts.requests[0].requestHeaders.getRawHeaders(b"x-request-id"))
-
-
-class EndpointTests(SynchronousTestCase):
-    """The STS Agent's endpoints are built once per origin, not per request."""
-
-    def test_one_endpoint_per_origin(self):
-        factory = _ReusedEndpoints(Clock(), None)
-        first = factory.endpointForURI(URI.fromBytes(b"http://sts.example:8080/oauth/2/token"))
-        again = factory.endpointForURI(URI.fromBytes(b"http://sts.example:8080/health"))
-        other = factory.endpointForURI(URI.fromBytes(b"http://sts.example:8081/health"))
-        self.assertIsInstance(first, HostnameEndpoint)
-        self.assertIs(first, again)
-        self.assertIsNot(first, other)
-
-    def test_https_uses_the_policy(self):
-        """An https origin is wrapped in TLS from the given policy, for its hostname."""
-        asked = []
-
-        class Policy:
-            def creatorForNetloc(self, hostname, port):
-                asked.append((hostname, port))
-                return object()
-
-        factory = _ReusedEndpoints(Clock(), Policy())
-        uri = URI.fromBytes(b"https://sts.example/oauth/2/token")
-        endpoint = factory.endpointForURI(uri)
-        self.assertIs(factory.endpointForURI(uri), endpoint)
-        self.assertNotIsInstance(endpoint, HostnameEndpoint)
-        self.assertEqual(asked, [(b"sts.example", 443)])
-
-    def test_other_scheme_refused(self):
-        factory = _ReusedEndpoints(Clock(), None)
-        self.assertRaises(
-            SchemeNotSupported, factory.endpointForURI, URI.fromBytes(b"ftp://sts.example/x")
-        )
 
 
 class MandateTests(SynchronousTestCase):
