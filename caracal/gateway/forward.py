@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from caracal.gateway.denials import Denial
+from caracal.gateway.pools import persistent_pool
 from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
 
 log = Logger()
@@ -288,9 +289,7 @@ class Forwarder:
         self._timeout = timeout
         self._metrics = metrics
         if pool is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = 16
-            pool.cachedConnectionTimeout = 60
+            pool = persistent_pool(reactor, max_per_host=16, idle_timeout=60)
         self.pool = pool
 
     def close(self) -> defer.Deferred:

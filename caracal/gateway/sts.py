@@ -39,6 +39,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from caracal.gateway.denials import Denial
+from caracal.gateway.pools import persistent_pool
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 (a URN)
@@ -313,13 +314,11 @@ class STSClient:
         self._reactor = reactor
         if agent is None:
             if pool is None:
-                pool = HTTPConnectionPool(reactor, persistent=True)
                 # Many concurrent exchanges share one STS; keep enough idle
                 # connections that a burst does not reconnect every time, and
                 # drop idle ones before a typical 60 s server idle timeout so a
                 # POST is not sent on a connection the STS is closing.
-                pool.maxPersistentPerHost = 16
-                pool.cachedConnectionTimeout = 50
+                pool = persistent_pool(reactor, max_per_host=16, idle_timeout=50)
             kwargs = {"pool": pool}
             if tls_policy is not None:
                 kwargs["contextFactory"] = tls_policy
