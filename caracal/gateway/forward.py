@@ -374,6 +374,8 @@ class _PoolView:
 
 def _connection_headers(protocol) -> Headers:
     """The response's connection-control headers, as the client parser kept them."""
+    # A connection reused from the pool comes wrapped in a retrying protocol.
+    protocol = getattr(protocol, "_clientProtocol", protocol)
     parser = getattr(protocol, "_parser", None)
     headers = getattr(parser, "connHeaders", None)
     return headers if isinstance(headers, Headers) else Headers()

@@ -357,6 +357,21 @@ class ForwardingTests(Harness):
         self.assertEqual(self.upstream.connections, 1)
         self.assertEqual(len(set(ports)), 1)
 
+    @defer.inlineCallbacks
+    def test_pooled_connection_hop_by_hop(self):
+        """
+        Headers the upstream names in Connection stay hop-by-hop on a reused
+        pooled connection too (Twisted wraps those in a retrying protocol).
+        """
+        self.route_to(self.upstream.url("/"))
+        for _ in range(3):
+            _, headers, _, _ = yield self.exchange(
+                b"GET /x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+            )
+            self.assertNotIn(b"x-up-hop", headers)
+            self.assertNotIn(b"keep-alive", headers)
+        self.assertEqual(self.upstream.connections, 1)
+
     # -- failures before the response --------------------------------------
 
     @defer.inlineCallbacks
