@@ -463,6 +463,19 @@ class UpstreamGuardTests(SynchronousTestCase):
         pinned = self.successResultOf(guard.check("http://API.EXAMPLE./"))
         self.assertEqual(pinned.url.host, "api.example.")
 
+    def test_allowlist_entries_in_any_spelling(self):
+        """Allowlist entries are read the way upstream hosts are: one canonical form."""
+        resolver = FakeResolver({"xn--bcher-kva.example": ["93.184.216.34"]})
+        for entry, url in (
+            ("[::1]", "http://[::1]/"),
+            ("0x7f.1", "http://127.0.0.1/"),
+            ("127.0.0.1", "http://2130706433/"),
+            ("B\u00fccher.example", "http://b\u00fccher.example/"),
+            ("xn--bcher-kva.example", "http://B\u00dcCHER.example/"),
+        ):
+            guard = UpstreamGuard(resolver, allowlist=frozenset({entry}), allow_private=True)
+            self.successResultOf(guard.check(url))
+
     def test_dot_segment_before_resolving(self):
         guard = UpstreamGuard(RefusingResolver(self))
         self.assertEqual(
@@ -606,6 +619,12 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
         reactor, policy = self.connect(pinned, b"https://api.example/x")
         [(host, port, _factory, _timeout, _bind)] = reactor.tcpClients
         self.assertEqual((host, port), ("93.184.216.34", 443))
+        self.assertEqual(policy.asked, [(b"api.example", 443)])
+
+    def test_https_trailing_dot_verified_without_it(self):
+        """Certificates never name the root's trailing dot."""
+        pinned = PinnedUpstream(parse_upstream("https://api.example./"), "93.184.216.34", 2)
+        _, policy = self.connect(pinned, b"https://api.example./x")
         self.assertEqual(policy.asked, [(b"api.example", 443)])
 
     def test_ipv6(self):

@@ -260,13 +260,7 @@ def _parse_upstream(url: str) -> UpstreamURL:
     port = _parse_port(port_text, scheme)
     if not host_text:
         raise UpstreamRefused("bad_host", "upstream URL has no host")
-    if host_text.startswith("["):
-        host = str(_parse_v6_literal(host_text[1:-1]))
-    else:
-        if "%" in host_text:
-            raise UpstreamRefused("bad_host", "percent-encoded host")
-        address = numeric_host(host_text)
-        host = str(address) if address is not None else _normalise_name(host_text)
+    host = canonical_host(host_text)
     # Non-ASCII in the path or query is percent-encoded (UTF-8); everything
     # else is kept exactly as written so the upstream sees what was configured.
     path = quote(parts.path, safe="".join(chr(c) for c in range(0x21, 0x7F))) or "/"
@@ -453,8 +447,30 @@ def _family(ip: IPAddress) -> int:
     return socket.AF_INET if ip.version == 4 else socket.AF_INET6
 
 
+def canonical_host(host_text: str) -> str:
+    """
+    A host as L{parse_upstream} writes it: an IP address in its canonical
+    text (whatever spelling it was given in, IPv6 without brackets), else
+    the lowercase IDNA name (a trailing dot kept).
+
+    @raise UpstreamRefused: not a valid host.
+    """
+    if host_text.startswith("["):
+        return str(_parse_v6_literal(host_text[1:-1]))
+    if "%" in host_text:
+        raise UpstreamRefused("bad_host", "percent-encoded host")
+    address = numeric_host(host_text)
+    return str(address) if address is not None else _normalise_name(host_text)
+
+
 def _host_key(host: str) -> str:
-    return host.lower().rstrip(".")
+    # Allowlist entries and URL hosts are compared in one canonical form, so
+    # "[::1]", "B\u00fccher.example" or "0x7f.1" on the list match the URL's host.
+    try:
+        host = canonical_host(host.strip())
+    except UpstreamRefused:
+        host = host.strip().lower()
+    return host.rstrip(".")
 
 
 @implementer(IResolutionReceiver)
@@ -627,6 +643,9 @@ class PinnedEndpointFactory:
                 self._reactor, self._pinned.address, url.port, timeout=self._connect_timeout
             )
         if url.scheme == "https":
-            creator = self._tls_policy.creatorForNetloc(url.host.encode("ascii"), url.port)
+            # The certificate names the host without the root's trailing dot.
+            creator = self._tls_policy.creatorForNetloc(
+                url.host.rstrip(".").encode("ascii"), url.port
+            )
             endpoint = wrapClientTLS(creator, endpoint)
         return endpoint
