@@ -392,6 +392,16 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(request.log_fields["zone"], ZONE)
         self.assertEqual(request.log_fields["upstream_host"], "tools.example")
 
+    def test_expiresInCountsTheExchange(self):
+        """X-Caracal-Token-Expires-In is what is left after the STS answered."""
+        answered = defer.Deferred()
+        self.sts.exchange = lambda *arguments: answered
+        self.call(token=self.mint(ttl=300))
+        self.clock.advance(3)
+        answered.callback(Mandate())
+        [(_, _, expires_in, _)] = self.forwarder.calls
+        self.assertEqual(expires_in, 297)
+
     def test_forwardFailure(self):
         self.forwarder.denial = Denial(504, "upstream_timeout", "slow", metric="upstream_errors")
         request = self.call(token=self.mint())

@@ -285,8 +285,10 @@ class GatewayResource(ReverseProxyResource):
             def watch(cut):
                 return revocations.watch(zone, session, cut)
 
+        # Time left now, not at step 4: the JWKS and STS calls took some of it.
+        seconds_left = call.claims["exp"] - self.pipeline.clock.seconds()
         return self.pipeline.forwarder.forward(
-            call.request, call.pinned, credentials, int(call.seconds_left), watch
+            call.request, call.pinned, credentials, seconds_left, watch
         )
 
     def _deny(self, failure, call: Call) -> None:
