@@ -100,9 +100,22 @@ class GatewayHarness:
                 self.redis.call("DEL", key)
             if self.stream_ids:
                 self.redis.call("XDEL", "caracal.sessions.revoke", *self.stream_ids)
+            self._delete_entries_of_zone("caracal.audit.events")
+            self._delete_entries_of_zone("caracal.sessions.revoke.dead")
         finally:
             self.redis.close()
             self.database.drop()
+
+    def _delete_entries_of_zone(self, stream: str) -> None:
+        """XDEL this harness's entries (its zone is unique) from a shared stream."""
+        entries = self.redis.call("XREVRANGE", stream, "+", "-", "COUNT", "2000") or []
+        ours = [
+            entry_id
+            for entry_id, fields in entries
+            if any(self.zone in str(value) for value in fields)
+        ]
+        if ours:
+            self.redis.call("XDEL", stream, *ours)
 
     def add_resource(
         self,
