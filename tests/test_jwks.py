@@ -6,8 +6,10 @@ from __future__ import annotations
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from twisted.internet import defer, task
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
+from caracal.gateway import jwks
 from caracal.gateway.jwks import JWKSCache, JWKSUnavailable, UnknownKeyID, usable_keys
 
 
@@ -190,9 +192,11 @@ class JWKSCacheTests(SynchronousTestCase):
         """No keys and no STS: the lookup fails with JWKSUnavailable."""
         self.sts.down = True
         self.failureResultOf(self.cache.key_for("zone-a", "k1"), JWKSUnavailable)
-        # The next request tries again.
+        # Once the one-second back-off has passed, the next request tries again.
         self.sts.down = False
+        self.clock.advance(1)
         self.key("zone-a", "k1")
+        self.assertEqual(len(self.sts.calls), 2)
 
     def test_fetchRaisingSynchronously(self):
         """A fetch function that raises is a fetch failure, not a crash."""
@@ -212,11 +216,139 @@ class JWKSCacheTests(SynchronousTestCase):
         self.key("zone-a", "k1")
 
     def test_fetchFailureWithExpiredCache(self):
-        """Keys past their five minutes are not used when the refetch fails."""
+        """
+        Keys past their five minutes stay in service while the refresh fails,
+        for the grace period past their TTL and no longer.
+        """
         self.key("zone-a", "k1")
         self.clock.advance(300)
         self.sts.down = True
+        self.assertKey("zone-a", "k1", self.k1)
+        self.assertEqual(len(self.sts.calls), 2)
+        self.clock.advance(3600 - 0.5)
+        self.assertKey("zone-a", "k1", self.k1)
+        self.clock.advance(0.5)
         self.failureResultOf(self.cache.key_for("zone-a", "k1"), JWKSUnavailable)
+
+    def test_outageWithoutCacheBoundsFetches(self):
+        """
+        With no keys and the STS down, a stream of requests (bogus kids or
+        not) fetches only when the back-off allows: 1, 2, 4, 8, 16 s apart,
+        then at most once per 30 s; the others fail fast with JWKSUnavailable.
+        """
+        self.sts.down = True
+        fetch_times = []
+        start = self.clock.seconds()
+        for i in range(480):  # one request every 250 ms for two minutes
+            before = len(self.sts.calls)
+            kid = "k1" if i % 2 else f"bogus-{i}"
+            self.failureResultOf(self.cache.key_for("zone-a", kid), JWKSUnavailable)
+            if len(self.sts.calls) > before:
+                fetch_times.append(self.clock.seconds() - start)
+            self.clock.advance(0.25)
+        self.assertEqual(fetch_times, [0, 1, 3, 7, 15, 31, 61, 91])
+
+    def test_outageWithStaleKeysBoundsFetches(self):
+        """
+        With stale keys and the STS down, known kids keep verifying without
+        waiting for the STS, unknown kids fail fast as unknown, and the
+        background refresh attempts follow the back-off.
+        """
+        self.key("zone-a", "k1")
+        self.clock.advance(300)
+        self.sts.down = True
+        del self.sts.calls[:]
+        for i in range(240):  # one request every 250 ms for a minute
+            self.assertKey("zone-a", "k1", self.k1)
+            self.failureResultOf(self.cache.key_for("zone-a", f"bogus-{i}"), UnknownKeyID)
+            self.clock.advance(0.25)
+        # Refreshes at 0, 1, 3, 7, 15, 31 s; no further one before 61 s.
+        self.assertEqual(len(self.sts.calls), 6)
+
+    def test_unknownKidDuringBackoffDoesNotFetch(self):
+        """An unknown kid inside the back-off window is refused without a fetch."""
+        self.key("zone-a", "k1")
+        self.clock.advance(31)
+        self.sts.down = True
+        self.failureResultOf(self.cache.key_for("zone-a", "k2"), UnknownKeyID)
+        self.assertEqual(len(self.sts.calls), 2)
+        self.sts.down = False
+        self.sts.keys["zone-a"].append(ec_jwk(self.k2, "k2"))
+        self.clock.advance(0.5)
+        self.failureResultOf(self.cache.key_for("zone-a", "k2"), UnknownKeyID)
+        self.assertEqual(len(self.sts.calls), 2)
+        # The refetch interval still applies once the back-off is over.
+        self.clock.advance(30)
+        self.assertKey("zone-a", "k2", self.k2)
+        self.assertEqual(len(self.sts.calls), 3)
+
+    def test_recoveryResetsBackoff(self):
+        """A successful fetch ends the outage: the next failure backs off 1 s again."""
+        self.sts.down = True
+        for _ in range(4):  # failures back off 1, 2, 4, 8 s
+            self.failureResultOf(self.cache.key_for("zone-a", "k1"), JWKSUnavailable)
+            self.clock.advance(30)
+        self.assertEqual(len(self.sts.calls), 4)
+        self.sts.down = False
+        self.key("zone-a", "k1")
+        self.assertEqual(len(self.sts.calls), 5)
+        # Past the grace period, so only a fetch can answer.
+        self.clock.advance(300 + 3600)
+        self.sts.down = True
+        self.failureResultOf(self.cache.key_for("zone-a", "k1"), JWKSUnavailable)
+        self.assertEqual(len(self.sts.calls), 6)
+        self.sts.down = False
+        self.clock.advance(0.9)
+        self.failureResultOf(self.cache.key_for("zone-a", "k1"), JWKSUnavailable)
+        self.assertEqual(len(self.sts.calls), 6)
+        self.clock.advance(0.1)
+        self.key("zone-a", "k1")
+        self.assertEqual(len(self.sts.calls), 7)
+
+    def test_recoveryDropsWithdrawnKey(self):
+        """The first successful refresh after an outage drops keys the STS withdrew."""
+        self.key("zone-a", "k1")
+        self.clock.advance(300)
+        self.sts.down = True
+        self.assertKey("zone-a", "k1", self.k1)
+        self.sts.down = False
+        self.sts.keys["zone-a"] = [ec_jwk(self.k2, "k2")]
+        self.clock.advance(1)
+        # This lookup still gets the stale key and starts the refresh.
+        self.assertKey("zone-a", "k1", self.k1)
+        self.failureResultOf(self.cache.key_for("zone-a", "k1"), UnknownKeyID)
+        self.assertKey("zone-a", "k2", self.k2)
+
+    def test_staleKeysLoggedOncePerOutage(self):
+        """Serving stale keys is logged once per zone per outage, not per request."""
+        events = []
+        self.patch(jwks, "log", Logger(observer=events.append))
+        self.sts.keys["zone-b"] = [ec_jwk(self.k2, "k2")]
+        self.key("zone-a", "k1")
+        self.key("zone-b", "k2")
+        self.clock.advance(300)
+        self.sts.down = True
+        for _ in range(50):
+            self.key("zone-a", "k1")
+            self.key("zone-b", "k2")
+            self.clock.advance(1)
+
+        def stale(zone_id):
+            return [
+                e for e in events if e.get("zone_id") == zone_id and "last good" in e["log_format"]
+            ]
+
+        self.assertEqual(len(stale("zone-a")), 1)
+        self.assertEqual(len(stale("zone-b")), 1)
+        # A success ends the outage; the next one is logged again.
+        self.sts.down = False
+        self.clock.advance(30)
+        self.key("zone-a", "k1")
+        self.key("zone-a", "k1")
+        self.clock.advance(300)
+        self.sts.down = True
+        self.key("zone-a", "k1")
+        self.assertEqual(len(stale("zone-a")), 2)
 
     def test_malformedJWKSIsFailure(self):
         """A JWKS that is not an object with a keys list counts as a failed fetch."""

@@ -7,7 +7,9 @@ every request of that zone. A token signed with a key the cache does not know
 (a rotation) forces one refetch, but at most one per zone per thirty seconds,
 so a stream of tokens with made-up C{kid}s cannot turn the gateway into a
 load generator against the STS. Concurrent lookups of one zone share one
-in-flight fetch.
+in-flight fetch. A failed fetch backs the zone off (no fetch for 1 s, doubling
+up to 30 s), and the last good keys outlive their TTL by a bounded grace
+period while the STS cannot be reached (see L{JWKSCache}).
 
 Only ES256 keys are kept: C{kty} C{EC}, C{crv} C{P-256}, C{alg} C{ES256} or
 absent, a C{kid}, no private part. Anything else in the set is skipped, so a
@@ -31,8 +33,8 @@ log = Logger()
 
 class JWKSUnavailable(Exception):
     """
-    The zone's keys could not be fetched and no fresh copy is cached; the
-    gateway answers 503 C{sts_unavailable}.
+    The zone's keys could not be fetched (or a failed fetch is backing off)
+    and no usable copy is cached; the gateway answers 503 C{sts_unavailable}.
     """
 
 
@@ -98,18 +100,44 @@ class _ZoneKeys:
     attempted_at: float | None = None
     # Callers waiting on the in-flight fetch: (kid, their Deferred).
     waiting: list[tuple[str, Deferred]] | None = None
+    # Fetches failed in a row since the last success; 0 when the STS answers.
+    failures: int = 0
+    # The current back-off delay and the time before which no fetch starts.
+    backoff: float = 0.0
+    retry_at: float | None = None
+    # Whether "serving stale keys" was logged during the current outage.
+    stale_logged: bool = False
+
+
+# How usable a zone's cached keys are right now.
+_FRESH = "fresh"
+_STALE = "stale"
 
 
 class JWKSCache:
     """
     Per-zone cache of the STS's ES256 verification keys.
 
+    During an STS outage the cache protects both sides. After a failed fetch
+    the zone is not fetched again for a back-off delay (C{initial_backoff},
+    doubling per failure up to C{refetch_interval}, reset by a success);
+    lookups in that window that need a fetch fail at once. And the last good
+    key set stays in service past its TTL for up to C{stale_grace} seconds
+    while refreshes fail (stale-if-error), so an outage of the JWKS endpoint
+    does not turn every request into a 503 the moment the TTL runs out. The
+    cost of that choice: a key the STS has withdrawn keeps verifying for up to
+    C{stale_grace} past its TTL, but only while the STS cannot be reached to
+    say so; the first successful refresh drops it.
+
     @param fetch: C{fetch(zone_id) -> Deferred[dict]}, the zone's JWKS JSON
         (L{caracal.gateway.sts.STSClient.fetch_jwks}).
     @param clock: an L{IReactorTime} (C{seconds()}).
     @param ttl: seconds a fetched key set is used without refetching.
     @param refetch_interval: minimum seconds between two fetches of one zone
-        triggered by an unknown C{kid}.
+        triggered by an unknown C{kid}; also the longest failure back-off.
+    @param initial_backoff: seconds without fetches after a first failure.
+    @param stale_grace: seconds past C{ttl} the last good key set is still
+        used while refreshing it fails.
     """
 
     def __init__(
@@ -118,11 +146,15 @@ class JWKSCache:
         clock,
         ttl: float = 300.0,
         refetch_interval: float = 30.0,
+        initial_backoff: float = 1.0,
+        stale_grace: float = 3600.0,
     ) -> None:
         self._fetch = fetch
         self.clock = clock
         self.ttl = ttl
         self.refetch_interval = refetch_interval
+        self.initial_backoff = initial_backoff
+        self.stale_grace = stale_grace
         self._zones: dict[str, _ZoneKeys] = {}
 
     def key_for(self, zone_id: str, kid: str) -> Deferred:
@@ -134,22 +166,73 @@ class JWKSCache:
         """
         zone = self._zones.setdefault(zone_id, _ZoneKeys())
         now = self.clock.seconds()
-        fresh = zone.fetched_at is not None and now - zone.fetched_at < self.ttl
-        if fresh and kid in zone.keys:
-            return succeed(zone.keys[kid])
-        if fresh and not self._may_refetch(zone, now) and zone.waiting is None:
-            return fail(UnknownKeyID())
+        usable = self._usable(zone, now)
+        if usable is not None and kid in zone.keys:
+            key = zone.keys[kid]
+            if usable is _STALE:
+                # May refresh synchronously and replace zone.keys: the key
+                # was taken first, as this request was served stale.
+                self._serving_stale(zone_id, zone, now)
+            return succeed(key)
         waiter: Deferred = Deferred()
-        if zone.waiting is None:
-            zone.waiting = [(kid, waiter)]
-            self._start_fetch(zone_id, zone, now)
-        else:
+        if zone.waiting is not None:
             zone.waiting.append((kid, waiter))
+            return waiter
+        if not self._may_fetch(zone, now, usable):
+            if usable is not None:
+                return fail(UnknownKeyID())
+            return fail(JWKSUnavailable(f"no keys for zone {zone_id}"))
+        zone.waiting = [(kid, waiter)]
+        self._start_fetch(zone_id, zone, now)
         return waiter
 
-    def _may_refetch(self, zone: _ZoneKeys, now: float) -> bool:
-        """Whether an unknown C{kid} may trigger a fetch of this zone now."""
-        return zone.attempted_at is None or now - zone.attempted_at >= self.refetch_interval
+    def _usable(self, zone: _ZoneKeys, now: float) -> str | None:
+        """
+        C{_FRESH} within the TTL; C{_STALE} past it while refreshes fail and
+        the grace period lasts; otherwise None (the keys must be fetched).
+        """
+        if zone.fetched_at is None:
+            return None
+        age = now - zone.fetched_at
+        if age < self.ttl:
+            return _FRESH
+        if zone.failures and age < self.ttl + self.stale_grace:
+            return _STALE
+        return None
+
+    def _may_fetch(self, zone: _ZoneKeys, now: float, usable: str | None) -> bool:
+        """
+        Whether a lookup the cache cannot answer may start a fetch now: never
+        inside a failure back-off, and with usable keys in hand (an unknown
+        C{kid}) at most once per C{refetch_interval}.
+        """
+        if zone.retry_at is not None and now < zone.retry_at:
+            return False
+        if usable is not None:
+            return zone.attempted_at is None or now - zone.attempted_at >= self.refetch_interval
+        return True
+
+    def _serving_stale(self, zone_id: str, zone: _ZoneKeys, now: float) -> None:
+        """
+        A stale key is being used: say so once per outage, and retry the
+        refresh in the background once the back-off allows (the request
+        itself does not wait for the STS).
+        """
+        self._log_stale(zone_id, zone)
+        if zone.waiting is None and (zone.retry_at is None or now >= zone.retry_at):
+            zone.waiting = []
+            self._start_fetch(zone_id, zone, now)
+
+    def _log_stale(self, zone_id: str, zone: _ZoneKeys) -> None:
+        if not zone.stale_logged:
+            zone.stale_logged = True
+            log.warn(
+                "JWKS for zone {zone_id} cannot be refreshed; serving the last good "
+                "keys (fetched {age:.0f}s ago) for up to {grace:.0f}s past their TTL",
+                zone_id=zone_id,
+                age=self.clock.seconds() - (zone.fetched_at or 0.0),
+                grace=self.stale_grace,
+            )
 
     def _start_fetch(self, zone_id: str, zone: _ZoneKeys, now: float) -> None:
         zone.attempted_at = now
@@ -161,20 +244,32 @@ class JWKSCache:
         waiting, zone.waiting = zone.waiting or [], None
         now = self.clock.seconds()
         if isinstance(result, Failure):
+            zone.failures += 1
+            zone.backoff = min(max(zone.backoff * 2, self.initial_backoff), self.refetch_interval)
+            zone.retry_at = now + zone.backoff
             log.warn(
-                "JWKS fetch for zone {zone_id} failed: {error}",
+                "JWKS fetch for zone {zone_id} failed ({failures} in a row, next "
+                "attempt in {backoff:.0f}s at the earliest): {error}",
                 zone_id=zone_id,
+                failures=zone.failures,
+                backoff=zone.backoff,
                 error=result.getErrorMessage(),
             )
         else:
             zone.keys = result
             zone.fetched_at = now
-        fresh = zone.fetched_at is not None and now - zone.fetched_at < self.ttl
+            zone.failures = 0
+            zone.backoff = 0.0
+            zone.retry_at = None
+            zone.stale_logged = False
+        usable = self._usable(zone, now)
         for kid, waiter in waiting:
             # A cancelled waiter has already fired; Twisted ignores the late result.
-            if fresh and kid in zone.keys:
+            if usable is not None and kid in zone.keys:
+                if usable is _STALE:
+                    self._log_stale(zone_id, zone)
                 waiter.callback(zone.keys[kid])
-            elif fresh:
+            elif usable is not None:
                 waiter.errback(UnknownKeyID())
             else:
                 waiter.errback(JWKSUnavailable(f"no keys for zone {zone_id}"))
