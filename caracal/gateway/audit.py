@@ -11,6 +11,9 @@ last line of defence, metadata under a name that usually carries a credential
 
 Emitting never fails the request: L{IAuditLog.emit} never errbacks, failures
 are logged.
+
+The gateway never trims the stream (no C{MAXLEN}): an audit event is only
+dropped by whoever consumes the stream, once it has been read.
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ from zope.interface import Interface, implementer
 from caracal.gateway.revocations import sign_fields
 
 AUDIT_STREAM = "caracal.audit.events"
-#: Approximate bound on the audit stream's length (C{MAXLEN ~}).
-AUDIT_MAXLEN = 100_000
 
 CREDENTIAL_FIELDS = frozenset(
     {
@@ -122,7 +123,6 @@ class RedisAuditLog:
         hmac_key: bytes | None = None,
         clock=None,
         stream: str = AUDIT_STREAM,
-        maxlen: int = AUDIT_MAXLEN,
         timeout: float = 2.0,
     ) -> None:
         if clock is None:
@@ -131,7 +131,6 @@ class RedisAuditLog:
         self._hmac_key = hmac_key
         self._clock = clock
         self._stream = stream
-        self._maxlen = maxlen
         self._timeout = timeout
 
     def fields(self, event_type: str, request_id: str, decision: str, **metadata) -> dict:
@@ -152,7 +151,9 @@ class RedisAuditLog:
         except Exception:
             _log.failure("audit event {event_type} could not be built", event_type=event_type)
             return defer.succeed(None)
-        arguments = ["XADD", self._stream, "MAXLEN", "~", self._maxlen, "*"]
+        # No MAXLEN: trimming here would drop events no consumer has read
+        # yet; the audit stream's retention belongs to its consumers.
+        arguments = ["XADD", self._stream, "*"]
         for name, value in fields.items():
             arguments += [name, value]
         d = defer.maybeDeferred(self._redis.execute_command, *arguments)
