@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_revocations -*-
 """
 Tests for L{caracal.gateway.revocations} that need no Redis: the signature
 rule, the store, and the follower against an in-memory stream double driven
@@ -10,8 +11,11 @@ import hashlib
 import hmac
 
 from twisted.internet import defer, task
+from twisted.logger import Logger, LogLevel
 from twisted.trial import unittest
+from txredisapi import ResponseError
 
+from caracal.gateway import revocations
 from caracal.gateway.revocations import (
     RETENTION_SECONDS,
     RevocationFollower,
@@ -209,6 +213,8 @@ class FakeRedisServer:
         self.times = []
         self.connections = []
         self._last = (0, 0)
+        # each stream's top id, which Redis keeps even through trimming
+        self.tops: dict[str, tuple[int, int]] = {}
 
     @staticmethod
     def _key(entry_id):
@@ -223,6 +229,7 @@ class FakeRedisServer:
     def add(self, stream, fields, entry_id=None):
         entry_id = entry_id or self.next_id()
         self._last = max(self._last, self._key(entry_id))
+        self.tops[stream] = max(self.tops.get(stream, (0, 0)), self._key(entry_id))
         flat = [item for pair in fields.items() for item in pair]
         self.streams.setdefault(stream, []).append((entry_id, flat))
         # reads issued by the callbacks below land in a fresh list
@@ -267,10 +274,24 @@ class FakeRedisServer:
             self.clock.callLater(block / 1000, lambda: d.called or d.callback(None))
             return d
         if command == "XADD":
-            stream = arguments[0]
-            star = arguments.index("*")
-            fields = dict(zip(arguments[star + 1 :: 2], arguments[star + 2 :: 2], strict=True))
-            return defer.succeed(self.add(stream, fields))
+            stream, rest = arguments[0], list(arguments[1:])
+            if rest[0] == "MAXLEN":
+                # the fake never trims (the tests stay far below any bound)
+                rest = rest[3:]
+            entry_id, flat = rest[0], rest[1:]
+            fields = dict(zip(flat[::2], flat[1::2], strict=True))
+            if entry_id == "*":
+                return defer.succeed(self.add(stream, fields))
+            top = self.tops.get(stream)
+            if top is not None and self._key(entry_id) <= top:
+                # what txredisapi raises for Redis's answer (the "ERR " stripped)
+                return defer.fail(
+                    ResponseError(
+                        " The ID specified in XADD is equal or smaller than "
+                        "the target stream top item"
+                    )
+                )
+            return defer.succeed(self.add(stream, fields, entry_id))
         return defer.fail(ValueError(command))
 
 
@@ -396,6 +417,8 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
         self.assertEqual(follower.rejected, 3)
         self.assertEqual(self.metrics.counts, {"revocations_rejected": 3})
         dead = self.redis.streams[STREAM + ".dead"]
+        # each copy takes its source entry's id, so copying is idempotent
+        self.assertEqual([entry_id for entry_id, _ in dead], [unsigned, forged, malformed])
         reasons = [dict(zip(flat[::2], flat[1::2], strict=True)) for _, flat in dead]
         self.assertEqual(
             [(r["reason"], r["source_id"], r.get("session_id")) for r in reasons],
@@ -407,6 +430,77 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
         )
         self.publish("z", "good")
         self.assertTrue(self.store.is_revoked("z", "good"))
+
+    def test_rejected_once_across_instances(self):
+        """
+        Two instances rejecting the same entries leave one dead letter per
+        entry; the second one's refused copies are not errors. Each instance
+        counts its own rejections.
+        """
+        events = []
+        self.patch(revocations, "_log", Logger(observer=events.append))
+        first = self.follower()
+        first.startService()
+        unsigned = self.publish("z", "unsigned", key=None)
+        second_metrics = Metrics()
+        second = RevocationFollower(
+            None, RevocationStore(self.clock), KEY, self.clock, second_metrics, connect=self.connect
+        )
+        second.startService()
+        self.addCleanup(second.stopService)
+        forged = self.publish("z", "forged", key=b"y" * 32)
+        dead = self.redis.streams[STREAM + ".dead"]
+        self.assertEqual([entry_id for entry_id, _ in dead], [unsigned, forged])
+        self.assertEqual((first.rejected, second.rejected), (2, 2))
+        self.assertEqual(self.metrics.counts, {"revocations_rejected": 2})
+        self.assertEqual(second_metrics.counts, {"revocations_rejected": 2})
+        xadds = [c for c in self.redis.commands if c[0] == "XADD"]
+        self.assertEqual(len(xadds), 4)
+        self.assertEqual(
+            [e["log_level"] for e in events if "dead-lettered" in e["log_format"]],
+            [LogLevel.debug, LogLevel.debug],
+        )
+
+    def test_resync_does_not_duplicate_dead_letters(self):
+        """
+        After a Redis error the follower re-reads its 24 h window: the
+        rejected entries in it are neither dead-lettered nor counted again.
+        """
+        events = []
+        self.patch(revocations, "_log", Logger(observer=events.append))
+        follower = self.follower()
+        follower.startService()
+        unsigned = self.publish("z", "unsigned", key=None)
+        self.redis.fail_next = 1
+        self.clock.advance(1.0)  # the pending read ends, the next one fails
+        self.clock.advance(follower.initial_delay)  # backoff, then the resync
+        ranges = [c for c in self.redis.commands if c[0] == "XRANGE"]
+        self.assertEqual(len(ranges), 2)
+        self.assertEqual(follower.errors, 1)
+        forged = self.publish("z", "forged", key=b"y" * 32)
+        dead = self.redis.streams[STREAM + ".dead"]
+        self.assertEqual([entry_id for entry_id, _ in dead], [unsigned, forged])
+        self.assertEqual(follower.rejected, 2)
+        self.assertEqual(self.metrics.counts, {"revocations_rejected": 2})
+        # the re-read entry was copied again and refused: a debug line, no warning
+        xadds = [c for c in self.redis.commands if c[0] == "XADD"]
+        self.assertEqual([c[5] for c in xadds], [unsigned, unsigned, forged])
+        warnings = [
+            e["entry_id"] for e in events if e["log_level"] >= LogLevel.warn and "entry_id" in e
+        ]
+        self.assertEqual(warnings, [unsigned, forged])
+
+    def test_dead_letter_failure_logged(self):
+        """Any other error copying to the dead letters is a warning."""
+        events = []
+        self.patch(revocations, "_log", Logger(observer=events.append))
+        follower = self.follower()
+        follower.startService()
+        self.redis.fail_next = 1  # the XADD of the dead letter
+        self.publish("z", "unsigned", key=None)
+        [failed] = [e for e in events if "not dead-lettered" in e["log_format"]]
+        self.assertEqual(failed["log_level"], LogLevel.warn)
+        self.assertEqual(failed["reason"], "Lost connection")
 
     def test_metrics_without_counter(self):
         """A Metrics that does not know the counter yet does not break the follower."""

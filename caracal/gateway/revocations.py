@@ -12,6 +12,11 @@ revocation.
 C{_sig} is the hex HMAC-SHA256, under C{STREAMS_HMAC_KEY}, of C{"<stream>\\n"}
 followed by C{"<field>=<value>\\n"} for every other field, in byte order of the
 field names (L{sign_fields}).
+
+A refused entry (unsigned, badly signed or malformed, with a key configured)
+is copied to C{caracal.sessions.revoke.dead} under its own entry id, so the
+copy happens once however many instances refuse it and however often one
+re-reads its window.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ RETENTION_SECONDS = 24 * 3600.0
 #: Approximate bound on the dead-letter stream's length.
 DEAD_LETTER_MAXLEN = 10_000
 SIGNATURE_FIELD = "_sig"
+#: Redis's answer to an C{XADD} whose explicit id is not above the stream's
+#: top: for a dead letter, the entry was already copied (see C{_reject}).
+ALREADY_DEAD_LETTERED = "equal or smaller than the target stream top item"
 
 _log = Logger()
 
@@ -172,6 +180,14 @@ def _entry_time(entry_id: str) -> float | None:
     return int(milliseconds) / 1000.0
 
 
+def _id_key(entry_id: str) -> tuple[int, int]:
+    """A stream entry id C{<ms>-<seq>} as a sortable pair (C{(-1, -1)} if malformed)."""
+    milliseconds, _, sequence = entry_id.partition("-")
+    if not (milliseconds.isdigit() and sequence.isdigit()):
+        return (-1, -1)
+    return int(milliseconds), int(sequence)
+
+
 def _after(entry_id: str) -> str:
     """The smallest entry id greater than C{entry_id} (for exclusive ranges)."""
     milliseconds, _, sequence = entry_id.partition("-")
@@ -293,6 +309,9 @@ class RevocationFollower(Service):
         self._loop: defer.Deferred | None = None
         self._ready_waiters: list[defer.Deferred] = []
         self.last_id: str | None = None
+        # The highest entry id rejected (and counted) so far, so that a
+        # resync re-reading the window does not count its rejections twice.
+        self._rejected_through: tuple[int, int] | None = None
         self.ready = False
         # Set by a Redis error: re-read the 24 h window before reading on.
         self._resync = False
@@ -456,28 +475,61 @@ class RevocationFollower(Service):
         return None
 
     def _reject(self, entry_id: str, fields: dict | None, reason: str) -> None:
-        self.rejected += 1
-        if self._metrics is not None:
-            # the Metrics of this version may not know this counter yet
-            with contextlib.suppress(KeyError):
-                self._metrics.increment("revocations_rejected")
-        _log.warn(
-            "revocation entry {entry_id} on {stream} ignored: {reason}",
-            entry_id=entry_id,
-            stream=self.stream,
-            reason=reason,
-        )
-        arguments = ["XADD", self.dead_letter_stream, "MAXLEN", "~", DEAD_LETTER_MAXLEN, "*"]
+        key = _id_key(entry_id)
+        if self._rejected_through is not None and key <= self._rejected_through:
+            # Read again after a resync: already counted and logged here.
+            _log.debug(
+                "revocation entry {entry_id} on {stream} ignored again: {reason}",
+                entry_id=entry_id,
+                stream=self.stream,
+                reason=reason,
+            )
+        else:
+            self._rejected_through = key
+            self.rejected += 1
+            if self._metrics is not None:
+                # the Metrics of this version may not know this counter yet
+                with contextlib.suppress(KeyError):
+                    self._metrics.increment("revocations_rejected")
+            _log.warn(
+                "revocation entry {entry_id} on {stream} ignored: {reason}",
+                entry_id=entry_id,
+                stream=self.stream,
+                reason=reason,
+            )
+        # The dead letter takes the source entry's id, which makes the copy
+        # idempotent: every instance, and every resync, copies the same entry,
+        # and Redis refuses an id not above the dead stream's top (it keeps
+        # that top through trimming). Each instance reads the source in order
+        # and sends these on one connection, so a refused id is one some
+        # instance has already copied.
+        arguments = [
+            "XADD",
+            self.dead_letter_stream,
+            "MAXLEN",
+            "~",
+            DEAD_LETTER_MAXLEN,
+            entry_id,
+        ]
         for name, value in (fields or {}).items():
             if name not in ("reason", "source_id"):
                 arguments += [name, value]
         arguments += ["reason", reason, "source_id", entry_id]
         # Not awaited: copying to the dead letters must not delay the next read.
         d = defer.maybeDeferred(self._connection.execute_command, *arguments)
-        d.addErrback(
-            lambda failure: _log.warn(
-                "revocation entry {entry_id} not dead-lettered: {reason}",
+        d.addErrback(self._dead_letter_failed, entry_id)
+
+    def _dead_letter_failed(self, failure, entry_id: str) -> None:
+        message = failure.getErrorMessage()
+        if ALREADY_DEAD_LETTERED in message:
+            _log.debug(
+                "revocation entry {entry_id} already dead-lettered on {stream}",
                 entry_id=entry_id,
-                reason=failure.getErrorMessage(),
+                stream=self.dead_letter_stream,
             )
+            return
+        _log.warn(
+            "revocation entry {entry_id} not dead-lettered: {reason}",
+            entry_id=entry_id,
+            reason=message,
         )

@@ -143,6 +143,8 @@ class RevocationFollowerTests(FollowerTestMixin, unittest.TestCase):
             return len(dead) == 3
 
         yield wait_until(dead_lettered, timeout=2.0)
+        # each copy takes its source entry's id (idempotent dead-lettering)
+        self.assertEqual([entry_id for entry_id, _ in dead], [unsigned, forged, malformed])
         copies = [dict(zip(flat[::2], flat[1::2], strict=True)) for _, flat in dead]
         self.assertEqual(
             [(c["reason"], c["source_id"], c.get("session_id")) for c in copies],
@@ -190,6 +192,52 @@ class RevocationFollowerRestartTests(FollowerTestMixin, unittest.TestCase):
         self.redis = PrivateRedis()
         self.redis.start()
         self.addCleanup(self.redis.stop)
+
+    @defer.inlineCallbacks
+    def test_resync_does_not_duplicate_dead_letters(self):
+        """
+        A lost connection makes the follower re-read its 24 h window; the
+        refused entries in it keep exactly one dead letter each and are not
+        counted again. A second follower adds no copies either.
+        """
+        metrics = Metrics()
+        follower, store = self.start_follower(self.redis.address, metrics=metrics)
+        yield follower.when_ready()
+        redis = self.publisher(self.redis.address)
+        unsigned = yield publish_revocation(redis, "z", "unsigned", None, stream=self.stream)
+        forged = yield publish_revocation(redis, "z", "forged", b"x" * 32, stream=self.stream)
+        yield publish_revocation(redis, "z", "first", KEY, stream=self.stream)
+        yield wait_until(lambda: store.is_revoked("z", "first"), timeout=1.0)
+
+        admin = self.redis.client()
+        self.addCleanup(admin.close)
+        # Drop the follower's connection (every client but this one): its
+        # read fails, and it resyncs from the start of the window.
+        admin.call("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        yield wait_until(lambda: follower.errors >= 1, timeout=2.0)
+        second, second_store = self.start_follower(self.redis.address)
+        yield second.when_ready()
+
+        @defer.inlineCallbacks
+        def published():
+            try:
+                yield publish_revocation(redis, "z", "second", KEY, stream=self.stream)
+            except Exception:
+                return False
+            return True
+
+        yield wait_until(published, timeout=5, interval=0.1)
+        # The marker is read after the resync's re-read and its refused
+        # copies, which went first on the same connection.
+        yield wait_until(
+            lambda: store.is_revoked("z", "second") and second_store.is_revoked("z", "second"),
+            timeout=5.0,
+        )
+        dead = admin.call("XRANGE", self.stream + ".dead", "-", "+")
+        self.assertEqual([entry_id for entry_id, _ in dead], [unsigned, forged])
+        self.assertEqual(follower.rejected, 2)
+        self.assertEqual(metrics.counts, {"revocations_rejected": 2})
+        self.assertEqual(second.rejected, 2)
 
     @defer.inlineCallbacks
     def test_restart_mid_follow(self):
