@@ -269,6 +269,8 @@ class PortRuleTests(ConfigTestMixin, SynchronousTestCase):
             self.refused(environ(PORT="0"), "PORT must be between 1 and 65535")
             self.refused(environ(PORT="65536"), "PORT must be between 1 and 65535")
             self.refused(environ(PORT="-1"), "PORT must be between 1 and 65535")
+            for lax in ("8_081", "+8081", "\uff18\uff10\uff18\uff11", " 80 81"):
+                self.refused(environ(PORT=lax), "PORT must be an integer")
 
 
 class HMACKeyRuleTests(ConfigTestMixin, SynchronousTestCase):
@@ -283,7 +285,7 @@ class HMACKeyRuleTests(ConfigTestMixin, SynchronousTestCase):
 
     def test_malformed_refused(self) -> None:
         for environ in (production, dev):
-            for value in ("zz" * 32, "a1" * 31, "a1" * 32 + "a", "not hex at all"):
+            for value in ("zz" * 32, "a1" * 31, "a1" * 32 + "a", "not hex at all", "a1 " * 32):
                 self.refused(environ(STREAMS_HMAC_KEY=value), MSG_HMAC_FORMAT)
 
     def test_message_hides_the_key(self) -> None:
@@ -538,17 +540,46 @@ class RedactionTests(ConfigTestMixin, SynchronousTestCase):
     """Secrets never leave the configuration object in clear."""
 
     def test_redacted_hides_secrets(self) -> None:
-        config = self.accepted(production(STS_URL="https://client:sts-pw-123@sts.example.com"))
+        config = self.accepted(production())
         redacted = config.redacted()
         text = json.dumps(redacted)
-        for secret in (DATABASE_PASSWORD, REDIS_PASSWORD, HMAC_KEY_HEX, "sts-pw-123"):
+        for secret in (DATABASE_PASSWORD, REDIS_PASSWORD, HMAC_KEY_HEX):
             self.assertNotIn(secret, text)
         self.assertEqual(redacted["STREAMS_HMAC_KEY"], "***")
         self.assertEqual(
             redacted["DATABASE_URL"], "postgresql://gateway:***@db.example.com:5432/caracal"
         )
         self.assertEqual(redacted["REDIS_URL"], "redis://:***@redis.example.com:6380/2")
-        self.assertEqual(redacted["STS_URL"], "https://client:***@sts.example.com")
+
+    def test_sts_url_credentials_query_fragment_refused(self) -> None:
+        """Paths are appended to STS_URL and the startup log prints it."""
+        for url in (
+            "https://client:sts-pw-123@sts.example.com",
+            "https://sts.example.com/?token=abc",
+            "https://sts.example.com/#frag",
+        ):
+            self.refused(
+                production(STS_URL=url), "STS_URL must not carry credentials, a query or a fragment"
+            )
+
+    def test_malformed_database_url_refused_at_startup(self) -> None:
+        """Refused with the other startup rules, not later by the store with a traceback."""
+        for dsn in ("host=127.0.0.1 dbname", "mysql://x", "postgresql://[bad"):
+            self.refused(
+                production(DATABASE_URL=dsn), "DATABASE_URL is not a valid Postgres URL or DSN"
+            )
+
+    def test_non_ascii_duration_digits_refused(self) -> None:
+        self.refused(
+            dev(STS_TIMEOUT="\uff15s"), "STS_TIMEOUT must be a duration such as 250ms, 5s or 1m30s"
+        )
+
+    def test_insecure_http_wins_over_tls_files(self) -> None:
+        config = self.accepted(
+            dev(INSECURE_HTTP="true", TLS_CERT_FILE="/tls/gw.crt", TLS_KEY_FILE="/tls/gw.key")
+        )
+        self.assertTrue(config.tls_cert_file)
+        self.assertFalse(config.tls_enabled)
 
     def test_redacted_shows_the_rest(self) -> None:
         config = self.accepted(production(UPSTREAM_HOST_ALLOWLIST="b.example,a.example"))

@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+import psycopg2
+from psycopg2.extensions import parse_dsn
+
 PRODUCTION = "production"
 DEV = "dev"
 PRODUCTION_PORT = 8081
@@ -32,7 +35,9 @@ _DURATION_UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)", re.ASCII)
+_DIGITS = re.compile(r"-?[0-9]+")
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 class ConfigError(Exception):
@@ -186,8 +191,8 @@ class GatewayConfig:
 
     @property
     def tls_enabled(self) -> bool:
-        """C{True} when the listener speaks TLS."""
-        return self.tls_cert_file is not None
+        """C{True} when the listener speaks TLS (INSECURE_HTTP wins over the files)."""
+        return self.tls_cert_file is not None and not self.insecure_http
 
     @property
     def redis(self) -> RedisAddress:
@@ -289,10 +294,10 @@ class _Reader:
         value = self.text(name)
         if value is None:
             return default
-        try:
-            number = int(value, 10)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer") from None
+        # int() would also take "8_081", "+8081" or non-ASCII digits.
+        if not _DIGITS.fullmatch(value):
+            raise ConfigError(f"{name} must be an integer")
+        number = int(value, 10)
         if not low <= number <= high:
             raise ConfigError(f"{name} must be between {low} and {high}")
         return number
@@ -344,9 +349,10 @@ class _Reader:
             raise ConfigError("STREAMS_HMAC_KEY is required when CARACAL_ENV=production")
         hmac_key = None
         if hmac_text is not None:
+            # bytes.fromhex would skip spaces; a key is one unbroken hex string.
             try:
-                hmac_key = bytes.fromhex(hmac_text)
-            except ValueError:
+                hmac_key = bytes.fromhex(hmac_text) if _HEX.fullmatch(hmac_text) else b""
+            except ValueError:  # an odd number of digits
                 hmac_key = b""
             if len(hmac_key) < 32:
                 raise ConfigError("STREAMS_HMAC_KEY must be hex-encoded and at least 32 bytes")
@@ -372,12 +378,19 @@ class _Reader:
             raise ConfigError("STS_URL must be an absolute http(s) URL") from None
         if sts_parts.scheme not in ("http", "https") or not sts_parts.hostname:
             raise ConfigError("STS_URL must be an absolute http(s) URL")
+        if "@" in sts_parts.netloc or sts_parts.query or sts_parts.fragment or "#" in sts_url:
+            # Paths are appended to it, and the startup log prints it.
+            raise ConfigError("STS_URL must not carry credentials, a query or a fragment")
         if sts_parts.scheme == "http" and not insecure_sts:
             raise ConfigError("STS_URL must use https; set INSECURE_STS=true to override")
 
         database_url = self.text("DATABASE_URL")
         if database_url is None:
             raise ConfigError("DATABASE_URL is required")
+        try:
+            parse_dsn(database_url)
+        except psycopg2.ProgrammingError:
+            raise ConfigError("DATABASE_URL is not a valid Postgres URL or DSN") from None
         redis_url = self.text("REDIS_URL")
         if redis_url is None:
             raise ConfigError("REDIS_URL is required")

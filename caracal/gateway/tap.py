@@ -255,6 +255,8 @@ class GatewayService(Service):
                 "escape hatch {hatch} is enabled; never use it where real credentials flow",
                 hatch=hatch,
             )
+        if config.insecure_http and config.tls_cert_file:
+            log.warn("INSECURE_HTTP=true: TLS_CERT_FILE/TLS_KEY_FILE are ignored; serving plaintext")
         warn_if_expiring(self.server_tls)
         self._ensure_built()
         # Stores and followers first, so the first request finds them running.
