@@ -256,7 +256,7 @@ class GatewayService(Service):
                 hatch=hatch,
             )
         if config.insecure_http and config.tls_cert_file:
-            log.warn("INSECURE_HTTP=true: TLS_CERT_FILE/TLS_KEY_FILE are ignored; serving plaintext")
+            log.warn("INSECURE_HTTP=true: TLS_CERT_FILE/KEY_FILE are ignored; serving plaintext")
         warn_if_expiring(self.server_tls)
         self._ensure_built()
         # Stores and followers first, so the first request finds them running.
