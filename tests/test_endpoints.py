@@ -7,7 +7,12 @@ from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from caracal.gateway.endpoints import HealthResource, MetricsResource, ReadyResource
+from caracal.gateway.endpoints import (
+    HealthResource,
+    MetricsResource,
+    ReadyResource,
+    prefers_prometheus,
+)
 from caracal.gateway.metrics import Metrics
 
 
@@ -69,3 +74,64 @@ class EndpointTests(SynchronousTestCase):
         self.assertTrue(
             as_text.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
         )
+
+
+class ReadyLoadTests(SynchronousTestCase):
+    """/ready is public: callers must not be able to multiply checks."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.calls = 0
+        self.pending = []
+
+        def check():
+            self.calls += 1
+            d = defer.Deferred()
+            self.pending.append(d)
+            return d
+
+        self.ready = ReadyResource({"sts": check}, self.clock)
+
+    def test_concurrentRequestsShareOneRun(self):
+        requests = [render(self.ready) for _ in range(5)]
+        self.assertEqual(self.calls, 1)
+        self.pending[0].callback(None)
+        self.assertEqual([r.responseCode for r in requests], [200] * 5)
+
+    def test_resultReusedForASecond(self):
+        render(self.ready)
+        self.pending[0].callback(None)
+        self.clock.advance(0.9)
+        self.assertEqual(render(self.ready).responseCode, 200)
+        self.assertEqual(self.calls, 1)
+        self.clock.advance(0.1)
+        render(self.ready)
+        self.assertEqual(self.calls, 2)
+
+
+class MetricsFailureTests(SynchronousTestCase):
+    def test_failedSnapshotAnswers500(self):
+        request = DummyRequest([])
+        request.request_id = "rid-9"
+        MetricsResource(lambda: 1 / 0).render(request)
+        self.assertEqual(request.responseCode, 500)
+        self.assertEqual(json.loads(b"".join(request.written))["error"], "internal_error")
+        self.assertTrue(request.finished)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class AcceptTests(SynchronousTestCase):
+    def test_table(self):
+        for accept, prometheus in (
+            (b"", False),
+            (b"text/plain", True),
+            (b"application/json", False),
+            (b"text/plain;version=0.0.4;q=0.5,*/*;q=0.1", True),
+            (b"application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5", True),
+            (b"text/plain;q=0, application/json", False),
+            (b"application/json, text/plain;q=0.5", False),
+            (b"text/html,application/xhtml+xml,*/*;q=0.8", False),
+            (b"TEXT/PLAIN", True),
+            (b"text/plain;q=bogus", False),
+        ):
+            self.assertEqual(prefers_prometheus(accept), prometheus, accept)

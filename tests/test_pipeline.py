@@ -416,6 +416,21 @@ class PipelineTests(SynchronousTestCase):
             self.assertNotIn(token, json.dumps(request.log_fields))
             self.assertEqual(len(request.log_fields["token_fingerprint"]), 12)
 
+    def test_localPathsNeverProxied(self):
+        """POST /health is a 405 from the gateway, not a proxied call."""
+        from caracal.gateway.endpoints import HealthResource
+        from caracal.gateway.resource import GatewayRoot
+
+        root = GatewayRoot(self.resource, {b"/health": HealthResource()})
+        request = PipelineRequest(path=b"/health", method=b"POST")
+        request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + self.mint().encode()])
+        request.requestHeaders.setRawHeaders(b"x-caracal-resource", [b"tools"])
+        request.write(root.render(request))
+        self.assertEqual(request.responseCode, 405)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"allow"), [b"GET, HEAD"])
+        self.assertEqual(json.loads(request.body)["error"], "method_not_allowed")
+        self.assertEqual((self.sts.calls, self.forwarder.calls), ([], []))
+
     def test_clientGoneBeforeExchange(self):
         """A caller that disconnected is not exchanged for at the STS."""
         release = defer.Deferred()

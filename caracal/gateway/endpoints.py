@@ -14,11 +14,18 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from caracal.gateway.denials import write_error
 from caracal.gateway.metrics import render_json, render_prometheus
 
 log = Logger(namespace="caracal.ready")
 
 READY_CHECK_TIMEOUT = 2.0
+
+#: How long a readiness result is reused.
+CACHE_SECONDS = 1.0
+
+PROMETHEUS = b"text/plain"
+JSON = b"application/json"
 
 
 def _gone(request) -> bool:
@@ -62,6 +69,33 @@ class ReadyResource(Resource):
         self.checks = checks
         self.clock = clock
         self.timeout = timeout
+        self._result: tuple[float, dict] | None = None
+        self._waiting: list[defer.Deferred] = []
+
+    def _checked(self) -> defer.Deferred:
+        """
+        The checks' statuses, shared: concurrent requests wait for one run,
+        and a result is reused for C{CACHE_SECONDS}, so callers of this
+        public endpoint cannot turn it into load on the STS and the stores.
+        """
+        now = self.clock.seconds()
+        if self._result is not None and now - self._result[0] < CACHE_SECONDS:
+            return defer.succeed(self._result[1])
+        waiter = defer.Deferred()
+        self._waiting.append(waiter)
+        if len(self._waiting) == 1:
+            names = sorted(self.checks)
+            d = defer.gatherResults([self._run(name, self.checks[name]) for name in names])
+
+            def done(results):
+                statuses = dict(zip(names, results, strict=True))
+                self._result = (self.clock.seconds(), statuses)
+                waiting, self._waiting = self._waiting, []
+                for each in waiting:
+                    each.callback(statuses)
+
+            d.addCallback(done)
+        return waiter
 
     def _run(self, name: str, check) -> defer.Deferred:
         d = defer.maybeDeferred(check)
@@ -74,13 +108,9 @@ class ReadyResource(Resource):
         return d.addCallbacks(lambda _: "ok", failed)
 
     def render(self, request):
-        names = sorted(self.checks)
-        d = defer.gatherResults([self._run(name, self.checks[name]) for name in names])
-
-        def answer(results):
+        def answer(statuses):
             if _gone(request):
                 return
-            statuses = dict(zip(names, results, strict=True))
             failed = [name for name, status in statuses.items() if status != "ok"]
             document = {"status": "not_ready" if failed else "ready", "checks": statuses}
             if failed:
@@ -88,7 +118,7 @@ class ReadyResource(Resource):
             request.write(_json(request, 503 if failed else 200, document))
             request.finish()
 
-        d.addCallback(answer)
+        self._checked().addCallback(answer)
         return NOT_DONE_YET
 
 
@@ -106,8 +136,7 @@ class MetricsResource(Resource):
         self.snapshot = snapshot
 
     def render(self, request):
-        accept = (request.getHeader(b"accept") or b"").lower()
-        prometheus = b"text/plain" in accept
+        prometheus = prefers_prometheus(request.getHeader(b"accept") or b"")
 
         def answer(snapshot):
             if _gone(request):
@@ -121,7 +150,33 @@ class MetricsResource(Resource):
                 request.write(render_json(snapshot))
             request.finish()
 
-        defer.maybeDeferred(self.snapshot).addCallback(answer).addErrback(
-            lambda failure: log.failure("metrics snapshot failed", failure)
-        )
+        def failed(failure):
+            log.failure("metrics snapshot failed", failure)
+            if not _gone(request):
+                request.write(write_error(request, 500, "internal_error", "metrics unavailable"))
+                request.finish()
+
+        defer.maybeDeferred(self.snapshot).addCallback(answer).addErrback(failed)
         return NOT_DONE_YET
+
+
+def prefers_prometheus(accept: bytes) -> bool:
+    """
+    Whether an C{Accept} header asks for the Prometheus text format: its
+    C{text/plain} quality is above zero and not below C{application/json}'s
+    (Prometheus sends C{text/plain;version=0.0.4;q=0.5,*/*;q=0.1}).
+    """
+    weights: dict[bytes, float] = {}
+    for part in accept.lower().split(b","):
+        media, *parameters = part.split(b";")
+        weight = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.strip().partition(b"=")
+            if name == b"q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[media.strip()] = weight
+    text = weights.get(PROMETHEUS, 0.0)
+    return text > 0 and text >= weights.get(JSON, 0.0)

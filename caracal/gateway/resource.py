@@ -341,6 +341,10 @@ class GatewayRoot(Resource):
 
     def render(self, request):
         endpoint = self.local.get(request.path)
-        if endpoint is not None and request.method in (b"GET", b"HEAD"):
+        if endpoint is None:
+            return self.proxy.render(request)
+        if request.method in (b"GET", b"HEAD"):
             return endpoint.render(request)
-        return self.proxy.render(request)
+        # The local paths are never proxied, whatever the method.
+        request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])
+        return write_error(request, 405, "method_not_allowed", "use GET or HEAD")
