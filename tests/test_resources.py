@@ -540,3 +540,45 @@ class PostgresResourceStoreTests(SynchronousTestCase):
             self.clock.advance(5.0)
         warnings = [e for e in self.events if "cannot reach" in formatEvent(e)]
         self.assertEqual(len(warnings), 2)
+
+
+class CredentialHeaderRulesTests(SynchronousTestCase):
+    """A row whose credential header or scheme cannot be sent is refused."""
+
+    def make(self, **fields):
+        base = {
+            "resource_identifier": "r",
+            "zone_id": "z",
+            "application_id": "a",
+            "upstream_url": "https://tools.example/",
+        }
+        return Resource(**{**base, **fields})
+
+    def test_bad_header_names(self):
+        for name in ("X-Bad\r\nInjected: 1", "X Key", "Host", "Transfer-Encoding", "X-Caracal-Id"):
+            self.assertRaises(ValueError, self.make, auth_header=name)
+
+    def test_bad_schemes(self):
+        for scheme in ("Bearer\r\nX: 1", "Two words", "\u00e9t\u00e9"):
+            self.assertRaises(ValueError, self.make, auth_scheme=scheme)
+
+    def test_good_ones(self):
+        resource = self.make(auth_mode="provider_apikey", auth_header="X-Api-Key", auth_scheme="")
+        self.assertEqual(resource.credential_value("k"), "k")
+
+    def test_store_leaves_bad_rows_out(self):
+        store = PostgresResourceStore("postgresql://127.0.0.1/unused", clock=Clock())
+        good = ("good", "z", "a", "https://t.example/", "caracal_jwt", None, None)
+        bad = ("bad", "z", "a", "https://t.example/", "caracal_jwt", "X-Bad\r\nX: 1", None)
+        store._install([good, bad])
+        self.assertIsNotNone(store.get("good"))
+        self.assertIsNone(store.get("bad"))
+        [event] = [e for e in self.logged if "ignored" in e.get("log_format", "")]
+        self.assertEqual(event["resource"], "bad")
+
+    def setUp(self):
+        from twisted.logger import globalLogPublisher
+
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)

@@ -45,7 +45,12 @@ from psycopg2.extensions import parse_dsn
 
 from caracal.gateway import checkconfig
 from caracal.gateway.config import redact_url
-from caracal.gateway.resources import AUTH_MODES, CARACAL_JWT
+from caracal.gateway.resources import (
+    AUTH_MODES,
+    CARACAL_JWT,
+    auth_header_problem,
+    auth_scheme_problem,
+)
 from caracal.gateway.upstream import (
     UpstreamRefused,
     is_public_address,
@@ -166,30 +171,7 @@ def _database_message(error: psycopg2.Error) -> str:
 
 # -- validation ----------------------------------------------------------
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _VISIBLE = re.compile(r"^[\x21-\x7e]+$")
-# Headers the gateway or HTTP itself owns; a credential there would break
-# framing or be overwritten.
-_RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-request-id",
-        "traceparent",
-    }
-)
 
 
 def identifier(what: str, text: str, limit: int = 512) -> str:
@@ -207,17 +189,17 @@ def identifier(what: str, text: str, limit: int = 512) -> str:
 
 def auth_header(text: str) -> str:
     """The credential header's name: an HTTP token the gateway does not own."""
-    if not _TOKEN.match(text) or len(text) > 128:
-        raise usage_error("--auth-header must be an HTTP header name (token characters)")
-    lower = text.lower()
-    if lower in _RESERVED_HEADERS or lower.startswith("x-caracal-"):
+    problem = auth_header_problem(text)
+    if problem == "reserved":
         raise usage_error(f"--auth-header {text} is reserved")
+    if problem:
+        raise usage_error("--auth-header must be an HTTP header name (token characters)")
     return text
 
 
 def auth_scheme(text: str) -> str:
     """The credential scheme: empty (none) or an HTTP token."""
-    if text and (not _TOKEN.match(text) or len(text) > 64):
+    if auth_scheme_problem(text):
         raise usage_error("--auth-scheme must be empty or a single token such as Bearer")
     return text
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -46,6 +47,49 @@ _SELECT_RESOURCES = (
 )
 
 
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+#: Headers the gateway or HTTP itself owns; a credential there would break
+#: framing or be overwritten.
+RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "traceparent",
+    }
+)
+
+
+def auth_header_problem(name: str) -> str | None:
+    """Why C{name} cannot carry a credential upstream, or C{None} when it can."""
+    if not _TOKEN.match(name) or len(name) > 128:
+        return "not an HTTP header name (token characters)"
+    lower = name.lower()
+    if lower in RESERVED_HEADERS or lower.startswith("x-caracal-"):
+        return "reserved"
+    return None
+
+
+def auth_scheme_problem(scheme: str) -> str | None:
+    """Why C{scheme} cannot precede a credential, or C{None} when it can (C{""} is none)."""
+    if scheme and (not _TOKEN.match(scheme) or len(scheme) > 64):
+        return "not empty or a single token such as Bearer"
+    return None
+
+
 @dataclass(frozen=True)
 class Resource:
     """
@@ -69,6 +113,16 @@ class Resource:
     def __post_init__(self) -> None:
         if self.auth_mode not in AUTH_MODES:
             raise ValueError(f"auth_mode must be one of {', '.join(AUTH_MODES)}")
+        # Rows are written by people: a header name or scheme that cannot be
+        # sent (a CR/LF, a space) must stop here, not after an STS exchange.
+        if self.auth_header:
+            problem = auth_header_problem(self.auth_header)
+            if problem:
+                raise ValueError(f"auth_header: {problem}")
+        if self.auth_scheme is not None:
+            problem = auth_scheme_problem(self.auth_scheme)
+            if problem:
+                raise ValueError(f"auth_scheme: {problem}")
 
     @property
     def credential_header(self) -> str:
@@ -462,18 +516,17 @@ class PostgresResourceStore(Service):
         reload.addBoth(self._reload_done)
 
     def _install(self, rows) -> None:
-        self._snapshot = {
-            row[0]: Resource(
-                resource_identifier=row[0],
-                zone_id=row[1],
-                application_id=row[2],
-                upstream_url=row[3],
-                auth_mode=row[4],
-                auth_header=row[5],
-                auth_scheme=row[6],
-            )
-            for row in rows
-        }
+        snapshot = {}
+        for row in rows:
+            try:
+                snapshot[row[0]] = Resource(*row[:7])
+            except ValueError as error:
+                # Left out, so calls to it are refused (403) before any STS
+                # exchange; the operator fixes the row with the admin command.
+                self.log.error(
+                    "resource {resource} ignored: {problem}", resource=row[0], problem=str(error)
+                )
+        self._snapshot = snapshot
         first = self._loaded_at is None
         self._loaded_at = self._clock.seconds()
         if first:
