@@ -239,6 +239,118 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertNotIn(b"TwistedWeb", transport.value())
 
 
+class MalformedRequestTests(HTTPTestMixin, SynchronousTestCase):
+    """
+    Requests Twisted's parser refuses get the JSON 400 through the request:
+    the inbound id kept when it was read and valid, one access line with
+    C{denial="malformed_request"}, and the request counters.
+    """
+
+    def refused(self, raw: bytes, status: int = 400):
+        channel, transport = self.connect()
+        channel.dataReceived(raw)
+        answer_status, headers, body = one_response(transport)
+        self.assertEqual(answer_status, status, raw[:200])
+        envelope = json.loads(body)
+        self.assertEqual(headers[b"content-type"], [b"application/json"])
+        self.assertEqual(headers[b"x-request-id"], [envelope["request_id"].encode()])
+        self.assertEqual(self.resource.rendered, [])
+        self.assertEqual(self.site.inflight, 0)
+        self.assertEqual(self.metrics.counters["requests_total"], 1)
+        self.assertEqual(self.metrics.counters["requests_denied"], 1)
+        [event] = self.access_events
+        record = event["access"]
+        self.assertEqual(record["status"], status)
+        self.assertEqual(record["denial"], "malformed_request")
+        self.assertEqual(record["request_id"], envelope["request_id"])
+        # Nothing after the refused part reaches a request or the transport.
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: g\r\n\r\n")
+        self.assertEqual(len(parse_responses(transport.value())), 1)
+        self.assertEqual(len(self.access_events), 1)
+        self.clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+        return envelope, record
+
+    def assertRefusedKeepingId(self, *header_lines: bytes) -> None:
+        head = [b"POST /tools/x?secret=1 HTTP/1.1", b"Host: g", b"X-Request-Id: keep-me"]
+        head.extend(header_lines)
+        envelope, record = self.refused(b"\r\n".join(head) + b"\r\n\r\nabc")
+        self.assertEqual(envelope["error"], "invalid_request")
+        self.assertEqual(envelope["request_id"], "keep-me")
+        self.assertEqual((record["method"], record["path"]), ("POST", "/tools/x"))
+
+    def test_content_length_and_transfer_encoding(self) -> None:
+        self.assertRefusedKeepingId(b"Content-Length: 3", b"Transfer-Encoding: chunked")
+
+    def test_transfer_encoding_then_content_length(self) -> None:
+        self.assertRefusedKeepingId(b"Transfer-Encoding: chunked", b"Content-Length: 3")
+
+    def test_duplicate_content_length(self) -> None:
+        self.assertRefusedKeepingId(b"Content-Length: 3", b"Content-Length: 3")
+
+    def test_differing_content_length(self) -> None:
+        self.assertRefusedKeepingId(b"Content-Length: 3", b"Content-Length: 4", b"X-After: 1")
+
+    def test_non_numeric_content_length(self) -> None:
+        self.assertRefusedKeepingId(b"Content-Length: +3")
+
+    def test_chunked_then_identity(self) -> None:
+        self.assertRefusedKeepingId(b"Transfer-Encoding: chunked, identity")
+
+    def test_nul_in_a_header_value(self) -> None:
+        self.assertRefusedKeepingId(b"X-Thing: a\x00b", b"Content-Length: 3")
+
+    def test_header_without_colon(self) -> None:
+        self.assertRefusedKeepingId(b"no colon here", b"Content-Length: 3")
+
+    def test_invalid_header_name(self) -> None:
+        self.assertRefusedKeepingId(b"Bad Name: x", b"Content-Length: 3")
+
+    def test_invalid_inbound_id_replaced(self) -> None:
+        envelope, _ = self.refused(
+            b"POST / HTTP/1.1\r\nHost: g\r\nX-Request-Id: two words\r\n"
+            b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        )
+        self.assertEqual(uuid.UUID(envelope["request_id"]).version, 4)
+
+    def test_bad_request_line(self) -> None:
+        for line in (b"GET /x", b"GET /x HTTP/2.0", b"G@T /x HTTP/1.1", b"GET  /x HTTP/1.1"):
+            self.setUp()
+            envelope, record = self.refused(line + b"\r\nX-Request-Id: lost\r\n\r\n")
+            # The id header was never read: the request line came first.
+            self.assertEqual(uuid.UUID(envelope["request_id"]).version, 4)
+            self.assertEqual((record["method"], record["path"]), ("-", "-"))
+
+    def test_request_line_over_16k(self) -> None:
+        envelope, record = self.refused(b"GET /" + b"a" * 16400 + b" HTTP/1.1\r\n\r\n")
+        self.assertEqual(envelope["error"], "invalid_request")
+        self.assertEqual((record["method"], record["path"]), ("-", "-"))
+
+    def test_request_line_over_16k_without_newline(self) -> None:
+        envelope, record = self.refused(b"GET /" + b"a" * 16400)
+        self.assertEqual((record["method"], record["path"]), ("-", "-"))
+
+    def test_over_500_headers(self) -> None:
+        headers = [b"X-H%d: v" % (n,) for n in range(501)]
+        self.assertRefusedKeepingId(*headers)
+
+    def test_after_a_good_keep_alive_request(self) -> None:
+        # The second request's refusal names the second request only.
+        channel, transport = self.connect()
+        self.request(channel, headers=[b"X-Request-Id: first"])
+        channel.dataReceived(
+            b"GET /second HTTP/1.1\r\nHost: g\r\nX-Request-Id: second\r\n"
+            b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        )
+        first, second = parse_responses(transport.value())
+        self.assertEqual((first[0], second[0]), (200, 400))
+        self.assertEqual(second[1][b"x-request-id"], [b"second"])
+        records = [event["access"] for event in self.access_events]
+        self.assertEqual([r["request_id"] for r in records], ["first", "second"])
+        self.assertEqual(records[1]["path"], "/second")
+        self.assertEqual(self.metrics.counters["requests_denied"], 1)
+
+
 class MeasuringFile(BytesIO):
     """A request body store that fails the test if more than LIMIT is written."""
 

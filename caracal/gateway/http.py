@@ -35,6 +35,7 @@ from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel, datetimeToString
+from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
 from caracal.gateway.denials import error_body, write_error
@@ -55,6 +56,10 @@ CLOSE_GRACE = 2.0
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 # What separates the tokens of a Connection header (a comma-separated list).
 _LIST_SEPARATORS = re.compile(rb"[,\s]+")
+
+# The access log's C{denial} for a request the HTTP parser (or the protocol
+# checks) refused: one value for operators to look for, whatever the defect.
+MALFORMED_REQUEST = "malformed_request"
 
 _log = Logger()
 
@@ -411,25 +416,53 @@ class GatewayChannel(HTTPChannel):
             return
         super().loseConnection()
 
+    def lineReceived(self, line: bytes) -> None:
+        """
+        A request or header line; dropped once the request was refused.
+        Twisted keeps feeding the lines already buffered after it reported a
+        bad one, and those would land on a request that is already answered.
+        """
+        if self._refused or self._closing:
+            return
+        super().lineReceived(line)
+
     def lineLengthExceeded(self, line: bytes) -> None:
         """A request line or header longer than Twisted's limit: 400."""
         self._respondToBadRequestAndDisconnect()
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted's version writes a bare 400; ours carries the envelope and
-        # the request id, and closes with a bounded grace.
+        # Twisted's version writes a bare 400. Ours answers through the
+        # request like any other refusal: the JSON envelope, the inbound
+        # request id when it was valid and already read (SPEC step 0), the
+        # access line (SPEC 11) and the request counters.
         if self._closing or self._refused:
             return
         if self._headers_in and self._state == "reading" and self.requests:
-            # A malformed body: the request has its id and is counted, so it
-            # is answered (and logged) like any other early refusal.
-            self._refuse(self.requests[-1], 400, "invalid_request", "malformed request body")
-            return
-        request_id = self.requests[-1].request_id if self.requests else str(uuid4())
-        self._write_raw_error(
-            400, b"Bad Request", "invalid_request", "malformed request", request_id
-        )
-        self._close_soon()
+            # A malformed body: the request already has its id.
+            description = "malformed request body"
+        else:
+            description = "malformed request"
+        request = self._request_being_read()
+        if not self._headers_in:
+            request.request_id = choose_request_id(
+                request.requestHeaders.getRawHeaders(b"x-request-id")
+            )
+        self._refuse(request, 400, "invalid_request", description, denial=MALFORMED_REQUEST)
+
+    def _request_being_read(self):
+        """
+        The request whose line or headers are being parsed. Twisted makes it
+        when the request line arrives; a request line too long to be one
+        never gets that far, so one is made here to answer and log it.
+        """
+        if self.requests:
+            return self.requests[-1]
+        if INonQueuedRequestFactory.providedBy(self.requestFactory):
+            request = self.requestFactory(self)
+        else:
+            request = self.requestFactory(self, len(self.requests))
+        self.requests.append(request)
+        return request
 
     # -- refusals and timeouts -----------------------------------------------
 
@@ -438,9 +471,12 @@ class GatewayChannel(HTTPChannel):
         limit = self._config.max_request_bytes
         self._refuse(request, 413, "payload_too_large", f"request body exceeds {limit} bytes")
 
-    def _refuse(self, request, status: int, code: str, description: str) -> None:
+    def _refuse(
+        self, request, status: int, code: str, description: str, denial: str | None = None
+    ) -> None:
         # Answer through the request so the id, the access log and the
-        # metrics are the same as for any other answer.
+        # metrics are the same as for any other answer. The request line may
+        # be unknown (too long, malformed): the log then says "-".
         self._refused = True
         self.persistent = False
         self._cancel()
@@ -448,8 +484,15 @@ class GatewayChannel(HTTPChannel):
         metrics = self.site.metrics
         metrics.increment("requests_total")
         metrics.increment("requests_denied")
-        request.log_fields["denial"] = code
-        request.answer_early(self._command, self._path, self._version, status, code, description)
+        request.log_fields["denial"] = denial or code
+        request.answer_early(
+            getattr(self, "_command", None) or b"-",
+            getattr(self, "_path", None) or b"-",
+            getattr(self, "_version", None) or b"HTTP/1.1",
+            status,
+            code,
+            description,
+        )
 
     def _write_raw_error(
         self, status: int, reason: bytes, code: str, description: str, request_id: str

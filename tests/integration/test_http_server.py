@@ -2,7 +2,8 @@
 """
 L{GatewaySite} on a real listening socket on 127.0.0.1: a client trickling
 its headers is cut at READ_HEADER_TIMEOUT while another is served, and a
-20 MB body is refused with 413 at once.
+20 MB body is refused with 413 at once; a request with both
+Content-Length and Transfer-Encoding gets the JSON 400 with its own id.
 """
 
 from __future__ import annotations
@@ -142,6 +143,33 @@ class HTTPServerTests(TestCase):
         answer = yield client.lost
         self.assertLess(client.lost_at - sent_at, 3.0)
         self.assertPayloadTooLarge(answer)
+
+    @inlineCallbacks
+    def test_smuggling_framing_refused_with_envelope(self):
+        # Content-Length with Transfer-Encoding (a request-smuggling shape):
+        # the JSON 400 carries the caller's id, the connection ends, and the
+        # body bytes are never taken for a second request.
+        client = yield self.connect()
+        client.transport.write(
+            b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: smuggle-1\r\n"
+            b"Content-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nGET /inner HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        )
+        answer = yield client.lost
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+        self.assertIn(b"\r\nX-Request-Id: smuggle-1", head)
+        self.assertEqual(
+            json.loads(body),
+            {
+                "error": "invalid_request",
+                "description": "malformed request",
+                "request_id": "smuggle-1",
+            },
+        )
+        self.assertEqual(self.resource.calls, 0)
+        self.assertEqual(self.metrics.counters["requests_total"], 1)
+        self.assertEqual(self.metrics.counters["requests_denied"], 1)
 
     def assertPayloadTooLarge(self, answer: bytes) -> None:
         head, _, body = answer.partition(b"\r\n\r\n")
