@@ -12,9 +12,11 @@ import uuid
 from io import BytesIO
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -682,6 +684,36 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.site.inflight, 1)
         self.resource.pending[0].finish()
         self.assertEqual(self.site.inflight, 0)
+
+    def test_client_gone_mid_body_logged_with_method_and_path(self) -> None:
+        channel, _ = self.connect()
+        channel.dataReceived(
+            b"PUT /tools/upload?key=secret HTTP/1.1\r\nHost: g\r\nX-Request-Id: half\r\n"
+            b"Content-Length: 50\r\n\r\npartial"
+        )
+        self.clock.advance(1)
+        channel.connectionLost(Failure(ConnectionDone("client went away")))
+        [event] = self.access_events
+        record = event["access"]
+        self.assertEqual(
+            (record["request_id"], record["method"], record["path"], record["status"]),
+            ("half", "PUT", "/tools/upload", 499),
+        )
+        self.assertTrue(record["aborted"])
+        self.assertEqual(self.site.inflight, 0)
+        self.assertEqual(self.resource.rendered, [])
+
+    def test_client_gone_mid_chunked_body_logged_with_method_and_path(self) -> None:
+        channel, _ = self.connect()
+        channel.dataReceived(
+            b"POST /a/b HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab"
+        )
+        channel.connectionLost(Failure(ConnectionDone("client went away")))
+        [event] = self.access_events
+        record = event["access"]
+        self.assertEqual(
+            (record["method"], record["path"], record["status"]), ("POST", "/a/b", 499)
+        )
 
     def test_inflight_released_on_connection_lost(self) -> None:
         channel, _ = self.connect()

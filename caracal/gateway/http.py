@@ -329,6 +329,10 @@ class GatewayChannel(HTTPChannel):
         self._cancel("header")
         self._headers_in = True
         request = self.requests[-1]
+        # Twisted sets these only in requestReceived, once the body is in; a
+        # request whose client leaves mid-body would be logged without them.
+        request.method, request.uri, request.clientproto = self._command, self._path, self._version
+        request.path = self._path.split(b"?", 1)[0]
         request.request_id = choose_request_id(
             request.requestHeaders.getRawHeaders(b"x-request-id")
         )
