@@ -190,7 +190,7 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
     def test_id_on_413(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(
-            b"POST / HTTP/1.1\r\nX-Request-Id: big-one\r\nContent-Length: 101\r\n\r\n"
+            b"POST / HTTP/1.1\r\nHost: g\r\nX-Request-Id: big-one\r\nContent-Length: 101\r\n\r\n"
         )
         status, headers, body = one_response(transport)
         self.assertEqual(status, 413)
@@ -211,7 +211,7 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
 
     def test_id_on_400(self) -> None:
         channel, transport = self.connect()
-        channel.dataReceived(b"GET / HTTP/1.1\r\nContent-Length: nope\r\n\r\n")
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: g\r\nContent-Length: nope\r\n\r\n")
         status, headers, body = one_response(transport)
         self.assertEqual(status, 400)
         self.assertEqual(headers[b"x-request-id"], [json.loads(body)["request_id"].encode()])
@@ -220,7 +220,8 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
     def test_id_on_malformed_chunked_body(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(
-            b"POST / HTTP/1.1\r\nX-Request-Id: bad-chunk\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST / HTTP/1.1\r\nHost: g\r\nX-Request-Id: bad-chunk\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
             b"zz\r\n"
         )
         status, headers, body = one_response(transport)
@@ -241,11 +242,12 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertNotIn(b"TwistedWeb", transport.value())
 
 
-class MalformedRequestTests(HTTPTestMixin, SynchronousTestCase):
+class RefusalMixin(HTTPTestMixin):
     """
-    Requests Twisted's parser refuses get the JSON 400 through the request:
-    the inbound id kept when it was read and valid, one access line with
-    C{denial="malformed_request"}, and the request counters.
+    Sends a request the gateway must refuse and checks the refusal: the JSON
+    envelope, the id echoed, one access line with
+    C{denial="malformed_request"}, the request counters, nothing rendered and
+    nothing read after it.
     """
 
     def refused(self, raw: bytes, status: int = 400):
@@ -273,13 +275,30 @@ class MalformedRequestTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
         return envelope, record
 
-    def assertRefusedKeepingId(self, *header_lines: bytes) -> None:
-        head = [b"POST /tools/x?secret=1 HTTP/1.1", b"Host: g", b"X-Request-Id: keep-me"]
+    def assertRefusedKeepingId(
+        self,
+        *header_lines: bytes,
+        request_line: bytes = b"POST /tools/x?secret=1 HTTP/1.1",
+        status: int = 400,
+        error: str = "invalid_request",
+        host: tuple[bytes, ...] = (b"Host: g",),
+    ) -> dict:
+        head = [request_line, *host, b"X-Request-Id: keep-me"]
         head.extend(header_lines)
-        envelope, record = self.refused(b"\r\n".join(head) + b"\r\n\r\nabc")
-        self.assertEqual(envelope["error"], "invalid_request")
+        envelope, record = self.refused(b"\r\n".join(head) + b"\r\n\r\nabc", status)
+        self.assertEqual(envelope["error"], error)
         self.assertEqual(envelope["request_id"], "keep-me")
-        self.assertEqual((record["method"], record["path"]), ("POST", "/tools/x"))
+        method, _, target = request_line.partition(b" ")
+        path = target.rsplit(b" ", 1)[0].split(b"?", 1)[0]
+        self.assertEqual((record["method"], record["path"]), (method.decode(), path.decode()))
+        return envelope
+
+
+class MalformedRequestTests(RefusalMixin, SynchronousTestCase):
+    """
+    Requests Twisted's parser refuses get the JSON 400 through the request,
+    the inbound id kept when it was read and valid.
+    """
 
     def test_content_length_and_transfer_encoding(self) -> None:
         self.assertRefusedKeepingId(b"Content-Length: 3", b"Transfer-Encoding: chunked")
@@ -332,10 +351,6 @@ class MalformedRequestTests(HTTPTestMixin, SynchronousTestCase):
         envelope, record = self.refused(b"GET /" + b"a" * 16400)
         self.assertEqual((record["method"], record["path"]), ("-", "-"))
 
-    def test_over_500_headers(self) -> None:
-        headers = [b"X-H%d: v" % (n,) for n in range(501)]
-        self.assertRefusedKeepingId(*headers)
-
     def test_after_a_good_keep_alive_request(self) -> None:
         # The second request's refusal names the second request only.
         channel, transport = self.connect()
@@ -351,6 +366,103 @@ class MalformedRequestTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual([r["request_id"] for r in records], ["first", "second"])
         self.assertEqual(records[1]["path"], "/second")
         self.assertEqual(self.metrics.counters["requests_denied"], 1)
+
+
+class ConformanceTests(RefusalMixin, SynchronousTestCase):
+    """
+    RFC 9112 checks made once the headers are in, before the resource runs,
+    and header sections past Twisted's limits (431): answered with the
+    envelope, logged and counted like a parser refusal.
+    """
+
+    def test_http_1_1_without_host(self) -> None:
+        envelope = self.assertRefusedKeepingId(host=())
+        self.assertIn("Host", envelope["description"])
+
+    def test_two_host_headers(self) -> None:
+        self.assertRefusedKeepingId(host=(b"Host: g", b"Host: evil"))
+        self.setUp()
+        self.assertRefusedKeepingId(host=(b"Host: g", b"Host: g"), request_line=b"GET /x HTTP/1.0")
+
+    def test_invalid_host(self) -> None:
+        for host in (b"Host: a b", b"Host: a/b", b"Host: a@b", b"Host: a:port"):
+            self.setUp()
+            self.assertRefusedKeepingId(host=(host,))
+
+    def test_absolute_form(self) -> None:
+        for request_line in (
+            b"GET http://evil/x HTTP/1.1",
+            b"GET http://g/health HTTP/1.1",
+            b"POST https://127.0.0.1:8081/api HTTP/1.1",
+        ):
+            self.setUp()
+            envelope = self.assertRefusedKeepingId(request_line=request_line)
+            self.assertIn("forward proxy", envelope["description"])
+
+    def test_connect(self) -> None:
+        for request_line in (b"CONNECT evil:443 HTTP/1.1", b"CONNECT /x HTTP/1.1"):
+            self.setUp()
+            envelope = self.assertRefusedKeepingId(request_line=request_line)
+            self.assertIn("CONNECT", envelope["description"])
+
+    def test_asterisk_form(self) -> None:
+        self.assertRefusedKeepingId(request_line=b"OPTIONS * HTTP/1.1")
+
+    def test_http_1_0_with_transfer_encoding(self) -> None:
+        envelope = self.assertRefusedKeepingId(
+            b"Transfer-Encoding: chunked", request_line=b"POST /up HTTP/1.0"
+        )
+        self.assertIn("HTTP/1.0", envelope["description"])
+
+    def test_conforming_requests_served(self) -> None:
+        for head in (
+            b"GET /x HTTP/1.0",
+            b"GET /x HTTP/1.0\r\nHost: g",
+            b"GET /x?u=http://a HTTP/1.1\r\nHost: gateway.example:8081",
+            b"GET /x HTTP/1.1\r\nHost: [::1]:8081",
+            b"GET /x HTTP/1.1\r\nHost: 127.0.0.1",
+            b"OPTIONS /x HTTP/1.1\r\nHost: g",
+        ):
+            channel, transport = self.connect()
+            channel.dataReceived(head + b"\r\n\r\n")
+            self.assertEqual(one_response(transport)[0], 200, head)
+        self.assertEqual(self.metrics.counters["requests_denied"], 0)
+
+    def test_over_500_headers(self) -> None:
+        headers = [b"X-H%d: v" % (n,) for n in range(501)]
+        envelope = self.assertRefusedKeepingId(
+            *headers, status=431, error="request_header_fields_too_large"
+        )
+        self.assertIn("500", envelope["description"])
+
+    def test_500_headers_served(self) -> None:
+        channel, transport = self.connect()
+        head = [b"GET /x HTTP/1.1", b"Host: g"] + [b"X-H%d: v" % (n,) for n in range(498)]
+        channel.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")
+        self.assertEqual(one_response(transport)[0], 200)
+
+    def test_header_section_over_16k(self) -> None:
+        headers = [b"X-H%d: %s" % (n, b"v" * 1000) for n in range(17)]
+        self.assertRefusedKeepingId(*headers, status=431, error="request_header_fields_too_large")
+
+    def test_one_header_field_over_16k(self) -> None:
+        self.assertRefusedKeepingId(
+            b"X-Big: " + b"v" * 16400, status=431, error="request_header_fields_too_large"
+        )
+        self.setUp()
+        # Still no line end after more than 16 KB of one header field.
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nX-Request-Id: keep-me\r\nX-Big: ")
+        channel.dataReceived(b"v" * 16400)
+        status, headers, _ = one_response(transport)
+        self.assertEqual((status, headers[b"x-request-id"]), (431, [b"keep-me"]))
+
+    def test_431_status_line(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /x HTTP/1.1\r\nX-Big: " + b"v" * 16400 + b"\r\n\r\n")
+        self.assertTrue(
+            transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
+        )
 
 
 class MeasuringFile(BytesIO):
@@ -399,21 +511,24 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
     def test_huge_content_length_answered_before_body(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(
-            b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 20971520\r\n\r\n"
+            b"POST / HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 20971520\r\n\r\n"
         )
         self.assertNotIn(b"100 Continue", transport.value())
         self.assertPayloadTooLarge(transport)
 
     def test_refused_connection_aborted_after_grace(self) -> None:
         channel, transport = self.connect()
-        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: g\r\nContent-Length: 1000\r\n\r\n")
         self.assertFalse(transport.disconnected)
         self.clock.advance(2.0)
         self.assertTrue(transport.disconnected)
 
     def start_chunked(self):
         channel, transport = self.connect()
-        channel.dataReceived(b"POST /stream HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(
+            b"POST /stream HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         [request] = channel.requests
         request.content = MeasuringFile(self)
         return channel, transport, request
@@ -453,7 +568,7 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
     def test_chunked_at_limit_accepted(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
             b"32\r\n" + b"c" * 50 + b"\r\n32\r\n" + b"c" * 50 + b"\r\n0\r\n\r\n"
         )
         status, _, body = one_response(transport)
@@ -464,14 +579,14 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         site = GatewaySite(self.resource, config, self.metrics, clock=self.clock)
         channel = site.buildProtocol(None)
         channel.makeConnection(StringTransport())
-        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 200000\r\n\r\n")
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: g\r\nContent-Length: 200000\r\n\r\n")
         large = channel.requests[0].content
         self.assertNotIsInstance(large, BytesIO)
         self.assertIsInstance(large.fileno(), int)
         channel.dataReceived(b"d" * 200000)
         self.assertEqual(self.resource.bodies, [b"d" * 200000])
 
-        channel.dataReceived(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\n")
+        channel.dataReceived(b"POST / HTTP/1.1\r\nHost: g\r\nContent-Length: 10\r\n\r\n")
         self.assertIsInstance(channel.requests[0].content, BytesIO)
 
 
@@ -521,7 +636,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
     def test_body_trickle_cut_at_read_timeout(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(
-            b"POST / HTTP/1.1\r\nX-Request-Id: trickle\r\nContent-Length: 90\r\n\r\n"
+            b"POST / HTTP/1.1\r\nHost: g\r\nX-Request-Id: trickle\r\nContent-Length: 90\r\n\r\n"
         )
         # Past READ_HEADER: the headers are in, so only READ_TIMEOUT applies.
         for _ in range(9):
@@ -623,7 +738,8 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
     def test_pipelined_requests_answered_in_order(self) -> None:
         channel, transport = self.connect()
         channel.dataReceived(
-            b"GET /slow HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"
+            b"GET /slow HTTP/1.1\r\nHost: g\r\n\r\n"
+            b"POST /b HTTP/1.1\r\nHost: g\r\nContent-Length: 2\r\n\r\nhi"
         )
         [request] = self.resource.pending
         request.finish()
@@ -678,7 +794,7 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
     def test_inflight_counts_requests_until_finished(self) -> None:
         channel, transport = self.connect()
         self.assertEqual(self.site.inflight, 0)
-        channel.dataReceived(b"POST /slow HTTP/1.1\r\nContent-Length: 4\r\n\r\n")
+        channel.dataReceived(b"POST /slow HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\n\r\n")
         self.assertEqual(self.site.inflight, 1)
         channel.dataReceived(b"body")
         self.assertEqual(self.site.inflight, 1)

@@ -6,7 +6,9 @@ shutdown, and the JSON access log.
 
 Everything here happens before or around the resource's C{render}: a body
 over C{MAX_REQUEST_BYTES} is answered with 413 as soon as it is known to be
-too large, without the resource ever being called, and a slow or idle client
+too large, a request the parser or the RFC 9112 checks refuse with 400 (431
+for a header section past Twisted's limits), without the resource ever being
+called, each with an access line and the counters; and a slow or idle client
 is cut by the channel's own timers (driven by the C{clock} given to the site)
 without holding anyone else up.
 
@@ -54,6 +56,12 @@ SERVER_NAME = b"caracal-gateway"
 CLOSE_GRACE = 2.0
 
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+# RFC 9110 7.2 / RFC 3986 3.2.2: Host = uri-host [ ":" port ], uri-host an
+# IP literal or a (possibly empty) reg-name of unreserved, pct-encoded and
+# sub-delims characters.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
+# Reason phrases Twisted does not know.
+_REASONS = {431: b"Request Header Fields Too Large"}
 # What separates the tokens of a Connection header (a comma-separated list).
 _LIST_SEPARATORS = re.compile(rb"[,\s]+")
 
@@ -73,6 +81,37 @@ def choose_request_id(values: list[bytes] | None) -> str:
     if values and len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
         return values[0].decode("ascii")
     return str(uuid4())
+
+
+def _nonconforming(request, method: bytes, target: bytes, version: bytes) -> str | None:
+    """
+    Why a request whose headers are in breaks RFC 9112 in a way the gateway
+    must refuse with 400 before anything acts on it, or C{None}.
+
+    The gateway is not a forward proxy: only origin-form targets (a path)
+    are served, so C{CONNECT}, absolute-form (C{GET http://host/x}) and
+    asterisk-form (C{OPTIONS *}) targets are refused rather than taken as a
+    path. HTTP/1.1 needs exactly one valid C{Host} (RFC 9112 3.2), and an
+    HTTP/1.0 message cannot carry C{Transfer-Encoding} (RFC 9112 6.1: its
+    framing is not to be trusted).
+    """
+    if method == b"CONNECT":
+        return "CONNECT is not supported: the gateway is not a forward proxy"
+    if target == b"*":
+        return "an asterisk-form request target is not supported"
+    if not target.startswith(b"/"):
+        return "the request target must be a path: the gateway is not a forward proxy"
+    hosts = request.requestHeaders.getRawHeaders(b"host")
+    if hosts is None:
+        if version == b"HTTP/1.1":
+            return "an HTTP/1.1 request must carry a Host header"
+    elif len(hosts) > 1:
+        return "more than one Host header"
+    elif not _HOST.fullmatch(hosts[0]):
+        return "invalid Host header"
+    if version != b"HTTP/1.1" and request.requestHeaders.hasHeader(b"transfer-encoding"):
+        return "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+    return None
 
 
 class GatewayRequest(Request):
@@ -218,6 +257,8 @@ class GatewayRequest(Request):
         self.site = self.gateway_site
         self.responseHeaders.setRawHeaders(b"date", [datetimeToString()])
         body = write_error(self, status, code, description)
+        if status in _REASONS:
+            self.setResponseCode(status, _REASONS[status])
         self.write(body)
         self.finish()
 
@@ -320,9 +361,11 @@ class GatewayChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         """
-        Headers are in: stop the header deadline, choose the request id,
-        count the request in flight and refuse a declared body over the limit
-        before reading any of it.
+        Headers are in: stop the header deadline, fill in the request line,
+        choose the request id, count the request in flight, refuse a request
+        breaking RFC 9112 (no or several C{Host}, a forward-proxy target,
+        C{Transfer-Encoding} in HTTP/1.0) and a declared body over the limit,
+        before reading any of the body or calling the resource.
         """
         if self._refused or self._closing:
             return
@@ -337,6 +380,10 @@ class GatewayChannel(HTTPChannel):
             request.requestHeaders.getRawHeaders(b"x-request-id")
         )
         request.mark_inflight()
+        problem = _nonconforming(request, self._command, self._path, self._version)
+        if problem is not None:
+            self._refuse(request, 400, "invalid_request", problem, denial=MALFORMED_REQUEST)
+            return
         limit = self._config.max_request_bytes
         if self.length is not None and self.length > limit:
             self._refuse(request, 413, "payload_too_large", f"request body exceeds {limit} bytes")
@@ -425,14 +472,51 @@ class GatewayChannel(HTTPChannel):
         A request or header line; dropped once the request was refused.
         Twisted keeps feeding the lines already buffered after it reported a
         bad one, and those would land on a request that is already answered.
+        A header line taking the header section past Twisted's total
+        (C{totalHeadersSize}) is answered 431 here rather than Twisted's 400.
         """
         if self._refused or self._closing:
             return
+        if (
+            self._in_header_section()
+            and self._receivedHeaderSize + len(line) > self.totalHeadersSize
+        ):
+            self._headers_too_large(f"request header section exceeds {self.totalHeadersSize} bytes")
+            return
         super().lineReceived(line)
 
+    def headerReceived(self, line: bytes) -> bool:
+        """One header line; past C{maxHeaders} of them the request gets 431."""
+        if self._refused or self._closing:
+            return False
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self._headers_too_large(f"more than {self.maxHeaders} request header fields")
+            return False
+        return super().headerReceived(line)
+
     def lineLengthExceeded(self, line: bytes) -> None:
-        """A request line or header longer than Twisted's limit: 400."""
+        """
+        A line longer than Twisted's limit: 431 for a header field, 400 for
+        a request line.
+        """
+        if self._in_header_section():
+            self._headers_too_large(f"a request header field exceeds {self.MAX_LENGTH} bytes")
+            return
         self._respondToBadRequestAndDisconnect()
+
+    def _in_header_section(self) -> bool:
+        # Twisted sets _command once the request line parsed and deletes it
+        # when the whole request is in.
+        return not self._headers_in and getattr(self, "_command", None) is not None
+
+    def _headers_too_large(self, description: str) -> None:
+        if self._closing or self._refused:
+            return
+        request = self._request_being_read()
+        request.request_id = self._request_id_so_far(request)
+        self._refuse(
+            request, 431, "request_header_fields_too_large", description, denial=MALFORMED_REQUEST
+        )
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Twisted's version writes a bare 400. Ours answers through the
@@ -448,10 +532,21 @@ class GatewayChannel(HTTPChannel):
             description = "malformed request"
         request = self._request_being_read()
         if not self._headers_in:
-            request.request_id = choose_request_id(
-                request.requestHeaders.getRawHeaders(b"x-request-id")
-            )
+            request.request_id = self._request_id_so_far(request)
         self._refuse(request, 400, "invalid_request", description, denial=MALFORMED_REQUEST)
+
+    def _request_id_so_far(self, request) -> str:
+        """
+        The request id from the headers read before a refusal. Twisted
+        parses a header line only once the next one arrives (it may be
+        continued), so a refusal caused by that next line would miss an
+        C{X-Request-Id} still pending; it is looked at here too.
+        """
+        values = list(request.requestHeaders.getRawHeaders(b"x-request-id", ()))
+        name, colon, value = getattr(self, "_HTTPChannel__header", b"").partition(b":")
+        if colon and name.lower() == b"x-request-id":
+            values.append(value.strip(b" \t"))
+        return choose_request_id(values)
 
     def _request_being_read(self):
         """

@@ -3,7 +3,8 @@
 L{GatewaySite} on a real listening socket on 127.0.0.1: a client trickling
 its headers is cut at READ_HEADER_TIMEOUT while another is served, and a
 20 MB body is refused with 413 at once; a request with both
-Content-Length and Transfer-Encoding gets the JSON 400 with its own id.
+Content-Length and Transfer-Encoding, or in a forward-proxy form, gets the
+JSON 400 with its own id.
 """
 
 from __future__ import annotations
@@ -170,6 +171,26 @@ class HTTPServerTests(TestCase):
         self.assertEqual(self.resource.calls, 0)
         self.assertEqual(self.metrics.counters["requests_total"], 1)
         self.assertEqual(self.metrics.counters["requests_denied"], 1)
+
+    @inlineCallbacks
+    def test_forward_proxy_forms_refused(self):
+        # The gateway is not a forward proxy: an absolute-form target or a
+        # CONNECT never reaches the resource, and neither does an HTTP/1.1
+        # request without Host.
+        for raw in (
+            b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n",
+            b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n",
+            b"GET /x HTTP/1.1\r\n",
+        ):
+            client = yield self.connect()
+            client.transport.write(raw + b"X-Request-Id: proxy-form\r\n\r\n")
+            answer = yield client.lost
+            head, _, body = answer.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 400 "), raw)
+            self.assertIn(b"\r\nX-Request-Id: proxy-form", head)
+            self.assertEqual(json.loads(body)["error"], "invalid_request")
+        self.assertEqual(self.resource.calls, 0)
+        self.assertEqual(self.metrics.counters["requests_denied"], 3)
 
     def assertPayloadTooLarge(self, answer: bytes) -> None:
         head, _, body = answer.partition(b"\r\n\r\n")
