@@ -96,7 +96,9 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
 
     def test_413_line_names_the_denial(self) -> None:
         channel, _ = self.connect()
-        channel.dataReceived(b"POST /up?key=secret HTTP/1.1\r\nContent-Length: 1000\r\n\r\n")
+        channel.dataReceived(
+            b"POST /up?key=secret HTTP/1.1\r\nHost: g\r\nContent-Length: 1000\r\n\r\n"
+        )
         [line] = self.access_lines()
         record = json.loads(line)
         self.assertEqual(record["status"], 413)
@@ -106,7 +108,7 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
 
     def test_aborted_request_logged(self) -> None:
         channel, _ = self.connect()
-        channel.dataReceived(b"GET /slow HTTP/1.1\r\nX-Request-Id: gone\r\n\r\n")
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: g\r\nX-Request-Id: gone\r\n\r\n")
         self.clock.advance(3)
         channel.connectionLost(Failure(ConnectionError("client went away")))
         [line] = self.access_lines()
@@ -122,7 +124,7 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
             namespace=ACCESS_NAMESPACE, observer=json_log_observer(out, "info")
         )
         channel, _ = self.connect()
-        channel.dataReceived(b"GET /a?q=secret HTTP/1.1\r\nX-Request-Id: obs\r\n\r\n")
+        channel.dataReceived(b"GET /a?q=secret HTTP/1.1\r\nHost: g\r\nX-Request-Id: obs\r\n\r\n")
         [line] = out.getvalue().splitlines()
         record = json.loads(line)
         self.assertEqual(record["request_id"], "obs")
@@ -134,7 +136,7 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
 
     def test_access_record_of_unfinished_request(self) -> None:
         channel, _ = self.connect()
-        channel.dataReceived(b"GET /slow HTTP/1.1\r\n\r\n")
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: g\r\n\r\n")
         [request] = self.resource.pending
         record = access_record(request)
         self.assertEqual(record["status"], 499)
