@@ -170,12 +170,7 @@ def forward_request_headers(
     """
     removed = HOP_BY_HOP | _DROPPED_REQUEST | _connection_tokens(inbound)
     removed |= {_name(n) for n in drop}
-    outbound = Headers()
-    for name, values in inbound.getAllRawHeaders():
-        lowered = name.lower()
-        if lowered in removed or lowered.startswith(_CARACAL_PREFIX):
-            continue
-        outbound.setRawHeaders(name, list(values))
+    outbound = _without(inbound, removed)
     outbound.setRawHeaders(b"Host", [host.encode("ascii")])
     if client_ip:
         outbound.setRawHeaders(b"X-Forwarded-For", [client_ip.encode("ascii")])
@@ -236,13 +231,18 @@ def response_headers(upstream: Headers, transformed: bool = False) -> Headers:
     removed = HOP_BY_HOP | _DROPPED_RESPONSE | _connection_tokens(upstream)
     if transformed:
         removed |= {b"content-length"}
-    headers = Headers()
-    for name, values in upstream.getAllRawHeaders():
+    return _without(upstream, removed)
+
+
+def _without(headers: Headers, removed: set[bytes]) -> Headers:
+    """A copy of C{headers} without the C{removed} names and every C{X-Caracal-*}."""
+    kept = Headers()
+    for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
         if lowered in removed or lowered.startswith(_CARACAL_PREFIX):
             continue
-        headers.setRawHeaders(name, list(values))
-    return headers
+        kept.setRawHeaders(name, list(values))
+    return kept
 
 
 def _body_producer(request):
