@@ -150,6 +150,21 @@ class Processes:
                 continue
         return used
 
+    def memory_mib(self) -> dict[str, tuple[float, float]]:
+        """Resident and peak resident memory (MiB) of each running child, from /proc."""
+        memory = {}
+        for name, process, _path in self.running:
+            try:
+                with open(f"/proc/{process.pid}/status", encoding="ascii") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+                memory[name] = (
+                    int(fields["VmRSS"].split()[0]) / 1024,
+                    int(fields["VmHWM"].split()[0]) / 1024,
+                )
+            except (OSError, KeyError, ValueError):
+                continue
+        return memory
+
     def stop_all(self) -> None:
         """SIGTERM every child (newest first), SIGKILL any still there after 30 s."""
         for _name, process, _path in reversed(self.running):
@@ -468,6 +483,16 @@ def format_table(results: dict, ratio: dict) -> str:
             spent = ", ".join(f"{process} {seconds:.1f} s" for process, seconds in cpu.items())
             per_request = results[name].get("cpu_ms_per_request", 0.0)
             lines.append(f"cpu during {name}: {spent} ({per_request:.2f} ms per request)")
+    for name in TARGETS:
+        memory = results.get(name, {}).get("memory_mib")
+        if memory:
+            held = ", ".join(
+                f"{process} {m['rss']:.0f} MiB (peak {m['peak']:.0f})"
+                for process, m in memory.items()
+                if process in ("bare", "gateway")
+            )
+            if held:
+                lines.append(f"memory after {name}: {held}")
     for key, value in ratio.items():
         letter = {"ambient/bare": "(b)/(a)", "per_call/bare": "(c)/(a)"}[key]
         cpu = value.get("cpu_per_request")
@@ -635,6 +660,11 @@ class Bench:
         )  # fmt: skip
         after = self.processes.cpu_seconds()
         result = summarize(raw)
+        # Resident memory after the load, and the peak so far, per process.
+        result["memory_mib"] = {
+            process: {"rss": round(rss, 1), "peak": round(peak, 1)}
+            for process, (rss, peak) in self.processes.memory_mib().items()
+        }
         # Where the cores went during the measurement (the load generator excluded).
         result["cpu_s"] = {
             process: round(after[process] - before[process], 2)
