@@ -429,6 +429,7 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(request.responseCode, 405)
         self.assertEqual(request.responseHeaders.getRawHeaders(b"allow"), [b"GET, HEAD"])
         self.assertEqual(json.loads(request.body)["error"], "method_not_allowed")
+        self.assertEqual(request.log_fields["denial"], "method_not_allowed")
         self.assertEqual((self.sts.calls, self.forwarder.calls), ([], []))
 
     def test_clientGoneBeforeExchange(self):

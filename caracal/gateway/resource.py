@@ -347,4 +347,5 @@ class GatewayRoot(Resource):
             return endpoint.render(request)
         # The local paths are never proxied, whatever the method.
         request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])
+        request.log_fields["denial"] = "method_not_allowed"
         return write_error(request, 405, "method_not_allowed", "use GET or HEAD")
