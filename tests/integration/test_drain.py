@@ -16,7 +16,6 @@ is tested in memory, on a clock, in L{tests.test_tap}.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -29,6 +28,7 @@ from tests.support.process import (
     GatewayProcess,
     Subreaper,
     free_port,
+    kill_pid,
     pid_alive,
     port_accepts,
     read_pidfile,
@@ -65,20 +65,8 @@ class DrainTests(TestCase):
             root=self.replicas.root,
             reactor=reactor,
         )
-        self.addCleanup(self.kill, gateway)
+        self.addCleanup(gateway.kill)
         return gateway
-
-    @defer.inlineCallbacks
-    def kill(self, gateway: GatewayProcess):
-        if gateway.running:
-            gateway.send_signal(signal.SIGKILL)
-            yield gateway.ended()
-
-    def kill_pid(self, pid: int) -> None:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
 
     @defer.inlineCallbacks
     def open_stream(self, gateway: GatewayProcess):
@@ -170,11 +158,7 @@ class DrainTests(TestCase):
         C{twistd --pidfile P --logfile L caracal-gateway}: the same drain,
         then exit 0 with the pidfile removed.
         """
-        if not Subreaper.available():
-            raise self.skipException("reading a daemon's exit status needs Linux's subreaper")
-        subreaper = Subreaper()
-        subreaper.enable()
-        self.addCleanup(subreaper.disable)
+        Subreaper.for_test(self)
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
@@ -183,7 +167,7 @@ class DrainTests(TestCase):
         launcher = self.spawn(("--pidfile", pidfile, "--logfile", logfile, "caracal-gateway"))
         yield launcher.start(daemon=True)
         pid = read_pidfile(pidfile)
-        self.addCleanup(self.kill_pid, pid)
+        self.addCleanup(kill_pid, pid)
         self.assertNotEqual(pid, launcher.pid)
 
         yield self.drain(launcher, lambda: os.kill(pid, signal.SIGTERM), lambda: pid_alive(pid))

@@ -12,7 +12,6 @@ renewed certificate reaches new connections without a restart (SPEC 3).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -38,6 +37,7 @@ from tests.support.process import (
     Subreaper,
     free_port,
     gateway_environ,
+    kill_pid,
     pid_alive,
     port_accepts,
     read_pidfile,
@@ -71,14 +71,8 @@ class ProcessTestMixin:
 
     def gateway(self, environ, args=FOREGROUND, cwd=None, root=None) -> GatewayProcess:
         process = GatewayProcess(environ, args, cwd=cwd or self.directory(), root=root)
-        self.addCleanup(self.kill, process)
+        self.addCleanup(process.kill)
         return process
-
-    @defer.inlineCallbacks
-    def kill(self, process: GatewayProcess):
-        if process.running:
-            process.send_signal(signal.SIGKILL)
-            yield process.ended()
 
     def client(self, root=None):
         """A treq client trusting only the test root C{root} (plaintext when None)."""
@@ -390,7 +384,7 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
         self.assertEqual(launcher.errors, b"")
 
         pid = read_pidfile(pidfile)
-        self.addCleanup(self.kill_pid, pid)
+        self.addCleanup(kill_pid, pid)
         self.assertNotEqual(pid, launcher.pid)
         self.assertTrue(pid_alive(pid))
         code, _body = yield self.health(self.client(root), port)
@@ -406,12 +400,6 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
         self.assertFalse(os.path.exists(pidfile))
         self.assertIn("Server Shut Down.", log)
         self.assertNotIn("Traceback", log)
-
-    def kill_pid(self, pid: int) -> None:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
 
     @defer.inlineCallbacks
     def test_renewed_certificate_reaches_new_connections(self):

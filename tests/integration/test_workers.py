@@ -9,7 +9,6 @@ and exits 0.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from tests.support.process import (
     child_pids,
     free_port,
     gateway_environ,
+    kill_pid,
     pid_alive,
     read_pidfile,
     wait_until,
@@ -70,18 +70,9 @@ class WorkersTests(TestCase):
     @defer.inlineCallbacks
     def kill(self, process: GatewayProcess):
         children = child_pids(process.pid) if process.pid else []
-        if process.running:
-            process.send_signal(signal.SIGKILL)
-            yield process.ended()
+        yield process.kill()
         for pid in children:
-            self.kill_pid(pid)
-
-    def kill_pid(self, pid: int) -> None:
-        if pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
+            kill_pid(pid)
 
     def client(self, root=None):
         """A treq client opening a new connection per request, so both workers get some."""
@@ -204,7 +195,7 @@ class WorkersTests(TestCase):
         self.assertEqual(launcher.errors, b"")
 
         pid = read_pidfile(pidfile)
-        self.addCleanup(self.kill_pid, pid)
+        self.addCleanup(kill_pid, pid)
 
         def two_workers():
             with open(logfile, "rb") as f:
@@ -214,7 +205,7 @@ class WorkersTests(TestCase):
         children = child_pids(pid)
         self.assertEqual(len(children), 2, children)
         for worker in children:
-            self.addCleanup(self.kill_pid, worker)
+            self.addCleanup(kill_pid, worker)
         self.assertEqual((yield launcher.health()), 200)
 
         os.kill(pid, signal.SIGTERM)

@@ -266,6 +266,13 @@ class GatewayProcess:
         for d in waiting:
             d.callback(status)
 
+    def kill(self) -> defer.Deferred:
+        """SIGKILL the process if it still runs (a test's cleanup); fires once it ended."""
+        if not self.running:
+            return defer.succeed(self.status)
+        self.send_signal(signal.SIGKILL)
+        return self.ended()
+
     def ended(self) -> defer.Deferred:
         """Fires with the exit status once the process has ended."""
         if self.status is not None:
@@ -374,6 +381,15 @@ def pid_alive(pid: int) -> bool:
             return e.errno == errno.EPERM
         return True
     return state not in ("Z", "X")
+
+
+def kill_pid(pid: int) -> None:
+    """SIGKILL C{pid} if it still runs and reap it when it is our child (test cleanup)."""
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 class Subreaper:
