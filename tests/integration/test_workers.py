@@ -29,6 +29,7 @@ from tests.support.process import (
     gateway_environ,
     kill_pid,
     pid_alive,
+    process_state,
     read_pidfile,
     wait_until,
 )
@@ -209,7 +210,13 @@ class WorkersTests(TestCase):
         self.assertEqual((yield launcher.health()), 200)
 
         os.kill(pid, signal.SIGTERM)
-        status = yield Subreaper.wait_exit(pid, timeout=40)
+        try:
+            status = yield Subreaper.wait_exit(pid, timeout=40)
+        except TimeoutError as stuck:
+            with open(logfile) as f:
+                tail = "".join(f.readlines()[-15:])
+            workers = "; ".join(f"worker {w}: {process_state(w)}" for w in children)
+            self.fail(f"{stuck}\n{workers}\nlog tail:\n{tail}")
         with open(logfile) as f:
             log = f.read()
         self.assertEqual(status, 0, log)

@@ -383,6 +383,27 @@ def pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def process_state(pid: int) -> str:
+    """
+    What a stuck process is doing, for a failure message: its scheduler
+    state, the kernel function it waits in, and its signal masks (a pending
+    but blocked or ignored SIGTERM shows there).
+    """
+    parts = []
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(
+                    ("State:", "SigPnd:", "ShdPnd:", "SigBlk:", "SigIgn:", "SigCgt:")
+                ):
+                    parts.append(" ".join(line.split()))
+        with open(f"/proc/{pid}/wchan") as f:
+            parts.append(f"wchan: {f.read().strip() or '-'}")
+    except OSError as e:
+        parts.append(f"/proc unreadable: {e}")
+    return "; ".join(parts)
+
+
 def kill_pid(pid: int) -> None:
     """SIGKILL C{pid} if it still runs and reap it when it is our child (test cleanup)."""
     if pid_alive(pid):
@@ -456,7 +477,9 @@ class Subreaper:
 
         def done(finished):
             if not finished:
-                raise TimeoutError(f"pid {pid} did not exit within {timeout} s")
+                raise TimeoutError(
+                    f"pid {pid} did not exit within {timeout} s; {process_state(pid)}"
+                )
             return result[0]
 
         return wait_until(reaped, timeout, reactor).addCallback(done)
