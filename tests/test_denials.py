@@ -6,7 +6,7 @@ import json
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from caracal.gateway.denials import Denial, error_body, write_denial
+from caracal.gateway.denials import Denial, denial_body, error_envelope
 
 
 class DenialTests(SynchronousTestCase):
@@ -17,13 +17,13 @@ class DenialTests(SynchronousTestCase):
 
     def test_envelope(self):
         self.assertEqual(
-            json.loads(error_body("invalid_token", "bad", "rid")),
+            json.loads(error_envelope("invalid_token", "bad", "rid")),
             {"error": "invalid_token", "description": "bad", "request_id": "rid"},
         )
 
     def test_401CarriesWwwAuthenticate(self):
         request = self.request()
-        body = write_denial(request, Denial(401, "missing_token", "no bearer"))
+        body = denial_body(request, Denial(401, "missing_token", "no bearer"))
         self.assertEqual(request.responseCode, 401)
         self.assertEqual(request.responseHeaders.getRawHeaders(b"www-authenticate"), [b"Bearer"])
         self.assertEqual(
@@ -33,7 +33,7 @@ class DenialTests(SynchronousTestCase):
 
     def test_othersDoNot(self):
         request = self.request()
-        write_denial(request, Denial(403, "access_denied", "no"))
+        denial_body(request, Denial(403, "access_denied", "no"))
         self.assertIsNone(request.responseHeaders.getRawHeaders(b"www-authenticate"))
 
     def test_reasonDefaultsToCode(self):

@@ -29,7 +29,7 @@ from caracal.gateway.forward import (
     target_path,
 )
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.resources import Resource
+from caracal.gateway.registry import ToolResource
 from caracal.gateway.sts import Mandate
 from caracal.gateway.upstream import PinnedUpstream, parse_upstream
 
@@ -223,8 +223,8 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
             self.assertRegex(value, TRACEPARENT)
 
 
-def resource(auth_mode="caracal_jwt", auth_header=None, auth_scheme=None) -> Resource:
-    return Resource(
+def resource(auth_mode="caracal_jwt", auth_header=None, auth_scheme=None) -> ToolResource:
+    return ToolResource(
         resource_identifier="tools",
         zone_id="zone-1",
         application_id="app-1",

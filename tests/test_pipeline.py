@@ -20,10 +20,9 @@ from twisted.web.test.requesthelper import DummyRequest
 from caracal.gateway.denials import Denial
 from caracal.gateway.jwks import JWKSCache
 from caracal.gateway.metrics import Metrics
+from caracal.gateway.proxy import GatewayResource, Pipeline
+from caracal.gateway.registry import MemoryResourceStore, ToolResource
 from caracal.gateway.replay import MemoryReplayGuard, ReplayCheckUnavailable
-from caracal.gateway.resource import GatewayResource, Pipeline
-from caracal.gateway.resources import MemoryResourceStore
-from caracal.gateway.resources import Resource as ToolResource
 from caracal.gateway.revocations import RevocationStore
 from caracal.gateway.upstream import UpstreamRefused
 
@@ -419,7 +418,7 @@ class PipelineTests(SynchronousTestCase):
     def test_localPathsNeverProxied(self):
         """POST /health is a 405 from the gateway, not a proxied call."""
         from caracal.gateway.endpoints import HealthResource
-        from caracal.gateway.resource import GatewayRoot
+        from caracal.gateway.proxy import GatewayRoot
 
         root = GatewayRoot(self.resource, {b"/health": HealthResource()})
         request = PipelineRequest(path=b"/health", method=b"POST")

@@ -45,7 +45,7 @@ from psycopg2.extensions import parse_dsn
 
 from caracal.gateway import checkconfig
 from caracal.gateway.config import redact_url
-from caracal.gateway.resources import (
+from caracal.gateway.registry import (
     AUTH_MODES,
     CARACAL_JWT,
     auth_header_problem,

@@ -16,7 +16,7 @@ from twisted.internet import defer
 from caracal.gateway.config import GatewayConfig
 from caracal.gateway.endpoints import HealthResource, MetricsResource, ReadyResource
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.resource import GatewayResource, GatewayRoot, Pipeline
+from caracal.gateway.proxy import GatewayResource, GatewayRoot, Pipeline
 
 #: Upper bound on resolving an upstream's name (also bounded by UPSTREAM_TIMEOUT).
 DNS_TIMEOUT = 5.0
@@ -95,8 +95,8 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
     """The real stores and clients: Postgres, Redis, the STS over treq."""
     from caracal.gateway.audit import RedisAuditLog
     from caracal.gateway.redisconn import check_redis, close_redis, connect_redis
+    from caracal.gateway.registry import PostgresResourceStore
     from caracal.gateway.replay import RedisReplayGuard
-    from caracal.gateway.resources import PostgresResourceStore
     from caracal.gateway.revocations import RevocationFollower, RevocationStore
     from caracal.gateway.sts import STSClient
     from caracal.gateway.tls import client_tls_policy

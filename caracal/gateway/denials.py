@@ -39,7 +39,7 @@ class Denial(Exception):
         return f"Denial({self.status}, {self.code!r}, {self.description!r})"
 
 
-def error_body(code: str, description: str, request_id: str) -> bytes:
+def error_envelope(code: str, description: str, request_id: str) -> bytes:
     """The JSON error envelope of SPEC section 6."""
     return json.dumps(
         {"error": code, "description": description, "request_id": request_id},
@@ -47,7 +47,7 @@ def error_body(code: str, description: str, request_id: str) -> bytes:
     ).encode("utf-8")
 
 
-def write_error(request, status: int, code: str, description: str) -> bytes:
+def error_body(request, status: int, code: str, description: str) -> bytes:
     """
     Set the status and headers of an error answer on C{request} and return
     the body to write. C{request.request_id} must already be set.
@@ -57,11 +57,11 @@ def write_error(request, status: int, code: str, description: str) -> bytes:
     request.responseHeaders.setRawHeaders(b"cache-control", [b"no-store"])
     if status == 401:
         request.responseHeaders.setRawHeaders(b"www-authenticate", [b"Bearer"])
-    body = error_body(code, description, request.request_id)
+    body = error_envelope(code, description, request.request_id)
     request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
     return body
 
 
-def write_denial(request, denial: Denial) -> bytes:
-    """L{write_error} for a L{Denial}."""
-    return write_error(request, denial.status, denial.code, denial.description)
+def denial_body(request, denial: Denial) -> bytes:
+    """L{error_body} for a L{Denial}."""
+    return error_body(request, denial.status, denial.code, denial.description)

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from caracal.gateway.denials import write_error
+from caracal.gateway.denials import error_body
 from caracal.gateway.metrics import render_json, render_prometheus
 
 log = Logger(namespace="caracal.ready")
@@ -153,7 +153,7 @@ class MetricsResource(Resource):
         def failed(failure):
             log.failure("metrics snapshot failed", failure)
             if not _gone(request):
-                request.write(write_error(request, 500, "internal_error", "metrics unavailable"))
+                request.write(error_body(request, 500, "internal_error", "metrics unavailable"))
                 request.finish()
 
         defer.maybeDeferred(self.snapshot).addCallback(answer).addErrback(failed)

@@ -40,7 +40,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
-from caracal.gateway.denials import error_body, write_error
+from caracal.gateway.denials import error_body, error_envelope
 from caracal.gateway.logs import (
     ACCESS_EVENT_KEY,
     ACCESS_NAMESPACE,
@@ -226,7 +226,7 @@ class GatewayRequest(Request):
             # truncated body for a whole one.
             self.channel.transport.abortConnection()
             return reason
-        body = write_error(self, 500, "internal_error", "internal error")
+        body = error_body(self, 500, "internal_error", "internal error")
         self.write(body)
         self.finish()
         return reason
@@ -256,7 +256,7 @@ class GatewayRequest(Request):
         self.path = uri.split(b"?", 1)[0]
         self.site = self.gateway_site
         self.responseHeaders.setRawHeaders(b"date", [datetimeToString()])
-        body = write_error(self, status, code, description)
+        body = error_body(self, status, code, description)
         if status in _REASONS:
             self.setResponseCode(status, _REASONS[status])
         self.write(body)
@@ -596,7 +596,7 @@ class GatewayChannel(HTTPChannel):
     def _write_raw_error(
         self, status: int, reason: bytes, code: str, description: str, request_id: str
     ) -> None:
-        body = error_body(code, description, request_id)
+        body = error_envelope(code, description, request_id)
         head = [
             b"HTTP/1.1 %d %s\r\n" % (status, reason),
             b"Server: " + SERVER_NAME + b"\r\n",

@@ -23,10 +23,10 @@ from twisted.trial.unittest import TestCase
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from caracal.gateway.denials import Denial, write_denial
+from caracal.gateway.denials import Denial, denial_body
 from caracal.gateway.forward import Forwarder, credential_headers
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.resources import Resource as CaracalResource
+from caracal.gateway.registry import ToolResource
 from caracal.gateway.sts import Mandate
 from caracal.gateway.tls import client_tls_policy
 from caracal.gateway.upstream import (
@@ -42,7 +42,7 @@ TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
 def caracal_resource(auth_mode="caracal_jwt", auth_header=None, auth_scheme=None):
-    return CaracalResource(
+    return ToolResource(
         resource_identifier="tools",
         zone_id="zone-1",
         application_id="app-1",
@@ -87,7 +87,7 @@ class _Forwarding(Resource):
         def denied(failure):
             failure.trap(Denial)
             outcome.append(failure.value)
-            request.write(write_denial(request, failure.value))
+            request.write(denial_body(request, failure.value))
             request.finish()
 
         d.addCallbacks(done, denied)

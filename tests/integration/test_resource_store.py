@@ -13,10 +13,10 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from caracal.gateway.resources import PostgresResourceStore, Resource, ResourceStoreUnavailable
+from caracal.gateway.registry import PostgresResourceStore, ResourceStoreUnavailable, ToolResource
 from tests.support.postgres import TemporaryDatabase, postgres_available, schema_sql
 from tests.support.waiting import poll_until
-from tests.test_resources import CONTRACT_RESOURCES, ResourceStoreContract
+from tests.test_registry import CONTRACT_RESOURCES, ResourceStoreContract
 
 _SKIP = postgres_available()
 
@@ -26,7 +26,7 @@ _INSERT = (
 )
 
 
-def insert(database: TemporaryDatabase, resource: Resource) -> None:
+def insert(database: TemporaryDatabase, resource: ToolResource) -> None:
     database.execute(
         _INSERT,
         (
@@ -99,7 +99,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         store = yield self.start_store(reload_interval=3600.0)
         self.assertIsNone(store.get("r1"))
 
-        insert(self.database, Resource("r1", "z", "a", "https://one.example"))
+        insert(self.database, ToolResource("r1", "z", "a", "https://one.example"))
         took = yield poll_until(lambda: store.get("r1") is not None, 1.0)
         self.assertIsNotNone(took, "INSERT did not arrive within a second")
         self.assertLess(took, 1.0)
@@ -112,7 +112,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         self.assertIsNotNone(took, "UPDATE did not arrive within a second")
         self.assertEqual(
             store.get("r1"),
-            Resource("r1", "z", "a", "https://two.example", "provider_apikey", "X-Key", None),
+            ToolResource("r1", "z", "a", "https://two.example", "provider_apikey", "X-Key", None),
         )
 
         self.database.execute("DELETE FROM gateway_resources WHERE resource_identifier = 'r1'")
@@ -130,7 +130,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_renamed_resource(self):
-        insert(self.database, Resource("old-name", "z", "a", "https://x.example"))
+        insert(self.database, ToolResource("old-name", "z", "a", "https://x.example"))
         store = yield self.start_store()
         self.database.execute(
             "UPDATE gateway_resources SET resource_identifier = 'new-name'"
@@ -164,12 +164,12 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         self.database.execute("ALTER TABLE gateway_resources DISABLE TRIGGER USER")
         self.addCleanup(self.database.execute, "ALTER TABLE gateway_resources ENABLE TRIGGER USER")
         store = yield self.start_store(reload_interval=0.2)
-        insert(self.database, Resource("quiet", "z", "a", "https://q.example"))
+        insert(self.database, ToolResource("quiet", "z", "a", "https://q.example"))
         took = yield poll_until(lambda: store.get("quiet") is not None, 1.0)
         self.assertIsNotNone(took)
 
     def test_updated_at_touched(self):
-        insert(self.database, Resource("t", "z", "a", "https://t.example"))
+        insert(self.database, ToolResource("t", "z", "a", "https://t.example"))
         self.database.execute(
             "UPDATE gateway_resources SET updated_at = now() - interval '1 day'"
             " WHERE resource_identifier = 't'"
@@ -181,7 +181,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         self.assertLess(age, 60)
 
     def test_schema_applies_twice(self):
-        insert(self.database, Resource("kept", "z", "a", "https://k.example"))
+        insert(self.database, ToolResource("kept", "z", "a", "https://k.example"))
         self.database.execute(schema_sql())
         self.database.execute(schema_sql())
         self.assertEqual(

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.test_registry -*-
 """
 The resource table (SPEC section 4), cached in memory.
 
@@ -91,7 +91,7 @@ def auth_scheme_problem(scheme: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class Resource:
+class ToolResource:
     """
     One row of C{gateway_resources}: where a resource lives and how the
     gateway presents the mandate to it.
@@ -150,7 +150,7 @@ class ResourceStoreUnavailable(Exception):
 class ResourceStore(Protocol):
     """Where the gateway looks resources up."""
 
-    def get(self, identifier: str) -> Resource | None:
+    def get(self, identifier: str) -> ToolResource | None:
         """The resource named C{identifier}, from memory; C{None} if unknown."""
 
     def count(self) -> int:
@@ -171,11 +171,11 @@ class MemoryResourceStore:
         (to exercise readiness failures); lookups keep working.
     """
 
-    def __init__(self, resources: Iterable[Resource] = ()) -> None:
+    def __init__(self, resources: Iterable[ToolResource] = ()) -> None:
         self._resources = {resource.resource_identifier: resource for resource in resources}
         self.unavailable: Exception | None = None
 
-    def put(self, resource: Resource) -> None:
+    def put(self, resource: ToolResource) -> None:
         """Add or replace C{resource}."""
         self._resources[resource.resource_identifier] = resource
 
@@ -183,7 +183,7 @@ class MemoryResourceStore:
         """Forget the resource named C{identifier}, if known."""
         self._resources.pop(identifier, None)
 
-    def get(self, identifier: str) -> Resource | None:
+    def get(self, identifier: str) -> ToolResource | None:
         """See L{ResourceStore.get}."""
         return self._resources.get(identifier)
 
@@ -318,7 +318,7 @@ class PostgresResourceStore(Service):
         self._check_timeout = check_timeout
         self._factory = connection_factory or (lambda lost: _StoreConnection(self._reactor, lost))
 
-        self._snapshot: dict[str, Resource] = {}
+        self._snapshot: dict[str, ToolResource] = {}
         self._loaded_at: float | None = None
         self.loaded: Deferred[None] = Deferred()
 
@@ -336,7 +336,7 @@ class PostgresResourceStore(Service):
 
     # -- the ResourceStore interface -------------------------------------
 
-    def get(self, identifier: str) -> Resource | None:
+    def get(self, identifier: str) -> ToolResource | None:
         """See L{ResourceStore.get}: a dict lookup, never a query."""
         return self._snapshot.get(identifier)
 
@@ -519,7 +519,7 @@ class PostgresResourceStore(Service):
         snapshot = {}
         for row in rows:
             try:
-                snapshot[row[0]] = Resource(*row[:7])
+                snapshot[row[0]] = ToolResource(*row[:7])
             except ValueError as error:
                 # Left out, so calls to it are refused (403) before any STS
                 # exchange; the operator fixes the row with the admin command.

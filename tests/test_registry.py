@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_resources -*-
+# -*- test-case-name: tests.test_registry -*-
 """
-Tests for L{caracal.gateway.resources}: the resource row, the in-memory store,
+Tests for L{caracal.gateway.registry}: the resource row, the in-memory store,
 the contract every store passes, and the Postgres store's life cycle driven
 by a fake connection and a fake clock.
 """
@@ -19,19 +19,19 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from caracal.gateway.config import ConfigError
-from caracal.gateway.resources import (
+from caracal.gateway.registry import (
     CHANNEL,
     MemoryResourceStore,
     PostgresResourceStore,
-    Resource,
     ResourceStore,
     ResourceStoreUnavailable,
+    ToolResource,
 )
 
 #: The resources every store under the contract is loaded with.
 CONTRACT_RESOURCES = (
-    Resource("mcp-weather", "zone-a", "app-1", "https://weather.example/mcp"),
-    Resource(
+    ToolResource("mcp-weather", "zone-a", "app-1", "https://weather.example/mcp"),
+    ToolResource(
         "github",
         "zone-b",
         "app-2",
@@ -40,7 +40,7 @@ CONTRACT_RESOURCES = (
         auth_header="X-GitHub-Token",
         auth_scheme="token",
     ),
-    Resource("search", "zone-a", "app-3", "http://search.example", auth_mode="provider_apikey"),
+    ToolResource("search", "zone-a", "app-3", "http://search.example", auth_mode="provider_apikey"),
 )
 
 
@@ -48,7 +48,7 @@ class ResourceTests(SynchronousTestCase):
     """The defaults SPEC section 4 gives NULL auth_header / auth_scheme."""
 
     def test_caracal_jwt_defaults(self):
-        resource = Resource("r", "z", "a", "https://u.example")
+        resource = ToolResource("r", "z", "a", "https://u.example")
         self.assertEqual(resource.auth_mode, "caracal_jwt")
         self.assertEqual(resource.credential_header, "Authorization")
         self.assertEqual(resource.credential_scheme, "Bearer")
@@ -56,13 +56,13 @@ class ResourceTests(SynchronousTestCase):
 
     def test_provider_modes_have_no_default_scheme(self):
         for mode in ("provider_oauth", "provider_apikey"):
-            resource = Resource("r", "z", "a", "https://u.example", auth_mode=mode)
+            resource = ToolResource("r", "z", "a", "https://u.example", auth_mode=mode)
             self.assertEqual(resource.credential_header, "Authorization")
             self.assertEqual(resource.credential_scheme, "")
             self.assertEqual(resource.credential_value("pt"), "pt")
 
     def test_explicit_header_and_scheme(self):
-        resource = Resource(
+        resource = ToolResource(
             "r", "z", "a", "https://u.example", "provider_apikey", "X-Api-Key", "Key"
         )
         self.assertEqual(resource.credential_header, "X-Api-Key")
@@ -70,19 +70,19 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(resource.credential_value("k"), "Key k")
 
     def test_empty_scheme_means_none_even_for_caracal_jwt(self):
-        resource = Resource("r", "z", "a", "https://u.example", auth_scheme="")
+        resource = ToolResource("r", "z", "a", "https://u.example", auth_scheme="")
         self.assertEqual(resource.credential_scheme, "")
         self.assertEqual(resource.credential_value("m"), "m")
 
     def test_empty_header_means_authorization(self):
-        resource = Resource("r", "z", "a", "https://u.example", auth_header="")
+        resource = ToolResource("r", "z", "a", "https://u.example", auth_header="")
         self.assertEqual(resource.credential_header, "Authorization")
 
     def test_unknown_auth_mode_refused(self):
-        self.assertRaises(ValueError, Resource, "r", "z", "a", "https://u", auth_mode="basic")
+        self.assertRaises(ValueError, ToolResource, "r", "z", "a", "https://u", auth_mode="basic")
 
     def test_frozen(self):
-        resource = Resource("r", "z", "a", "https://u.example")
+        resource = ToolResource("r", "z", "a", "https://u.example")
         self.assertRaises(
             dataclasses.FrozenInstanceError, setattr, resource, "upstream_url", "http://x"
         )
@@ -146,8 +146,8 @@ class MemoryResourceStoreTests(SynchronousTestCase):
 
     def test_put_replaces(self):
         store = MemoryResourceStore()
-        store.put(Resource("r", "z", "a", "https://one.example"))
-        store.put(Resource("r", "z", "a", "https://two.example"))
+        store.put(ToolResource("r", "z", "a", "https://one.example"))
+        store.put(ToolResource("r", "z", "a", "https://two.example"))
         self.assertEqual(store.count(), 1)
         self.assertEqual(store.get("r").upstream_url, "https://two.example")
 
@@ -166,7 +166,7 @@ class MemoryResourceStoreTests(SynchronousTestCase):
         self.assertIsNotNone(store.get("github"))
 
 
-def _row(resource: Resource) -> tuple:
+def _row(resource: ToolResource) -> tuple:
     return (
         resource.resource_identifier,
         resource.zone_id,
@@ -386,7 +386,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
     def test_notification_reloads(self):
         self.bring_up()
         self.connection.notify("new")
-        added = Resource("new", "zone-c", "app-9", "https://new.example")
+        added = ToolResource("new", "zone-c", "app-9", "https://new.example")
         self.connection.answer(
             "SELECT resource_identifier", [_row(r) for r in (*CONTRACT_RESOURCES, added)]
         )
@@ -552,7 +552,7 @@ class CredentialHeaderRulesTests(SynchronousTestCase):
             "application_id": "a",
             "upstream_url": "https://tools.example/",
         }
-        return Resource(**{**base, **fields})
+        return ToolResource(**{**base, **fields})
 
     def test_bad_header_names(self):
         for name in ("X-Bad\r\nInjected: 1", "X Key", "Host", "Transfer-Encoding", "X-Caracal-Id"):

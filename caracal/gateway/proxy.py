@@ -22,10 +22,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from caracal.gateway import tokens
-from caracal.gateway.denials import Denial, write_denial, write_error
+from caracal.gateway.denials import Denial, denial_body, error_body
 from caracal.gateway.forward import MissingProviderToken, credential_headers
+from caracal.gateway.registry import ToolResource
 from caracal.gateway.replay import ReplayCheckUnavailable, ReplayKeyInvalid
-from caracal.gateway.resources import Resource as ToolResource
 from caracal.gateway.upstream import UpstreamRefused, has_dot_segment
 
 log = Logger(namespace="caracal.pipeline")
@@ -306,7 +306,7 @@ class GatewayResource(ReverseProxyResource):
             # The answer had begun; all we can do is cut it.
             request.loseConnection()
             return
-        request.write(write_denial(request, denial))
+        request.write(denial_body(request, denial))
         request.finish()
 
     def _fail(self, failure, call: Call) -> None:
@@ -322,7 +322,7 @@ class GatewayResource(ReverseProxyResource):
         if request.startedWriting:
             request.loseConnection()
             return
-        request.write(write_error(request, 500, "internal_error", "internal error"))
+        request.write(error_body(request, 500, "internal_error", "internal error"))
         request.finish()
 
 
@@ -348,4 +348,4 @@ class GatewayRoot(Resource):
         # The local paths are never proxied, whatever the method.
         request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])
         request.log_fields["denial"] = "method_not_allowed"
-        return write_error(request, 405, "method_not_allowed", "use GET or HEAD")
+        return error_body(request, 405, "method_not_allowed", "use GET or HEAD")
