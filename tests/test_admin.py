@@ -130,6 +130,24 @@ class AdminTests(SynchronousTestCase):
         status, _, stderr = self.run_admin("list")
         self.assertRefused(status, stderr, 2, "DATABASE_URL is required")
 
+    def test_database_url_file(self):
+        """DATABASE_URL_FILE names the DSN, as for the gateway (SPEC 16)."""
+        path = self.mktemp()
+        with open(path, "w") as secret:
+            secret.write(DSN + "\n")
+        self.environ = {"DATABASE_URL_FILE": path}
+        self.database.results = [[]]
+        self.run_admin("list")
+        self.assertEqual(self.database.connected_with[0][0], DSN)
+
+    def test_database_url_and_file_refused(self):
+        """Both forms set: the gateway's own message, as a usage error."""
+        self.environ = {"DATABASE_URL": DSN, "DATABASE_URL_FILE": self.mktemp()}
+        status, _, stderr = self.run_admin("list")
+        self.assertRefused(
+            status, stderr, 2, "DATABASE_URL and DATABASE_URL_FILE are mutually exclusive"
+        )
+
     def test_malformed_database_url(self):
         status, _, stderr = self.run_admin("--database-url", "host=x password=hunter2 junk", "list")
         self.assertRefused(status, stderr, 2, "not a valid Postgres URL or DSN")

@@ -9,6 +9,7 @@ C{REDIS_URL}); the defaults; and the redaction of secrets.
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,6 +20,7 @@ from caracal.gateway.config import (
     parse_bool,
     parse_duration,
     parse_redis_url,
+    read_secret,
     redact_url,
 )
 
@@ -407,6 +409,139 @@ class RequiredURLTests(ConfigTestMixin, SynchronousTestCase):
                 host="redis.example.com", port=6380, db=2, password=REDIS_PASSWORD, tls=False
             ),
         )
+
+
+class SecretFileTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    C{<NAME>_FILE} (SPEC 16): a secret read from the file it names, one
+    trailing newline stripped; both forms set, or an unreadable file, refused.
+    """
+
+    def secret_file(self, content: bytes | str) -> str:
+        """A file holding C{content}; returns its path."""
+        path = self.mktemp()
+        with open(path, "wb") as output:
+            output.write(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def test_database_url_from_file(self) -> None:
+        """DATABASE_URL_FILE's content is the DATABASE_URL, without the final newline."""
+        url = f"postgresql://gateway:{DATABASE_PASSWORD}@db.example.com:5432/caracal"
+        config = self.accepted(
+            production(DATABASE_URL=None, DATABASE_URL_FILE=self.secret_file(url + "\n"))
+        )
+        self.assertEqual(config.database_url, url)
+
+    def test_redis_url_from_file(self) -> None:
+        """REDIS_URL_FILE's content is parsed like REDIS_URL (no newline: printf)."""
+        url = f"redis://:{REDIS_PASSWORD}@redis.example.com:6380/2"
+        config = self.accepted(production(REDIS_URL=None, REDIS_URL_FILE=self.secret_file(url)))
+        self.assertEqual(config.redis_url, url)
+        self.assertEqual(config.redis.password, REDIS_PASSWORD)
+
+    def test_streams_hmac_key_from_file(self) -> None:
+        """STREAMS_HMAC_KEY_FILE satisfies the production rule and is checked the same way."""
+        path = self.secret_file(HMAC_KEY_HEX + "\r\n")
+        config = self.accepted(production(STREAMS_HMAC_KEY=None, STREAMS_HMAC_KEY_FILE=path))
+        self.assertEqual(config.streams_hmac_key, bytes.fromhex(HMAC_KEY_HEX))
+        short = self.secret_file("abcd\n")
+        self.refused(
+            production(STREAMS_HMAC_KEY=None, STREAMS_HMAC_KEY_FILE=short), MSG_HMAC_FORMAT
+        )
+
+    def test_metrics_bearer_from_file(self) -> None:
+        """METRICS_BEARER_FILE is honoured by the one reader every variable goes through."""
+        path = self.secret_file("metrics-bearer-value\n")
+        self.assertEqual(
+            read_secret({"METRICS_BEARER_FILE": path}, "METRICS_BEARER"), "metrics-bearer-value"
+        )
+
+    def test_only_one_trailing_newline_stripped(self) -> None:
+        """The file's content is the value: one final newline goes, nothing else."""
+        path = self.secret_file(" pass word \n\n")
+        self.assertEqual(
+            read_secret({"METRICS_BEARER_FILE": path}, "METRICS_BEARER"), " pass word \n"
+        )
+
+    def test_plain_variable_still_read(self) -> None:
+        """Without the _FILE form the variable itself is the value."""
+        self.assertEqual(read_secret({"REDIS_URL": "redis://r"}, "REDIS_URL"), "redis://r")
+        self.assertIsNone(read_secret({"REDIS_URL_FILE": ""}, "REDIS_URL"))
+
+    def test_other_variables_have_no_file_form(self) -> None:
+        """Only the secrets take a _FILE form; STS_URL_FILE means nothing."""
+        path = self.secret_file("https://elsewhere.example.com")
+        config = self.accepted(production(STS_URL_FILE=path))
+        self.assertEqual(config.sts_url, "https://sts.example.com/")
+
+    def test_both_forms_refused(self) -> None:
+        """Each secret set both ways: the exact SPEC message, for every variable."""
+        path = self.secret_file("anything\n")
+        for name in ("DATABASE_URL", "REDIS_URL", "STREAMS_HMAC_KEY"):
+            self.refused(
+                production(**{f"{name}_FILE": path}),
+                f"{name} and {name}_FILE are mutually exclusive",
+            )
+        error = self.assertRaises(
+            ConfigError,
+            read_secret,
+            {"METRICS_BEARER": "x", "METRICS_BEARER_FILE": path},
+            "METRICS_BEARER",
+        )
+        self.assertEqual(
+            str(error), "METRICS_BEARER and METRICS_BEARER_FILE are mutually exclusive"
+        )
+
+    def test_unreadable_file_refused(self) -> None:
+        """A missing file or a directory: a message naming the file and why."""
+        missing = self.mktemp()
+        directory = self.mktemp()
+        os.mkdir(directory)
+        for name in ("DATABASE_URL", "REDIS_URL", "STREAMS_HMAC_KEY"):
+            for path, reason in (
+                (missing, "No such file or directory"),
+                (directory, "Is a directory"),
+            ):
+                self.refused(
+                    production(**{name: None, f"{name}_FILE": path}),
+                    f"{name}_FILE: cannot read {path}: {reason}",
+                )
+
+    def test_unreadable_metrics_bearer_file_refused(self) -> None:
+        """METRICS_BEARER_FILE naming nothing readable is refused like the others."""
+        missing = self.mktemp()
+        error = self.assertRaises(
+            ConfigError, read_secret, {"METRICS_BEARER_FILE": missing}, "METRICS_BEARER"
+        )
+        self.assertEqual(
+            str(error), f"METRICS_BEARER_FILE: cannot read {missing}: No such file or directory"
+        )
+
+    def test_empty_or_binary_file_refused_without_content(self) -> None:
+        """An empty file, or one that is not text, is refused naming the file, not its bytes."""
+        empty = self.secret_file("\n")
+        self.refused(
+            production(DATABASE_URL=None, DATABASE_URL_FILE=empty),
+            f"DATABASE_URL_FILE: {empty} is empty",
+        )
+        binary = self.secret_file(b"\xff\xfesecret-bytes")
+        error = self.assertRaises(
+            ConfigError,
+            GatewayConfig.from_environ,
+            production(REDIS_URL=None, REDIS_URL_FILE=binary),
+        )
+        self.assertEqual(str(error), f"REDIS_URL_FILE: {binary} is not UTF-8 text")
+
+    def test_malformed_secret_from_file_not_echoed(self) -> None:
+        """A file whose content is refused does not show that content in the message."""
+        path = self.secret_file(f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/db\n")
+        error = self.assertRaises(
+            ConfigError,
+            GatewayConfig.from_environ,
+            production(REDIS_URL=None, REDIS_URL_FILE=path),
+        )
+        self.assertNotIn(REDIS_PASSWORD, str(error))
+        self.assertTrue(str(error).startswith("REDIS_URL is malformed"), str(error))
 
 
 class RedisURLTests(SynchronousTestCase):

@@ -12,7 +12,8 @@ C{caracal-gateway-admin}: the operator's command for the resource table.
         [--auth-scheme S | --default-auth-scheme]
     caracal-gateway-admin remove RESOURCE
 
-The database is C{--database-url} or C{DATABASE_URL} (a URL or a libpq DSN).
+The database is C{--database-url}, C{DATABASE_URL} or the file
+C{DATABASE_URL_FILE} names (a URL or a libpq DSN).
 Upstream URLs are checked with the proxy's own static rules
 (L{caracal.gateway.upstream.parse_upstream}) and, when one is given, against
 C{--allowlist} / C{UPSTREAM_HOST_ALLOWLIST}.
@@ -44,7 +45,7 @@ import psycopg2.errors
 from psycopg2.extensions import parse_dsn
 
 from caracal.gateway import checkconfig
-from caracal.gateway.config import redact_url
+from caracal.gateway.config import ConfigError, read_secret, redact_url
 from caracal.gateway.registry import (
     AUTH_MODES,
     CARACAL_JWT,
@@ -95,7 +96,12 @@ class Context:
 
     def database(self):
         """An autocommit psycopg2 connection to the configured database."""
-        dsn = self.args.database_url or self.environ.get("DATABASE_URL", "").strip()
+        dsn = self.args.database_url
+        if not dsn:
+            try:
+                dsn = (read_secret(self.environ, "DATABASE_URL") or "").strip()
+            except ConfigError as error:
+                raise usage_error(str(error)) from None
         if not dsn:
             raise usage_error("DATABASE_URL is required (or --database-url)")
         try:
@@ -435,7 +441,7 @@ def _add_common(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument(
         "--database-url",
         default=default,
-        help="Postgres URL or libpq DSN (default: $DATABASE_URL)",
+        help="Postgres URL or libpq DSN (default: $DATABASE_URL or $DATABASE_URL_FILE)",
     )
     parser.add_argument(
         "--allowlist",

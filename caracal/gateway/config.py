@@ -47,6 +47,57 @@ class ConfigError(Exception):
     """
 
 
+#: Variables that may instead be read from the file named by C{<NAME>_FILE}
+#: (SPEC section 16): how Kubernetes and systemd hand secrets over without
+#: putting them in the environment, where C{/proc/<pid>/environ} and crash
+#: reports would show them.
+SECRET_FILE_VARIABLES = frozenset(
+    {"DATABASE_URL", "REDIS_URL", "STREAMS_HMAC_KEY", "METRICS_BEARER"}
+)
+
+
+def read_secret(environ: Mapping[str, str], name: str) -> str | None:
+    """
+    The value of C{name}, from the environment or, for a
+    L{SECRET_FILE_VARIABLES} member, from the file C{<name>_FILE} names (its
+    content with one trailing newline stripped). C{None} when neither is set;
+    an empty value counts as unset, as everywhere in the configuration.
+
+    @raise ConfigError: both forms are set, or the file cannot be read; the
+        message names the file, never its content.
+    """
+    value = environ.get(name)
+    if value is not None and value.strip() == "":
+        value = None
+    if name not in SECRET_FILE_VARIABLES:
+        return value
+    file_variable = f"{name}_FILE"
+    path = environ.get(file_variable)
+    if path is None or path.strip() == "":
+        return value
+    if value is not None:
+        raise ConfigError(f"{name} and {file_variable} are mutually exclusive")
+    path = path.strip()
+    try:
+        with open(path, "rb") as secret:
+            content = secret.read()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"{file_variable}: cannot read {path}: {reason}") from None
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file_variable}: {path} is not UTF-8 text") from None
+    # Editors and `echo` end the file with a newline; `printf` does not.
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if text.strip() == "":
+        raise ConfigError(f"{file_variable}: {path} is empty")
+    return text
+
+
 def parse_duration(text: str) -> float:
     """
     Parse a Go duration (C{250ms}, C{5s}, C{1m30s}) into seconds.
@@ -264,8 +315,10 @@ class _Reader:
         self.environ = environ
 
     def text(self, name: str) -> str | None:
-        value = self.environ.get(name)
-        if value is None or value.strip() == "":
+        # Every variable goes through read_secret, so a secret added later
+        # to SECRET_FILE_VARIABLES gets its _FILE form without more code.
+        value = read_secret(self.environ, name)
+        if value is None:
             return None
         return value.strip()
 

@@ -219,6 +219,32 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
             "JTI_FAIL_OPEN must be a boolean (true or false)",
         )
 
+    def test_secret_and_secret_file(self):
+        """Both forms of a secret (SPEC 16): refused before listening, one line."""
+
+        def environ(directory, port):
+            path = os.path.join(directory, "redis-url")
+            with open(path, "w") as secret:
+                secret.write("redis://127.0.0.1:6379/0\n")
+            return dev(directory, port, REDIS_URL_FILE=path)
+
+        return self.assertRefused(environ, "REDIS_URL and REDIS_URL_FILE are mutually exclusive")
+
+    def test_secret_file_unreadable(self):
+        """A *_FILE naming no file: the message names the file, nothing else."""
+        paths = []
+
+        def environ(directory, port):
+            paths.append(os.path.join(directory, "no-such-secret"))
+            return dev(directory, port, DATABASE_URL=None, DATABASE_URL_FILE=paths[0])
+
+        return self.assertRefused(
+            environ,
+            lambda message: self.assertEqual(
+                message, f"DATABASE_URL_FILE: cannot read {paths[0]}: No such file or directory"
+            ),
+        )
+
     def names(self, variable: str, path: str, reason: str):
         """A check that the message names C{variable}, C{path} and C{reason}."""
 
