@@ -8,14 +8,10 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from caracal.gateway.audit import (
-    IAuditLog,
-    MemoryAuditLog,
-    RedisAuditLog,
-    audit_event,
-    rfc3339,
-)
+from caracal.gateway.audit import RedisAuditLog, audit_event, rfc3339
+from caracal.gateway.interfaces import IAuditLog
 from caracal.gateway.revocations import verify_fields
+from caracal.gateway.testing import MemoryAuditLog
 
 KEY = bytes(range(32))
 

@@ -21,9 +21,16 @@ from caracal.gateway.denials import Denial
 from caracal.gateway.jwks import JWKSCache
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.proxy import GatewayResource, Pipeline
-from caracal.gateway.registry import MemoryResourceStore, ToolResource
-from caracal.gateway.replay import MemoryReplayGuard, ReplayCheckUnavailable
+from caracal.gateway.registry import ToolResource
 from caracal.gateway.revocations import RevocationStore
+from caracal.gateway.testing import (
+    MemoryAuditLog,
+    MemoryForwarder,
+    MemoryReplayGuard,
+    MemoryResourceStore,
+    MemoryTokenExchange,
+    MemoryUpstreamGuard,
+)
 from caracal.gateway.upstream import UpstreamRefused
 
 ZONE = "zone-a"
@@ -55,72 +62,12 @@ class PipelineRequest(DummyRequest):
         return b"".join(self.written)
 
 
-class FakeSTS:
-    """Counts exchanges; answers with a mandate or a Denial."""
-
-    def __init__(self):
-        self.calls = []
-        self.denial = None
-
-    def exchange(self, subject_token, zone_id, application_id, resource, request_id):
-        self.calls.append((subject_token, zone_id, application_id, resource, request_id))
-        if self.denial:
-            return defer.fail(self.denial)
-        return defer.succeed(Mandate())
-
-
 class Mandate:
     access_token = "mandate-token"
     token_type = "Bearer"
     expires_in = 60
     issued_token_type = "urn:ietf:params:oauth:token-type:access_token"
     provider_token = "provider-secret"
-
-
-class Pinned:
-    class url:
-        host = "tools.example"
-
-
-class FakeGuard:
-    def __init__(self):
-        self.calls = []
-        self.refuse = False
-
-    def check(self, url):
-        self.calls.append(url)
-        if self.refuse:
-            return defer.fail(UpstreamRefused("private_address", "resolves to a private address"))
-        return defer.succeed(Pinned())
-
-
-class FakeForwarder:
-    def __init__(self):
-        self.calls = []
-        self.denial = None
-
-    def forward(self, request, pinned, credentials, expires_in, watch):
-        self.calls.append((pinned, credentials, expires_in, watch))
-        if self.denial:
-            return defer.fail(self.denial)
-        request.setResponseCode(200)
-        request.write(b"upstream says hi")
-        request.finish()
-        return defer.succeed(None)
-
-
-class RecordingAudit:
-    def __init__(self):
-        self.events = []
-
-    def emit(self, event_type, request_id, decision, **metadata):
-        self.events.append((event_type, request_id, decision, metadata))
-        return defer.succeed(None)
-
-
-class UnavailableReplay:
-    def claim(self, zone_id, jti, request_id, ttl_ms):
-        return defer.fail(ReplayCheckUnavailable("down"))
 
 
 class PipelineTests(SynchronousTestCase):
@@ -131,10 +78,10 @@ class PipelineTests(SynchronousTestCase):
         self.kid = "k1"
         self.jwks_fetches = 0
         self.jwks_down = False
-        self.sts = FakeSTS()
-        self.guard = FakeGuard()
-        self.forwarder = FakeForwarder()
-        self.audit = RecordingAudit()
+        self.sts = MemoryTokenExchange(Mandate())
+        self.guard = MemoryUpstreamGuard({"tools.example": ["203.0.114.7"]})
+        self.forwarder = MemoryForwarder()
+        self.audit = MemoryAuditLog(self.clock)
         self.metrics = Metrics()
         self.revocations = RevocationStore(self.clock)
         self.resources = MemoryResourceStore(
@@ -303,11 +250,12 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(json.loads(second.body)["error"], "invalid_token")
         self.assertEqual(self.metrics.counters["denials_jti_replay"], 1)
         self.assertEqual(len(self.sts.calls), 1)
-        [(event, request_id, decision, metadata)] = self.audit.events
+        [event] = self.audit.events
         self.assertEqual(
-            (event, request_id, decision), ("replay_detected", second.request_id, "deny")
+            (event["event_type"], event["request_id"], event["decision"]),
+            ("replay_detected", second.request_id, "deny"),
         )
-        self.assertNotIn(token, json.dumps(metadata))
+        self.assertNotIn(token, json.dumps(event))
 
     def test_ambientTokensReusable(self):
         token = self.mint(use="ambient", jti=None)
@@ -328,13 +276,13 @@ class PipelineTests(SynchronousTestCase):
         self.assertNoSTS()
 
     def test_replayGuardUnavailableFailsClosed(self):
-        self.pipeline.replay = UnavailableReplay()
+        self.pipeline.replay.unavailable = True
         request = self.call(token=self.mint())
         self.assertDenied(request, 503, "replay_check_unavailable")
         self.assertNoSTS()
 
     def test_replayGuardUnavailableFailOpen(self):
-        self.pipeline.replay = UnavailableReplay()
+        self.pipeline.replay.unavailable = True
         self.pipeline.jti_fail_open = True
         request = self.call(token=self.mint())
         self.assertEqual(request.responseCode, 200)
@@ -370,7 +318,7 @@ class PipelineTests(SynchronousTestCase):
 
     # step 12
     def test_upstreamRefused(self):
-        self.guard.refuse = True
+        self.guard.refusal = UpstreamRefused("private_address", "resolves to a private address")
         request = self.call(token=self.mint())
         self.assertDenied(request, 403, "access_denied")
         self.assertEqual(self.guard.calls, ["https://tools.example/api"])
@@ -393,11 +341,10 @@ class PipelineTests(SynchronousTestCase):
 
     def test_expiresInCountsTheExchange(self):
         """X-Caracal-Token-Expires-In is what is left after the STS answered."""
-        answered = defer.Deferred()
-        self.sts.exchange = lambda *arguments: answered
+        self.sts.pending = []
         self.call(token=self.mint(ttl=300))
         self.clock.advance(3)
-        answered.callback(Mandate())
+        self.sts.pending[0].callback(Mandate())
         [(_, _, expires_in, _)] = self.forwarder.calls
         self.assertEqual(expires_in, 297)
 

@@ -17,16 +17,17 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from caracal.gateway.config import ConfigError
+from caracal.gateway.interfaces import IResourceRegistry
 from caracal.gateway.registry import (
     CHANNEL,
-    MemoryResourceStore,
     PostgresResourceStore,
-    ResourceStore,
     ResourceStoreUnavailable,
     ToolResource,
 )
+from caracal.gateway.testing import MemoryResourceStore
 
 #: The resources every store under the contract is loaded with.
 CONTRACT_RESOURCES = (
@@ -90,14 +91,15 @@ class ResourceTests(SynchronousTestCase):
 
 class ResourceStoreContract:
     """
-    What every L{ResourceStore} does. Mix into a test case whose setUp sets
+    What every L{IResourceRegistry} does. Mix into a test case whose setUp sets
     C{self.store} to a ready store holding exactly L{CONTRACT_RESOURCES}.
     """
 
-    store: ResourceStore
+    store: IResourceRegistry
 
     def test_provides_interface(self):
-        self.assertIsInstance(self.store, ResourceStore)
+        """The store provides L{IResourceRegistry}."""
+        self.assertTrue(verifyObject(IResourceRegistry, self.store))
 
     def test_get_known(self):
         for expected in CONTRACT_RESOURCES:

@@ -12,12 +12,9 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from caracal.gateway.replay import (
-    IReplayGuard,
-    MemoryReplayGuard,
-    ReplayKeyInvalid,
-    replay_key,
-)
+from caracal.gateway.interfaces import IReplayGuard
+from caracal.gateway.replay import ReplayKeyInvalid, replay_key
+from caracal.gateway.testing import MemoryReplayGuard
 
 
 class ReplayGuardContract:

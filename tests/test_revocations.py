@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.logger import Logger, LogLevel
 from twisted.trial import unittest
-from txredisapi import ResponseError
 
 from caracal.gateway import revocations
 from caracal.gateway.revocations import (
@@ -25,6 +24,7 @@ from caracal.gateway.revocations import (
     sign_fields,
     verify_fields,
 )
+from caracal.gateway.testing import MemoryRedisServer
 
 KEY = b"0123456789abcdef0123456789abcdef"
 STREAM = "caracal.sessions.revoke"
@@ -195,131 +195,6 @@ class RevocationStoreTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
-class FakeRedisServer:
-    """
-    An in-memory double of a Redis server serving C{XRANGE}, C{XREAD BLOCK}
-    and C{XADD} to L{FakeConnection}s. C{fail_next} makes that many commands
-    fail; C{stall} makes commands never answer. C{times} records when each
-    command arrived.
-    """
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.streams: dict[str, list[tuple[str, list[str]]]] = {}
-        self.blocked: list[tuple[defer.Deferred, str, str]] = []
-        self.fail_next = 0
-        self.stall = False
-        self.commands = []
-        self.times = []
-        self.connections = []
-        self._last = (0, 0)
-        # each stream's top id, which Redis keeps even through trimming
-        self.tops: dict[str, tuple[int, int]] = {}
-
-    @staticmethod
-    def _key(entry_id):
-        ms, seq = entry_id.split("-")
-        return int(ms), int(seq)
-
-    def next_id(self):
-        ms = int(self.clock.seconds() * 1000)
-        seq = self._last[1] + 1 if ms == self._last[0] else 0
-        return f"{ms}-{seq}"
-
-    def add(self, stream, fields, entry_id=None):
-        entry_id = entry_id or self.next_id()
-        self._last = max(self._last, self._key(entry_id))
-        self.tops[stream] = max(self.tops.get(stream, (0, 0)), self._key(entry_id))
-        flat = [item for pair in fields.items() for item in pair]
-        self.streams.setdefault(stream, []).append((entry_id, flat))
-        # reads issued by the callbacks below land in a fresh list
-        waiting, self.blocked = self.blocked, []
-        still = []
-        for d, name, after in waiting:
-            if name == stream and not d.called:
-                d.callback([[name, self._after(name, after, 500)]])
-            elif not d.called:
-                still.append((d, name, after))
-        self.blocked = still + self.blocked
-        return entry_id
-
-    def _after(self, stream, after, count):
-        return [
-            [entry_id, flat]
-            for entry_id, flat in self.streams.get(stream, [])
-            if self._key(entry_id) > self._key(after)
-        ][:count]
-
-    def execute(self, command, *arguments):
-        self.commands.append((command, *arguments))
-        self.times.append(self.clock.seconds())
-        if self.stall:
-            return defer.Deferred()
-        if self.fail_next:
-            self.fail_next -= 1
-            return defer.fail(ConnectionError("Lost connection"))
-        if command == "XRANGE":
-            stream, start, _, _, count = arguments
-            ms, seq = self._key(start)
-            before = f"{ms}-{seq - 1}" if seq else f"{ms - 1}-99999"
-            return defer.succeed(self._after(stream, before, count))
-        if command == "XREAD":
-            block = arguments[1]
-            count, stream, after = arguments[3], arguments[5], arguments[6]
-            ready = self._after(stream, after, count)
-            if ready:
-                return defer.succeed([[stream, ready]])
-            d = defer.Deferred()
-            self.blocked.append((d, stream, after))
-            self.clock.callLater(block / 1000, lambda: d.called or d.callback(None))
-            return d
-        if command == "XADD":
-            stream, rest = arguments[0], list(arguments[1:])
-            if rest[0] == "MAXLEN":
-                # the fake never trims (the tests stay far below any bound)
-                rest = rest[3:]
-            entry_id, flat = rest[0], rest[1:]
-            fields = dict(zip(flat[::2], flat[1::2], strict=True))
-            if entry_id == "*":
-                return defer.succeed(self.add(stream, fields))
-            top = self.tops.get(stream)
-            if top is not None and self._key(entry_id) <= top:
-                # what txredisapi raises for Redis's answer (the "ERR " stripped)
-                return defer.fail(
-                    ResponseError(
-                        " The ID specified in XADD is equal or smaller than "
-                        "the target stream top item"
-                    )
-                )
-            return defer.succeed(self.add(stream, fields, entry_id))
-        return defer.fail(ValueError(command))
-
-
-class FakeConnection:
-    """One client connection to a L{FakeRedisServer}."""
-
-    def __init__(self, server):
-        self.server = server
-        self.closed = False
-        self.pending = []
-
-    def execute_command(self, *arguments):
-        if self.closed:
-            return defer.fail(ConnectionError("Not connected"))
-        d = self.server.execute(*arguments)
-        if not d.called:
-            self.pending.append(d)
-        return d
-
-    def disconnect(self):
-        self.closed = True
-        for d in self.pending:
-            if not d.called:
-                d.errback(ConnectionError("Lost connection"))
-        self.pending = []
-        return defer.succeed(None)
-
-
 class Metrics:
     def __init__(self):
         self.counts = {}
@@ -329,23 +204,18 @@ class Metrics:
 
 
 class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
-    """The follower's logic against L{FakeRedisServer}, time driven by a Clock."""
+    """The follower's logic against L{MemoryRedisServer}, time driven by a Clock."""
 
     def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)
-        self.redis = FakeRedisServer(self.clock)
+        self.redis = MemoryRedisServer(self.clock)
         self.store = RevocationStore(self.clock)
         self.metrics = Metrics()
 
-    def connect(self, address, reactor):
-        connection = FakeConnection(self.redis)
-        self.redis.connections.append(connection)
-        return connection
-
     def follower(self, key=KEY):
         follower = RevocationFollower(
-            None, self.store, key, self.clock, self.metrics, connect=self.connect
+            None, self.store, key, self.clock, self.metrics, connect=self.redis.connect
         )
         self.addCleanup(lambda: follower.running and follower.stopService())
         return follower
@@ -444,7 +314,12 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
         unsigned = self.publish("z", "unsigned", key=None)
         second_metrics = Metrics()
         second = RevocationFollower(
-            None, RevocationStore(self.clock), KEY, self.clock, second_metrics, connect=self.connect
+            None,
+            RevocationStore(self.clock),
+            KEY,
+            self.clock,
+            second_metrics,
+            connect=self.redis.connect,
         )
         second.startService()
         self.addCleanup(second.stopService)

@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import implementer
 
+from caracal.gateway.interfaces import IAuditLog
 from caracal.gateway.revocations import sign_fields
 
 AUDIT_STREAM = "caracal.audit.events"
@@ -76,33 +77,6 @@ def audit_event(
         occurred_at=rfc3339(occurred_at),
     )
     return event
-
-
-class IAuditLog(Interface):
-    """Where the gateway records security-relevant decisions."""
-
-    def emit(event_type: str, request_id: str, decision: str, **metadata) -> defer.Deferred:
-        """
-        Record one event. The Deferred fires C{None} once the event is stored
-        or the attempt failed (failures are logged); it never errbacks.
-        Metadata must not contain tokens: pass fingerprints.
-        """
-
-
-@implementer(IAuditLog)
-class MemoryAuditLog:
-    """Audit log kept in a list (C{events}) of the C{data} documents, for tests."""
-
-    def __init__(self, clock) -> None:
-        self._clock = clock
-        self.events: list[dict] = []
-
-    def emit(self, event_type: str, request_id: str, decision: str, **metadata) -> defer.Deferred:
-        """See L{IAuditLog.emit}."""
-        self.events.append(
-            audit_event(event_type, request_id, decision, self._clock.seconds(), metadata)
-        )
-        return defer.succeed(None)
 
 
 @implementer(IAuditLog)

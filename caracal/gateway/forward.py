@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from caracal.gateway.denials import Denial
+from caracal.gateway.interfaces import IForwarder
 from caracal.gateway.pools import persistent_pool
 from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
 
@@ -270,6 +271,7 @@ def _client_ip(request) -> str | None:
     return getattr(address, "host", None)
 
 
+@implementer(IForwarder)
 class Forwarder:
     """
     Sends requests to pinned upstreams over one shared persistent connection

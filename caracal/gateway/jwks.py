@@ -27,6 +27,9 @@ from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurv
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from caracal.gateway.interfaces import IKeySource
 
 log = Logger()
 
@@ -114,6 +117,7 @@ _FRESH = "fresh"
 _STALE = "stale"
 
 
+@implementer(IKeySource)
 class JWKSCache:
     """
     Per-zone cache of the STS's ES256 verification keys.

@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 from bisect import bisect_left
 
+from zope.interface import implementer
+
+from caracal.gateway.interfaces import IMetrics
+
 COUNTERS = (
     "requests_total",
     "requests_allowed",
@@ -58,6 +62,7 @@ class Histogram:
         return {"buckets": list(self.counts), "sum": self.total, "count": self.count}
 
 
+@implementer(IMetrics)
 class Metrics:
     """
     The process's counters. Gauges are read from callables at render time so

@@ -13,10 +13,11 @@ upstream contact for a refused request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -24,9 +25,21 @@ from twisted.web.server import NOT_DONE_YET
 from caracal.gateway import tokens
 from caracal.gateway.denials import Denial, denial_body, error_body
 from caracal.gateway.forward import MissingProviderToken, credential_headers
+from caracal.gateway.interfaces import (
+    IAuditLog,
+    IForwarder,
+    IKeySource,
+    IMetrics,
+    IReplayGuard,
+    IResourceRegistry,
+    IRevocations,
+    ITokenExchange,
+    IUpstreamGuard,
+)
 from caracal.gateway.registry import ToolResource
 from caracal.gateway.replay import ReplayCheckUnavailable, ReplayKeyInvalid
-from caracal.gateway.upstream import UpstreamRefused, has_dot_segment
+from caracal.gateway.sts import Mandate
+from caracal.gateway.upstream import PinnedUpstream, UpstreamRefused, has_dot_segment
 
 log = Logger(namespace="caracal.pipeline")
 
@@ -43,13 +56,13 @@ class _ClientGone(Exception):
 class Call:
     """What the pipeline has learnt about one request so far."""
 
-    request: Any
+    request: IRequest
     token: str = field(default="", repr=False)
     claims: dict = field(default_factory=dict, repr=False)
     seconds_left: float = 0.0
     resource: ToolResource | None = None
-    mandate: Any = field(default=None, repr=False)
-    pinned: Any = None
+    mandate: Mandate | None = field(default=None, repr=False)
+    pinned: PinnedUpstream | None = None
     gone: bool = False
 
     @property
@@ -64,20 +77,21 @@ class Call:
 @dataclass
 class Pipeline:
     """
-    Everything the steps talk to. Each collaborator is an interface with a
-    real implementation (Postgres, Redis, treq, Agent) and a fake for tests.
+    Everything the steps talk to. Each collaborator provides an interface of
+    L{caracal.gateway.interfaces}, with a real implementation (Postgres,
+    Redis, treq, an Agent) and an in-memory one in L{caracal.gateway.testing}.
     """
 
-    resources: Any
-    jwks: Any
-    replay: Any
-    audit: Any
-    revocations: Any
-    sts: Any
-    guard: Any
-    forwarder: Any
-    metrics: Any
-    clock: Any
+    resources: IResourceRegistry
+    jwks: IKeySource
+    replay: IReplayGuard
+    audit: IAuditLog
+    revocations: IRevocations
+    sts: ITokenExchange
+    guard: IUpstreamGuard
+    forwarder: IForwarder
+    metrics: IMetrics
+    clock: IReactorTime
     jti_fail_open: bool = False
 
 

@@ -2,14 +2,14 @@
 """
 The resource table (SPEC section 4), cached in memory.
 
-The request path asks a L{ResourceStore} for a resource synchronously: the
+The request path asks a L{IResourceRegistry} for a resource synchronously: the
 answer comes from an in-memory snapshot and never waits for the database.
 L{PostgresResourceStore} keeps that snapshot fresh: it LISTENs for the
 C{gateway_resources_changed} notifications the schema's trigger sends, reloads
 the whole table on each (bursts coalesced), reloads periodically as a safety
 net, and through a Postgres outage keeps serving the last good snapshot while
-it reconnects with a capped backoff. L{MemoryResourceStore} is the in-memory
-double for tests; both pass the same test suite.
+it reconnects with a capped backoff. L{caracal.gateway.testing.MemoryResourceStore}
+is the in-memory double for tests; both pass the same contract suite.
 """
 
 from __future__ import annotations
@@ -17,21 +17,22 @@ from __future__ import annotations
 import contextlib
 import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection
+from zope.interface import implementer
 
 from caracal.gateway.config import ConfigError, redact_url
+from caracal.gateway.interfaces import IResourceRegistry
 
 CARACAL_JWT = "caracal_jwt"
 PROVIDER_OAUTH = "provider_oauth"
@@ -146,58 +147,6 @@ class ResourceStoreUnavailable(Exception):
     """The resource store cannot answer a readiness check; C{str()} says why."""
 
 
-@runtime_checkable
-class ResourceStore(Protocol):
-    """Where the gateway looks resources up."""
-
-    def get(self, identifier: str) -> ToolResource | None:
-        """The resource named C{identifier}, from memory; C{None} if unknown."""
-
-    def count(self) -> int:
-        """How many resources the snapshot holds."""
-
-    def check(self) -> Deferred[None]:
-        """
-        Readiness: fires C{None} when the backing store answers, errbacks with
-        L{ResourceStoreUnavailable} otherwise.
-        """
-
-
-class MemoryResourceStore:
-    """
-    A L{ResourceStore} held in a dict, for tests.
-
-    @ivar unavailable: when set to an exception, L{check} errbacks with it
-        (to exercise readiness failures); lookups keep working.
-    """
-
-    def __init__(self, resources: Iterable[ToolResource] = ()) -> None:
-        self._resources = {resource.resource_identifier: resource for resource in resources}
-        self.unavailable: Exception | None = None
-
-    def put(self, resource: ToolResource) -> None:
-        """Add or replace C{resource}."""
-        self._resources[resource.resource_identifier] = resource
-
-    def remove(self, identifier: str) -> None:
-        """Forget the resource named C{identifier}, if known."""
-        self._resources.pop(identifier, None)
-
-    def get(self, identifier: str) -> ToolResource | None:
-        """See L{ResourceStore.get}."""
-        return self._resources.get(identifier)
-
-    def count(self) -> int:
-        """See L{ResourceStore.count}."""
-        return len(self._resources)
-
-    def check(self) -> Deferred[None]:
-        """See L{ResourceStore.check}."""
-        if self.unavailable is not None:
-            return fail(self.unavailable)
-        return succeed(None)
-
-
 def connection_parameters(dsn: str) -> dict[str, str]:
     """
     Parse C{dsn} (a C{postgresql://} URL or a libpq key=value DSN) into libpq
@@ -262,9 +211,10 @@ class _StoreConnection(Connection):
         self._lost(self, reason)
 
 
+@implementer(IResourceRegistry)
 class PostgresResourceStore(Service):
     """
-    A L{ResourceStore} over the C{gateway_resources} table.
+    A L{IResourceRegistry} over the C{gateway_resources} table.
 
     Start it as a service. It never blocks the reactor and never fails to
     start: while Postgres cannot be reached it logs, keeps retrying with a
@@ -334,19 +284,19 @@ class PostgresResourceStore(Service):
         self._failures = 0
         self._warned_at: float | None = None
 
-    # -- the ResourceStore interface -------------------------------------
+    # -- the IResourceRegistry interface -------------------------------------
 
     def get(self, identifier: str) -> ToolResource | None:
-        """See L{ResourceStore.get}: a dict lookup, never a query."""
+        """See L{IResourceRegistry.get}: a dict lookup, never a query."""
         return self._snapshot.get(identifier)
 
     def count(self) -> int:
-        """See L{ResourceStore.count}."""
+        """See L{IResourceRegistry.count}."""
         return len(self._snapshot)
 
     def check(self) -> Deferred[None]:
         """
-        See L{ResourceStore.check}: a C{SELECT 1} bounded by C{check_timeout}
+        See L{IResourceRegistry.check}: a C{SELECT 1} bounded by C{check_timeout}
         on the live connection; also fails until the first snapshot is loaded
         (a gateway without one would refuse every request).
         """

@@ -20,11 +20,11 @@ which the pipeline answers as C{invalid_token}:
 
 from __future__ import annotations
 
-import heapq
-
 from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import Interface, implementer
+from zope.interface import implementer
+
+from caracal.gateway.interfaces import IReplayGuard
 
 KEY_PREFIX = "seen:jti:"
 MAX_KEY_PART_BYTES = 256
@@ -68,7 +68,7 @@ def replay_key(zone_id: str, jti: str) -> str:
     return f"{KEY_PREFIX}{zone_id}:{jti}"
 
 
-def _claim_arguments(zone_id: str, jti: str, ttl_ms) -> tuple[str, int]:
+def claim_arguments(zone_id: str, jti: str, ttl_ms) -> tuple[str, int]:
     """
     The key and TTL of a claim, checked the same way by every guard.
 
@@ -80,74 +80,8 @@ def _claim_arguments(zone_id: str, jti: str, ttl_ms) -> tuple[str, int]:
     return key, ttl_ms
 
 
-class IReplayGuard(Interface):
-    """Records the first use of each single-use token."""
-
-    def claim(zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
-        """
-        Claim C{jti} in C{zone_id} for C{ttl_ms} milliseconds.
-
-        @return: a Deferred firing C{True} on first use, C{False} for a
-            replay; errback L{ReplayKeyInvalid} for an unfit zone/jti,
-            C{ValueError} for a non-positive C{ttl_ms},
-            L{ReplayCheckUnavailable} when the check cannot be made.
-        """
-
-
 #: The SPEC's name for the interface.
 ReplayGuard = IReplayGuard
-
-
-@implementer(IReplayGuard)
-class MemoryReplayGuard:
-    """
-    In-process replay guard for tests and single-process dev runs; expiry is
-    driven by C{clock}. Expired entries are pruned on every claim, so memory
-    holds only unexpired claims.
-    """
-
-    def __init__(self, clock) -> None:
-        self._clock = clock
-        self._claims: dict[str, tuple[str, float]] = {}
-        self._expiries: list[tuple[float, str]] = []
-
-    def _prune(self, now: float) -> None:
-        while self._expiries and self._expiries[0][0] <= now:
-            expires_at, key = heapq.heappop(self._expiries)
-            held = self._claims.get(key)
-            if held is not None and held[1] == expires_at:
-                del self._claims[key]
-
-    def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
-        """See L{IReplayGuard.claim}."""
-        try:
-            key, ttl_ms = _claim_arguments(zone_id, jti, ttl_ms)
-        except ValueError:
-            return defer.fail()
-        now = self._clock.seconds()
-        self._prune(now)
-        if key in self._claims:
-            return defer.succeed(False)
-        expires_at = now + ttl_ms / 1000.0
-        self._claims[key] = (request_id, expires_at)
-        heapq.heappush(self._expiries, (expires_at, key))
-        return defer.succeed(True)
-
-    def lookup(self, zone_id: str, jti: str) -> tuple[str, int] | None:
-        """
-        The claim held for C{jti}: C{(request_id, milliseconds left)}, or
-        C{None} (the counterpart of Redis C{GET} and C{PTTL}).
-        """
-        now = self._clock.seconds()
-        self._prune(now)
-        held = self._claims.get(replay_key(zone_id, jti))
-        if held is None:
-            return None
-        return held[0], round((held[1] - now) * 1000)
-
-    def __len__(self) -> int:
-        self._prune(self._clock.seconds())
-        return len(self._claims)
 
 
 @implementer(IReplayGuard)
@@ -170,7 +104,7 @@ class RedisReplayGuard:
     def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
         """See L{IReplayGuard.claim}."""
         try:
-            key, ttl_ms = _claim_arguments(zone_id, jti, ttl_ms)
+            key, ttl_ms = claim_arguments(zone_id, jti, ttl_ms)
         except ValueError:
             return defer.fail()
         d = defer.maybeDeferred(

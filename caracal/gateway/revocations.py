@@ -30,7 +30,9 @@ from collections.abc import Callable
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from caracal.gateway.interfaces import IRevocations
 from caracal.gateway.redisconn import blocking_connection, close_redis
 
 REVOCATION_STREAM = "caracal.sessions.revoke"
@@ -86,6 +88,7 @@ def verify_fields(key: bytes, stream: str, fields: dict[str, str]) -> bool:
     return hmac.compare_digest(expected, _utf8(signature).lower())
 
 
+@implementer(IRevocations)
 class RevocationStore:
     """
     The sessions revoked in the last 24 hours, per zone.

@@ -39,6 +39,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from caracal.gateway.denials import Denial
+from caracal.gateway.interfaces import ITokenExchange
 from caracal.gateway.pools import persistent_pool
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
@@ -285,6 +286,7 @@ def refusal(status: int, body: bytes, subject_token: str) -> Denial | None:
     return Denial(status, code, description, metric=METRIC)
 
 
+@implementer(ITokenExchange)
 class STSClient:
     """
     Client of one STS.

@@ -27,6 +27,8 @@ from twisted.internet.interfaces import IResolutionReceiver
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from caracal.gateway.interfaces import IUpstreamGuard
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -493,6 +495,7 @@ class _Collector:
             self.done.callback(self.addresses)
 
 
+@implementer(IUpstreamGuard)
 class UpstreamGuard:
     """
     Decides whether the gateway may connect to an upstream URL, and pins the
