@@ -66,13 +66,15 @@ class EndpointTests(SynchronousTestCase):
     def test_metricsJsonAndPrometheus(self):
         metrics = Metrics()
         metrics.increment("requests_total")
-        resource = MetricsResource(metrics.snapshot)
+        metrics.increment("connections_refused")
+        resource = MetricsResource(metrics.snapshot, metrics.exposition)
         as_json = render(resource)
         self.assertEqual(json.loads(b"".join(as_json.written))["requests_total"], 1)
         as_text = render(resource, [(b"accept", b"text/plain")])
-        self.assertIn(b"caracal_gateway_requests_total 1\n", b"".join(as_text.written))
-        self.assertTrue(
-            as_text.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+        self.assertIn(b"caracal_gateway_connections_refused_total 1.0\n", b"".join(as_text.written))
+        self.assertEqual(
+            as_text.responseHeaders.getRawHeaders(b"content-type"),
+            [b"text/plain; version=0.0.4; charset=utf-8"],
         )
 
 
@@ -113,7 +115,7 @@ class MetricsFailureTests(SynchronousTestCase):
     def test_failedSnapshotAnswers500(self):
         request = DummyRequest([])
         request.request_id = "rid-9"
-        MetricsResource(lambda: 1 / 0).render(request)
+        MetricsResource(lambda: 1 / 0, lambda: (b"", "text/plain")).render(request)
         self.assertEqual(request.responseCode, 500)
         self.assertEqual(json.loads(b"".join(request.written))["error"], "internal_error")
         self.assertTrue(request.finished)

@@ -7,7 +7,7 @@ The listener itself is the tap's business (L{caracal.gateway.tap}).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import IService, IServiceCollection, MultiService, Service
@@ -89,6 +89,8 @@ class Backends:
     sts: Any
     checks: dict
     services: list
+    #: Extra gauges of their own: name -> C{read()} (L{Metrics.gauge}).
+    gauges: dict = field(default_factory=dict)
 
 
 def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends:
@@ -102,7 +104,7 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
     from caracal.gateway.tls import client_tls_policy
 
     resources = PostgresResourceStore(config.database_url, reactor)
-    redis = connect_redis(config.redis, reactor)
+    redis = connect_redis(config.redis, reactor, metrics=metrics)
     revocations = RevocationStore(reactor)
     follower = RevocationFollower(
         config.redis, revocations, config.streams_hmac_key, reactor, metrics
@@ -121,6 +123,7 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
             "sts": sts.health,
         },
         services=[resources, follower, ClosingService(lambda: close_redis(redis), sts.close)],
+        gauges={"revocation_lag_seconds": follower.lag},
     )
 
 
@@ -144,7 +147,7 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
     upstream_policy = client_tls_policy(config.upstream_ca_file, variable="UPSTREAM_CA_FILE")
     pipeline = Pipeline(
         resources=backends.resources,
-        jwks=JWKSCache(backends.sts.fetch_jwks, reactor),
+        jwks=JWKSCache(backends.sts.fetch_jwks, reactor, metrics=metrics),
         replay=backends.replay,
         audit=backends.audit,
         revocations=backends.revocations,
@@ -164,6 +167,11 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
     )
     metrics.gauge("bindings_loaded", backends.resources.count)
     metrics.gauge("revocations_active", backends.revocations.active)
+    for name, read in backends.gauges.items():
+        metrics.gauge(name, read)
+    # The resource label takes only names of the table: callers cannot grow it.
+    resources = backends.resources
+    metrics.known_resources = lambda name: resources.get(name) is not None
 
     ready = ReadyResource(backends.checks, reactor)
     root = GatewayRoot(
@@ -171,7 +179,7 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
         {
             b"/health": HealthResource(),
             b"/ready": ready,
-            b"/metrics": MetricsResource(metrics.snapshot),
+            b"/metrics": MetricsResource(metrics.snapshot, metrics.exposition),
         },
     )
     service = MultiService()

@@ -15,7 +15,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from caracal.gateway.denials import error_body
-from caracal.gateway.metrics import render_json, render_prometheus
+from caracal.gateway.metrics import render_json
 
 log = Logger(namespace="caracal.ready")
 
@@ -124,16 +124,22 @@ class ReadyResource(Resource):
 
 class MetricsResource(Resource):
     """
-    C{GET /metrics}: the JSON counters, or the Prometheus text format when the
+    C{GET /metrics}: the JSON counters, or the Prometheus exposition when the
     client asks for C{text/plain}. C{snapshot} returns the counters to show
-    (this process's, or every worker's summed).
+    (this process's, or every worker's summed); C{exposition} the Prometheus
+    text and its content type (L{caracal.gateway.metrics.Metrics.exposition}).
     """
 
     isLeaf = True
 
-    def __init__(self, snapshot: Callable[[], defer.Deferred | dict]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], defer.Deferred | dict],
+        exposition: Callable[[], tuple[bytes, str]],
+    ) -> None:
         Resource.__init__(self)
         self.snapshot = snapshot
+        self.exposition = exposition
 
     def render(self, request):
         prometheus = prefers_prometheus(request.getHeader(b"accept") or b"")
@@ -143,8 +149,9 @@ class MetricsResource(Resource):
                 return
             request.setHeader(b"cache-control", b"no-store")
             if prometheus:
-                request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-                request.write(render_prometheus(snapshot))
+                text, content_type = self.exposition()
+                request.setHeader(b"content-type", content_type.encode("ascii"))
+                request.write(text)
             else:
                 request.setHeader(b"content-type", b"application/json")
                 request.write(render_json(snapshot))
@@ -156,7 +163,9 @@ class MetricsResource(Resource):
                 request.write(error_body(request, 500, "internal_error", "metrics unavailable"))
                 request.finish()
 
-        defer.maybeDeferred(self.snapshot).addCallback(answer).addErrback(failed)
+        # The exposition reads no other process: only JSON needs the snapshot.
+        source = (lambda: None) if prometheus else self.snapshot
+        defer.maybeDeferred(source).addCallback(answer).addErrback(failed)
         return NOT_DONE_YET
 
 

@@ -484,7 +484,8 @@ class _Exchange:
             log_fields["upstream_ms"] = round(elapsed * 1000, 1)
         metrics = self._forwarder._metrics
         if metrics is not None:
-            metrics.observe("upstream_duration_seconds", elapsed)
+            resource = log_fields.get("resource") if log_fields is not None else None
+            metrics.observe("upstream_duration_seconds", elapsed, resource=resource)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

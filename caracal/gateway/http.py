@@ -127,7 +127,11 @@ class GatewayRequest(Request):
     @ivar started_at: clock time the request began (its first line).
     @ivar finished_at: clock time it finished (or its connection was lost).
     @ivar response_complete: C{True} once the whole response was handed over.
+    @ivar local: C{True} for the local endpoints (C{/health}, C{/ready},
+        C{/metrics}), which the request counters leave out.
     """
+
+    local = False
 
     # A proxy must not invent a content type for an upstream answer without
     # one; local endpoints and error envelopes set their own.
@@ -712,6 +716,14 @@ class GatewaySite(Site):
         self.access_log.info(
             "{access_line}", access_line=format_access_line(record), **{ACCESS_EVENT_KEY: record}
         )
+        if not request.local:
+            fields = request.log_fields
+            self.metrics.request_done(
+                record["status"],
+                fields.get("resource"),
+                (record["duration_ms"] or 0.0) / 1000.0,
+                fields.get("denial"),
+            )
 
     def drain(self, timeout: float) -> Deferred:
         """
@@ -741,15 +753,20 @@ class GatewaySite(Site):
 
     def _channel_opened(self, channel: GatewayChannel) -> None:
         self._channels.add(channel)
+        self.metrics.add("open_connections", 1)
 
     def _channel_closed(self, channel: GatewayChannel) -> None:
-        self._channels.discard(channel)
+        if channel in self._channels:
+            self._channels.discard(channel)
+            self.metrics.add("open_connections", -1)
 
     def _request_started(self) -> None:
         self._inflight += 1
+        self.metrics.add("inflight_requests", 1)
 
     def _request_ended(self) -> None:
         self._inflight -= 1
+        self.metrics.add("inflight_requests", -1)
         if self._inflight == 0:
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:

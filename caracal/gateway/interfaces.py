@@ -136,19 +136,31 @@ class IForwarder(Interface):
 
 
 class IMetrics(Interface):
-    """The process's counters, gauges and latency histograms."""
+    """
+    The process's counters, gauges and latency histograms (the JSON counters
+    of SPEC 10 and the Prometheus families of SPEC 15).
+    """
 
-    def increment(name: str, amount: int = 1) -> None:
-        """Add C{amount} to counter C{name}."""
+    def increment(name: str, amount: int = 1, **labels) -> None:
+        """Add C{amount} to counter C{name} (with C{labels} for a labelled family)."""
 
-    def observe(name: str, seconds: float) -> None:
+    def observe(name: str, seconds: float, **labels) -> None:
         """Record a latency in histogram C{name}."""
 
     def gauge(name: str, read) -> None:
         """Make gauge C{name} report C{read()}."""
 
+    def add(name: str, delta: float) -> None:
+        """Move a counted gauge (open connections, requests in flight) by C{delta}."""
+
+    def request_done(status: int, resource, seconds: float, denial=None) -> None:
+        """One request finished: its status, resource, duration and denial reason."""
+
+    def exposition() -> tuple:
+        """The Prometheus text exposition and its content type."""
+
     def snapshot() -> dict:
-        """Every value as one dict."""
+        """The JSON counters and gauges as one dict."""
 
 
 class IRedisConnection(Interface):

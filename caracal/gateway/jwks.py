@@ -142,6 +142,8 @@ class JWKSCache:
     @param initial_backoff: seconds without fetches after a first failure.
     @param stale_grace: seconds past C{ttl} the last good key set is still
         used while refreshing it fails.
+    @param metrics: counts each fetch in C{jwks_fetches_total{result}}
+        (a L{caracal.gateway.metrics.Metrics}), or C{None}.
     """
 
     def __init__(
@@ -152,8 +154,10 @@ class JWKSCache:
         refetch_interval: float = 30.0,
         initial_backoff: float = 1.0,
         stale_grace: float = 3600.0,
+        metrics=None,
     ) -> None:
         self._fetch = fetch
+        self._metrics = metrics
         self.clock = clock
         self.ttl = ttl
         self.refetch_interval = refetch_interval
@@ -247,6 +251,9 @@ class JWKSCache:
     def _fetched(self, result: dict | Failure, zone_id: str, zone: _ZoneKeys) -> None:
         waiting, zone.waiting = zone.waiting or [], None
         now = self.clock.seconds()
+        if self._metrics is not None:
+            result_label = "error" if isinstance(result, Failure) else "ok"
+            self._metrics.increment("jwks_fetches", result=result_label)
         if isinstance(result, Failure):
             zone.failures += 1
             zone.backoff = min(max(zone.backoff * 2, self.initial_backoff), self.refetch_interval)

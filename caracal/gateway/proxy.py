@@ -357,6 +357,7 @@ class GatewayRoot(Resource):
         endpoint = self.local.get(request.path)
         if endpoint is None:
             return self.proxy.render(request)
+        request.local = True
         if request.method in (b"GET", b"HEAD"):
             return endpoint.render(request)
         # The local paths are never proxied, whatever the method.

@@ -71,6 +71,28 @@ class _RedisProtocol(txredisapi.RedisProtocol):
         for d in waiting:
             d.callback(self)
 
+    def execute_command(self, *args, **kwargs):
+        """
+        Send one command; its time to reply goes to the factory's C{metrics}
+        (C{redis_command_duration_seconds{command}}) when it has some. A
+        blocking read (C{XREAD BLOCK}) waits by design and is not timed.
+        """
+        d = super().execute_command(*args, **kwargs)
+        metrics = getattr(self.factory, "metrics", None)
+        if metrics is None or not args or "BLOCK" in args:
+            return d
+        clock = self.factory.clock
+        started = clock.seconds()
+        command = str(args[0])
+
+        def replied(result):
+            metrics.observe(
+                "redis_command_duration_seconds", clock.seconds() - started, command=command
+            )
+            return result
+
+        return d.addBoth(replied)
+
 
 class _ReconnectingRedisFactory(txredisapi.RedisFactory):
     """
@@ -93,7 +115,7 @@ def _endpoint(address: RedisAddress, reactor, connect_timeout: float, tls_option
     return endpoint
 
 
-def _connect(address, reactor, pool_size, connect_timeout, tls_options):
+def _connect(address, reactor, pool_size, connect_timeout, tls_options, metrics=None):
     if reactor is None:
         from twisted.internet import reactor
     factory = _ReconnectingRedisFactory(
@@ -111,6 +133,8 @@ def _connect(address, reactor, pool_size, connect_timeout, tls_options):
         convertNumbers=False,
     )
     factory.reconnect = True
+    factory.metrics = metrics
+    factory.clock = reactor
     # A lazy pool's handler is already in the caller's hands; this Deferred
     # only reports a pool that never filled up, which the calls' own time
     # bounds already surface.
@@ -125,6 +149,7 @@ def connect_redis(
     pool_size: int = 4,
     connect_timeout: float = CONNECT_TIMEOUT,
     tls_options=None,
+    metrics=None,
 ):
     """
     Open a lazy, self-reconnecting pool of C{pool_size} connections to
@@ -138,8 +163,9 @@ def connect_redis(
         host name is verified against the system roots.
     @return: a txredisapi C{ConnectionHandler} (C{set}, C{execute_command},
         ...); close it with L{close_redis}.
+    @param metrics: times every command (L{caracal.gateway.metrics.Metrics}), or C{None}.
     """
-    return _connect(address, reactor, pool_size, connect_timeout, tls_options)
+    return _connect(address, reactor, pool_size, connect_timeout, tls_options, metrics)
 
 
 def blocking_connection(

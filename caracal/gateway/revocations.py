@@ -316,6 +316,9 @@ class RevocationFollower(Service):
         # resync re-reading the window does not count its rejections twice.
         self._rejected_through: tuple[int, int] | None = None
         self.ready = False
+        #: When Redis last answered; C{None} until it has.
+        self.last_contact: float | None = None
+        self._started_at: float | None = None
         # Set by a Redis error: re-read the 24 h window before reading on.
         self._resync = False
         self.rejected = 0
@@ -333,6 +336,7 @@ class RevocationFollower(Service):
     def startService(self) -> None:
         """Connect and start following."""
         Service.startService(self)
+        self._started_at = self._reactor.seconds()
         self._connection = self._connect(self._address, self._reactor)
         self._loop = self._follow()
 
@@ -354,7 +358,23 @@ class RevocationFollower(Service):
     def _call(self, timeout: float, *arguments) -> defer.Deferred:
         d = defer.maybeDeferred(self._connection.execute_command, *arguments)
         d.addTimeout(timeout, self._reactor)
+        d.addCallback(self._heard)
         return self._wait(d)
+
+    def _heard(self, reply):
+        self.last_contact = self._reactor.seconds()
+        return reply
+
+    def lag(self) -> float:
+        """
+        Seconds since Redis last answered the follower (since it started,
+        when it never has): about the C{XREAD BLOCK} period at most while all
+        is well, growing while the follower is out of contact.
+        """
+        since = self.last_contact if self.last_contact is not None else self._started_at
+        if since is None:
+            return 0.0
+        return max(0.0, self._reactor.seconds() - since)
 
     @defer.inlineCallbacks
     def _follow(self):
