@@ -881,3 +881,52 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(status, 200)
         self.assertEqual(headers[b"connection"], [b"close"])
         self.assertTrue(transport.disconnecting)
+
+
+class SiteMetricsTests(HTTPTestMixin, SynchronousTestCase):
+    """The site feeds SPEC 15's request families and connection gauges."""
+
+    def sample(self, name, **labels):
+        from tests.support.metrics import sample_sum
+
+        return sample_sum(self.metrics, name, **labels)
+
+    def test_every_request_counted_once(self) -> None:
+        """An answered request and a refused one each count once, with their duration."""
+        channel, transport = self.connect()
+        self.request(channel, path=b"/tools")
+        self.request(channel, path=b"/tools", body=b"x" * (LIMIT + 1))
+        self.assertEqual(self.sample("caracal_gateway_requests_total"), 2)
+        self.assertEqual(self.sample("caracal_gateway_request_duration_seconds_count"), 2)
+        self.assertEqual(
+            self.sample("caracal_gateway_denials_total", reason="payload_too_large"), 1
+        )
+        self.assertEqual(self.metrics.snapshot()["requests_total"], 1, "JSON: the 413 only")
+
+    def test_local_endpoints_not_counted(self) -> None:
+        """A request the root marks local (/health, /metrics) is left out."""
+
+        class Local(Resource):
+            isLeaf = True
+
+            def render(self, request):
+                request.local = True
+                return b"ok"
+
+        self.site.resource = Local()
+        channel, transport = self.connect()
+        self.request(channel, path=b"/health", method=b"GET")
+        self.assertEqual(one_response(transport)[0], 200)
+        self.assertEqual(self.sample("caracal_gateway_requests_total"), 0)
+
+    def test_connection_and_inflight_gauges(self) -> None:
+        """open_connections follows connections, inflight_requests unfinished requests."""
+        channel, transport = self.connect()
+        self.connect()
+        self.assertEqual(self.sample("caracal_gateway_open_connections"), 2)
+        self.request(channel, path=b"/slow")
+        self.assertEqual(self.sample("caracal_gateway_inflight_requests"), 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.sample("caracal_gateway_inflight_requests"), 0)
+        self.assertEqual(self.sample("caracal_gateway_open_connections"), 1)
+        self.assertEqual(self.sample("caracal_gateway_requests_total", status_class="4xx"), 1)

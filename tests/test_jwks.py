@@ -399,3 +399,27 @@ class JWKSCacheTests(SynchronousTestCase):
         self.sts.keys["zone-a"].append(rsa_jwk)
         self.failureResultOf(self.cache.key_for("zone-a", "rsa"), UnknownKeyID)
         self.key("zone-a", "k1")
+
+
+class JWKSFetchMetricTests(SynchronousTestCase):
+    """Each fetch lands in jwks_fetches_total{result}."""
+
+    def test_okAndErrorCounted(self):
+        """A successful fetch counts result="ok", a failed one result="error"."""
+        from caracal.gateway.metrics import Metrics
+        from tests.support.metrics import sample_sum
+
+        clock = task.Clock()
+        clock.advance(1_800_000_000)
+        sts = FakeSTS()
+        key = ec.generate_private_key(ec.SECP256R1())
+        sts.keys["zone-a"] = [ec_jwk(key, "k1")]
+        metrics = Metrics()
+        cache = JWKSCache(sts.fetch, clock, metrics=metrics)
+        self.successResultOf(cache.key_for("zone-a", "k1"))
+        sts.down = True
+        self.failureResultOf(cache.key_for("zone-b", "k1"))
+        name = "caracal_gateway_jwks_fetches_total"
+        self.assertEqual(sample_sum(metrics, name, result="ok"), 1)
+        self.assertEqual(sample_sum(metrics, name, result="error"), 1)
+        self.flushLoggedErrors()

@@ -261,6 +261,19 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
         self.assertTrue(self.store.is_revoked("z", "s"))
         self.assertEqual(follower.applied, 1)
 
+    def test_lag_grows_only_out_of_contact(self):
+        """lag() is the time since Redis last answered: small while reads return."""
+        follower = self.follower()
+        self.assertEqual(follower.lag(), 0.0)
+        follower.startService()
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)
+        self.assertLessEqual(follower.lag(), 1.0)
+        self.redis.stall = True
+        for _ in range(10):
+            self.clock.advance(1.0)
+        self.assertGreaterEqual(follower.lag(), 5.0)
+
     def test_block_timeout_continues(self):
         """An empty block period leads to another read from the same id."""
         follower = self.follower()
