@@ -160,7 +160,6 @@ class _BoundedLabel:
 
 
 @implementer(IMetrics)
-@implementer(IMetrics)
 class Metrics:
     """
     One gateway's metrics (see the module docstring).
