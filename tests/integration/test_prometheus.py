@@ -78,7 +78,8 @@ class PrometheusScrapeTests(TestCase):
         redis = found["caracal_gateway_redis_command_duration_seconds"]
         self.assertGreaterEqual(value(redis, "_count", command="SET"), 1, "the JTI claim")
         self.assertEqual(value(found["caracal_gateway_resources_loaded"]), 1)
-        self.assertEqual(value(found["caracal_gateway_open_connections"]), 1, "the scrape's own")
+        # The scrape's own, and perhaps a closed call's the server has not yet seen go.
+        self.assertGreaterEqual(value(found["caracal_gateway_open_connections"]), 1)
         self.assertEqual(value(found["caracal_gateway_inflight_requests"]), 1, "the scrape")
         self.assertLess(value(found["caracal_gateway_revocation_lag_seconds"]), 10)
         self.assertIn("process_resident_memory_bytes", found)
