@@ -28,7 +28,13 @@ HMAC_KEY_HEX = "a1" * 32
 DATABASE_PASSWORD = "pg-s3cret-pw"
 REDIS_PASSWORD = "redis-s3cret-pw"
 
-BOOLEANS = ("INSECURE_HTTP", "INSECURE_STS", "JTI_FAIL_OPEN", "ALLOW_PRIVATE_UPSTREAMS")
+BOOLEANS = (
+    "INSECURE_HTTP",
+    "INSECURE_STS",
+    "JTI_FAIL_OPEN",
+    "REVOCATION_FAIL_OPEN",
+    "ALLOW_PRIVATE_UPSTREAMS",
+)
 DURATIONS = {
     "STS_TIMEOUT": ("sts_timeout", 5.0),
     "UPSTREAM_TIMEOUT": ("upstream_timeout", 30.0),
@@ -43,6 +49,7 @@ MSG_TLS_PAIR = "TLS_CERT_FILE and TLS_KEY_FILE must both be set"
 MSG_TLS_REQUIRED = "TLS_CERT_FILE/TLS_KEY_FILE required; set INSECURE_HTTP=true to run plaintext"
 MSG_INSECURE = "INSECURE_HTTP and INSECURE_STS are forbidden when CARACAL_ENV=production"
 MSG_JTI = "JTI_FAIL_OPEN is forbidden when CARACAL_ENV=production"
+MSG_REVOCATION = "REVOCATION_FAIL_OPEN is forbidden when CARACAL_ENV=production"
 MSG_PORT = "PORT must be 8081"
 MSG_HMAC_REQUIRED = "STREAMS_HMAC_KEY is required when CARACAL_ENV=production"
 MSG_HMAC_FORMAT = "STREAMS_HMAC_KEY must be hex-encoded and at least 32 bytes"
@@ -115,6 +122,7 @@ class DefaultsTests(ConfigTestMixin, SynchronousTestCase):
         self.assertFalse(config.insecure_http)
         self.assertFalse(config.insecure_sts)
         self.assertFalse(config.jti_fail_open)
+        self.assertFalse(config.revocation_fail_open)
         self.assertFalse(config.allow_private_upstreams)
         self.assertEqual(config.upstream_host_allowlist, frozenset())
         self.assertIsNone(config.sts_ca_file)
@@ -231,6 +239,24 @@ class EscapeHatchRuleTests(ConfigTestMixin, SynchronousTestCase):
 
     def test_jti_fail_open_in_production_refused(self) -> None:
         self.refused(production(JTI_FAIL_OPEN="true"), MSG_JTI)
+
+    def test_revocation_fail_open_in_production_refused(self) -> None:
+        """REVOCATION_FAIL_OPEN=true is refused in production, with the SPEC's message."""
+        self.refused(production(REVOCATION_FAIL_OPEN="true"), MSG_REVOCATION)
+        self.refused(production(REVOCATION_FAIL_OPEN="1", CARACAL_ENV=None), MSG_REVOCATION)
+
+    def test_revocation_fail_open_false_in_production_accepted(self) -> None:
+        """An explicit false is no escape hatch and is accepted in production."""
+        config = self.accepted(production(REVOCATION_FAIL_OPEN="false"))
+        self.assertFalse(config.revocation_fail_open)
+        self.assertEqual(config.escape_hatches(), [])
+
+    def test_revocation_fail_open_in_dev_accepted(self) -> None:
+        """In dev it is accepted, listed as an escape hatch and shown in the startup log."""
+        config = self.accepted(dev(REVOCATION_FAIL_OPEN="true"))
+        self.assertTrue(config.revocation_fail_open)
+        self.assertIn("REVOCATION_FAIL_OPEN", config.escape_hatches())
+        self.assertIs(config.redacted()["REVOCATION_FAIL_OPEN"], True)
 
     def test_escape_hatches_in_dev_accepted(self) -> None:
         config = self.accepted(

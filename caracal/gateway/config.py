@@ -223,6 +223,7 @@ class GatewayConfig:
     database_url: str = field(default="", repr=False)
     redis_url: str = field(default="", repr=False)
     jti_fail_open: bool = False
+    revocation_fail_open: bool = False
     streams_hmac_key: bytes | None = field(default=None, repr=False)
     allow_private_upstreams: bool = False
     upstream_host_allowlist: frozenset[str] = frozenset()
@@ -262,6 +263,7 @@ class GatewayConfig:
             ("INSECURE_HTTP", self.insecure_http),
             ("INSECURE_STS", self.insecure_sts),
             ("JTI_FAIL_OPEN", self.jti_fail_open),
+            ("REVOCATION_FAIL_OPEN", self.revocation_fail_open),
             ("ALLOW_PRIVATE_UPSTREAMS", self.allow_private_upstreams),
         ):
             if value:
@@ -284,6 +286,7 @@ class GatewayConfig:
             "DATABASE_URL": redact_url(self.database_url),
             "REDIS_URL": redact_url(self.redis_url),
             "JTI_FAIL_OPEN": self.jti_fail_open,
+            "REVOCATION_FAIL_OPEN": self.revocation_fail_open,
             "STREAMS_HMAC_KEY": "***" if self.streams_hmac_key else None,
             "ALLOW_PRIVATE_UPSTREAMS": self.allow_private_upstreams,
             "UPSTREAM_HOST_ALLOWLIST": sorted(self.upstream_host_allowlist),
@@ -366,6 +369,7 @@ class _Reader:
         insecure_http = self.boolean("INSECURE_HTTP")
         insecure_sts = self.boolean("INSECURE_STS")
         jti_fail_open = self.boolean("JTI_FAIL_OPEN")
+        revocation_fail_open = self.boolean("REVOCATION_FAIL_OPEN")
         allow_private = self.boolean("ALLOW_PRIVATE_UPSTREAMS")
         port = self.integer("PORT", PRODUCTION_PORT, 1, 65535)
         max_request_bytes = self.integer("MAX_REQUEST_BYTES", 10 * 1024 * 1024, 1, 2**62)
@@ -394,6 +398,8 @@ class _Reader:
             )
         if production and jti_fail_open:
             raise ConfigError("JTI_FAIL_OPEN is forbidden when CARACAL_ENV=production")
+        if production and revocation_fail_open:
+            raise ConfigError("REVOCATION_FAIL_OPEN is forbidden when CARACAL_ENV=production")
         if production and port != PRODUCTION_PORT:
             raise ConfigError("PORT must be 8081")
 
@@ -466,6 +472,7 @@ class _Reader:
             database_url=database_url,
             redis_url=redis_url,
             jti_fail_open=jti_fail_open,
+            revocation_fail_open=revocation_fail_open,
             streams_hmac_key=hmac_key,
             allow_private_upstreams=allow_private,
             upstream_host_allowlist=allowlist,

@@ -59,6 +59,8 @@ SPEC_VARIABLES = (
     "DATABASE_URL",
     "REDIS_URL",
     "JTI_FAIL_OPEN",
+    # SPEC section 12
+    "REVOCATION_FAIL_OPEN",
     "STREAMS_HMAC_KEY",
     "ALLOW_PRIVATE_UPSTREAMS",
     "UPSTREAM_HOST_ALLOWLIST",
@@ -175,7 +177,13 @@ class EnvExampleTests(SynchronousTestCase):
         """Production mode, no escape hatch, the production port, TLS files set."""
         self.assertEqual(self.active["CARACAL_ENV"], "production")
         self.assertEqual(self.active["PORT"], "8081")
-        for hatch in ("INSECURE_HTTP", "INSECURE_STS", "JTI_FAIL_OPEN", "ALLOW_PRIVATE_UPSTREAMS"):
+        for hatch in (
+            "INSECURE_HTTP",
+            "INSECURE_STS",
+            "JTI_FAIL_OPEN",
+            "REVOCATION_FAIL_OPEN",
+            "ALLOW_PRIVATE_UPSTREAMS",
+        ):
             self.assertEqual(self.active[hatch], "false", hatch)
         self.assertTrue(self.active["STS_URL"].startswith("https://"))
         self.assertTrue(self.active["REDIS_URL"].startswith("rediss://"))
