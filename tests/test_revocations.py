@@ -15,9 +15,12 @@ from twisted.logger import Logger, LogLevel
 from twisted.trial import unittest
 
 from caracal.gateway import revocations
+from caracal.gateway.backoff import reconnect_policy
 from caracal.gateway.revocations import (
+    CONTACT_TIMEOUT,
     RETENTION_SECONDS,
     RevocationFollower,
+    RevocationStateUnavailable,
     RevocationStore,
     parse_entries,
     parse_xread,
@@ -195,6 +198,56 @@ class RevocationStoreTests(unittest.SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
+class RevocationStateStoreTests(unittest.SynchronousTestCase):
+    """
+    The store's own side of SPEC 12's fail-closed rule: current once synced,
+    stale after more than L{CONTACT_TIMEOUT} seconds without contact.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = RevocationStore(self.clock)
+
+    def test_unfollowed_store_is_current(self):
+        """A store nobody follows (fed by hand) always vouches for its content."""
+        self.assertIsNone(self.store.unavailable())
+        self.successResultOf(self.store.check())
+        self.clock.advance(3600)
+        self.assertIsNone(self.store.unavailable())
+
+    def test_followed_store_not_loaded(self):
+        """Once a follower is expected, the store is not current until its first sync."""
+        self.store.expect_follower()
+        self.assertEqual(self.store.unavailable(), "revocation window not loaded yet")
+        self.assertIsNone(self.store.silence())
+        failure = self.failureResultOf(self.store.check(), RevocationStateUnavailable)
+        self.assertIn("not loaded", str(failure.value))
+
+    def test_contact_timeout_boundary(self):
+        """Exactly 5 s of silence is still contact; a moment more is not."""
+        self.store.expect_follower()
+        self.store.synced()
+        self.assertIsNone(self.store.unavailable())
+        self.clock.advance(CONTACT_TIMEOUT)
+        self.assertIsNone(self.store.unavailable())
+        self.clock.advance(0.001)
+        self.assertEqual(self.store.unavailable(), "no contact with the revocation stream for 5.0s")
+        self.failureResultOf(self.store.check(), RevocationStateUnavailable)
+        self.store.synced()
+        self.assertIsNone(self.store.unavailable())
+        self.successResultOf(self.store.check())
+
+    def test_revocations_enforced_while_stale(self):
+        """A stale store still knows the sessions it holds are revoked."""
+        self.store.expect_follower()
+        self.store.synced()
+        self.store.revoke("z", "s")
+        self.clock.advance(60)
+        self.assertIsNotNone(self.store.unavailable())
+        self.assertTrue(self.store.is_revoked("z", "s"))
+
+
 class Metrics:
     def __init__(self):
         self.counts = {}
@@ -217,6 +270,8 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
         follower = RevocationFollower(
             None, self.store, key, self.clock, self.metrics, connect=self.redis.connect
         )
+        # The production policy adds up to 50 ms of jitter; these tests count delays.
+        follower.retry_delay = reconnect_policy(jitter=0)
         self.addCleanup(lambda: follower.running and follower.stopService())
         return follower
 
@@ -361,7 +416,7 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
         unsigned = self.publish("z", "unsigned", key=None)
         self.redis.fail_next = 1
         self.clock.advance(1.0)  # the pending read ends, the next one fails
-        self.clock.advance(follower.initial_delay)  # backoff, then the resync
+        self.clock.advance(0.1)  # backoff, then the resync
         ranges = [c for c in self.redis.commands if c[0] == "XRANGE"]
         self.assertEqual(len(ranges), 2)
         self.assertEqual(follower.errors, 1)
@@ -425,7 +480,8 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
             self.clock.advance(next_call - self.clock.seconds())
         times = self.redis.times[first_failure:]
         delays = [round(b - a, 3) for a, b in zip(times, times[1:], strict=False)]
-        self.assertEqual(delays[:9], [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0])
+        # Capped at 0.5 s so the follower is back within the 2 s rule.
+        self.assertEqual(delays[:9], [0.1, 0.2, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
         self.assertEqual(follower.errors, 9)
         # after the outage: reads resume from the last id seen, nothing lost
         self.publish("z", "during")
@@ -463,3 +519,132 @@ class RevocationFollowerUnitTests(unittest.SynchronousTestCase):
         self.assertFalse(follower.ready)
         self.successResultOf(follower.stopService())
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RevocationStateFollowerTests(unittest.SynchronousTestCase):
+    """
+    The follower keeps its store current (SPEC 12): loaded window, contact
+    lost for more than 5 s, contact back. Driven by a Clock against
+    L{MemoryRedisServer}, whose C{XREAD BLOCK} answers an empty reply at the
+    end of the block period like Redis does.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.redis = MemoryRedisServer(self.clock)
+        self.store = RevocationStore(self.clock)
+
+    def follower(self):
+        follower = RevocationFollower(
+            None, self.store, KEY, self.clock, Metrics(), connect=self.redis.connect
+        )
+        follower.retry_delay = reconnect_policy(jitter=0)
+        self.addCleanup(lambda: follower.running and follower.stopService())
+        return follower
+
+    def publish(self, session):
+        fields = {"zone_id": "z", "session_id": session}
+        fields["_sig"] = sign_fields(KEY, STREAM, fields)
+        return self.redis.add(STREAM, fields)
+
+    def advance(self, seconds, step=0.05):
+        """Advance the clock in small steps, so every timer fires on time."""
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+
+    def test_not_current_before_the_window_is_loaded(self):
+        """
+        Attaching a follower makes its store not current at once, before
+        the follower even starts; the first loaded window makes it current.
+        """
+        follower = self.follower()
+        self.assertEqual(self.store.unavailable(), "revocation window not loaded yet")
+        self.redis.stall = True
+        follower.startService()
+        self.advance(30)
+        self.assertFalse(follower.ready)
+        self.assertEqual(self.store.unavailable(), "revocation window not loaded yet")
+        self.redis.stall = False
+        self.advance(7)
+        self.assertTrue(follower.ready)
+        self.assertIsNone(self.store.unavailable())
+
+    def test_healthy_blocked_read_is_contact(self):
+        """
+        A quiet stream: the follower sits in XREAD BLOCK for a minute with
+        nothing published, and the store never stops being current.
+        """
+        follower = self.follower()
+        follower.startService()
+        for _ in range(600):
+            self.clock.advance(0.1)
+            self.assertIsNone(self.store.unavailable(), self.clock.seconds())
+            self.assertLessEqual(self.store.silence(), 1.0)
+        reads = [c for c in self.redis.commands if c[0] == "XREAD"]
+        # One read per block period (the float steps make a few last 1.1 s).
+        self.assertGreaterEqual(len(reads), 50)
+
+    def test_contact_lost_after_five_seconds(self):
+        """
+        Redis stops answering: the store stays current for 5 s after the
+        last answer, then is not; a session revoked meanwhile is not missed
+        once contact is back, and the store is current again only after the
+        window has been re-read.
+        """
+        follower = self.follower()
+        follower.startService()
+        self.clock.advance(0.5)
+        self.redis.stall = True
+        # The read in flight still ends at its block period: last contact.
+        self.clock.advance(0.5)
+        last_contact = self.clock.seconds()
+        self.advance(5.0)
+        self.assertIsNone(self.store.unavailable())
+        self.advance(0.1)
+        self.assertEqual(self.store.unavailable(), "no contact with the revocation stream for 5.1s")
+        # Published while out of contact (the fake stores it; nobody reads it).
+        self.publish("during-outage")
+        self.advance(20)
+        self.assertGreater(self.clock.seconds() - last_contact, 20)
+        self.assertIsNotNone(self.store.unavailable())
+        self.assertFalse(self.store.is_revoked("z", "during-outage"))
+
+        self.redis.stall = False
+        # The stuck read times out, the follower reconnects, waits its
+        # backoff (at most 0.5 s), re-reads the window: current again.
+        self.advance(7)
+        self.assertIsNone(self.store.unavailable())
+        self.assertTrue(self.store.is_revoked("z", "during-outage"))
+
+    def test_short_error_keeps_the_state_current(self):
+        """
+        One failed read (a connection blip) is retried at once: the silence
+        never reaches 5 s, so calls are never refused for it.
+        """
+        follower = self.follower()
+        follower.startService()
+        self.redis.fail_next = 2
+        for _ in range(100):
+            self.clock.advance(0.1)
+            self.assertIsNone(self.store.unavailable())
+        self.assertEqual(follower.errors, 2)
+
+    def test_current_only_after_the_resync(self):
+        """
+        After an error the window is re-read before reading on; while that
+        re-read gets no answer the store does not become current again on
+        the strength of an old contact.
+        """
+        follower = self.follower()
+        follower.startService()
+        self.redis.fail_next = 1
+        self.clock.advance(1.0)  # the pending read ends; the next one fails
+        self.redis.stall = True
+        self.advance(6)
+        ranges = [c for c in self.redis.commands if c[0] == "XRANGE"]
+        self.assertGreaterEqual(len(ranges), 2)  # the initial load, then re-reads
+        self.assertIsNotNone(self.store.unavailable())
+        self.redis.stall = False
+        self.advance(6)
+        self.assertIsNone(self.store.unavailable())

@@ -91,6 +91,20 @@ class IRevocations(Interface):
     def active() -> int:
         """How many revocations are held."""
 
+    def unavailable():
+        """
+        Why a session not held cannot be said not revoked (the window is not
+        loaded, or its follower lost contact with Redis more than 5 s ago:
+        SPEC section 12), or C{None} while the state is current.
+        """
+
+    def check():
+        """
+        Readiness: a Deferred firing C{None} while the state is current,
+        failing with L{caracal.gateway.revocations.RevocationStateUnavailable}
+        otherwise.
+        """
+
 
 class ITokenExchange(Interface):
     """The STS's token exchange (SPEC step 11)."""

@@ -17,6 +17,15 @@ A refused entry (unsigned, badly signed or malformed, with a key configured)
 is copied to C{caracal.sessions.revoke.dead} under its own entry id, so the
 copy happens once however many instances refuse it and however often one
 re-reads its window.
+
+Fail closed (SPEC section 12). A store fed by a follower vouches that a
+session it does not hold is not revoked only while it is current: its 24 h
+window has been loaded and the follower has heard from Redis in the last
+L{CONTACT_TIMEOUT} seconds. Contact is measured honestly: the follower's
+C{XREAD BLOCK} is bounded to one second, so a healthy connection answers
+(with entries or with nothing) at least that often, and each answer records
+the time. A blocked read on a dead or stalled link answers nothing and the
+silence grows.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from caracal.gateway.backoff import reconnect_policy
 from caracal.gateway.interfaces import IRevocations
 from caracal.gateway.redisconn import blocking_connection, close_redis
 
@@ -42,6 +52,9 @@ RETENTION_SECONDS = 24 * 3600.0
 #: Approximate bound on the dead-letter stream's length.
 DEAD_LETTER_MAXLEN = 10_000
 SIGNATURE_FIELD = "_sig"
+#: Seconds without an answer from Redis after which the follower is out of
+#: contact and the revocation state is no longer current (SPEC section 12).
+CONTACT_TIMEOUT = 5.0
 #: Redis's answer to an C{XADD} whose explicit id is not above the stream's
 #: top: for a dead letter, the entry was already copied (see C{_reject}).
 ALREADY_DEAD_LETTERED = "equal or smaller than the target stream top item"
@@ -88,6 +101,15 @@ def verify_fields(key: bytes, stream: str, fields: dict[str, str]) -> bool:
     return hmac.compare_digest(expected, _utf8(signature).lower())
 
 
+class RevocationStateUnavailable(Exception):
+    """
+    The revoked sessions held may be incomplete (window not loaded, or the
+    follower out of contact with Redis): a session absent from the store
+    cannot be said not revoked. C{str()} says why. SPEC: 503
+    C{revocation_state_unavailable} for a session-bearing call.
+    """
+
+
 @implementer(IRevocations)
 class RevocationStore:
     """
@@ -96,14 +118,75 @@ class RevocationStore:
     Entries expire C{retention} seconds after their revocation time; expired
     entries are pruned (driven by C{clock}) whenever the store is used, so it
     never holds more than a day of revocations.
+
+    A store that a L{RevocationFollower} feeds is current only while the
+    follower keeps reporting contact (L{synced}) at most C{contact_timeout}
+    seconds apart; L{unavailable} and L{check} say when it is not. A store
+    nobody follows (fed by hand, in tests) is always current.
     """
 
-    def __init__(self, clock, retention: float = RETENTION_SECONDS) -> None:
+    def __init__(
+        self,
+        clock,
+        retention: float = RETENTION_SECONDS,
+        contact_timeout: float = CONTACT_TIMEOUT,
+    ) -> None:
         self._clock = clock
         self._retention = retention
+        self._contact_timeout = contact_timeout
         self._revoked: dict[tuple[str, str], float] = {}
         self._expiries: list[tuple[float, tuple[str, str]]] = []
         self._watchers: dict[tuple[str, str], dict[object, Callable[[], object]]] = {}
+        self._followed = False
+        self._synced_at: float | None = None
+
+    def expect_follower(self) -> None:
+        """
+        Declare that a follower feeds this store: until its first L{synced},
+        and whenever it has been silent longer than the contact timeout, the
+        store is not current.
+        """
+        self._followed = True
+
+    def synced(self) -> None:
+        """
+        The follower has just heard from Redis, and every revocation Redis
+        held until then is applied (its window is loaded, or a read answered).
+        """
+        self._synced_at = self._clock.seconds()
+
+    def silence(self) -> float | None:
+        """
+        Seconds since the follower last heard from Redis; C{None} before the
+        window is loaded (and always C{0.0} for a store nobody follows).
+        """
+        if not self._followed:
+            return 0.0
+        if self._synced_at is None:
+            return None
+        return max(0.0, self._clock.seconds() - self._synced_at)
+
+    def unavailable(self) -> str | None:
+        """
+        Why this store cannot vouch that a session it does not hold is not
+        revoked, or C{None} while it is current.
+        """
+        silence = self.silence()
+        if silence is None:
+            return "revocation window not loaded yet"
+        if silence > self._contact_timeout:
+            return f"no contact with the revocation stream for {silence:.1f}s"
+        return None
+
+    def check(self) -> defer.Deferred:
+        """
+        Readiness: fires C{None} while current, errbacks with
+        L{RevocationStateUnavailable} otherwise.
+        """
+        reason = self.unavailable()
+        if reason is not None:
+            return defer.fail(RevocationStateUnavailable(reason))
+        return defer.succeed(None)
 
     def _prune(self) -> None:
         now = self._clock.seconds()
@@ -262,9 +345,14 @@ class RevocationFollower(Service):
     On start it loads the last 24 hours with C{XRANGE} (pages of 1000), then
     loops on C{XREAD BLOCK block_ms COUNT 500 STREAMS <stream> <last id>} on a
     connection of its own, applying each entry as soon as it arrives. On any
-    Redis error it retries with a capped backoff (0.1 s doubling to 2 s) from
-    the last id it saw, so nothing is missed; applying an entry twice is
-    harmless.
+    Redis error it retries with a capped backoff (L{reconnect_policy}: 0.1 s
+    doubling to 0.5 s) and re-reads its window, so nothing is missed;
+    applying an entry twice is harmless.
+
+    Every answer from Redis (a loaded window, a read with entries or an empty
+    block period) marks the store L{RevocationStore.synced}: C{block_ms}
+    must stay well under L{CONTACT_TIMEOUT}, or a healthy but quiet stream
+    would look like a lost contact.
 
     With C{hmac_key} set, an entry whose C{_sig} is missing or wrong, or that
     lacks C{zone_id} / C{session_id}, is ignored, counted (C{rejected}, and
@@ -280,8 +368,6 @@ class RevocationFollower(Service):
 
     name = "revocation-follower"
 
-    initial_delay = 0.1
-    max_delay = 2.0
     page_size = 1000
     read_count = 500
     #: Seconds allowed beyond the block period before a read counts as stuck.
@@ -300,6 +386,7 @@ class RevocationFollower(Service):
     ) -> None:
         self._address = redis_address
         self._store = store
+        store.expect_follower()
         self._hmac_key = hmac_key
         self._reactor = reactor
         self._metrics = metrics
@@ -307,6 +394,8 @@ class RevocationFollower(Service):
         self.dead_letter_stream = stream + DEAD_LETTER_SUFFIX
         self._block_ms = int(block_ms)
         self._connect = connect
+        #: C{policy(attempt) -> seconds} between two attempts after errors.
+        self.retry_delay = reconnect_policy()
         self._connection = None
         self._waiting: defer.Deferred | None = None
         self._loop: defer.Deferred | None = None
@@ -378,11 +467,12 @@ class RevocationFollower(Service):
 
     @defer.inlineCallbacks
     def _follow(self):
-        delay = self.initial_delay
+        failures = 0
         while self.running:
             try:
                 if not self.ready:
                     yield self._load()
+                    self._store.synced()
                     self._caught_up()
                 elif self._resync:
                     # Redis may be back empty (restarted without persistence),
@@ -392,13 +482,16 @@ class RevocationFollower(Service):
                     self.last_id = None
                     yield self._load()
                     self._resync = False
+                    self._store.synced()
                 yield self._read()
-                delay = self.initial_delay
+                failures = 0
             except Exception as error:
                 if not self.running:
                     break
                 self._resync = True
                 self.errors += 1
+                delay = self.retry_delay(failures)
+                failures += 1
                 _log.warn(
                     "revocation stream {stream}: {reason}; retrying in {delay:.1f}s",
                     stream=self.stream,
@@ -413,7 +506,6 @@ class RevocationFollower(Service):
                     yield self._wait(task.deferLater(self._reactor, delay, lambda: None))
                 except defer.CancelledError:
                     break
-                delay = min(delay * 2, self.max_delay)
         self._waiting = None
 
     def _reconnect(self) -> None:
@@ -468,6 +560,9 @@ class RevocationFollower(Service):
             self.last_id,
         )
         self._apply(parse_xread(reply, self.stream))
+        # An answer, even an empty one at the end of the block period, is
+        # contact: everything up to now has been seen.
+        self._store.synced()
 
     def _apply(self, entries: list[tuple[str, dict | None]]) -> None:
         horizon = self._horizon()
