@@ -110,6 +110,24 @@ class ReadyLoadTests(SynchronousTestCase):
         render(self.ready)
         self.assertEqual(self.calls, 2)
 
+    def test_failedResultReusedForAQuarterSecond(self):
+        """
+        A failing result is reused for less time, so a dependency back in
+        service is seen quickly (SPEC 12: /ready 200 within 2 s of it), yet a
+        caller still cannot run the checks more than four times a second.
+        """
+        render(self.ready)
+        self.pending[0].errback(ConnectionRefusedError("down"))
+        self.clock.advance(0.2)
+        self.assertEqual(render(self.ready).responseCode, 503)
+        self.assertEqual(self.calls, 1)
+        self.clock.advance(0.05)
+        request = render(self.ready)
+        self.assertEqual(self.calls, 2)
+        self.pending[1].callback(None)
+        self.assertEqual(request.responseCode, 200)
+        self.flushLoggedErrors()
+
 
 class MetricsFailureTests(SynchronousTestCase):
     def test_failedSnapshotAnswers500(self):

@@ -304,6 +304,83 @@ class PipelineTests(SynchronousTestCase):
         self.revocations.revoke("other-zone", "s-1")
         self.assertEqual(self.call(token=self.mint(sid="s-1")).responseCode, 200)
 
+    def forgetCalls(self):
+        """Forget what earlier calls did and counted, before checking a refused one."""
+        self.metrics = self.pipeline.metrics = Metrics()
+        self.sts.calls[:] = []
+        self.guard.calls[:] = []
+        self.forwarder.calls[:] = []
+
+    def assertRevocationStateUnavailable(self, request):
+        """A 503 at step 10: neither the STS nor the upstream was contacted."""
+        self.assertDenied(request, 503, "revocation_state_unavailable")
+        self.assertNoSTS()
+        self.assertEqual(self.forwarder.calls, [])
+        self.assertEqual(request.log_fields["denial"], "revocation_state_unavailable")
+
+    def test_revocationWindowNotLoadedFailsClosed(self):
+        """
+        SPEC 12: while the follower has not loaded the window, a call whose
+        token names a session (sid, else agent_session_id) gets 503.
+        """
+        self.revocations.expect_follower()
+        for claims in ({"sid": "s-1"}, {"agent_session_id": "s-2"}):
+            self.forgetCalls()
+            request = self.call(token=self.mint(**claims))
+            self.assertRevocationStateUnavailable(request)
+            self.assertEqual(
+                request.log_fields["revocation_state"], "revocation window not loaded yet"
+            )
+
+    def test_revocationContactLostFailsClosed(self):
+        """
+        Current, then more than 5 s without contact: 503; contact back: the
+        same kind of call is forwarded again.
+        """
+        self.revocations.expect_follower()
+        self.revocations.synced()
+        self.assertEqual(self.call(token=self.mint(sid="s-1")).responseCode, 200)
+        self.clock.advance(5.5)
+        self.forgetCalls()
+        self.assertRevocationStateUnavailable(self.call(token=self.mint(sid="s-1")))
+        self.revocations.synced()
+        self.assertEqual(self.call(token=self.mint(sid="s-1")).responseCode, 200)
+
+    def test_sessionlessTokenPassesWithoutRevocationState(self):
+        """A token naming no session has nothing to look up: it passes step 10."""
+        self.revocations.expect_follower()
+        request = self.call(token=self.mint())
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(len(self.forwarder.calls), 1)
+        self.assertNotIn("revocation_state", request.log_fields)
+
+    def test_revocationFailOpen(self):
+        """
+        REVOCATION_FAIL_OPEN=true lets a session-bearing call through with a
+        warning (and a log field) while the state is not current; a
+        revocation already loaded is still enforced.
+        """
+        from twisted.logger import LogLevel, globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.pipeline.revocation_fail_open = True
+        self.revocations.expect_follower()
+        request = self.call(token=self.mint(sid="s-1"))
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(request.log_fields["revocation_state"], "revocation window not loaded yet")
+        warnings = [
+            e
+            for e in events
+            if e.get("log_level") == LogLevel.warn and "REVOCATION_FAIL_OPEN" in e["log_format"]
+        ]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0]["request_id"], request.request_id)
+        self.revocations.revoke(ZONE, "s-2")
+        self.forgetCalls()
+        self.assertDenied(self.call(token=self.mint(sid="s-2")), 401, "session_revoked")
+
     # step 11
     def test_stsErrorPassedThrough(self):
         self.sts.denial = Denial(403, "access_denied", "no grant", metric="sts_exchange_errors")

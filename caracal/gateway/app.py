@@ -121,6 +121,9 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
             "postgres": resources.check,
             "redis": lambda: check_redis(redis, reactor),
             "sts": sts.health,
+            # SPEC 12: not ready while session-bearing calls are refused
+            # for want of a current revocation state.
+            "revocations": revocations.check,
         },
         services=[resources, follower, ClosingService(lambda: close_redis(redis), sts.close)],
         gauges={"revocation_lag_seconds": follower.lag},
@@ -164,6 +167,7 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
         metrics=metrics,
         clock=reactor,
         jti_fail_open=config.jti_fail_open,
+        revocation_fail_open=config.revocation_fail_open,
     )
     metrics.gauge("bindings_loaded", backends.resources.count)
     metrics.gauge("revocations_active", backends.revocations.active)

@@ -93,6 +93,7 @@ class Pipeline:
     metrics: IMetrics
     clock: IReactorTime
     jti_fail_open: bool = False
+    revocation_fail_open: bool = False
 
 
 class GatewayResource(ReverseProxyResource):
@@ -225,10 +226,29 @@ class GatewayResource(ReverseProxyResource):
 
         return d.addCallbacks(claimed, unavailable)
 
-    # Step 10: the caller's session has not been revoked.
+    # Step 10: the caller's session has not been revoked. Only a current
+    # revocation state can tell (SPEC 12): while it is not, fail closed.
     def _check_session(self, call: Call) -> Call:
         session = call.session_id
-        if session and self.pipeline.revocations.is_revoked(call.zone_id, session):
+        if not session:
+            return call
+        revocations = self.pipeline.revocations
+        stale = revocations.unavailable()
+        if stale is not None:
+            call.request.log_fields["revocation_state"] = stale
+            if not self.pipeline.revocation_fail_open:
+                raise Denial(
+                    503,
+                    "revocation_state_unavailable",
+                    "the revocation state is unavailable",
+                )
+            log.warn(
+                "revocation state not current ({reason}) and REVOCATION_FAIL_OPEN=true:"
+                " session checked against the revocations loaded (request {request_id})",
+                reason=stale,
+                request_id=call.request.request_id,
+            )
+        if revocations.is_revoked(call.zone_id, session):
             raise Denial(401, "session_revoked", "the session is revoked", metric="denials_revoked")
         return call
 

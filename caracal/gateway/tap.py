@@ -277,7 +277,9 @@ class GatewayService(Service):
         if not loaded:
             log.warn(
                 "resources or revocations not loaded after {timeout} s; serving anyway"
-                " (unknown resources are refused until the snapshot arrives)",
+                " (unknown resources are refused until the snapshot arrives; calls naming a"
+                " session get 503 revocation_state_unavailable until the revocation window"
+                " is loaded)",
                 timeout=STARTUP_LOAD_TIMEOUT,
             )
         return self.endpoint.listen(self.factory())
