@@ -374,6 +374,43 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(self.connection.closed, 0)
         self.connection.answer("SELECT 1", [(1,)])
 
+    def test_check_finding_the_connection_dead_reconnects(self):
+        """
+        SPEC 12: the readiness probe is the first to touch a connection the
+        server terminated. txpostgres then stops watching it, so no reader
+        would ever report it: the probe itself must start the reconnection,
+        not the periodic reload 30 s later.
+        """
+        self.bring_up()
+        checked = self.store.check()
+        # What psycopg2 does to a backend terminated under it: the query
+        # fails and the connection is marked broken (closed == 2), without a
+        # lost() call.
+        self.connection.closed = 2
+        self.connection.fail(
+            "SELECT 1", psycopg2.OperationalError("terminating connection due to administrator")
+        )
+        failure = self.failureResultOf(checked, ResourceStoreUnavailable)
+        self.assertIn("terminating connection", str(failure.value))
+        self.assertFalse(self.store.connected)
+        self.assertLess(self.retry_delay(), 0.15)
+        self.clock.advance(self.retry_delay())
+        self.assertEqual(len(self.connections), 2)
+        self.connect_and_load()
+        self.assertTrue(self.store.connected)
+        checked = self.store.check()
+        self.connection.answer("SELECT 1", [(1,)])
+        self.successResultOf(checked)
+
+    def test_check_failing_on_a_live_connection_keeps_it(self):
+        """A probe that fails while the connection stays usable does not reconnect."""
+        self.bring_up()
+        checked = self.store.check()
+        self.connection.fail("SELECT 1", psycopg2.errors.QueryCanceled("statement timeout"))
+        self.failureResultOf(checked, ResourceStoreUnavailable)
+        self.assertTrue(self.store.connected)
+        self.assertEqual(len(self.connections), 1)
+
     def test_check_before_first_snapshot(self):
         self.store.startService()
         self.connection.connecting.callback(None)
@@ -473,8 +510,11 @@ class PostgresResourceStoreTests(SynchronousTestCase):
             delays.append(self.retry_delay())
             self.clock.advance(delays[-1])
         self.assertEqual(len(self.connections), 9)
-        self.assertTrue(all(d <= 5.0 for d in delays), delays)
-        self.assertGreaterEqual(delays[-1], 4.0)  # reached the cap (with jitter)
+        # 0.1 s doubling to the 0.5 s cap, plus at most 50 ms of jitter: the
+        # store is back within a fraction of a second of Postgres.
+        self.assertTrue(all(d <= 0.55 for d in delays), delays)
+        self.assertGreaterEqual(min(delays[3:]), 0.5)  # reached the cap
+        self.assertLess(delays[0], 0.15)
         self.assertLess(delays[0], delays[3])
         for connection in self.connections[:-1]:
             self.assertTrue(connection.closed)

@@ -15,7 +15,6 @@ is the in-memory double for tests; both pass the same contract suite.
 from __future__ import annotations
 
 import contextlib
-import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from twisted.python.failure import Failure
 from txpostgres.txpostgres import Connection
 from zope.interface import implementer
 
+from caracal.gateway import backoff
 from caracal.gateway.config import ConfigError, redact_url
 from caracal.gateway.interfaces import IResourceRegistry
 
@@ -224,6 +224,12 @@ class PostgresResourceStore(Service):
     does every C{reload_interval} seconds. After a reconnection it LISTENs
     and reloads again, so changes made during the outage are picked up.
 
+    Whoever finds the connection dead starts the reconnection at once (SPEC
+    section 12): its NOTIFY reader, a reload, or a readiness L{check}. The
+    retries follow L{backoff.reconnect_policy} (0.1 s doubling to 0.5 s), so
+    the store is back within a fraction of a second of Postgres accepting
+    connections.
+
     @ivar loaded: fires C{None} once the first snapshot is in memory.
     """
 
@@ -236,8 +242,8 @@ class PostgresResourceStore(Service):
         reload_interval: float = 30.0,
         clock=None,
         *,
-        initial_backoff: float = 0.5,
-        max_backoff: float = 5.0,
+        initial_backoff: float = backoff.INITIAL_DELAY,
+        max_backoff: float = backoff.MAX_DELAY,
         query_timeout: float = 10.0,
         check_timeout: float = 2.0,
         connection_factory: Callable[[Callable[[Connection, Failure], None]], Connection]
@@ -261,9 +267,7 @@ class PostgresResourceStore(Service):
         self._parameters = connection_parameters(dsn)
         self._where = redact_url(dsn)
         self._reload_interval = reload_interval
-        self._initial_backoff = initial_backoff
-        self._max_backoff = max_backoff
-        self._backoff = initial_backoff
+        self._retry_delay = backoff.reconnect_policy(initial=initial_backoff, cap=max_backoff)
         self._query_timeout = query_timeout
         self._check_timeout = check_timeout
         self._factory = connection_factory or (lambda lost: _StoreConnection(self._reactor, lost))
@@ -298,7 +302,9 @@ class PostgresResourceStore(Service):
         """
         See L{IResourceRegistry.check}: a C{SELECT 1} bounded by C{check_timeout}
         on the live connection; also fails until the first snapshot is loaded
-        (a gateway without one would refuse every request).
+        (a gateway without one would refuse every request). A probe that
+        finds the connection dead starts the reconnection; one that is only
+        slow does not.
         """
         connection = self._connection
         if connection is None:
@@ -308,6 +314,11 @@ class PostgresResourceStore(Service):
         probe = self._bounded(connection.runQuery("SELECT 1"), self._check_timeout)
 
         def unavailable(failure: Failure) -> Failure:
+            if connection.closed:
+                # The probe was the first to touch a connection that died
+                # (its reader may never fire again once a query failed on
+                # it): reconnect now rather than at the next reload.
+                self._lost(connection, failure)
             if failure.check(ResourceStoreUnavailable):
                 return failure
             return Failure(ResourceStoreUnavailable(f"postgres check failed: {_reason(failure)}"))
@@ -380,7 +391,6 @@ class PostgresResourceStore(Service):
             return
         self._pending = None
         self._connection = connection
-        self._backoff = self._initial_backoff
         if self._down_since is not None:
             self.log.info(
                 "resource store reconnected to {where} after {seconds:.1f}s",
@@ -431,9 +441,9 @@ class PostgresResourceStore(Service):
                 count=self.count(),
                 attempt=self._failures,
             )
-        # Jitter spreads the reconnections of many gateways after a restart.
-        delay = self._backoff * random.uniform(0.8, 1.0)
-        self._backoff = min(self._backoff * 2, self._max_backoff)
+        # The shared policy's jitter spreads the reconnections of many
+        # gateways after a restart; its cap keeps recovery within 2 s.
+        delay = self._retry_delay(self._failures - 1)
         self._retry = self._clock.callLater(delay, self._connect)
 
     def _close(self, connection: Connection) -> None:
