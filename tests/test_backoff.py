@@ -40,3 +40,21 @@ class ReconnectPolicyTests(SynchronousTestCase):
 
         worst = max(reconnect_policy(jitter=0)(n) for n in range(100)) + backoff.JITTER
         self.assertLessEqual(worst + FAILED_CACHE_SECONDS, 1.0)
+
+
+class RedisReconnectionTests(SynchronousTestCase):
+    """The Redis pools and the follower's connection reconnect on the shared policy."""
+
+    def test_redis_factory_delays(self) -> None:
+        """
+        txredisapi asks the factory for the delay before each attempt (1 is
+        the first retry): about 0.1 s first, never more than the cap however
+        long Redis stays away (txredisapi's own grows to 10 s).
+        """
+        from caracal.gateway.redisconn import _ReconnectingRedisFactory
+
+        factory = _ReconnectingRedisFactory(uuid="test", dbid=None, poolsize=1)
+        self.assertLessEqual(factory.retryDelay(1), backoff.INITIAL_DELAY + backoff.JITTER)
+        for attempt in range(1, 200):
+            self.assertLessEqual(factory.retryDelay(attempt), backoff.MAX_DELAY + backoff.JITTER)
+        self.assertGreaterEqual(factory.retryDelay(100), backoff.MAX_DELAY)
