@@ -30,7 +30,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from caracal.gateway.revocations import REVOCATION_STREAM, sign_fields
 from tests.support.certs import make_chain
 from tests.support.postgres import TemporaryDatabase
-from tests.support.process import GatewayProcess, free_port, gateway_environ
+from tests.support.process import START_TIMEOUT, GatewayProcess, free_port, gateway_environ
 from tests.support.redis import SHARED_PORT, SyncRedis
 from tests.support.sts import start_dev_sts, stop_listening
 from tests.support.upstreams import LocalUpstream
@@ -56,7 +56,17 @@ class ReplicaSet:
     @ivar revocation_ids: the entries this set XADDed to the revocation stream.
     """
 
-    def __init__(self, directory: str, redis_port: int = SHARED_PORT, reactor=None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        redis_port: int = SHARED_PORT,
+        reactor=None,
+        database: TemporaryDatabase | None = None,
+    ) -> None:
+        """
+        @param database: the (not yet created) database to use; by default a
+            L{TemporaryDatabase} on the shared server.
+        """
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -66,7 +76,7 @@ class ReplicaSet:
         self.hmac_key = secrets.token_bytes(32)
         self.redis_port = redis_port
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        self.database = TemporaryDatabase()
+        self.database = database if database is not None else TemporaryDatabase()
         self.gateways: list[GatewayProcess] = []
         self.revocation_ids: list[str] = []
         self._started: list[str] = []
@@ -74,11 +84,11 @@ class ReplicaSet:
     # Lifecycle
 
     @defer.inlineCallbacks
-    def start(self, count: int = 2):
+    def start(self, count: int = 2, timeout: float = START_TIMEOUT):
         """
         Create the database with this set's resource, start the dev STS and
         the upstream, then C{count} gateways in parallel; fires when each of
-        them serves a call.
+        them answers C{GET /health} (within C{timeout} seconds).
         """
         self.database.create()
         self._started.append("database")
@@ -99,7 +109,7 @@ class ReplicaSet:
         self.agent = Agent(self.reactor, contextFactory=policy, pool=self.pool)
         self._started.append("client")
         yield defer.gatherResults(
-            [self.add_gateway() for _ in range(count)], consumeErrors=True
+            [self.add_gateway(timeout) for _ in range(count)], consumeErrors=True
         ).addErrback(lambda failure: failure.value.subFailure)
 
     def environ(self, port: int) -> dict[str, str]:
@@ -122,11 +132,12 @@ class ReplicaSet:
         return environ
 
     @defer.inlineCallbacks
-    def add_gateway(self):
+    def add_gateway(self, timeout: float = START_TIMEOUT):
         """
         Start one more gateway process; fires with its L{GatewayProcess} once
         it answers C{GET /health} (no proxied call made: the caller decides
-        what the first one is).
+        what the first one is). A gateway whose dependencies are down listens
+        only after its startup wait (10 s): give it a longer C{timeout}.
         """
         port = free_port()
         directory = os.path.join(self.directory, f"gateway-{port}")
@@ -135,7 +146,7 @@ class ReplicaSet:
             self.environ(port), cwd=directory, root=self.root, reactor=self.reactor
         )
         self.gateways.append(gateway)
-        yield gateway.start()
+        yield gateway.start(timeout)
         return gateway
 
     @defer.inlineCallbacks
@@ -204,14 +215,38 @@ class ReplicaSet:
         """A caller token of this set's zone, from the dev STS."""
         return self.sts.mint(self.zone, "agent-replicas", use=use, session_id=session_id, **options)
 
+    def mint_without_session(self, use: str = "ambient") -> str:
+        """
+        A caller token of this set's zone naming no session (no C{sid}, no
+        C{agent_session_id}), signed by the zone's key: the dev STS's own
+        C{mint} always adds a C{sid}.
+        """
+        import jwt
+
+        from caracal.devsts.service import ISSUER
+
+        key = self.sts.zone_key(self.zone)
+        now = self.sts.now()
+        claims = {
+            "iss": ISSUER,
+            "sub": "agent-replicas",
+            "zone_id": self.zone,
+            "iat": now,
+            "exp": now + 300,
+            "use": use,
+        }
+        return jwt.encode(claims, key.private_key, algorithm="ES256", headers={"kid": key.kid})
+
     def url(self, gateway: GatewayProcess, path: str = "/tools/run") -> str:
         return f"https://127.0.0.1:{gateway.port}{path}"
 
     @defer.inlineCallbacks
-    def call(self, gateway: GatewayProcess, token: str, timeout: float = 5.0):
+    def call(
+        self, gateway: GatewayProcess, token: str, timeout: float = 5.0, resource: str = RESOURCE
+    ):
         """
-        One proxied call through C{gateway} with C{token}. Fires with
-        C{(status, body)}, the body parsed as JSON when it is JSON.
+        One proxied call through C{gateway} with C{token} to C{resource}.
+        Fires with C{(status, body)}, the body parsed as JSON when it is JSON.
         """
         import treq
 
@@ -220,7 +255,7 @@ class ReplicaSet:
             self.url(gateway),
             headers={
                 b"Authorization": [b"Bearer " + token.encode()],
-                b"X-Caracal-Resource": [RESOURCE.encode()],
+                b"X-Caracal-Resource": [resource.encode()],
                 b"Content-Type": [b"application/json"],
             },
             data=b"{}",
@@ -232,6 +267,15 @@ class ReplicaSet:
         if content_type.startswith(b"application/json"):
             body = json.loads(body)
         return response.code, body
+
+    @defer.inlineCallbacks
+    def ready(self, gateway: GatewayProcess, timeout: float = 5.0):
+        """C{GET /ready} on C{gateway}: fires with C{(status, parsed JSON body)}."""
+        import treq
+
+        response = yield treq.get(self.url(gateway, "/ready"), agent=self.agent, timeout=timeout)
+        body = yield response.content()
+        return response.code, json.loads(body)
 
     @defer.inlineCallbacks
     def outcome(self, gateway: GatewayProcess, token: str):
