@@ -279,6 +279,11 @@ class PrivatePostgres:
                 raise RuntimeError(f"private postgres did not start on port {self.port}")
             time.sleep(0.02)
 
+    @property
+    def running(self) -> bool:
+        """Whether the server process is up."""
+        return self._process is not None and self._process.poll() is None
+
     def stop(self) -> None:
         """
         Fast shutdown (SIGINT): every backend is terminated, new connections
