@@ -496,6 +496,16 @@ class ForwarderTests(SynchronousTestCase):
         self.assertTrue(upstream.disconnecting or upstream.disconnected)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_cancel_while_waiting_drops_upstream(self):
+        """Cancelling the forward (the pipeline's client left) drops the upstream request."""
+        request = client_request()
+        d = self.forward(request)
+        upstream = self.connect_upstream()
+        d.cancel()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(upstream.disconnecting or upstream.disconnected)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_client_already_gone(self):
         request = client_request()
         request.connectionLost(Failure(ConnectionDone()))

@@ -174,6 +174,29 @@ class JWKSCacheTests(SynchronousTestCase):
         self.sts.release()
         self.successResultOf(second)
 
+    def test_lastCancelledWaiterDropsFetch(self):
+        """When every lookup waiting on a fetch is cancelled, the fetch is cancelled too."""
+        self.sts.manual = True
+        first = self.cache.key_for("zone-a", "k1")
+        second = self.cache.key_for("zone-a", "k1")
+        [(_, fetch)] = self.sts.pending
+        first.cancel()
+        self.failureResultOf(first, defer.CancelledError)
+        self.assertFalse(fetch.called)
+        second.cancel()
+        self.failureResultOf(second, defer.CancelledError)
+        self.assertTrue(fetch.called)
+
+    def test_droppedFetchIsNotAnOutage(self):
+        """A fetch dropped by its callers starts no back-off: the next lookup fetches at once."""
+        self.sts.manual = True
+        lookup = self.cache.key_for("zone-a", "k1")
+        lookup.cancel()
+        self.failureResultOf(lookup, defer.CancelledError)
+        self.sts.manual = False
+        self.assertKey("zone-a", "k1", self.k1)
+        self.assertEqual(self.sts.calls, ["zone-a", "zone-a"])
+
     def test_zonesIndependent(self):
         """Each zone has its own keys, cache and refetch budget."""
         self.sts.keys["zone-b"] = [ec_jwk(self.k2, "k2")]

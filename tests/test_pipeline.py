@@ -14,6 +14,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -27,11 +29,12 @@ from caracal.gateway.testing import (
     MemoryAuditLog,
     MemoryForwarder,
     MemoryReplayGuard,
+    MemoryResolver,
     MemoryResourceStore,
     MemoryTokenExchange,
     MemoryUpstreamGuard,
 )
-from caracal.gateway.upstream import UpstreamRefused
+from caracal.gateway.upstream import UpstreamGuard, UpstreamRefused
 
 ZONE = "zone-a"
 NOW = 1_800_000_000.0
@@ -455,16 +458,77 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(request.log_fields["denial"], "method_not_allowed")
         self.assertEqual((self.sts.calls, self.forwarder.calls), ([], []))
 
-    def test_clientGoneBeforeExchange(self):
-        """A caller that disconnected is not exchanged for at the STS."""
-        release = defer.Deferred()
-        self.pipeline.jwks = JWKSCache(lambda zone: release, self.clock)
-        request = self.call(token=self.mint())
-        request.processingFailed = None
-        for d in request._finishedDeferreds:
-            d.errback(ConnectionError("gone"))
-        request._finishedDeferreds = []
-        self.fetch_jwks_result = self.fetch_jwks(ZONE)
-        self.fetch_jwks_result.addCallback(release.callback)
-        self.assertEqual(self.sts.calls, [])
+    # A client that leaves cancels the chain, whatever it is waiting on.
+    def leave(self, request):
+        """The client's connection is lost, as C{Request.connectionLost} reports it."""
+        request.processingFailed(Failure(ConnectionLost("client left")))
+
+    def assertAbandoned(self, request):
+        """Nothing was answered, refused or forwarded."""
         self.assertEqual(request.written, [])
+        self.assertEqual(self.metrics.counters["requests_denied"], 0)
+        self.assertEqual(self.forwarder.calls, [])
+
+    def test_clientGoneDuringJWKSFetch(self):
+        """The JWKS fetch in flight is cancelled; the STS is never asked for a mandate."""
+        fetches = []
+
+        def fetch(zone_id):
+            d = defer.Deferred(lambda _: fetches.append("cancelled"))
+            fetches.append(d)
+            return d
+
+        self.pipeline.jwks = JWKSCache(fetch, self.clock)
+        request = self.call(token=self.mint())
+        self.leave(request)
+        self.assertEqual(fetches[1:], ["cancelled"])
+        self.assertEqual(self.sts.calls, [])
+        self.assertAbandoned(request)
+
+    def test_clientGoneDuringReplayClaim(self):
+        """The Redis claim in flight is cancelled, even with JTI_FAIL_OPEN."""
+        self.pipeline.jti_fail_open = True
+        self.pipeline.replay.pending = []
+        request = self.call(token=self.mint())
+        self.leave(request)
+        self.assertEqual(self.pipeline.replay.cancelled, 1)
+        self.assertEqual(self.sts.calls, [])
+        self.assertNotIn("replay_check", request.log_fields)
+        self.assertAbandoned(request)
+
+    def test_clientGoneDuringExchange(self):
+        """The STS exchange in flight is cancelled; the upstream is not checked."""
+        self.sts.pending = []
+        request = self.call(token=self.mint())
+        self.leave(request)
+        self.assertEqual(self.sts.cancelled, 1)
+        self.assertEqual(self.guard.calls, [])
+        self.assertAbandoned(request)
+
+    def test_clientGoneDuringResolution(self):
+        """The upstream's DNS lookup in flight is cancelled, not turned into a refusal."""
+        resolver = MemoryResolver()
+        resolver.pending = []
+        self.pipeline.guard = UpstreamGuard(resolver, clock=self.clock, timeout=5.0)
+        request = self.call(token=self.mint())
+        self.leave(request)
+        [(_receiver, resolution)] = resolver.pending
+        self.assertTrue(resolution.cancelled)
+        self.assertNotIn("upstream_refused", request.log_fields)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertAbandoned(request)
+
+    def test_clientGoneDuringForward(self):
+        """The forward in flight is cancelled (the forwarder drops the upstream request)."""
+        self.forwarder.pending = []
+        request = self.call(token=self.mint())
+        self.leave(request)
+        self.assertEqual(self.forwarder.cancelled, 1)
+        self.assertEqual(request.written, [])
+        self.assertEqual(self.metrics.counters["requests_denied"], 0)
+
+    def test_finishedRequestNotCancelled(self):
+        """A request answered normally is not cancelled afterwards."""
+        request = self.call(token=self.mint())
+        self.assertEqual(request.responseCode, 200)
+        self.assertEqual(self.sts.cancelled + self.forwarder.cancelled, 0)

@@ -13,7 +13,12 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from caracal.gateway.interfaces import IReplayGuard
-from caracal.gateway.replay import ReplayKeyInvalid, replay_key
+from caracal.gateway.replay import (
+    RedisReplayGuard,
+    ReplayCheckUnavailable,
+    ReplayKeyInvalid,
+    replay_key,
+)
 from caracal.gateway.testing import MemoryReplayGuard
 
 
@@ -178,3 +183,38 @@ class ReplayKeyTests(unittest.SynchronousTestCase):
         """A refused key reaches the caller as an errback, not an exception."""
         guard = MemoryReplayGuard(task.Clock())
         self.failureResultOf(guard.claim("zone", "a\nb", "r", 1000), ReplayKeyInvalid)
+
+
+class StalledRedis:
+    """A Redis whose C{SET} never answers; counts the commands cancelled."""
+
+    def __init__(self):
+        self.cancelled = 0
+
+    def set(self, *arguments, **options):
+        return defer.Deferred(lambda _: setattr(self, "cancelled", self.cancelled + 1))
+
+
+class RedisReplayGuardCancellationTests(unittest.SynchronousTestCase):
+    """A claim cancelled by its caller is dropped, and is not a Redis failure."""
+
+    def test_cancelled_claim(self):
+        """The pending command is cancelled and the claim fails with CancelledError."""
+        clock = task.Clock()
+        redis = StalledRedis()
+        guard = RedisReplayGuard(redis, clock, timeout=0.5)
+        d = guard.claim("zone-a", "jti-1", "req-1", 1000)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(redis.cancelled, 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_timeout_still_unavailable(self):
+        """A claim Redis does not answer in time is still L{ReplayCheckUnavailable}."""
+        clock = task.Clock()
+        guard = RedisReplayGuard(StalledRedis(), clock, timeout=0.5)
+        d = guard.claim("zone-a", "jti-1", "req-1", 1000)
+        clock.advance(0.5)
+        self.assertEqual(
+            str(self.failureResultOf(d, ReplayCheckUnavailable).value), "no reply in time"
+        )

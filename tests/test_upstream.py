@@ -11,6 +11,7 @@ import ipaddress
 import socket
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHostnameResolver, IOpenSSLClientConnectionCreator
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -20,6 +21,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from caracal.gateway.testing import MemoryResolver
 from caracal.gateway.upstream import (
     PinnedEndpointFactory,
     PinnedUpstream,
@@ -394,6 +396,22 @@ class SilentResolver:
         resolutionReceiver.resolutionBegan(None)
 
 
+class _GAIResolution:
+    """Like Twisted's threaded resolver's resolution: it cannot be cancelled."""
+
+    def cancel(self):
+        raise NotImplementedError()
+
+
+@implementer(IHostnameResolver)
+class UncancellableResolver:
+    """A resolver that answers only when the test says so, and cannot cancel."""
+
+    def resolveHostName(self, resolutionReceiver, hostName, *args, **kwargs):
+        self.receiver = resolutionReceiver
+        resolutionReceiver.resolutionBegan(_GAIResolution())
+
+
 @implementer(IHostnameResolver)
 class BrokenResolver:
     """A resolver that raises instead of answering."""
@@ -556,6 +574,29 @@ class UpstreamGuardTests(SynchronousTestCase):
         clock.advance(0.2)
         self.assertEqual(self.refused(d).reason, "resolution_timeout")
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel_drops_resolution(self):
+        """Cancelling a check cancels the resolution and its timer; it is no refusal."""
+        clock = Clock()
+        resolver = MemoryResolver()
+        resolver.pending = []
+        guard = UpstreamGuard(resolver, clock=clock, timeout=2.0)
+        d = guard.check("http://slow.example/")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        [(_receiver, resolution)] = resolver.pending
+        self.assertTrue(resolution.cancelled)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_cancel_uncancellable_resolution(self):
+        """getaddrinfo cannot be cancelled: the check still ends, and its late answer is ignored."""
+        resolver = UncancellableResolver()
+        guard = UpstreamGuard(resolver)
+        d = guard.check("http://slow.example/")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        resolver.receiver.addressResolved(IPv4Address("TCP", "93.184.216.34", 0))
+        resolver.receiver.resolutionComplete()
 
     def test_resolution_in_time_cancels_timer(self):
         clock = Clock()

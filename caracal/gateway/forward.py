@@ -412,7 +412,7 @@ class _Exchange:
         self._trailer = False
         self.protocol = None
         self.state = "waiting"
-        self.result: defer.Deferred[None] = defer.Deferred()
+        self.result: defer.Deferred[None] = defer.Deferred(self._cancelled)
 
     def start(self, agent, uri: bytes, headers: Headers, body) -> None:
         self._started = self._reactor.seconds()
@@ -615,6 +615,11 @@ class _Exchange:
         if self._relay is not None:
             self._relay.stop_upstream()
         self.result.callback(None)
+
+    def _cancelled(self, _result: defer.Deferred) -> None:
+        # Whoever waits on us was cancelled because the client left: stop
+        # as when notifyFinish says so, dropping the upstream request.
+        self._client_gone(None)
 
     def _client_gone(self, failure) -> None:
         if self.state == "waiting":

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, EllipticCurvePublicKey
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -103,6 +103,8 @@ class _ZoneKeys:
     attempted_at: float | None = None
     # Callers waiting on the in-flight fetch: (kid, their Deferred).
     waiting: list[tuple[str, Deferred]] | None = None
+    # The in-flight fetch, cancelled when every waiter has been cancelled.
+    fetching: Deferred | None = None
     # Fetches failed in a row since the last success; 0 when the STS answers.
     failures: int = 0
     # The current back-off delay and the time before which no fetch starts.
@@ -182,7 +184,7 @@ class JWKSCache:
                 # was taken first, as this request was served stale.
                 self._serving_stale(zone_id, zone, now)
             return succeed(key)
-        waiter: Deferred = Deferred()
+        waiter: Deferred = Deferred(lambda d: self._abandon(zone, d))
         if zone.waiting is not None:
             zone.waiting.append((kid, waiter))
             return waiter
@@ -242,15 +244,30 @@ class JWKSCache:
                 grace=self.stale_grace,
             )
 
+    def _abandon(self, zone: _ZoneKeys, waiter: Deferred) -> None:
+        """
+        C{waiter} was cancelled (its client left): forget it, and drop the
+        fetch when nobody else waits for it (a background refresh of stale
+        keys has no waiters and is never dropped this way).
+        """
+        if zone.waiting is None:
+            return
+        zone.waiting = [(kid, d) for kid, d in zone.waiting if d is not waiter]
+        if not zone.waiting and zone.fetching is not None:
+            zone.fetching.cancel()
+
     def _start_fetch(self, zone_id: str, zone: _ZoneKeys, now: float) -> None:
         zone.attempted_at = now
-        maybeDeferred(self._fetch, zone_id).addCallback(usable_keys).addBoth(
-            self._fetched, zone_id, zone
-        )
+        zone.fetching = maybeDeferred(self._fetch, zone_id)
+        zone.fetching.addCallback(usable_keys).addBoth(self._fetched, zone_id, zone)
 
     def _fetched(self, result: dict | Failure, zone_id: str, zone: _ZoneKeys) -> None:
         waiting, zone.waiting = zone.waiting or [], None
+        zone.fetching = None
         now = self.clock.seconds()
+        if isinstance(result, Failure) and result.check(CancelledError):
+            # Dropped because every waiter left: not a failure of the STS.
+            return
         if self._metrics is not None:
             result_label = "error" if isinstance(result, Failure) else "ok"
             self._metrics.increment("jwks_fetches", result=result_label)
@@ -275,7 +292,6 @@ class JWKSCache:
             zone.stale_logged = False
         usable = self._usable(zone, now)
         for kid, waiter in waiting:
-            # A cancelled waiter has already fired; Twisted ignores the late result.
             if usable is not None and kid in zone.keys:
                 if usable is _STALE:
                     self._log_stale(zone_id, zone)

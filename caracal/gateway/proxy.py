@@ -48,10 +48,6 @@ CLIENT_ID_HEADER = b"x-caracal-client-id"
 REPLAY_EVENT = "replay_detected"
 
 
-class _ClientGone(Exception):
-    """The caller disconnected; the rest of the chain is skipped quietly."""
-
-
 @dataclass
 class Call:
     """What the pipeline has learnt about one request so far."""
@@ -63,7 +59,6 @@ class Call:
     resource: ToolResource | None = None
     mandate: Mandate | None = field(default=None, repr=False)
     pinned: PinnedUpstream | None = None
-    gone: bool = False
 
     @property
     def zone_id(self) -> str:
@@ -116,8 +111,11 @@ class GatewayResource(ReverseProxyResource):
     def render(self, request):
         self.pipeline.metrics.increment("requests_total")
         call = Call(request)
-        request.notifyFinish().addErrback(lambda _: setattr(call, "gone", True))
         d = defer.succeed(call)
+        # A client that leaves cancels the chain: the call in flight (JWKS
+        # fetch, Redis claim, STS exchange, DNS lookup, upstream request) is
+        # dropped and no later step runs.
+        request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addCallback(self._authenticate)  # steps 2-4
         d.addCallback(self._route)  # steps 5-7
         d.addCallback(self._verify_signature)  # step 8
@@ -254,8 +252,6 @@ class GatewayResource(ReverseProxyResource):
 
     # Step 11: the per-call mandate from the STS.
     def _exchange(self, call: Call) -> defer.Deferred:
-        if call.gone:
-            raise _ClientGone()
         started = self.pipeline.clock.seconds()
         resource = call.resource
         d = self.pipeline.sts.exchange(
@@ -299,8 +295,6 @@ class GatewayResource(ReverseProxyResource):
 
     # Step 13: forward with the mandate, streaming the answer.
     def _forward(self, call: Call) -> defer.Deferred:
-        if call.gone:
-            raise _ClientGone()
         try:
             credentials = credential_headers(call.resource, call.mandate)
         except MissingProviderToken:
@@ -326,8 +320,9 @@ class GatewayResource(ReverseProxyResource):
         )
 
     def _deny(self, failure, call: Call) -> None:
-        failure.trap(Denial, _ClientGone)
-        if failure.check(_ClientGone) or call.gone:
+        failure.trap(Denial, defer.CancelledError)
+        if failure.check(defer.CancelledError):
+            # The client left: there is nobody to answer.
             return
         denial = failure.value
         request = call.request
@@ -351,8 +346,6 @@ class GatewayResource(ReverseProxyResource):
         )
         request = call.request
         request.log_fields["denial"] = "internal_error"
-        if call.gone:
-            return
         if request.startedWriting:
             request.loseConnection()
             return

@@ -125,8 +125,12 @@ class RedisReplayGuard:
 
     @staticmethod
     def _unavailable(failure):
+        # The caller cancelled (its client left): not a Redis failure. The
+        # command may already be sent; its reply is ignored.
+        if failure.check(defer.CancelledError):
+            return failure
         reason = failure.getErrorMessage() or failure.type.__name__
-        if failure.check(defer.TimeoutError, defer.CancelledError):
+        if failure.check(defer.TimeoutError):
             reason = "no reply in time"
         _log.warn("replay check unavailable: {reason}", reason=reason)
         raise ReplayCheckUnavailable(reason)

@@ -47,6 +47,26 @@ from caracal.gateway.upstream import (
 )
 
 
+class _Stallable:
+    """
+    A double whose calls can be made to wait. With C{pending} set to a list,
+    each call gets a Deferred appended there instead of an answer, for the
+    test to fire (a slow backend) or to see cancelled: C{cancelled} counts
+    the waiting calls cancelled by their caller.
+    """
+
+    pending: list[defer.Deferred] | None = None
+    cancelled = 0
+
+    def _wait(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred(self._count_cancel)
+        self.pending.append(d)
+        return d
+
+    def _count_cancel(self, _d: defer.Deferred) -> None:
+        self.cancelled += 1
+
+
 @implementer(IResourceRegistry)
 class MemoryResourceStore:
     """
@@ -84,27 +104,22 @@ class MemoryResourceStore:
 
 
 @implementer(IKeySource)
-class MemoryKeySource:
+class MemoryKeySource(_Stallable):
     """
     Verification keys held in a dict: C{keys[zone_id][kid]}.
 
     @ivar unavailable: when set, every lookup fails with L{JWKSUnavailable}
         (the STS is down).
-    @ivar pending: when set to a list, lookups wait: each gets a Deferred
-        appended there, for the test to fire or watch being cancelled.
     """
 
     def __init__(self, keys: dict | None = None) -> None:
         self.keys: dict[str, dict] = keys if keys is not None else {}
         self.unavailable = False
-        self.pending: list[defer.Deferred] | None = None
 
     def key_for(self, zone_id: str, kid: str) -> defer.Deferred:
         """See L{IKeySource.key_for}."""
         if self.pending is not None:
-            d: defer.Deferred = defer.Deferred()
-            self.pending.append(d)
-            return d
+            return self._wait()
         if self.unavailable:
             return defer.fail(JWKSUnavailable(f"no keys for zone {zone_id}"))
         zone = self.keys.get(zone_id)
@@ -116,15 +131,13 @@ class MemoryKeySource:
 
 
 @implementer(IReplayGuard)
-class MemoryReplayGuard:
+class MemoryReplayGuard(_Stallable):
     """
     A replay guard in a dict; expiry is driven by C{clock}. Expired entries
     are pruned on every claim, so memory holds only unexpired claims.
 
     @ivar unavailable: when set, every claim fails with
         L{ReplayCheckUnavailable} (Redis is down).
-    @ivar pending: when set to a list, claims wait: each gets a Deferred
-        appended there (a stalled Redis).
     """
 
     def __init__(self, clock) -> None:
@@ -132,7 +145,6 @@ class MemoryReplayGuard:
         self._claims: dict[str, tuple[str, float]] = {}
         self._expiries: list[tuple[float, str]] = []
         self.unavailable = False
-        self.pending: list[defer.Deferred] | None = None
 
     def _prune(self, now: float) -> None:
         while self._expiries and self._expiries[0][0] <= now:
@@ -150,9 +162,7 @@ class MemoryReplayGuard:
         if self.unavailable:
             return defer.fail(ReplayCheckUnavailable("unavailable"))
         if self.pending is not None:
-            d: defer.Deferred = defer.Deferred()
-            self.pending.append(d)
-            return d
+            return self._wait()
         now = self._clock.seconds()
         self._prune(now)
         if key in self._claims:
@@ -196,7 +206,7 @@ class MemoryAuditLog:
 
 
 @implementer(ITokenExchange)
-class MemoryTokenExchange:
+class MemoryTokenExchange(_Stallable):
     """
     An STS that answers every exchange with C{mandate} and records the calls
     (C{calls}, the arguments of each).
@@ -204,9 +214,6 @@ class MemoryTokenExchange:
     @ivar denial: when set to a L{Denial}, every exchange fails with it.
     @ivar refused: subject tokens refused with C{invalid_grant}, as an STS
         refuses a token it cannot verify.
-    @ivar pending: when set to a list, exchanges wait: each gets a Deferred
-        appended there, for the test to fire (a slow STS) or to watch being
-        cancelled.
     """
 
     def __init__(self, mandate: Mandate | None = None) -> None:
@@ -214,7 +221,6 @@ class MemoryTokenExchange:
         self.calls: list[tuple[str, str, str, str, str]] = []
         self.denial = None
         self.refused: set[str] = set()
-        self.pending: list[defer.Deferred] | None = None
 
     def exchange(
         self, subject_token: str, zone_id: str, application_id: str, resource: str, request_id: str
@@ -228,9 +234,7 @@ class MemoryTokenExchange:
                 Denial(400, "invalid_grant", "subject token refused", metric="sts_exchange_errors")
             )
         if self.pending is not None:
-            d: defer.Deferred = defer.Deferred()
-            self.pending.append(d)
-            return d
+            return self._wait()
         return defer.succeed(self.mandate)
 
 
@@ -239,22 +243,19 @@ def _family(address) -> int:
 
 
 @implementer(IUpstreamGuard)
-class MemoryUpstreamGuard:
+class MemoryUpstreamGuard(_Stallable):
     """
     An upstream guard whose DNS is a dict (C{hosts}: name -> addresses);
     it applies the real URL rules and the public-address rule, and records
     each checked URL in C{calls}.
 
     @ivar refusal: when set to an L{UpstreamRefused}, every check fails with it.
-    @ivar pending: when set to a list, checks wait: each gets a Deferred
-        appended there (a slow resolver).
     """
 
     def __init__(self, hosts: dict[str, list[str]] | None = None) -> None:
         self.hosts = hosts if hosts is not None else {}
         self.calls: list[str] = []
         self.refusal: UpstreamRefused | None = None
-        self.pending: list[defer.Deferred] | None = None
 
     def check(self, url: str) -> defer.Deferred:
         """See L{IUpstreamGuard.check}."""
@@ -262,9 +263,7 @@ class MemoryUpstreamGuard:
         if self.refusal is not None:
             return defer.fail(self.refusal)
         if self.pending is not None:
-            d: defer.Deferred = defer.Deferred()
-            self.pending.append(d)
-            return d
+            return self._wait()
         try:
             upstream = parse_upstream(url)
         except UpstreamRefused:
@@ -290,12 +289,16 @@ class MemoryUpstreamGuard:
 
 
 @implementer(IHostResolution)
-class _Resolution:
+class MemoryResolution:
+    """One resolution by L{MemoryResolver}; C{cancelled} once cancelled."""
+
     def __init__(self, name: str) -> None:
         self.name = name
+        self.cancelled = False
 
     def cancel(self) -> None:
-        """Nothing to cancel: a memory lookup is immediate."""
+        """See L{IHostResolution.cancel}."""
+        self.cancelled = True
 
 
 @implementer(IHostnameResolver)
@@ -304,8 +307,6 @@ class MemoryResolver:
     An L{IHostnameResolver} over a dict (C{hosts}: name -> addresses), to
     run the real L{caracal.gateway.upstream.UpstreamGuard} without DNS.
 
-    @ivar pending: when set to a list, resolutions never complete on their
-        own: each receiver is appended there.
     """
 
     def __init__(self, hosts: dict[str, list[str]] | None = None) -> None:
@@ -321,10 +322,10 @@ class MemoryResolver:
         transportSemantics="TCP",
     ):
         """See L{IHostnameResolver.resolveHostName}."""
-        resolution = _Resolution(hostName)
+        resolution = MemoryResolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
         if self.pending is not None:
-            self.pending.append(resolutionReceiver)
+            self.pending.append((resolutionReceiver, resolution))
             return resolution
         for text in self.hosts.get(hostName.lower(), []):
             kind = IPv6Address if ":" in text else IPv4Address
@@ -334,7 +335,7 @@ class MemoryResolver:
 
 
 @implementer(IForwarder)
-class MemoryForwarder:
+class MemoryForwarder(_Stallable):
     """
     A forwarder that answers every request itself with C{status} and
     C{body}, recording each call's C{(pinned, credential_headers,
@@ -342,8 +343,6 @@ class MemoryForwarder:
 
     @ivar denial: when set to a L{Denial}, every forward fails with it
         before writing anything (an unreachable upstream).
-    @ivar pending: when set to a list, forwards wait: each gets a Deferred
-        appended there (a slow upstream).
     """
 
     def __init__(self, status: int = 200, body: bytes = b"upstream says hi") -> None:
@@ -351,7 +350,6 @@ class MemoryForwarder:
         self.body = body
         self.calls: list[tuple] = []
         self.denial = None
-        self.pending: list[defer.Deferred] | None = None
 
     def forward(
         self, request, pinned, credential_headers, token_expires_in, watch_revocation=None
@@ -361,9 +359,7 @@ class MemoryForwarder:
         if self.denial is not None:
             return defer.fail(self.denial)
         if self.pending is not None:
-            d: defer.Deferred = defer.Deferred()
-            self.pending.append(d)
-            return d
+            return self._wait()
         request.setResponseCode(self.status)
         request.write(self.body)
         request.finish()

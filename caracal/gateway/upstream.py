@@ -12,6 +12,7 @@ TLS still verifies the certificate for the hostname.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import re
@@ -477,21 +478,31 @@ def _host_key(host: str) -> str:
 
 @implementer(IResolutionReceiver)
 class _Collector:
-    """Gathers every address of one resolution."""
+    """
+    Gathers every address of one resolution. Cancelling C{done} cancels the
+    resolution when the resolver can (getaddrinfo in a thread cannot: its
+    answer is then ignored).
+    """
 
     def __init__(self) -> None:
         self.addresses: list[str] = []
-        self.done: defer.Deferred[list[str]] = defer.Deferred()
+        self.resolution = None
+        self.done: defer.Deferred[list[str]] = defer.Deferred(self._cancel)
+
+    def _cancel(self, _done: defer.Deferred) -> None:
+        if self.resolution is not None:
+            with contextlib.suppress(NotImplementedError):
+                self.resolution.cancel()
 
     def resolutionBegan(self, resolution) -> None:
-        pass
+        self.resolution = resolution
 
     def addressResolved(self, address) -> None:
         if isinstance(address, (IPv4Address, IPv6Address)):
             self.addresses.append(address.host)
 
     def resolutionComplete(self) -> None:
-        if not self.done.called:  # not after a timeout gave up on us
+        if not self.done.called:  # not after a timeout or a cancel gave up on us
             self.done.callback(self.addresses)
 
 
@@ -565,7 +576,8 @@ class UpstreamGuard:
         if self._clock is not None and self._timeout is not None and not done.called:
 
             def timed_out(failure):
-                failure.trap(defer.TimeoutError, defer.CancelledError)
+                # A cancel from the caller (its client left) stays a CancelledError.
+                failure.trap(defer.TimeoutError)
                 raise UpstreamRefused(
                     "resolution_timeout", f"upstream host {upstream.host} did not resolve in time"
                 )
