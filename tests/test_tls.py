@@ -313,6 +313,36 @@ class ServerContextTests(SynchronousTestCase):
         chain = [c.to_cryptography() for c in client.get_peer_cert_chain()]
         self.assertEqual(chain, [self.leaf.cert, *self.leaf.intermediates])
 
+    def _alpn_handshake(self, offered: list[bytes]):
+        context = client_context()
+        context.set_alpn_protos(offered)
+        return _handshake(self.server_tls._context, context)
+
+    def test_alpn_http11_selected(self):
+        """A client offering h2 and http/1.1 over ALPN gets http/1.1 (SPEC 13)."""
+        server, client = self._alpn_handshake([b"h2", b"http/1.1"])
+        self.assertEqual(client.get_alpn_proto_negotiated(), b"http/1.1")
+        self.assertEqual(server.get_alpn_proto_negotiated(), b"http/1.1")
+
+    def test_alpn_h2_only_gets_no_protocol(self):
+        """
+        A client offering only h2 completes the handshake with no protocol
+        selected: the gateway never claims to speak h2.
+        """
+        _, client = self._alpn_handshake([b"h2"])
+        self.assertEqual(client.get_alpn_proto_negotiated(), b"")
+
+    def test_alpn_not_offered(self):
+        """A client without ALPN still connects, with no protocol negotiated."""
+        _, client = _handshake(self.server_tls._context, client_context())
+        self.assertEqual(client.get_alpn_proto_negotiated(), b"")
+
+    def test_reloaded_context_offers_alpn(self):
+        """A context rebuilt by a certificate reload keeps offering http/1.1."""
+        self.server_tls._context = tls.server_context(self.server_tls.credentials)
+        _, client = self._alpn_handshake([b"http/1.1"])
+        self.assertEqual(client.get_alpn_proto_negotiated(), b"http/1.1")
+
     def test_old_protocols_refused_by_the_floor(self):
         """
         TLS 1.0/1.1 are refused because of the configured minimum, not only

@@ -53,6 +53,10 @@ _SERVER_OPTIONS = (
     | SSL.OP_SINGLE_DH_USE
 )
 
+#: The one application protocol the listener offers over ALPN (SPEC 13): the
+#: limits, timers and streaming rules are HTTP/1.1's.
+ALPN_PROTOCOL = b"http/1.1"
+
 # Outbound connections keep a small cache of connection creators per
 # (hostname, port): building one loads the trust store, which is too costly
 # to repeat for every new pooled connection.
@@ -208,7 +212,7 @@ def server_context(credentials: ServerCredentials) -> SSL.Context:
     """
     A fresh server context serving C{credentials}: TLS 1.2 minimum, TLS 1.3
     allowed, OpenSSL's default cipher list (never weakened), the leaf plus
-    every intermediate presented.
+    every intermediate presented, ALPN C{http/1.1} (L{select_alpn}).
 
     @raise ConfigError: OpenSSL refused the certificate or key.
     """
@@ -216,6 +220,7 @@ def server_context(credentials: ServerCredentials) -> SSL.Context:
     context.set_min_proto_version(SSL.TLS1_2_VERSION)
     context.set_options(_SERVER_OPTIONS)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    context.set_alpn_select_callback(select_alpn)
     try:
         context.use_certificate(crypto.X509.from_cryptography(credentials.leaf))
         for intermediate in credentials.intermediates:
@@ -229,6 +234,18 @@ def server_context(credentials: ServerCredentials) -> SSL.Context:
             f" or the key in {KEY_VARIABLE} {credentials.key_file}"
         ) from None
     return context
+
+
+def select_alpn(connection: SSL.Connection, offered: list[bytes]):
+    """
+    The ALPN choice: C{http/1.1} when the client offers it; otherwise no
+    protocol is selected and the handshake goes on without ALPN (RFC 7301
+    allows that; a client that only speaks h2 then fails at its own end
+    rather than at ours with a fatal alert it cannot explain).
+    """
+    if ALPN_PROTOCOL in offered:
+        return ALPN_PROTOCOL
+    return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def _file_stamp(path: str) -> tuple[int, int, int] | None:
