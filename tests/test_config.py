@@ -785,3 +785,103 @@ class RedactionTests(ConfigTestMixin, SynchronousTestCase):
         """A password in the query string is hidden even when userinfo has one."""
         redacted = redact_url("postgresql://u:pw@db/caracal?password=query-s3cret")
         self.assertNotIn("query-s3cret", redacted)
+
+
+class AgentClientSettingsTests(ConfigTestMixin, SynchronousTestCase):
+    """SPEC 13: stream timers, RFC 9728 discovery and CORS settings."""
+
+    def test_defaults(self) -> None:
+        """Unset, the stream timers take 5m and 15s; no discovery, no CORS."""
+        config = self.accepted(production())
+        self.assertEqual(config.stream_idle_timeout, 300.0)
+        self.assertEqual(config.sse_keepalive, 15.0)
+        self.assertIsNone(config.public_url)
+        self.assertIsNone(config.resource_metadata_url)
+        self.assertEqual(config.authorization_servers, ("https://sts.example.com/",))
+        self.assertEqual(config.cors_allowed_origins, frozenset())
+
+    def test_stream_timers(self) -> None:
+        """Both timers take Go durations; SSE_KEEPALIVE=0 turns keep-alives off."""
+        config = self.accepted(dev(STREAM_IDLE_TIMEOUT="1m30s", SSE_KEEPALIVE="200ms"))
+        self.assertEqual(config.stream_idle_timeout, 90.0)
+        self.assertEqual(config.sse_keepalive, 0.2)
+        self.assertEqual(self.accepted(dev(SSE_KEEPALIVE="0")).sse_keepalive, 0.0)
+
+    def test_stream_timers_malformed(self) -> None:
+        """A malformed or zero idle timeout, a malformed keep-alive: refused, named."""
+        self.refused(
+            dev(STREAM_IDLE_TIMEOUT="0"), "STREAM_IDLE_TIMEOUT must be a positive duration"
+        )
+        self.refused(
+            dev(STREAM_IDLE_TIMEOUT="soon"),
+            "STREAM_IDLE_TIMEOUT must be a duration such as 250ms, 5s or 1m30s",
+        )
+        self.refused(
+            dev(SSE_KEEPALIVE="-1s"),
+            "SSE_KEEPALIVE must be a duration such as 250ms, 5s or 1m30s (0 turns it off)",
+        )
+
+    def test_public_url(self) -> None:
+        """PUBLIC_URL is kept without its trailing slash; the metadata URL derives from it."""
+        config = self.accepted(production(PUBLIC_URL="https://gw.example.com:8443/"))
+        self.assertEqual(config.public_url, "https://gw.example.com:8443")
+        self.assertEqual(
+            config.resource_metadata_url,
+            "https://gw.example.com:8443/.well-known/oauth-protected-resource",
+        )
+        self.assertEqual(config.redacted()["PUBLIC_URL"], "https://gw.example.com:8443")
+
+    def test_public_url_refused(self) -> None:
+        """PUBLIC_URL must be an absolute https URL of the root, even in dev."""
+        root = (
+            "PUBLIC_URL must be an absolute https URL of the gateway's root,"
+            " such as https://gateway.example.com"
+        )
+        shape = "PUBLIC_URL must hold absolute URLs without credentials, query or fragment"
+        for value, message in [
+            ("http://gw.example.com", root),
+            ("https://gw.example.com/mcp", root),
+            ("gw.example.com", shape),
+            ("https://", shape),
+            ("https://user:pw@gw.example.com", shape),
+            ("https://gw.example.com/?a=1", shape),
+            ("https://gw.example.com/#x", shape),
+            ("https://gw.example.com:99999", shape),
+        ]:
+            self.refused(dev(PUBLIC_URL=value), message)
+
+    def test_authorization_servers(self) -> None:
+        """A comma-separated list, in order; each must be an absolute http(s) URL."""
+        config = self.accepted(
+            dev(AUTHORIZATION_SERVERS=" https://as1.example.com , https://as2.example.com/t")
+        )
+        self.assertEqual(
+            config.authorization_servers, ("https://as1.example.com", "https://as2.example.com/t")
+        )
+        self.refused(
+            dev(AUTHORIZATION_SERVERS="ftp://as.example.com"),
+            "AUTHORIZATION_SERVERS must list absolute http(s) URLs",
+        )
+
+    def test_cors_origins(self) -> None:
+        """Origins are compared case-insensitively: they are kept lowercased."""
+        config = self.accepted(
+            dev(CORS_ALLOWED_ORIGINS="https://App.example.com, http://localhost:5173")
+        )
+        self.assertEqual(
+            config.cors_allowed_origins,
+            frozenset({"https://app.example.com", "http://localhost:5173"}),
+        )
+
+    def test_cors_origins_refused(self) -> None:
+        """A wildcard, a path or a bare host is not an origin."""
+        message = (
+            "CORS_ALLOWED_ORIGINS must list origins such as https://app.example.com"
+            " (scheme, host and optional port; no path, no wildcard)"
+        )
+        self.refused(dev(CORS_ALLOWED_ORIGINS="https://a.example.com/app"), message)
+        self.refused(dev(CORS_ALLOWED_ORIGINS="https://a.example.com/"), message)
+        self.refused(
+            dev(CORS_ALLOWED_ORIGINS="*"),
+            "CORS_ALLOWED_ORIGINS must hold absolute URLs without credentials, query or fragment",
+        )

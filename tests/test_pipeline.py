@@ -150,8 +150,11 @@ class PipelineTests(SynchronousTestCase):
             request.responseHeaders.getRawHeaders(b"content-type"), [b"application/json"]
         )
         if status == 401:
+            # SPEC 13 / RFC 6750: no error attribute without a token.
+            [challenge] = request.responseHeaders.getRawHeaders(b"www-authenticate")
+            self.assertTrue(challenge.startswith(b'Bearer realm="caracal"'), challenge)
             self.assertEqual(
-                request.responseHeaders.getRawHeaders(b"www-authenticate"), [b"Bearer"]
+                b'error="invalid_token"' in challenge, code != "missing_token", challenge
             )
         self.assertTrue(request.log_fields.get("denial"))
         if metric:

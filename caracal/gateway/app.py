@@ -13,7 +13,8 @@ from typing import Any
 from twisted.application.service import IService, IServiceCollection, MultiService, Service
 from twisted.internet import defer
 
-from caracal.gateway.config import GatewayConfig
+from caracal.gateway.config import RESOURCE_METADATA_PATH, GatewayConfig
+from caracal.gateway.discovery import ProtectedResourceMetadata
 from caracal.gateway.endpoints import HealthResource, MetricsResource, ReadyResource
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.proxy import GatewayResource, GatewayRoot, Pipeline
@@ -184,7 +185,11 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
             b"/health": HealthResource(),
             b"/ready": ready,
             b"/metrics": MetricsResource(metrics.snapshot, metrics.exposition),
+            RESOURCE_METADATA_PATH.encode("ascii"): ProtectedResourceMetadata(
+                config.public_url, config.authorization_servers
+            ),
         },
+        cors_allowed_origins=config.cors_allowed_origins,
     )
     service = MultiService()
     for child in [*backends.services, ClosingService(pipeline.forwarder.close)]:

@@ -39,6 +39,13 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m
 _DIGITS = re.compile(r"-?[0-9]+")
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
+# What a configured URL may be made of: printable ASCII without the quote,
+# backslash and angle brackets (these URLs are written into header values).
+_URL_TEXT = re.compile(r"[\x21\x23-\x3b\x3d\x3f-\x5b\x5d-\x7e]+")
+
+#: The RFC 9728 well-known path the gateway answers itself (SPEC 10, 13).
+RESOURCE_METADATA_PATH = "/.well-known/oauth-protected-resource"
+
 
 class ConfigError(Exception):
     """
@@ -235,6 +242,12 @@ class GatewayConfig:
     write_timeout: float = 60.0
     idle_timeout: float = 120.0
     log_level: str = "info"
+    # SPEC 13: long-lived streams and agent (MCP) clients.
+    stream_idle_timeout: float = 300.0
+    sse_keepalive: float = 15.0
+    public_url: str | None = None
+    authorization_servers: tuple[str, ...] = ()
+    cors_allowed_origins: frozenset[str] = frozenset()
 
     @property
     def production(self) -> bool:
@@ -250,6 +263,16 @@ class GatewayConfig:
     def redis(self) -> RedisAddress:
         """C{REDIS_URL}, parsed."""
         return parse_redis_url(self.redis_url)
+
+    @property
+    def resource_metadata_url(self) -> str | None:
+        """
+        Where the RFC 9728 protected-resource metadata is published (from
+        C{PUBLIC_URL}), or C{None} when C{PUBLIC_URL} is unset.
+        """
+        if self.public_url is None:
+            return None
+        return self.public_url.rstrip("/") + RESOURCE_METADATA_PATH
 
     @property
     def sts_base_url(self) -> str:
@@ -298,6 +321,11 @@ class GatewayConfig:
             "WRITE_TIMEOUT": self.write_timeout,
             "IDLE_TIMEOUT": self.idle_timeout,
             "LOG_LEVEL": self.log_level,
+            "STREAM_IDLE_TIMEOUT": self.stream_idle_timeout,
+            "SSE_KEEPALIVE": self.sse_keepalive,
+            "PUBLIC_URL": self.public_url,
+            "AUTHORIZATION_SERVERS": list(self.authorization_servers),
+            "CORS_ALLOWED_ORIGINS": sorted(self.cors_allowed_origins),
         }
 
     @classmethod
@@ -309,6 +337,31 @@ class GatewayConfig:
             message is the SPEC's, verbatim.
         """
         return _Reader(environ).read()
+
+
+def _split_url(name: str, text: str):
+    """
+    C{text} split as an absolute URL with a host and without credentials,
+    query or fragment.
+
+    @raise ConfigError: it is not one; the message names C{name}.
+    """
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        parts = None
+    if (
+        parts is None
+        or not parts.scheme
+        or not parts.hostname
+        or "@" in parts.netloc
+        or parts.query
+        or "#" in text
+        or not _URL_TEXT.fullmatch(text)
+    ):
+        raise ConfigError(f"{name} must hold absolute URLs without credentials, query or fragment")
+    return parts
 
 
 class _Reader:
@@ -345,6 +398,61 @@ class _Reader:
         if seconds <= 0:
             raise ConfigError(f"{name} must be a positive duration")
         return seconds
+
+    def duration_or_off(self, name: str, default: float) -> float:
+        """A duration where C{0} means off (returned as C{0.0})."""
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            return parse_duration(value)
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be a duration such as 250ms, 5s or 1m30s (0 turns it off)"
+            ) from None
+
+    def items(self, name: str) -> list[str]:
+        """A comma-separated list, blanks dropped."""
+        return [item.strip() for item in (self.text(name) or "").split(",") if item.strip()]
+
+    def agent_clients(self, sts_url: str) -> dict:
+        """
+        The SPEC 13 settings: stream timers, RFC 9728 discovery and CORS.
+
+        @raise ConfigError: C{PUBLIC_URL} is not an absolute https URL of
+            the gateway's root, an authorization server or an allowed origin
+            is malformed.
+        """
+        public_url = self.text("PUBLIC_URL")
+        if public_url is not None:
+            parts = _split_url("PUBLIC_URL", public_url)
+            if parts.scheme != "https" or parts.path not in ("", "/"):
+                raise ConfigError(
+                    "PUBLIC_URL must be an absolute https URL of the gateway's root,"
+                    " such as https://gateway.example.com"
+                )
+            public_url = public_url.rstrip("/")
+        servers = self.items("AUTHORIZATION_SERVERS") or [sts_url]
+        for server in servers:
+            parts = _split_url("AUTHORIZATION_SERVERS", server)
+            if parts.scheme not in ("http", "https"):
+                raise ConfigError("AUTHORIZATION_SERVERS must list absolute http(s) URLs")
+        origins = set()
+        for origin in self.items("CORS_ALLOWED_ORIGINS"):
+            parts = _split_url("CORS_ALLOWED_ORIGINS", origin)
+            if parts.scheme not in ("http", "https") or parts.path:
+                raise ConfigError(
+                    "CORS_ALLOWED_ORIGINS must list origins such as https://app.example.com"
+                    " (scheme, host and optional port; no path, no wildcard)"
+                )
+            origins.add(origin.lower())
+        return {
+            "stream_idle_timeout": self.duration("STREAM_IDLE_TIMEOUT", 300.0),
+            "sse_keepalive": self.duration_or_off("SSE_KEEPALIVE", 15.0),
+            "public_url": public_url,
+            "authorization_servers": tuple(servers),
+            "cors_allowed_origins": frozenset(origins),
+        }
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
         value = self.text(name)
@@ -479,4 +587,5 @@ class _Reader:
             max_request_bytes=max_request_bytes,
             log_level=log_level,
             **timeouts,
+            **self.agent_clients(sts_url),
         )

@@ -40,6 +40,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
+from caracal.gateway import cors
 from caracal.gateway.denials import error_body, error_envelope
 from caracal.gateway.logs import (
     ACCESS_EVENT_KEY,
@@ -185,6 +186,7 @@ class GatewayRequest(Request):
     def _prepare_response_headers(self) -> None:
         self.responseHeaders.setRawHeaders(b"server", [SERVER_NAME])
         self.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id.encode("ascii")])
+        cors.add_response_headers(self, self.gateway_site.config.cors_allowed_origins)
         channel = getattr(self, "channel", None)
         if channel is not None and (self.gateway_site.draining or not channel.persistent):
             self.responseHeaders.setRawHeaders(b"connection", [b"close"])

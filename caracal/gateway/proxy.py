@@ -22,7 +22,7 @@ from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from caracal.gateway import tokens
+from caracal.gateway import cors, tokens
 from caracal.gateway.denials import Denial, denial_body, error_body
 from caracal.gateway.forward import MissingProviderToken, credential_headers
 from caracal.gateway.interfaces import (
@@ -355,18 +355,27 @@ class GatewayResource(ReverseProxyResource):
 
 class GatewayRoot(Resource):
     """
-    The site's root: the local endpoints of SPEC section 10 by exact path,
-    every other request to the pipeline.
+    The site's root: CORS preflights (SPEC 13), the local endpoints of SPEC
+    section 10 by exact path, every other request to the pipeline.
     """
 
     isLeaf = True
 
-    def __init__(self, proxy: Resource, local: dict[bytes, Resource]) -> None:
+    def __init__(
+        self,
+        proxy: Resource,
+        local: dict[bytes, Resource],
+        cors_allowed_origins: frozenset[str] = frozenset(),
+    ) -> None:
         Resource.__init__(self)
         self.proxy = proxy
         self.local = local
+        self.cors_allowed_origins = cors_allowed_origins
 
     def render(self, request):
+        # A CORS preflight carries no token: the gateway answers it itself.
+        if cors.is_preflight(request, self.cors_allowed_origins):
+            return cors.answer_preflight(request, self.cors_allowed_origins)
         endpoint = self.local.get(request.path)
         if endpoint is None:
             return self.proxy.render(request)

@@ -72,6 +72,12 @@ SPEC_VARIABLES = (
     "WRITE_TIMEOUT",
     "IDLE_TIMEOUT",
     "LOG_LEVEL",
+    # SPEC 13.
+    "STREAM_IDLE_TIMEOUT",
+    "SSE_KEEPALIVE",
+    "PUBLIC_URL",
+    "AUTHORIZATION_SERVERS",
+    "CORS_ALLOWED_ORIGINS",
 )
 
 _ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(.*)$")

@@ -127,7 +127,8 @@ class RefusedRequestTests(PipelineEndToEndTests):
         self.assertEqual(response.code, status)
         self.assertEqual((yield self.error_of(response)), code)
         if status == 401:
-            self.assertEqual(response.headers.getRawHeaders("www-authenticate"), ["Bearer"])
+            [challenge] = response.headers.getRawHeaders("www-authenticate")
+            self.assertTrue(challenge.startswith('Bearer realm="caracal"'), challenge)
         self.assertEqual(self.gw.sts.exchanges, 0)
         self.assertEqual(self.gw.upstream.requests, [])
 
