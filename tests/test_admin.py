@@ -230,6 +230,7 @@ class AdminTests(SynchronousTestCase):
                 "provider_apikey",
                 "X-Api-Key",
                 "",
+                None,
             ),
         )
 
@@ -237,7 +238,7 @@ class AdminTests(SynchronousTestCase):
         self.database.results = [("res-1",)]
         self.add()
         ((_, parameters),) = self.database.executed
-        self.assertEqual(parameters[4:], ("caracal_jwt", None, None))
+        self.assertEqual(parameters[4:], ("caracal_jwt", None, None, None))
 
     def test_add_existing(self):
         self.database.results = [None]
@@ -334,6 +335,7 @@ class AdminTests(SynchronousTestCase):
                 "provider_oauth",
                 "X-Tok",
                 "token",
+                300000,
                 when,
             ),
             (
@@ -342,6 +344,7 @@ class AdminTests(SynchronousTestCase):
                 "app-1",
                 "https://w.example/mcp",
                 "caracal_jwt",
+                None,
                 None,
                 None,
                 when,
@@ -356,15 +359,33 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(len(lines), 3)
         self.assertEqual(
             lines[0].split(),
-            ["RESOURCE", "ZONE", "APPLICATION", "UPSTREAM", "MODE", "HEADER", "SCHEME"],
+            [
+                "RESOURCE",
+                "ZONE",
+                "APPLICATION",
+                "UPSTREAM",
+                "MODE",
+                "HEADER",
+                "SCHEME",
+                "UPSTREAM_TIMEOUT",
+            ],
         )
         self.assertEqual(
             lines[1].split(),
-            ["github", "zone-b", "app-2", "https://gh.example", "provider_oauth", "X-Tok", "token"],
+            [
+                "github",
+                "zone-b",
+                "app-2",
+                "https://gh.example",
+                "provider_oauth",
+                "X-Tok",
+                "token",
+                "300s",
+            ],
         )
         self.assertEqual(
             lines[2].split(),
-            ["weather", "zone-a", "app-1", "https://w.example/mcp", "caracal_jwt", "-", "-"],
+            ["weather", "zone-a", "app-1", "https://w.example/mcp", "caracal_jwt", "-", "-", "-"],
         )
         # Columns line up.
         self.assertEqual(lines[1].index("zone-b"), lines[0].index("ZONE"))
@@ -377,7 +398,9 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(records[1]["resource_identifier"], "weather")
         self.assertIsNone(records[1]["auth_header"])
         self.assertEqual(records[0]["updated_at"], "2026-01-02T03:04:05+00:00")
-        self.assertEqual(len(records[0]), 8)
+        self.assertEqual(records[0]["upstream_timeout_ms"], 300000)
+        self.assertIsNone(records[1]["upstream_timeout_ms"])
+        self.assertEqual(len(records[0]), 9)
 
     def test_list_empty_json(self):
         self.database.results = [[]]
@@ -402,6 +425,32 @@ class AdminTests(SynchronousTestCase):
         ((statement, parameters),) = self.database.executed
         self.assertIn("SET upstream_url = %s, auth_mode = %s, auth_scheme = %s", statement)
         self.assertEqual(parameters, ("https://new.example", "provider_oauth", None, "res-1"))
+
+    def test_add_upstream_timeout(self):
+        """--upstream-timeout 5m is stored as 300000 ms."""
+        self.database.results = [("res-1",)]
+        status, _, _ = self.add("--upstream-timeout", "5m")
+        self.assertEqual(status, 0)
+        ((_, parameters),) = self.database.executed
+        self.assertEqual(parameters[-1], 300000)
+
+    def test_upstream_timeout_refused(self):
+        """Zero, negative, malformed or past a Postgres integer: usage error, no database."""
+        for value in ("0", "0s", "-5s", "soon", "5", "1000h", "0.1ms"):
+            status, _, stderr = self.add(f"--upstream-timeout={value}")
+            self.assertRefused(status, stderr, 2, "--upstream-timeout must be a positive duration")
+        self.assertEqual(self.database.connected_with, [])
+
+    def test_update_upstream_timeout(self):
+        """update sets the resource's timeout, or puts it back to the default (NULL)."""
+        self.database.results = [("res-1",), ("res-1",)]
+        self.run_admin("update", "res-1", "--upstream-timeout", "1m30s")
+        self.run_admin("update", "res-1", "--default-upstream-timeout")
+        (statement, parameters), (statement2, parameters2) = self.database.executed
+        self.assertIn("SET upstream_timeout_ms = %s", statement)
+        self.assertEqual(parameters, (90000, "res-1"))
+        self.assertIn("SET upstream_timeout_ms = %s", statement2)
+        self.assertEqual(parameters2, (None, "res-1"))
 
     def test_update_nothing(self):
         status, _, stderr = self.run_admin("update", "res-1")

@@ -422,6 +422,25 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(request.log_fields["zone"], ZONE)
         self.assertEqual(request.log_fields["upstream_host"], "tools.example")
 
+    def test_defaultUpstreamTimeout(self):
+        """A resource without upstream_timeout_ms leaves the forwarder's default."""
+        self.call(token=self.mint())
+        self.assertEqual(self.forwarder.timeouts, [None])
+
+    def test_resourceUpstreamTimeout(self):
+        """A resource's upstream_timeout_ms replaces UPSTREAM_TIMEOUT for its calls."""
+        self.resources.put(
+            ToolResource(
+                resource_identifier="tools",
+                zone_id=ZONE,
+                application_id="app-1",
+                upstream_url="https://tools.example/api",
+                upstream_timeout_ms=300000,
+            )
+        )
+        self.call(token=self.mint())
+        self.assertEqual(self.forwarder.timeouts, [300.0])
+
     def test_expiresInCountsTheExchange(self):
         """X-Caracal-Token-Expires-In is what is left after the STS answered."""
         self.sts.pending = []

@@ -5,11 +5,12 @@ C{caracal-gateway-admin}: the operator's command for the resource table.
     caracal-gateway-admin migrate
     caracal-gateway-admin add RESOURCE --zone Z --application A --upstream URL
         [--auth-mode caracal_jwt|provider_oauth|provider_apikey]
-        [--auth-header H] [--auth-scheme S]
+        [--auth-header H] [--auth-scheme S] [--upstream-timeout 5m]
     caracal-gateway-admin list [--json]
     caracal-gateway-admin update RESOURCE [--zone Z] [--application A] [--upstream URL]
         [--auth-mode M] [--auth-header H | --default-auth-header]
         [--auth-scheme S | --default-auth-scheme]
+        [--upstream-timeout 5m | --default-upstream-timeout]
     caracal-gateway-admin remove RESOURCE
 
 The database is C{--database-url}, C{DATABASE_URL} or the file
@@ -45,7 +46,7 @@ import psycopg2.errors
 from psycopg2.extensions import parse_dsn
 
 from caracal.gateway import checkconfig
-from caracal.gateway.config import ConfigError, read_secret, redact_url
+from caracal.gateway.config import ConfigError, parse_duration, read_secret, redact_url
 from caracal.gateway.registry import (
     AUTH_MODES,
     CARACAL_JWT,
@@ -64,6 +65,9 @@ PROG = "caracal-gateway-admin"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+
+# upstream_timeout_ms is a Postgres integer.
+_MAX_TIMEOUT_MS = 2**31 - 1
 
 
 class AdminError(Exception):
@@ -210,6 +214,32 @@ def auth_scheme(text: str) -> str:
     return text
 
 
+def upstream_timeout_ms(text: str) -> int:
+    """
+    C{--upstream-timeout}: a Go duration (C{90s}, C{5m}) as whole
+    milliseconds, positive and within a Postgres C{integer}.
+    """
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        seconds = -1.0
+    milliseconds = round(seconds * 1000)
+    if not 0 < milliseconds <= _MAX_TIMEOUT_MS:
+        raise usage_error(
+            "--upstream-timeout must be a positive duration such as 90s or 5m (at most 596h)"
+        )
+    return milliseconds
+
+
+def _duration_text(milliseconds: int | None) -> str | None:
+    """C{upstream_timeout_ms} as the operator wrote it, roughly: C{300s}, C{250ms}."""
+    if milliseconds is None:
+        return None
+    if milliseconds % 1000:
+        return f"{milliseconds}ms"
+    return f"{milliseconds // 1000}s"
+
+
 def allowlist(context: Context) -> frozenset[str]:
     """C{--allowlist}, else C{UPSTREAM_HOST_ALLOWLIST}, normalised as the gateway does."""
     text = context.args.allowlist
@@ -270,6 +300,11 @@ def _configure_add(parser: argparse.ArgumentParser) -> None:
         "--auth-scheme",
         help="credential scheme (default Bearer for caracal_jwt, none otherwise; '' for none)",
     )
+    parser.add_argument(
+        "--upstream-timeout",
+        help="this resource's bound on the upstream's response headers, such as 5m"
+        " (default: the gateway's UPSTREAM_TIMEOUT)",
+    )
 
 
 _COLUMNS = (
@@ -280,6 +315,7 @@ _COLUMNS = (
     "auth_mode",
     "auth_header",
     "auth_scheme",
+    "upstream_timeout_ms",
     "updated_at",
 )
 
@@ -296,12 +332,13 @@ def add(context: Context) -> int:
         args.auth_mode,
         None if args.auth_header is None else auth_header(args.auth_header),
         None if args.auth_scheme is None else auth_scheme(args.auth_scheme),
+        None if args.upstream_timeout is None else upstream_timeout_ms(args.upstream_timeout),
     )
     with context.cursor() as cursor:
         cursor.execute(
             "INSERT INTO gateway_resources (resource_identifier, zone_id, application_id,"
-            " upstream_url, auth_mode, auth_header, auth_scheme)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " upstream_url, auth_mode, auth_header, auth_scheme, upstream_timeout_ms)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (resource_identifier) DO NOTHING RETURNING resource_identifier",
             row,
         )
@@ -332,10 +369,23 @@ def list_(context: Context) -> int:
         json.dump(records, context.stdout, indent=2)
         context.stdout.write("\n")
         return EXIT_OK
-    headers = ("RESOURCE", "ZONE", "APPLICATION", "UPSTREAM", "MODE", "HEADER", "SCHEME")
-    table = [headers] + [
-        tuple("-" if record[c] is None else str(record[c]) for c in _COLUMNS[:7])
+    headers = (
+        "RESOURCE",
+        "ZONE",
+        "APPLICATION",
+        "UPSTREAM",
+        "MODE",
+        "HEADER",
+        "SCHEME",
+        "UPSTREAM_TIMEOUT",
+    )
+    shown = [
+        {**record, "upstream_timeout_ms": _duration_text(record["upstream_timeout_ms"])}
         for record in records
+    ]
+    table = [headers] + [
+        tuple("-" if record[c] is None else str(record[c]) for c in _COLUMNS[:8])
+        for record in shown
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
     for line in table:
@@ -360,6 +410,13 @@ def _configure_update(parser: argparse.ArgumentParser) -> None:
     scheme.add_argument(
         "--default-auth-scheme", action="store_true", help="back to the mode's default (NULL)"
     )
+    timeout = parser.add_mutually_exclusive_group()
+    timeout.add_argument("--upstream-timeout", help="such as 5m")
+    timeout.add_argument(
+        "--default-upstream-timeout",
+        action="store_true",
+        help="back to the gateway's UPSTREAM_TIMEOUT (NULL)",
+    )
 
 
 @register("update", "change fields of a resource", _configure_update)
@@ -367,7 +424,7 @@ def update(context: Context) -> int:
     """Change the given fields of an existing resource."""
     args = context.args
     resource = identifier("resource", args.resource)
-    changes: dict[str, str | None] = {}
+    changes: dict[str, str | int | None] = {}
     if args.zone is not None:
         changes["zone_id"] = identifier("--zone", args.zone, 256)
     if args.application is not None:
@@ -384,6 +441,10 @@ def update(context: Context) -> int:
         changes["auth_scheme"] = auth_scheme(args.auth_scheme)
     if args.default_auth_scheme:
         changes["auth_scheme"] = None
+    if args.upstream_timeout is not None:
+        changes["upstream_timeout_ms"] = upstream_timeout_ms(args.upstream_timeout)
+    if args.default_upstream_timeout:
+        changes["upstream_timeout_ms"] = None
     if not changes:
         raise usage_error("nothing to update: give at least one field option")
     assignments = ", ".join(f"{column} = %s" for column in changes)

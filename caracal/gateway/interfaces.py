@@ -137,10 +137,14 @@ class IUpstreamGuard(Interface):
 class IForwarder(Interface):
     """Sends an accepted request upstream and relays the answer (step 13)."""
 
-    def forward(request, pinned, credential_headers, token_expires_in, watch_revocation=None):
+    def forward(
+        request, pinned, credential_headers, token_expires_in, watch_revocation=None, timeout=None
+    ):
         """
         Forward C{request} to the pinned upstream with C{credential_headers}
-        and stream the answer into C{request}.
+        and stream the answer into C{request}. C{timeout} bounds the wait for
+        the response headers (the resource's C{upstream_timeout_ms});
+        C{None} means C{UPSTREAM_TIMEOUT}.
 
         @return: a Deferred firing C{None} once the answer is written, cut
             or the client has gone; failing with a

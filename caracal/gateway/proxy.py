@@ -316,7 +316,12 @@ class GatewayResource(ReverseProxyResource):
         # Time left now, not at step 4: the JWKS and STS calls took some of it.
         seconds_left = call.claims["exp"] - self.pipeline.clock.seconds()
         return self.pipeline.forwarder.forward(
-            call.request, call.pinned, credentials, seconds_left, watch
+            call.request,
+            call.pinned,
+            credentials,
+            seconds_left,
+            watch,
+            call.resource.upstream_timeout,
         )
 
     def _deny(self, failure, call: Call) -> None:

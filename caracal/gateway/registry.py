@@ -44,7 +44,7 @@ CHANNEL = "gateway_resources_changed"
 
 _SELECT_RESOURCES = (
     "SELECT resource_identifier, zone_id, application_id, upstream_url,"
-    " auth_mode, auth_header, auth_scheme FROM gateway_resources"
+    " auth_mode, auth_header, auth_scheme, upstream_timeout_ms FROM gateway_resources"
 )
 
 
@@ -101,6 +101,8 @@ class ToolResource:
         C{Authorization}.
     @ivar auth_scheme: the scheme before the credential; C{None} means
         C{Bearer} for C{caracal_jwt} and no scheme for the provider modes.
+    @ivar upstream_timeout_ms: this resource's bound on the upstream's
+        response headers, in milliseconds; C{None} means C{UPSTREAM_TIMEOUT}.
     """
 
     resource_identifier: str
@@ -110,6 +112,7 @@ class ToolResource:
     auth_mode: str = CARACAL_JWT
     auth_header: str | None = None
     auth_scheme: str | None = None
+    upstream_timeout_ms: int | None = None
 
     def __post_init__(self) -> None:
         if self.auth_mode not in AUTH_MODES:
@@ -124,6 +127,15 @@ class ToolResource:
             problem = auth_scheme_problem(self.auth_scheme)
             if problem:
                 raise ValueError(f"auth_scheme: {problem}")
+        if self.upstream_timeout_ms is not None and self.upstream_timeout_ms <= 0:
+            raise ValueError("upstream_timeout_ms must be positive")
+
+    @property
+    def upstream_timeout(self) -> float | None:
+        """C{upstream_timeout_ms} in seconds, or C{None} for the default."""
+        if self.upstream_timeout_ms is None:
+            return None
+        return self.upstream_timeout_ms / 1000.0
 
     @property
     def credential_header(self) -> str:
@@ -479,7 +491,7 @@ class PostgresResourceStore(Service):
         snapshot = {}
         for row in rows:
             try:
-                snapshot[row[0]] = ToolResource(*row[:7])
+                snapshot[row[0]] = ToolResource(*row[:8])
             except ValueError as error:
                 # Left out, so calls to it are refused (403) before any STS
                 # exchange; the operator fixes the row with the admin command.

@@ -31,6 +31,15 @@ CREATE TABLE IF NOT EXISTS gateway_resources (
     updated_at         timestamptz NOT NULL DEFAULT now()
 );
 
+-- Added after the first release (SPEC 13): a resource's own bound on the
+-- upstream's response headers, replacing UPSTREAM_TIMEOUT when set (slow tool
+-- servers). ADD COLUMN IF NOT EXISTS keeps the file idempotent on databases
+-- made by either version. Apply the schema before upgrading the gateways:
+-- they read this column.
+ALTER TABLE gateway_resources
+    ADD COLUMN IF NOT EXISTS upstream_timeout_ms integer NULL
+        CHECK (upstream_timeout_ms > 0);
+
 -- Keep updated_at honest whoever writes the row.
 CREATE OR REPLACE FUNCTION gateway_resources_touch() RETURNS trigger
 LANGUAGE plpgsql AS $$

@@ -339,7 +339,8 @@ class MemoryForwarder(_Stallable):
     """
     A forwarder that answers every request itself with C{status} and
     C{body}, recording each call's C{(pinned, credential_headers,
-    token_expires_in, watch_revocation)} in C{calls}.
+    token_expires_in, watch_revocation)} in C{calls} and its C{timeout} in
+    C{timeouts}.
 
     @ivar denial: when set to a L{Denial}, every forward fails with it
         before writing anything (an unreachable upstream).
@@ -349,13 +350,21 @@ class MemoryForwarder(_Stallable):
         self.status = status
         self.body = body
         self.calls: list[tuple] = []
+        self.timeouts: list[float | None] = []
         self.denial = None
 
     def forward(
-        self, request, pinned, credential_headers, token_expires_in, watch_revocation=None
+        self,
+        request,
+        pinned,
+        credential_headers,
+        token_expires_in,
+        watch_revocation=None,
+        timeout=None,
     ) -> defer.Deferred:
         """See L{IForwarder.forward}."""
         self.calls.append((pinned, credential_headers, token_expires_in, watch_revocation))
+        self.timeouts.append(timeout)
         if self.denial is not None:
             return defer.fail(self.denial)
         if self.pending is not None:

@@ -136,6 +136,32 @@ class AdminCommandTests(TestCase):
         self.assertEqual([row[0] for row in self.table()], ["github"])
         self.assertOneLineError(self.admin("remove", "weather"), 1, "no resource weather")
 
+    def test_upstream_timeout(self):
+        """
+        SPEC 13: --upstream-timeout on add and update lands in
+        upstream_timeout_ms, list shows it, --default-upstream-timeout clears it.
+        """
+        self.assertEqual(self.admin("migrate")[0], 0)
+        code, _, stderr = self.admin(
+            "add", "slow", "--zone", "z", "--application", "a",
+            "--upstream", "https://slow.example/mcp", "--upstream-timeout", "5m",
+        )  # fmt: skip
+        self.assertEqual((code, stderr), (0, ""))
+        rows = self.database.execute("SELECT upstream_timeout_ms FROM gateway_resources")
+        self.assertEqual(rows, [(300000,)])
+        code, stdout, _ = self.admin("list")
+        header, row = stdout.splitlines()
+        self.assertEqual(header.split()[-1], "UPSTREAM_TIMEOUT")
+        self.assertEqual(row.split()[-1], "300s")
+        records = json.loads(self.admin("list", "--json")[1])
+        self.assertEqual(records[0]["upstream_timeout_ms"], 300000)
+        self.assertEqual(self.admin("update", "slow", "--upstream-timeout", "90s")[0], 0)
+        rows = self.database.execute("SELECT upstream_timeout_ms FROM gateway_resources")
+        self.assertEqual(rows, [(90000,)])
+        self.assertEqual(self.admin("update", "slow", "--default-upstream-timeout")[0], 0)
+        rows = self.database.execute("SELECT upstream_timeout_ms FROM gateway_resources")
+        self.assertEqual(rows, [(None,)])
+
     def test_bad_upstreams_refused(self):
         self.assertEqual(self.admin("migrate")[0], 0)
         for url in ("http://user@x.example", "ftp://x.example", "http://h.example/a/../b"):

@@ -20,9 +20,12 @@ from tests.test_registry import CONTRACT_RESOURCES, ResourceStoreContract
 
 _SKIP = postgres_available()
 
+SLOW = {"upstream_timeout_ms": 300000}
+
 _INSERT = (
     "INSERT INTO gateway_resources (resource_identifier, zone_id, application_id,"
-    " upstream_url, auth_mode, auth_header, auth_scheme) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+    " upstream_url, auth_mode, auth_header, auth_scheme, upstream_timeout_ms)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
 )
 
 
@@ -37,6 +40,7 @@ def insert(database: TemporaryDatabase, resource: ToolResource) -> None:
             resource.auth_mode,
             resource.auth_header,
             resource.auth_scheme,
+            resource.upstream_timeout_ms,
         ),
     )
 
@@ -208,7 +212,49 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
             psycopg2.errors.CheckViolation,
             self.database.execute,
             _INSERT,
-            ("r", "z", "a", "https://x.example", "basic", None, None),
+            ("r", "z", "a", "https://x.example", "basic", None, None, None),
+        )
+
+    def test_upstream_timeout_constraint(self):
+        """SPEC 13: upstream_timeout_ms is NULL or positive."""
+        import psycopg2
+
+        for value in (0, -1):
+            self.assertRaises(
+                psycopg2.errors.CheckViolation,
+                self.database.execute,
+                _INSERT,
+                ("r", "z", "a", "https://x.example", "caracal_jwt", None, None, value),
+            )
+
+    @inlineCallbacks
+    def test_upstream_timeout_loaded(self):
+        """A resource's upstream_timeout_ms reaches the snapshot."""
+        insert(self.database, ToolResource("slow", "z", "a", "https://s.example", **SLOW))
+        store = yield self.start_store()
+        self.assertEqual(store.get("slow").upstream_timeout_ms, 300000)
+        self.assertEqual(store.get("slow").upstream_timeout, 300.0)
+
+    def test_schema_adds_column_to_first_release_table(self):
+        """Applied over a first-release table, the schema adds the column and keeps the rows."""
+        self.database.execute("ALTER TABLE gateway_resources DROP COLUMN upstream_timeout_ms")
+        self.database.execute(
+            "INSERT INTO gateway_resources (resource_identifier, zone_id, application_id,"
+            " upstream_url) VALUES ('old', 'z', 'a', 'https://o.example')"
+        )
+        self.database.execute(schema_sql())
+        self.assertEqual(
+            self.database.execute(
+                "SELECT resource_identifier, upstream_timeout_ms FROM gateway_resources"
+            ),
+            [("old", None)],
+        )
+        import psycopg2
+
+        self.assertRaises(
+            psycopg2.errors.CheckViolation,
+            self.database.execute,
+            "UPDATE gateway_resources SET upstream_timeout_ms = 0",
         )
 
 
