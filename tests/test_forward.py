@@ -17,6 +17,7 @@ from twisted.web import server
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyChannel
 
+from caracal.gateway.config import GatewayConfig
 from caracal.gateway.denials import Denial
 from caracal.gateway.forward import (
     Forwarder,
@@ -28,6 +29,7 @@ from caracal.gateway.forward import (
     response_headers,
     target_path,
 )
+from caracal.gateway.http import GatewaySite
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.registry import ToolResource
 from caracal.gateway.sts import Mandate
@@ -525,6 +527,127 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual((denial.status, denial.code), (401, "session_revoked"))
         self.assertEqual(self.reactor.tcpClients, [])
         self.assertEqual(self.cancelled, 1)
+
+    # -- SPEC 13: event streams ---------------------------------------------
+
+    SSE_HEAD = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+
+    def stream(self, method=b"GET", keepalive=15.0):
+        """An event stream relayed to a client of a real (draining-capable) site."""
+        self.forwarder = Forwarder(self.reactor, None, 5.0, self.metrics, sse_keepalive=keepalive)
+        request = client_request(method=method)
+        request.gateway_site = GatewaySite(None, GatewayConfig(), Metrics(), clock=self.reactor)
+        d = self.forward(request)
+        self.connect_upstream()
+        self.respond(self.SSE_HEAD)
+        return request, d
+
+    def chunk(self, data: bytes) -> None:
+        self.respond(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def test_keepalive_between_events(self):
+        """A silent stream between events gets a keep-alive comment chunk."""
+        request, _d = self.stream()
+        self.chunk(b"data: 1\n\n")
+        self.reactor.advance(15)
+        self.assertTrue(written(request).endswith(b"e\r\n: keep-alive\n\n\r\n"))
+
+    def test_no_keepalive_inside_an_event(self):
+        """An event split across chunks is never interrupted by a comment."""
+        request, _d = self.stream()
+        self.chunk(b"event: progress\r\ndata: {")
+        self.reactor.advance(60)
+        self.assertNotIn(b"keep-alive", written(request))
+        self.chunk(b"}\r\n\r\n")
+        self.reactor.advance(15)
+        self.assertIn(b"keep-alive", written(request))
+
+    def test_keepalive_off(self):
+        """SSE_KEEPALIVE=0: no comment, however long the silence."""
+        request, _d = self.stream(keepalive=0)
+        self.reactor.advance(600)
+        self.assertNotIn(b"keep-alive", written(request))
+
+    def test_no_keepalive_for_other_content(self):
+        """Only event streams get keep-alives."""
+        self.forwarder = Forwarder(self.reactor, None, 5.0, self.metrics, sse_keepalive=1.0)
+        request = client_request()
+        self.forward(request)
+        self.connect_upstream()
+        self.respond(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n")
+        self.reactor.advance(10)
+        self.assertNotIn(b"keep-alive", written(request))
+
+    def test_keepalive_stops_with_the_stream(self):
+        """Once the upstream ends the stream no timer is left behind."""
+        request, d = self.stream()
+        self.chunk(b"data: 1\n\n")
+        self.respond(b"0\r\n\r\n")
+        self.successResultOf(d)
+        # Only the pool's idle-connection timer is left.
+        timers = [call.func.__name__ for call in self.reactor.getDelayedCalls()]
+        self.assertEqual(timers, ["_removeConnection"])
+
+    def test_drain_ends_idle_get_stream_at_once(self):
+        """Draining ends a GET stream between events at once: whole message, logged drained."""
+        request, d = self.stream()
+        self.chunk(b"data: 1\n\n")
+        upstream = self.upstream_protocol.transport
+        self.successResultOf(request.gateway_site.drain(25))
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(written(request).endswith(b"data: 1\n\n\r\n0\r\n\r\n"))
+        self.assertEqual(request.finished, 1)
+        self.assertEqual(request.log_fields["upstream_cut"], "drained")
+        self.assertEqual(upstream.producerState, "stopped")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_drain_waits_for_the_event_under_way(self):
+        """Mid-event, the rest of the event is relayed, then the stream ends."""
+        request, d = self.stream()
+        self.chunk(b"data: 1\n\nevent: progress\n")
+        request.gateway_site.drain(25)
+        self.assertNoResult(d)
+        self.reactor.advance(60)
+        self.assertNotIn(b"keep-alive", written(request))
+        self.chunk(b"data: 2\n\ndata: 3\n\n")
+        self.assertIsNone(self.successResultOf(d))
+        body = written(request).split(b"\r\n\r\n", 1)[1]
+        self.assertNotIn(b"data: 3", body)
+        self.assertTrue(body.endswith(b"data: 2\n\n\r\n0\r\n\r\n"), body)
+        self.assertEqual(request.log_fields["upstream_cut"], "drained")
+
+    def test_drain_leaves_post_stream_running(self):
+        """A POST answered with an event stream (a tool call) completes: it is not drained."""
+        request, d = self.stream(method=b"POST")
+        self.chunk(b"data: progress\n\n")
+        request.gateway_site.drain(25)
+        self.assertNoResult(d)
+        self.chunk(b"data: result\n\n")
+        self.respond(b"0\r\n\r\n")
+        self.assertIsNone(self.successResultOf(d))
+        self.assertIn(b"data: result", written(request))
+        self.assertNotIn("upstream_cut", request.log_fields)
+
+    def test_finished_stream_unregisters_from_drain(self):
+        """A GET stream that ended by itself is not called when the site drains later."""
+        request, d = self.stream()
+        self.respond(b"0\r\n\r\n")
+        self.successResultOf(d)
+        self.assertEqual(request.gateway_site._drain_hooks, [])
+
+    def test_resource_timeout_replaces_default(self):
+        """A resource's own upstream timeout bounds the wait for the headers."""
+        d = self.forwarder.forward(
+            client_request(), self.pinned, [(b"Authorization", b"Bearer m")], 300, None, 12.0
+        )
+        [(_host, _port, _factory, connect_timeout, _bind)] = self.reactor.tcpClients
+        self.assertEqual(connect_timeout, 12.0)
+        self.reactor.advance(11.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.2)
+        self.assertEqual(self.failureResultOf(d, Denial).value.code, "upstream_timeout")
 
     def test_upstream_dies_mid_body(self):
         """A truncated upstream body is not passed off as complete."""

@@ -31,6 +31,7 @@ READ_HEADER = 5.0
 READ = 10.0
 WRITE = 20.0
 IDLE = 40.0
+STREAM_IDLE = 30.0
 
 
 class RecordingResource(Resource):
@@ -109,6 +110,7 @@ class HTTPTestMixin:
             read_timeout=READ,
             write_timeout=WRITE,
             idle_timeout=IDLE,
+            stream_idle_timeout=STREAM_IDLE,
         )
         self.site = GatewaySite(self.resource, self.config, self.metrics, clock=self.clock)
         self.access_events: list[dict] = []
@@ -746,6 +748,92 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         statuses = [(status, body) for status, _, body in parse_responses(transport.value())]
         self.assertEqual(statuses, [(200, b""), (200, b"ok 2")])
         self.assertEqual(channel.armed(), {"idle"})
+
+
+class EventStreamTimeoutTests(HTTPTestMixin, SynchronousTestCase):
+    """
+    SPEC 13: a text/event-stream response is bound by STREAM_IDLE_TIMEOUT
+    of silence, not by WRITE_TIMEOUT.
+    """
+
+    def stream(self, content_type: bytes = b"text/event-stream; charset=utf-8"):
+        channel, transport = self.connect()
+        self.request(channel, path=b"/slow", method=b"GET")
+        [request] = self.resource.pending
+        request.setHeader(b"content-type", content_type)
+        request.write(b"")
+        return channel, transport, request
+
+    def test_write_timeout_not_applied(self) -> None:
+        """A stream writing every 10 s outlives WRITE_TIMEOUT many times over."""
+        channel, transport, request = self.stream()
+        self.assertEqual(channel.armed(), {"stream_idle"})
+        for _ in range(12):
+            self.clock.advance(10)
+            request.write(b"data: tick\n\n")
+        self.assertGreater(self.clock.seconds(), WRITE * 5)
+        self.assertFalse(transport.disconnected)
+
+    def test_cut_after_idle_timeout_of_silence(self) -> None:
+        """Nothing written for STREAM_IDLE_TIMEOUT: the connection is aborted."""
+        channel, transport, request = self.stream()
+        request.write(b"data: 1\n\n")
+        self.clock.advance(STREAM_IDLE - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+
+    def test_client_not_reading_is_cut(self) -> None:
+        """
+        Bytes the transport holds back (the client stopped reading) do not
+        count as reaching the client: a stream still written to is cut.
+        """
+        channel, transport, request = self.stream()
+        channel.pauseProducing()
+        for _ in range(3):
+            self.clock.advance(STREAM_IDLE / 3)
+            request.write(b"data: x\n\n")
+        self.assertTrue(transport.disconnected)
+
+    def test_resumed_transport_counts_as_progress(self) -> None:
+        """When the client reads again, the held bytes reached it: the timer restarts."""
+        channel, transport, request = self.stream()
+        channel.pauseProducing()
+        request.write(b"data: x\n\n")
+        self.clock.advance(STREAM_IDLE - 1)
+        channel.resumeProducing()
+        self.clock.advance(STREAM_IDLE - 1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(transport.disconnected)
+
+    def test_finished_stream_leaves_idle_keep_alive(self) -> None:
+        """Once the stream ends, only the keep-alive idle timer runs."""
+        channel, transport, request = self.stream()
+        request.write(b"data: last\n\n")
+        request.finish()
+        self.assertEqual(channel.armed(), {"idle"})
+        self.clock.advance(STREAM_IDLE)
+        self.assertFalse(transport.disconnecting)
+
+    def test_next_response_on_connection_gets_write_timeout(self) -> None:
+        """The next request on the same connection is an ordinary one again."""
+        channel, transport, request = self.stream()
+        request.finish()
+        self.request(channel, path=b"/slow2")
+        self.assertEqual(channel.armed(), {"write"})
+        self.resource.pending[1].write(b"x")
+        self.clock.advance(WRITE)
+        self.assertTrue(transport.disconnected)
+
+    def test_other_content_types_keep_write_timeout(self) -> None:
+        """A JSON response written to steadily is still cut at WRITE_TIMEOUT."""
+        channel, transport, request = self.stream(b"application/json")
+        self.assertEqual(channel.armed(), {"write"})
+        for _ in range(3):
+            self.clock.advance(WRITE / 3)
+            request.write(b"{}")
+        self.assertTrue(transport.disconnected)
 
 
 class PersistenceTests(HTTPTestMixin, SynchronousTestCase):

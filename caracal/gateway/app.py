@@ -164,7 +164,13 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
             # A name that never resolves must not hold the request forever.
             timeout=min(config.upstream_timeout, DNS_TIMEOUT),
         ),
-        forwarder=Forwarder(reactor, upstream_policy, config.upstream_timeout, metrics),
+        forwarder=Forwarder(
+            reactor,
+            upstream_policy,
+            config.upstream_timeout,
+            metrics,
+            sse_keepalive=config.sse_keepalive,
+        ),
         metrics=metrics,
         clock=reactor,
         jti_fail_open=config.jti_fail_open,

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from caracal.gateway.denials import Denial
 from caracal.gateway.interfaces import IForwarder
 from caracal.gateway.pools import persistent_pool
+from caracal.gateway.sse import EventStreamRelay, is_event_stream
 from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
 
 log = Logger()
@@ -283,13 +284,19 @@ class Forwarder:
         (C{UPSTREAM_TIMEOUT}); also bounds the TCP connect.
     @param metrics: a L{caracal.gateway.metrics.Metrics} or None.
     @param pool: an L{HTTPConnectionPool}; a persistent one is made if None.
+    @param sse_keepalive: seconds of silence after which an event stream
+        gets a keep-alive comment between events (C{SSE_KEEPALIVE}); C{0}
+        for none.
     """
 
-    def __init__(self, reactor, tls_policy, timeout: float, metrics=None, pool=None) -> None:
+    def __init__(
+        self, reactor, tls_policy, timeout: float, metrics=None, pool=None, sse_keepalive=0.0
+    ) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
         self._timeout = timeout
         self._metrics = metrics
+        self._sse_keepalive = sse_keepalive
         if pool is None:
             pool = persistent_pool(reactor, max_per_host=16, idle_timeout=60)
         self.pool = pool
@@ -305,6 +312,7 @@ class Forwarder:
         credential_headers,
         token_expires_in: float,
         watch_revocation=None,
+        timeout: float | None = None,
     ) -> defer.Deferred[None]:
         """
         Forward C{request} to C{pinned} and stream the response into it.
@@ -316,6 +324,9 @@ class Forwarder:
             back (less the time spent here) as C{X-Caracal-Token-Expires-In}.
         @param watch_revocation: C{callable(cut) -> cancel}: calls C{cut()}
             when the caller's session is revoked; the stream is then cut.
+        @param timeout: this resource's bound on the response headers (its
+            C{upstream_timeout_ms}), replacing C{UPSTREAM_TIMEOUT}; C{None}
+            for the default.
 
         @return: a Deferred that fires with None once the response is fully
             written, cut, or the client has gone (the request is then
@@ -343,10 +354,12 @@ class Forwarder:
         )
         for name, value in credentials:
             headers.setRawHeaders(name, [value])
-        exchange = _Exchange(self, request, token_expires_in, watch_revocation)
+        if timeout is None:
+            timeout = self._timeout
+        exchange = _Exchange(self, request, token_expires_in, watch_revocation, timeout)
         agent = Agent.usingEndpointFactory(
             self._reactor,
-            PinnedEndpointFactory(pinned, self._tls_policy, self._reactor, self._timeout),
+            PinnedEndpointFactory(pinned, self._tls_policy, self._reactor, timeout),
             pool=_PoolView(self.pool, exchange),
         )
         exchange.start(agent, url.uri(path, query), headers, _body_producer(request))
@@ -396,11 +409,15 @@ def _upstream_denial(failure) -> Denial:
 class _Exchange:
     """
     One forwarded request's life: C{waiting} for response headers, then
-    C{streaming}, then C{done} (finished, failed, cut or client gone).
+    C{streaming}, then C{done} (finished, failed, cut, drained or client
+    gone).
     """
 
-    def __init__(self, forwarder: Forwarder, request, token_expires_in, watch_revocation):
+    def __init__(
+        self, forwarder: Forwarder, request, token_expires_in, watch_revocation, timeout: float
+    ):
         self._forwarder = forwarder
+        self._timeout = timeout
         self._reactor = forwarder._reactor
         self._request = request
         self._token_expires_in = token_expires_in
@@ -409,6 +426,8 @@ class _Exchange:
         self._timer = None
         self._pending = None
         self._relay: _BodyRelay | None = None
+        self._events: EventStreamRelay | None = None
+        self._cancel_drain = None
         self._trailer = False
         self.protocol = None
         self.state = "waiting"
@@ -417,7 +436,7 @@ class _Exchange:
     def start(self, agent, uri: bytes, headers: Headers, body) -> None:
         self._started = self._reactor.seconds()
         self._request.notifyFinish().addCallbacks(lambda _: None, self._client_gone)
-        self._timer = self._reactor.callLater(self._forwarder._timeout, self._timed_out)
+        self._timer = self._reactor.callLater(self._timeout, self._timed_out)
         if self._watch is not None:
             cancel = self._watch(self.cut)
             if self.state != "waiting":
@@ -503,6 +522,12 @@ class _Exchange:
         # buffered data; a pause asked for meanwhile must hold.
         if relay.paused and self.state == "streaming":
             relay.transport.pauseProducing()
+        if self._events is not None and self._request.method == b"GET":
+            # A standing event stream never ends by itself: when the gateway
+            # drains, it ends at its next event boundary (SPEC 13).
+            site = getattr(self._request, "gateway_site", None)
+            if site is not None and self.state == "streaming":
+                self._cancel_drain = site.when_draining(self.drain)
 
     def _write_head(self, response, elapsed: float) -> None:
         request = self._request
@@ -539,6 +564,14 @@ class _Exchange:
         # Send the head now: an SSE client must see it before the first event.
         request.write(b"")
         self._trailer = self._trailer and bool(getattr(request, "chunked", False))
+        if (
+            is_event_stream(request.responseHeaders.getRawHeaders(b"content-type"))
+            and request.method != b"HEAD"
+            and response.code not in NO_BODY_CODES
+        ):
+            self._events = EventStreamRelay(
+                self._reactor, self._forwarder._sse_keepalive, request.write
+            )
 
     # -- while streaming ---------------------------------------------------
 
@@ -547,6 +580,11 @@ class _Exchange:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if self._events is not None:
+            self._events.stop()
+        if self._cancel_drain is not None:
+            cancel_drain, self._cancel_drain = self._cancel_drain, None
+            cancel_drain()
         if self._cancel_watch is not None:
             cancel, self._cancel_watch = self._cancel_watch, None
             cancel()
@@ -562,7 +600,31 @@ class _Exchange:
 
     def write(self, data: bytes) -> None:
         if self.state == "streaming":
-            self._request.write(data)
+            if self._events is not None:
+                self._events.relay(data)
+            else:
+                self._request.write(data)
+
+    def drain(self) -> None:
+        """The gateway drains: end this event stream at its next boundary."""
+        if self.state == "streaming" and self._events is not None:
+            self._events.end_at_boundary(self._drained)
+
+    def _drained(self) -> None:
+        if self.state != "streaming":
+            return
+        self._close("drained")
+        log_fields = getattr(self._request, "log_fields", None)
+        if log_fields is not None:
+            log_fields["upstream_cut"] = "drained"
+        self._release_client()
+        if self._connected():
+            # A whole message: the client sees the stream end cleanly and
+            # reconnects (to another gateway) with Last-Event-ID.
+            self._request.finish()
+        if self._relay is not None:
+            self._relay.stop_upstream()
+        self.result.callback(None)
 
     def body_ended(self, reason) -> None:
         """The upstream body is complete, or the upstream connection failed."""

@@ -20,7 +20,10 @@ The timeouts follow Go's C{http.Server}, whose knobs the SPEC copies:
   - C{READ_TIMEOUT} runs from the same start until the whole body is in;
   - C{WRITE_TIMEOUT} runs from the end of reading the request until the
     response is completely handed to the kernel; past it the connection is
-    aborted, which also bounds a client that stops reading;
+    aborted, which also bounds a client that stops reading. A
+    C{text/event-stream} response (SPEC 13) is bound instead by
+    C{STREAM_IDLE_TIMEOUT}, restarted whenever its bytes reach the client:
+    it may last as long as it keeps moving;
   - C{IDLE_TIMEOUT} closes a keep-alive connection waiting for its next
     request.
 
@@ -31,6 +34,7 @@ is switched off so these rule alone.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from uuid import uuid4
 
 from twisted.internet import interfaces
@@ -40,7 +44,7 @@ from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
-from caracal.gateway import cors
+from caracal.gateway import cors, sse
 from caracal.gateway.denials import error_body, error_envelope
 from caracal.gateway.logs import (
     ACCESS_EVENT_KEY,
@@ -154,6 +158,7 @@ class GatewayRequest(Request):
         self._limit = self.gateway_site.config.max_request_bytes
         self._answered_early = False
         self._inflight = False
+        self.event_stream = False
 
     @property
     def request_id(self) -> str:
@@ -188,6 +193,11 @@ class GatewayRequest(Request):
         self.responseHeaders.setRawHeaders(b"x-request-id", [self.request_id.encode("ascii")])
         cors.add_response_headers(self, self.gateway_site.config.cors_allowed_origins)
         channel = getattr(self, "channel", None)
+        if channel is not None and sse.is_event_stream(
+            self.responseHeaders.getRawHeaders(b"content-type")
+        ):
+            self.event_stream = True
+            channel.event_stream_started()
         if channel is not None and (self.gateway_site.draining or not channel.persistent):
             self.responseHeaders.setRawHeaders(b"connection", [b"close"])
             channel.persistent = False
@@ -197,6 +207,8 @@ class GatewayRequest(Request):
         if not self.startedWriting and not self._disconnected:
             self._prepare_response_headers()
         super().write(data)
+        if self.event_stream and data and self.channel is not None:
+            self.channel.event_stream_moved()
 
     def finish(self) -> None:
         """Finish the response; the access log line is written from here."""
@@ -287,6 +299,7 @@ class GatewayChannel(HTTPChannel):
         self._flush_pending = False
         self._refused = False
         self._closing = False
+        self._event_stream = False
 
     # -- timers ---------------------------------------------------------------
 
@@ -430,11 +443,13 @@ class GatewayChannel(HTTPChannel):
         """
         if self.site.draining:
             self.persistent = False
+        # An event stream's last bytes are still bound by its idle timer.
+        self._event_stream = False
         if self.persistent and not self._closing:
             if self._waitingForTransport:
                 self._flush_pending = True
             else:
-                self._cancel("write")
+                self._cancel("write", "stream_idle")
             if any(self._dataBuffer):
                 # A pipelined request is already waiting to be parsed.
                 self._start_reading()
@@ -446,9 +461,12 @@ class GatewayChannel(HTTPChannel):
     def resumeProducing(self) -> None:
         """The transport drained its buffer: a pending response is written."""
         super().resumeProducing()
+        if self._event_stream and not self._closing:
+            # What the transport held has reached the client.
+            self._arm_stream_idle()
         if self._flush_pending and self.persistent and not self._closing:
             self._flush_pending = False
-            self._cancel("write")
+            self._cancel("write", "stream_idle")
             if self._state == "idle":
                 self._enter_idle()
 
@@ -648,6 +666,38 @@ class GatewayChannel(HTTPChannel):
             )
         self._close_soon()
 
+    def event_stream_started(self) -> None:
+        """
+        The response is a C{text/event-stream}: it is no longer bound by
+        C{WRITE_TIMEOUT} but by C{STREAM_IDLE_TIMEOUT} of silence (SPEC 13).
+        """
+        if self._closing:
+            return
+        self._event_stream = True
+        self._cancel("write")
+        self._arm_stream_idle()
+
+    def event_stream_moved(self) -> None:
+        """
+        Bytes of the event stream were handed to the transport: they count
+        as reaching the client unless the transport is holding back (the
+        client stopped reading); then L{resumeProducing} counts them.
+        """
+        if self._event_stream and not self._closing and not self._waitingForTransport:
+            self._arm_stream_idle()
+
+    def _arm_stream_idle(self) -> None:
+        self._arm("stream_idle", self._config.stream_idle_timeout, self._stream_idle_timed_out)
+
+    def _stream_idle_timed_out(self) -> None:
+        _log.info(
+            "event stream to {peer} silent for {seconds} s; cut",
+            peer=self._peer(),
+            seconds=self._config.stream_idle_timeout,
+        )
+        self._cancel()
+        self.transport.abortConnection()
+
     def _write_timed_out(self) -> None:
         _log.info("response not written in time to {peer}", peer=self._peer())
         self._cancel()
@@ -690,6 +740,7 @@ class GatewaySite(Site):
         self._inflight = 0
         self._channels: set[GatewayChannel] = set()
         self._drain_waiters: list[Deferred] = []
+        self._drain_hooks: list = []
 
     @property
     def inflight(self) -> int:
@@ -738,6 +789,9 @@ class GatewaySite(Site):
         self.draining = True
         for channel in list(self._channels):
             channel.drain_started()
+        hooks, self._drain_hooks = self._drain_hooks, []
+        for hook in hooks:
+            hook()
         waiter: Deferred = Deferred()
         if self._inflight == 0:
             waiter.callback(0)
@@ -752,6 +806,24 @@ class GatewaySite(Site):
         call = self.clock.callLater(timeout, expire)
         waiter.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
         return waiter
+
+    def when_draining(self, hook) -> Callable[[], None]:
+        """
+        Call C{hook()} when L{drain} starts (at once if it has): a response
+        that would never end by itself (a standing event stream) ends then.
+
+        @return: a callable that unregisters C{hook}.
+        """
+        if self.draining:
+            hook()
+            return lambda: None
+        self._drain_hooks.append(hook)
+
+        def cancel() -> None:
+            if hook in self._drain_hooks:
+                self._drain_hooks.remove(hook)
+
+        return cancel
 
     def _channel_opened(self, channel: GatewayChannel) -> None:
         self._channels.add(channel)
