@@ -957,6 +957,39 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(self.successResultOf(drained), 1)
 
+    def test_drain_hooks_called_at_start_requests_still_awaited(self) -> None:
+        """
+        SPEC 13 drain ordering: standing streams are told at once; the drain
+        still waits for every request in flight, and fires as soon as the
+        last one ends.
+        """
+        stream_channel, _ = self.connect()
+        self.request(stream_channel, path=b"/slow-stream", method=b"GET")
+        call_channel, _ = self.connect()
+        self.request(call_channel, path=b"/slow-call")
+        stream, call = self.resource.pending
+        told = []
+        self.site.when_draining(lambda: (told.append(self.clock.seconds()), stream.finish()))
+        cancelled = []
+        cancel = self.site.when_draining(lambda: cancelled.append(True))
+        cancel()
+        self.clock.advance(1)
+        drained = self.site.drain(25)
+        self.assertEqual(told, [1])
+        self.assertEqual(cancelled, [])
+        self.assertEqual(self.site.inflight, 1)
+        self.assertNoResult(drained)
+        self.clock.advance(3)
+        call.finish()
+        self.assertEqual(self.successResultOf(drained), 0)
+
+    def test_when_draining_after_drain_started_calls_at_once(self) -> None:
+        """A stream starting while the site drains is told at once."""
+        self.site.drain(25)
+        told = []
+        self.site.when_draining(lambda: told.append(True))
+        self.assertEqual(told, [True])
+
     def test_drain_without_requests_fires_at_once(self) -> None:
         self.assertEqual(self.successResultOf(self.site.drain(25)), 0)
 

@@ -690,11 +690,15 @@ class GatewayChannel(HTTPChannel):
         self._arm("stream_idle", self._config.stream_idle_timeout, self._stream_idle_timed_out)
 
     def _stream_idle_timed_out(self) -> None:
-        _log.info(
-            "event stream to {peer} silent for {seconds} s; cut",
-            peer=self._peer(),
-            seconds=self._config.stream_idle_timeout,
-        )
+        if self._event_stream:
+            _log.info(
+                "event stream to {peer} silent for {seconds} s; cut",
+                peer=self._peer(),
+                seconds=self._config.stream_idle_timeout,
+            )
+        else:
+            # The stream ended; its connection was to close and has not.
+            _log.debug("connection to {peer} not closed in time; aborted", peer=self._peer())
         self._cancel()
         self.transport.abortConnection()
 
