@@ -69,21 +69,21 @@ class DrainTests(TestCase):
         return gateway
 
     @defer.inlineCallbacks
-    def open_stream(self, gateway: GatewayProcess):
+    def open_stream(self, gateway: GatewayProcess, method: str = "POST"):
         """
         Start a proxied SSE call through C{gateway} and let its first event
         reach the client. Fires with C{(response, stream, chunks, body_done)}.
         """
         opened = self.replicas.upstream.next_sse()
         response = yield treq.request(
-            "POST",
+            method,
             self.replicas.url(gateway, "/tools/sse"),
             headers={
                 b"Authorization": [b"Bearer " + self.replicas.mint().encode()],
                 b"X-Caracal-Resource": [RESOURCE.encode()],
                 b"Content-Type": [b"application/json"],
             },
-            data=b"{}",
+            data=b"{}" if method == "POST" else None,
             agent=self.replicas.agent,
             timeout=30,
         )
@@ -177,3 +177,28 @@ class DrainTests(TestCase):
         self.assertEqual(status, 0, log)
         self.assertFalse(os.path.exists(pidfile))
         self.assertCleanLog(log)
+
+    @defer.inlineCallbacks
+    def test_workers_end_standing_get_stream(self):
+        """
+        SPEC 13 with C{--workers 2}: a standing GET event stream, idle
+        between events, is ended by the gateway as soon as SIGTERM arrives
+        (a whole message, the upstream connection released), so the
+        process exits 0 at once instead of after the 25 s drain bound.
+        """
+        gateway = self.spawn(("-n", "caracal-gateway", "--workers", "2"))
+        yield gateway.start()
+        yield self.replicas.serving(gateway)
+        _response, stream, chunks, body_done = yield self.open_stream(gateway, method="GET")
+        sent = time.monotonic()
+        gateway.send_signal(signal.SIGTERM)
+        yield body_done
+        self.assertEqual(b"".join(chunks), FIRST_EVENT)
+        closed = yield wait_until(lambda: not stream.open, 5)
+        self.assertTrue(closed, "the upstream stream was not released")
+        status = yield gateway.wait(20)
+        log = (gateway.output + gateway.errors).decode(errors="replace")
+        self.assertEqual(status, 0, log)
+        self.assertLess(time.monotonic() - sent, 10, log)
+        self.assertIn('"upstream_cut":"drained"', log)
+        self.assertNotIn("drain timed out", log)
