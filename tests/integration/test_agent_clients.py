@@ -8,7 +8,10 @@ challenges, and CORS preflights that reach neither the STS nor the upstream.
 
 from __future__ import annotations
 
-from twisted.internet import defer
+import socket
+import ssl
+
+from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.support.gateway import GatewayHarness
@@ -179,3 +182,17 @@ class AgentClientTests(TestCase):
         self.assertIn(
             "WWW-Authenticate", response.headers.getRawHeaders("access-control-expose-headers")[0]
         )
+
+    @defer.inlineCallbacks
+    def test_alpn_http11(self):
+        """The real TLS listener selects http/1.1 for a client offering h2 and http/1.1."""
+        port = self.gw.port.getHost().port
+
+        def negotiate():
+            context = ssl.create_default_context(cafile=self.gw.ca_file)
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                return tls.selected_alpn_protocol()
+
+        self.assertEqual((yield threads.deferToThread(negotiate)), "http/1.1")
