@@ -637,6 +637,24 @@ class ForwarderTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(request.gateway_site._drain_hooks, [])
 
+    def test_write_timeout_suspended_during_upstream_wait(self):
+        """The channel is told when the wait for the upstream's headers starts and ends."""
+        for answer in ("response", "timeout"):
+            request = client_request()
+            waits = []
+            request.channel.upstream_wait = waits.append
+            d = self.forward(request)
+            self.assertEqual(waits, [True])
+            if answer == "response":
+                self.connect_upstream()
+                self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                self.successResultOf(d)
+            else:
+                self.reactor.advance(6)
+                self.failureResultOf(d, Denial)
+            self.assertEqual(waits, [True, False], answer)
+            self.reactor.tcpClients.clear()
+
     def test_resource_timeout_replaces_default(self):
         """A resource's own upstream timeout bounds the wait for the headers."""
         d = self.forwarder.forward(

@@ -836,6 +836,39 @@ class EventStreamTimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnected)
 
 
+class UpstreamWaitTests(HTTPTestMixin, SynchronousTestCase):
+    """
+    The wait for an upstream's headers is bounded by the upstream timeout
+    (a resource may have 5 minutes, SPEC 13), not by WRITE_TIMEOUT.
+    """
+
+    def test_write_timeout_suspended_while_waiting(self) -> None:
+        """WRITE_TIMEOUT does not run during the wait and starts afresh after it."""
+        channel, transport = self.connect()
+        self.request(channel, path=b"/slow")
+        [request] = self.resource.pending
+        channel.upstream_wait(True)
+        self.assertEqual(channel.armed(), set())
+        self.clock.advance(WRITE * 10)
+        self.assertFalse(transport.disconnected)
+        channel.upstream_wait(False)
+        request.write(b"partial")
+        self.clock.advance(WRITE - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)
+
+    def test_event_stream_keeps_its_idle_timer(self) -> None:
+        """An event stream already under way is not given WRITE_TIMEOUT back."""
+        channel, _ = self.connect()
+        self.request(channel, path=b"/slow", method=b"GET")
+        [request] = self.resource.pending
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.write(b"")
+        channel.upstream_wait(False)
+        self.assertEqual(channel.armed(), {"stream_idle"})
+
+
 class PersistenceTests(HTTPTestMixin, SynchronousTestCase):
     """Connection: close is honoured in every spelling RFC 9110 allows."""
 

@@ -433,8 +433,17 @@ class _Exchange:
         self.state = "waiting"
         self.result: defer.Deferred[None] = defer.Deferred(self._cancelled)
 
+    def _upstream_wait(self, waiting: bool) -> None:
+        # The gateway's channel suspends WRITE_TIMEOUT while the upstream
+        # timeout bounds the wait (other channels have no such timer).
+        channel = getattr(self._request, "channel", None)
+        hook = getattr(channel, "upstream_wait", None)
+        if hook is not None:
+            hook(waiting)
+
     def start(self, agent, uri: bytes, headers: Headers, body) -> None:
         self._started = self._reactor.seconds()
+        self._upstream_wait(True)
         self._request.notifyFinish().addCallbacks(lambda _: None, self._client_gone)
         self._timer = self._reactor.callLater(self._timeout, self._timed_out)
         if self._watch is not None:
@@ -452,6 +461,7 @@ class _Exchange:
     # -- before the response headers ---------------------------------------
 
     def _fail(self, denial: Denial) -> None:
+        self._upstream_wait(False)
         self._close("done")
         if self._pending is not None:
             self._pending.cancel()
@@ -509,6 +519,7 @@ class _Exchange:
             self._timer.cancel()
         self._timer = None
         self.state = "streaming"
+        self._upstream_wait(False)
         self._write_head(response, elapsed)
         if self.state != "streaming":
             return  # the client went away while the headers were written

@@ -20,7 +20,9 @@ The timeouts follow Go's C{http.Server}, whose knobs the SPEC copies:
   - C{READ_TIMEOUT} runs from the same start until the whole body is in;
   - C{WRITE_TIMEOUT} runs from the end of reading the request until the
     response is completely handed to the kernel; past it the connection is
-    aborted, which also bounds a client that stops reading. A
+    aborted, which also bounds a client that stops reading. The wait for a
+    proxied upstream's response headers is not counted: the upstream
+    timeout bounds it, and C{WRITE_TIMEOUT} starts afresh after it. A
     C{text/event-stream} response (SPEC 13) is bound instead by
     C{STREAM_IDLE_TIMEOUT}, restarted whenever its bytes reach the client:
     it may last as long as it keeps moving;
@@ -665,6 +667,21 @@ class GatewayChannel(HTTPChannel):
                 str(uuid4()),
             )
         self._close_soon()
+
+    def upstream_wait(self, waiting: bool) -> None:
+        """
+        The response waits for an upstream's headers (C{waiting}) or has
+        them. That wait is bounded by the upstream timeout (the resource's
+        own, SPEC 13, or C{UPSTREAM_TIMEOUT}), so C{WRITE_TIMEOUT} is
+        suspended meanwhile and runs afresh once the answer starts: a
+        resource allowed 5 minutes is not cut at C{WRITE_TIMEOUT}.
+        """
+        if self._closing or self._state != "handling" or self._event_stream:
+            return
+        if waiting:
+            self._cancel("write")
+        else:
+            self._arm("write", self._config.write_timeout, self._write_timed_out)
 
     def event_stream_started(self) -> None:
         """

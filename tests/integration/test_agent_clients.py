@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 import ssl
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
 from tests.support.gateway import GatewayHarness
@@ -196,3 +196,48 @@ class AgentClientTests(TestCase):
                 return tls.selected_alpn_protocol()
 
         self.assertEqual((yield threads.deferToThread(negotiate)), "http/1.1")
+
+
+class SlowResourceTests(TestCase):
+    """
+    SPEC 13: a resource's upstream_timeout_ms replaces UPSTREAM_TIMEOUT for
+    it alone, and the wait is not cut by WRITE_TIMEOUT either.
+    """
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gw = GatewayHarness(UPSTREAM_TIMEOUT="300ms", WRITE_TIMEOUT="500ms")
+        self.addCleanup(self.gw.stop)
+        yield self.gw.start()
+        self.gw.add_resource("quick")
+        self.gw.database.execute(
+            "INSERT INTO gateway_resources (resource_identifier, zone_id, application_id,"
+            " upstream_url, upstream_timeout_ms) VALUES (%s, %s, %s, %s, %s)",
+            ("patient", self.gw.zone, "app-1", self.gw.upstream.url("/api"), 20000),
+        )
+        resources = self.gw.gateway.pipeline.resources
+        yield wait_until(lambda: resources.get("quick") and resources.get("patient"))
+
+    @defer.inlineCallbacks
+    def test_resource_timeout(self):
+        """
+        The same slow upstream: 504 through the default resource, the answer
+        through the one allowed 20 s, even past WRITE_TIMEOUT.
+        """
+        response = yield self.gw.request(self.gw.mint(), resource="quick", path="/slow")
+        self.assertEqual(response.code, 504)
+        self.assertEqual((yield response.json())["error"], "upstream_timeout")
+
+        answered = self.gw.request(self.gw.mint(), resource="patient", path="/slow")
+        yield wait_until(lambda: len(self.gw.upstream.slow) == 2)
+        # Past both UPSTREAM_TIMEOUT and WRITE_TIMEOUT before it answers.
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        request, _closed = self.gw.upstream.slow[1]
+        request.setHeader(b"content-type", b"application/json")
+        request.write(b'{"late": true}')
+        request.finish()
+        response = yield answered
+        self.assertEqual(response.code, 200)
+        self.assertEqual((yield response.json()), {"late": True})
