@@ -147,6 +147,14 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
             "CARACAL_ENV must be production or dev",
         )
 
+    def test_public_url_not_https(self):
+        """SPEC 13: PUBLIC_URL is checked before listening."""
+        return self.assertRefused(
+            lambda d, p: dev(d, p, PUBLIC_URL="http://gw.example.com"),
+            "PUBLIC_URL must be an absolute https URL of the gateway's root,"
+            " such as https://gateway.example.com",
+        )
+
     def test_one_tls_file(self):
         return self.assertRefused(
             lambda d, p: dev(d, p, TLS_KEY_FILE=None),
