@@ -81,6 +81,22 @@ class EventBoundaryTests(SynchronousTestCase):
         self.assertEqual(boundary.feed(b"\r\ndata: b"), 2)
         self.assertFalse(boundary.at_boundary)
 
+    def test_advance_agrees_with_feed(self):
+        """The fast path ends in the same state as the byte-by-byte one, for every split."""
+        streams = [
+            b"data: a\r\n\r\ndata: b\r\n",
+            b"event: x\ndata: 1\n\n\n\ndata: 2\r\r",
+            b"\r\n\r\n: c\r\n\r",
+            b"data: " + b"y" * 100 + b"\n\n",
+        ]
+        for stream in streams:
+            for cut in range(len(stream) + 1):
+                slow, fast = EventBoundary(), EventBoundary()
+                for piece in (stream[:cut], stream[cut:]):
+                    slow.feed(piece)
+                    fast.advance(piece)
+                    self.assertEqual(vars(fast), vars(slow), (stream, cut))
+
     def test_extra_blank_lines_are_not_a_new_event_end(self):
         """At a boundary, more blank lines keep it there without reporting an end."""
         boundary = EventBoundary()
