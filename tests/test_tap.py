@@ -243,6 +243,32 @@ class ExpiryWarningTests(SynchronousTestCase):
         self.assertEqual(self.log_events, [])
 
 
+class KeepaliveWarningTests(SynchronousTestCase):
+    """L{tap.warn_if_keepalive_too_slow}: keep-alives slower than the idle cut are useless."""
+
+    def setUp(self) -> None:
+        self.log_events: list = []
+        self.patch(tap, "log", Logger(observer=self.log_events.append))
+
+    def test_keepalive_not_below_idle_timeout_warns(self) -> None:
+        """SSE_KEEPALIVE=5m with STREAM_IDLE_TIMEOUT=1m: warned, both named."""
+        config = GatewayConfig(stream_idle_timeout=60.0, sse_keepalive=300.0)
+        self.assertTrue(tap.warn_if_keepalive_too_slow(config))
+        [event] = self.log_events
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertIn(
+            "SSE_KEEPALIVE (300.0 s) is not below STREAM_IDLE_TIMEOUT", formatEvent(event)
+        )
+
+    def test_defaults_and_off_are_quiet(self) -> None:
+        """The defaults (15 s under 5 m) and SSE_KEEPALIVE=0 say nothing."""
+        self.assertFalse(tap.warn_if_keepalive_too_slow(GatewayConfig()))
+        self.assertFalse(
+            tap.warn_if_keepalive_too_slow(GatewayConfig(stream_idle_timeout=1.0, sse_keepalive=0))
+        )
+        self.assertEqual(self.log_events, [])
+
+
 class LevelIgnoredWarningTests(SynchronousTestCase):
     """
     twistd's own log writes every level; a LOG_LEVEL asking for less says

@@ -139,6 +139,25 @@ def warn_if_expiring(server_tls, now: datetime.datetime | None = None) -> bool:
     return True
 
 
+def warn_if_keepalive_too_slow(config: GatewayConfig) -> bool:
+    """
+    Log a warning when C{SSE_KEEPALIVE} is on but not below
+    C{STREAM_IDLE_TIMEOUT}: a silent event stream would then be cut by the
+    gateway itself before its first keep-alive (SPEC 13).
+
+    @return: C{True} when the warning was logged.
+    """
+    if not 0 < config.stream_idle_timeout <= config.sse_keepalive:
+        return False
+    log.warn(
+        "SSE_KEEPALIVE ({keepalive} s) is not below STREAM_IDLE_TIMEOUT ({idle} s):"
+        " silent event streams are cut before their keep-alive",
+        keepalive=config.sse_keepalive,
+        idle=config.stream_idle_timeout,
+    )
+    return True
+
+
 def warn_if_level_ignored(config: GatewayConfig, options: usage.Options) -> bool:
     """
     Log a warning when C{LOG_LEVEL} asks for fewer lines than twistd's own
@@ -258,6 +277,7 @@ class GatewayService(Service):
         if config.insecure_http and config.tls_cert_file:
             log.warn("INSECURE_HTTP=true: TLS_CERT_FILE/KEY_FILE are ignored; serving plaintext")
         warn_if_expiring(self.server_tls)
+        warn_if_keepalive_too_slow(config)
         self._ensure_built()
         # Stores and followers first, so the first request finds them running.
         self.gateway.service.startService()
