@@ -38,6 +38,7 @@ from tests.support.process import (
     free_port,
     gateway_environ,
     kill_pid,
+    own_database,
     pid_alive,
     port_accepts,
     read_pidfile,
@@ -70,6 +71,7 @@ class ProcessTestMixin:
         return path
 
     def gateway(self, environ, args=FOREGROUND, cwd=None, root=None) -> GatewayProcess:
+        environ = own_database(self, environ)
         process = GatewayProcess(environ, args, cwd=cwd or self.directory(), root=root)
         self.addCleanup(process.kill)
         return process
@@ -381,7 +383,9 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
             STREAMS_HMAC_KEY=HMAC_KEY_HEX,
         )
         gateway = self.gateway(environ)
-        yield gateway.start()
+        # The shared Redis has no password, so AUTH fails and the revocation
+        # window never loads: the gateway listens after its 10 s startup wait.
+        yield gateway.start(timeout=30)
         self.assertEqual((yield gateway.stop()), 0)
         output = gateway.output + gateway.errors
         self.assertIn(b"effective configuration", output)

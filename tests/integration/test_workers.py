@@ -28,6 +28,7 @@ from tests.support.process import (
     free_port,
     gateway_environ,
     kill_pid,
+    own_database,
     pid_alive,
     process_state,
     read_pidfile,
@@ -64,6 +65,7 @@ class WorkersTests(TestCase):
         return path
 
     def gateway(self, environ, args=TWO_WORKERS, root=None) -> GatewayProcess:
+        environ = own_database(self, environ)
         process = GatewayProcess(environ, args, cwd=self.directory(), root=root)
         self.addCleanup(self.kill, process)
         return process

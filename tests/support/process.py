@@ -38,6 +38,10 @@ START_TIMEOUT = 10.0
 POLL_INTERVAL = 0.05
 
 
+#: The shared server's database that L{gateway_environ} names by default.
+SHARED_DATABASE_URL = "postgresql://root@127.0.0.1:5432/test"
+
+
 def twistd_command(*args: str) -> list[str]:
     """
     The argv running C{twistd} with C{args} under this interpreter: the
@@ -72,7 +76,7 @@ def gateway_environ(
         "BIND_ADDRESS": "127.0.0.1",
         "PORT": str(port),
         "STS_URL": f"https://127.0.0.1:{free_port()}",
-        "DATABASE_URL": "postgresql://root@127.0.0.1:5432/test",
+        "DATABASE_URL": SHARED_DATABASE_URL,
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         "LOG_LEVEL": "debug",
     }
@@ -89,6 +93,26 @@ def gateway_environ(
         else:
             environ[name] = value
     return environ, root
+
+
+def own_database(testcase, environ: dict[str, str]) -> dict[str, str]:
+    """
+    Point C{environ} at a database of C{testcase}'s own, with the schema
+    applied and dropped at cleanup, unless the test chose another one.
+
+    A gateway waits (up to 10 s) for its resource snapshot before it
+    listens; on the shared database, which has no table, every start would
+    take that long.
+    """
+    if environ.get("DATABASE_URL") != SHARED_DATABASE_URL:
+        return environ
+    # Imported here: most users of this module never touch Postgres.
+    from tests.support.postgres import TemporaryDatabase
+
+    database = TemporaryDatabase().create()
+    testcase.addCleanup(database.drop)
+    environ["DATABASE_URL"] = database.url
+    return environ
 
 
 def exit_status(reason) -> int:
