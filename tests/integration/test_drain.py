@@ -36,6 +36,9 @@ from tests.support.process import (
 )
 from tests.support.replicas import RESOURCE, ReplicaSet
 
+#: How long a gateway with two workers may take to answer its first /health.
+WORKERS_START_TIMEOUT = 30.0
+
 #: How soon after SIGTERM a new connection must be refused.
 REFUSAL_BOUND = 2.0
 
@@ -187,7 +190,8 @@ class DrainTests(TestCase):
         process exits 0 at once instead of after the 25 s drain bound.
         """
         gateway = self.spawn(("-n", "caracal-gateway", "--workers", "2"))
-        yield gateway.start()
+        # Two workers take longer to come up than one on a busy machine.
+        yield gateway.start(timeout=WORKERS_START_TIMEOUT)
         yield self.replicas.serving(gateway)
         _response, stream, chunks, body_done = yield self.open_stream(gateway, method="GET")
         sent = time.monotonic()
