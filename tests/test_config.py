@@ -690,6 +690,23 @@ class OtherValueTests(ConfigTestMixin, SynchronousTestCase):
         self.refused(dev(MAX_REQUEST_BYTES="10MB"), "MAX_REQUEST_BYTES must be an integer")
         self.refused(dev(MAX_REQUEST_BYTES="0"), f"MAX_REQUEST_BYTES must be between 1 and {2**62}")
 
+    def test_max_token_lifetime(self) -> None:
+        """MAX_TOKEN_LIFETIME (SPEC 12 H6): a Go duration, 24 h by default."""
+        self.assertEqual(self.accepted(dev()).max_token_lifetime, 86400.0)
+        self.assertEqual(self.accepted(dev(MAX_TOKEN_LIFETIME="1h30m")).max_token_lifetime, 5400.0)
+        self.refused(
+            dev(MAX_TOKEN_LIFETIME="1d"),
+            "MAX_TOKEN_LIFETIME must be a duration such as 250ms, 5s or 1m30s",
+        )
+        self.refused(dev(MAX_TOKEN_LIFETIME="0"), "MAX_TOKEN_LIFETIME must be a positive duration")
+
+    def test_max_connections(self) -> None:
+        """MAX_CONNECTIONS (SPEC 12 H8): a positive integer, 10000 by default."""
+        self.assertEqual(self.accepted(dev()).max_connections, 10000)
+        self.assertEqual(self.accepted(dev(MAX_CONNECTIONS="64")).max_connections, 64)
+        self.refused(dev(MAX_CONNECTIONS="lots"), "MAX_CONNECTIONS must be an integer")
+        self.refused(dev(MAX_CONNECTIONS="0"), f"MAX_CONNECTIONS must be between 1 and {10**7}")
+
     def test_log_level(self) -> None:
         for level in ("debug", "info", "warn", "error", "WARN", "Info"):
             self.assertEqual(self.accepted(dev(LOG_LEVEL=level)).log_level, level.lower())

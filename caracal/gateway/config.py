@@ -241,6 +241,8 @@ class GatewayConfig:
     read_timeout: float = 30.0
     write_timeout: float = 60.0
     idle_timeout: float = 120.0
+    max_token_lifetime: float = 24 * 3600.0
+    max_connections: int = 10000
     log_level: str = "info"
     # SPEC 13: long-lived streams and agent (MCP) clients.
     stream_idle_timeout: float = 300.0
@@ -320,6 +322,8 @@ class GatewayConfig:
             "READ_TIMEOUT": self.read_timeout,
             "WRITE_TIMEOUT": self.write_timeout,
             "IDLE_TIMEOUT": self.idle_timeout,
+            "MAX_TOKEN_LIFETIME": self.max_token_lifetime,
+            "MAX_CONNECTIONS": self.max_connections,
             "LOG_LEVEL": self.log_level,
             "STREAM_IDLE_TIMEOUT": self.stream_idle_timeout,
             "SSE_KEEPALIVE": self.sse_keepalive,
@@ -488,7 +492,9 @@ class _Reader:
             "read_timeout": self.duration("READ_TIMEOUT", 30.0),
             "write_timeout": self.duration("WRITE_TIMEOUT", 60.0),
             "idle_timeout": self.duration("IDLE_TIMEOUT", 120.0),
+            "max_token_lifetime": self.duration("MAX_TOKEN_LIFETIME", 24 * 3600.0),
         }
+        max_connections = self.integer("MAX_CONNECTIONS", 10000, 1, 10**7)
         log_level = (self.text("LOG_LEVEL") or "info").lower()
         if log_level not in LOG_LEVELS:
             raise ConfigError("LOG_LEVEL must be one of debug, info, warn, error")
@@ -585,6 +591,7 @@ class _Reader:
             allow_private_upstreams=allow_private,
             upstream_host_allowlist=allowlist,
             max_request_bytes=max_request_bytes,
+            max_connections=max_connections,
             log_level=log_level,
             **timeouts,
             **self.agent_clients(sts_url),
