@@ -183,6 +183,48 @@ class PeekTests(SynchronousTestCase, DenialAssertions):
         for raw in (b'{"exp": NaN}', b'{"exp": Infinity}', b'{"exp": 1' + b"0" * 400 + b"}"):
             self.refused(f"{header}.{b64(raw)}.{signature}")
 
+    def test_mandateRefused(self):
+        """
+        SPEC 12 H4: a token carrying RFC 8693's C{act} claim (whatever its
+        value) or a C{use} of C{resource} or C{mandate} is a mandate, not a
+        caller credential: 401 C{invalid_token}, logged as
+        C{mandate_as_bearer}.
+        """
+        for extra in (
+            {"act": {"sub": "caracal-gateway"}},
+            {"act": None},
+            {"act": "x"},
+            {"use": "resource"},
+            {"use": "mandate"},
+        ):
+            token = self.token(payload={"exp": NOW + 300, "jti": "j1", **extra})
+            denial = self.assertRaises(Denial, peek_claims, token)
+            self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer", token)
+            self.assertEqual(denial.reason, "mandate_as_bearer")
+
+    def test_callerUsesAccepted(self):
+        """The caller token uses (and claims that merely look alike) still pass."""
+        for extra in ({"use": "per_call"}, {"use": "ambient"}, {"may_act": {"sub": "a"}}):
+            claims = {"exp": NOW + 300, **extra}
+            self.assertEqual(peek_claims(self.token(payload=claims)), claims)
+
+    def test_stringClaimsMustBeShortStrings(self):
+        """
+        SPEC 12 H5: C{jti}, C{sid}, C{agent_session_id}, C{use} and
+        C{zone_id}, when present, are strings of 1 to 256 characters; a
+        number, null, list, object, empty or longer string is refused.
+        """
+        for name in ("jti", "sid", "agent_session_id", "use", "zone_id"):
+            for value in (7, 1.5, True, None, [], ["a"], {}, "", "x" * 257):
+                token = self.token(payload={"exp": NOW + 300, name: value})
+                denial = self.assertRaises(Denial, peek_claims, token)
+                self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer", token)
+                self.assertEqual(denial.reason, "invalid_claim")
+            if name != "use":
+                for value in ("x", "x" * 256):
+                    claims = {"exp": NOW + 300, name: value}
+                    self.assertEqual(peek_claims(self.token(payload=claims)), claims)
+
 
 class SecondsLeftTests(SynchronousTestCase, DenialAssertions):
     def test_enoughLeft(self):
@@ -201,6 +243,19 @@ class SecondsLeftTests(SynchronousTestCase, DenialAssertions):
     def test_badExp(self):
         denial = self.assertRaises(Denial, seconds_left, {"exp": "soon"}, NOW)
         self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
+
+    def test_lifetimeBound(self):
+        """
+        SPEC 12 H6: C{exp} more than C{MAX_TOKEN_LIFETIME} (default 24 h)
+        ahead is 401 C{invalid_token}; exactly the bound passes.
+        """
+        self.assertEqual(seconds_left({"exp": NOW + 86400}, NOW), 86400)
+        for exp, bound in ((NOW + 86400.5, None), (NOW + 3601, 3600.0), (NOW + 10**9, None)):
+            arguments = ({"exp": exp}, NOW) if bound is None else ({"exp": exp}, NOW, bound)
+            denial = self.assertRaises(Denial, seconds_left, *arguments)
+            self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
+            self.assertEqual(denial.reason, "lifetime_exceeded")
+        self.assertEqual(seconds_left({"exp": NOW + 3600}, NOW, 3600.0), 3600)
 
 
 class ClaimTests(SynchronousTestCase, DenialAssertions):
@@ -223,9 +278,17 @@ class ClaimTests(SynchronousTestCase, DenialAssertions):
     def test_sessionId(self):
         self.assertEqual(session_id({"sid": "s1", "agent_session_id": "a1"}), "s1")
         self.assertEqual(session_id({"agent_session_id": "a1"}), "a1")
-        self.assertEqual(session_id({"sid": "", "agent_session_id": "a1"}), "a1")
         self.assertIsNone(session_id({}))
-        self.assertIsNone(session_id({"sid": 5}))
+
+    def test_sessionIdNeverSkippedQuietly(self):
+        """
+        A C{sid} or C{agent_session_id} that is present but not a non-empty
+        string is refused rather than read as "no session" (which skipped
+        the revocation check). L{peek_claims} refuses such tokens first.
+        """
+        for claims in ({"sid": 5}, {"sid": ""}, {"sid": None, "agent_session_id": "a1"}):
+            denial = self.assertRaises(Denial, session_id, claims)
+            self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
 
 
 class VerifyTokenTests(SynchronousTestCase, DenialAssertions):

@@ -39,6 +39,13 @@ from caracal.gateway.jwks import JWKSCache, JWKSUnavailable, UnknownKeyID
 
 MAX_TOKEN_BYTES = 4096
 MIN_SECONDS_LEFT = 35.0
+#: Default bound on how far in the future C{exp} may be (C{MAX_TOKEN_LIFETIME}).
+MAX_TOKEN_LIFETIME = 24 * 3600.0
+#: Claims that must be a string of 1 to 256 characters when present (H5).
+STRING_CLAIMS = ("jti", "sid", "agent_session_id", "use", "zone_id")
+MAX_CLAIM_LENGTH = 256
+#: C{use} values that mark a mandate (a token minted for an upstream).
+MANDATE_USES = frozenset({"resource", "mandate"})
 ALGORITHM = "ES256"
 FINGERPRINT_LENGTH = 12
 # How far ahead of our clock an nbf/iat may be (STS and gateway clocks differ).
@@ -128,8 +135,9 @@ def peek_claims(token: str) -> dict[str, Any]:
     step 3; the signature is step 8, once the resource names the zone).
 
     @raise Denial: 401 C{invalid_token} when the token is not a compact JWS
-        with base64url JSON-object header and payload, or has no finite
-        numeric C{exp}.
+        with base64url JSON-object header and payload, has no finite numeric
+        C{exp}, is a mandate (H4), or carries one of L{STRING_CLAIMS} that
+        is not a string of 1 to 256 characters (H5).
     """
     _segments(token)
     try:
@@ -140,7 +148,33 @@ def peek_claims(token: str) -> dict[str, Any]:
         raise _malformed("the bearer token is not a JWT") from None
     if _expiry(claims) is None:
         raise _malformed("the bearer token has no valid exp claim")
+    _check_claim_types(claims)
+    if "act" in claims or claims.get("use") in MANDATE_USES:
+        raise Denial(
+            401,
+            "invalid_token",
+            "a mandate is not a caller credential",
+            metric="denials_bad_bearer",
+            reason="mandate_as_bearer",
+        )
     return claims
+
+
+def _check_claim_types(claims: dict[str, Any]) -> None:
+    """Refuse a present L{STRING_CLAIMS} claim that is not a string of 1-256 characters."""
+    for name in STRING_CLAIMS:
+        if name not in claims:
+            continue
+        value = claims[name]
+        if not isinstance(value, str) or not 1 <= len(value) <= MAX_CLAIM_LENGTH:
+            raise Denial(
+                401,
+                "invalid_token",
+                f"the bearer token's {name} claim must be a string of 1 to"
+                f" {MAX_CLAIM_LENGTH} characters",
+                metric="denials_bad_bearer",
+                reason="invalid_claim",
+            )
 
 
 def _expiry(claims: dict[str, Any]) -> float | None:
@@ -159,14 +193,19 @@ def _number(value: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def seconds_left(claims: dict[str, Any], now: float) -> float:
+def seconds_left(
+    claims: dict[str, Any], now: float, max_lifetime: float = MAX_TOKEN_LIFETIME
+) -> float:
     """
     Seconds until the token's C{exp} (SPEC step 4).
 
     @param claims: claims from L{peek_claims}.
     @param now: the current POSIX time.
+    @param max_lifetime: C{MAX_TOKEN_LIFETIME}: the most seconds C{exp} may
+        be ahead of C{now} (SPEC 12 H6).
     @raise Denial: 401 C{credential_expired} when fewer than 35 s are left
-        (expired tokens included); 401 C{invalid_token} without a valid C{exp}.
+        (expired tokens included); 401 C{invalid_token} without a valid
+        C{exp} or with one more than C{max_lifetime} ahead.
     """
     exp = _expiry(claims)
     if exp is None:
@@ -178,6 +217,14 @@ def seconds_left(claims: dict[str, Any], now: float) -> float:
             "credential_expired",
             "the bearer token expires in less than 35 seconds",
             metric="denials_expiring",
+        )
+    if left > max_lifetime:
+        raise Denial(
+            401,
+            "invalid_token",
+            "the bearer token's lifetime exceeds the gateway's maximum",
+            metric="denials_bad_bearer",
+            reason="lifetime_exceeded",
         )
     return left
 
@@ -206,9 +253,13 @@ def replay_jti(claims: dict[str, Any]) -> str | None:
 def session_id(claims: dict[str, Any]) -> str | None:
     """The caller's session (SPEC step 10): C{sid}, else C{agent_session_id}, else None."""
     for name in ("sid", "agent_session_id"):
-        value = claims.get(name)
+        if name not in claims:
+            continue
+        value = claims[name]
         if isinstance(value, str) and value:
             return value
+        # peek_claims refuses these first (H5); never skip the check quietly.
+        raise _malformed(f"the bearer token's {name} claim must be a string")
     return None
 
 
