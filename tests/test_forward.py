@@ -79,6 +79,25 @@ class PathAndQueryTests(SynchronousTestCase):
         for upstream, request, expected in MERGED_QUERIES:
             self.assertEqual(merge_query(upstream, request), expected, (upstream, request))
 
+    def test_merge_query_collisions(self):
+        """
+        SPEC 12 H10: an inbound parameter whose name equals a pinned one
+        ignoring case or a trailing C{[]} (raw or percent-encoded) is
+        dropped (and C{tenant[x]}, which replaces C{tenant} in the same
+        frameworks); the upstream's value stands, other names pass.
+        """
+        for upstream, request, expected in (
+            (b"tenant=acme", b"TENANT=evil", b"tenant=acme"),
+            (b"tenant=acme", b"Tenant=evil&page=2", b"tenant=acme&page=2"),
+            (b"tenant=acme", b"tenant[]=evil", b"tenant=acme"),
+            (b"tenant=acme", b"tenant%5B%5D=evil", b"tenant=acme"),
+            (b"tenant=acme", b"TeNaNt%5b%5d=evil", b"tenant=acme"),
+            (b"tenant=acme", b"tenant[][]=evil", b"tenant=acme"),
+            (b"ids[]=1", b"ids=2&IDS[]=3", b"ids[]=1"),
+            (b"tenant=acme", b"tenant[x]=evil&tenants=ok&x[=1", b"tenant=acme&tenants=ok&x[=1"),
+        ):
+            self.assertEqual(merge_query(upstream, request), expected, (upstream, request))
+
 
 TRACEPARENT = re.compile(rb"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 

@@ -134,17 +134,36 @@ def _query_pairs(query: bytes) -> list[tuple[bytes, bytes]]:
     return pairs
 
 
+def _parameter_name(key: bytes) -> bytes:
+    """
+    A decoded query key as frameworks read it: case folded (ASP.NET, many
+    others) and without a trailing bracket suffix (PHP, Rails and qs read
+    C{a[]} and C{a[x]} as parameter C{a}), so every spelling of one
+    parameter compares equal. SPEC 12 H10 names C{[]}; C{a[x]} replaces
+    C{a} in the same frameworks, so it goes too.
+    """
+    key = key.lower()
+    bracket = key.find(b"[")
+    if bracket > 0 and key.endswith(b"]"):
+        key = key[:bracket]
+    return key
+
+
 def merge_query(upstream_query: bytes, request_query: bytes) -> bytes:
     """
     The upstream URL's query with the request's query after it, except the
-    request's pairs whose key the upstream already sets: upstream values win
-    (keys compared after percent-decoding, so C{a%62} cannot sneak past
-    C{ab}). Pairs keep their order and their raw encoding.
+    request's pairs naming a parameter the upstream already sets: upstream
+    values win. Names are compared after percent-decoding (C{a%62} cannot
+    sneak past C{ab}), ignoring case and a trailing C{[]} (SPEC 12 H10:
+    C{TENANT=x} or C{tenant[]=x} cannot override C{tenant=acme}). Pairs keep
+    their order and their raw encoding.
     """
     upstream = _query_pairs(upstream_query)
-    pinned = {key for key, _raw in upstream}
+    pinned = {_parameter_name(key) for key, _raw in upstream}
     merged = [raw for _key, raw in upstream]
-    merged += [raw for key, raw in _query_pairs(request_query) if key not in pinned]
+    merged += [
+        raw for key, raw in _query_pairs(request_query) if _parameter_name(key) not in pinned
+    ]
     return b"&".join(merged)
 
 
