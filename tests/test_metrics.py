@@ -89,7 +89,9 @@ class JSONCountersTests(SynchronousTestCase):
     def test_jsonHasExactlyTheSpecNames(self):
         """The JSON document has SPEC 10's names (and revocations_rejected), all zero."""
         document = json.loads(render_json(Metrics().snapshot()))
-        self.assertEqual(sorted(document), sorted([*SPEC_NAMES, "revocations_rejected"]))
+        self.assertEqual(
+            sorted(document), sorted([*SPEC_NAMES, "revocations_rejected", "connections_refused"])
+        )
         self.assertEqual(set(document.values()), {0})
 
     def test_incrementAndGauge(self):

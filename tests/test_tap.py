@@ -33,6 +33,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from caracal.gateway import logfile, tap, workers
 from caracal.gateway.app import Gateway
 from caracal.gateway.config import GatewayConfig
+from caracal.gateway.connections import ConnectionLimit
 from caracal.gateway.http import GatewaySite
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.tls import ServerTLS
@@ -556,8 +557,21 @@ class GatewayServiceTests(SynchronousTestCase):
         site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site)
         service.startService()
-        self.assertEqual(self.endpoint.factories, [site])
+        [factory] = self.endpoint.factories
+        self.assertIsInstance(factory, ConnectionLimit)
+        self.assertIs(factory.wrappedFactory, site)
         self.assertEqual(self.sighup, [], "no certificate to reload in plaintext")
+
+    def test_listener_capped_by_max_connections(self) -> None:
+        """
+        SPEC 12 H8: the listener's outermost factory caps open connections
+        at C{MAX_CONNECTIONS} and counts refusals in the gateway's metrics.
+        """
+        service = self.service(environ={**DEV_PLAINTEXT, "MAX_CONNECTIONS": "3"})
+        service.startService()
+        [factory] = self.endpoint.factories
+        self.assertEqual(factory.limit, 3)
+        self.assertIs(factory.metrics, service.gateway.metrics)
 
     def test_tls_serves_the_chain(self) -> None:
         directory, root, leaf = self.tls_files()
@@ -569,7 +583,9 @@ class GatewayServiceTests(SynchronousTestCase):
         site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site, server_tls=server_tls)
         service.startService()
-        [factory] = self.endpoint.factories
+        [limit] = self.endpoint.factories
+        self.assertIsInstance(limit, ConnectionLimit)
+        factory = limit.wrappedFactory
         self.assertIsInstance(factory, TLSMemoryBIOFactory)
         self.assertIs(factory.wrappedFactory, site)
         self.assertEqual(self.handshake(factory, root), leaf.cert.public_bytes(Encoding.DER))

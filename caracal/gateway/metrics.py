@@ -69,6 +69,7 @@ COUNTERS = (
     "sts_exchange_errors",
     "upstream_errors",
     "revocations_rejected",
+    "connections_refused",
 )
 
 #: The JSON gauges of SPEC section 10.

@@ -36,6 +36,7 @@ from twisted.python import usage
 
 from caracal.gateway.app import Gateway, build_gateway
 from caracal.gateway.config import ConfigError, GatewayConfig
+from caracal.gateway.connections import ConnectionLimit
 from caracal.gateway.tls import ServerTLS, client_tls_policy, install_sighup_reload
 
 log = Logger()
@@ -246,8 +247,15 @@ class GatewayService(Service):
         self._listening = None
 
     def factory(self):
-        """The protocol factory to listen with: the site, wrapped in TLS unless plaintext."""
-        return tls_factory(self.gateway.site, self.server_tls, self.reactor)
+        """
+        The protocol factory to listen with: the site, wrapped in TLS unless
+        plaintext, under the C{MAX_CONNECTIONS} cap (SPEC 12 H8).
+        """
+        return ConnectionLimit(
+            tls_factory(self.gateway.site, self.server_tls, self.reactor),
+            self.config.max_connections,
+            self.gateway.metrics,
+        )
 
     def _ensure_built(self) -> None:
         if self.gateway is None:
