@@ -22,9 +22,11 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from caracal.gateway.config import GatewayConfig
+from caracal.gateway.denials import Denial
 from caracal.gateway.http import GatewaySite, choose_request_id
 from caracal.gateway.logs import ACCESS_NAMESPACE
 from caracal.gateway.metrics import Metrics
+from caracal.gateway.proxy import method_not_allowed
 
 LIMIT = 100
 READ_HEADER = 5.0
@@ -401,12 +403,6 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
             envelope = self.assertRefusedKeepingId(request_line=request_line)
             self.assertIn("forward proxy", envelope["description"])
 
-    def test_connect(self) -> None:
-        for request_line in (b"CONNECT evil:443 HTTP/1.1", b"CONNECT /x HTTP/1.1"):
-            self.setUp()
-            envelope = self.assertRefusedKeepingId(request_line=request_line)
-            self.assertIn("CONNECT", envelope["description"])
-
     def test_asterisk_form(self) -> None:
         self.assertRefusedKeepingId(request_line=b"OPTIONS * HTTP/1.1")
 
@@ -415,6 +411,70 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
             b"Transfer-Encoding: chunked", request_line=b"POST /up HTTP/1.0"
         )
         self.assertIn("HTTP/1.0", envelope["description"])
+
+    def test_fragment_in_target(self) -> None:
+        """
+        SPEC 12 H1: a C{#} anywhere in the request-target is refused (an
+        outbound client would cut the forwarded path there).
+        """
+        for request_line in (
+            b"GET /..# HTTP/1.1",
+            b"GET /%2e%2e# HTTP/1.1",
+            b"GET /a#b HTTP/1.1",
+            b"GET /a?x=1#frag HTTP/1.1",
+            b"GET /health# HTTP/1.1",
+        ):
+            self.setUp()
+            envelope = self.assertRefusedKeepingId(request_line=request_line)
+            self.assertIn("fragment", envelope["description"])
+
+    def test_control_character_in_target(self) -> None:
+        """
+        SPEC 12 H1: a raw NUL or any control character in the target is
+        refused: Twisted's request-line parser refuses most (the id header
+        is not read yet), the gateway the ones it lets through (DEL).
+        """
+        for request_line in (
+            b"GET /a\x00b HTTP/1.1",
+            b"GET /a?q=\x00 HTTP/1.1",
+            b"GET /\x01 HTTP/1.1",
+        ):
+            self.setUp()
+            envelope, _ = self.refused(request_line + b"\r\nHost: g\r\n\r\n")
+            self.assertEqual(envelope["error"], "invalid_request")
+        for request_line in (b"GET /a\x7f HTTP/1.1", b"GET /a?q=\x7f HTTP/1.1"):
+            self.setUp()
+            envelope = self.assertRefusedKeepingId(request_line=request_line)
+            self.assertIn("control character", envelope["description"])
+
+    def test_transfer_encoding_not_one_chunked(self) -> None:
+        """
+        SPEC 12 H3: C{Transfer-Encoding} other than exactly one C{chunked}
+        (C{identity}, a list, two headers, in any order) is 400 and the
+        connection closes.
+        """
+        for codings in (
+            [b"Transfer-Encoding: identity"],
+            [b"Transfer-Encoding: Identity", b"Content-Length: 3"],
+            [b"Transfer-Encoding: gzip, chunked"],
+            [b"Transfer-Encoding: identity", b"Transfer-Encoding: chunked"],
+            [b"Transfer-Encoding: chunked", b"Transfer-Encoding: identity"],
+            [b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"],
+        ):
+            self.setUp()
+            self.assertRefusedKeepingId(*codings)
+
+    def test_one_chunked_served(self) -> None:
+        """One C{Transfer-Encoding: chunked} (any case) is the accepted framing."""
+        for coding in (b"chunked", b"Chunked"):
+            channel, transport = self.connect()
+            channel.dataReceived(
+                b"POST /x HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: "
+                + coding
+                + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            )
+            status, _, body = one_response(transport)
+            self.assertEqual((status, body), (200, b"ok 3"))
 
     def test_conforming_requests_served(self) -> None:
         for head in (
@@ -465,6 +525,129 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
         self.assertTrue(
             transport.value().startswith(b"HTTP/1.1 431 Request Header Fields Too Large\r\n")
         )
+
+
+class ScreeningResource(RecordingResource):
+    """
+    A L{RecordingResource} with the pipeline's C{screen}: a request without
+    an C{X-Token} header is refused on its headers (401), one to C{/local}
+    with another method than GET (405, C{Allow: GET, HEAD}).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.screened: list = []
+
+    def screen(self, request):
+        self.screened.append(request)
+        if request.path == b"/local":
+            request.local = True
+            if request.method != b"GET":
+                return method_not_allowed(request, (b"GET", b"HEAD"))
+        if not request.requestHeaders.hasHeader(b"x-token"):
+            return Denial(401, "missing_token", "no token", metric="denials_missing_auth")
+        return None
+
+
+class HeaderTimeRefusalTests(HTTPTestMixin, SynchronousTestCase):
+    """
+    SPEC 12 H7: a request the resource's C{screen} refuses (steps 2-7 need
+    only the headers) is answered as soon as its headers are in, its body
+    never read, with C{Connection: close}; and H2's 405 for methods the
+    gateway never serves, whatever the resource.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.resource = ScreeningResource()
+        self.site = GatewaySite(self.resource, self.config, self.metrics, clock=self.clock)
+        self.site.access_log = Logger(
+            namespace=ACCESS_NAMESPACE, observer=self.access_events.append
+        )
+
+    def test_refused_on_headers_without_reading_body(self) -> None:
+        """
+        Headers declaring a body (within the limit) and no token: 401 at
+        once, before any body byte, nothing stored, C{Connection: close},
+        counted and logged; the body that follows is dropped.
+        """
+        channel, transport = self.connect()
+        channel.dataReceived(
+            b"POST /tools HTTP/1.1\r\nHost: g\r\nX-Request-Id: early\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 90\r\n\r\n"
+        )
+        status, headers, body = one_response(transport)
+        self.assertEqual(status, 401)
+        self.assertEqual(headers[b"connection"], [b"close"])
+        self.assertTrue(headers[b"www-authenticate"][0].startswith(b"Bearer"))
+        self.assertEqual(json.loads(body)["error"], "missing_token")
+        self.assertNotIn(b"100 Continue", transport.value())
+        [request] = self.resource.screened
+        # gotLength never ran: no body store was even made.
+        self.assertIsNone(request.content)
+        self.assertEqual(self.resource.rendered, [])
+        self.assertEqual(self.metrics.counters["requests_total"], 1)
+        self.assertEqual(self.metrics.counters["requests_denied"], 1)
+        self.assertEqual(self.metrics.counters["denials_missing_auth"], 1)
+        [event] = self.access_events
+        self.assertEqual(event["access"]["denial"], "missing_token")
+        self.assertEqual(event["access"]["request_id"], "early")
+        transport.clear()
+        channel.dataReceived(b"x" * 90 + b"GET / HTTP/1.1\r\nHost: g\r\nX-Token: t\r\n\r\n")
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(request.body_bytes, 0)
+        self.assertEqual(len(self.resource.screened), 1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_huge_declared_body_refused_by_screen(self) -> None:
+        """Step 1 still comes first: a Content-Length over the limit is 413, not 401."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: g\r\nContent-Length: 101\r\n\r\n")
+        self.assertEqual(one_response(transport)[0], 413)
+        self.assertEqual(self.resource.screened, [])
+
+    def test_passing_screen_reads_body_and_renders(self) -> None:
+        """A request the screen lets through is read and rendered as before."""
+        channel, transport = self.connect()
+        self.request(channel, path=b"/tools", headers=[b"X-Token: t"], body=b"abc")
+        self.assertEqual(one_response(transport)[:3:2], (200, b"ok 3"))
+        self.assertEqual(len(self.resource.screened), 1)
+        self.assertFalse(transport.disconnecting)
+
+    def test_local_method_refused_by_screen(self) -> None:
+        """The resource's own 405 (a local path) keeps its C{Allow}."""
+        channel, transport = self.connect()
+        self.request(channel, path=b"/local", headers=[b"X-Token: t"], body=b"abc")
+        status, headers, body = one_response(transport)
+        self.assertEqual(status, 405)
+        self.assertEqual(headers[b"allow"], [b"GET, HEAD"])
+        self.assertEqual(headers[b"connection"], [b"close"])
+        self.assertEqual(self.access_events[0]["access"]["denial"], "method_not_allowed")
+        # Local endpoints stay out of the request counters.
+        self.assertEqual(self.metrics.counters["requests_total"], 0)
+
+    def test_unserved_methods_without_screen(self) -> None:
+        """
+        SPEC 12 H2 at the HTTP layer: with a resource that has no C{screen},
+        TRACE, CONNECT (even in authority form) and unknown methods are 405
+        with the proxied methods in C{Allow}, never rendered.
+        """
+        self.resource = RecordingResource()
+        self.site = GatewaySite(self.resource, self.config, self.metrics, clock=self.clock)
+        for request_line in (
+            b"TRACE /x HTTP/1.1",
+            b"CONNECT evil:443 HTTP/1.1",
+            b"CONNECT /x HTTP/1.1",
+            b"PROPFIND * HTTP/1.1",
+        ):
+            channel, transport = self.connect()
+            channel.dataReceived(request_line + b"\r\nHost: g\r\nContent-Length: 5\r\n\r\n")
+            status, headers, body = one_response(transport)
+            self.assertEqual(status, 405, request_line)
+            self.assertEqual(json.loads(body)["error"], "method_not_allowed")
+            self.assertEqual(headers[b"allow"], [b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"])
+            self.assertEqual(headers[b"connection"], [b"close"])
+        self.assertEqual(self.resource.rendered, [])
 
 
 class MeasuringFile(BytesIO):

@@ -227,6 +227,133 @@ class PipelineTests(SynchronousTestCase):
         self.assertNoSTS()
         self.assertEqual(self.jwks_fetches, 0)
 
+    def test_hostilePaths(self):
+        """
+        SPEC 12 H1: a C{#}, a NUL byte raw or percent-encoded (at any
+        depth), and a dot segment once decoded or once its C{;} parameters
+        are dropped, in any position including the last, are 400
+        C{invalid_request}, logged as C{path_traversal}.
+        """
+        for path in (
+            b"/..#",
+            b"/a#b",
+            b"/a\x00b",
+            b"/a%00b",
+            b"/a%2500b",
+            b"/..;x",
+            b"/a/%2e%2e;",
+            b"/a/%2E%2E%3Bjsessionid=1",
+            b"/a/.;/b",
+            b"/a/..",
+            b"/a/.",
+            b"/a/%2e",
+        ):
+            self.metrics = Metrics()
+            self.pipeline.metrics = self.metrics
+            request = self.call(token=self.mint(), path=path)
+            self.assertDenied(request, 400, "invalid_request", "denials_path_traversal")
+            self.assertEqual(request.log_fields["denial"], "path_traversal")
+        self.assertNoSTS()
+        self.assertEqual(self.jwks_fetches, 0)
+
+    def test_dotsInNamesPass(self):
+        """Names merely containing dots or encoded characters are forwarded."""
+        for path in (b"/a.b", b"/.well-known/x", b"/v1.2/x", b"/...", b"/a%20b", b"/a;b=1"):
+            self.forwarder.calls = []
+            self.call(token=self.mint(), path=path)
+            self.assertEqual(len(self.forwarder.calls), 1, path)
+
+    # SPEC 12 H2
+    def test_methodNotAllowed(self):
+        """
+        TRACE, CONNECT and any other method outside GET HEAD POST PUT PATCH
+        DELETE OPTIONS get 405 C{method_not_allowed} with C{Allow}, before
+        authentication (no token at all here).
+        """
+        for method in (b"TRACE", b"CONNECT", b"PROPFIND", b"get"):
+            self.metrics = Metrics()
+            self.pipeline.metrics = self.metrics
+            request = PipelineRequest(method=method)
+            self.resource.render(request)
+            self.assertDenied(request, 405, "method_not_allowed")
+            self.assertEqual(
+                request.responseHeaders.getRawHeaders(b"allow"),
+                [b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"],
+            )
+            self.assertEqual(request.log_fields["denial"], "method_not_allowed")
+        self.assertNoSTS()
+
+    # SPEC 12 H4-H6
+    def test_mandateRefused(self):
+        """
+        A token minted for an upstream (C{act} claim, or C{use} of
+        C{resource} / C{mandate}), even validly signed by the zone's key, is
+        refused at step 3: no JWKS fetch, no STS exchange.
+        """
+        for claims in ({"act": {"sub": "gw"}}, {"use": "resource"}, {"use": "mandate"}):
+            self.metrics = Metrics()
+            self.pipeline.metrics = self.metrics
+            request = self.call(token=self.mint(**claims))
+            self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
+            self.assertEqual(request.log_fields["denial"], "mandate_as_bearer")
+        self.assertNoSTS()
+        self.assertEqual(self.jwks_fetches, 0)
+
+    def test_numericSessionRefused(self):
+        """
+        A numeric C{sid} (which used to skip the revocation check) or any
+        other mistyped key claim is 401 C{invalid_token} at step 3.
+        """
+        for claims in ({"sid": 42}, {"agent_session_id": ["s"]}, {"jti": 7}, {"zone_id": 1}):
+            self.metrics = Metrics()
+            self.pipeline.metrics = self.metrics
+            request = self.call(token=self.mint(**claims))
+            self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
+        self.assertNoSTS()
+
+    def test_lifetimeBound(self):
+        """
+        C{exp} more than C{MAX_TOKEN_LIFETIME} ahead is 401
+        C{invalid_token} at step 4 (after step 3, before routing).
+        """
+        self.pipeline.max_token_lifetime = 3600.0
+        request = self.call(token=self.mint(ttl=3601), resource=b"unknown")
+        self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
+        self.assertEqual(request.log_fields["denial"], "lifetime_exceeded")
+        self.forwarder.calls = []
+        self.call(token=self.mint(ttl=3600))
+        self.assertEqual(len(self.forwarder.calls), 1)
+
+    # SPEC 12 H7: screen, then render from the screened call
+    def test_screenRefusesOnHeaders(self):
+        """
+        L{GatewayResource.screen} runs steps 2-7 synchronously on the headers
+        and returns the first denial without answering or counting it.
+        """
+        request = PipelineRequest()
+        denial = self.resource.screen(request)
+        self.assertEqual((denial.status, denial.code), (401, "missing_token"))
+        self.assertEqual(request.written, [])
+        self.assertEqual(self.metrics.counters["requests_denied"], 0)
+
+    def test_renderReusesScreen(self):
+        """
+        A screened request is not authenticated or routed again by render:
+        steps 2-7 ran once, the chain goes on from step 8 with the screened
+        call.
+        """
+        request = PipelineRequest()
+        request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + self.mint().encode()])
+        request.requestHeaders.setRawHeaders(b"x-caracal-resource", [b"tools"])
+        self.assertIsNone(self.resource.screen(request))
+        call = request.gateway_call
+        # Were steps 2-7 run again, these would now refuse the request.
+        request.requestHeaders.removeHeader(b"authorization")
+        self.resources.remove("tools")
+        self.resource.render(request)
+        self.assertEqual(len(self.forwarder.calls), 1)
+        self.assertEqual(self.sts.calls[0][0], call.token)
+
     # step 8
     def test_wrongKey(self):
         other = ec.generate_private_key(ec.SECP256R1())

@@ -175,6 +175,7 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
         clock=reactor,
         jti_fail_open=config.jti_fail_open,
         revocation_fail_open=config.revocation_fail_open,
+        max_token_lifetime=config.max_token_lifetime,
     )
     metrics.gauge("bindings_loaded", backends.resources.count)
     metrics.gauge("revocations_active", backends.revocations.active)

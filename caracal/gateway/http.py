@@ -47,7 +47,7 @@ from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
 
 from caracal.gateway import cors, sse
-from caracal.gateway.denials import error_body, error_envelope
+from caracal.gateway.denials import Denial, error_body, error_envelope
 from caracal.gateway.logs import (
     ACCESS_EVENT_KEY,
     ACCESS_NAMESPACE,
@@ -55,6 +55,7 @@ from caracal.gateway.logs import (
     access_record,
     format_access_line,
 )
+from caracal.gateway.proxy import PROXIED_METHODS, method_not_allowed
 
 SERVER_NAME = b"caracal-gateway"
 
@@ -69,6 +70,8 @@ _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?")
 # Reason phrases Twisted does not know.
 _REASONS = {431: b"Request Header Fields Too Large"}
+# A fragment or a control character: never part of a request-target (SPEC 12 H1).
+_TARGET_FORBIDDEN = re.compile(rb"[#\x00-\x1f\x7f]")
 # What separates the tokens of a Connection header (a comma-separated list).
 _LIST_SEPARATORS = re.compile(rb"[,\s]+")
 
@@ -96,18 +99,25 @@ def _nonconforming(request, method: bytes, target: bytes, version: bytes) -> str
     must refuse with 400 before anything acts on it, or C{None}.
 
     The gateway is not a forward proxy: only origin-form targets (a path)
-    are served, so C{CONNECT}, absolute-form (C{GET http://host/x}) and
-    asterisk-form (C{OPTIONS *}) targets are refused rather than taken as a
-    path. HTTP/1.1 needs exactly one valid C{Host} (RFC 9112 3.2), and an
+    are served, so absolute-form (C{GET http://host/x}) and asterisk-form
+    (C{OPTIONS *}) targets are refused rather than taken as a path; a
+    method the gateway never serves (C{CONNECT}, C{TRACE}, ...) is left to
+    the screen's 405 (SPEC 12 H2) whatever its target. A target carrying a
+    C{#} or a control character (NUL above all) is refused (SPEC 12 H1: RFC
+    9112 allows neither, and an outbound client would cut the path at the
+    C{#}). HTTP/1.1 needs exactly one valid C{Host} (RFC 9112 3.2); an
     HTTP/1.0 message cannot carry C{Transfer-Encoding} (RFC 9112 6.1: its
-    framing is not to be trusted).
+    framing is not to be trusted), and in HTTP/1.1 the only transfer coding
+    accepted is exactly one C{chunked} (SPEC 12 H3: C{identity}, a list or
+    two headers leave two parties reading two different bodies).
     """
-    if method == b"CONNECT":
-        return "CONNECT is not supported: the gateway is not a forward proxy"
-    if target == b"*":
-        return "an asterisk-form request target is not supported"
-    if not target.startswith(b"/"):
-        return "the request target must be a path: the gateway is not a forward proxy"
+    if method in PROXIED_METHODS:
+        if target == b"*":
+            return "an asterisk-form request target is not supported"
+        if not target.startswith(b"/"):
+            return "the request target must be a path: the gateway is not a forward proxy"
+        if _TARGET_FORBIDDEN.search(target):
+            return "the request target contains a fragment or a control character"
     hosts = request.requestHeaders.getRawHeaders(b"host")
     if hosts is None:
         if version == b"HTTP/1.1":
@@ -116,8 +126,12 @@ def _nonconforming(request, method: bytes, target: bytes, version: bytes) -> str
         return "more than one Host header"
     elif not _HOST.fullmatch(hosts[0]):
         return "invalid Host header"
-    if version != b"HTTP/1.1" and request.requestHeaders.hasHeader(b"transfer-encoding"):
-        return "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+    codings = request.requestHeaders.getRawHeaders(b"transfer-encoding")
+    if codings is not None:
+        if version != b"HTTP/1.1":
+            return "Transfer-Encoding is not allowed in an HTTP/1.0 request"
+        if len(codings) != 1 or codings[0].strip(b" \t").lower() != b"chunked":
+            return "Transfer-Encoding must be exactly one chunked"
     return None
 
 
@@ -409,6 +423,13 @@ class GatewayChannel(HTTPChannel):
         if self.length is not None and self.length > limit:
             self._refuse(request, 413, "payload_too_large", f"request body exceeds {limit} bytes")
             return
+        # SPEC 12 H7: the checks that need only the headers (the method,
+        # steps 2-7) answer now; the body is then never read, let alone
+        # spooled. The resource's render goes on from the screened call.
+        denial = self._screen(request)
+        if denial is not None:
+            self._refuse_denial(request, denial)
+            return
         super().allHeadersReceived()
 
     def checkPersistence(self, request, version: bytes) -> bool:
@@ -596,8 +617,43 @@ class GatewayChannel(HTTPChannel):
         limit = self._config.max_request_bytes
         self._refuse(request, 413, "payload_too_large", f"request body exceeds {limit} bytes")
 
+    def _screen(self, request) -> Denial | None:
+        """
+        The root resource's header-only checks (its C{screen}); a resource
+        without one still never gets a method the gateway does not serve.
+        """
+        screen = getattr(self.site.resource, "screen", None)
+        if screen is not None:
+            return screen(request)
+        if request.method not in PROXIED_METHODS:
+            return method_not_allowed(request, PROXIED_METHODS)
+        return None
+
+    def _refuse_denial(self, request, denial: Denial) -> None:
+        """
+        Answer a L{Denial} of the screen at once, count it and close. A
+        local endpoint's refusal (its 405) stays out of the request
+        counters, as when its render answers it.
+        """
+        if denial.metric:
+            self.site.metrics.increment(denial.metric)
+        self._refuse(
+            request,
+            denial.status,
+            denial.code,
+            denial.description,
+            denial=denial.reason,
+            counted=not request.local,
+        )
+
     def _refuse(
-        self, request, status: int, code: str, description: str, denial: str | None = None
+        self,
+        request,
+        status: int,
+        code: str,
+        description: str,
+        denial: str | None = None,
+        counted: bool = True,
     ) -> None:
         # Answer through the request so the id, the access log and the
         # metrics are the same as for any other answer. The request line may
@@ -606,9 +662,10 @@ class GatewayChannel(HTTPChannel):
         self.persistent = False
         self._cancel()
         self._arm("abort", CLOSE_GRACE, self._abort)
-        metrics = self.site.metrics
-        metrics.increment("requests_total")
-        metrics.increment("requests_denied")
+        if counted:
+            metrics = self.site.metrics
+            metrics.increment("requests_total")
+            metrics.increment("requests_denied")
         request.log_fields["denial"] = denial or code
         request.answer_early(
             getattr(self, "_command", None) or b"-",

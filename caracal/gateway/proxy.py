@@ -39,13 +39,28 @@ from caracal.gateway.interfaces import (
 from caracal.gateway.registry import ToolResource
 from caracal.gateway.replay import ReplayCheckUnavailable, ReplayKeyInvalid
 from caracal.gateway.sts import Mandate
-from caracal.gateway.upstream import PinnedUpstream, UpstreamRefused, has_dot_segment
+from caracal.gateway.upstream import PinnedUpstream, UpstreamRefused, path_problem
 
 log = Logger(namespace="caracal.pipeline")
 
 RESOURCE_HEADER = b"x-caracal-resource"
 CLIENT_ID_HEADER = b"x-caracal-client-id"
 REPLAY_EVENT = "replay_detected"
+
+#: The methods the gateway forwards (SPEC 12 H2); any other is refused with 405.
+PROXIED_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS")
+#: The methods of the local endpoints (SPEC 10).
+LOCAL_METHODS = (b"GET", b"HEAD")
+
+
+def method_not_allowed(request, allowed: tuple[bytes, ...]) -> Denial:
+    """
+    The 405 for a method outside C{allowed} (SPEC 12 H2, SPEC 10), its
+    C{Allow} header set on C{request}'s response.
+    """
+    allow = b", ".join(allowed)
+    request.responseHeaders.setRawHeaders(b"allow", [allow])
+    return Denial(405, "method_not_allowed", "use " + allow.decode("ascii"))
 
 
 @dataclass
@@ -59,6 +74,7 @@ class Call:
     resource: ToolResource | None = None
     mandate: Mandate | None = field(default=None, repr=False)
     pinned: PinnedUpstream | None = None
+    denial: Denial | None = None
 
     @property
     def zone_id(self) -> str:
@@ -89,6 +105,7 @@ class Pipeline:
     clock: IReactorTime
     jti_fail_open: bool = False
     revocation_fail_open: bool = False
+    max_token_lifetime: float = tokens.MAX_TOKEN_LIFETIME
 
 
 class GatewayResource(ReverseProxyResource):
@@ -108,16 +125,39 @@ class GatewayResource(ReverseProxyResource):
     def getChild(self, path, request):
         return self
 
+    def screen(self, request) -> Denial | None:
+        """
+        The checks that need only the headers, run synchronously in SPEC
+        order: the method (H2), then steps 2 to 7. The L{Call} they fill is
+        kept on C{request} (C{gateway_call}) for L{render} to go on from.
+
+        @return: the L{Denial} of the first failing check, or C{None}. The
+            caller answers it (the HTTP layer at once, without reading the
+            body; L{render} through its errback).
+        """
+        call = Call(request)
+        request.gateway_call = call
+        try:
+            self._check_method(call)  # SPEC 12 H2
+            self._authenticate(call)  # steps 2-4
+            self._route(call)  # steps 5-7
+        except Denial as denial:
+            call.denial = denial
+            return denial
+        return None
+
     def render(self, request):
         self.pipeline.metrics.increment("requests_total")
-        call = Call(request)
-        d = defer.succeed(call)
+        call = getattr(request, "gateway_call", None)
+        if call is None:
+            self.screen(request)
+            call = request.gateway_call
+        # Steps 2-7 ran in screen, as soon as the headers were in.
+        d = defer.fail(call.denial) if call.denial is not None else defer.succeed(call)
         # A client that leaves cancels the chain: the call in flight (JWKS
         # fetch, Redis claim, STS exchange, DNS lookup, upstream request) is
         # dropped and no later step runs.
         request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallback(self._authenticate)  # steps 2-4
-        d.addCallback(self._route)  # steps 5-7
         d.addCallback(self._verify_signature)  # step 8
         d.addCallback(self._guard_replay)  # step 9
         d.addCallback(self._check_session)  # step 10
@@ -128,12 +168,20 @@ class GatewayResource(ReverseProxyResource):
         d.addErrback(self._fail, call)
         return NOT_DONE_YET
 
-    # Steps 2 to 4: a bearer JWT that is not about to expire.
+    # SPEC 12 H2: only the methods a tool call uses, before authentication.
+    def _check_method(self, call: Call) -> Call:
+        if call.request.method not in PROXIED_METHODS:
+            raise method_not_allowed(call.request, PROXIED_METHODS)
+        return call
+
+    # Steps 2 to 4: a bearer JWT that is not about to expire, not a mandate.
     def _authenticate(self, call: Call) -> Call:
         call.token = tokens.extract_bearer(call.request.requestHeaders)
         call.request.log_fields["token_fingerprint"] = tokens.fingerprint(call.token)
         call.claims = tokens.peek_claims(call.token)
-        call.seconds_left = tokens.seconds_left(call.claims, self.pipeline.clock.seconds())
+        call.seconds_left = tokens.seconds_left(
+            call.claims, self.pipeline.clock.seconds(), self.pipeline.max_token_lifetime
+        )
         return call
 
     # Steps 5 to 7: which resource, and a path that cannot climb out of it.
@@ -161,12 +209,14 @@ class GatewayResource(ReverseProxyResource):
             raise Denial(403, "access_denied", "no such resource", metric="denials_binding")
         call.request.log_fields["zone"] = call.resource.zone_id
         call.request.log_fields["application"] = call.resource.application_id
-        if has_dot_segment(call.request.path):
+        problem = path_problem(call.request.path)
+        if problem is not None:
             raise Denial(
                 400,
                 "invalid_request",
-                "the request path contains a dot segment",
+                problem,
                 metric="denials_path_traversal",
+                reason="path_traversal",
             )
         return call
 
@@ -377,6 +427,26 @@ class GatewayRoot(Resource):
         self.local = local
         self.cors_allowed_origins = cors_allowed_origins
 
+    def screen(self, request) -> Denial | None:
+        """
+        The header-only checks for C{request} (see L{GatewayResource.screen}):
+        for a CORS preflight none (it carries no token; L{render} answers
+        it), for a local path its method, else the pipeline's.
+        """
+        if cors.is_preflight(request, self.cors_allowed_origins):
+            return None
+        if request.path in self.local:
+            request.local = True
+            if request.method in LOCAL_METHODS:
+                return None
+            return self._local_method_denial(request)
+        screen = getattr(self.proxy, "screen", None)
+        return screen(request) if screen is not None else None
+
+    def _local_method_denial(self, request) -> Denial:
+        # The local paths are never proxied, whatever the method.
+        return method_not_allowed(request, LOCAL_METHODS)
+
     def render(self, request):
         # A CORS preflight carries no token: the gateway answers it itself.
         if cors.is_preflight(request, self.cors_allowed_origins):
@@ -385,9 +455,8 @@ class GatewayRoot(Resource):
         if endpoint is None:
             return self.proxy.render(request)
         request.local = True
-        if request.method in (b"GET", b"HEAD"):
+        if request.method in LOCAL_METHODS:
             return endpoint.render(request)
-        # The local paths are never proxied, whatever the method.
-        request.responseHeaders.setRawHeaders(b"allow", [b"GET, HEAD"])
-        request.log_fields["denial"] = "method_not_allowed"
-        return error_body(request, 405, "method_not_allowed", "use GET or HEAD")
+        denial = self._local_method_denial(request)
+        request.log_fields["denial"] = denial.reason
+        return denial_body(request, denial)

@@ -117,6 +117,30 @@ def has_dot_segment(path: bytes) -> bool:
     return True
 
 
+def path_problem(path: bytes) -> str | None:
+    """
+    Why a request path must not be forwarded (SPEC step 7 and 12 H1), or
+    C{None}: a C{#} (a client never sends a fragment; an outbound client
+    would cut the path there, dropping the upstream's pinned query), a NUL
+    byte raw or percent-encoded (at any decoding depth L{has_dot_segment}
+    examines), or a dot segment in any spelling L{has_dot_segment} knows.
+
+    @param path: the path only, without the query string.
+    """
+    if b"#" in path:
+        return "the request target contains a fragment"
+    current = path.split(b"?", 1)[0]
+    for _ in range(_DECODE_ROUNDS + 1):
+        if b"\x00" in current:
+            return "the request path contains a NUL byte"
+        if not _PERCENT.search(current):
+            break
+        current = unquote_to_bytes(current)
+    if has_dot_segment(path):
+        return "the request path contains a dot segment"
+    return None
+
+
 @dataclass(frozen=True)
 class UpstreamURL:
     """
