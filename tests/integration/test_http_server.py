@@ -175,20 +175,28 @@ class HTTPServerTests(TestCase):
     @inlineCallbacks
     def test_forward_proxy_forms_refused(self):
         # The gateway is not a forward proxy: an absolute-form target or a
-        # CONNECT never reaches the resource, and neither does an HTTP/1.1
-        # request without Host.
-        for raw in (
-            b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n",
-            b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n",
-            b"GET /x HTTP/1.1\r\n",
+        # CONNECT (405, SPEC 12 H2) never reaches the resource, and neither
+        # does an HTTP/1.1 request without Host.
+        for raw, status, error in (
+            (
+                b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n",
+                400,
+                "invalid_request",
+            ),
+            (
+                b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n",
+                405,
+                "method_not_allowed",
+            ),
+            (b"GET /x HTTP/1.1\r\n", 400, "invalid_request"),
         ):
             client = yield self.connect()
             client.transport.write(raw + b"X-Request-Id: proxy-form\r\n\r\n")
             answer = yield client.lost
             head, _, body = answer.partition(b"\r\n\r\n")
-            self.assertTrue(head.startswith(b"HTTP/1.1 400 "), raw)
+            self.assertTrue(head.startswith(b"HTTP/1.1 %d " % (status,)), raw)
             self.assertIn(b"\r\nX-Request-Id: proxy-form", head)
-            self.assertEqual(json.loads(body)["error"], "invalid_request")
+            self.assertEqual(json.loads(body)["error"], error)
         self.assertEqual(self.resource.calls, 0)
         self.assertEqual(self.metrics.counters["requests_denied"], 3)
 
