@@ -20,10 +20,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from caracal.gateway.config import GatewayConfig
 from caracal.gateway.denials import Denial
 from caracal.gateway.http import GatewaySite, choose_request_id
+from caracal.gateway.interfaces import IRequestScreen
 from caracal.gateway.logs import ACCESS_NAMESPACE
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.proxy import method_not_allowed
@@ -527,6 +529,7 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
         )
 
 
+@implementer(IRequestScreen)
 class ScreeningResource(RecordingResource):
     """
     A L{RecordingResource} with the pipeline's C{screen}: a request without

@@ -336,6 +336,34 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(request.written, [])
         self.assertEqual(self.metrics.counters["requests_denied"], 0)
 
+    def test_screensProvideTheInterface(self):
+        """The pipeline and the site's root both offer the HTTP layer L{IRequestScreen}."""
+        from zope.interface.verify import verifyObject
+
+        from caracal.gateway.interfaces import IRequestScreen
+        from caracal.gateway.proxy import GatewayRoot
+
+        self.assertTrue(verifyObject(IRequestScreen, self.resource))
+        self.assertTrue(verifyObject(IRequestScreen, GatewayRoot(self.resource, {})))
+
+    def test_rootScreen(self):
+        """
+        The root screens a local path by its own methods (GET and HEAD pass
+        without a token; anything else is 405 with C{Allow: GET, HEAD}) and
+        every other path by the pipeline.
+        """
+        from caracal.gateway.endpoints import HealthResource
+        from caracal.gateway.proxy import GatewayRoot
+
+        root = GatewayRoot(self.resource, {b"/health": HealthResource()})
+        self.assertIsNone(root.screen(PipelineRequest(path=b"/health", method=b"GET")))
+        request = PipelineRequest(path=b"/health", method=b"TRACE")
+        denial = root.screen(request)
+        self.assertEqual((denial.status, denial.code), (405, "method_not_allowed"))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"allow"), [b"GET, HEAD"])
+        denial = root.screen(PipelineRequest(path=b"/tools/run", method=b"GET"))
+        self.assertEqual((denial.status, denial.code), (401, "missing_token"))
+
     def test_renderReusesScreen(self):
         """
         A screened request is not authenticated or routed again by render:

@@ -48,6 +48,7 @@ from twisted.web.server import Request, Site
 
 from caracal.gateway import cors, sse
 from caracal.gateway.denials import Denial, error_body, error_envelope
+from caracal.gateway.interfaces import IRequestScreen
 from caracal.gateway.logs import (
     ACCESS_EVENT_KEY,
     ACCESS_NAMESPACE,
@@ -619,12 +620,13 @@ class GatewayChannel(HTTPChannel):
 
     def _screen(self, request) -> Denial | None:
         """
-        The root resource's header-only checks (its C{screen}); a resource
-        without one still never gets a method the gateway does not serve.
+        The root resource's header-only checks when it provides
+        L{IRequestScreen}; a resource that does not still never gets a
+        method the gateway does not serve.
         """
-        screen = getattr(self.site.resource, "screen", None)
-        if screen is not None:
-            return screen(request)
+        screener = IRequestScreen(self.site.resource, None)
+        if screener is not None:
+            return screener.screen(request)
         if request.method not in PROXIED_METHODS:
             return method_not_allowed(request, PROXIED_METHODS)
         return None

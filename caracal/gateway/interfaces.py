@@ -192,3 +192,21 @@ class IRedisConnection(Interface):
 
     def disconnect():
         """Close the connection; a Deferred firing when it is closed."""
+
+
+class IRequestScreen(Interface):
+    """
+    A resource that can judge a request on its headers alone (SPEC 12 H7):
+    the HTTP layer (L{caracal.gateway.http.GatewayChannel}) asks it as soon
+    as the headers are in and answers a refusal before reading the body.
+    """
+
+    def screen(request):
+        """
+        Run the checks that need only C{request}'s method, target and
+        headers, synchronously, in SPEC order.
+
+        @return: the L{caracal.gateway.denials.Denial} of the first failing
+            check (not answered, not counted: the caller does both), or
+            C{None} when the request may be read and rendered.
+        """

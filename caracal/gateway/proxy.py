@@ -21,6 +21,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from caracal.gateway import cors, tokens
 from caracal.gateway.denials import Denial, denial_body, error_body
@@ -31,6 +32,7 @@ from caracal.gateway.interfaces import (
     IKeySource,
     IMetrics,
     IReplayGuard,
+    IRequestScreen,
     IResourceRegistry,
     IRevocations,
     ITokenExchange,
@@ -108,6 +110,7 @@ class Pipeline:
     max_token_lifetime: float = tokens.MAX_TOKEN_LIFETIME
 
 
+@implementer(IRequestScreen)
 class GatewayResource(ReverseProxyResource):
     """
     The proxied part of the gateway. A L{ReverseProxyResource} whose upstream
@@ -408,6 +411,7 @@ class GatewayResource(ReverseProxyResource):
         request.finish()
 
 
+@implementer(IRequestScreen)
 class GatewayRoot(Resource):
     """
     The site's root: CORS preflights (SPEC 13), the local endpoints of SPEC
