@@ -444,8 +444,8 @@ class GatewayRoot(Resource):
             if request.method in LOCAL_METHODS:
                 return None
             return self._local_method_denial(request)
-        screen = getattr(self.proxy, "screen", None)
-        return screen(request) if screen is not None else None
+        screener = IRequestScreen(self.proxy, None)
+        return screener.screen(request) if screener is not None else None
 
     def _local_method_denial(self, request) -> Denial:
         # The local paths are never proxied, whatever the method.

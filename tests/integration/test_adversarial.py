@@ -255,7 +255,7 @@ class ClaimTests(AdversarialTestCase):
             raw_request(b"GET", b"/tools/run", [bearer(token), resource(RESOURCE)])
         )
         self.assertRefused(response, 401, "invalid_token")
-        self.assertEqual(response.header(b"www-authenticate"), b"Bearer")
+        self.assertTrue(response.header(b"www-authenticate").startswith(b"Bearer"))
         self.assertClosedByGateway(response)
         yield self.assertDenialLogged(response, denial)
 
