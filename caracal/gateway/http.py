@@ -8,9 +8,12 @@ Everything here happens before or around the resource's C{render}: a body
 over C{MAX_REQUEST_BYTES} is answered with 413 as soon as it is known to be
 too large, a request the parser or the RFC 9112 checks refuse with 400 (431
 for a header section past Twisted's limits), without the resource ever being
-called, each with an access line and the counters; and a slow or idle client
-is cut by the channel's own timers (driven by the C{clock} given to the site)
-without holding anyone else up.
+called, each with an access line and the counters; a request the root
+resource refuses on its headers alone (L{IRequestScreen}: the method, then
+the pipeline's steps 2-7) is answered the moment its headers are in, with
+C{Connection: close} and without a byte of its body read or spooled (SPEC
+12 H7); and a slow or idle client is cut by the channel's own timers (driven
+by the C{clock} given to the site) without holding anyone else up.
 
 The timeouts follow Go's C{http.Server}, whose knobs the SPEC copies:
 
