@@ -75,6 +75,14 @@ class OptionsTests(SynchronousTestCase):
     def test_several_workers(self) -> None:
         self.assertEqual(self.parse("--workers", "4")["workers"], 4)
 
+    def test_help_points_at_the_environment(self) -> None:
+        """C{--help} says configuration is environment variables and where they are listed."""
+        text = " ".join(str(tap.Options()).split())
+        self.assertIn("environment variables", text)
+        self.assertIn("README's 'Configuration' section", text)
+        self.assertIn("etc/caracal-gateway.env.example", text)
+        self.assertIn("caracal-gateway-admin check-config", text)
+
     def test_no_positional_arguments(self) -> None:
         self.assertRaises(usage.UsageError, self.parse, "extra")
 

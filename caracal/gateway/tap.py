@@ -66,6 +66,15 @@ _LEVELS_TWISTD_IGNORES = ("warn", "error")
 class Options(usage.Options):
     """Command line of C{twistd caracal-gateway}; the rest is environment (SPEC 2)."""
 
+    longdesc = (
+        "Everything but --workers is configured through environment variables"
+        " (CARACAL_ENV, PORT, TLS_CERT_FILE, STS_URL, DATABASE_URL, REDIS_URL, ...)."
+        " The README's 'Configuration' section lists every variable with its default;"
+        " etc/caracal-gateway.env.example is a commented starting point. Check an"
+        " environment before starting with:"
+        " caracal-gateway-admin check-config --env-file /etc/caracal/gateway.env"
+    )
+
     optParameters = [
         ["workers", None, 1, "Number of worker processes sharing the port.", int],
     ]
