@@ -40,6 +40,7 @@ class WhenLoadedTests(SynchronousTestCase):
         )
 
     def test_waitsForBoth(self):
+        """Accepting waits for both the resource snapshot and the revocation window."""
         results = []
         self.gateway.when_loaded(self.clock, 10.0).addCallback(results.append)
         self.pipeline.resources.loaded.callback(None)
@@ -48,11 +49,13 @@ class WhenLoadedTests(SynchronousTestCase):
         self.assertEqual(results, [True])
 
     def test_leavesLoadedUsableForOthers(self):
+        """Waiting does not consume the store's C{loaded} result."""
         self.gateway.when_loaded(self.clock, 10.0)
         self.pipeline.resources.loaded.callback(None)
         self.assertIsNone(self.successResultOf(self.pipeline.resources.loaded))
 
     def test_timeoutServesAnyway(self):
+        """After the bound the gateway accepts anyway, reporting that it did not load."""
         results = []
         self.gateway.when_loaded(self.clock, 10.0).addCallback(results.append)
         self.pipeline.resources.loaded.callback(None)

@@ -58,6 +58,7 @@ class MemoryAuditLogTests(unittest.SynchronousTestCase):
     """L{MemoryAuditLog} keeps the events in order."""
 
     def test_emit(self):
+        """The in-memory log keeps each event's data document, in order."""
         clock = task.Clock()
         clock.advance(1_700_000_000)
         log = MemoryAuditLog(clock)

@@ -17,12 +17,14 @@ class DenialTests(SynchronousTestCase):
         return request
 
     def test_envelope(self):
+        """The error envelope holds the code, the description and the request id."""
         self.assertEqual(
             json.loads(error_envelope("invalid_token", "bad", "rid")),
             {"error": "invalid_token", "description": "bad", "request_id": "rid"},
         )
 
     def test_401CarriesWwwAuthenticate(self):
+        """A 401 carries C{WWW-Authenticate: Bearer} and a JSON body."""
         request = self.request()
         body = denial_body(request, Denial(401, "missing_token", "no bearer"))
         self.assertEqual(request.responseCode, 401)
@@ -35,11 +37,13 @@ class DenialTests(SynchronousTestCase):
         self.assertEqual(json.loads(body)["request_id"], "rid-1")
 
     def test_othersDoNot(self):
+        """Refusals other than 401 carry no C{WWW-Authenticate}."""
         request = self.request()
         denial_body(request, Denial(403, "access_denied", "no"))
         self.assertIsNone(request.responseHeaders.getRawHeaders(b"www-authenticate"))
 
     def test_reasonDefaultsToCode(self):
+        """The access log's reason is the code unless one is given."""
         self.assertEqual(Denial(401, "invalid_token", "x").reason, "invalid_token")
         self.assertEqual(Denial(401, "invalid_token", "x", reason="replay").reason, "replay")
 

@@ -29,11 +29,13 @@ def render(resource, headers=()):
 
 class EndpointTests(SynchronousTestCase):
     def test_health(self):
+        """C{/health} answers 200 C{{"status": "ok"}}."""
         request = render(HealthResource())
         self.assertEqual(request.responseCode, 200)
         self.assertEqual(json.loads(b"".join(request.written)), {"status": "ok"})
 
     def test_readyWhenAllAnswer(self):
+        """C{/ready} answers 200 when every dependency answers."""
         clock = task.Clock()
         ready = ReadyResource({"postgres": lambda: defer.succeed(None)}, clock)
         request = render(ready)
@@ -41,6 +43,7 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(json.loads(b"".join(request.written))["status"], "ready")
 
     def test_readyNamesWhatFailed(self):
+        """C{/ready} names each failing or silent dependency without leaking credentials."""
         clock = task.Clock()
         hanging = defer.Deferred()
         ready = ReadyResource(
@@ -64,6 +67,7 @@ class EndpointTests(SynchronousTestCase):
         self.flushLoggedErrors()
 
     def test_metricsJsonAndPrometheus(self):
+        """C{/metrics} answers JSON by default and the Prometheus text format when asked."""
         metrics = Metrics()
         metrics.increment("requests_total")
         metrics.increment("connections_refused")
@@ -95,12 +99,14 @@ class ReadyLoadTests(SynchronousTestCase):
         self.ready = ReadyResource({"sts": check}, self.clock)
 
     def test_concurrentRequestsShareOneRun(self):
+        """Concurrent readiness requests share one run of the checks."""
         requests = [render(self.ready) for _ in range(5)]
         self.assertEqual(self.calls, 1)
         self.pending[0].callback(None)
         self.assertEqual([r.responseCode for r in requests], [200] * 5)
 
     def test_resultReusedForASecond(self):
+        """A readiness result is reused for a second, then the checks run again."""
         render(self.ready)
         self.pending[0].callback(None)
         self.clock.advance(0.9)
@@ -131,6 +137,7 @@ class ReadyLoadTests(SynchronousTestCase):
 
 class MetricsFailureTests(SynchronousTestCase):
     def test_failedSnapshotAnswers500(self):
+        """A failing metrics snapshot is a JSON 500, logged, and the request finished."""
         request = DummyRequest([])
         request.request_id = "rid-9"
         MetricsResource(lambda: 1 / 0, lambda: (b"", "text/plain")).render(request)
@@ -142,6 +149,10 @@ class MetricsFailureTests(SynchronousTestCase):
 
 class AcceptTests(SynchronousTestCase):
     def test_table(self):
+        """
+        The Accept header picks the Prometheus format only when text/plain is acceptable and
+        preferred.
+        """
         for accept, prometheus in (
             (b"", False),
             (b"text/plain", True),

@@ -182,14 +182,17 @@ class EnvironmentTests(SynchronousTestCase):
     """C{LOG_LEVEL} and C{CARACAL_LOG_FILE} parsing."""
 
     def test_level_default_info(self) -> None:
+        """LOG_LEVEL unset or blank means info."""
         self.assertEqual(log_level_from({}), "info")
         self.assertEqual(log_level_from({"LOG_LEVEL": " "}), "info")
 
     def test_level_case_insensitive(self) -> None:
+        """LOG_LEVEL is read without regard to case."""
         self.assertEqual(log_level_from({"LOG_LEVEL": "WARN"}), "warn")
         self.assertEqual(log_level_from({"LOG_LEVEL": "debug"}), "debug")
 
     def test_level_unknown_refused(self) -> None:
+        """An unknown LOG_LEVEL is refused with the list of levels."""
         error = self.assertRaises(ValueError, log_level_from, {"LOG_LEVEL": "verbose"})
         self.assertEqual(str(error), "LOG_LEVEL must be one of debug, info, warn, error")
 
@@ -199,6 +202,7 @@ class EnvironmentTests(SynchronousTestCase):
             self.assertIsNone(log_destination(environ))
 
     def test_destination_file(self) -> None:
+        """CARACAL_LOG_FILE names a reopenable log file, created at once."""
         path = os.path.abspath(self.mktemp())
         destination = log_destination({"CARACAL_LOG_FILE": path})
         self.addCleanup(destination.close)

@@ -44,6 +44,7 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
         return [event["access_line"] for event in self.access_events]
 
     def test_one_line_with_exactly_the_fields(self) -> None:
+        """A request gives one access line with exactly the SPEC's fields."""
         self.clock.advance(1_700_000_000)
         channel, transport = self.connect()
         channel.dataReceived(
@@ -82,6 +83,7 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.access_events[0]["log_level"], LogLevel.info)
 
     def test_no_token_or_query_string_leaks(self) -> None:
+        """The access line carries neither the token, the cookies nor the query string."""
         channel, transport = self.connect()
         channel.dataReceived(
             b"GET /items?token=secret&x=1 HTTP/1.1\r\nHost: g\r\n"
@@ -95,6 +97,7 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(json.loads(line)["path"], "/items")
 
     def test_413_line_names_the_denial(self) -> None:
+        """A body refused as too large is logged with its denial and without the query."""
         channel, _ = self.connect()
         channel.dataReceived(
             b"POST /up?key=secret HTTP/1.1\r\nHost: g\r\nContent-Length: 1000\r\n\r\n"
@@ -107,6 +110,7 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
         self.assertNotIn("secret", line)
 
     def test_aborted_request_logged(self) -> None:
+        """A request whose client left is still logged, once."""
         channel, _ = self.connect()
         channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: g\r\nX-Request-Id: gone\r\n\r\n")
         self.clock.advance(3)
@@ -119,6 +123,7 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(record["duration_ms"], 3000.0)
 
     def test_access_event_through_observer(self) -> None:
+        """The access event reaches the JSON observer with its fields."""
         out = StringIO()
         self.site.access_log = Logger(
             namespace=ACCESS_NAMESPACE, observer=json_log_observer(out, "info")
@@ -132,9 +137,11 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
         self.assertNotIn("secret", out.getvalue())
 
     def test_format_access_line_compact(self) -> None:
+        """An access line is compact JSON."""
         self.assertEqual(format_access_line({"a": 1, "b": None}), '{"a":1,"b":null}')
 
     def test_access_record_of_unfinished_request(self) -> None:
+        """An unfinished request's record has status 499."""
         channel, _ = self.connect()
         channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: g\r\n\r\n")
         [request] = self.resource.pending
@@ -154,6 +161,7 @@ class ObserverTests(SynchronousTestCase):
         return [json.loads(line) for line in out.getvalue().splitlines()]
 
     def test_event_shape(self) -> None:
+        """Each JSON log entry has exactly ts, level, namespace and msg."""
         [entry] = self.emit("info", LogLevel.info)
         self.assertEqual(set(entry), {"ts", "level", "namespace", "msg"})
         self.assertEqual(entry["level"], "info")
@@ -162,6 +170,7 @@ class ObserverTests(SynchronousTestCase):
         self.assertTrue(entry["ts"].endswith("Z"))
 
     def test_level_filter(self) -> None:
+        """Events below the configured level are dropped."""
         every = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
         self.assertEqual(len(self.emit("debug", *every)), 5)
         self.assertEqual(
@@ -191,12 +200,14 @@ class ObserverTests(SynchronousTestCase):
         )
 
     def test_access_events_filtered_like_others(self) -> None:
+        """Access events obey the level filter like every other event."""
         out = StringIO()
         log = Logger(namespace=ACCESS_NAMESPACE, observer=json_log_observer(out, "warn"))
         log.info("{access_line}", access_line="{}", access={"request_id": "x"})
         self.assertEqual(out.getvalue(), "")
 
     def test_failure_traceback(self) -> None:
+        """A logged failure carries its traceback in the entry."""
         out = StringIO()
         log = Logger(namespace="caracal.test", observer=json_log_observer(out, "info"))
         try:
@@ -209,6 +220,9 @@ class ObserverTests(SynchronousTestCase):
         self.assertIn("ZeroDivisionError", entry["traceback"])
 
     def test_level_named(self) -> None:
+        """
+        A level is named by its text, in any case, or given as a LogLevel; other names are refused.
+        """
         self.assertIs(level_named("WARN"), LogLevel.warn)
         self.assertIs(level_named(LogLevel.error), LogLevel.error)
         self.assertRaises(ValueError, level_named, "loud")

@@ -168,29 +168,34 @@ class PipelineTests(SynchronousTestCase):
 
     # step 2
     def test_missingToken(self):
+        """Step 2: no bearer token is a 401 missing_token, before any JWKS fetch or STS call."""
         request = self.call(token=None)
         self.assertDenied(request, 401, "missing_token", "denials_missing_auth")
         self.assertNoSTS()
         self.assertEqual(self.jwks_fetches, 0)
 
     def test_oversizedToken(self):
+        """Step 2: a bearer longer than 4096 bytes is an invalid token."""
         request = self.call(token="a" * 4097)
         self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
         self.assertNoSTS()
 
     # step 3
     def test_notAJWT(self):
+        """Step 3: a bearer that is not a JWT is an invalid token."""
         request = self.call(token="not-a-jwt")
         self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
         self.assertNoSTS()
 
     def test_noExp(self):
+        """Step 3: a JWT without C{exp} is an invalid token."""
         token = jwt.encode({"sub": "x"}, self.key, algorithm="ES256", headers={"kid": "k1"})
         request = self.call(token=token)
         self.assertDenied(request, 401, "invalid_token", "denials_bad_bearer")
 
     # step 4
     def test_expiringSoon(self):
+        """Step 4: a token with less than 30 seconds left is refused as credential_expired."""
         request = self.call(token=self.mint(ttl=20))
         self.assertDenied(request, 401, "credential_expired", "denials_expiring")
         self.assertNoSTS()
@@ -202,16 +207,19 @@ class PipelineTests(SynchronousTestCase):
 
     # step 5
     def test_inboundClientIdRefused(self):
+        """Step 5: a caller may not send X-Caracal-Client-ID itself."""
         request = self.call(token=self.mint(), headers=[(b"X-Caracal-Client-ID", b"spoof")])
         self.assertDenied(request, 400, "invalid_request", "denials_bad_routing")
         self.assertNoSTS()
 
     def test_resourceHeaderMissing(self):
+        """Step 5: a request without X-Caracal-Resource is a 400."""
         request = self.call(token=self.mint(), resource=None)
         self.assertDenied(request, 400, "invalid_request", "denials_bad_routing")
 
     # step 6
     def test_unknownResource(self):
+        """Step 6: an unknown resource is a 403, decided without fetching any key."""
         request = self.call(token=self.mint(), resource=b"unknown")
         self.assertDenied(request, 403, "access_denied", "denials_binding")
         self.assertNoSTS()
@@ -219,6 +227,7 @@ class PipelineTests(SynchronousTestCase):
 
     # step 7
     def test_pathTraversal(self):
+        """Step 7: every spelling of a dot segment in the path is refused before any key fetch."""
         for path in (b"/a/../b", b"/a/%2e%2e/b", b"/a/%2E%2e", b"/./x", b"/a/..%5cb"):
             self.metrics = Metrics()
             self.pipeline.metrics = self.metrics
@@ -384,17 +393,20 @@ class PipelineTests(SynchronousTestCase):
 
     # step 8
     def test_wrongKey(self):
+        """Step 8: a token signed by a key the zone does not publish fails the signature check."""
         other = ec.generate_private_key(ec.SECP256R1())
         request = self.call(token=self.mint(key=other))
         self.assertDenied(request, 401, "invalid_token", "denials_signature")
         self.assertNoSTS()
 
     def test_missingKid(self):
+        """Step 8: a token without C{kid} cannot be verified and is refused."""
         request = self.call(token=self.mint(kid=None))
         self.assertDenied(request, 401, "invalid_token")
         self.assertNoSTS()
 
     def test_jwksUnreachable(self):
+        """Step 8: when the zone's keys cannot be fetched the answer is a 503 sts_unavailable."""
         self.jwks_down = True
         request = self.call(token=self.mint())
         self.assertEqual(request.responseCode, 503)
@@ -403,6 +415,10 @@ class PipelineTests(SynchronousTestCase):
 
     # step 9
     def test_replayRefusedAndAudited(self):
+        """
+        Step 9: a single-use token's second use is refused and audited, without the token in the
+        event.
+        """
         token = self.mint()
         first = self.call(token=token)
         self.assertEqual(first.responseCode, 200)
@@ -419,11 +435,13 @@ class PipelineTests(SynchronousTestCase):
         self.assertNotIn(token, json.dumps(event))
 
     def test_ambientTokensReusable(self):
+        """Step 9: ambient tokens (no jti) may be used again."""
         token = self.mint(use="ambient", jti=None)
         self.assertEqual(self.call(token=token).responseCode, 200)
         self.assertEqual(self.call(token=token).responseCode, 200)
 
     def test_singleUseWithoutJti(self):
+        """Step 9: a single-use token without C{jti} is an invalid token."""
         request = self.call(token=self.mint(jti=None))
         self.assertDenied(request, 401, "invalid_token")
         self.assertNoSTS()
@@ -437,12 +455,14 @@ class PipelineTests(SynchronousTestCase):
         self.assertNoSTS()
 
     def test_replayGuardUnavailableFailsClosed(self):
+        """Step 9: without the replay guard the answer is a 503, before the STS is asked."""
         self.pipeline.replay.unavailable = True
         request = self.call(token=self.mint())
         self.assertDenied(request, 503, "replay_check_unavailable")
         self.assertNoSTS()
 
     def test_replayGuardUnavailableFailOpen(self):
+        """Step 9: with JTI_FAIL_OPEN an unavailable replay guard is skipped and the skip logged."""
         self.pipeline.replay.unavailable = True
         self.pipeline.jti_fail_open = True
         request = self.call(token=self.mint())
@@ -451,17 +471,20 @@ class PipelineTests(SynchronousTestCase):
 
     # step 10
     def test_revokedSession(self):
+        """Step 10: a revoked C{sid} is refused as session_revoked before the STS is asked."""
         self.revocations.revoke(ZONE, "s-1")
         request = self.call(token=self.mint(sid="s-1"))
         self.assertDenied(request, 401, "session_revoked", "denials_revoked")
         self.assertNoSTS()
 
     def test_revokedAgentSessionId(self):
+        """Step 10: C{agent_session_id} names the session when C{sid} is absent."""
         self.revocations.revoke(ZONE, "s-2")
         request = self.call(token=self.mint(agent_session_id="s-2"))
         self.assertDenied(request, 401, "session_revoked")
 
     def test_revocationIsPerZone(self):
+        """Step 10: a session revoked in another zone is not revoked here."""
         self.revocations.revoke("other-zone", "s-1")
         self.assertEqual(self.call(token=self.mint(sid="s-1")).responseCode, 200)
 
@@ -544,18 +567,24 @@ class PipelineTests(SynchronousTestCase):
 
     # step 11
     def test_stsErrorPassedThrough(self):
+        """Step 11: the STS's refusal is the answer, and the upstream is not checked."""
         self.sts.denial = Denial(403, "access_denied", "no grant", metric="sts_exchange_errors")
         request = self.call(token=self.mint())
         self.assertDenied(request, 403, "access_denied", "sts_exchange_errors")
         self.assertEqual(self.guard.calls, [])
 
     def test_stsExchangeArguments(self):
+        """
+        Step 11: the exchange names the caller's token, the resource's zone, application and
+        identifier, and the request id.
+        """
         token = self.mint()
         request = self.call(token=token)
         self.assertEqual(self.sts.calls, [(token, ZONE, "app-1", "tools", request.request_id)])
 
     # step 12
     def test_upstreamRefused(self):
+        """Step 12: an upstream the SSRF rules refuse is a 403, and nothing is forwarded."""
         self.guard.refusal = UpstreamRefused("private_address", "resolves to a private address")
         request = self.call(token=self.mint())
         self.assertDenied(request, 403, "access_denied")
@@ -563,6 +592,9 @@ class PipelineTests(SynchronousTestCase):
 
     # step 13
     def test_forwardedWithMandate(self):
+        """
+        Step 13: the request goes upstream with the mandate as credential, never the caller's token.
+        """
         token = self.mint(sid="s-9")
         request = self.call(token=token)
         self.assertEqual(request.responseCode, 200)
@@ -606,6 +638,7 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(expires_in, 297)
 
     def test_forwardFailure(self):
+        """Step 13: the forwarder's refusal (an upstream timeout) is answered and counted."""
         self.forwarder.denial = Denial(504, "upstream_timeout", "slow", metric="upstream_errors")
         request = self.call(token=self.mint())
         self.assertEqual(request.responseCode, 504)
@@ -613,6 +646,7 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(self.metrics.counters["upstream_errors"], 1)
 
     def test_noTokenInBodiesOrLogFields(self):
+        """The caller's token appears in no answer and no log field; its fingerprint does."""
         token = self.mint()
         for request in (self.call(token=token), self.call(token=token)):
             self.assertNotIn(token.encode(), request.body)

@@ -93,6 +93,9 @@ class ParseTests(unittest.SynchronousTestCase):
     """Raw stream replies into entries."""
 
     def test_xrange(self):
+        """
+        An XRANGE reply becomes (id, fields) pairs; malformed entries keep their id with no fields.
+        """
         reply = [["1-0", ["zone_id", "z", "session_id", "s"]], ["2-0", ["odd"]], ["3-0", None]]
         self.assertEqual(
             parse_entries(reply),
@@ -100,6 +103,7 @@ class ParseTests(unittest.SynchronousTestCase):
         )
 
     def test_xread(self):
+        """An XREAD reply gives the entries of the stream asked for only; a timeout gives none."""
         self.assertEqual(parse_xread(None, "s"), [])
         reply = [["s", [["1-0", ["a", "b"]]]], ["other", [["2-0", ["c", "d"]]]]]
         self.assertEqual(parse_xread(reply, "s"), [("1-0", {"a": "b"})])

@@ -89,10 +89,12 @@ class DotSegmentTests(SynchronousTestCase):
     """L{has_dot_segment} over every spelling, and the names that must pass."""
 
     def test_dot_segments(self):
+        """Every spelling of a C{.} or C{..} segment (percent-encoded, backslashed) is found."""
         for path in DOT_SEGMENTS:
             self.assertTrue(has_dot_segment(path), path)
 
     def test_not_dot_segments(self):
+        """Dots inside a segment's name are not dot segments."""
         for path in NOT_DOT_SEGMENTS:
             self.assertFalse(has_dot_segment(path), path)
 
@@ -141,10 +143,15 @@ class NumericHostTests(SynchronousTestCase):
     """L{numeric_host} reads every spelling inet_aton accepts."""
 
     def test_numeric(self):
+        """
+        Every numeric host form inet_aton accepts (octal, hex, short forms, IPv6) is read as its
+        address.
+        """
         for host, expected in NUMERIC:
             self.assertEqual(numeric_host(host), ipaddress.ip_address(expected), host)
 
     def test_not_numeric(self):
+        """Host names, and numbers out of range, are not numeric hosts."""
         for host in NOT_NUMERIC:
             self.assertIsNone(numeric_host(host), host)
 
@@ -237,10 +244,12 @@ class AddressClassTests(SynchronousTestCase):
     """L{is_public_address} over every refused class and public examples."""
 
     def test_refused(self):
+        """Loopback, private, link-local, reserved and embedded-private addresses are not public."""
         for text in REFUSED_ADDRESSES:
             self.assertFalse(is_public_address(ipaddress.ip_address(text)), text)
 
     def test_public(self):
+        """Ordinary internet addresses are public."""
         for text in PUBLIC_ADDRESSES:
             self.assertTrue(is_public_address(ipaddress.ip_address(text)), text)
 
@@ -316,10 +325,12 @@ class ParseUpstreamTests(SynchronousTestCase):
     """L{parse_upstream}: the static rules."""
 
     def test_good(self):
+        """Well-formed http(s) URLs parse into their parts, the host normalised."""
         for url, expected in GOOD_URLS:
             self.assertEqual(parse_upstream(url), expected, url)
 
     def test_bad(self):
+        """Each malformed or forbidden URL is refused with its own reason."""
         for url, reason in BAD_URLS:
             with self.assertRaises(UpstreamRefused, msg=repr(url)) as caught:
                 parse_upstream(url)
@@ -345,11 +356,13 @@ class ParseUpstreamTests(SynchronousTestCase):
                 parse_upstream(url)
 
     def test_frozen(self):
+        """A parsed upstream URL cannot be changed afterwards."""
         url = parse_upstream("http://example.com/")
         with self.assertRaises(AttributeError):
             url.host = "evil.example"
 
     def test_host_header_and_uri(self):
+        """The Host header omits a default port; the request URI always names the port."""
         cases = [
             ("http://example.com/", "example.com", b"http://example.com:80/x?q"),
             ("http://example.com:8080/", "example.com:8080", b"http://example.com:8080/x?q"),
@@ -438,6 +451,7 @@ class UpstreamGuardTests(SynchronousTestCase):
         return self.failureResultOf(d, UpstreamRefused).value
 
     def test_public_name_pinned(self):
+        """A name with public addresses is pinned to its first IPv4 address, the URL kept."""
         resolver = FakeResolver({"api.example": ["93.184.216.34", "2606:4700::1"]})
         guard = UpstreamGuard(resolver)
         pinned = self.successResultOf(guard.check("https://API.example/v1?x=1"))
@@ -452,11 +466,13 @@ class UpstreamGuardTests(SynchronousTestCase):
         self.assertEqual(resolver.asked, ["api.example"])
 
     def test_ipv6_pinned(self):
+        """A name with only an IPv6 address is pinned to it, family AF_INET6."""
         guard = UpstreamGuard(FakeResolver({"v6.example": ["2606:4700::1"]}))
         pinned = self.successResultOf(guard.check("http://v6.example/"))
         self.assertEqual((pinned.address, pinned.family), ("2606:4700::1", socket.AF_INET6))
 
     def test_name_to_private_refused(self):
+        """A name resolving to any non-public address is refused as private_address."""
         for address in ("127.0.0.1", "10.0.0.5", "169.254.169.254", "::1", "::ffff:10.0.0.1"):
             guard = UpstreamGuard(FakeResolver({"internal.example": [address]}))
             refusal = self.refused(guard.check("http://internal.example/"))
@@ -470,11 +486,13 @@ class UpstreamGuardTests(SynchronousTestCase):
         )
 
     def test_allowlist_miss_before_resolving(self):
+        """A host off the allowlist is refused without resolving it."""
         guard = UpstreamGuard(RefusingResolver(self), allowlist=frozenset({"api.example"}))
         refusal = self.refused(guard.check("http://other.example/"))
         self.assertEqual(refusal.reason, "not_allowlisted")
 
     def test_allowlist_case_and_trailing_dot(self):
+        """Allowlist matching ignores case and a trailing dot; the URL's host is kept as written."""
         resolver = FakeResolver({"api.example.": ["93.184.216.34"], "api.example": ["8.8.8.8"]})
         guard = UpstreamGuard(resolver, allowlist=frozenset({"api.example."}))
         self.successResultOf(guard.check("http://api.example/"))
@@ -495,17 +513,22 @@ class UpstreamGuardTests(SynchronousTestCase):
             self.successResultOf(guard.check(url))
 
     def test_dot_segment_before_resolving(self):
+        """A dot segment in the upstream path is refused without resolving."""
         guard = UpstreamGuard(RefusingResolver(self))
         self.assertEqual(
             self.refused(guard.check("http://x.example/%2e%2e/")).reason, "dot_segment"
         )
 
     def test_static_rules_before_resolving(self):
+        """
+        Scheme, userinfo and port rules apply before resolving, even with private upstreams allowed.
+        """
         guard = UpstreamGuard(RefusingResolver(self), allow_private=True)
         for url in ("ftp://x.example/", "http://u:p@x.example/", "http://x.example:0/"):
             self.refused(guard.check(url))
 
     def test_numeric_host_judged_without_resolving(self):
+        """A numeric host in any spelling is judged as the address it is, without DNS."""
         guard = UpstreamGuard(RefusingResolver(self))
         for url in (
             "http://127.0.0.1/",
@@ -540,6 +563,7 @@ class UpstreamGuardTests(SynchronousTestCase):
         self.assertEqual(self.refused(listed.check("http://10.0.0.2/")).reason, "not_allowlisted")
 
     def test_allow_private(self):
+        """With private upstreams allowed, loopback names and addresses are pinned."""
         guard = UpstreamGuard(FakeResolver({"localhost": ["127.0.0.1"]}), allow_private=True)
         pinned = self.successResultOf(guard.check("http://127.0.0.1:8080/"))
         self.assertEqual((pinned.address, pinned.url.port), ("127.0.0.1", 8080))
@@ -547,12 +571,14 @@ class UpstreamGuardTests(SynchronousTestCase):
         self.assertEqual((pinned.address, pinned.url.host), ("127.0.0.1", "localhost"))
 
     def test_allow_private_keeps_allowlist(self):
+        """Allowing private upstreams does not lift the allowlist."""
         guard = UpstreamGuard(
             RefusingResolver(self), allowlist=frozenset({"api.internal"}), allow_private=True
         )
         self.assertEqual(self.refused(guard.check("http://10.0.0.1/")).reason, "not_allowlisted")
 
     def test_resolution_failure_refused(self):
+        """A name that resolves to nothing is refused as unresolvable."""
         resolver = FakeResolver({})
         guard = UpstreamGuard(resolver, allow_private=True)
         self.assertEqual(
@@ -561,11 +587,13 @@ class UpstreamGuardTests(SynchronousTestCase):
         self.assertEqual(resolver.asked, ["nowhere.example"])
 
     def test_prefers_ipv4(self):
+        """Of a dual-stack name the IPv4 address is pinned."""
         resolver = FakeResolver({"dual.example": ["2606:4700::1", "93.184.216.34"]})
         pinned = self.successResultOf(UpstreamGuard(resolver).check("http://dual.example/"))
         self.assertEqual((pinned.address, pinned.family), ("93.184.216.34", socket.AF_INET))
 
     def test_resolution_timeout(self):
+        """A resolver silent past the timeout refuses the upstream, and leaves no timer."""
         clock = Clock()
         guard = UpstreamGuard(SilentResolver(), clock=clock, timeout=2.0)
         d = guard.check("http://hang.example/")
@@ -599,16 +627,19 @@ class UpstreamGuardTests(SynchronousTestCase):
         resolver.receiver.resolutionComplete()
 
     def test_resolution_in_time_cancels_timer(self):
+        """A resolution in time cancels its timeout."""
         clock = Clock()
         guard = UpstreamGuard(FakeResolver({"a.example": ["8.8.8.8"]}), clock=clock, timeout=2.0)
         self.successResultOf(guard.check("http://a.example/"))
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_resolver_raising(self):
+        """A resolver that raises refuses the upstream as unresolvable."""
         guard = UpstreamGuard(BrokenResolver())
         self.assertEqual(self.refused(guard.check("http://a.example/")).reason, "unresolvable")
 
     def test_resolves_once(self):
+        """One check resolves the host once."""
         resolver = FakeResolver({"api.example": ["93.184.216.34"]})
         guard = UpstreamGuard(resolver)
         self.successResultOf(guard.check("http://api.example/"))
@@ -649,6 +680,7 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
         return reactor, policy
 
     def test_http_connects_to_pinned_ipv4(self):
+        """An http upstream connects to the pinned address and port, without TLS."""
         pinned = PinnedUpstream(parse_upstream("http://api.example:8080/"), "93.184.216.34", 2)
         reactor, policy = self.connect(pinned, b"http://api.example:8080/x")
         [(host, port, _factory, timeout, _bind)] = reactor.tcpClients
@@ -656,6 +688,7 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
         self.assertEqual(policy.asked, [])
 
     def test_https_verifies_hostname(self):
+        """An https upstream connects to the pinned address and verifies the URL's host name."""
         pinned = PinnedUpstream(parse_upstream("https://api.example/"), "93.184.216.34", 2)
         reactor, policy = self.connect(pinned, b"https://api.example/x")
         [(host, port, _factory, _timeout, _bind)] = reactor.tcpClients
@@ -669,6 +702,7 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
         self.assertEqual(policy.asked, [(b"api.example", 443)])
 
     def test_ipv6(self):
+        """An IPv6 pin connects over IPv6 to the pinned address."""
         pinned = PinnedUpstream(
             parse_upstream("https://v6.example:8443/"), "2606:4700::1", socket.AF_INET6
         )
@@ -678,6 +712,9 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
         self.assertEqual(policy.asked, [(b"v6.example", 8443)])
 
     def test_other_uri_refused(self):
+        """
+        The factory refuses to connect anywhere but the pinned upstream's scheme, host and port.
+        """
         pinned = PinnedUpstream(parse_upstream("http://api.example/"), "93.184.216.34", 2)
         factory = PinnedEndpointFactory(pinned, RecordingPolicy(), MemoryReactorClock())
         for uri in (b"http://evil.example/", b"https://api.example/", b"http://api.example:81/"):

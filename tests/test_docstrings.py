@@ -1,0 +1,108 @@
+# -*- test-case-name: tests.test_docstrings -*-
+"""
+Every test method says what it shows, in a docstring (Twisted's rule): the
+docstring is what a reader of a failure sees first.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+TESTS = Path(__file__).parent
+
+#: Modules written before the rule was checked, still to be given their
+#: docstrings. The list only shrinks: a module listed here that is complete
+#: fails the check until it is taken off.
+NOT_YET_DOCUMENTED = frozenset(
+    {
+        "tests/integration/test_admin_cli.py",
+        "tests/integration/test_checkconfig.py",
+        "tests/integration/test_demo.py",
+        "tests/integration/test_forward.py",
+        "tests/integration/test_http_server.py",
+        "tests/integration/test_packaging.py",
+        "tests/integration/test_pipeline.py",
+        "tests/integration/test_process.py",
+        "tests/integration/test_resource_store.py",
+        "tests/integration/test_sts_client.py",
+        "tests/integration/test_tls_handshake.py",
+        "tests/integration/test_workers.py",
+        "tests/test_admin.py",
+        "tests/test_checkconfig.py",
+        "tests/test_config.py",
+        "tests/test_devsts.py",
+        "tests/test_forward.py",
+        "tests/test_http.py",
+        "tests/test_registry.py",
+        "tests/test_sts.py",
+        "tests/test_tap.py",
+        "tests/test_tls.py",
+        "tests/test_tokens.py",
+        "tests/test_workers.py",
+    }
+)
+
+
+def undocumented(path: Path) -> list[str]:
+    """The test methods of the module at C{path} that have no docstring."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    missing = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        for item in node.body:
+            if (
+                isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))
+                and item.name.startswith("test")
+                and ast.get_docstring(item) is None
+            ):
+                missing.append(f"{node.name}.{item.name} (line {item.lineno})")
+    return missing
+
+
+def all_test_modules() -> list[Path]:
+    """Every test module under C{tests/}, integration tests included."""
+    return sorted(TESTS.rglob("test_*.py"))
+
+
+class DocstringTests(SynchronousTestCase):
+    """The check itself, and the suite passing it."""
+
+    def test_check_finds_a_missing_docstring(self):
+        """L{undocumented} names a test method without a docstring and spares one with."""
+        path = Path(self.mktemp())
+        path.write_text(
+            "class T:\n"
+            "    def test_bare(self):\n"
+            "        pass\n"
+            "\n"
+            "    def test_said(self):\n"
+            '        """Said."""\n'
+            "\n"
+            "    def helper(self):\n"
+            "        pass\n",
+            encoding="utf-8",
+        )
+        self.assertEqual(undocumented(path), ["T.test_bare (line 2)"])
+
+    def test_every_test_method_has_a_docstring(self):
+        """No test method under C{tests/} lacks a docstring."""
+        missing = {}
+        for path in all_test_modules():
+            name = str(path.relative_to(TESTS.parent))
+            if name in NOT_YET_DOCUMENTED:
+                continue
+            found = undocumented(path)
+            if found:
+                missing[name] = found
+        self.assertEqual(missing, {}, "test methods without a docstring")
+
+    def test_not_yet_documented_only_shrinks(self):
+        """A module on the to-do list that is now complete must come off it."""
+        complete = sorted(
+            name for name in NOT_YET_DOCUMENTED if not undocumented(TESTS.parent / name)
+        )
+        self.assertEqual(complete, [], "documented now: remove from NOT_YET_DOCUMENTED")

@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.test_twisted_private -*-
+"""
+The private Twisted names the gateway still relies on, pinned. Twisted never
+promised them, so each test here checks the behaviour the gateway counts on
+and fails loudly, naming the user, the day a Twisted release changes it.
+
+ - C{reactor._exitSignal}: L{caracal.gateway.tap.GatewayService} and
+   L{caracal.gateway.workers} forget SIGTERM there so an orderly drain exits
+   0 (twistd re-raises the remembered signal; there is no public way out);
+ - C{Request._disconnected}: L{caracal.gateway.http}, L{caracal.gateway.forward}
+   and L{caracal.gateway.endpoints} ask whether the client left before
+   writing (Twisted offers only C{notifyFinish}, too late for a check);
+ - C{HTTPChannel._waitingForTransport}, C{_dataBuffer}, C{_networkProducer}:
+   L{caracal.gateway.http.GatewayChannel} keeps the write timeout running
+   while the client reads slowly, spots pipelined requests and half-closes
+   after a refusal; L{caracal.gateway.forward} starts an upstream body paused;
+ - C{twisted.internet._sslverify.IOpenSSLTrustRoot} and its
+   C{_addCACertsToContext}: the only way to give C{optionsForClientTLS} the
+   platform roots plus extra CAs (L{caracal.gateway.tls.PlatformTrustPlus}).
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+
+from twisted.application import app
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import _ISupportsExitSignalCapturing
+from twisted.internet.selectreactor import SelectReactor
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.scripts import twistd
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
+
+from caracal.gateway.tls import PlatformTrustPlus
+
+
+class ExitSignalTests(SynchronousTestCase):
+    """C{reactor._exitSignal}, cleared by the gateway after an orderly SIGTERM stop."""
+
+    def test_sigterm_is_remembered(self):
+        """The reactor's SIGTERM handler records the signal in C{_exitSignal}."""
+        reactor = SelectReactor()
+        self.addCleanup(reactor.waker.connectionLost, None)
+        self.assertTrue(_ISupportsExitSignalCapturing.providedBy(reactor))
+        self.assertIsNone(reactor._exitSignal)
+        reactor.sigTerm(signal.SIGTERM)
+        self.assertEqual(reactor._exitSignal, signal.SIGTERM)
+
+    def test_twistd_reraises_it(self):
+        """twistd copies C{reactor._exitSignal} after the run and re-raises it."""
+        self.assertIn("self._exitSignal = reactor._exitSignal", inspect.getsource(app))
+        self.assertIn("app._exitWithSignal(runner._exitSignal)", inspect.getsource(twistd))
+
+
+class RequestDisconnectedTests(SynchronousTestCase):
+    """C{Request._disconnected}: whether the client left before the answer was finished."""
+
+    def test_set_by_connection_lost(self):
+        """False while connected; True once the connection is lost."""
+        request = Request(DummyChannel(), False)
+        self.assertIs(request._disconnected, False)
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertIs(request._disconnected, True)
+
+
+class ChannelInternalsTests(SynchronousTestCase):
+    """The C{HTTPChannel} attributes L{GatewayChannel} reads."""
+
+    def setUp(self):
+        self.transport = StringTransport()
+        self.channel = HTTPChannel()
+        self.channel.makeConnection(self.transport)
+        self.addCleanup(self.channel.connectionLost, Failure(ConnectionDone()))
+
+    def test_waiting_for_transport(self):
+        """C{_waitingForTransport} says whether the transport asked the channel to pause."""
+        self.assertIs(self.channel._waitingForTransport, False)
+        self.channel.pauseProducing()
+        self.assertIs(self.channel._waitingForTransport, True)
+        self.channel.resumeProducing()
+        self.assertIs(self.channel._waitingForTransport, False)
+
+    def test_data_buffer(self):
+        """C{_dataBuffer} holds pipelined bytes received while a request is answered."""
+        self.channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n")
+        self.assertTrue(any(self.channel._dataBuffer))
+
+    def test_network_producer(self):
+        """C{_networkProducer} is the transport, which can be unregistered from."""
+        self.assertIs(self.channel._networkProducer, self.transport)
+        self.assertTrue(callable(self.channel._networkProducer.unregisterProducer))
+
+
+class TrustRootTests(SynchronousTestCase):
+    """Twisted's TLS options hand their context to C{trustRoot._addCACertsToContext}."""
+
+    def test_trust_root_called(self):
+        """Building a client context calls L{PlatformTrustPlus._addCACertsToContext}."""
+        calls = []
+
+        class Recording(PlatformTrustPlus):
+            def _addCACertsToContext(self, context):
+                calls.append(context)
+                super()._addCACertsToContext(context)
+
+        context = CertificateOptions(trustRoot=Recording()).getContext()
+        self.assertEqual(calls, [context])
