@@ -33,8 +33,9 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from tests.support.certs import make_chain
 from tests.support.waiting import free_port, poll_until
 
-#: How long L{GatewayProcess.start} waits for the port to accept.
-START_TIMEOUT = 10.0
+#: How long L{GatewayProcess.start} waits for the port to accept: a bound,
+#: not a delay, generous so a loaded CI machine does not fail a healthy start.
+START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.05
 
 
