@@ -570,6 +570,87 @@ class SecretFileTests(ConfigTestMixin, SynchronousTestCase):
         self.assertTrue(str(error).startswith("REDIS_URL is malformed"), str(error))
 
 
+class SentinelURLTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    C{redis+sentinel://[:password@]host:port[,host:port...]/<master>[/<db>]}
+    (SPEC 16) and the multi-host forms of C{DATABASE_URL}.
+    """
+
+    def test_sentinels_master_and_db(self) -> None:
+        """Every sentinel kept in order, the master's name, the database and password."""
+        address = parse_redis_url(
+            f"redis+sentinel://:{REDIS_PASSWORD}@s1.example.com:26379,s2.example.com:26380,"
+            "[::1]/caracal-main/3"
+        )
+        self.assertEqual(
+            address.sentinels,
+            (("s1.example.com", 26379), ("s2.example.com", 26380), ("::1", 26379)),
+        )
+        self.assertEqual(address.master_name, "caracal-main")
+        self.assertEqual(address.db, 3)
+        self.assertEqual(address.password, REDIS_PASSWORD)
+        self.assertEqual((address.host, address.port), ("s1.example.com", 26379))
+        self.assertFalse(address.tls)
+
+    def test_one_sentinel_no_db_no_password(self) -> None:
+        """The smallest form: one sentinel, a master name; database 0."""
+        address = parse_redis_url("redis+sentinel://127.0.0.1:26379/mymaster")
+        self.assertEqual(address.sentinels, (("127.0.0.1", 26379),))
+        self.assertEqual((address.master_name, address.db, address.password), ("mymaster", 0, None))
+        self.assertEqual(parse_redis_url("redis+sentinel://h:1/m/").db, 0)
+
+    def test_plain_url_has_no_sentinels(self) -> None:
+        """redis:// keeps meaning one server."""
+        address = parse_redis_url("redis://127.0.0.1:6379/0")
+        self.assertEqual((address.sentinels, address.master_name), ((), None))
+
+    def test_malformed(self) -> None:
+        """No host, no master name, a bad port, a non-numeric db, extra parts: refused."""
+        for value in (
+            "redis+sentinel:///mymaster",
+            "redis+sentinel://h:26379",
+            "redis+sentinel://h:26379/",
+            "redis+sentinel://h:port/m",
+            "redis+sentinel://h:1/m/db",
+            "redis+sentinel://h:1/m/0/extra",
+            "redis+sentinel://h:1/m?x=1",
+        ):
+            self.assertRaises(ValueError, parse_redis_url, value)
+
+    def test_accepted_as_redis_url(self) -> None:
+        """The gateway's configuration takes a sentinel URL."""
+        config = self.accepted(production(REDIS_URL="redis+sentinel://s1:26379,s2:26379/m"))
+        self.assertEqual(config.redis.master_name, "m")
+
+    def test_sentinel_url_redacted(self) -> None:
+        """The startup log shows every sentinel, never the password."""
+        url = f"redis+sentinel://:{REDIS_PASSWORD}@s1:26379,s2:26379/m/1"
+        self.assertEqual(redact_url(url), "redis+sentinel://:***@s1:26379,s2:26379/m/1")
+
+    def test_multi_host_database_urls_accepted(self) -> None:
+        """libpq's multi-host DSN and URL forms pass startup validation."""
+        for dsn in (
+            "host=pg1,pg2 port=5432,5433 dbname=caracal target_session_attrs=read-write",
+            "postgresql://pg1:5432,pg2:5433/caracal?target_session_attrs=read-write",
+        ):
+            self.assertEqual(self.accepted(production(DATABASE_URL=dsn)).database_url, dsn)
+
+    def test_multi_host_database_url_redacted(self) -> None:
+        """A multi-host URL keeps its hosts in the log; its password does not show."""
+        url = (
+            f"postgresql://gateway:{DATABASE_PASSWORD}@pg1:5432,pg2:5433/caracal"
+            "?target_session_attrs=read-write"
+        )
+        self.assertEqual(
+            redact_url(url),
+            "postgresql://gateway:***@pg1:5432,pg2:5433/caracal?target_session_attrs=read-write",
+        )
+        dsn = f"host=pg1,pg2 password={DATABASE_PASSWORD} target_session_attrs=read-write"
+        self.assertEqual(
+            redact_url(dsn), "host=pg1,pg2 password=*** target_session_attrs=read-write"
+        )
+
+
 class RedisURLTests(SynchronousTestCase):
     """L{parse_redis_url} reads C{redis://[:password@]host[:port][/db]}."""
 

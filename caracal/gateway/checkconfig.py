@@ -22,6 +22,7 @@ the logic is tested without a network.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import socket
 import ssl
@@ -545,9 +546,54 @@ def ping_redis(address: RedisAddress, timeout: float) -> str:
     return f"PING answered PONG in {(time.monotonic() - started) * 1000:.0f} ms"
 
 
+def _sentinel_master(host: str, port: int, name: str, timeout: float) -> tuple[str, int]:
+    """Ask the sentinel at C{host}:C{port} where master C{name} is."""
+    try:
+        connection = socket.create_connection((host, port), timeout=timeout)
+    except OSError as error:
+        raise ProbeFailed(f"cannot connect: {error.strerror or _one_line(error)}") from None
+    try:
+        connection.settimeout(timeout)
+        stream = connection.makefile("rb")
+        connection.sendall(_resp_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", name))
+        header = _read_line(stream)
+        if header.startswith("-"):
+            raise ProbeFailed(f"refused: {header[1:]}")
+        if header in ("*-1", "$-1"):
+            raise ProbeFailed(f"knows no master named {name}")
+        if header != "*2":
+            raise ProbeFailed(f"unexpected reply {header[:40]!r}")
+        address = []
+        for _ in range(2):
+            _read_line(stream)  # the bulk string's length
+            address.append(_read_line(stream))
+        return address[0], int(address[1])
+    except (OSError, ValueError) as error:
+        raise ProbeFailed(_one_line(error) or "I/O error") from None
+    finally:
+        connection.close()
+
+
 def probe_redis(config: GatewayConfig, timeout: float) -> str:
-    """L{ping_redis} at C{REDIS_URL}."""
-    return ping_redis(config.redis, timeout)
+    """
+    L{ping_redis} at C{REDIS_URL}; for C{redis+sentinel://}, at the master
+    the first sentinel that answers names.
+    """
+    address = config.redis
+    if not address.sentinels:
+        return ping_redis(address, timeout)
+    failures = []
+    for host, port in address.sentinels:
+        try:
+            master = _sentinel_master(host, port, address.master_name, timeout)
+        except ProbeFailed as failure:
+            failures.append(f"sentinel {host}:{port}: {failure}")
+            continue
+        detail = ping_redis(
+            dataclasses.replace(address, host=master[0], port=master[1], sentinels=()), timeout
+        )
+        return f"sentinel {host}:{port} names master {master[0]}:{master[1]}; {detail}"
+    raise ProbeFailed("; ".join(failures))
 
 
 def probe_postgres(config: GatewayConfig, timeout: float) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
@@ -144,24 +144,90 @@ def parse_bool(text: str) -> bool:
 
 @dataclass(frozen=True)
 class RedisAddress:
-    """Where Redis is, parsed from C{REDIS_URL}."""
+    """
+    Where Redis is, parsed from C{REDIS_URL}.
+
+    With C{sentinels} set (C{redis+sentinel://}), C{host} and C{port} are the
+    first sentinel's, and the master named C{master_name} is asked of the
+    sentinels before every connection.
+    """
 
     host: str
     port: int
     db: int
     password: str | None = field(default=None, repr=False)
     tls: bool = False
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str | None = None
+
+
+#: The default port of a Redis Sentinel.
+SENTINEL_PORT = 26379
+_SENTINEL_SCHEME = "redis+sentinel"
+_MASTER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+
+def _host_port(text: str, default_port: int) -> tuple[str, int]:
+    """C{host[:port]} or C{[v6]:port} into a pair."""
+    parts = urlsplit(f"//{text}")
+    try:
+        port = parts.port or default_port
+    except ValueError as error:
+        raise ValueError("bad port") from error
+    if not parts.hostname:
+        raise ValueError("host missing")
+    return parts.hostname, port
+
+
+def _parse_sentinel_url(text: str) -> RedisAddress:
+    """
+    C{redis+sentinel://[:password@]host:port[,host:port...]/<master>[/<db>]}.
+    The password authenticates to the master (sentinels are asked without
+    it), as for C{redis://}.
+    """
+    rest = text[len(_SENTINEL_SCHEME) + 3 :]
+    netloc, _, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        hosts, userinfo = netloc, ""
+    password = None
+    if userinfo:
+        _user, _, secret = userinfo.partition(":")
+        password = unquote(secret) or None
+    sentinels = tuple(_host_port(item, SENTINEL_PORT) for item in hosts.split(",") if item)
+    if not sentinels:
+        raise ValueError("sentinel host missing")
+    segments = path.split("/") if path else []
+    if segments and segments[-1] == "":
+        segments.pop()
+    if not segments or not _MASTER_NAME.fullmatch(segments[0]):
+        raise ValueError("master name missing")
+    if len(segments) > 2 or (len(segments) == 2 and not segments[1].isdigit()):
+        raise ValueError("database must be a number")
+    if "?" in text or "#" in text:
+        raise ValueError("no query or fragment allowed")
+    return RedisAddress(
+        host=sentinels[0][0],
+        port=sentinels[0][1],
+        db=int(segments[1]) if len(segments) == 2 else 0,
+        password=password,
+        sentinels=sentinels,
+        master_name=segments[0],
+    )
 
 
 def parse_redis_url(text: str) -> RedisAddress:
     """
-    Parse C{redis://[:password@]host[:port][/db]} (or C{rediss://}).
+    Parse C{redis://[:password@]host[:port][/db]} (or C{rediss://}), or
+    C{redis+sentinel://[:password@]host:port[,host:port...]/<master>[/<db>]}.
 
     @raise ValueError: the URL is malformed.
     """
+    if text.startswith(f"{_SENTINEL_SCHEME}://"):
+        return _parse_sentinel_url(text)
     parts = urlsplit(text)
     if parts.scheme not in ("redis", "rediss"):
-        raise ValueError("scheme must be redis or rediss")
+        raise ValueError("scheme must be redis, rediss or redis+sentinel")
     if not parts.hostname:
         raise ValueError("host missing")
     try:
@@ -189,22 +255,21 @@ def redact_url(text: str) -> str:
     """
     Return C{text} (a URL or a libpq C{key=value} DSN) with every password
     replaced by C{***}: the userinfo one, a C{password=} query parameter, and
-    a DSN's C{password} / C{sslpassword}, quoted or not.
+    a DSN's C{password} / C{sslpassword}, quoted or not. Multi-host URLs
+    (C{postgresql://h1:5432,h2:5432/db}, C{redis+sentinel://s1,s2/m}) keep
+    their host list.
     """
     try:
         parts = urlsplit(text)
-        port = parts.port
     except ValueError:
         return "***"
     if not parts.scheme or "://" not in text:
         return _DSN_SECRET.sub(r"\1=***", text)
     netloc = parts.netloc
-    if parts.password is not None:
-        user = quote(parts.username or "", safe="")
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{port}" if port else "")
+    userinfo, at, hosts = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hosts}"
     query = _QUERY_SECRET.sub(r"\1***", parts.query)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 

@@ -14,6 +14,15 @@ Neither applies a reply timeout: each caller bounds its own calls (the replay
 guard with C{Deferred.addTimeout}, the follower with the block period plus a
 margin), because only the caller knows how long it may wait.
 
+C{redis+sentinel://} pools follow a Sentinel-managed master: each connection
+attempt asks the sentinels where it is and checks with C{ROLE} that the server
+is the master (txredisapi's Sentinel support), a server answering
+C{READONLY} is dropped, and a watch asks the sentinels every second so that
+connections to a former master are moved even when that server is still up
+(L{_MasterWatch}). During the switch commands fail (a closed connection, no
+master yet): the replay guard answers 503, never lets a token through; the
+revocation follower re-reads its window from the new master.
+
 C{rediss://} is honoured by wrapping the TCP endpoint in TLS
 (L{twisted.internet.endpoints.wrapClientTLS}); the server certificate is
 verified against the host name and the system trust roots unless the caller
@@ -22,8 +31,10 @@ passes its own C{tls_options}.
 
 from __future__ import annotations
 
+import weakref
+
 import txredisapi
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -55,10 +66,11 @@ class _RedisProtocol(txredisapi.RedisProtocol):
     @defer.inlineCallbacks
     def connectionMade(self):
         try:
-            if self.password is not None:
-                yield self.auth(self.password, self.username)
-            if self.dbid is not None:
-                yield self.select(self.dbid)
+            yield self._prepare()
+        except _NotMaster as refusal:
+            _log.info("{reason}; asking the sentinels again", reason=str(refusal))
+            self.transport.loseConnection()
+            return
         except Exception as error:
             _log.warn(
                 "redis connection setup failed (AUTH/SELECT): {reason}",
@@ -94,6 +106,56 @@ class _RedisProtocol(txredisapi.RedisProtocol):
 
         return d.addBoth(replied)
 
+    @defer.inlineCallbacks
+    def _prepare(self):
+        if self.password is not None:
+            yield self.auth(self.password, self.username)
+        if self.dbid is not None:
+            yield self.select(self.dbid)
+
+
+class _NotMaster(Exception):
+    """The server a sentinel named is not (or no longer) the master."""
+
+
+class _MasterProtocol(_RedisProtocol):
+    """
+    A connection to the address the sentinels gave for the master: used only
+    once the server itself confirms with C{ROLE} that it is the master. In a
+    failover the sentinels' view and the servers' roles change at different
+    moments; a demoted master (a replica now, answering C{READONLY}) or a
+    replica not yet promoted is dropped, and the slot asks the sentinels
+    again.
+
+    @ivar master_address: the C{(host, port)} the sentinels named for this
+        connection (compared by L{_MasterWatch}).
+    """
+
+    master_address = None
+
+    @defer.inlineCallbacks
+    def _prepare(self):
+        self.master_address = self.factory.sentinel_manager.masters.get(self.factory.service_name)
+        if self.password is not None:
+            yield self.auth(self.password, self.username)
+        role = yield self.role()
+        if not role or role[0] != "master":
+            peer = self.transport.getPeer()
+            raise _NotMaster(f"redis at {peer.host}:{peer.port} is not the master")
+        if self.dbid is not None:
+            yield self.select(self.dbid)
+
+    def execute_command(self, *args, **kwargs):
+        d = super().execute_command(*args, **kwargs)
+        return d.addErrback(self._demoted)
+
+    def _demoted(self, failure):
+        # A master turned replica answers writes with READONLY: this
+        # connection is of no use any more, the next one asks the sentinels.
+        if failure.check(txredisapi.ResponseError) and str(failure.value).startswith("READONLY"):
+            self.transport.loseConnection()
+        return failure
+
 
 class _ReconnectingRedisFactory(txredisapi.RedisFactory):
     """
@@ -112,6 +174,103 @@ class _ReconnectingRedisFactory(txredisapi.RedisFactory):
         return self._policy(max(0, attempt - 1))
 
 
+class _SentinelMasterFactory(txredisapi.SentinelConnectionFactory):
+    """
+    txredisapi's Sentinel factory (each connection attempt asks the sentinels
+    where the master is, and a changed answer drops the pool's connections to
+    the old one) with L{_MasterProtocol} and the same short backoff as
+    L{_ReconnectingRedisFactory}.
+    """
+
+    protocol = _MasterProtocol
+    initialDelay = 0.1
+    maxDelay = 2.0
+
+    def __init__(self, *args, created=None, **kwargs) -> None:
+        """
+        @param created: called with the new factory (txredisapi's
+            C{master_for} builds it and returns only its handler).
+        """
+        super().__init__(*args, **kwargs)
+        # As in _connect: the lazy pool's calls bound themselves.
+        self.deferred.addErrback(lambda _: None)
+        if created is not None:
+            created(self)
+
+
+class _Sentinels(txredisapi.Sentinel):
+    """
+    txredisapi's sentinel client with a shorter wait for an answer (a
+    sentinel answers in milliseconds, and while none does, connection
+    attempts, and the requests waiting on them, should fail soon), which
+    remembers the last master address found for each name.
+
+    @ivar masters: C{{name: (host, port)}} of the last discovery.
+    """
+
+    discovery_timeout = 2.0
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.masters: dict[str, tuple[str, int]] = {}
+
+    def discover_master(self, service_name):
+        """See C{txredisapi.Sentinel.discover_master}; the answer is remembered."""
+
+        def found(address):
+            self.masters[service_name] = address
+            return address
+
+        return super().discover_master(service_name).addCallback(found)
+
+
+class _MasterWatch:
+    """
+    Asks the sentinels every C{interval} seconds where the master is and
+    drops the pool's connections to any other address.
+
+    txredisapi asks the sentinels only when it connects, so a pool whose
+    connections survive a failover (the old master is alive and not yet
+    reconfigured as a replica, which Sentinel does some seconds later) would
+    go on writing JTI claims to a server whose data the new master never
+    sees, and the revocation follower would go on reading a stream nobody
+    publishes to any more.
+    """
+
+    def __init__(self, sentinels: _Sentinels, factory, clock, interval: float = 1.0) -> None:
+        self._sentinels = sentinels
+        self._factory = factory
+        self._loop = task.LoopingCall(self._check)
+        self._loop.clock = clock
+        self._interval = interval
+
+    def start(self) -> None:
+        """Start watching."""
+        self._loop.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        """Stop watching."""
+        if self._loop.running:
+            self._loop.stop()
+
+    def _check(self) -> defer.Deferred:
+        d = self._sentinels.discover_master(self._factory.service_name)
+        # No answer: nothing to compare with; the connections' own errors
+        # and the next check decide.
+        return d.addCallbacks(self._drop_others, lambda _: None)
+
+    def _drop_others(self, address) -> None:
+        for connection in list(self._factory.pool):
+            if connection.master_address not in (None, address):
+                _log.info(
+                    "redis master {name} moved to {host}:{port}; reconnecting",
+                    name=self._factory.service_name,
+                    host=address[0],
+                    port=address[1],
+                )
+                connection.transport.loseConnection()
+
+
 def _endpoint(address: RedisAddress, reactor, connect_timeout: float, tls_options):
     endpoint = HostnameEndpoint(reactor, address.host, address.port, timeout=connect_timeout)
     if address.tls:
@@ -123,20 +282,22 @@ def _endpoint(address: RedisAddress, reactor, connect_timeout: float, tls_option
 def _connect(address, reactor, pool_size, connect_timeout, tls_options, metrics=None):
     if reactor is None:
         from twisted.internet import reactor
-    factory = _ReconnectingRedisFactory(
-        uuid=f"{address.host}:{address.port}",
+    options = {
         # SELECT only when a database other than the default one is asked for
-        dbid=address.db or None,
-        poolsize=pool_size,
-        isLazy=True,
-        handler=txredisapi.ConnectionHandler,
-        charset="utf-8",
-        password=address.password,
-        replyTimeout=None,
+        "dbid": address.db or None,
+        "poolsize": pool_size,
+        "isLazy": True,
+        "handler": txredisapi.ConnectionHandler,
+        "charset": "utf-8",
+        "password": address.password,
+        "replyTimeout": None,
         # Stream field values (session ids, hex signatures) must stay strings:
         # txredisapi would otherwise turn "12345" into the integer 12345.
-        convertNumbers=False,
-    )
+        "convertNumbers": False,
+    }
+    if address.sentinels:
+        return _connect_through_sentinels(address, options, reactor, metrics)
+    factory = _ReconnectingRedisFactory(uuid=f"{address.host}:{address.port}", **options)
     factory.reconnect = True
     factory.metrics = metrics
     factory.clock = reactor
@@ -146,6 +307,38 @@ def _connect(address, reactor, pool_size, connect_timeout, tls_options, metrics=
     factory.deferred.addErrback(lambda _: None)
     factory.startConnecting(_endpoint(address, reactor, connect_timeout, tls_options))
     return factory.handler
+
+
+def _connect_through_sentinels(address, options, reactor, metrics=None):
+    """
+    A pool that follows the master named C{address.master_name}: every
+    connection attempt asks the sentinels for its address and checks the
+    server's role (txredisapi's Sentinel support, L{_SentinelMasterFactory}),
+    and L{_MasterWatch} moves live connections when the master changes. The
+    sentinels are asked without the password, which is the master's.
+    """
+    sentinels = _Sentinels(list(address.sentinels), charset="utf-8")
+    factories = []
+
+    def created(factory) -> None:
+        # Before its first connection, as _connect does for a plain pool.
+        factory.metrics = metrics
+        factory.clock = reactor
+        factories.append(factory)
+
+    handler = sentinels.master_for(
+        address.master_name, factory_class=_SentinelMasterFactory, created=created, **options
+    )
+    watch = _MasterWatch(sentinels, factories[0], reactor)
+    watch.start()
+    # close_redis stops these along with the pool.
+    _SENTINELS_OF[handler] = (sentinels, watch)
+    return handler
+
+
+#: The sentinel client and watch of each handler made by
+#: L{_connect_through_sentinels}.
+_SENTINELS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def connect_redis(
@@ -188,10 +381,17 @@ def blocking_connection(
 
 def close_redis(handler) -> defer.Deferred:
     """
-    Stop reconnecting and close every connection of C{handler}; the Deferred
-    fires once they are closed. Commands still waiting for a reply fail.
+    Stop reconnecting and close every connection of C{handler} (and its
+    sentinel connections); the Deferred fires once they are closed.
+    Commands still waiting for a reply fail.
     """
-    return handler.disconnect()
+    closing = [handler.disconnect()]
+    following = _SENTINELS_OF.pop(handler, None)
+    if following is not None:
+        sentinels, watch = following
+        watch.stop()
+        closing.append(sentinels.disconnect())
+    return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
 
 def check_redis(redis, clock, timeout: float = 1.0) -> defer.Deferred:

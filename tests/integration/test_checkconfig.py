@@ -23,6 +23,7 @@ from caracal.devsts import DevSTS
 from caracal.devsts.tap import tls_options
 from tests.support.certs import make_authority, make_chain, make_leaf
 from tests.support.postgres import TemporaryDatabase, postgres_available
+from tests.support.sentinel import SentinelGroup
 from tests.support.sts import ScriptedSTS, listen, stop_listening
 from tests.support.waiting import free_port
 
@@ -150,6 +151,31 @@ class CheckConfigTests(TestCase):
         self.assertEqual(items["Redis"], "FAIL")
         self.assertIn("cannot connect: Connection refused", text)
         self.assertEqual(items["Postgres"], "PASS")
+
+    async def test_redis_through_sentinel(self):
+        """A redis+sentinel:// URL is probed at the master the sentinel names (SPEC 16)."""
+        group = SentinelGroup(self.mktemp())
+        self.addCleanup(group.stop)
+        group.start()
+        master = group.master_port()
+        dead = free_port()
+        # The first sentinel listed is down: the next one answers.
+        url = group.url.replace("127.0.0.1:", f"127.0.0.1:{dead},127.0.0.1:", 1)
+        status, items, text = await self.check(self.environ(REDIS_URL=url))
+        self.assertEqual(items["Redis"], "PASS", text)
+        self.assertIn(f"names master 127.0.0.1:{master}; PING answered PONG", text)
+        self.assertEqual(status, 0, text)
+
+    async def test_sentinel_without_the_master(self):
+        """A sentinel that knows no such master: the Redis item fails, saying so."""
+        group = SentinelGroup(self.mktemp())
+        self.addCleanup(group.stop)
+        group.start()
+        url = f"redis+sentinel://127.0.0.1:{group.sentinel_port}/no-such-master"
+        status, items, text = await self.check(self.environ(REDIS_URL=url))
+        self.assertEqual(items["Redis"], "FAIL", text)
+        self.assertIn("knows no master named no-such-master", text)
+        self.assertEqual(status, 1)
 
     async def test_redis_password_not_shown(self):
         password = "redis-Pass-" + secrets.token_hex(6)

@@ -114,7 +114,13 @@ class PrivateRedis:
     (C{redis-ca.pem} is the root to trust).
     """
 
-    def __init__(self, tls_directory: str | None = None) -> None:
+    def __init__(
+        self, tls_directory: str | None = None, extra_arguments: tuple[str, ...] = ()
+    ) -> None:
+        """
+        @param extra_arguments: more C{redis-server} options (e.g. C{--replicaof}).
+        """
+        self.extra_arguments = extra_arguments
         self.port = free_port()
         self._process: subprocess.Popen | None = None
         self.tls_directory = tls_directory
@@ -172,6 +178,7 @@ class PrivateRedis:
                 "no",
                 "--loglevel",
                 "warning",
+                *self.extra_arguments,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -1,0 +1,206 @@
+# -*- test-case-name: tests.integration.test_sentinel -*-
+"""
+A real gateway process (C{twistd -n caracal-gateway}) on Redis Sentinel
+(C{REDIS_URL=redis+sentinel://...}, SPEC 16) through a forced failover:
+before, during and after it, replays are refused and a revoked session stays
+refused (never a fail-open 200); after it, single-use tokens work on the new
+master, a revocation published there is enforced, and C{/ready} is 200.
+
+The Redis nodes, the sentinel and the gateway are processes of the test's
+own on free loopback ports (L{tests.support.sentinel}); the shared Redis is
+not touched.
+"""
+
+from __future__ import annotations
+
+import time
+
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import TestCase
+
+from caracal.gateway.config import parse_redis_url
+from caracal.gateway.redisconn import close_redis, connect_redis
+from caracal.gateway.revocations import REVOCATION_STREAM, RevocationFollower, RevocationStore
+from tests.support.redis import SyncRedis
+from tests.support.replicas import ReplicaSet
+from tests.support.sentinel import SentinelGroup
+from tests.support.waiting import wait_until
+
+#: What a single-use token may meet while the master changes: served, or a
+#: fail-closed 503 (the replay check, or the revocation state, unavailable).
+FAIL_CLOSED = {"replay_check_unavailable", "revocation_state_unavailable"}
+
+#: Bound on the whole switch: Sentinel reconfigures the old master as a
+#: replica of the new one about 10 s after the promotion (until then the new
+#: master, configured with min-replicas-to-write 1, refuses writes).
+SWITCH_TIMEOUT = 60.0
+
+
+class SentinelFailoverTests(TestCase):
+    """One gateway, one master, one replica, one sentinel, one forced failover."""
+
+    timeout = 180
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.group = SentinelGroup(self.mktemp())
+        self.addCleanup(self.group.stop)
+        self.group.start()
+        self.replicas = ReplicaSet(self.mktemp(), redis_port=self.group.initial_master)
+        self.replicas.redis_url = self.group.url
+        self.addCleanup(self.replicas.stop)
+        yield self.replicas.start(count=1)
+        self.gateway = self.replicas.gateways[0]
+        yield self.replicas.serving(self.gateway)
+
+    @defer.inlineCallbacks
+    def ready_status(self):
+        """C{GET /ready} on the gateway: the status code."""
+        response = yield treq.get(
+            self.replicas.url(self.gateway, "/ready"), agent=self.replicas.agent, timeout=5
+        )
+        yield response.content()
+        return response.code
+
+    def replicated(self, port: int) -> bool:
+        """Everything written to the master on C{port} so far has reached its replica."""
+        client = SyncRedis(port=port)
+        try:
+            return client.call("WAIT", 1, 2000) >= 1
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_failover(self):
+        """Fail closed during the switch, follow the new master after it."""
+        replicas, gateway = self.replicas, self.gateway
+
+        # Before: a spent single-use token and a revoked session.
+        spent = replicas.mint()
+        self.assertEqual((yield replicas.outcome(gateway, spent)), "allowed")
+        self.assertEqual((yield replicas.outcome(gateway, spent)), "invalid_token")
+        replicas.revoke("session-before")
+        yield replicas.first_refusal(gateway, "session-before", time.monotonic(), timeout=5)
+        self.assertTrue(self.replicated(self.group.initial_master))
+
+        # During: hammer the gateway while the sentinel moves the master.
+        old = self.group.master_port()
+        self.group.failover()
+        granted = []
+        seen = set()
+        switched_at = None
+        started = time.monotonic()
+        while True:
+            fresh = replicas.mint()
+            outcome = yield replicas.outcome(gateway, fresh)
+            seen.add(outcome)
+            self.assertIn(outcome, {"allowed"} | FAIL_CLOSED)
+            if outcome == "allowed":
+                granted.append(fresh)
+            replay = yield replicas.outcome(gateway, spent)
+            self.assertIn(replay, {"invalid_token"} | FAIL_CLOSED, "a replay got through")
+            revoked = yield replicas.outcome(
+                gateway, replicas.mint(use="ambient", session_id="session-before")
+            )
+            self.assertIn(revoked, {"session_revoked"} | FAIL_CLOSED, "a revoked session passed")
+            if switched_at is None and self.group.master_port() != old:
+                switched_at = len(granted)
+            if switched_at is not None and len(granted) > switched_at:
+                break  # served from the new master
+            self.assertLess(
+                time.monotonic() - started, SWITCH_TIMEOUT, f"never served again: {seen}"
+            )
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        new = self.group.master_port()
+        self.assertEqual(self.group.role(new), "master")
+        replicas.redis_port = new
+        # The switch was seen failing closed, not skipped over.
+        self.assertIn("replay_check_unavailable", seen)
+
+        # After: every token served at any point is spent on the new master.
+        for token in [spent, *granted]:
+            self.assertEqual((yield replicas.outcome(gateway, token)), "invalid_token")
+        # A revocation published on the new master is enforced.
+        since = time.monotonic()
+        replicas.revoke("session-after")
+        yield replicas.first_refusal(gateway, "session-after", since, timeout=5)
+        self.assertEqual(
+            (
+                yield replicas.outcome(
+                    gateway, replicas.mint(use="ambient", session_id="session-before")
+                )
+            ),
+            "session_revoked",
+        )
+        deadline = time.monotonic() + 10
+        while (yield self.ready_status()) != 200:
+            self.assertLess(time.monotonic(), deadline, "/ready never came back to 200")
+            yield task.deferLater(reactor, 0.1, lambda: None)
+
+
+class MasterWatchTests(TestCase):
+    """
+    The gateway's Redis clients move to a new master as soon as the sentinels
+    name it, even when the old master is still up and still a master (cut
+    off from the sentinels, not from the gateway): txredisapi alone would ask
+    the sentinels only on its next reconnection, which never comes.
+    """
+
+    timeout = 120
+
+    def setUp(self):
+        self.group = SentinelGroup(self.mktemp(), isolated_old_master=True)
+        self.addCleanup(self.group.stop)
+        self.group.start()
+        self.address = parse_redis_url(self.group.url)
+
+    @defer.inlineCallbacks
+    def switch(self):
+        """Fail over; fires with the new master's port once it takes writes."""
+        old = self.group.master_port()
+        self.group.failover()
+        new = yield self.group.wait_for_new_master(old)
+        # The point of this setup: the old master did not step down.
+        self.assertEqual(self.group.role(old), "master")
+        return new
+
+    def on_node(self, port: int, *command):
+        client = self.group.nodes[port].client()
+        try:
+            return client.call(*command)
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_pool_follows_the_master(self):
+        """Writes through the pool land on the new master after the switch."""
+        redis = connect_redis(self.address, reactor)
+        self.addCleanup(close_redis, redis)
+        self.assertEqual((yield redis.set("before", "1")), "OK")
+        self.assertEqual(self.on_node(self.group.initial_master, "GET", "before"), "1")
+        new = yield self.switch()
+
+        @defer.inlineCallbacks
+        def landed_on_new_master():
+            d = defer.maybeDeferred(redis.set, "after", "1")
+            d.addTimeout(1.0, reactor)
+            try:
+                yield d
+            except Exception:
+                return False
+            return self.on_node(new, "GET", "after") == "1"
+
+        yield wait_until(landed_on_new_master, timeout=15.0, interval=0.1)
+
+    @defer.inlineCallbacks
+    def test_revocation_follower_follows_the_master(self):
+        """A revocation published on the new master reaches the follower's store."""
+        store = RevocationStore(reactor)
+        follower = RevocationFollower(self.address, store, None, reactor, block_ms=500)
+        follower.startService()
+        self.addCleanup(follower.stopService)
+        yield follower.when_ready()
+        new = yield self.switch()
+        self.on_node(new, "XADD", REVOCATION_STREAM, "*", "zone_id", "z", "session_id", "s-new")
+        yield wait_until(lambda: store.is_revoked("z", "s-new"), timeout=15.0, interval=0.1)
