@@ -200,28 +200,58 @@ class _SentinelMasterFactory(txredisapi.SentinelConnectionFactory):
 
 class _Sentinels(txredisapi.Sentinel):
     """
-    txredisapi's sentinel client with a shorter wait for an answer (a
-    sentinel answers in milliseconds, and while none does, connection
-    attempts, and the requests waiting on them, should fail soon), which
-    remembers the last master address found for each name.
+    txredisapi's sentinel client, with its own C{discover_master}: the same
+    question (C{SENTINEL MASTERS} to every sentinel, the first answer naming
+    a healthy master wins), but bounded on the given clock with a shorter
+    wait (a sentinel answers in milliseconds; while none does, connection
+    attempts, and the requests waiting on them, should fail soon), every
+    question still open cancelled by L{disconnect} (the library's leaves its
+    timer behind), and the last answer remembered.
 
     @ivar masters: C{{name: (host, port)}} of the last discovery.
     """
 
     discovery_timeout = 2.0
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, addresses, clock, **kwargs) -> None:
+        super().__init__(addresses, **kwargs)
+        self._clock = clock
+        self._asking: set[defer.Deferred] = set()
         self.masters: dict[str, tuple[str, int]] = {}
 
     def discover_master(self, service_name):
-        """See C{txredisapi.Sentinel.discover_master}; the answer is remembered."""
+        """Fires with the master's C{(host, port)}, or fails with C{MasterNotFoundError}."""
+        result = defer.Deferred()
+
+        def answered(masters):
+            state = masters.get(service_name)
+            if not result.called and state and self.check_master_state(state):
+                result.callback((state["ip"], int(state["port"])))
+
+        for sentinel in self.sentinels:
+            sentinel.sentinel_masters().addCallbacks(answered, lambda _: None)
+
+        def unanswered(value, timeout):
+            raise txredisapi.MasterNotFoundError(f"no sentinel named a master {service_name}")
+
+        result.addTimeout(self.discovery_timeout, self._clock, onTimeoutCancel=unanswered)
+        self._asking.add(result)
 
         def found(address):
             self.masters[service_name] = address
             return address
 
-        return super().discover_master(service_name).addCallback(found)
+        def settled(outcome):
+            self._asking.discard(result)
+            return outcome
+
+        return result.addBoth(settled).addCallback(found)
+
+    def disconnect(self):
+        """Cancel the questions still open, close the sentinel connections."""
+        for asking in list(self._asking):
+            asking.cancel()
+        return super().disconnect()
 
 
 class _MasterWatch:
@@ -317,7 +347,7 @@ def _connect_through_sentinels(address, options, reactor, metrics=None):
     and L{_MasterWatch} moves live connections when the master changes. The
     sentinels are asked without the password, which is the master's.
     """
-    sentinels = _Sentinels(list(address.sentinels), charset="utf-8")
+    sentinels = _Sentinels(list(address.sentinels), reactor, charset="utf-8")
     factories = []
 
     def created(factory) -> None:

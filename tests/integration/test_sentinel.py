@@ -87,40 +87,42 @@ class SentinelFailoverTests(TestCase):
         # During: hammer the gateway while the sentinel moves the master.
         old = self.group.master_port()
         self.group.failover()
-        granted = []
+        during, after = [], []
         seen = set()
-        switched_at = None
         started = time.monotonic()
-        while True:
+        while not after:
+            switched = self.group.master_port() != old
             fresh = replicas.mint()
             outcome = yield replicas.outcome(gateway, fresh)
             seen.add(outcome)
             self.assertIn(outcome, {"allowed"} | FAIL_CLOSED)
             if outcome == "allowed":
-                granted.append(fresh)
+                (after if switched else during).append(fresh)
             replay = yield replicas.outcome(gateway, spent)
             self.assertIn(replay, {"invalid_token"} | FAIL_CLOSED, "a replay got through")
             revoked = yield replicas.outcome(
                 gateway, replicas.mint(use="ambient", session_id="session-before")
             )
             self.assertIn(revoked, {"session_revoked"} | FAIL_CLOSED, "a revoked session passed")
-            if switched_at is None and self.group.master_port() != old:
-                switched_at = len(granted)
-            if switched_at is not None and len(granted) > switched_at:
-                break  # served from the new master
             self.assertLess(
                 time.monotonic() - started, SWITCH_TIMEOUT, f"never served again: {seen}"
             )
             yield task.deferLater(reactor, 0.05, lambda: None)
         new = self.group.master_port()
+        self.assertNotEqual(new, old)
         self.assertEqual(self.group.role(new), "master")
         replicas.redis_port = new
         # The switch was seen failing closed, not skipped over.
         self.assertIn("replay_check_unavailable", seen)
 
-        # After: every token served at any point is spent on the new master.
-        for token in [spent, *granted]:
-            self.assertEqual((yield replicas.outcome(gateway, token)), "invalid_token")
+        # After: a token spent before the failover, or on the new master, is
+        # spent for good. (One served by the old master in the instant before
+        # the promotion may be lost with its unreplicated claim: asynchronous
+        # replication, see README "Running a fleet"; not asserted.)
+        for phase, tokens in (("before", [spent]), ("after", after)):
+            for index, token in enumerate(tokens):
+                outcome = yield replicas.outcome(gateway, token)
+                self.assertEqual(outcome, "invalid_token", f"token {index} spent {phase}")
         # A revocation published on the new master is enforced.
         since = time.monotonic()
         replicas.revoke("session-after")
