@@ -30,50 +30,19 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from caracal.gateway.denials import Denial
+from caracal.gateway.headers import (
+    CARACAL_PREFIX,
+    DROPPED_REQUEST,
+    DROPPED_RESPONSE,
+    HOP_BY_HOP,
+    connection_tokens,
+)
 from caracal.gateway.interfaces import IForwarder
 from caracal.gateway.pools import persistent_pool
 from caracal.gateway.sse import EventStreamRelay, is_event_stream
 from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
 
 log = Logger()
-
-# Hop-by-hop headers (RFC 9110 section 7.6.1 and the old proxy ones): they
-# describe one connection, never the end-to-end message.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-
-# Request headers the gateway never passes on besides the hop-by-hop ones:
-# the caller's own bearer, framing the Agent recomputes (Content-Length,
-# Host, Expect: the body is already received), and client-IP claims a caller
-# could forge (X-Forwarded-For is replaced, so its siblings are dropped too).
-_DROPPED_REQUEST = frozenset(
-    {
-        b"authorization",
-        b"content-length",
-        b"host",
-        b"expect",
-        b"forwarded",
-        b"x-real-ip",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"x-request-id",
-    }
-)
-
-# The X-Caracal-* names belong to the gateway in both directions.
-_CARACAL_PREFIX = b"x-caracal-"
 
 REVOKED_TRAILER = b"X-Caracal-Revoked"
 
@@ -83,7 +52,7 @@ _TRACEPARENT = re.compile(rb"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-
 class MissingProviderToken(Exception):
     """
     A provider auth mode needs the STS's C{provider_token} and the mandate
-    has none. The lead answers 502 C{sts_unavailable}.
+    has none. The pipeline answers 502 C{sts_unavailable}.
     """
 
 
@@ -93,17 +62,6 @@ def _bytes(text) -> bytes:
 
 def _name(header) -> bytes:
     return (header.encode("ascii") if isinstance(header, str) else header).lower()
-
-
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    """Header names listed in C{Connection}: hop-by-hop for this message."""
-    tokens = set()
-    for value in headers.getRawHeaders(b"connection", []):
-        for token in value.split(b","):
-            token = token.strip().lower()
-            if token:
-                tokens.add(token)
-    return tokens
 
 
 def target_path(base_path: bytes, request_path: bytes) -> bytes:
@@ -189,7 +147,7 @@ def forward_request_headers(
     C{X-Forwarded-Host} = the inbound C{Host}, C{X-Request-Id} and a
     C{traceparent} when the caller sent no valid one.
     """
-    removed = HOP_BY_HOP | _DROPPED_REQUEST | _connection_tokens(inbound)
+    removed = HOP_BY_HOP | DROPPED_REQUEST | connection_tokens(inbound)
     removed |= {_name(n) for n in drop}
     outbound = _without(inbound, removed)
     outbound.setRawHeaders(b"Host", [host.encode("ascii")])
@@ -210,11 +168,6 @@ def forward_request_headers(
     return outbound
 
 
-def _credential(scheme: str, token: str) -> bytes:
-    value = f"{scheme} {token}" if scheme else token
-    return value.encode("latin-1")
-
-
 def credential_headers(resource, mandate) -> list[tuple[bytes, bytes]]:
     """
     The headers carrying the mandate to the upstream, by the resource's
@@ -225,21 +178,16 @@ def credential_headers(resource, mandate) -> list[tuple[bytes, bytes]]:
     @raise MissingProviderToken: a provider mode without a provider token.
     """
     name = resource.credential_header.encode("ascii")
-    scheme = resource.credential_scheme or ""
     if resource.auth_mode == "caracal_jwt":
-        return [(name, _credential(scheme, mandate.access_token))]
+        return [(name, resource.credential_value(mandate.access_token).encode("latin-1"))]
     if resource.auth_mode in ("provider_oauth", "provider_apikey"):
         if not mandate.provider_token:
             raise MissingProviderToken(resource.auth_mode)
         return [
-            (name, _credential(scheme, mandate.provider_token)),
+            (name, resource.credential_value(mandate.provider_token).encode("latin-1")),
             (b"X-Caracal-Identity", mandate.access_token.encode("latin-1")),
         ]
     raise ValueError(f"unknown auth_mode {resource.auth_mode!r}")
-
-
-# Response headers the gateway sets itself and never takes from upstream.
-_DROPPED_RESPONSE = frozenset({b"x-request-id"})
 
 
 def response_headers(upstream: Headers, transformed: bool = False) -> Headers:
@@ -249,7 +197,7 @@ def response_headers(upstream: Headers, transformed: bool = False) -> Headers:
     all) and its C{X-Request-Id} (the gateway's own is echoed). The
     C{Content-Length} stays unless the body is C{transformed}.
     """
-    removed = HOP_BY_HOP | _DROPPED_RESPONSE | _connection_tokens(upstream)
+    removed = HOP_BY_HOP | DROPPED_RESPONSE | connection_tokens(upstream)
     if transformed:
         removed |= {b"content-length"}
     return _without(upstream, removed)
@@ -260,7 +208,7 @@ def _without(headers: Headers, removed: set[bytes]) -> Headers:
     kept = Headers()
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
-        if lowered in removed or lowered.startswith(_CARACAL_PREFIX):
+        if lowered in removed or lowered.startswith(CARACAL_PREFIX):
             continue
         kept.setRawHeaders(name, list(values))
     return kept
@@ -354,6 +302,8 @@ class Forwarder:
             504 C{upstream_timeout}, 401 C{session_revoked}) only when no
             response byte was written yet.
         """
+        # Request._disconnected, private to Twisted (tests/test_twisted_private pins it):
+        # the client left before we were called.
         if getattr(request, "_disconnected", False):
             # The client left before we were called: contact nobody (its
             # body file is closed and notifyFinish would never fire).
@@ -544,6 +494,8 @@ class _Exchange:
             return  # the client went away while the headers were written
         relay = self._relay = _BodyRelay(self)
         self._request.registerProducer(relay, True)
+        # HTTPChannel._waitingForTransport, private to Twisted (tests/test_twisted_private pins it):
+        # the client is not reading.
         if getattr(self._request.channel, "_waitingForTransport", False):
             # The client is already not reading: start paused.
             relay.paused = True
@@ -620,6 +572,8 @@ class _Exchange:
             cancel()
 
     def _connected(self) -> bool:
+        # Request._disconnected, private to Twisted (tests/test_twisted_private pins it):
+        # no public "has the client left".
         return not getattr(self._request, "_disconnected", False) and (
             self._request.channel is not None
         )

@@ -15,7 +15,6 @@ is the in-memory double for tests; both pass the same contract suite.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ from zope.interface import implementer
 
 from caracal.gateway import backoff
 from caracal.gateway.config import ConfigError, redact_url
+from caracal.gateway.headers import auth_header_problem, auth_scheme_problem
 from caracal.gateway.interfaces import IResourceRegistry
 
 CARACAL_JWT = "caracal_jwt"
@@ -46,49 +46,6 @@ _SELECT_RESOURCES = (
     "SELECT resource_identifier, zone_id, application_id, upstream_url,"
     " auth_mode, auth_header, auth_scheme, upstream_timeout_ms FROM gateway_resources"
 )
-
-
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-
-#: Headers the gateway or HTTP itself owns; a credential there would break
-#: framing or be overwritten.
-RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-request-id",
-        "traceparent",
-    }
-)
-
-
-def auth_header_problem(name: str) -> str | None:
-    """Why C{name} cannot carry a credential upstream, or C{None} when it can."""
-    if not _TOKEN.match(name) or len(name) > 128:
-        return "not an HTTP header name (token characters)"
-    lower = name.lower()
-    if lower in RESERVED_HEADERS or lower.startswith("x-caracal-"):
-        return "reserved"
-    return None
-
-
-def auth_scheme_problem(scheme: str) -> str | None:
-    """Why C{scheme} cannot precede a credential, or C{None} when it can (C{""} is none)."""
-    if scheme and (not _TOKEN.match(scheme) or len(scheme) > 64):
-        return "not empty or a single token such as Bearer"
-    return None
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ _PERCENT = re.compile(rb"%[0-9a-fA-F]{2}")
 
 class UpstreamRefused(Exception):
     """
-    An upstream URL broke an SSRF rule. The lead maps it to 403
+    An upstream URL broke an SSRF rule. The pipeline (step 12) answers 403
     C{access_denied}.
 
     @ivar reason: a short machine word for logs and metrics
