@@ -34,6 +34,8 @@ JSON = b"application/json"
 
 def _gone(request) -> bool:
     """The answer can no longer be written (finished, or the client left)."""
+    # Request._disconnected, private to Twisted (tests/test_twisted_private pins it):
+    # no public "has the client left".
     return bool(request.finished or getattr(request, "_disconnected", False))
 
 

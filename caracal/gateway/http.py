@@ -224,6 +224,8 @@ class GatewayRequest(Request):
 
     def write(self, data: bytes) -> None:
         """Write response data; the first write fixes the gateway's own headers."""
+        # Request._disconnected, private to Twisted (tests/test_twisted_private pins it):
+        # Twisted's only record that the client left.
         if not self.startedWriting and not self._disconnected:
             self._prepare_response_headers()
         super().write(data)
@@ -473,10 +475,14 @@ class GatewayChannel(HTTPChannel):
         # An event stream's last bytes are still bound by its idle timer.
         self._event_stream = False
         if self.persistent and not self._closing:
+            # HTTPChannel._waitingForTransport, private (tests/test_twisted_private pins it):
+            # the client reads slowly.
             if self._waitingForTransport:
                 self._flush_pending = True
             else:
                 self._cancel("write", "stream_idle")
+            # HTTPChannel._dataBuffer, private to Twisted (tests/test_twisted_private pins it):
+            # bytes of a pipelined request.
             if any(self._dataBuffer):
                 # A pipelined request is already waiting to be parsed.
                 self._start_reading()
@@ -513,6 +519,8 @@ class GatewayChannel(HTTPChannel):
             and not interfaces.ISSLTransport.providedBy(transport)
             and hasattr(transport, "loseWriteConnection")
         ):
+            # HTTPChannel._networkProducer, private to Twisted (tests/test_twisted_private pins it):
+            # no public way to half-close.
             self._networkProducer.unregisterProducer()
             transport.loseWriteConnection()
             return
@@ -881,14 +889,13 @@ class GatewaySite(Site):
             return waiter
         self._drain_waiters.append(waiter)
 
-        def expire() -> None:
+        def expired(_cancelled, _timeout) -> int:
+            # The bound passed first: report the requests still in flight.
             if waiter in self._drain_waiters:
                 self._drain_waiters.remove(waiter)
-                waiter.callback(self._inflight)
+            return self._inflight
 
-        call = self.clock.callLater(timeout, expire)
-        waiter.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
-        return waiter
+        return waiter.addTimeout(timeout, self.clock, onTimeoutCancel=expired)
 
     def when_draining(self, hook) -> Callable[[], None]:
         """

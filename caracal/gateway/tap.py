@@ -401,6 +401,7 @@ class GatewayService(Service):
         # drain. SPEC 11 wants 0, and the pidfile is removed before that
         # re-raise either way. Only SIGTERM is forgotten: SIGINT keeps the
         # shell convention.
+        # No public way to forget it; private to Twisted (tests/test_twisted_private pins it).
         if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
             self.reactor._exitSignal = None
         log.info("caracal-gateway stopped")

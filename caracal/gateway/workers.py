@@ -625,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     reactor.run()
+    # reactor._exitSignal, private to Twisted (tests/test_twisted_private pins it):
+    # the signal that stopped the reactor.
     if failed or getattr(reactor, "_exitSignal", None) not in (None, signal.SIGINT):
         return 1
     return 0
