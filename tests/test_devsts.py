@@ -13,8 +13,10 @@ import os
 import jwt
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
 from caracal.devsts import DevSTS
 from caracal.devsts.tap import Options, makeService
@@ -256,11 +258,22 @@ class TapTests(SynchronousTestCase):
         options.parseOptions(list(argv))
         return options
 
+    def start(self, options):
+        """Start L{makeService}'s service on a memory reactor; return the reactor and service."""
+        reactor = MemoryReactor()
+        service = makeService(options, reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return reactor, service
+
     def test_plaintext(self):
-        options = self.parse("--insecure-http", "--port", "0")
-        service = makeService(options)
-        self.assertEqual(service.args[0], 0)
-        self.assertEqual(service.kwargs["interface"], "127.0.0.1")
+        """C{--insecure-http} listens in plaintext on the port and address given."""
+        options = self.parse("--insecure-http", "--port", "8081")
+        reactor, service = self.start(options)
+        [(port, factory, _backlog, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (8081, "127.0.0.1"))
+        self.assertEqual(reactor.sslServers, [])
+        self.assertIsInstance(factory, Site)
         self.assertIsInstance(service.sts, DevSTS)
 
     def test_tls_required_or_explicitly_plaintext(self):
@@ -271,14 +284,16 @@ class TapTests(SynchronousTestCase):
         )
 
     def test_tls_files(self):
+        """C{--tls-cert}/C{--tls-key} listen with TLS, presenting the whole chain."""
         directory = self.mktemp()
         os.makedirs(directory)
         _root, _leaf = make_chain(directory)
         cert, key = os.path.join(directory, "server.crt"), os.path.join(directory, "server.key")
         options = self.parse("--tls-cert", cert, "--tls-key", key, "--bind", "::1")
-        service = makeService(options)
-        self.assertIs(service.args[2], options["tls"])
-        self.assertEqual(service.kwargs["interface"], "::1")
+        reactor, _service = self.start(options)
+        [(port, _factory, context_factory, _backlog, interface)] = reactor.sslServers
+        self.assertIs(context_factory, options["tls"])
+        self.assertEqual((port, interface), (8443, "::1"))
         # The whole chain is presented: leaf plus the intermediate.
         self.assertEqual(len(options["tls"].extraCertChain), 1)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
-from twisted.application import internet
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.python import usage
 from twisted.web.server import Site
@@ -81,16 +82,22 @@ class Options(usage.Options):
         self["tls"] = tls_options(cert, key) if cert else None
 
 
-def makeService(options: Options):
-    """The listening service of the development STS."""
+def makeService(options: Options, reactor=None):
+    """
+    The listening service of the development STS: a server endpoint (TLS
+    or plaintext) serving the STS's site.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
     sts = DevSTS()
     site = Site(sts.resource())
     if options["tls"] is not None:
-        service = internet.SSLServer(
-            options["port"], site, options["tls"], interface=options["bind"]
+        endpoint = SSL4ServerEndpoint(
+            reactor, options["port"], options["tls"], interface=options["bind"]
         )
     else:
-        service = internet.TCPServer(options["port"], site, interface=options["bind"])
+        endpoint = TCP4ServerEndpoint(reactor, options["port"], interface=options["bind"])
+    service = StreamServerEndpointService(endpoint, site)
     # Reachable for whoever embeds the service (e.g. to read the counters).
     service.sts = sts
     return service
