@@ -26,7 +26,6 @@ import dataclasses
 import datetime
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -732,14 +731,3 @@ def run(context) -> int:
         print("caracal-gateway-admin: error: --timeout must be positive", file=context.stderr)
         return EXIT_USAGE
     return check_config(environ, context.stdout, timeout=args.timeout)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """C{python -m caracal.gateway.checkconfig}: same as the admin subcommand."""
-    from caracal.gateway.admin import main as admin_main
-
-    return admin_main(["check-config", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
