@@ -29,6 +29,7 @@ from caracal.gateway.interfaces import IRequestScreen
 from caracal.gateway.logs import ACCESS_NAMESPACE
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.proxy import method_not_allowed
+from tests.support.responses import parse_responses
 
 LIMIT = 100
 READ_HEADER = 5.0
@@ -65,40 +66,11 @@ class RecordingResource(Resource):
         return b"ok %d" % (len(body),)
 
 
-def parse_responses(data: bytes) -> list[tuple[int, dict[bytes, list[bytes]], bytes]]:
-    """Split raw bytes from the server into (status, headers, body) tuples."""
-    responses = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = int(lines[0].split(b" ")[1])
-        headers: dict[bytes, list[bytes]] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.setdefault(name.strip().lower(), []).append(value.strip())
-        if b"content-length" in headers:
-            length = int(headers[b"content-length"][0])
-            body, data = rest[:length], rest[length:]
-        elif headers.get(b"transfer-encoding") == [b"chunked"]:
-            body = b""
-            while True:
-                size_line, _, rest = rest.partition(b"\r\n")
-                size = int(size_line, 16)
-                body += rest[:size]
-                rest = rest[size + 2 :]
-                if size == 0:
-                    break
-            data = rest
-        else:
-            body, data = rest, b""
-        responses.append((status, headers, body))
-    return responses
-
-
 def one_response(transport: StringTransport):
+    """The only response written to C{transport}: (status, headers, body)."""
     responses = parse_responses(transport.value())
     assert len(responses) == 1, responses
-    return responses[0]
+    return responses[0][:3]
 
 
 class HTTPTestMixin:
@@ -931,7 +903,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         )
         [request] = self.resource.pending
         request.finish()
-        statuses = [(status, body) for status, _, body in parse_responses(transport.value())]
+        statuses = [(r.status, r.body) for r in parse_responses(transport.value())]
         self.assertEqual(statuses, [(200, b""), (200, b"ok 2")])
         self.assertEqual(channel.armed(), {"idle"})
 

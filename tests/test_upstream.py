@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IHostnameResolver, IOpenSSLClientConnectionCreator
 from twisted.internet.task import Clock
@@ -377,31 +377,6 @@ class ParseUpstreamTests(SynchronousTestCase):
 
 
 @implementer(IHostnameResolver)
-class FakeResolver:
-    """An IHostnameResolver answering from a table, recording every question."""
-
-    def __init__(self, table=None):
-        self.table = table or {}
-        self.asked = []
-
-    def resolveHostName(
-        self,
-        resolutionReceiver,
-        hostName,
-        portNumber=0,
-        addressTypes=None,
-        transportSemantics="TCP",
-    ):
-        self.asked.append(hostName)
-        resolutionReceiver.resolutionBegan(None)
-        for text in self.table.get(hostName, []):
-            kind = IPv6Address if ":" in text else IPv4Address
-            resolutionReceiver.addressResolved(kind("TCP", text, portNumber))
-        resolutionReceiver.resolutionComplete()
-        return None
-
-
-@implementer(IHostnameResolver)
 class SilentResolver:
     """A resolver that never answers (a hung getaddrinfo)."""
 
@@ -452,7 +427,7 @@ class UpstreamGuardTests(SynchronousTestCase):
 
     def test_public_name_pinned(self):
         """A name with public addresses is pinned to its first IPv4 address, the URL kept."""
-        resolver = FakeResolver({"api.example": ["93.184.216.34", "2606:4700::1"]})
+        resolver = MemoryResolver({"api.example": ["93.184.216.34", "2606:4700::1"]})
         guard = UpstreamGuard(resolver)
         pinned = self.successResultOf(guard.check("https://API.example/v1?x=1"))
         self.assertEqual(
@@ -467,20 +442,20 @@ class UpstreamGuardTests(SynchronousTestCase):
 
     def test_ipv6_pinned(self):
         """A name with only an IPv6 address is pinned to it, family AF_INET6."""
-        guard = UpstreamGuard(FakeResolver({"v6.example": ["2606:4700::1"]}))
+        guard = UpstreamGuard(MemoryResolver({"v6.example": ["2606:4700::1"]}))
         pinned = self.successResultOf(guard.check("http://v6.example/"))
         self.assertEqual((pinned.address, pinned.family), ("2606:4700::1", socket.AF_INET6))
 
     def test_name_to_private_refused(self):
         """A name resolving to any non-public address is refused as private_address."""
         for address in ("127.0.0.1", "10.0.0.5", "169.254.169.254", "::1", "::ffff:10.0.0.1"):
-            guard = UpstreamGuard(FakeResolver({"internal.example": [address]}))
+            guard = UpstreamGuard(MemoryResolver({"internal.example": [address]}))
             refusal = self.refused(guard.check("http://internal.example/"))
             self.assertEqual(refusal.reason, "private_address", address)
 
     def test_mixed_public_private_refused(self):
         """Every address must be public, not just the first."""
-        guard = UpstreamGuard(FakeResolver({"rebind.example": ["93.184.216.34", "127.0.0.1"]}))
+        guard = UpstreamGuard(MemoryResolver({"rebind.example": ["93.184.216.34", "127.0.0.1"]}))
         self.assertEqual(
             self.refused(guard.check("http://rebind.example/")).reason, "private_address"
         )
@@ -493,7 +468,7 @@ class UpstreamGuardTests(SynchronousTestCase):
 
     def test_allowlist_case_and_trailing_dot(self):
         """Allowlist matching ignores case and a trailing dot; the URL's host is kept as written."""
-        resolver = FakeResolver({"api.example.": ["93.184.216.34"], "api.example": ["8.8.8.8"]})
+        resolver = MemoryResolver({"api.example.": ["93.184.216.34"], "api.example": ["8.8.8.8"]})
         guard = UpstreamGuard(resolver, allowlist=frozenset({"api.example."}))
         self.successResultOf(guard.check("http://api.example/"))
         pinned = self.successResultOf(guard.check("http://API.EXAMPLE./"))
@@ -501,7 +476,7 @@ class UpstreamGuardTests(SynchronousTestCase):
 
     def test_allowlist_entries_in_any_spelling(self):
         """Allowlist entries are read the way upstream hosts are: one canonical form."""
-        resolver = FakeResolver({"xn--bcher-kva.example": ["93.184.216.34"]})
+        resolver = MemoryResolver({"xn--bcher-kva.example": ["93.184.216.34"]})
         for entry, url in (
             ("[::1]", "http://[::1]/"),
             ("0x7f.1", "http://127.0.0.1/"),
@@ -564,7 +539,7 @@ class UpstreamGuardTests(SynchronousTestCase):
 
     def test_allow_private(self):
         """With private upstreams allowed, loopback names and addresses are pinned."""
-        guard = UpstreamGuard(FakeResolver({"localhost": ["127.0.0.1"]}), allow_private=True)
+        guard = UpstreamGuard(MemoryResolver({"localhost": ["127.0.0.1"]}), allow_private=True)
         pinned = self.successResultOf(guard.check("http://127.0.0.1:8080/"))
         self.assertEqual((pinned.address, pinned.url.port), ("127.0.0.1", 8080))
         pinned = self.successResultOf(guard.check("http://localhost:8080/"))
@@ -579,7 +554,7 @@ class UpstreamGuardTests(SynchronousTestCase):
 
     def test_resolution_failure_refused(self):
         """A name that resolves to nothing is refused as unresolvable."""
-        resolver = FakeResolver({})
+        resolver = MemoryResolver({})
         guard = UpstreamGuard(resolver, allow_private=True)
         self.assertEqual(
             self.refused(guard.check("http://nowhere.example/")).reason, "unresolvable"
@@ -588,7 +563,7 @@ class UpstreamGuardTests(SynchronousTestCase):
 
     def test_prefers_ipv4(self):
         """Of a dual-stack name the IPv4 address is pinned."""
-        resolver = FakeResolver({"dual.example": ["2606:4700::1", "93.184.216.34"]})
+        resolver = MemoryResolver({"dual.example": ["2606:4700::1", "93.184.216.34"]})
         pinned = self.successResultOf(UpstreamGuard(resolver).check("http://dual.example/"))
         self.assertEqual((pinned.address, pinned.family), ("93.184.216.34", socket.AF_INET))
 
@@ -629,7 +604,7 @@ class UpstreamGuardTests(SynchronousTestCase):
     def test_resolution_in_time_cancels_timer(self):
         """A resolution in time cancels its timeout."""
         clock = Clock()
-        guard = UpstreamGuard(FakeResolver({"a.example": ["8.8.8.8"]}), clock=clock, timeout=2.0)
+        guard = UpstreamGuard(MemoryResolver({"a.example": ["8.8.8.8"]}), clock=clock, timeout=2.0)
         self.successResultOf(guard.check("http://a.example/"))
         self.assertEqual(clock.getDelayedCalls(), [])
 
@@ -640,7 +615,7 @@ class UpstreamGuardTests(SynchronousTestCase):
 
     def test_resolves_once(self):
         """One check resolves the host once."""
-        resolver = FakeResolver({"api.example": ["93.184.216.34"]})
+        resolver = MemoryResolver({"api.example": ["93.184.216.34"]})
         guard = UpstreamGuard(resolver)
         self.successResultOf(guard.check("http://api.example/"))
         self.assertEqual(len(resolver.asked), 1)

@@ -306,12 +306,14 @@ class MemoryResolver:
     """
     An L{IHostnameResolver} over a dict (C{hosts}: name -> addresses), to
     run the real L{caracal.gateway.upstream.UpstreamGuard} without DNS.
+    Every name asked for is recorded in C{asked}.
 
     """
 
     def __init__(self, hosts: dict[str, list[str]] | None = None) -> None:
         self.hosts = hosts if hosts is not None else {}
         self.pending: list | None = None
+        self.asked: list[str] = []
 
     def resolveHostName(
         self,
@@ -322,6 +324,7 @@ class MemoryResolver:
         transportSemantics="TCP",
     ):
         """See L{IHostnameResolver.resolveHostName}."""
+        self.asked.append(hostName)
         resolution = MemoryResolution(hostName)
         resolutionReceiver.resolutionBegan(resolution)
         if self.pending is not None:

@@ -32,9 +32,9 @@ from tests.support.process import (
     pid_alive,
     port_accepts,
     read_pidfile,
-    wait_until,
 )
 from tests.support.replicas import RESOURCE, ReplicaSet
+from tests.support.waiting import became_true
 
 #: How long a gateway with two workers may take to answer its first /health.
 WORKERS_START_TIMEOUT = 30.0
@@ -95,7 +95,7 @@ class DrainTests(TestCase):
         chunks: list[bytes] = []
         body_done = treq.collect(response, chunks.append)
         stream.send(FIRST_EVENT)
-        arrived = yield wait_until(lambda: b"".join(chunks) == FIRST_EVENT, 5)
+        arrived = yield became_true(lambda: b"".join(chunks) == FIRST_EVENT, 5)
         self.assertTrue(arrived, f"first event not streamed: {chunks!r}")
         return response, stream, chunks, body_done
 
@@ -110,7 +110,7 @@ class DrainTests(TestCase):
 
         terminate()
         sent = time.monotonic()
-        refused = yield wait_until(
+        refused = yield became_true(
             lambda: port_accepts("127.0.0.1", gateway.port).addCallback(lambda ok: not ok),
             REFUSAL_BOUND,
         )
@@ -198,7 +198,7 @@ class DrainTests(TestCase):
         gateway.send_signal(signal.SIGTERM)
         yield body_done
         self.assertEqual(b"".join(chunks), FIRST_EVENT)
-        closed = yield wait_until(lambda: not stream.open, 5)
+        closed = yield became_true(lambda: not stream.open, 5)
         self.assertTrue(closed, "the upstream stream was not released")
         status = yield gateway.wait(20)
         log = (gateway.output + gateway.errors).decode(errors="replace")

@@ -37,7 +37,9 @@ from caracal.gateway.upstream import (
 )
 from tests.support.certs import make_authority, make_leaf
 from tests.support.metrics import upstream_observations
+from tests.support.responses import parse_response
 from tests.support.upstreams import LocalUpstream, TrackingSite
+from tests.support.waiting import wait_until
 
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
@@ -122,45 +124,6 @@ class RawClient(Protocol):
         d: defer.Deferred[bytes] = defer.Deferred()
         self._waiters.append((needle, d))
         return d.addTimeout(timeout, reactor)
-
-
-@defer.inlineCallbacks
-def wait_until(predicate, timeout: float = 5.0):
-    """Poll C{predicate} every 10 ms until it is true (integration tests only)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition never became true")
-        yield deferLater(reactor, 0.01, lambda: None)
-
-
-def parse_response(raw: bytes):
-    """(status, {lowercase name: [values]}, body, {trailer name: value}) of a raw response."""
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split(b" ")[1])
-    headers: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    trailers: dict[bytes, bytes] = {}
-    if headers.get(b"transfer-encoding") == [b"chunked"]:
-        body = b""
-        while True:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                trailer_block, _, _ = rest.partition(b"\r\n\r\n")
-                for line in trailer_block.split(b"\r\n"):
-                    if line:
-                        name, _, value = line.partition(b":")
-                        trailers[name.strip().lower()] = value.strip()
-                break
-            body += rest[:size]
-            rest = rest[size + 2 :]
-    else:
-        body = rest
-    return status, headers, body, trailers
 
 
 class Harness(TestCase):

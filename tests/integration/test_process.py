@@ -42,8 +42,8 @@ from tests.support.process import (
     pid_alive,
     port_accepts,
     read_pidfile,
-    wait_until,
 )
+from tests.support.waiting import became_true
 
 HMAC_KEY_HEX = "c3" * 32
 
@@ -470,7 +470,7 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
                 return False
             return code == 200
 
-        self.assertTrue((yield wait_until(new_certificate_served, 10)), gateway.output)
+        self.assertTrue((yield became_true(new_certificate_served, 10)), gateway.output)
         # A new connection trusting only the old root is now refused ...
         yield self.assertFailure(self.health(self.client(old_root), port), Exception)
         # ... while the connection opened before the renewal still serves.
@@ -527,7 +527,7 @@ class DrainTests(ProcessTestMixin, TestCase):
 
         client = self.client()
         pending = client.get(f"http://127.0.0.1:{port}/slow", timeout=10)
-        self.assertTrue((yield wait_until(lambda: site.inflight == 1, 5)))
+        self.assertTrue((yield became_true(lambda: site.inflight == 1, 5)))
 
         stopped = service.stopService()
         self.assertFalse((yield port_accepts("127.0.0.1", port)), "still accepting")

@@ -24,6 +24,7 @@ from caracal.gateway.sts import MAX_EXCHANGE_BYTES, STSClient, STSUnavailable
 from caracal.gateway.tls import client_tls_policy
 from tests.support.certs import make_authority, make_chain, make_leaf
 from tests.support.sts import ScriptedSTS, listen, start_dev_sts, stop_listening
+from tests.support.waiting import wait_until
 
 
 class STSClientTestCase(TestCase):
@@ -149,7 +150,7 @@ class FailureTests(STSClientTestCase):
         self.assertLess(elapsed, 3.0)
         self.assertEqual(scripted.calls[b"/oauth/2/token"], 1)
         # The client aborted the connection: the server side goes away too.
-        yield _until(lambda: not port.factory.open)
+        yield wait_until(lambda: not port.factory.open)
 
     @inlineCallbacks
     def test_slow_answer_within_timeout(self):
@@ -254,19 +255,3 @@ class HTTPSTests(STSClientTestCase):
         )
         self.assertDenial(error, 502)
         self.assertEqual(sts.exchanges, 0)
-
-
-def _until(predicate, timeout=5.0, interval=0.01):
-    """A Deferred firing once C{predicate()} holds (polled on the reactor)."""
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + timeout
-
-    @inlineCallbacks
-    def poll():
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached in time")
-            yield deferLater(reactor, interval, lambda: None)
-
-    return poll()

@@ -32,8 +32,8 @@ from tests.support.process import (
     pid_alive,
     process_state,
     read_pidfile,
-    wait_until,
 )
+from tests.support.waiting import became_true
 
 TWO_WORKERS = ("-n", "caracal-gateway", "--workers", "2")
 
@@ -93,7 +93,7 @@ class WorkersTests(TestCase):
 
     @defer.inlineCallbacks
     def both_listening(self, gateway: GatewayProcess):
-        ready = yield wait_until(
+        ready = yield became_true(
             lambda: listening_workers(gateway.output) == {0, 1}, START_TIMEOUT, reactor
         )
         self.assertTrue(ready, gateway.output.decode(errors="replace")[-3000:])
@@ -117,7 +117,7 @@ class WorkersTests(TestCase):
             )
             sent += 20
             self.assertEqual({code for code, _ in answers}, {401})
-            both = yield wait_until(lambda: len(serving_workers(gateway.output)) == 2, 1, reactor)
+            both = yield became_true(lambda: len(serving_workers(gateway.output)) == 2, 1, reactor)
             if both:
                 break
         self.assertEqual(serving_workers(gateway.output), {0, 1})
@@ -131,7 +131,7 @@ class WorkersTests(TestCase):
         # Workers publish every 0.5 s: an answer may miss the other
         # worker's last half second. Once that has passed, every answer,
         # whichever worker gives it, is the sum.
-        self.assertTrue((yield wait_until(summed, 5, reactor)), f"{sent} requests sent")
+        self.assertTrue((yield became_true(summed, 5, reactor)), f"{sent} requests sent")
         yield task.deferLater(reactor, 3 * workers.METRICS_INTERVAL, lambda: None)
         for _ in range(10):
             code, body = yield self.get(client, f"{base}/metrics")
@@ -163,7 +163,7 @@ class WorkersTests(TestCase):
             now = child_pids(gateway.pid)
             return len(now) == 2 and victim not in now
 
-        self.assertTrue((yield wait_until(replaced, START_TIMEOUT, reactor)))
+        self.assertTrue((yield became_true(replaced, START_TIMEOUT, reactor)))
         self.assertRegex(
             gateway.output.decode(errors="replace"),
             rf"worker \d \(pid {victim}\) exited unexpectedly with status -9",
@@ -172,7 +172,7 @@ class WorkersTests(TestCase):
         def relistening():
             return len(re.findall(rb"caracal-gateway listening on", gateway.output)) == 3
 
-        self.assertTrue((yield wait_until(relistening, START_TIMEOUT, reactor)))
+        self.assertTrue((yield became_true(relistening, START_TIMEOUT, reactor)))
         for _ in range(10):
             self.assertEqual((yield gateway.health()), 200)
 
@@ -204,7 +204,7 @@ class WorkersTests(TestCase):
             with open(logfile, "rb") as f:
                 return listening_workers(f.read()) == {0, 1}
 
-        self.assertTrue((yield wait_until(two_workers, START_TIMEOUT, reactor)))
+        self.assertTrue((yield became_true(two_workers, START_TIMEOUT, reactor)))
         children = child_pids(pid)
         self.assertEqual(len(children), 2, children)
         for worker in children:

@@ -31,7 +31,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
 from tests.support.certs import make_chain
-from tests.support.waiting import free_port, poll_until
+from tests.support.waiting import became_true, free_port
 
 #: How long L{GatewayProcess.start} waits for the port to accept: a bound,
 #: not a delay, generous so a loaded CI machine does not fail a healthy start.
@@ -148,16 +148,6 @@ class _Collector(protocol.ProcessProtocol):
 
     def processEnded(self, reason) -> None:
         self.owner._ended(exit_status(reason))
-
-
-def wait_until(predicate, timeout: float, reactor=None, interval: float = POLL_INTERVAL):
-    """
-    L{poll_until} as a yes/no: fires with C{True} once C{predicate} holds,
-    C{False} once C{timeout} seconds passed.
-    """
-    return poll_until(predicate, timeout, reactor, interval).addCallback(
-        lambda took: took is not None
-    )
 
 
 def port_accepts(host: str, port: int, reactor=None) -> defer.Deferred:
@@ -342,7 +332,7 @@ class GatewayProcess:
                 raise GatewayExited(self.status, self.errors)
             return (yield self.health()) == 200
 
-        if not (yield wait_until(ready, timeout, self.reactor)):
+        if not (yield became_true(ready, timeout, self.reactor, POLL_INTERVAL)):
             raise TimeoutError(
                 f"twistd did not answer on {self.host}:{self.port} within {timeout} s;"
                 f" stderr: {self.errors.decode(errors='replace')}"
@@ -507,7 +497,7 @@ class Subreaper:
                 )
             return result[0]
 
-        return wait_until(reaped, timeout, reactor).addCallback(done)
+        return became_true(reaped, timeout, reactor, POLL_INTERVAL).addCallback(done)
 
 
 def child_pids(pid: int) -> list[int]:

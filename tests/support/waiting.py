@@ -3,8 +3,9 @@ Waiting helpers shared by the integration tests: a free loopback port, and
 polling a condition on the reactor until it holds (never a blocking sleep).
 
 L{poll_until} reports what happened (the seconds it took, or C{None}) for
-tests that assert on it themselves; L{wait_until} fails the test itself
-when the condition never holds.
+tests that assert on it themselves; L{became_true} says it as C{True} or
+C{False}; L{wait_until} fails the test itself when the condition never
+holds. All three are the same poll.
 """
 
 from __future__ import annotations
@@ -75,3 +76,15 @@ def wait_until(
         return took
 
     return poll_until(tolerant, timeout, clock, interval).addCallback(check)
+
+
+def became_true(
+    predicate, timeout: float, clock=None, interval: float = POLL_INTERVAL
+) -> defer.Deferred:
+    """
+    L{poll_until} as a yes/no: fires with C{True} once C{predicate} holds,
+    C{False} once C{timeout} seconds passed.
+    """
+    return poll_until(predicate, timeout, clock, interval).addCallback(
+        lambda took: took is not None
+    )
