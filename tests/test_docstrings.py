@@ -34,13 +34,10 @@ NOT_YET_DOCUMENTED = frozenset(
         "tests/test_checkconfig.py",
         "tests/test_config.py",
         "tests/test_devsts.py",
-        "tests/test_forward.py",
         "tests/test_http.py",
         "tests/test_registry.py",
-        "tests/test_sts.py",
         "tests/test_tap.py",
         "tests/test_tls.py",
-        "tests/test_tokens.py",
         "tests/test_workers.py",
     }
 )

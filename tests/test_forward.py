@@ -72,10 +72,14 @@ class PathAndQueryTests(SynchronousTestCase):
     """L{target_path} and L{merge_query}, table-driven."""
 
     def test_target_path(self):
+        """
+        The upstream base path and the request path join with exactly one slash, encoding kept.
+        """
         for base, path, expected in TARGET_PATHS:
             self.assertEqual(target_path(base, path), expected, (base, path))
 
     def test_merge_query(self):
+        """The upstream URL's query comes first, then the caller's, empty pairs dropped."""
         for upstream, request, expected in MERGED_QUERIES:
             self.assertEqual(merge_query(upstream, request), expected, (upstream, request))
 
@@ -125,6 +129,7 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
     """L{forward_request_headers}: what reaches the upstream."""
 
     def test_end_to_end_headers_kept(self):
+        """End-to-end request headers reach the upstream unchanged."""
         out = forwarded(
             headers(
                 (b"Accept", b"text/event-stream"),
@@ -142,6 +147,7 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
         self.assertEqual(out[b"tracestate"], [b"k=v"])
 
     def test_hop_by_hop_removed(self):
+        """Hop-by-hop headers, and every name a Connection header lists, are not forwarded."""
         out = forwarded(
             headers(
                 (b"Connection", b"keep-alive, X-Hop"),
@@ -180,6 +186,7 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
         self.assertEqual(out[b"x-kept"], [b"yes"])
 
     def test_caller_bearer_and_caracal_headers_removed(self):
+        """The caller's bearer and every X-Caracal-* header stay at the gateway."""
         out = forwarded(
             headers(
                 (b"Authorization", b"Bearer caller-token"),
@@ -195,6 +202,7 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
         self.assertFalse([n for n in out if n.startswith(b"x-caracal-")])
 
     def test_forwarding_headers_replaced(self):
+        """Host and the X-Forwarded-* headers are the gateway's, never the caller's."""
         out = forwarded(
             headers(
                 (b"Host", b"gateway.example"),
@@ -215,12 +223,17 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
         self.assertNotIn(b"x-real-ip", out)
 
     def test_no_inbound_host(self):
+        """Without an inbound Host or client address those forwarding headers are left out."""
         out = forwarded(headers(), client_ip=None)
         self.assertNotIn(b"x-forwarded-host", out)
         self.assertNotIn(b"x-forwarded-for", out)
         self.assertEqual(out[b"host"], [b"api.example:8443"])
 
     def test_traceparent(self):
+        """
+        A valid traceparent and its tracestate pass; a malformed one is replaced and its tracestate
+        dropped.
+        """
         valid = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         out = forwarded(headers((b"traceparent", valid), (b"tracestate", b"k=v")))
         self.assertEqual(out[b"traceparent"], [valid])
@@ -239,6 +252,7 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
         self.assertRegex(generated, TRACEPARENT)
 
     def test_make_traceparent_unique(self):
+        """Each new traceparent is well-formed and different."""
         values = {make_traceparent() for _ in range(50)}
         self.assertEqual(len(values), 50)
         for value in values:
@@ -261,6 +275,7 @@ class CredentialHeadersTests(SynchronousTestCase):
     """L{credential_headers} by auth mode."""
 
     def test_table(self):
+        """Each auth mode, header and scheme gives its credential headers."""
         mandate = Mandate(access_token="mandate-jwt", provider_token="provider-secret")
         cases = [
             (resource(), [(b"Authorization", b"Bearer mandate-jwt")]),
@@ -289,6 +304,7 @@ class CredentialHeadersTests(SynchronousTestCase):
             self.assertEqual(credential_headers(res, mandate), expected, res)
 
     def test_provider_mode_without_provider_token(self):
+        """A provider mode without a provider token is refused, without quoting the mandate."""
         mandate = Mandate(access_token="mandate-jwt")
         for mode in ("provider_oauth", "provider_apikey"):
             with self.assertRaises(MissingProviderToken) as caught:
@@ -318,6 +334,7 @@ class ResponseHeadersTests(SynchronousTestCase):
         )
 
     def test_filtered(self):
+        """Hop-by-hop, X-Caracal-* and X-Request-Id response headers are not relayed."""
         out = {n.lower(): v for n, v in response_headers(self.upstream()).getAllRawHeaders()}
         self.assertEqual(
             out,
@@ -329,6 +346,7 @@ class ResponseHeadersTests(SynchronousTestCase):
         )
 
     def test_transformed_drops_length(self):
+        """A transformed body loses the upstream's Content-Length."""
         out = response_headers(self.upstream(), transformed=True)
         self.assertFalse(out.hasHeader(b"content-length"))
         self.assertTrue(out.hasHeader(b"content-type"))
@@ -393,6 +411,7 @@ class ForwarderTests(SynchronousTestCase):
         self.upstream_protocol.dataReceived(data)
 
     def test_request_sent(self):
+        """The upstream receives the joined path and query and the credential header."""
         self.forward(client_request())
         upstream = self.connect_upstream()
         sent = upstream.value()
@@ -401,6 +420,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertIn(b"Host: api.example\r\n", sent)
 
     def test_timeout(self):
+        """No response headers within UPSTREAM_TIMEOUT is a 504 upstream_timeout."""
         d = self.forward(client_request())
         self.reactor.advance(4.9)
         self.assertNoResult(d)
@@ -410,6 +430,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(denial.metric, "upstream_errors")
 
     def test_timeout_after_connect_aborts(self):
+        """A timeout after connecting aborts the upstream connection."""
         d = self.forward(client_request())
         upstream = self.connect_upstream()
         self.reactor.advance(5.1)
@@ -417,6 +438,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertTrue(upstream.disconnecting or upstream.disconnected)
 
     def test_refused(self):
+        """A refused connection is a 502 upstream_unreachable."""
         d = self.forward(client_request())
         [(_host, _port, factory, _timeout, _bind)] = self.reactor.tcpClients
         factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
@@ -425,6 +447,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_stream_then_finish(self):
+        """An event stream is relayed as it arrives, then the request finishes."""
         request = client_request()
         d = self.forward(request, self.watch)
         self.connect_upstream()
@@ -448,6 +471,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(upstream_observations(self.metrics), 1)
 
     def test_cut_writes_trailer(self):
+        """A revocation mid-stream ends a chunked answer with the X-Caracal-Revoked trailer."""
         request = client_request()
         d = self.forward(request, self.watch)
         upstream = self.connect_upstream()
@@ -464,6 +488,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(request.log_fields["upstream_cut"], "session_revoked")
 
     def test_cut_fixed_length_closes(self):
+        """A revocation mid-way through a fixed-length answer closes the connection."""
         request = client_request()
         d = self.forward(request, self.watch)
         self.connect_upstream()
@@ -476,6 +501,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertTrue(request.test_transport.disconnected)
 
     def test_http10_client_not_chunked(self):
+        """An HTTP/1.0 client gets no Trailer announcement."""
         request = client_request(clientproto=b"HTTP/1.0")
         self.forward(request, self.watch)
         self.connect_upstream()
@@ -499,6 +525,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(upstream.producerState, "producing")
 
     def test_client_gone_mid_stream(self):
+        """A client leaving mid-stream stops the upstream and the revocation watch."""
         request = client_request()
         d = self.forward(request, self.watch)
         upstream = self.connect_upstream()
@@ -509,6 +536,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(self.cancelled, 1)
 
     def test_client_gone_while_waiting(self):
+        """A client leaving before the headers drops the upstream connection and the timer."""
         request = client_request()
         d = self.forward(request)
         upstream = self.connect_upstream()
@@ -528,6 +556,7 @@ class ForwarderTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_client_already_gone(self):
+        """A client gone before forwarding starts is not forwarded for at all."""
         request = client_request()
         request.connectionLost(Failure(ConnectionDone()))
         self.assertIsNone(self.successResultOf(self.forward(request, self.watch)))

@@ -195,7 +195,7 @@ class PipelineTests(SynchronousTestCase):
 
     # step 4
     def test_expiringSoon(self):
-        """Step 4: a token with less than 30 seconds left is refused as credential_expired."""
+        """Step 4: a token with less than 35 seconds left is refused as credential_expired."""
         request = self.call(token=self.mint(ttl=20))
         self.assertDenied(request, 401, "credential_expired", "denials_expiring")
         self.assertNoSTS()

@@ -157,6 +157,7 @@ class MandateTests(SynchronousTestCase):
     """Parsing a 200 answer."""
 
     def test_full_mandate(self):
+        """A full answer becomes a Mandate with every field."""
         client, _, _ = client_for(STSDouble(body=MANDATE))
         mandate = self.successResultOf(exchange(client))
         self.assertEqual(mandate, Mandate(**MANDATE))
@@ -171,6 +172,7 @@ class MandateTests(SynchronousTestCase):
         self.assertIsNone(mandate.provider_token)
 
     def test_repr_hides_tokens(self):
+        """A Mandate's repr and str show neither token."""
         mandate = Mandate(**MANDATE)
         text = repr(mandate) + str(mandate)
         self.assertNotIn(MANDATE["access_token"], text)
@@ -178,6 +180,7 @@ class MandateTests(SynchronousTestCase):
         self.assertIn("Bearer", text)
 
     def test_mandate_is_frozen(self):
+        """A Mandate cannot be changed."""
         mandate = Mandate(**MANDATE)
         with self.assertRaises(AttributeError):
             mandate.access_token = "other"
@@ -204,6 +207,7 @@ class ExchangeErrorTests(SynchronousTestCase):
         )
 
     def test_4xx_json_error_without_description(self):
+        """An STS error without a description gets a fixed one."""
         denial = self.denial(401, {"error": "invalid_token"})
         self.assertEqual((denial.status, denial.code), (401, "invalid_token"))
         self.assertEqual(denial.description, "the STS refused the token exchange")
@@ -215,6 +219,7 @@ class ExchangeErrorTests(SynchronousTestCase):
             self.assertEqual(denial.description, "the STS refused the token exchange")
 
     def test_description_with_control_characters_is_replaced(self):
+        """An STS description with control characters is replaced, never relayed."""
         denial = self.denial(400, {"error": "invalid_request", "error_description": "a\r\nb"})
         self.assertEqual(denial.description, "the STS refused the token exchange")
 
@@ -225,6 +230,7 @@ class ExchangeErrorTests(SynchronousTestCase):
         self.assertEqual(self.denial(403, {"error": "nope!"}).code, "access_denied")
 
     def test_4xx_without_json_error(self):
+        """A 4xx without a JSON error code means the STS is unavailable."""
         self.assertUnavailable(self.denial(400, b"<html>bad</html>", b"text/html"))
         self.assertUnavailable(self.denial(404, {"message": "no error field"}))
         self.assertUnavailable(self.denial(400, {"error": 17}))
@@ -235,6 +241,7 @@ class ExchangeErrorTests(SynchronousTestCase):
         self.assertUnavailable(self.denial(503, b""))
 
     def test_redirect_not_followed(self):
+        """A redirect is not followed: the STS is unavailable."""
         sts = STSDouble(status=302, body=b"")
         sts.hang = False
         client, _, _ = client_for(sts)
@@ -242,17 +249,20 @@ class ExchangeErrorTests(SynchronousTestCase):
         self.assertEqual(len(sts.requests), 1)
 
     def test_bad_json(self):
+        """A 200 answer that is not a JSON object means the STS is unavailable."""
         self.assertUnavailable(self.denial(200, b"{not json"))
         self.assertUnavailable(self.denial(200, b"\xff\xfe"))
         self.assertUnavailable(self.denial(200, b'["access_token"]'))
 
     def test_missing_or_malformed_access_token(self):
+        """A missing or unsendable access_token means the STS is unavailable."""
         self.assertUnavailable(self.denial(200, {"token_type": "Bearer"}))
         self.assertUnavailable(self.denial(200, {"access_token": ""}))
         self.assertUnavailable(self.denial(200, {"access_token": 12}))
         self.assertUnavailable(self.denial(200, {"access_token": "a\r\nX-Evil: 1"}))
 
     def test_malformed_optional_fields(self):
+        """Optional fields of the wrong type mean the STS is unavailable."""
         for extra in (
             {"expires_in": "120"},
             {"expires_in": -1},
@@ -284,6 +294,7 @@ class ExchangeErrorTests(SynchronousTestCase):
         self.assertEqual(len(sts.lost), 1, "the server saw the connection dropped")
 
     def test_body_exactly_at_limit_is_read(self):
+        """A body of exactly the limit is read."""
         body = json.dumps({"access_token": "a.b.c"}).encode()
         body += b" " * (MAX_EXCHANGE_BYTES - len(body))
         client, _, _ = client_for(STSDouble(body=body))
@@ -306,6 +317,7 @@ class ExchangeErrorTests(SynchronousTestCase):
         self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
 
     def test_bad_gzip(self):
+        """A gzip body that does not inflate means the STS is unavailable."""
         for body in (b"not gzip at all", gzip.compress(json.dumps(MANDATE).encode())[:-12]):
             sts = STSDouble(body=body, headers={b"content-encoding": b"gzip"})
             client, _, _ = client_for(sts)
@@ -336,6 +348,7 @@ class ExchangeErrorTests(SynchronousTestCase):
         self.assertEqual(len(sts.lost), 1)
 
     def test_connection_refused(self):
+        """A refused connection is tried once and means the STS is unavailable."""
         agent = ScriptedAgent(lambda *a: fail(ConnectionRefusedError()))
         client = STSClient(BASE, Clock(), agent=agent)
         self.assertUnavailable(self.failureResultOf(exchange(client), Denial).value)
@@ -350,6 +363,7 @@ class ExchangeErrorTests(SynchronousTestCase):
         self.assertEqual(agent.calls, 2)
 
     def test_stale_pooled_connection_retry_succeeds(self):
+        """A pooled connection the STS closed is retried once on a fresh one."""
         sts = STSDouble(body=MANDATE)
         real = RequestTraversalAgent(sts)
         agent = ScriptedAgent(
@@ -385,6 +399,7 @@ class JWKSTests(SynchronousTestCase):
     jwks = {"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": "AA", "y": "BB"}]}
 
     def test_fetch(self):
+        """The JWKS is fetched with a GET naming the zone, query-encoded."""
         sts = STSDouble(body=self.jwks)
         client, _, _ = client_for(sts)
         self.assertEqual(self.successResultOf(client.fetch_jwks("zone a&b")), self.jwks)
@@ -394,6 +409,7 @@ class JWKSTests(SynchronousTestCase):
         self.assertEqual(request.args, {b"zone_id": [b"zone a&b"]})
 
     def test_failures(self):
+        """A JWKS answer that is not a 200 JSON key set is STSUnavailable."""
         for status, body in (
             (500, self.jwks),
             (404, {"error": "unknown_zone"}),
@@ -406,6 +422,7 @@ class JWKSTests(SynchronousTestCase):
             self.failureResultOf(client.fetch_jwks("z"), STSUnavailable)
 
     def test_timeout(self):
+        """A JWKS fetch past the timeout is STSUnavailable."""
         sts = STSDouble(hang=True)
         client, clock, agent = client_for(sts, timeout=1.0)
         d = client.fetch_jwks("z")
@@ -415,6 +432,7 @@ class JWKSTests(SynchronousTestCase):
         self.assertEqual(len(sts.lost), 1)
 
     def test_unreachable(self):
+        """An unreachable STS is STSUnavailable for the JWKS."""
         client = STSClient(
             BASE, Clock(), agent=ScriptedAgent(lambda *a: fail(ConnectionRefusedError()))
         )
@@ -425,16 +443,19 @@ class HealthTests(SynchronousTestCase):
     """health."""
 
     def test_up(self):
+        """A 200 from /health means the STS is up."""
         sts = STSDouble(body={"status": "ok"})
         client, _, _ = client_for(sts)
         self.assertIsNone(self.successResultOf(client.health()))
         self.assertEqual(sts.requests[0].path, b"/health")
 
     def test_down(self):
+        """Any other status means it is down."""
         client, _, _ = client_for(STSDouble(status=503, body=b"down"))
         self.failureResultOf(client.health(), STSUnavailable)
 
     def test_timeout(self):
+        """No answer in time means it is down."""
         client, clock, _ = client_for(STSDouble(hang=True), timeout=1.0)
         d = client.health()
         clock.advance(1.0)

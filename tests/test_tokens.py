@@ -79,9 +79,11 @@ class ExtractBearerTests(SynchronousTestCase, DenialAssertions):
         self.assertDenial(denial, 401, code, metric)
 
     def test_bearer(self):
+        """The token after C{Bearer } is extracted."""
         self.assertEqual(extract_bearer(headers_with(b"Bearer abc.def.ghi")), "abc.def.ghi")
 
     def test_schemeCaseInsensitive(self):
+        """The scheme is matched without regard to case."""
         self.assertEqual(extract_bearer(headers_with(b"bearer tok")), "tok")
         self.assertEqual(extract_bearer(headers_with(b"BEARER tok")), "tok")
         self.assertEqual(extract_bearer(headers_with(b"BeArEr tok")), "tok")
@@ -91,6 +93,7 @@ class ExtractBearerTests(SynchronousTestCase, DenialAssertions):
         self.assertEqual(extract_bearer(headers_with(b"Bearer   tok  ")), "tok")
 
     def test_missing(self):
+        """No Authorization header is missing_token."""
         self.refused(Headers(), "missing_token", "denials_missing_auth")
 
     def test_otherScheme(self):
@@ -98,9 +101,11 @@ class ExtractBearerTests(SynchronousTestCase, DenialAssertions):
         self.refused(headers_with(b"Basic dXNlcjpwYXNz"), "missing_token", "denials_missing_auth")
 
     def test_schemeGluedToToken(self):
+        """C{Bearertok} has no bearer token."""
         self.refused(headers_with(b"Bearertok"), "missing_token", "denials_missing_auth")
 
     def test_bearerWithoutToken(self):
+        """A scheme without a token, or blank, is missing_token."""
         for value in (b"Bearer", b"Bearer ", b"Bearer \t ", b"", b"   "):
             self.refused(headers_with(value), "missing_token", "denials_missing_auth")
 
@@ -136,14 +141,17 @@ class PeekTests(SynchronousTestCase, DenialAssertions):
         self.assertEqual(peek_header(self.token()), {"alg": "ES256", "kid": "k1"})
 
     def test_realJWT(self):
+        """The claims of a real JWT are read without verifying it."""
         key = ec.generate_private_key(ec.SECP256R1())
         token = jwt.encode({"exp": 123, "jti": "j"}, key, algorithm="ES256")
         self.assertEqual(peek_claims(token), {"exp": 123, "jti": "j"})
 
     def test_notAJWT(self):
+        """A string that is not a JWT is an invalid token."""
         self.refused("not-a-jwt")
 
     def test_segmentCount(self):
+        """Only exactly three non-empty segments make a JWT."""
         good = self.token()
         self.refused(".".join(good.split(".")[:2]))
         self.refused(good + ".extra")
@@ -151,34 +159,41 @@ class PeekTests(SynchronousTestCase, DenialAssertions):
         self.refused("." + good.split(".", 1)[1])
 
     def test_badBase64(self):
+        """A segment that is not base64url is refused."""
         _, payload, signature = self.token().split(".")
         self.refused(f"!!!!.{payload}.{signature}")
         header, _, signature = self.token().split(".")
         self.refused(f"{header}.e30*.{signature}")
 
     def test_headerNotJSONObject(self):
+        """A header that is not a JSON object is refused."""
         for header in ([], "ES256", 1):
             self.refused(self.token(header=header))
         _, payload, signature = self.token().split(".")
         self.refused(f"{b64(b'{not json')}.{payload}.{signature}")
 
     def test_payloadNotJSONObject(self):
+        """A payload that is not a JSON object is refused."""
         self.refused(self.token(payload=[1, 2]))
         header, _, signature = self.token().split(".")
         self.refused(f"{header}.{b64(b'not json')}.{signature}")
 
     def test_peekHeaderRefusesGarbage(self):
+        """Peeking at the header of garbage is an invalid token."""
         denial = self.assertRaises(Denial, peek_header, "a.b")
         self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
 
     def test_noExp(self):
+        """A token without C{exp} is refused."""
         self.refused(self.token(payload={"sub": "agent"}))
 
     def test_expNotANumber(self):
+        """An C{exp} that is not a number is refused."""
         for exp in (str(int(NOW + 300)), True, None, [1], {"a": 1}):
             self.refused(self.token(payload={"exp": exp}))
 
     def test_expNotFinite(self):
+        """An C{exp} of NaN, infinity or beyond a float is refused."""
         header, _, signature = self.token().split(".")
         for raw in (b'{"exp": NaN}', b'{"exp": Infinity}', b'{"exp": 1' + b"0" * 400 + b"}"):
             self.refused(f"{header}.{b64(raw)}.{signature}")
@@ -228,6 +243,7 @@ class PeekTests(SynchronousTestCase, DenialAssertions):
 
 class SecondsLeftTests(SynchronousTestCase, DenialAssertions):
     def test_enoughLeft(self):
+        """The seconds left are returned when there are at least 35."""
         self.assertEqual(seconds_left({"exp": NOW + 36}, NOW), 36)
         self.assertEqual(seconds_left({"exp": NOW + 3600.5}, NOW), 3600.5)
 
@@ -236,11 +252,13 @@ class SecondsLeftTests(SynchronousTestCase, DenialAssertions):
         self.assertEqual(seconds_left({"exp": NOW + 35}, NOW), 35)
 
     def test_underThreshold(self):
+        """Under 35 seconds left, or expired, is credential_expired."""
         for exp in (NOW + 34.9, NOW + 1, NOW, NOW - 1, 0):
             denial = self.assertRaises(Denial, seconds_left, {"exp": exp}, NOW)
             self.assertDenial(denial, 401, "credential_expired", "denials_expiring")
 
     def test_badExp(self):
+        """An unusable C{exp} is an invalid token."""
         denial = self.assertRaises(Denial, seconds_left, {"exp": "soon"}, NOW)
         self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
 
@@ -266,16 +284,19 @@ class ClaimTests(SynchronousTestCase, DenialAssertions):
             self.assertTrue(single_use(claims))
 
     def test_replayJti(self):
+        """Single-use tokens give their jti; ambient ones give none."""
         self.assertEqual(replay_jti({"jti": "j-1"}), "j-1")
         self.assertIsNone(replay_jti({"use": "ambient"}))
         self.assertIsNone(replay_jti({"use": "ambient", "jti": "j-1"}))
 
     def test_singleUseNeedsJti(self):
+        """A single-use token without a string jti is refused."""
         for claims in ({}, {"jti": ""}, {"jti": 7}, {"jti": None}, {"use": "per_call"}):
             denial = self.assertRaises(Denial, replay_jti, claims)
             self.assertDenial(denial, 401, "invalid_token", "denials_bad_bearer")
 
     def test_sessionId(self):
+        """C{sid} names the session, else C{agent_session_id}; non-strings are ignored."""
         self.assertEqual(session_id({"sid": "s1", "agent_session_id": "a1"}), "s1")
         self.assertEqual(session_id({"agent_session_id": "a1"}), "a1")
         self.assertIsNone(session_id({}))
@@ -321,6 +342,7 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
         return failure.value
 
     def test_valid(self):
+        """A token signed by the zone's key verifies and gives its claims."""
         claims = self.successResultOf(verify_token(self.mint(use="ambient"), "zone-a", self.cache))
         self.assertEqual(claims["sub"], "agent-1")
         self.assertEqual(claims["use"], "ambient")
@@ -339,6 +361,7 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
         self.assertEqual(self.sts.calls, [])
 
     def test_algMissingOrOdd(self):
+        """A missing, non-string or lowercase C{alg} is refused before any signature check."""
         self.refused(self.forge({"kid": "k1"}, sign=lambda data: b"x"))
         self.refused(self.forge({"alg": ["ES256"], "kid": "k1"}, sign=lambda data: b"x"))
         self.refused(self.forge({"alg": "es256", "kid": "k1"}, sign=lambda data: b"x"))
@@ -367,14 +390,17 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
                 self.refused(token)
 
     def test_rs256(self):
+        """RS256 is refused: only ES256 is accepted."""
         rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.refused(self.mint(key=rsa_key, algorithm="RS256"))
 
     def test_otherECAlgorithms(self):
+        """ES384 is refused: only ES256 is accepted."""
         p384 = ec.generate_private_key(ec.SECP384R1())
         self.refused(self.mint(key=p384, algorithm="ES384"))
 
     def test_missingKid(self):
+        """A missing, empty or non-string C{kid} is refused."""
         self.refused(self.mint(kid=None))
         self.refused(self.forge({"alg": "ES256", "kid": ""}, sign=lambda data: b"x"))
         self.refused(self.forge({"alg": "ES256", "kid": 1}, sign=lambda data: b"x"))
@@ -386,15 +412,18 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
         self.refused(token, "zone-a")
 
     def test_wrongKeyRightKid(self):
+        """A known kid does not make another key's signature valid."""
         intruder = ec.generate_private_key(ec.SECP256R1())
         self.refused(self.mint(key=intruder, kid="k1"))
 
     def test_tamperedPayload(self):
+        """A payload changed after signing fails verification."""
         header, _, signature = self.mint().split(".")
         forged = {"sub": "admin", "exp": int(NOW + 300), "iat": int(NOW), "jti": "j-1"}
         self.refused(f"{header}.{b64json(forged)}.{signature}")
 
     def test_tamperedSignature(self):
+        """A changed or truncated signature fails verification."""
         header, payload, signature = self.mint().split(".")
         raw = bytearray(base64.urlsafe_b64decode(signature + "=="))
         raw[5] ^= 1
@@ -408,12 +437,14 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
         self.successResultOf(verify_token(self.mint(exp=int(NOW) + 1), "zone-a", self.cache))
 
     def test_usesGivenNow(self):
+        """Expiry is judged at the C{now} given."""
         token = self.mint(exp=int(NOW) + 10)
         self.successResultOf(verify_token(token, "zone-a", self.cache, now=NOW + 9))
         failure = self.failureResultOf(verify_token(token, "zone-a", self.cache, now=NOW + 10))
         self.assertDenial(failure.value, 401, "invalid_token", "denials_signature", token)
 
     def test_expMissing(self):
+        """A signed token without C{exp} is refused."""
         token = jwt.encode({"sub": "x"}, self.key, algorithm="ES256", headers={"kid": "k1"})
         self.refused(token)
 
@@ -426,6 +457,7 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
         self.successResultOf(verify_token(self.mint(iat=int(NOW) + 3), "zone-a", self.cache))
 
     def test_garbage(self):
+        """Garbage is refused as an invalid token."""
         for token in ("not-a-jwt", "a.b", "a.b.c", ""):
             self.refused(token)
 
