@@ -58,12 +58,24 @@ if REPO not in sys.path:
     # For tests.support.certs (certificates are made per run, never committed).
     sys.path.insert(0, REPO)
 
-TARGETS = ("bare", "ambient", "per_call")
+TARGETS = ("bare", "ambient", "per_call", "workers")
+DEFAULT_TARGETS = ("bare", "ambient", "per_call")
 LABELS = {
-    "bare": "(a) bare ReverseProxyResource, TLS",
+    "bare": "(a) bare pooled Twisted proxy, TLS",
     "ambient": "(b) gateway, ambient token",
     "per_call": "(c) gateway, per_call tokens",
+    "workers": "(d) gateway, per_call, --workers N",
 }
+#: The process whose CPU is the target's own (the upstream and STS excluded).
+FRONT = {"bare": "bare", "ambient": "gateway", "per_call": "gateway", "workers": "gateway-workers"}
+#: SPEC 17 targets.
+TARGET_CPU_RATIO = 3.0
+TARGET_RPS_RATIO = 0.33
+TARGET_P99_RATIO = 2.5
+TARGET_WORKERS_SCALING = 0.85
+TARGET_PARENT_CORE = 0.02
+TARGET_SOAK_MB_PER_100K = 1.0
+TARGET_IDLE_MB_PER_1000 = 20.0
 PATH = "/bench/tool"
 UPSTREAM_BODY = b'{"ok":true,"tool":"bench"}'  # bench/targets.py UPSTREAM_BODY
 ADMIN_DSN = os.environ.get("BENCH_POSTGRES", "host=127.0.0.1 port=5432 dbname=test")
@@ -150,6 +162,13 @@ class Processes:
                 continue
         return used
 
+    def pid(self, name: str) -> int | None:
+        """The pid of the running child C{name}."""
+        for candidate, process, _path in self.running:
+            if candidate == name and process.poll() is None:
+                return process.pid
+        return None
+
     def memory_mib(self) -> dict[str, tuple[float, float]]:
         """Resident and peak resident memory (MiB) of each running child, from /proc."""
         memory = {}
@@ -177,6 +196,99 @@ class Processes:
                 process.kill()
                 process.wait()
         self.running.clear()
+
+
+def children_of(pid: int) -> list[int]:
+    """The direct children of C{pid} (the workers of a C{--workers N} gateway), from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return sorted(found)
+
+
+def pid_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of C{pid} itself (not its children), from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pid_rss_mib(pid: int) -> float:
+    """Resident memory of C{pid} in MiB, from /proc."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+async def _hold_idle(port: int, ca_file: str, count: int, opened, release) -> int:
+    """
+    Open C{count} TLS connections to C{port}, send one keep-alive request on
+    each (C{GET /health}) and read its answer, then leave them idle; call
+    C{opened()} once all are idle, wait for C{release} and close them.
+    Returns how many were open and idle.
+    """
+    import asyncio
+
+    context = ssl.create_default_context(cafile=ca_file)
+    gate = asyncio.Semaphore(64)
+    streams = []
+
+    async def one():
+        async with gate:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+            writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await writer.drain()
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            streams.append(writer)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.sleep(0.5)  # let the server settle (timers, buffers released)
+    opened()
+    while not release():
+        await asyncio.sleep(0.1)
+    for writer in streams:
+        writer.close()
+    return len(streams)
+
+
+def idle_connections_mib(pid: int, port: int, ca_file: str, count: int) -> dict:
+    """
+    RSS of C{pid} before and while C{count} idle TLS keep-alive connections
+    are open to C{port}: the memory an idle agent connection costs.
+    """
+    import asyncio
+
+    before = pid_rss_mib(pid)
+    held = {}
+
+    def opened():
+        held["rss"] = pid_rss_mib(pid)
+
+    opened_count = asyncio.run(_hold_idle(port, ca_file, count, opened, lambda: "rss" in held))
+    grown = held["rss"] - before
+    return {
+        "connections": opened_count,
+        "rss_before_mib": round(before, 2),
+        "rss_idle_mib": round(held["rss"], 2),
+        "growth_mib": round(grown, 2),
+        "kib_per_connection": round(grown * 1024 / max(1, opened_count), 2),
+        "mib_per_1000": round(grown * 1000 / max(1, opened_count), 2),
+    }
 
 
 def python_command(script: str, *args: str) -> list[str]:
@@ -434,28 +546,89 @@ def summarize(raw: dict) -> dict:
 
 
 def ratios(results: dict) -> dict:
-    """(b)/(a) and (c)/(a) for throughput, p50 and p99."""
+    """(b)/(a), (c)/(a) for throughput, p50, p99 and CPU per request; (d)/(c) scaling."""
     bare = results.get("bare")
     out = {}
-    if not bare or "rps" not in bare:
-        return out
-    for name in ("ambient", "per_call"):
-        other = results.get(name)
-        if not other or "rps" not in other:
-            continue
-        out[f"{name}/bare"] = {
-            "rps": round(other["rps"] / bare["rps"], 3) if bare["rps"] else None,
-            "p50": round(other["p50_ms"] / bare["p50_ms"], 3) if bare["p50_ms"] else None,
-            "p99": round(other["p99_ms"] / bare["p99_ms"], 3) if bare["p99_ms"] else None,
+    if bare and "rps" in bare:
+        for name in ("ambient", "per_call"):
+            other = results.get(name)
+            if not other or "rps" not in other:
+                continue
+            out[f"{name}/bare"] = {
+                "rps": round(other["rps"] / bare["rps"], 3) if bare["rps"] else None,
+                "p50": round(other["p50_ms"] / bare["p50_ms"], 3) if bare["p50_ms"] else None,
+                "p99": round(other["p99_ms"] / bare["p99_ms"], 3) if bare["p99_ms"] else None,
+            }
+            if bare.get("front_cpu_us_per_request") and other.get("front_cpu_us_per_request"):
+                out[f"{name}/bare"]["cpu_per_request"] = round(
+                    other["front_cpu_us_per_request"] / bare["front_cpu_us_per_request"], 3
+                )
+    one, many = results.get("per_call"), results.get("workers")
+    if one and many and "rps" in one and "rps" in many and one["rps"]:
+        out["workers/per_call"] = {
+            "workers": many["workers"],
+            "scaling": round(many["rps"] / one["rps"], 3),
+            "parent_core_share": many.get("parent_core_share"),
         }
-        if bare.get("cpu_ms_per_request") and other.get("cpu_ms_per_request"):
-            out[f"{name}/bare"]["cpu_per_request"] = round(
-                other["cpu_ms_per_request"] / bare["cpu_ms_per_request"], 3
-            )
     return out
 
 
-def format_table(results: dict, ratio: dict) -> str:
+def spec_checks(results: dict, ratio: dict) -> list[dict]:
+    """
+    Each SPEC 17 figure this run measured, next to its target:
+    C{{"what", "value", "target", "ok"}} (C{value} and C{target} as printed).
+    """
+    checks = []
+
+    def check(what: str, value: float, op: str, limit: float, unit: str = "x") -> None:
+        ok = {"<=": value <= limit, "<": value < limit, ">=": value >= limit}[op]
+        checks.append(
+            {
+                "what": what,
+                "value": f"{value:.3g}{unit}",
+                "target": f"{op} {limit:.3g}{unit}",
+                "ok": ok,
+            }
+        )
+
+    per_call = ratio.get("per_call/bare")
+    if per_call:
+        if per_call.get("cpu_per_request") is not None:
+            check(
+                "per_call CPU/request vs bare", per_call["cpu_per_request"], "<=", TARGET_CPU_RATIO
+            )
+        if per_call.get("rps") is not None:
+            check("per_call req/s vs bare (1 process)", per_call["rps"], ">=", TARGET_RPS_RATIO)
+        if per_call.get("p99") is not None:
+            check("per_call p99 vs bare", per_call["p99"], "<=", TARGET_P99_RATIO)
+    scaling = ratio.get("workers/per_call")
+    if scaling:
+        n = scaling["workers"]
+        check(
+            f"--workers {n} req/s vs 1 process", scaling["scaling"], ">=",
+            round(TARGET_WORKERS_SCALING * n, 3),
+        )  # fmt: skip
+        if scaling.get("parent_core_share") is not None:
+            check(
+                "--workers parent CPU, share of a core",
+                100 * scaling["parent_core_share"], "<", 100 * TARGET_PARENT_CORE, "%",
+            )  # fmt: skip
+    soak = results.get("soak")
+    if soak and "mib_per_100k" in soak:
+        check(
+            "RSS growth per 100k requests", soak["mib_per_100k"], "<=",
+            TARGET_SOAK_MB_PER_100K, " MiB",
+        )  # fmt: skip
+    idle = results.get("idle")
+    if idle and "gateway" in idle:
+        check(
+            "1,000 idle TLS keep-alive connections", idle["gateway"]["mib_per_1000"], "<=",
+            TARGET_IDLE_MB_PER_1000, " MiB",
+        )  # fmt: skip
+    return checks
+
+
+def format_table(results: dict, ratio: dict, checks: list[dict] | None = None) -> str:
     """The human-readable report."""
     lines = [
         f"{'target':<38}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}",
@@ -473,16 +646,24 @@ def format_table(results: dict, ratio: dict) -> str:
                 f" ({result['tokens_exhausted']} requests without a fresh token;"
                 " measure ambient too or raise --assumed-rate)"
             )
+        label = LABELS[name].replace("N", str(result.get("workers", "N")))
         lines.append(
-            f"{LABELS[name]:<38}{result['rps']:>10.1f}{result['p50_ms']:>10.2f}"
+            f"{label:<38}{result['rps']:>10.1f}{result['p50_ms']:>10.2f}"
             f"{result['p99_ms']:>10.2f}{result['errors']:>8d}{flag}"
         )
     for name in TARGETS:
         cpu = results.get(name, {}).get("cpu_s")
         if cpu:
             spent = ", ".join(f"{process} {seconds:.1f} s" for process, seconds in cpu.items())
-            per_request = results[name].get("cpu_ms_per_request", 0.0)
-            lines.append(f"cpu during {name}: {spent} ({per_request:.2f} ms per request)")
+            front = results[name].get("front_cpu_us_per_request", 0.0)
+            lines.append(f"cpu during {name}: {spent} ({FRONT[name]}: {front:.0f} us per request)")
+        split = results.get(name, {}).get("cpu_split")
+        if split:
+            seconds = results[name]["seconds"]
+            shares = ", ".join(
+                f"{process} {100 * used / seconds:.0f}%" for process, used in split.items()
+            )
+            lines.append(f"cpu split during {name} (share of a core): {shares}")
     for name in TARGETS:
         memory = results.get(name, {}).get("memory_mib")
         if memory:
@@ -493,12 +674,33 @@ def format_table(results: dict, ratio: dict) -> str:
             )
             if held:
                 lines.append(f"memory after {name}: {held}")
+    soak = results.get("soak")
+    if soak:
+        lines.append(
+            f"soak: {soak['requests']} requests ({soak['target']}), gateway RSS"
+            f" {soak['rss_before_mib']:.2f} -> {soak['rss_after_mib']:.2f} MiB"
+            f" ({soak['mib_per_100k']:+.3f} MiB per 100k requests)"
+        )
+    for name, idle in (results.get("idle") or {}).items():
+        lines.append(
+            f"idle: {idle['connections']} TLS keep-alive connections to {name}: RSS"
+            f" {idle['rss_before_mib']:.1f} -> {idle['rss_idle_mib']:.1f} MiB"
+            f" ({idle['kib_per_connection']:.1f} KiB each,"
+            f" {idle['mib_per_1000']:.1f} MiB per 1,000)"
+        )
     for key, value in ratio.items():
+        if key == "workers/per_call":
+            continue
         letter = {"ambient/bare": "(b)/(a)", "per_call/bare": "(c)/(a)"}[key]
         cpu = value.get("cpu_per_request")
         lines.append(
             f"ratio {letter}: throughput {value['rps']:.3f}x, p50 {value['p50']:.2f}x,"
             f" p99 {value['p99']:.2f}x" + (f", cpu/request {cpu:.2f}x" if cpu else "")
+        )
+    for item in checks or []:
+        verdict = "ok" if item["ok"] else "MISSED"
+        lines.append(
+            f"SPEC 17: {item['what']:<40} {item['value']:>10}  (target {item['target']}) {verdict}"
         )
     return "\n".join(lines)
 
@@ -518,6 +720,8 @@ class Bench:
         self.resource = f"bench-tool-{secrets.token_hex(4)}"
         self.results: dict = {}
         self.notes: list[str] = []
+        self.bare_port: int | None = None
+        self.gateway_port: int | None = None
 
     def say(self, message: str) -> None:
         if not self.args.quiet:
@@ -589,13 +793,11 @@ class Bench:
             if done.returncode != 0:
                 raise BenchError(f"admin {command[0]} failed: {done.stderr.strip()}")
 
-        self.gateway_port = free_port()
-        env = {
+        self.gateway_env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "PYTHONUNBUFFERED": "1",
             "CARACAL_ENV": "dev",
-            "PORT": str(self.gateway_port),
             "BIND_ADDRESS": "127.0.0.1",
             "TLS_CERT_FILE": self.cert,
             "TLS_KEY_FILE": self.key,
@@ -606,20 +808,26 @@ class Bench:
             "ALLOW_PRIVATE_UPSTREAMS": "true",
             "LOG_LEVEL": "info",
         }
-        gateway = self.processes.start("gateway", twistd_command("caracal-gateway"), env)
-        self.processes.wait_listening("gateway", gateway, self.gateway_port)
+        self.gateway_port = self.start_gateway_process("gateway")
+
+    def start_gateway_process(self, name: str, *options: str) -> int:
+        """One C{twistd caracal-gateway} (C{options} after the plugin name); its port once ready."""
+        port = free_port()
+        env = {**self.gateway_env, "PORT": str(port)}
+        gateway = self.processes.start(name, twistd_command("caracal-gateway", *options), env)
+        self.processes.wait_listening(name, gateway, port)
         # Listening is not serving: wait until Postgres, Redis and the STS are reachable.
         deadline = time.monotonic() + START_TIMEOUT
         status, body = None, b""
         while time.monotonic() < deadline:
             try:
-                status, body = https_get(self.gateway_port, self.ca, {}, "/ready")
+                status, body = https_get(port, self.ca, {}, "/ready")
             except OSError as error:
                 status, body = None, str(error).encode()
             if status == 200:
-                return
+                return port
             time.sleep(0.25)
-        raise BenchError(f"gateway not ready: {status} {body[:300]!r}")
+        raise BenchError(f"{name} not ready: {status} {body[:300]!r}")
 
     # checks
 
@@ -646,19 +854,29 @@ class Bench:
 
     def measure(self, name: str, port: int, token_file: str = "", warmup_file: str = "") -> None:
         args = self.args
-        mode = name
+        mode = "per_call" if name == "workers" else name
         if args.warmup:
             run_load(
                 self.loader, port, mode, args.warmup, args.connections, args.threads,
                 self.resource, warmup_file or token_file,
             )  # fmt: skip
         self.say(f"measuring {LABELS[name]} for {args.duration} s ...")
+        front = self.processes.pid(FRONT[name])
+        # The workers of a --workers N gateway are the front's children.
+        pids = {"parent": front, **{
+            f"worker {i}": pid for i, pid in enumerate(children_of(front), 1)
+        }} if name == "workers" else {}  # fmt: skip
+        split_before = {label: pid_cpu_seconds(pid) for label, pid in pids.items()}
         before = self.processes.cpu_seconds()
         raw = run_load(
             self.loader, port, mode, args.duration, args.connections, args.threads,
             self.resource, token_file,
         )  # fmt: skip
         after = self.processes.cpu_seconds()
+        split = {
+            label: round(pid_cpu_seconds(pid) - split_before[label], 2)
+            for label, pid in pids.items()
+        }
         result = summarize(raw)
         # Resident memory after the load, and the peak so far, per process.
         result["memory_mib"] = {
@@ -676,15 +894,25 @@ class Bench:
             result["cpu_ms_per_request"] = round(
                 1000 * sum(result["cpu_s"].values()) / result["requests"], 3
             )
+            # The target's own process (with its workers): what SPEC 17 compares.
+            own = sum(split.values()) if split else result["cpu_s"].get(FRONT[name], 0.0)
+            result["front_cpu_us_per_request"] = round(1e6 * own / result["requests"], 1)
+        if split:
+            result["workers"] = len(split) - 1
+            result["cpu_split"] = split
+            result["parent_core_share"] = round(split["parent"] / result["seconds"], 4)
         self.results[name] = result
 
-    def per_call_budget(self, seconds: int) -> int:
+    def per_call_budget(self, seconds: int, measured: str = "ambient") -> int:
         """
         Tokens enough for C{seconds} at twice (b)'s rate, or at C{--assumed-rate}
         when (b) was not measured; twice, because the rate of one run varies
         with whatever else the machine is doing.
         """
-        rate = self.results.get("ambient", {}).get("rps") or self.args.assumed_rate
+        rate = self.results.get(measured, {}).get("rps") or self.args.assumed_rate
+        if measured == "per_call":
+            # N workers serve up to N times one process.
+            rate *= self.args.workers
         return math.ceil(rate * seconds * 2) + 10 * self.args.connections
 
     def run(self) -> dict:
@@ -698,7 +926,7 @@ class Bench:
             self.start_bare()
             self.expect_ok("bare", self.bare_port, {})
         gateway_ready = False
-        if "ambient" in wanted or "per_call" in wanted:
+        if {"ambient", "per_call", "workers"} & set(wanted) or args.soak or args.idle:
             try:
                 self.start_gateway()
                 self.ambient_token = mint_tokens(self.sts_port, self.zone, 1, "ambient", 1)[0]
@@ -742,7 +970,64 @@ class Bench:
                 write_tokens(os.path.join(self.directory, "per_call.tokens"), tokens),
                 write_tokens(os.path.join(self.directory, "warmup.tokens"), warmup or ["none"]),
             )
+        if gateway_ready and "workers" in wanted:
+            self.workers_port = self.start_gateway_process(
+                "gateway-workers", "--workers", str(args.workers)
+            )
+            count = self.per_call_budget(args.duration, "per_call")
+            self.say(f"minting {count} single-use tokens for --workers {args.workers} ...")
+            warmup = mint_tokens(
+                self.sts_port, self.zone, self.per_call_budget(args.warmup, "per_call"),
+                "per_call",
+            ) if args.warmup else []  # fmt: skip
+            tokens = mint_tokens(self.sts_port, self.zone, count, "per_call")
+            self.measure(
+                "workers",
+                self.workers_port,
+                write_tokens(os.path.join(self.directory, "workers.tokens"), tokens),
+                write_tokens(os.path.join(self.directory, "wwarmup.tokens"), warmup or ["none"]),
+            )
+        if gateway_ready and args.soak:
+            self.soak(args.soak)
+        if args.idle:
+            self.results["idle"] = {}
+            for name, port in (("bare", self.bare_port), ("gateway", self.gateway_port)):
+                if port is None or (name == "gateway" and not gateway_ready):
+                    continue
+                self.say(f"holding {args.idle} idle TLS connections to {name} ...")
+                self.results["idle"][name] = idle_connections_mib(
+                    self.processes.pid(name), port, self.ca, args.idle
+                )
         return self.report()
+
+    def soak(self, requests: int) -> None:
+        """
+        About C{requests} ambient requests through the gateway (a long wrk run
+        sized from (b)'s rate) and its RSS before and after: growth per 100k.
+        """
+        rate = self.results.get("ambient", {}).get("rps") or self.args.assumed_rate
+        seconds = max(1, math.ceil(requests / rate))
+        token_file = write_tokens(
+            os.path.join(self.directory, "ambient.tokens"), [self.ambient_token]
+        )
+        pid = self.processes.pid("gateway")
+        before = pid_rss_mib(pid)
+        self.say(f"soak: ambient load for {seconds} s (about {requests} requests) ...")
+        raw = run_load(
+            self.loader, self.gateway_port, "ambient", seconds, self.args.connections,
+            self.args.threads, self.resource, token_file,
+        )  # fmt: skip
+        after = pid_rss_mib(pid)
+        done = summarize(raw)
+        self.results["soak"] = {
+            "target": "ambient",
+            "requests": done["requests"],
+            "errors": done["errors"],
+            "valid": done["valid"],
+            "rss_before_mib": round(before, 2),
+            "rss_after_mib": round(after, 2),
+            "mib_per_100k": round((after - before) * 100_000 / max(1, done["requests"]), 3),
+        }
 
     def report(self) -> dict:
         import twisted
@@ -776,7 +1061,10 @@ class Bench:
                 "path": PATH,
             },
             "targets": {name: self.results[name] for name in TARGETS if name in self.results},
+            "soak": self.results.get("soak"),
+            "idle": self.results.get("idle"),
             "ratios": ratio,
+            "spec17": spec_checks(self.results, ratio),
             "notes": self.notes,
         }
 
@@ -822,9 +1110,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=os.path.join(BENCH, "last-run.json"))
     parser.add_argument(
         "--targets",
-        default=",".join(TARGETS),
-        help="comma-separated subset of bare,ambient,per_call (all)",
+        default=",".join(DEFAULT_TARGETS),
+        help="comma-separated subset of bare,ambient,per_call,workers (bare,ambient,per_call)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 2,
+        help="N of target (d), a per_call run of 'twistd caracal-gateway --workers N' (cores)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--soak", type=int, default=0, metavar="REQUESTS",
+        help="after the targets, about REQUESTS ambient requests: gateway RSS growth per 100k",
+    )  # fmt: skip
+    parser.add_argument(
+        "--idle", type=int, default=0, metavar="CONNECTIONS",
+        help="hold CONNECTIONS idle TLS keep-alive connections to bare and gateway: RSS each",
+    )  # fmt: skip
     parser.add_argument("--loader", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument(
         "--allow-missing",
@@ -869,7 +1169,13 @@ def main(argv=None) -> int:
         return 130
     finally:
         bench.teardown()
-    print(format_table(report["targets"], report["ratios"]))
+    print(
+        format_table(
+            {**report["targets"], "soak": report["soak"], "idle": report["idle"]},
+            report["ratios"],
+            report["spec17"],
+        )
+    )
     for note in report["notes"]:
         print(f"note: {note}")
     if args.out:
