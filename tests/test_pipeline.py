@@ -440,6 +440,35 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(self.call(token=token).responseCode, 200)
         self.assertEqual(self.call(token=token).responseCode, 200)
 
+    def test_ambientSignatureRemembered(self):
+        """Step 8 remembers an ambient token's signature; a per_call token's is never kept."""
+        ambient = self.mint(use="ambient", jti=None)
+        self.assertEqual(self.call(token=ambient).responseCode, 200)
+        self.assertEqual(len(self.pipeline.signatures), 1)
+        self.assertEqual(self.call(token=ambient).responseCode, 200)
+        self.assertEqual(self.call(token=self.mint()).responseCode, 200)
+        self.assertEqual(len(self.pipeline.signatures), 1)
+
+    def test_replayRefusedWithSignatureCache(self):
+        """A per_call token sent again is refused even after ambient tokens filled the cache."""
+        self.assertEqual(self.call(token=self.mint(use="ambient", jti=None)).responseCode, 200)
+        token = self.mint()
+        self.assertEqual(self.call(token=token).responseCode, 200)
+        second = self.call(token=token)
+        self.assertEqual(second.responseCode, 401)
+        self.assertEqual(self.metrics.counters["denials_jti_replay"], 1)
+
+    def test_revokedSessionRefusedDespiteRememberedSignature(self):
+        """An ambient token whose signature is remembered is refused once its session is revoked."""
+        token = self.mint(use="ambient", jti=None, sid="s-1")
+        self.assertEqual(self.call(token=token).responseCode, 200)
+        self.assertEqual(len(self.pipeline.signatures), 1)
+        self.revocations.revoke(ZONE, "s-1")
+        request = self.call(token=token)
+        self.assertEqual(request.responseCode, 401)
+        self.assertEqual(json.loads(request.body)["error"], "session_revoked")
+        self.assertEqual(self.metrics.counters["denials_revoked"], 1)
+
     def test_singleUseWithoutJti(self):
         """Step 9: a single-use token without C{jti} is an invalid token."""
         request = self.call(token=self.mint(jti=None))

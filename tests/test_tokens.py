@@ -18,8 +18,10 @@ from twisted.web.http_headers import Headers
 from caracal.gateway.denials import Denial
 from caracal.gateway.jwks import JWKSCache
 from caracal.gateway.tokens import (
+    SignatureCache,
     extract_bearer,
     fingerprint,
+    peek,
     peek_claims,
     peek_header,
     replay_jti,
@@ -157,6 +159,32 @@ class PeekTests(SynchronousTestCase, DenialAssertions):
         self.refused(good + ".extra")
         self.refused(good.rsplit(".", 1)[0] + ".")
         self.refused("." + good.split(".", 1)[1])
+
+    def test_parsedOnce(self):
+        """L{peek} hands step 8 the decoded header, claims, signing input and signature."""
+        token = self.token()
+        parsed = peek(token)
+        self.assertEqual(parsed.header, {"alg": "ES256", "kid": "k1"})
+        self.assertEqual(parsed.claims, {"exp": NOW + 300, "sub": "agent"})
+        self.assertEqual(parsed.signing_input, token.rsplit(".", 1)[0].encode("ascii"))
+        self.assertEqual(parsed.signature, b"signature")
+
+    def test_strictLikePyJWT(self):
+        """
+        What pyjwt refused before the single parse is still refused: critical
+        extensions, an unencoded payload, a non-string kid, non-canonical
+        base64url; trailing padding it accepts is accepted.
+        """
+        self.refused(self.token(header={"alg": "ES256", "crit": ["exp"], "exp": 1}))
+        self.refused(self.token(header={"alg": "ES256", "b64": False, "crit": ["b64"]}))
+        self.refused(self.token(header={"alg": "ES256", "kid": 7}))
+        # "c2lnbg" (b"sign") with the last character's unused bits set.
+        self.refused(self.token(signature="c2lnbh"))
+        self.refused(self.token(signature="c2lnbmF0dXJl==="))
+        good = self.token()
+        header, payload, signature = good.split(".")
+        self.assertEqual(peek(f"{header}.{payload}.c2lnbg==").signature, b"sign")
+        self.refused(f"{header}.{payload}.c2lnb==")
 
     def test_badBase64(self):
         """A segment that is not base64url is refused."""
@@ -505,3 +533,102 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
                 return defer.fail(ZeroDivisionError())
 
         self.failureResultOf(verify_token(self.mint(), "zone-a", BrokenCache()), ZeroDivisionError)
+
+
+class SignatureCacheTests(SynchronousTestCase, DenialAssertions):
+    """
+    L{SignatureCache}: a reusable token's signature is verified once per key
+    and zone, until its C{exp}; the cache stays bounded.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.sts = FakeSTS()
+        self.sts.keys["zone-a"] = [ec_jwk(self.key, "k1")]
+        self.sts.keys["zone-b"] = [ec_jwk(self.key, "k1")]
+        self.jwks = JWKSCache(self.sts.fetch, self.clock)
+        self.signatures = SignatureCache(size=3)
+
+    def mint(self, **claims):
+        payload = {"sub": "agent-1", "exp": int(NOW + 300), "iat": int(NOW), "use": "ambient"}
+        payload.update(claims)
+        return jwt.encode(payload, self.key, algorithm="ES256", headers={"kid": "k1"})
+
+    def verify(self, token, zone_id="zone-a"):
+        return verify_token(
+            token, zone_id, self.jwks, parsed=peek(token), signatures=self.signatures
+        )
+
+    def key_of(self, zone_id="zone-a"):
+        return self.successResultOf(self.jwks.key_for(zone_id, "k1"))
+
+    def test_ambientRemembered(self):
+        """A verified ambient token's signature is remembered for its zone and key."""
+        token = self.mint()
+        self.assertEqual(self.successResultOf(self.verify(token))["use"], "ambient")
+        self.assertEqual(len(self.signatures), 1)
+        self.assertTrue(self.signatures.verified("zone-a", token, self.key_of(), NOW))
+        self.assertEqual(self.successResultOf(self.verify(token))["sub"], "agent-1")
+        self.assertEqual(len(self.signatures), 1)
+
+    def test_rememberedSignatureNotVerifiedAgain(self):
+        """
+        A hit skips the ES256 verification: an entry recorded for a token with
+        a bad signature lets it through, so the cache must only ever be fed
+        by a successful verification (as L{verify_token} does).
+        """
+        token = self.mint()
+        forged = token.rsplit(".", 1)[0] + "." + b64(b"\x01" * 64)
+        self.refused(self.verify(forged))
+        self.signatures.remember("zone-a", forged, self.key_of(), NOW + 300)
+        self.successResultOf(self.verify(forged))
+
+    def refused(self, d, code="invalid_token"):
+        failure = self.failureResultOf(d, Denial)
+        self.assertEqual((failure.value.status, failure.value.code), (401, code))
+        return failure.value
+
+    def test_singleUseNotRemembered(self):
+        """per_call (and any non-ambient) tokens pass once: never stored."""
+        for use in ("per_call", "once"):
+            self.successResultOf(self.verify(self.mint(use=use, jti="j-1")))
+        self.assertEqual(len(self.signatures), 0)
+
+    def test_expiry(self):
+        """An entry lasts until the token's exp; past it the token is refused, not served."""
+        token = self.mint(exp=int(NOW + 100))
+        self.successResultOf(self.verify(token))
+        key = self.key_of()
+        self.assertTrue(self.signatures.verified("zone-a", token, key, NOW + 99.9))
+        self.assertFalse(self.signatures.verified("zone-a", token, key, NOW + 100))
+        self.assertEqual(len(self.signatures), 0)
+        self.clock.advance(100)
+        self.refused(self.verify(token))
+
+    def test_otherZoneOrKeyVerifiesAgain(self):
+        """An entry holds for its zone and the very key object that verified it only."""
+        token = self.mint()
+        self.successResultOf(self.verify(token))
+        self.assertFalse(self.signatures.verified("zone-b", token, self.key_of("zone-b"), NOW))
+        other = ec.generate_private_key(ec.SECP256R1()).public_key()
+        self.assertFalse(self.signatures.verified("zone-a", token, other, NOW))
+
+    def test_withdrawnKeyRefused(self):
+        """A key the zone's JWKS no longer lists refuses the token, remembered or not."""
+        token = self.mint()
+        self.successResultOf(self.verify(token))
+        self.sts.keys["zone-a"] = [ec_jwk(ec.generate_private_key(ec.SECP256R1()), "k2")]
+        self.clock.advance(self.jwks.ttl + 1)
+        self.refused(self.verify(token))
+
+    def test_sizeBound(self):
+        """Beyond C{size} entries the least recently remembered is dropped."""
+        tokens = [self.mint(sub=f"agent-{i}") for i in range(5)]
+        for token in tokens:
+            self.successResultOf(self.verify(token))
+        self.assertEqual(len(self.signatures), 3)
+        key = self.key_of()
+        self.assertFalse(self.signatures.verified("zone-a", tokens[0], key, NOW))
+        self.assertTrue(self.signatures.verified("zone-a", tokens[4], key, NOW))

@@ -71,6 +71,7 @@ class Call:
 
     request: IRequest
     token: str = field(default="", repr=False)
+    parsed: tokens.ParsedToken | None = field(default=None, repr=False)
     claims: dict = field(default_factory=dict, repr=False)
     seconds_left: float = 0.0
     resource: ToolResource | None = None
@@ -108,6 +109,8 @@ class Pipeline:
     jti_fail_open: bool = False
     revocation_fail_open: bool = False
     max_token_lifetime: float = tokens.MAX_TOKEN_LIFETIME
+    #: Verified signatures of reusable tokens (step 8 skips ES256 for them).
+    signatures: tokens.SignatureCache = field(default_factory=tokens.SignatureCache)
 
 
 @implementer(IRequestScreen)
@@ -181,7 +184,8 @@ class GatewayResource(ReverseProxyResource):
     def _authenticate(self, call: Call) -> Call:
         call.token = tokens.extract_bearer(call.request.requestHeaders)
         call.request.log_fields["token_fingerprint"] = tokens.fingerprint(call.token)
-        call.claims = tokens.peek_claims(call.token)
+        call.parsed = tokens.peek(call.token)
+        call.claims = call.parsed.claims
         call.seconds_left = tokens.seconds_left(
             call.claims, self.pipeline.clock.seconds(), self.pipeline.max_token_lifetime
         )
@@ -225,7 +229,13 @@ class GatewayResource(ReverseProxyResource):
 
     # Step 8: an ES256 signature from the resource's zone.
     def _verify_signature(self, call: Call) -> defer.Deferred:
-        d = tokens.verify_token(call.token, call.zone_id, self.pipeline.jwks)
+        d = tokens.verify_token(
+            call.token,
+            call.zone_id,
+            self.pipeline.jwks,
+            parsed=call.parsed,
+            signatures=self.pipeline.signatures,
+        )
 
         def verified(claims):
             call.claims = claims

@@ -23,14 +23,17 @@ Decisions where the SPEC is silent:
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import json
 import math
 import re
+from collections import OrderedDict
 from typing import Any
 
 import jwt
-from jwt.utils import base64url_decode
+from jwt.algorithms import ECAlgorithm
+from jwt.utils import base64url_decode, base64url_encode
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.web.http_headers import Headers
 
@@ -56,6 +59,11 @@ CLOCK_SKEW = 5.0
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
 # A base64url segment without padding (what a compact JWS is made of).
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+# The same, with the trailing padding some issuers add (pyjwt accepts it too).
+_BASE64URL_PADDED = re.compile(r"([A-Za-z0-9_-]+)(={0,2})")
+_ES256 = ECAlgorithm(ECAlgorithm.SHA256)
+#: Verified signatures remembered by a L{SignatureCache} unless told otherwise.
+SIGNATURE_CACHE_SIZE = 4096
 
 
 def fingerprint(token: str) -> str:
@@ -115,6 +123,76 @@ def _segments(token: str) -> None:
         raise _malformed("the bearer token is not a JWT")
 
 
+class ParsedToken:
+    """
+    A compact JWS split and decoded once: what the claim peek (step 3) and
+    the signature check (step 8) both read, so a token is parsed once per
+    request instead of once per step.
+
+    @ivar header: the JOSE header (a dict).
+    @ivar claims: the payload (a dict), NOT verified.
+    @ivar signing_input: the bytes the signature covers.
+    @ivar signature: the raw signature bytes.
+    """
+
+    __slots__ = ("header", "claims", "signing_input", "signature")
+
+    def __init__(self, header: dict, claims: dict, signing_input: bytes, signature: bytes):
+        self.header = header
+        self.claims = claims
+        self.signing_input = signing_input
+        self.signature = signature
+
+
+def _segment(segment: str) -> bytes:
+    """
+    One base64url segment decoded as strictly as pyjwt does: its alphabet
+    (a regex pass, not a loop per byte), at most two padding characters and
+    only where they complete a quantum, and the canonical encoding only.
+    """
+    match = _BASE64URL_PADDED.fullmatch(segment)
+    if match is None:
+        raise ValueError("not base64url")
+    stripped, padding = match.groups()
+    if (padding and len(segment) % 4) or len(stripped) % 4 == 1:
+        raise ValueError("bad base64url padding")
+    try:
+        decoded = base64url_decode(stripped)
+    except (TypeError, binascii.Error):
+        raise ValueError("not base64url") from None
+    if base64url_encode(decoded) != stripped.encode("ascii"):
+        raise ValueError("not canonical base64url")
+    return decoded
+
+
+def parse_token(token: str) -> ParsedToken:
+    """
+    Split and decode C{token} once (no verification).
+
+    @raise Denial: 401 C{invalid_token} (metric C{denials_bad_bearer}) when it
+        is not a compact JWS whose header and payload are base64url JSON
+        objects (with an attached payload) and whose signature is base64url.
+    """
+    _segments(token)
+    header_segment, payload_segment, signature_segment = token.split(".")
+    try:
+        header = json.loads(_segment(header_segment))
+        if not isinstance(header, dict) or header.get("b64", True) is False:
+            raise ValueError("header is not a JSON object with an attached payload")
+        # No critical extension is implemented, so none may be required (RFC
+        # 7515 4.1.11); and a kid, when present, is a string.
+        if "crit" in header or not isinstance(header.get("kid", ""), str):
+            raise ValueError("unsupported header")
+        claims = json.loads(_segment(payload_segment))
+        if not isinstance(claims, dict):
+            raise ValueError("payload is not a JSON object")
+        signature = _segment(signature_segment)
+    except (ValueError, TypeError, RecursionError):
+        raise _malformed("the bearer token is not a JWT") from None
+    signing_input = token.rpartition(".")[0].encode("ascii")
+    return ParsedToken(header, claims, signing_input, signature)
+
+
 def peek_header(token: str) -> dict[str, Any]:
     """
     The JOSE header of C{token}, decoded without any verification.
@@ -139,15 +217,21 @@ def peek_claims(token: str) -> dict[str, Any]:
         C{exp}, is a mandate (H4), or carries one of L{STRING_CLAIMS} that
         is not a string of 1 to 256 characters (H5).
     """
-    _segments(token)
-    try:
-        # One decode for header and claims: pyjwt parses (and checks) the
-        # whole token each time it is asked, so never ask it twice.
-        claims = jwt.decode_complete(token, options={"verify_signature": False})["payload"]
-    except (jwt.PyJWTError, ValueError, TypeError, RecursionError):
-        raise _malformed("the bearer token is not a JWT") from None
-    if _expiry(claims) is None:
+    return peek(token).claims
+
+
+def peek(token: str) -> ParsedToken:
+    """
+    L{parse_token}, and the claims must hold a finite numeric C{exp} (SPEC
+    step 3); pass the result on to L{verify_token} so step 8 does not parse
+    the token again.
+
+    @raise Denial: as L{peek_claims}.
+    """
+    parsed = parse_token(token)
+    if _expiry(parsed.claims) is None:
         raise _malformed("the bearer token has no valid exp claim")
+    claims = parsed.claims
     _check_claim_types(claims)
     if "act" in claims or claims.get("use") in MANDATE_USES:
         raise Denial(
@@ -157,7 +241,7 @@ def peek_claims(token: str) -> dict[str, Any]:
             metric="denials_bad_bearer",
             reason="mandate_as_bearer",
         )
-    return claims
+    return parsed
 
 
 def _check_claim_types(claims: dict[str, Any]) -> None:
@@ -263,60 +347,102 @@ def session_id(claims: dict[str, Any]) -> str | None:
     return None
 
 
+class SignatureCache:
+    """
+    Verified signatures of reusable (C{use=ambient}) tokens, so that a token an
+    agent sends on every call costs one ES256 verification, not one per call.
+
+    An entry is keyed by the zone and the whole token, remembers the key
+    object that verified it, and lasts until the token's C{exp}. A lookup
+    hits only with the same zone, the same token and the very key object the
+    zone's L{JWKSCache} hands out now: a refreshed or withdrawn key set means
+    verifying again (or refusing). The claims' times, the replay guard and
+    the session check still run on every request; only the signature is
+    remembered. Single-use tokens are never stored (they pass once).
+
+    @param size: most entries held; the oldest is dropped beyond it.
+    """
+
+    def __init__(self, size: int = SIGNATURE_CACHE_SIZE) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple[str, str], tuple[object, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def verified(self, zone_id: str, token: str, key: object, now: float) -> bool:
+        """Whether C{key} verified C{token} for C{zone_id}, and its C{exp} is not past."""
+        entry = self._entries.get((zone_id, token))
+        if entry is None:
+            return False
+        cached_key, exp = entry
+        if exp <= now:
+            del self._entries[(zone_id, token)]
+            return False
+        return cached_key is key
+
+    def remember(self, zone_id: str, token: str, key: object, exp: float) -> None:
+        """Record that C{key} verified C{token} for C{zone_id}, until C{exp}."""
+        entries = self._entries
+        entries[(zone_id, token)] = (key, exp)
+        entries.move_to_end((zone_id, token))
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+
+
 def verify_token(
-    token: str, zone_id: str, jwks_cache: JWKSCache, now: float | None = None
+    token: str,
+    zone_id: str,
+    jwks_cache: JWKSCache,
+    now: float | None = None,
+    parsed: ParsedToken | None = None,
+    signatures: SignatureCache | None = None,
 ) -> Deferred:
     """
     Verify C{token}'s ES256 signature with zone C{zone_id}'s keys (SPEC step 8).
 
     The header must name C{alg} exactly C{ES256} and a C{kid}; the key is
-    looked up by C{kid} in the zone's JWKS only, and pyjwt is allowed ES256
-    only, so neither C{none}, HMAC-with-the-public-key nor RSA tokens pass.
+    looked up by C{kid} in the zone's JWKS only, and only ES256 is verified,
+    so neither C{none}, HMAC-with-the-public-key nor RSA tokens pass.
     The times are checked against C{now} (default: the cache's clock, the
     reactor in production): C{exp} must be in the future with no leeway;
     C{nbf} and C{iat}, when present, may be at most 5 s ahead (clock skew
     between STS and gateway must not refuse every fresh token).
 
+    @param parsed: C{token} as L{peek} already decoded it (else it is parsed here).
+    @param signatures: a L{SignatureCache} remembering the signatures of
+        reusable tokens, or C{None} to verify every time.
     @return: a L{Deferred} firing with the verified claims, or failing with
         L{Denial} 401 C{invalid_token} (metric C{denials_signature}) or 503
         C{sts_unavailable} (no metric) when the zone's keys cannot be fetched.
     """
-    return maybeDeferred(_key_for_token, token, zone_id, jwks_cache).addCallbacks(
+    return maybeDeferred(_key_for_token, token, zone_id, jwks_cache, parsed).addCallbacks(
         _verified_claims,
         _key_failure,
-        callbackArgs=(token, now if now is not None else jwks_cache.clock.seconds()),
+        callbackArgs=(
+            token,
+            zone_id,
+            now if now is not None else jwks_cache.clock.seconds(),
+            signatures,
+        ),
     )
 
 
-def _key_for_token(token: str, zone_id: str, jwks_cache: JWKSCache) -> Deferred:
-    try:
-        _segments(token)
-        header = _signing_header(token)
-    except (Denial, ValueError, TypeError, RecursionError):
-        raise _bad_signature("the bearer token is not a JWT") from None
+def _key_for_token(
+    token: str, zone_id: str, jwks_cache: JWKSCache, parsed: ParsedToken | None
+) -> Deferred:
+    if parsed is None:
+        try:
+            parsed = parse_token(token)
+        except Denial:
+            raise _bad_signature("the bearer token is not a JWT") from None
+    header = parsed.header
     if header.get("alg") != ALGORITHM:
         raise _bad_signature("the bearer token must be signed with ES256")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise _bad_signature("the bearer token names no signing key")
-    return jwks_cache.key_for(zone_id, kid)
-
-
-def _signing_header(token: str) -> dict[str, Any]:
-    """
-    The JOSE header, read only to pick the key (C{alg}, C{kid}). Decoding
-    just the header segment spares a full pyjwt parse of the token (its
-    per-byte alphabet check of every segment is most of that cost); the
-    verifying C{jwt.decode} then parses the whole token strictly, header
-    included, so a header that reads differently there is refused.
-    """
-    segment = token.split(".", 1)[0]
-    if not _BASE64URL.fullmatch(segment) or len(segment) % 4 == 1:
-        raise ValueError("header is not base64url")
-    header = json.loads(base64url_decode(segment))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return header
+    return jwks_cache.key_for(zone_id, kid).addCallback(lambda key: (key, parsed))
 
 
 def _key_failure(failure):
@@ -327,29 +453,27 @@ def _key_failure(failure):
     return failure
 
 
-def _verified_claims(key, token: str, now: float) -> dict[str, Any]:
-    try:
-        claims = jwt.decode(
-            token,
-            key,
-            algorithms=[ALGORITHM],
-            options={
-                "require": ["exp"],
-                "verify_signature": True,
-                # pyjwt reads the wall clock; the times are checked below
-                # against the gateway's clock instead.
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-                "verify_aud": False,
-                "verify_iss": False,
-            },
-        )
-    except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
-        raise _bad_signature() from None
+def _verified_claims(
+    found, token: str, zone_id: str, now: float, signatures: SignatureCache | None
+) -> dict[str, Any]:
+    key, parsed = found
+    claims = parsed.claims
+    remembered = signatures is not None and signatures.verified(zone_id, token, key, now)
+    if not remembered:
+        try:
+            valid = _ES256.verify(parsed.signing_input, key, parsed.signature)
+        except (ValueError, TypeError, AttributeError):
+            valid = False
+        if not valid:
+            raise _bad_signature()
     exp = _expiry(claims)
     if exp is None:
         raise _bad_signature("the bearer token has no valid exp claim")
+    # What pyjwt's decode checked besides the signature: sub and jti are
+    # strings when present.
+    for name in ("sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            raise _bad_signature()
     if exp <= now:
         raise _bad_signature("the bearer token has expired")
     for name in ("nbf", "iat"):
@@ -358,4 +482,6 @@ def _verified_claims(key, token: str, now: float) -> dict[str, Any]:
         moment = _number(claims[name])
         if moment is None or moment > now + CLOCK_SKEW:
             raise _bad_signature("the bearer token is not valid yet")
+    if signatures is not None and not remembered and not single_use(claims):
+        signatures.remember(zone_id, token, key, exp)
     return claims
