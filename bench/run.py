@@ -926,7 +926,7 @@ class Bench:
             self.start_bare()
             self.expect_ok("bare", self.bare_port, {})
         gateway_ready = False
-        if {"ambient", "per_call", "workers"} & set(wanted) or args.soak or args.idle:
+        if {"ambient", "per_call", "workers"} & set(wanted) or args.soak:
             try:
                 self.start_gateway()
                 self.ambient_token = mint_tokens(self.sts_port, self.zone, 1, "ambient", 1)[0]

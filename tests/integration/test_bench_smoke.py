@@ -2,8 +2,10 @@
 """
 The benchmark harness (C{bench/run.py}) runs end to end on this machine: a
 one-second run of target (a), and of (b) when Postgres and Redis answer,
-reports real traffic with zero errors; a per_call run whose token pool is too
-small is reported invalid rather than measured on error paths.
+reports real traffic with zero errors and the SPEC 17 figures next to their
+targets; a per_call run whose token pool is too small is reported invalid
+rather than measured on error paths; a C{--workers 2} row reports each
+process's CPU.
 """
 
 from __future__ import annotations
@@ -62,16 +64,25 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertLessEqual(result["p50_ms"], result["p99_ms"])
 
     def test_bare_and_gateway(self) -> None:
-        """(a), and (b) when its services exist, carry traffic with 0 errors; ratios reported."""
+        """
+        (a), and (b) when its services exist, carry traffic with 0 errors;
+        ratios, CPU per request of each front process and idle-connection
+        memory reported.
+        """
         missing = _services_reason()
         targets = "bare" if missing else "bare,ambient"
-        status, report, output = self.run_bench("--targets", targets)
+        status, report, output = self.run_bench("--targets", targets, "--idle", "20")
         self.assertEqual(status, 0, output)
-        self.assertIn("(a) bare ReverseProxyResource, TLS", output)
+        self.assertIn("(a) bare pooled Twisted proxy, TLS", output)
         self.assertCleanRun(report["targets"]["bare"])
+        self.assertGreater(report["targets"]["bare"]["front_cpu_us_per_request"], 0)
         self.assertEqual(report["settings"]["connections"], 2)
+        self.assertEqual(report["idle"]["bare"]["connections"], 20)
+        self.assertIn("idle: 20 TLS keep-alive connections to bare", output)
         if missing:
             return
+        self.assertEqual(report["idle"]["gateway"]["connections"], 20)
+        self.assertIn("SPEC 17: 1,000 idle TLS keep-alive connections", output)
         self.assertCleanRun(report["targets"]["ambient"])
         ratio = report["ratios"]["ambient/bare"]
         self.assertAlmostEqual(
@@ -97,3 +108,18 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertGreaterEqual(result["non2xx"], result["tokens_exhausted"] - 2)
         self.assertEqual(result["non2xx_by_status"], {"401": result["non2xx"]})
         self.assertIn("INVALID", output)
+
+    def test_workers_split(self) -> None:
+        """A --workers 2 per_call row reports the parent's and each worker's CPU."""
+        missing = _services_reason()
+        if missing:
+            raise self.skipTest(missing)
+        status, report, output = self.run_bench(
+            "--targets", "workers", "--workers", "2", "--assumed-rate", "100"
+        )
+        self.assertEqual(status, 0, output)
+        result = report["targets"]["workers"]
+        self.assertCleanRun(result)
+        self.assertEqual(result["workers"], 2)
+        self.assertEqual(sorted(result["cpu_split"]), ["parent", "worker 1", "worker 2"])
+        self.assertIn("cpu split during workers (share of a core): parent", output)
