@@ -93,24 +93,29 @@ class AdminTests(SynchronousTestCase):
     # -- the registry and parsing -----------------------------------------
 
     def test_registry(self):
+        """The subcommands, in the order --help lists them."""
         self.assertEqual(
             list(admin.COMMANDS), ["migrate", "add", "list", "update", "remove", "check-config"]
         )
 
     def test_no_command(self):
+        """No subcommand is a usage error (status 2)."""
         status, _, stderr = self.run_admin()
         self.assertRefused(status, stderr, 2, "required")
 
     def test_unknown_command(self):
+        """An unknown subcommand is a usage error."""
         status, _, stderr = self.run_admin("frobnicate")
         self.assertRefused(status, stderr, 2, "invalid choice")
 
     def test_missing_required_option(self):
+        """A missing required option is a usage error, before any connection."""
         status, _, stderr = self.run_admin("add", "r", "--zone", "z")
         self.assertRefused(status, stderr, 2, "add: the following arguments are required")
         self.assertEqual(self.database.connected_with, [])
 
     def test_bad_auth_mode(self):
+        """An unknown auth mode is a usage error."""
         status, _, stderr = self.run_admin(
             "add",
             "r",
@@ -126,6 +131,7 @@ class AdminTests(SynchronousTestCase):
         self.assertRefused(status, stderr, 2, "invalid choice: 'basic'")
 
     def test_database_url_required(self):
+        """Without DATABASE_URL (or the option) the command refuses to run."""
         self.environ = {}
         status, _, stderr = self.run_admin("list")
         self.assertRefused(status, stderr, 2, "DATABASE_URL is required")
@@ -149,10 +155,12 @@ class AdminTests(SynchronousTestCase):
         )
 
     def test_malformed_database_url(self):
+        """A malformed database URL is a usage error that does not quote the password."""
         status, _, stderr = self.run_admin("--database-url", "host=x password=hunter2 junk", "list")
         self.assertRefused(status, stderr, 2, "not a valid Postgres URL or DSN")
 
     def test_database_url_option_wins_in_either_position(self):
+        """--database-url overrides the environment, before or after the subcommand."""
         other = "host=127.0.0.1 dbname=other"
         self.database.results = [[]]
         self.run_admin("--database-url", other, "list")
@@ -161,6 +169,7 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual([dsn for dsn, _ in self.database.connected_with], [other, other])
 
     def test_unreachable_database(self):
+        """An unreachable database is status 1 with a one-line reason."""
         self.database.connect_error = psycopg2.OperationalError(
             'connection to server at "db.internal", port 5432 failed:\n  Connection refused\n'
         )
@@ -170,6 +179,7 @@ class AdminTests(SynchronousTestCase):
         self.assertIn("Connection refused", stderr)
 
     def test_connection_parameters(self):
+        """The tool connects with the DSN given and names itself to Postgres."""
         self.database.results = [[]]
         self.run_admin("list")
         ((dsn, kwargs),) = self.database.connected_with
@@ -181,6 +191,7 @@ class AdminTests(SynchronousTestCase):
     # -- migrate ------------------------------------------------------------
 
     def test_migrate_applies_packaged_schema(self):
+        """migrate runs the packaged schema: the table and its change trigger."""
         status, stdout, _ = self.run_admin("migrate")
         self.assertEqual(status, 0)
         ((statement, _),) = self.database.executed
@@ -190,6 +201,7 @@ class AdminTests(SynchronousTestCase):
         self.assertIn("schema applied", stdout)
 
     def test_migrate_database_error(self):
+        """A database error during migrate is status 1 with the reason."""
         self.database.error = psycopg2.errors.InsufficientPrivilege(
             "permission denied for schema public"
         )
@@ -212,6 +224,7 @@ class AdminTests(SynchronousTestCase):
         )
 
     def test_add(self):
+        """add inserts the row with every option given."""
         self.database.results = [("res-1",)]
         status, stdout, stderr = self.add(
             "--auth-mode", "provider_apikey", "--auth-header", "X-Api-Key", "--auth-scheme", ""
@@ -235,17 +248,20 @@ class AdminTests(SynchronousTestCase):
         )
 
     def test_add_defaults_are_null(self):
+        """Options not given are stored as NULL (their defaults)."""
         self.database.results = [("res-1",)]
         self.add()
         ((_, parameters),) = self.database.executed
         self.assertEqual(parameters[4:], ("caracal_jwt", None, None, None))
 
     def test_add_existing(self):
+        """Adding an identifier that exists is refused."""
         self.database.results = [None]
         status, _, stderr = self.add()
         self.assertRefused(status, stderr, 1, "res-1 already exists")
 
     def test_add_refuses_bad_upstreams_before_connecting(self):
+        """An upstream URL the gateway would refuse is refused before connecting."""
         for url, fragment in (
             ("http://user@x.example", "userinfo"),
             ("http://user:pw@x.example", "userinfo"),
@@ -263,6 +279,7 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(self.database.connected_with, [])
 
     def test_add_allowlist(self):
+        """With an allowlist only its hosts (any case, trailing dot) are accepted."""
         self.environ["UPSTREAM_HOST_ALLOWLIST"] = "api.example, other.example"
         self.database.results = [("res-1",)]
         status, _, _ = self.add(upstream="https://API.example./mcp")
@@ -271,17 +288,21 @@ class AdminTests(SynchronousTestCase):
         self.assertRefused(status, stderr, 2, "evil.example is not on UPSTREAM_HOST_ALLOWLIST")
 
     def test_allowlist_option_overrides_environment(self):
+        """--allowlist replaces UPSTREAM_HOST_ALLOWLIST."""
         self.environ["UPSTREAM_HOST_ALLOWLIST"] = "api.example"
         status, _, stderr = self.add("--allowlist", "only.example")
         self.assertRefused(status, stderr, 2, "api.example is not on")
 
     def test_add_warns_about_private_numeric_host(self):
+        """A private numeric upstream is added with a warning."""
         self.database.results = [("res-1",)]
         status, _, stderr = self.add(upstream="http://0x7f.1:8080/")
         self.assertEqual(status, 0)
         self.assertIn("warning: upstream host 127.0.0.1 is not a public address", stderr)
 
     def test_add_refuses_bad_identifiers(self):
+        """Empty, overlong or not-visible-ASCII identifiers are usage errors."""
+
         def add(resource="r", zone="z", application="a"):
             return self.run_admin(
                 "add",
@@ -304,6 +325,7 @@ class AdminTests(SynchronousTestCase):
             self.assertRefused(status, stderr, 2, fragment)
 
     def test_add_refuses_bad_header_and_scheme(self):
+        """Unsendable or reserved credential headers and schemes are refused."""
         for extra, fragment in (
             (("--auth-header", "X Api"), "HTTP header name"),
             (("--auth-header", "X-Key\r\nInjected: 1"), "HTTP header name"),
@@ -316,6 +338,7 @@ class AdminTests(SynchronousTestCase):
             self.assertRefused(status, stderr, 2, fragment)
 
     def test_missing_table(self):
+        """A missing table says to run migrate."""
         self.database.error = psycopg2.errors.UndefinedTable(
             'relation "gateway_resources" does not exist'
         )
@@ -352,6 +375,7 @@ class AdminTests(SynchronousTestCase):
         ]
 
     def test_list_table(self):
+        """list prints a header line and one line per resource."""
         self.database.results = [self.rows()]
         status, stdout, _ = self.run_admin("list")
         self.assertEqual(status, 0)
@@ -391,6 +415,7 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(lines[1].index("zone-b"), lines[0].index("ZONE"))
 
     def test_list_json(self):
+        """list --json prints the rows as JSON records."""
         self.database.results = [self.rows()]
         status, stdout, _ = self.run_admin("list", "--json")
         self.assertEqual(status, 0)
@@ -403,6 +428,7 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(len(records[0]), 9)
 
     def test_list_empty_json(self):
+        """An empty table lists as an empty JSON array."""
         self.database.results = [[]]
         status, stdout, _ = self.run_admin("list", "--json")
         self.assertEqual((status, json.loads(stdout)), (0, []))
@@ -410,6 +436,7 @@ class AdminTests(SynchronousTestCase):
     # -- update ---------------------------------------------------------------
 
     def test_update(self):
+        """update changes only the columns given."""
         self.database.results = [("res-1",)]
         status, stdout, _ = self.run_admin(
             "update",
@@ -453,19 +480,23 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(parameters2, (None, "res-1"))
 
     def test_update_nothing(self):
+        """update without a change is a usage error."""
         status, _, stderr = self.run_admin("update", "res-1")
         self.assertRefused(status, stderr, 2, "nothing to update")
 
     def test_update_unknown(self):
+        """Updating an unknown identifier is status 1."""
         self.database.results = [None]
         status, _, stderr = self.run_admin("update", "nope", "--zone", "z")
         self.assertRefused(status, stderr, 1, "no resource nope")
 
     def test_update_bad_upstream(self):
+        """update refuses an upstream the gateway would refuse."""
         status, _, stderr = self.run_admin("update", "res-1", "--upstream", "http://h/a/../b")
         self.assertRefused(status, stderr, 2, "upstream URL refused")
 
     def test_update_header_conflict(self):
+        """A header and --default-auth-header together are a usage error."""
         status, _, stderr = self.run_admin(
             "update", "res-1", "--auth-header", "X-A", "--default-auth-header"
         )
@@ -474,6 +505,7 @@ class AdminTests(SynchronousTestCase):
     # -- remove -------------------------------------------------------------
 
     def test_remove(self):
+        """remove deletes the row and says so."""
         self.database.results = [("res-1",)]
         status, stdout, _ = self.run_admin("remove", "res-1")
         self.assertEqual(status, 0)
@@ -483,11 +515,13 @@ class AdminTests(SynchronousTestCase):
         self.assertEqual(parameters, ("res-1",))
 
     def test_remove_unknown(self):
+        """Removing an unknown identifier is status 1."""
         self.database.results = [None]
         status, _, stderr = self.run_admin("remove", "nope")
         self.assertRefused(status, stderr, 1, "no resource nope")
 
     def test_unexpected_error_is_one_line(self):
+        """An unexpected error is reported on one line, status 1."""
         self.database.connect_error = RuntimeError("boom\nsecond line")
         status, _, stderr = self.run_admin("list")
         self.assertRefused(status, stderr, 1, "RuntimeError: boom second line")

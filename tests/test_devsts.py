@@ -63,6 +63,9 @@ class DevSTSTests(SynchronousTestCase):
         )
 
     def test_mint_claims(self):
+        """
+        A minted token carries the zone's issuer, the subject, session, jti and life asked for.
+        """
         sts, _, _ = make_sts()
         token = sts.mint("zone-a", "agent-7", ttl=60, session_id="s1", jti="j1")
         claims = self.verify(sts, token, "zone-a")
@@ -120,6 +123,7 @@ class DevSTSTests(SynchronousTestCase):
         self.assertEqual((record.application_id, record.resource), ("app-1", "res-search"))
 
     def test_mandate_life_capped(self):
+        """A mandate lives at most 120 seconds, however long the subject token lives."""
         sts, _, http = make_sts()
         token = sts.mint("zone-a", "agent", ttl=3600)
         _, answer = self.post(http, "/oauth/2/token", exchange_form(token))
@@ -145,6 +149,7 @@ class DevSTSTests(SynchronousTestCase):
         self.assertEqual((sts.exchanges, sts.jwks_fetches, sts.health_checks), (2, 1, 1))
 
     def test_bad_subject_refused(self):
+        """A tampered subject token, or one signed by another STS, is refused."""
         sts, clock, http = make_sts()
         other = DevSTS(clock=clock)
         good = sts.mint("zone-a", "agent", ttl=60)
@@ -167,6 +172,7 @@ class DevSTSTests(SynchronousTestCase):
         self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(good))[0], 401)
 
     def test_missing_fields(self):
+        """An exchange missing a required form field is refused."""
         sts, _, http = make_sts()
         token = sts.mint("zone-a", "agent")
         for override in (
@@ -181,6 +187,7 @@ class DevSTSTests(SynchronousTestCase):
             self.assertEqual((status, answer["error"]), (400, "invalid_request"), override)
 
     def test_jwks_shape(self):
+        """The JWKS holds the zone's ES256 public key with its kid."""
         sts, _, http = make_sts()
         response = self.successResultOf(
             http.get(BASE + "/.well-known/jwks.json", params={"zone_id": "zone-a"})
@@ -212,12 +219,14 @@ class DevSTSTests(SynchronousTestCase):
         self.assertEqual(sts.jwks("zone-a")["keys"][0], a, "keys are stable per zone")
 
     def test_rotate(self):
+        """After a rotation tokens signed with the old key are refused."""
         sts, _, http = make_sts()
         token = sts.mint("zone-a", "agent")
         sts.rotate("zone-a")
         self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(token))[0], 401)
 
     def test_dev_mint_endpoint(self):
+        """POST /dev/mint returns a token with the use, life and session asked for."""
         sts, _, http = make_sts()
         status, answer = self.post(
             http, "/dev/mint", {"zone_id": "zone-a", "use": "ambient", "ttl": "90", "sid": "s9"}
@@ -235,6 +244,9 @@ class DevSTSTests(SynchronousTestCase):
             self.assertEqual(self.post(http, "/dev/mint", bad)[0], 400)
 
     def test_health_and_unknown_paths(self):
+        """
+        /health answers 200 and is counted; a GET on the token path or an unknown path is a 404.
+        """
         sts, _, http = make_sts()
         self.assertEqual(self.successResultOf(http.get(BASE + "/health")).code, 200)
         self.assertEqual(self.successResultOf(http.get(BASE + "/oauth/2/token")).code, 404)
@@ -277,6 +289,7 @@ class TapTests(SynchronousTestCase):
         self.assertIsInstance(service.sts, DevSTS)
 
     def test_tls_required_or_explicitly_plaintext(self):
+        """TLS files are required in pairs unless --insecure-http, and exclude it."""
         self.assertRaises(usage.UsageError, self.parse)
         self.assertRaises(usage.UsageError, self.parse, "--tls-cert", "a.pem")
         self.assertRaises(
@@ -298,6 +311,7 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(len(options["tls"].extraCertChain), 1)
 
     def test_tls_file_errors_name_the_file(self):
+        """Each unreadable, malformed or mismatched TLS file is a usage error naming it."""
         directory = self.mktemp()
         os.makedirs(directory)
         make_chain(directory)

@@ -49,6 +49,7 @@ class ResourceTests(SynchronousTestCase):
     """The defaults SPEC section 4 gives NULL auth_header / auth_scheme."""
 
     def test_caracal_jwt_defaults(self):
+        """A caracal_jwt resource sends C{Authorization: Bearer <mandate>} by default."""
         resource = ToolResource("r", "z", "a", "https://u.example")
         self.assertEqual(resource.auth_mode, "caracal_jwt")
         self.assertEqual(resource.credential_header, "Authorization")
@@ -56,6 +57,7 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(resource.credential_value("m.a.n"), "Bearer m.a.n")
 
     def test_provider_modes_have_no_default_scheme(self):
+        """Provider modes send the bare provider token in Authorization by default."""
         for mode in ("provider_oauth", "provider_apikey"):
             resource = ToolResource("r", "z", "a", "https://u.example", auth_mode=mode)
             self.assertEqual(resource.credential_header, "Authorization")
@@ -63,6 +65,7 @@ class ResourceTests(SynchronousTestCase):
             self.assertEqual(resource.credential_value("pt"), "pt")
 
     def test_explicit_header_and_scheme(self):
+        """An explicit header name and scheme are used as given."""
         resource = ToolResource(
             "r", "z", "a", "https://u.example", "provider_apikey", "X-Api-Key", "Key"
         )
@@ -71,18 +74,22 @@ class ResourceTests(SynchronousTestCase):
         self.assertEqual(resource.credential_value("k"), "Key k")
 
     def test_empty_scheme_means_none_even_for_caracal_jwt(self):
+        """An empty scheme means the bare credential, whatever the mode."""
         resource = ToolResource("r", "z", "a", "https://u.example", auth_scheme="")
         self.assertEqual(resource.credential_scheme, "")
         self.assertEqual(resource.credential_value("m"), "m")
 
     def test_empty_header_means_authorization(self):
+        """An empty header name means Authorization."""
         resource = ToolResource("r", "z", "a", "https://u.example", auth_header="")
         self.assertEqual(resource.credential_header, "Authorization")
 
     def test_unknown_auth_mode_refused(self):
+        """An unknown auth mode is refused when the row is built."""
         self.assertRaises(ValueError, ToolResource, "r", "z", "a", "https://u", auth_mode="basic")
 
     def test_frozen(self):
+        """A resource row cannot be changed."""
         resource = ToolResource("r", "z", "a", "https://u.example")
         self.assertRaises(
             dataclasses.FrozenInstanceError, setattr, resource, "upstream_url", "http://x"
@@ -102,21 +109,26 @@ class ResourceStoreContract:
         self.assertTrue(verifyObject(IResourceRegistry, self.store))
 
     def test_get_known(self):
+        """Each loaded resource is found by its identifier."""
         for expected in CONTRACT_RESOURCES:
             self.assertEqual(self.store.get(expected.resource_identifier), expected)
 
     def test_get_unknown(self):
+        """An unknown or empty identifier finds nothing."""
         self.assertIsNone(self.store.get("no-such-resource"))
         self.assertIsNone(self.store.get(""))
 
     def test_identifiers_are_exact(self):
+        """Identifiers match exactly: no case folding, no trimming."""
         self.assertIsNone(self.store.get("GITHUB"))
         self.assertIsNone(self.store.get("github "))
 
     def test_count(self):
+        """The count is the number of resources loaded."""
         self.assertEqual(self.store.count(), len(CONTRACT_RESOURCES))
 
     def test_fields(self):
+        """Every column comes back, and the credential defaults follow the auth mode."""
         github = self.store.get("github")
         self.assertEqual(github.zone_id, "zone-b")
         self.assertEqual(github.application_id, "app-2")
@@ -142,11 +154,13 @@ class MemoryResourceStoreTests(SynchronousTestCase):
     """The in-memory store's own surface: put, remove, simulated unavailability."""
 
     def test_empty(self):
+        """An empty store holds nothing and is ready."""
         store = MemoryResourceStore()
         self.assertEqual(store.count(), 0)
         self.assertIsNone(self.successResultOf(store.check()))
 
     def test_put_replaces(self):
+        """Putting a known identifier replaces its row."""
         store = MemoryResourceStore()
         store.put(ToolResource("r", "z", "a", "https://one.example"))
         store.put(ToolResource("r", "z", "a", "https://two.example"))
@@ -154,6 +168,7 @@ class MemoryResourceStoreTests(SynchronousTestCase):
         self.assertEqual(store.get("r").upstream_url, "https://two.example")
 
     def test_remove(self):
+        """Removing forgets a row; removing an unknown one is harmless."""
         store = MemoryResourceStore(CONTRACT_RESOURCES)
         store.remove("github")
         store.remove("never-there")
@@ -161,6 +176,7 @@ class MemoryResourceStoreTests(SynchronousTestCase):
         self.assertEqual(store.count(), len(CONTRACT_RESOURCES) - 1)
 
     def test_unavailable(self):
+        """A store set unavailable fails its readiness check and still answers lookups."""
         store = MemoryResourceStore(CONTRACT_RESOURCES)
         store.unavailable = ResourceStoreUnavailable("postgres unreachable")
         self.failureResultOf(store.check(), ResourceStoreUnavailable)
@@ -310,6 +326,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.connection.answer("SELECT resource_identifier", [_row(r) for r in resources])
 
     def test_start_does_not_wait_for_postgres(self):
+        """Starting connects in the background: nothing is loaded yet and nothing waits."""
         self.store.startService()
         self.assertEqual(len(self.connections), 1)
         self.assertIsNone(self.store.get("github"))
@@ -319,6 +336,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertIn("unreachable", str(failure.value))
 
     def test_connection_parameters(self):
+        """The DSN's parameters reach libpq, with keepalives and an application name added."""
         self.store.startService()
         parameters = self.connection.parameters
         self.assertEqual(parameters["host"], "db.internal")
@@ -328,18 +346,21 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(parameters["application_name"], "caracal-gateway")
 
     def test_libpq_dsn_accepted(self):
+        """A libpq key=value DSN works too, and its own settings win."""
         store = self.make_store("host=127.0.0.1 dbname=test application_name=mine")
         store.startService()
         self.assertEqual(self.connection.parameters["dbname"], "test")
         self.assertEqual(self.connection.parameters["application_name"], "mine")
 
     def test_malformed_dsn(self):
+        """A malformed DSN is a ConfigError that does not quote the password."""
         error = self.assertRaises(
             ConfigError, PostgresResourceStore, "host=x password=s3cret junk", reactor=object()
         )
         self.assertNotIn("s3cret", str(error))
 
     def test_listen_before_load(self):
+        """LISTEN is issued before the snapshot is read, so no change falls between."""
         self.store.startService()
         self.connection.connecting.callback(None)
         # The snapshot is read only after LISTEN took effect, so no change
@@ -350,6 +371,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertTrue(self.connection.pending()[0].startswith("SELECT resource_identifier"))
 
     def test_initial_load(self):
+        """The first snapshot fires C{loaded} and fills the store."""
         self.bring_up()
         self.assertIsNone(self.successResultOf(self.store.loaded))
         self.assertEqual(self.store.count(), 3)
@@ -359,6 +381,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.snapshot_age(), 7)
 
     def test_check(self):
+        """The readiness check is a C{SELECT 1}."""
         self.bring_up()
         checked = self.store.check()
         self.assertNoResult(checked)
@@ -366,6 +389,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(checked))
 
     def test_check_is_bounded(self):
+        """A readiness check Postgres does not answer fails after its bound."""
         self.bring_up()
         checked = self.store.check()
         self.clock.advance(2.0)
@@ -412,6 +436,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.connections), 1)
 
     def test_check_before_first_snapshot(self):
+        """Before a first snapshot the check fails and says why."""
         self.store.startService()
         self.connection.connecting.callback(None)
         self.connection.answer("LISTEN")
@@ -423,6 +448,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertIn("no gateway_resources", str(failure.value))
 
     def test_notification_reloads(self):
+        """A notification reloads the snapshot."""
         self.bring_up()
         self.connection.notify("new")
         added = ToolResource("new", "zone-c", "app-9", "https://new.example")
@@ -433,11 +459,13 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.count(), 4)
 
     def test_other_channels_ignored(self):
+        """Notifications on other channels are ignored."""
         self.bring_up()
         self.connection.notify("x", channel="something_else")
         self.assertEqual(self.connection.pending(), [])
 
     def test_deletion_reaches_snapshot(self):
+        """A deleted row leaves the snapshot on the next reload."""
         self.bring_up()
         self.connection.notify("github")
         self.connection.answer("SELECT resource_identifier", [_row(CONTRACT_RESOURCES[0])])
@@ -445,6 +473,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.count(), 1)
 
     def test_notification_burst_coalesced(self):
+        """A burst of notifications costs one reload in flight and one queued."""
         self.bring_up()
         for index in range(50):
             self.connection.notify(f"r{index}")
@@ -458,6 +487,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(len(selects), 3)  # the initial load plus the two
 
     def test_periodic_reload(self):
+        """The snapshot is reloaded periodically even without notifications."""
         self.bring_up()
         self.clock.advance(29.9)
         self.assertEqual(self.connection.pending(), [])
@@ -465,6 +495,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.connection.pending()), 1)
 
     def test_failed_reload_keeps_snapshot_and_connection(self):
+        """A failed reload keeps the last snapshot and the connection."""
         self.bring_up()
         self.connection.notify("x")
         self.connection.fail(
@@ -476,6 +507,9 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertTrue(any("reload failed" in formatEvent(e) for e in self.events))
 
     def test_outage_keeps_snapshot_and_reconnects(self):
+        """
+        Through an outage the last snapshot is served, the check fails, and the store reconnects.
+        """
         self.bring_up()
         self.connection.die()
         self.assertFalse(self.store.connected)
@@ -493,6 +527,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.count(), 1)
 
     def test_outage_during_reload(self):
+        """A connection lost mid-reload keeps the snapshot."""
         self.bring_up()
         self.connection.notify("x")
         self.connection.die()
@@ -503,6 +538,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertTrue(self.store.connected)
 
     def test_reconnect_backoff_is_capped(self):
+        """Reconnection delays grow to a cap."""
         self.store.startService()
         delays = []
         for _ in range(8):
@@ -520,6 +556,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
             self.assertTrue(connection.closed)
 
     def test_backoff_resets_after_success(self):
+        """A successful connection resets the reconnection delay."""
         self.store.startService()
         for _ in range(5):
             self.connection.connecting.errback(psycopg2.OperationalError("refused"))
@@ -529,6 +566,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertLessEqual(self.retry_delay(), 0.5)
 
     def test_connect_timeout(self):
+        """A connection attempt that hangs is abandoned and retried."""
         self.store.startService()
         self.clock.advance(10.0)
         self.assertTrue(self.connections[0].closed)
@@ -536,6 +574,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.connections), 2)
 
     def test_hung_reload_drops_connection(self):
+        """A reload that hangs drops the connection."""
         self.bring_up()
         self.connection.notify("x")
         self.clock.advance(10.0)
@@ -547,6 +586,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(self.store.count(), 0)
 
     def test_stop(self):
+        """Stopping closes the connection and leaves no timer."""
         self.bring_up()
         self.connection.notify("x")
         self.successResultOf(self.store.stopService())
@@ -554,6 +594,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_stop_while_down(self):
+        """Stopping during an outage leaves no timer and no new connection."""
         self.store.startService()
         self.connection.connecting.errback(psycopg2.OperationalError("refused"))
         self.successResultOf(self.store.stopService())
@@ -561,6 +602,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(len(self.connections), 1)
 
     def test_logs_never_contain_the_password(self):
+        """No log line quotes the database password."""
         self.store.startService()
         self.connection.connecting.errback(psycopg2.OperationalError("refused"))
         self.clock.advance(1)
@@ -571,6 +613,7 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertNotIn("s3cret-pw", text)
 
     def test_outage_logged_once_a_minute(self):
+        """A long outage is logged once a minute, not on every attempt."""
         self.store.startService()
         for _ in range(12):
             self.connection.connecting.errback(psycopg2.OperationalError("refused"))
@@ -597,18 +640,22 @@ class CredentialHeaderRulesTests(SynchronousTestCase):
         return ToolResource(**{**base, **fields})
 
     def test_bad_header_names(self):
+        """Header names that are not tokens, or are reserved, are refused."""
         for name in ("X-Bad\r\nInjected: 1", "X Key", "Host", "Transfer-Encoding", "X-Caracal-Id"):
             self.assertRaises(ValueError, self.make, auth_header=name)
 
     def test_bad_schemes(self):
+        """Schemes that are not a single ASCII token are refused."""
         for scheme in ("Bearer\r\nX: 1", "Two words", "\u00e9t\u00e9"):
             self.assertRaises(ValueError, self.make, auth_scheme=scheme)
 
     def test_good_ones(self):
+        """A token header name and an empty scheme are accepted."""
         resource = self.make(auth_mode="provider_apikey", auth_header="X-Api-Key", auth_scheme="")
         self.assertEqual(resource.credential_value("k"), "k")
 
     def test_store_leaves_bad_rows_out(self):
+        """A row with an unsendable credential header is left out of the snapshot."""
         store = PostgresResourceStore("postgresql://127.0.0.1/unused", clock=Clock())
         good = ("good", "z", "a", "https://t.example/", "caracal_jwt", None, None)
         bad = ("bad", "z", "a", "https://t.example/", "caracal_jwt", "X-Bad\r\nX: 1", None)

@@ -59,20 +59,25 @@ class OptionsTests(SynchronousTestCase):
         return options
 
     def test_default_one_worker(self) -> None:
+        """Without --workers the gateway runs one worker, in process."""
         self.assertEqual(self.parse()["workers"], 1)
 
     def test_one_worker(self) -> None:
+        """--workers 1 and --workers=1 both parse."""
         self.assertEqual(self.parse("--workers", "1")["workers"], 1)
         self.assertEqual(self.parse("--workers=1")["workers"], 1)
 
     def test_workers_must_be_a_number(self) -> None:
+        """A non-numeric --workers is a usage error."""
         self.assertRaises(usage.UsageError, self.parse, "--workers", "many")
 
     def test_workers_at_least_one(self) -> None:
+        """--workers 0 is a usage error saying the minimum."""
         error = self.assertRaises(usage.UsageError, self.parse, "--workers", "0")
         self.assertEqual(str(error), "--workers must be at least 1")
 
     def test_several_workers(self) -> None:
+        """--workers 4 asks for four workers."""
         self.assertEqual(self.parse("--workers", "4")["workers"], 4)
 
     def test_help_points_at_the_environment(self) -> None:
@@ -84,6 +89,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("caracal-gateway-admin check-config", text)
 
     def test_no_positional_arguments(self) -> None:
+        """Positional arguments are a usage error: everything else is environment."""
         self.assertRaises(usage.UsageError, self.parse, "extra")
 
 
@@ -109,6 +115,7 @@ class RefusedStartTests(SynchronousTestCase):
         return output
 
     def test_nothing_configured(self) -> None:
+        """An empty environment is refused with one line asking for TLS files or INSECURE_HTTP."""
         self.assertEqual(
             self.refused({}),
             "caracal-gateway: TLS_CERT_FILE/TLS_KEY_FILE required;"
@@ -116,12 +123,14 @@ class RefusedStartTests(SynchronousTestCase):
         )
 
     def test_unknown_environment(self) -> None:
+        """An unknown CARACAL_ENV is refused with one line."""
         self.assertEqual(
             self.refused(dict(DEV_PLAINTEXT, CARACAL_ENV="staging")),
             "caracal-gateway: CARACAL_ENV must be production or dev\n",
         )
 
     def test_escape_hatch_in_production(self) -> None:
+        """Escape hatches in production are refused with one line."""
         self.assertEqual(
             self.refused(dict(DEV_PLAINTEXT, CARACAL_ENV="production")),
             "caracal-gateway: INSECURE_HTTP and INSECURE_STS are forbidden"
@@ -129,6 +138,7 @@ class RefusedStartTests(SynchronousTestCase):
         )
 
     def test_malformed_duration(self) -> None:
+        """A duration without a unit is refused with one line giving examples."""
         self.assertEqual(
             self.refused(dict(DEV_PLAINTEXT, READ_TIMEOUT="30")),
             "caracal-gateway: READ_TIMEOUT must be a duration such as 250ms, 5s or 1m30s\n",
@@ -144,6 +154,7 @@ class RefusedStartTests(SynchronousTestCase):
         self.assertIn(missing, output)
 
     def test_certificate_and_key_mismatch(self) -> None:
+        """A key that does not match the certificate is refused with one line."""
         directory = self.mktemp()
         os.makedirs(directory)
         _root, leaf = make_chain(directory)
@@ -200,12 +211,14 @@ class MakeServiceTests(SynchronousTestCase):
         return tap.makeService(options), listener
 
     def test_one_worker_serves_in_process(self) -> None:
+        """One worker serves in the twistd process on the socket bound before daemonizing."""
         service, listener = self.make()
         self.assertIsInstance(service, tap.GatewayService)
         self.assertEqual(service.endpoint.fileno, 97)
         self.assertTrue(listener.detached)
 
     def test_several_workers_supervised(self) -> None:
+        """Several workers are supervised, sharing the bound socket."""
         created = []
 
         def for_listener(fd, count, reactor):
@@ -231,6 +244,7 @@ class ExpiryWarningTests(SynchronousTestCase):
         return SimpleNamespace(not_after=self.NOW + datetime.timedelta(days=days))
 
     def test_expiring_soon_warns(self) -> None:
+        """A certificate expiring within 14 days is a warning naming its expiry."""
         self.assertTrue(tap.warn_if_expiring(self.served(3.5), now=self.NOW))
         [event] = self.log_events
         self.assertEqual(event["log_level"].name, "warn")
@@ -240,14 +254,17 @@ class ExpiryWarningTests(SynchronousTestCase):
         )
 
     def test_just_under_fourteen_days_warns(self) -> None:
+        """Just under 14 days left still warns."""
         self.assertTrue(tap.warn_if_expiring(self.served(13.99), now=self.NOW))
 
     def test_fourteen_days_or_more_is_quiet(self) -> None:
+        """14 days or more left is quiet."""
         self.assertFalse(tap.warn_if_expiring(self.served(14), now=self.NOW))
         self.assertFalse(tap.warn_if_expiring(self.served(90), now=self.NOW))
         self.assertEqual(self.log_events, [])
 
     def test_plaintext_is_quiet(self) -> None:
+        """Without a certificate there is nothing to warn about."""
         self.assertFalse(tap.warn_if_expiring(None, now=self.NOW))
         self.assertEqual(self.log_events, [])
 
@@ -304,6 +321,10 @@ class LevelIgnoredWarningTests(SynchronousTestCase):
         return lines
 
     def test_warn_under_twistd_default_log(self) -> None:
+        """
+        LOG_LEVEL=warn under twistd's own log warns that it is not applied and names the logger to
+        use.
+        """
         self.assertEqual(
             self.warned("warn", self.twistd_options("-n")),
             [
@@ -314,14 +335,17 @@ class LevelIgnoredWarningTests(SynchronousTestCase):
         self.assertEqual(self.log_events[0]["log_level"], LogLevel.warn)
 
     def test_error_under_logfile(self) -> None:
+        """LOG_LEVEL=error with --logfile warns too, whatever its case."""
         self.assertEqual(len(self.warned("ERROR", self.twistd_options("--logfile", "x.log"))), 1)
 
     def test_quiet_with_the_levelled_logger(self) -> None:
+        """With the levelled logger there is nothing to warn about."""
         self.assertEqual(
             self.warned("error", self.twistd_options("-n", "--logger", tap.LEVELLED_LOGGER)), []
         )
 
     def test_levelled_logger_is_the_logfile_observer(self) -> None:
+        """The logger name resolves to the levelled observer."""
         options = self.twistd_options("-n", "--logger", tap.LEVELLED_LOGGER)
         self.assertIs(options.parent["logger"], logfile.observer)
 
@@ -343,6 +367,7 @@ class LevelIgnoredWarningTests(SynchronousTestCase):
         self.assertEqual(self.warned("error", options), [])
 
     def test_make_service_warns(self) -> None:
+        """makeService itself gives the warning."""
         self.patch(tap.os, "environ", dict(DEV_PLAINTEXT, LOG_LEVEL="warn"))
         self.patch(tap, "bind_listener", lambda address, port: FakeListener())
         service = tap.makeService(self.twistd_options("-n"))
@@ -355,6 +380,8 @@ class BindListenerTests(SynchronousTestCase):
     """L{tap.bind_listener} turns an unusable address into a L{ConfigError}."""
 
     def test_message_names_the_address(self) -> None:
+        """An address already in use is refused, naming the address and port."""
+
         def refuse(*args, **kwargs):
             raise OSError(98, "Address already in use")
 
@@ -544,6 +571,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertEqual(self.events, ["build", "background privileged start"])
 
     def test_background_starts_before_listening(self) -> None:
+        """The gateway is built and its background services started before it listens."""
         service = self.service()
         service.privilegedStartService()
         service.startService()
@@ -554,6 +582,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIsNotNone(service.port)
 
     def test_start_without_privileged_start(self) -> None:
+        """Starting without privilegedStartService still starts everything in order."""
         service = self.service()
         service.startService()
         self.assertEqual(
@@ -562,6 +591,7 @@ class GatewayServiceTests(SynchronousTestCase):
         )
 
     def test_plaintext_listens_with_the_site(self) -> None:
+        """Plaintext listens with the site behind the connection limit."""
         site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site)
         service.startService()
@@ -582,6 +612,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIs(factory.metrics, service.gateway.metrics)
 
     def test_tls_serves_the_chain(self) -> None:
+        """With TLS the listener serves the whole certificate chain."""
         directory, root, leaf = self.tls_files()
         server_tls = ServerTLS(
             os.path.join(directory, "server.crt"),
@@ -599,6 +630,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertEqual(self.handshake(factory, root), leaf.cert.public_bytes(Encoding.DER))
 
     def test_start_warns_of_a_certificate_expiring_soon(self) -> None:
+        """Starting with a certificate close to expiry warns."""
         directory = self.mktemp_dir()
         not_after = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=5)
         make_chain(directory, not_after=not_after)
@@ -613,6 +645,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIn("renew it", expiring[0])
 
     def test_start_quiet_for_a_fresh_certificate(self) -> None:
+        """Starting with a fresh certificate does not warn."""
         directory, _root, _leaf = self.tls_files()
         server_tls = ServerTLS(
             os.path.join(directory, "server.crt"),
@@ -662,6 +695,7 @@ class GatewayServiceTests(SynchronousTestCase):
         )
 
     def test_sighup_reload_installed_and_restored(self) -> None:
+        """SIGHUP reloads the certificate while serving; the old handler comes back at stop."""
         directory, _root, _leaf = self.tls_files()
         server_tls = ServerTLS(
             os.path.join(directory, "server.crt"),
@@ -678,6 +712,9 @@ class GatewayServiceTests(SynchronousTestCase):
         )
 
     def test_startup_logs_configuration_and_escape_hatches(self) -> None:
+        """
+        The start logs the effective configuration, secrets redacted, and every escape hatch in use.
+        """
         environ = dict(
             DEV_PLAINTEXT,
             JTI_FAIL_OPEN="true",
@@ -702,6 +739,7 @@ class GatewayServiceTests(SynchronousTestCase):
         )
 
     def test_sigterm_stops_accepting_drains_then_stops_background(self) -> None:
+        """SIGTERM stops accepting, drains, stops the background services, and exits 0."""
         site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site)
         service.startService()
@@ -722,6 +760,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIsNone(self.reactor._exitSignal)
 
     def test_drain_timeout_logged(self) -> None:
+        """Requests cut at the drain bound are logged."""
         site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site)
         service.startService()
@@ -765,6 +804,7 @@ class GatewayServiceTests(SynchronousTestCase):
         channel.connectionLost(None)
 
     def test_clean_drain_logs_no_warning(self) -> None:
+        """A drain that empties in time logs no warning."""
         site = DrainingSite(self.events, self.reactor)
         service = self.service(site=site)
         service.startService()
@@ -774,6 +814,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertFalse([line for line in self.logged() if "drain timed out" in line])
 
     def test_sigint_keeps_its_exit_signal(self) -> None:
+        """A stop on SIGINT keeps its exit signal."""
         service = self.service()
         service.startService()
         self.reactor._exitSignal = signal.SIGINT
@@ -802,6 +843,7 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIsNone(self.reactor._exitSignal)
 
     def test_listen_failure_stops_the_reactor(self) -> None:
+        """A listener that cannot be adopted stops the reactor."""
         self.endpoint.failure = OSError("adoption failed")
         service = self.service()
         service.startService()

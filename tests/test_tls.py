@@ -123,6 +123,7 @@ class LoadServerCertificateTests(SynchronousTestCase):
         self.assertNotIn("PRIVATE", text)
 
     def test_missing_cert_file(self):
+        """A missing certificate file is refused, naming the variable, path and reason."""
         missing = os.path.join(self.directory, "absent.crt")
         self.assertRefused(
             f"TLS_CERT_FILE {missing}: cannot read: No such file or directory",
@@ -130,6 +131,7 @@ class LoadServerCertificateTests(SynchronousTestCase):
         )
 
     def test_missing_key_file(self):
+        """A missing key file is refused, naming the variable, path and reason."""
         missing = os.path.join(self.directory, "absent.key")
         self.assertRefused(
             f"TLS_KEY_FILE {missing}: cannot read: No such file or directory",
@@ -137,12 +139,14 @@ class LoadServerCertificateTests(SynchronousTestCase):
         )
 
     def test_cert_file_is_a_directory(self):
+        """A directory given as certificate file is refused."""
         self.assertRefused(
             f"TLS_CERT_FILE {self.directory}: cannot read: Is a directory",
             cert_file=self.directory,
         )
 
     def test_cert_garbage(self):
+        """A certificate file without PEM is refused."""
         garbage = _write(os.path.join(self.directory, "garbage.crt"), b"not a certificate\n")
         self.assertRefused(f"TLS_CERT_FILE {garbage}: no PEM certificate found", cert_file=garbage)
 
@@ -156,6 +160,7 @@ class LoadServerCertificateTests(SynchronousTestCase):
         )
 
     def test_naive_now_is_utc(self):
+        """A naive C{now} is taken as UTC when judging expiry."""
         not_after = self.leaf.cert.not_valid_after_utc
         self.assertRaises(
             ConfigError,
@@ -166,10 +171,12 @@ class LoadServerCertificateTests(SynchronousTestCase):
         )
 
     def test_cert_empty(self):
+        """An empty certificate file is refused."""
         empty = _write(os.path.join(self.directory, "empty.crt"), b"")
         self.assertRefused(f"TLS_CERT_FILE {empty}: no PEM certificate found", cert_file=empty)
 
     def test_cert_malformed_pem(self):
+        """A PEM block that is not a certificate is refused as malformed."""
         broken = _write(
             os.path.join(self.directory, "broken.crt"),
             b"-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
@@ -177,6 +184,7 @@ class LoadServerCertificateTests(SynchronousTestCase):
         self.assertRefused(f"TLS_CERT_FILE {broken}: malformed PEM certificate", cert_file=broken)
 
     def test_key_garbage(self):
+        """A key file without a PEM key is refused."""
         garbage = _write(os.path.join(self.directory, "garbage.key"), b"hunter2\n")
         self.assertRefused(f"TLS_KEY_FILE {garbage}: not a PEM private key", key_file=garbage)
 
@@ -198,11 +206,13 @@ class LoadServerCertificateTests(SynchronousTestCase):
         )
 
     def test_key_given_as_certificate(self):
+        """The key file given as certificate is refused: it holds no certificate."""
         self.assertRefused(
             f"TLS_CERT_FILE {self.key_file}: no PEM certificate found", cert_file=self.key_file
         )
 
     def test_encrypted_key(self):
+        """An encrypted private key is refused: the gateway has no passphrase."""
         encrypted = _write(
             os.path.join(self.directory, "encrypted.key"),
             self.leaf.key.private_bytes(
@@ -217,6 +227,7 @@ class LoadServerCertificateTests(SynchronousTestCase):
         )
 
     def test_key_does_not_match(self):
+        """A key that does not match the certificate is refused, naming both variables."""
         other = make_leaf(make_authority())
         other_key = _write(os.path.join(self.directory, "other.key"), other.key_pem)
         error = self.assertRefused(
@@ -239,6 +250,7 @@ class LoadServerCertificateTests(SynchronousTestCase):
         )
 
     def test_expired(self):
+        """An expired certificate is refused with its expiry date."""
         leaf = make_leaf(make_authority(), not_after=datetime.datetime(2026, 1, 1, tzinfo=UTC))
         cert_file, key_file = leaf.write(self.directory, "expired")
         self.assertRefused(
@@ -259,6 +271,7 @@ class LoadServerCertificateTests(SynchronousTestCase):
         )
 
     def test_not_yet_valid(self):
+        """A certificate not yet valid is refused with its start date."""
         not_before = self.leaf.cert.not_valid_before_utc
         self.assertRefused(
             f"TLS_CERT_FILE {self.cert_file}: certificate not valid before"
@@ -296,19 +309,23 @@ class ServerContextTests(SynchronousTestCase):
         )
 
     def test_creator_interface(self):
+        """The server connection creator provides its interface and makes SSL connections."""
         self.assertTrue(verifyObject(IOpenSSLServerConnectionCreator, self.server_tls.creator))
         connection = self.server_tls.creator.serverConnectionForTLS(None)
         self.assertIsInstance(connection, SSL.Connection)
 
     def test_tls13_offered(self):
+        """A modern client gets TLS 1.3."""
         _, client = _handshake(self.server_tls._context, client_context())
         self.assertEqual(client.get_protocol_version_name(), "TLSv1.3")
 
     def test_tls12_accepted(self):
+        """A TLS 1.2 client is accepted."""
         _, client = _handshake(self.server_tls._context, client_context(SSL.TLS1_2_VERSION))
         self.assertEqual(client.get_protocol_version_name(), "TLSv1.2")
 
     def test_chain_presented(self):
+        """The whole chain (leaf and intermediates) is presented."""
         _, client = _handshake(self.server_tls._context, client_context())
         chain = [c.to_cryptography() for c in client.get_peer_cert_chain()]
         self.assertEqual(chain, [self.leaf.cert, *self.leaf.intermediates])
@@ -366,6 +383,7 @@ class ServerContextTests(SynchronousTestCase):
             )
 
     def test_compression_off(self):
+        """TLS compression is off and the server's cipher preference applies."""
         options = self.server_tls._context.set_options(0)
         self.assertTrue(options & SSL.OP_NO_COMPRESSION)
         self.assertTrue(options & SSL.OP_CIPHER_SERVER_PREFERENCE)
@@ -407,6 +425,7 @@ class ReloadTests(SynchronousTestCase):
         return [formatEvent(event) for event in self.events]
 
     def test_reload_serves_new_certificate(self):
+        """A reload makes new connections get the renewed certificate."""
         before = self.server_tls.creator.serverConnectionForTLS(None)
         renewed = self.renew()
         self.assertTrue(self.server_tls.reload())
@@ -418,6 +437,7 @@ class ReloadTests(SynchronousTestCase):
         self.assertIn("reloaded", self.messages()[0])
 
     def test_reload_keeps_old_on_garbage(self):
+        """A reload finding garbage keeps the old certificate and logs why."""
         _write(self.cert_file, b"garbage")
         self.assertFalse(self.server_tls.reload())
         self.assertEqual(self.served(), self.leaf.cert)
@@ -427,6 +447,7 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(self.events[0]["log_level"].name, "error")
 
     def test_reload_keeps_old_on_missing_key(self):
+        """A reload without a key file keeps the old certificate and logs why."""
         os.remove(self.key_file)
         self.assertFalse(self.server_tls.reload())
         self.assertEqual(self.served(), self.leaf.cert)
@@ -444,17 +465,20 @@ class ReloadTests(SynchronousTestCase):
         self.assertNotIn("PRIVATE", message)
 
     def test_reload_keeps_old_on_expired(self):
+        """A reload finding an expired certificate keeps the old one."""
         self.renew(not_after=datetime.datetime(2020, 1, 1, tzinfo=UTC))
         self.assertFalse(self.server_tls.reload())
         self.assertEqual(self.served(), self.leaf.cert)
         self.assertIn("expired on 2020-01-01T00:00:00Z", self.messages()[0])
 
     def test_construction_refuses_bad_files(self):
+        """Bad files at construction are a ConfigError, not a kept certificate."""
         _write(self.key_file, b"")
         error = self.assertRaises(ConfigError, ServerTLS, self.cert_file, self.key_file)
         self.assertEqual(str(error), f"TLS_KEY_FILE {self.key_file}: not a PEM private key")
 
     def test_repr(self):
+        """The repr names the certificate file and never shows the key."""
         text = repr(self.server_tls)
         self.assertIn(self.cert_file, text)
         self.assertNotIn("PRIVATE", text)
@@ -480,11 +504,13 @@ class WatchTests(ReloadTests):
         self.addCleanup(lambda: self.loop.running and self.loop.stop())
 
     def test_no_change_no_reload(self):
+        """Unchanged files are not reloaded."""
         self.clock.advance(5)
         self.clock.advance(5)
         self.assertEqual(self.reloads, [])
 
     def test_renamed_files_reloaded(self):
+        """Files replaced by a rename are reloaded at the next poll."""
         renewed = self.renew()
         self.clock.advance(4.9)
         self.assertEqual(self.reloads, [])
@@ -523,6 +549,7 @@ class WatchTests(ReloadTests):
         self.assertEqual(self.served(), other.cert)
 
     def test_stop(self):
+        """A stopped watch reloads nothing."""
         self.loop.stop()
         self.renew()
         self.clock.advance(10)
@@ -552,6 +579,7 @@ class SighupTests(SynchronousTestCase):
     """
 
     def test_sighup_schedules_reload(self):
+        """SIGHUP schedules a reload in the reactor rather than running it in the handler."""
         directory = self.mktemp()
         os.makedirs(directory)
         make_chain(directory)
@@ -586,6 +614,7 @@ class ClientPolicyTests(SynchronousTestCase):
         self.ca_file = os.path.join(self.directory, "server-ca.pem")
 
     def test_policy_interface(self):
+        """The client policy provides IPolicyForHTTPS and caches a creator per host."""
         policy = client_tls_policy(self.ca_file, variable="STS_CA_FILE")
         self.assertTrue(verifyObject(IPolicyForHTTPS, policy))
         creator = policy.creatorForNetloc(b"localhost", 443)
@@ -594,10 +623,12 @@ class ClientPolicyTests(SynchronousTestCase):
         self.assertIsNot(policy.creatorForNetloc(b"sts.example", 443), creator)
 
     def test_no_bundle(self):
+        """Without a CA bundle the policy still provides IPolicyForHTTPS."""
         policy = client_tls_policy(None)
         self.assertTrue(verifyObject(IPolicyForHTTPS, policy))
 
     def test_missing_bundle(self):
+        """A missing CA bundle is refused, naming the variable."""
         missing = os.path.join(self.directory, "absent.pem")
         error = self.assertRaises(ConfigError, client_tls_policy, missing, variable="STS_CA_FILE")
         self.assertEqual(
@@ -605,11 +636,13 @@ class ClientPolicyTests(SynchronousTestCase):
         )
 
     def test_garbage_bundle_default_variable(self):
+        """A bundle without PEM is refused, under UPSTREAM_CA_FILE by default."""
         garbage = _write(os.path.join(self.directory, "garbage.pem"), b"nope")
         error = self.assertRaises(ConfigError, client_tls_policy, garbage)
         self.assertEqual(str(error), f"UPSTREAM_CA_FILE {garbage}: no PEM certificate found")
 
     def test_malformed_bundle(self):
+        """A malformed PEM certificate in a bundle is refused."""
         broken = _write(
             os.path.join(self.directory, "broken.pem"),
             b"-----BEGIN CERTIFICATE-----\nbm9wZQ==\n-----END CERTIFICATE-----\n",

@@ -113,6 +113,7 @@ class SupervisorTests(SynchronousTestCase):
         return [formatEvent(event) for event in self.log_events]
 
     def test_starts_every_worker(self) -> None:
+        """Starting spawns every worker, each with its index, and logs its pid."""
         supervisor = self.supervisor(3)
         supervisor.startService()
         self.assertEqual(self.spawner.indexes(), [0, 1, 2])
@@ -120,6 +121,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertIn("worker 1 started (pid 1001)", self.logged())
 
     def test_unexpected_exit_restarts_after_backoff(self) -> None:
+        """A worker that dies is replaced after the restart back-off."""
         supervisor = self.supervisor(2)
         supervisor.startService()
         _, worker, _ = self.spawner.started[1]
@@ -186,6 +188,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertFalse(supervisor.gave_up)
 
     def test_spawn_failure_counts_as_an_exit(self) -> None:
+        """A worker that cannot be spawned counts as an unexpected exit."""
         supervisor = self.supervisor(1, max_restarts=1)
         self.spawner.fail = True
         supervisor.startService()
@@ -195,6 +198,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertIsNone(supervisor.workers[0])
 
     def test_sighup_forwarded_to_every_worker(self) -> None:
+        """SIGHUP to the supervisor is sent on to every worker."""
         supervisor = self.supervisor(2)
         supervisor.startService()
         [(kind, handler)] = self.sighup
@@ -206,6 +210,7 @@ class SupervisorTests(SynchronousTestCase):
         )
 
     def test_sighup_skips_a_worker_waiting_for_restart(self) -> None:
+        """SIGHUP skips a slot whose worker is waiting to be restarted."""
         supervisor = self.supervisor(2)
         supervisor.startService()
         end(self.spawner.started[0][1])
@@ -214,6 +219,10 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.spawner.started[0][2].signals, [])
 
     def test_stop_terminates_and_waits_for_every_worker(self) -> None:
+        """
+        Stopping sends SIGTERM to every worker, waits for all, removes the metrics directory and
+        exits 0.
+        """
         directory = self.mktemp()
         os.makedirs(directory)
         supervisor = self.supervisor(2, metrics_dir=directory)
@@ -238,6 +247,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(self.gave_up, [])
 
     def test_stop_kills_workers_that_do_not_exit(self) -> None:
+        """Workers still running at the stop timeout are killed."""
         supervisor = self.supervisor(2, stop_timeout=30.0)
         supervisor.startService()
         stopped = supervisor.stopService()
@@ -252,6 +262,7 @@ class SupervisorTests(SynchronousTestCase):
         self.successResultOf(stopped)
 
     def test_stop_cancels_a_pending_restart(self) -> None:
+        """Stopping cancels a pending restart."""
         supervisor = self.supervisor(1)
         supervisor.startService()
         end(self.spawner.started[0][1])
@@ -260,6 +271,7 @@ class SupervisorTests(SynchronousTestCase):
         self.assertEqual(len(self.spawner.started), 1)
 
     def test_sigint_stop_keeps_its_exit_signal(self) -> None:
+        """A stop on SIGINT keeps its exit signal (only SIGTERM exits 0)."""
         supervisor = self.supervisor(1)
         supervisor.startService()
         self.reactor._exitSignal = signal.SIGINT
@@ -282,6 +294,7 @@ class RelayTests(SynchronousTestCase):
         self.worker = workers.WorkerProtocol(supervisor, 4)
 
     def test_access_record_keeps_its_fields_plus_the_worker(self) -> None:
+        """A worker's access line is relayed whole, with its record and the worker's index."""
         record = {"request_id": "r-1", "status": 401, "path": "/x", "token_fingerprint": None}
         line = json.dumps(record).encode()
         # Split across two reads: only whole lines are relayed.
@@ -294,6 +307,7 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(json.loads(formatEvent(event)), dict(record, worker=4))
 
     def test_event_keeps_its_level(self) -> None:
+        """A worker's log event keeps its level and is marked with the worker."""
         entry = {"level": "error", "namespace": "x", "msg": "resource store reload failed"}
         self.worker.childDataReceived(1, json.dumps(entry).encode() + b"\n")
         [event] = self.events
@@ -301,11 +315,13 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(formatEvent(event), "worker 4: resource store reload failed")
 
     def test_traceback_follows_the_message(self) -> None:
+        """A worker's traceback follows its message."""
         entry = {"level": "critical", "msg": "boom", "traceback": "Traceback...\nValueError\n"}
         self.worker.childDataReceived(1, json.dumps(entry).encode() + b"\n")
         self.assertEqual(formatEvent(self.events[0]), "worker 4: boom\nTraceback...\nValueError")
 
     def test_stderr_lines_are_warnings(self) -> None:
+        """Each stderr line of a worker is relayed as a warning."""
         self.worker.childDataReceived(2, b"Traceback (most recent call last):\n  File x\n")
         self.assertEqual(
             [(e["log_level"].name, formatEvent(e)) for e in self.events],
@@ -316,6 +332,7 @@ class RelayTests(SynchronousTestCase):
         )
 
     def test_unterminated_last_line_relayed_at_exit(self) -> None:
+        """A last line without newline is relayed when the worker exits."""
         self.worker.makeConnection(FakeProcess(5))
         self.worker.childDataReceived(2, b"ImportError: no module")
         self.assertEqual(self.events, [])
@@ -348,6 +365,7 @@ class SharedMetricsTests(SynchronousTestCase):
         )
 
     def test_counters_and_histograms_summed_gauges_local(self) -> None:
+        """Counters and histograms are summed across workers; gauges are the answering worker's."""
         other = self.shared(1, {"requests_total": 7}, {"bindings_loaded": 3}, observed=0.2)
         other.publish()
         mine = self.shared(
@@ -360,11 +378,13 @@ class SharedMetricsTests(SynchronousTestCase):
         self.assertEqual(merged["upstream_errors"], 2)
 
     def test_own_file_ignored_in_favour_of_live_counters(self) -> None:
+        """A worker answers with its live counters, not its own published file."""
         mine = self.shared(0, {"requests_total": 5})
         mine.publish()
         self.assertEqual(mine.snapshot()["requests_total"], 5)
 
     def test_unreadable_files_skipped(self) -> None:
+        """Truncated files and temporary files are skipped."""
         with open(os.path.join(self.directory, "1.json"), "w") as f:
             f.write('{"requests_total": ')
         with open(os.path.join(self.directory, "2.json.123.tmp"), "w") as f:
@@ -372,12 +392,14 @@ class SharedMetricsTests(SynchronousTestCase):
         self.assertEqual(self.shared(0, {"requests_total": 5}).snapshot()["requests_total"], 5)
 
     def test_publish_is_atomic_json(self) -> None:
+        """Publishing writes the whole JSON file in one rename."""
         self.shared(2, {"upstream_errors": 4}).publish()
         self.assertEqual(os.listdir(self.directory), ["2.json"])
         with open(os.path.join(self.directory, "2.json")) as f:
             self.assertEqual(json.load(f)["upstream_errors"], 4)
 
     def test_restarted_worker_carries_its_predecessor_counts(self) -> None:
+        """A restarted worker carries on from its predecessor's counts, so sums never go back."""
         self.shared(1, {"requests_total": 9}, {"revocations_active": 2}).publish()
         replacement = self.shared(1, {"requests_total": 1}, {"revocations_active": 4})
         self.assertEqual(replacement.own()["requests_total"], 10)
@@ -386,6 +408,7 @@ class SharedMetricsTests(SynchronousTestCase):
         self.assertEqual(self.shared(0, {}).snapshot()["requests_total"], 10)
 
     def test_periodic_publishing_and_final_write(self) -> None:
+        """Counts are published periodically and once more when publishing stops."""
         counts = {"requests_total": 0}
         shared = workers.SharedMetrics(self.directory, 0, lambda: snapshot_with(counts))
         reader = self.shared(1, {})
@@ -403,6 +426,8 @@ class SharedMetricsTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_install_replaces_the_metrics_snapshot(self) -> None:
+        """Installing shared metrics makes /metrics answer the sum."""
+
         class Endpoint:
             snapshot = None
 
@@ -426,6 +451,9 @@ class SpawnTests(SynchronousTestCase):
     """The real worker's command line and inherited descriptors."""
 
     def test_argv(self) -> None:
+        """
+        A worker runs this interpreter on the workers module with its index and metrics directory.
+        """
         argv = workers.worker_argv(2, "/run/m", executable="/usr/bin/python3")
         self.assertEqual(
             argv,
@@ -447,6 +475,7 @@ class SpawnTests(SynchronousTestCase):
         self.assertEqual((parsed.fd, parsed.index, parsed.metrics_dir), (3, 2, "/run/m"))
 
     def test_listener_inherited_as_fd_3_with_the_environment(self) -> None:
+        """A worker inherits the listening socket as fd 3, and the environment."""
         calls = []
 
         class Reactor:
@@ -464,6 +493,7 @@ class SpawnTests(SynchronousTestCase):
         self.assertEqual(child_fds, {0: "w", 1: "r", 2: "r", 3: 11})
 
     def test_exit_after_shutdown_registers_an_exit(self) -> None:
+        """exit_after_shutdown makes the process exit with the status once Python has shut down."""
         registered = []
         exits = []
         self.patch(workers.atexit, "register", registered.append)

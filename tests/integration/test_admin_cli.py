@@ -62,10 +62,12 @@ class AdminCommandTests(TestCase):
         )
 
     def test_before_migrate(self):
+        """Before migrate, list says on one line to run migrate."""
         result = self.admin("list")
         self.assertOneLineError(result, 1, "run caracal-gateway-admin migrate")
 
     def test_migrate_twice(self):
+        """migrate can run twice and leaves an empty table."""
         for _ in range(2):
             code, stdout, stderr = self.admin("migrate")
             self.assertEqual((code, stderr), (0, ""))
@@ -78,6 +80,7 @@ class AdminCommandTests(TestCase):
         self.assertEqual(triggers, [(3,)])
 
     def test_add_list_update_remove(self):
+        """add, list, update and remove against a real database."""
         self.assertEqual(self.admin("migrate")[0], 0)
 
         code, stdout, stderr = self.admin(
@@ -163,6 +166,7 @@ class AdminCommandTests(TestCase):
         self.assertEqual(rows, [(None,)])
 
     def test_bad_upstreams_refused(self):
+        """add and update refuse upstreams the gateway would refuse, on one line."""
         self.assertEqual(self.admin("migrate")[0], 0)
         for url in ("http://user@x.example", "ftp://x.example", "http://h.example/a/../b"):
             result = self.admin("add", "r", "--zone", "z", "--application", "a", "--upstream", url)
@@ -172,6 +176,7 @@ class AdminCommandTests(TestCase):
         self.assertEqual(self.table(), [])
 
     def test_allowlist_from_environment(self):
+        """UPSTREAM_HOST_ALLOWLIST from the environment limits the upstreams add accepts."""
         self.assertEqual(self.admin("migrate")[0], 0)
         environ = {"UPSTREAM_HOST_ALLOWLIST": "api.example"}
         result = self.admin(
@@ -186,6 +191,7 @@ class AdminCommandTests(TestCase):
         self.assertEqual(code, 0)
 
     def test_unreachable_database(self):
+        """An unreachable database is one line that does not quote the password."""
         result = self.admin(
             "list", environ={"DATABASE_URL": "postgresql://gw:hunter2@127.0.0.1:1/nothing"}
         )
@@ -194,6 +200,7 @@ class AdminCommandTests(TestCase):
         self.assertIn("postgresql://gw:***@127.0.0.1:1/nothing", result[2])
 
     def test_libpq_dsn(self):
+        """--database-url takes a libpq key=value DSN."""
         code, _, stderr = self.admin("--database-url", self.database.dsn, "migrate")
         self.assertEqual((code, stderr), (0, ""))
 
@@ -204,6 +211,7 @@ class PsqlSchemaTests(TestCase):
     skip = _SKIP or (None if shutil.which("psql") else "psql is not installed")
 
     def test_psql_twice(self):
+        """etc/schema.sql applies twice through psql."""
         database = TemporaryDatabase(apply_schema=False).create()
         self.addCleanup(database.drop)
         schema = os.path.join(os.path.dirname(__file__), "..", "..", "etc", "schema.sql")

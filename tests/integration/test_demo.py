@@ -91,6 +91,7 @@ class DemoTests(SynchronousTestCase):
         self.assertEqual([name for name in os.listdir(self.state) if name.endswith(".pid")], [])
 
     def test_twice(self):
+        """The demo runs twice: the second run reuses the database and resource."""
         first = self.run_demo()
         self.assertIn("-> 200 OK", first)
         self.assertIn(f"database      {self.database} (created, schema migrated)", first)
@@ -124,6 +125,7 @@ class DemoTests(SynchronousTestCase):
         self.assertNothingLeft(second)
 
     def test_keep_running_then_stop(self):
+        """With --keep-running the demo serves until it is stopped, then exits cleanly."""
         os.makedirs(self.state)
         log_path = os.path.join(self.state, "demo.out")
         with open(log_path, "w") as log:
@@ -191,6 +193,7 @@ class CleanEnvironTests(SynchronousTestCase):
     """The children never inherit gateway settings from the newcomer's shell."""
 
     def test_gateway_variables_dropped(self):
+        """The demo's gateway gets none of the shell's gateway variables."""
         from tests.integration.test_etc_files import SPEC_VARIABLES
 
         shell = dict.fromkeys((*SPEC_VARIABLES, "CARACAL_LOG_FILE"), "from-the-shell")

@@ -498,6 +498,7 @@ class SlowUpstreamTests(Harness):
 
     @defer.inlineCallbacks
     def test_timeout(self):
+        """An upstream slower than UPSTREAM_TIMEOUT gets the client a 504 in about that time."""
         self.route_to(self.upstream.url("/"))
         started = time.monotonic()
         status, headers, body, _ = yield self.exchange(
@@ -531,6 +532,7 @@ class RevokedWhileWaitingTests(Harness):
 
     @defer.inlineCallbacks
     def test_revoked_before_headers(self):
+        """A revocation before the upstream's headers is a 401 session_revoked."""
         cuts = []
 
         def watch(cut):
@@ -565,6 +567,7 @@ class TLSUpstreamTests(Harness):
 
     @defer.inlineCallbacks
     def test_localhost_verified(self):
+        """An https upstream whose certificate names the host is reached."""
         upstream = self.start_upstream(make_leaf(self.root, hostnames=("localhost",), addresses=()))
         self.route_to(upstream.url("/api", host="localhost"))
         status, _, answer, _ = yield self.exchange(
@@ -577,6 +580,7 @@ class TLSUpstreamTests(Harness):
 
     @defer.inlineCallbacks
     def test_wrong_name_refused(self):
+        """An https upstream whose certificate names another host is refused."""
         leaf = make_leaf(self.root, hostnames=("other.example",), addresses=())
         upstream = self.start_upstream(leaf)
         self.route_to(upstream.url("/", host="localhost"))
@@ -588,6 +592,7 @@ class TLSUpstreamTests(Harness):
 
     @defer.inlineCallbacks
     def test_untrusted_issuer_refused(self):
+        """An https upstream with a certificate from an unknown CA is refused."""
         stranger = make_authority("Someone Else")
         upstream = self.start_upstream(make_leaf(stranger, hostnames=("localhost",)))
         self.route_to(upstream.url("/", host="localhost"))
@@ -617,6 +622,7 @@ class GuardTests(TestCase):
 
     @defer.inlineCallbacks
     def test_loopback_refused_without_connecting(self):
+        """Loopback upstreams, in any spelling, are refused without connecting."""
         guard = UpstreamGuard(reactor.nameResolver)
         port = self.upstream.port
         for url in (

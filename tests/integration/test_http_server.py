@@ -95,6 +95,7 @@ class HTTPServerTests(TestCase):
 
     @inlineCallbacks
     def test_slow_headers_cut_while_normal_client_served(self):
+        """A client trickling its headers is cut while a normal client is served."""
         slow = yield self.connect()
         opened_at = reactor.seconds()
         slow.transport.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -120,6 +121,7 @@ class HTTPServerTests(TestCase):
 
     @inlineCallbacks
     def test_20mb_content_length_refused_at_once(self):
+        """A 20 MB Content-Length is refused at once, before the body."""
         client = yield self.connect()
         sent_at = reactor.seconds()
         client.transport.write(
@@ -135,6 +137,7 @@ class HTTPServerTests(TestCase):
     def test_20mb_body_sent_in_full_still_gets_413(self):
         # A client that writes its whole body before reading still gets the
         # 413: the refused body is read and dropped, never stored.
+        """A client that sends its whole 20 MB body first still gets the 413."""
         client = yield self.connect()
         sent_at = reactor.seconds()
         client.transport.write(
@@ -150,6 +153,7 @@ class HTTPServerTests(TestCase):
         # Content-Length with Transfer-Encoding (a request-smuggling shape):
         # the JSON 400 carries the caller's id, the connection ends, and the
         # body bytes are never taken for a second request.
+        """Content-Length with Transfer-Encoding is a JSON 400 that ends the connection."""
         client = yield self.connect()
         client.transport.write(
             b"POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-Id: smuggle-1\r\n"
@@ -177,6 +181,9 @@ class HTTPServerTests(TestCase):
         # The gateway is not a forward proxy: an absolute-form target or a
         # CONNECT (405, SPEC 12 H2) never reaches the resource, and neither
         # does an HTTP/1.1 request without Host.
+        """
+        Absolute-form targets, CONNECT and Host-less HTTP/1.1 requests never reach the resource.
+        """
         for raw, status, error in (
             (
                 b"GET http://evil.example/x HTTP/1.1\r\nHost: evil.example\r\n",

@@ -76,11 +76,13 @@ class PluginInstallTests(TestCase):
         return result.stdout
 
     def test_regularInstall(self):
+        """A regular install ships both twistd plugins."""
         listed = self.plugins_listed(self.install())
         self.assertIn("caracal-gateway", listed)
         self.assertIn("caracal-devsts", listed)
 
     def test_editableInstall(self):
+        """A compat editable install exposes both twistd plugins."""
         listed = self.plugins_listed(self.install("-e"))
         self.assertIn("caracal-gateway", listed)
         self.assertIn("caracal-devsts", listed)

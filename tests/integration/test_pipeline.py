@@ -40,6 +40,7 @@ class PipelineEndToEndTests(TestCase):
 class AllowedRequestTests(PipelineEndToEndTests):
     @defer.inlineCallbacks
     def test_forwardedWithMandateNotCallerToken(self):
+        """A real request reaches the upstream with the STS's mandate, never the caller's token."""
         self.gw.add_resource()
         yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
         token = self.gw.mint(session_id="s-1")
@@ -69,6 +70,7 @@ class AllowedRequestTests(PipelineEndToEndTests):
 
     @defer.inlineCallbacks
     def test_replayRefusedAndAuditedInRedis(self):
+        """A replayed single-use token is refused and the replay audited in Redis."""
         self.gw.add_resource()
         yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
         token = self.gw.mint()
@@ -90,6 +92,7 @@ class AllowedRequestTests(PipelineEndToEndTests):
 
     @defer.inlineCallbacks
     def test_resourceAddedIsServedWithinASecond(self):
+        """A resource added to Postgres is served within a second."""
         token = self.gw.mint(use="ambient")
         before = yield self.gw.request(token)
         self.assertEqual(before.code, 403)
@@ -108,6 +111,7 @@ class AllowedRequestTests(PipelineEndToEndTests):
 
     @defer.inlineCallbacks
     def test_localEndpoints(self):
+        """/health and /ready answer on the running gateway."""
         health = yield self.gw.client.get(self.gw.base_url + "/health")
         self.assertEqual(health.code, 200)
         yield health.content()
@@ -134,16 +138,19 @@ class RefusedRequestTests(PipelineEndToEndTests):
 
     @defer.inlineCallbacks
     def test_missingToken(self):
+        """No token is a 401 missing_token over the wire."""
         response = yield self.gw.request(None)
         yield self.assertRefused(response, 401, "missing_token")
 
     @defer.inlineCallbacks
     def test_unknownResource(self):
+        """An unknown resource is a 403 over the wire."""
         response = yield self.gw.request(self.gw.mint(), resource="nope")
         yield self.assertRefused(response, 403, "access_denied")
 
     @defer.inlineCallbacks
     def test_traversal(self):
+        """An encoded dot segment is a 400 over the wire."""
         self.gw.add_resource()
         yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
         response = yield self.gw.request(self.gw.mint(), path="/a/%2e%2e/admin")
@@ -151,6 +158,7 @@ class RefusedRequestTests(PipelineEndToEndTests):
 
     @defer.inlineCallbacks
     def test_otherZonesKeyRefused(self):
+        """A token signed by another zone's key is refused."""
         self.gw.add_resource()
         yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
         foreign = self.gw.sts.mint("another-zone", "agent-1")
@@ -159,6 +167,7 @@ class RefusedRequestTests(PipelineEndToEndTests):
 
     @defer.inlineCallbacks
     def test_revokedSessionWithinASecond(self):
+        """A session revoked through Redis is refused within a second."""
         self.gw.add_resource()
         yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
         self.gw.revoke("s-revoked")
@@ -169,6 +178,7 @@ class RefusedRequestTests(PipelineEndToEndTests):
 
     @defer.inlineCallbacks
     def test_forgedRevocationIgnored(self):
+        """An unsigned revocation is ignored while a signed one after it is applied."""
         self.gw.add_resource()
         yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
         self.gw.revoke("s-forged", sign=False)
@@ -179,6 +189,7 @@ class RefusedRequestTests(PipelineEndToEndTests):
 
     @defer.inlineCallbacks
     def test_oversizedBody(self):
+        """A body over the limit is a 413 before any STS call."""
         response = yield self.gw.request(self.gw.mint(), data=b"x" * (64 * 1024 + 1))
         self.assertEqual(response.code, 413)
         self.assertEqual((yield self.error_of(response)), "payload_too_large")
@@ -205,21 +216,26 @@ class SSRFTests(PipelineEndToEndTests):
         self.assertEqual(self.gw.upstream.requests, [])
 
     def test_loopbackAddress(self):
+        """An upstream on a loopback address is refused."""
         return self.check_refused(self.gw.upstream.url("/api"))
 
     def test_loopbackName(self):
+        """An upstream named localhost is refused."""
         return self.check_refused(self.gw.upstream.url("/api", host="localhost"))
 
     def test_decimalSpelling(self):
+        """A loopback address spelled as one decimal number is refused."""
         return self.check_refused(f"http://2130706433:{self.gw.upstream.port}/api")
 
     def test_mappedIPv6(self):
+        """A loopback address mapped into IPv6 is refused."""
         return self.check_refused(f"http://[::ffff:127.0.0.1]:{self.gw.upstream.port}/api")
 
 
 class StreamingTests(PipelineEndToEndTests):
     @defer.inlineCallbacks
     def test_sseEventsArriveOneByOneAndRevocationCuts(self):
+        """Server-sent events arrive one by one, and a revocation cuts the stream."""
         self.gw.add_resource()
         yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"))
         opened = self.gw.upstream.next_sse()

@@ -144,6 +144,7 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
             self.assertFalse((yield port_accepts("127.0.0.1", int(environ["PORT"]))))
 
     def test_unknown_environment(self):
+        """twistd refuses an unknown CARACAL_ENV on one stderr line, listening on nothing."""
         return self.assertRefused(
             lambda d, p: dev(d, p, CARACAL_ENV="staging"),
             "CARACAL_ENV must be production or dev",
@@ -158,72 +159,84 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
         )
 
     def test_one_tls_file(self):
+        """Only one of the TLS files set is refused."""
         return self.assertRefused(
             lambda d, p: dev(d, p, TLS_KEY_FILE=None),
             "TLS_CERT_FILE and TLS_KEY_FILE must both be set",
         )
 
     def test_no_tls_files(self):
+        """No TLS files without INSECURE_HTTP is refused."""
         return self.assertRefused(
             lambda d, p: dev(d, p, TLS_CERT_FILE=None, TLS_KEY_FILE=None),
             "TLS_CERT_FILE/TLS_KEY_FILE required; set INSECURE_HTTP=true to run plaintext",
         )
 
     def test_insecure_http_in_production(self):
+        """INSECURE_HTTP in production is refused."""
         return self.assertRefused(
             lambda d, p: production(d, p, INSECURE_HTTP="true"),
             "INSECURE_HTTP and INSECURE_STS are forbidden when CARACAL_ENV=production",
         )
 
     def test_insecure_sts_in_production(self):
+        """INSECURE_STS in production is refused."""
         return self.assertRefused(
             lambda d, p: production(d, p, INSECURE_STS="true"),
             "INSECURE_HTTP and INSECURE_STS are forbidden when CARACAL_ENV=production",
         )
 
     def test_jti_fail_open_in_production(self):
+        """JTI_FAIL_OPEN in production is refused."""
         return self.assertRefused(
             lambda d, p: production(d, p, JTI_FAIL_OPEN="true"),
             "JTI_FAIL_OPEN is forbidden when CARACAL_ENV=production",
         )
 
     def test_port_in_production(self):
+        """A PORT other than 8081 in production is refused."""
         return self.assertRefused(
             lambda d, p: production(d, p, PORT=str(p)),
             "PORT must be 8081",
         )
 
     def test_hmac_key_missing_in_production(self):
+        """A production start without STREAMS_HMAC_KEY is refused."""
         return self.assertRefused(
             lambda d, p: production(d, p, STREAMS_HMAC_KEY=None),
             "STREAMS_HMAC_KEY is required when CARACAL_ENV=production",
         )
 
     def test_hmac_key_too_short(self):
+        """An HMAC key under 32 bytes is refused."""
         return self.assertRefused(
             lambda d, p: dev(d, p, STREAMS_HMAC_KEY="ab" * 31),
             "STREAMS_HMAC_KEY must be hex-encoded and at least 32 bytes",
         )
 
     def test_private_upstreams_without_allowlist_in_production(self):
+        """Private upstreams in production need an allowlist."""
         return self.assertRefused(
             lambda d, p: production(d, p, ALLOW_PRIVATE_UPSTREAMS="true"),
             "UPSTREAM_HOST_ALLOWLIST is required when ALLOW_PRIVATE_UPSTREAMS=true in production",
         )
 
     def test_sts_over_http(self):
+        """A plaintext STS_URL is refused without INSECURE_STS."""
         return self.assertRefused(
             lambda d, p: dev(d, p, STS_URL=f"http://127.0.0.1:{p}"),
             "STS_URL must use https; set INSECURE_STS=true to override",
         )
 
     def test_malformed_duration(self):
+        """A duration without a unit is refused."""
         return self.assertRefused(
             lambda d, p: dev(d, p, UPSTREAM_TIMEOUT="30"),
             "UPSTREAM_TIMEOUT must be a duration such as 250ms, 5s or 1m30s",
         )
 
     def test_malformed_boolean(self):
+        """A boolean other than true or false is refused."""
         return self.assertRefused(
             lambda d, p: dev(d, p, JTI_FAIL_OPEN="yes"),
             "JTI_FAIL_OPEN must be a boolean (true or false)",
@@ -265,6 +278,7 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
         return check
 
     def test_certificate_unreadable(self):
+        """An unreadable certificate file is refused, naming it."""
         paths = {}
 
         def environ(d, p):
@@ -277,6 +291,7 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
         )
 
     def test_certificate_not_pem(self):
+        """A certificate file without PEM is refused, naming it."""
         paths = {}
 
         def environ(d, p):
@@ -290,6 +305,7 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
         )
 
     def test_key_not_matching(self):
+        """A key that does not match the certificate is refused, naming it."""
         paths = {}
 
         def environ(d, p):
@@ -303,6 +319,7 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
         )
 
     def test_leaf_expired(self):
+        """An expired certificate is refused."""
         import datetime
 
         paths = {}
@@ -323,6 +340,7 @@ class RefusedStartTests(ProcessTestMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_port_in_use(self):
+        """A port already in use is refused on one line, naming the address."""
         port = free_port()
         holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(holder.close)
@@ -342,6 +360,7 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_foreground_tls_health_and_sigterm(self):
+        """In the foreground over TLS the gateway answers /health and exits 0 on SIGTERM."""
         port = free_port()
         environ, root = gateway_environ(self.directory(), port)
         cwd = self.directory()
@@ -363,6 +382,7 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_plaintext_dev(self):
+        """With INSECURE_HTTP in dev the gateway serves plaintext and says so."""
         port = free_port()
         environ, _ = gateway_environ(self.directory(), port, tls=False)
         gateway = self.gateway(environ)
@@ -374,6 +394,7 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_startup_log_redacts_secrets(self):
+        """The effective configuration logged at start hides the secrets."""
         port = free_port()
         environ, _ = gateway_environ(
             self.directory(),
@@ -510,6 +531,7 @@ class DrainTests(ProcessTestMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_inflight_request_finishes(self):
+        """A request in flight at stop finishes before the service stops."""
         config = GatewayConfig.from_environ(gateway_environ(self.directory(), 1, tls=False)[0])
         site = GatewaySite(SlowResource(1.0), config, Metrics(), clock=reactor)
         gateway = Gateway(

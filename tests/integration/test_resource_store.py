@@ -82,6 +82,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_initial_load_and_check(self):
+        """The store loads the table and its readiness check passes."""
         insert(self.database, CONTRACT_RESOURCES[0])
         store = yield self.start_store()
         self.assertEqual(store.get("mcp-weather"), CONTRACT_RESOURCES[0])
@@ -90,6 +91,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_libpq_dsn(self):
+        """A libpq key=value DSN connects too."""
         store = PostgresResourceStore(self.database.dsn, reactor, reload_interval=3600.0)
         store.startService()
         self.addCleanup(store.stopService)
@@ -100,6 +102,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
     @inlineCallbacks
     def test_changes_arrive_by_notify_within_a_second(self):
         # The periodic reload is an hour away: only NOTIFY can be at work.
+        """Inserts, updates and deletes arrive through NOTIFY within a second."""
         store = yield self.start_store(reload_interval=3600.0)
         self.assertIsNone(store.get("r1"))
 
@@ -125,6 +128,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_truncate_arrives(self):
+        """A TRUNCATE empties the snapshot within a second."""
         insert(self.database, CONTRACT_RESOURCES[0])
         store = yield self.start_store()
         self.assertEqual(store.count(), 1)
@@ -134,6 +138,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_renamed_resource(self):
+        """A renamed resource is found under its new name only."""
         insert(self.database, ToolResource("old-name", "z", "a", "https://x.example"))
         store = yield self.start_store()
         self.database.execute(
@@ -146,6 +151,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_burst_of_changes(self):
+        """A 500-row insert arrives whole."""
         store = yield self.start_store()
         values = ", ".join(f"('b{i}', 'z', 'a', 'https://b{i}.example')" for i in range(500))
         columns = "resource_identifier, zone_id, application_id, upstream_url"
@@ -165,6 +171,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
     def test_periodic_reload_is_a_safety_net(self):
         # Without the trigger nothing is NOTIFYed; the periodic reload still
         # brings the change in.
+        """With the trigger disabled the periodic reload still brings changes in."""
         self.database.execute("ALTER TABLE gateway_resources DISABLE TRIGGER USER")
         self.addCleanup(self.database.execute, "ALTER TABLE gateway_resources ENABLE TRIGGER USER")
         store = yield self.start_store(reload_interval=0.2)
@@ -173,6 +180,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         self.assertIsNotNone(took)
 
     def test_updated_at_touched(self):
+        """An update sets updated_at."""
         insert(self.database, ToolResource("t", "z", "a", "https://t.example"))
         self.database.execute(
             "UPDATE gateway_resources SET updated_at = now() - interval '1 day'"
@@ -185,6 +193,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         self.assertLess(age, 60)
 
     def test_schema_applies_twice(self):
+        """Applying the schema again keeps the rows."""
         insert(self.database, ToolResource("kept", "z", "a", "https://k.example"))
         self.database.execute(schema_sql())
         self.database.execute(schema_sql())
@@ -206,6 +215,7 @@ class PostgresResourceStoreTests(_DatabaseTestCase):
         )
 
     def test_auth_mode_constraint(self):
+        """The table refuses an unknown auth mode."""
         import psycopg2
 
         self.assertRaises(
@@ -276,6 +286,10 @@ class PostgresOutageTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_outage_and_recovery(self):
+        """
+        Through an outage the last snapshot is served and readiness fails; after it the store
+        reconnects and picks up the changes.
+        """
         insert(self.database, CONTRACT_RESOURCES[0])
         store = self.start_reader_store()
         yield store.loaded
@@ -314,6 +328,10 @@ class PostgresOutageTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_database_down_at_startup(self):
+        """
+        A database down at startup leaves the store running and not ready; it loads within 2 s of
+        coming back.
+        """
         self.database.block_reader()
         insert(self.database, CONTRACT_RESOURCES[0])
         store = self.start_reader_store()
@@ -333,6 +351,7 @@ class PostgresOutageTests(_DatabaseTestCase):
 
     @inlineCallbacks
     def test_whole_database_unavailable(self):
+        """When no connection is possible the store notices, and recovers when it is."""
         insert(self.database, CONTRACT_RESOURCES[0])
         store = yield self.start_store(max_backoff=0.5)
         self.database.block_connections()

@@ -66,6 +66,7 @@ class DevSTSTests(STSClientTestCase):
 
     @inlineCallbacks
     def test_refusal(self):
+        """The STS's refusal of a token it did not sign is passed on as a Denial."""
         sts, base_url, _ = yield self.dev_sts()
         client = self.client(base_url)
         other = DevSTS()
@@ -154,6 +155,7 @@ class FailureTests(STSClientTestCase):
 
     @inlineCallbacks
     def test_slow_answer_within_timeout(self):
+        """An answer slower than usual but within the timeout is accepted."""
         scripted = ScriptedSTS(reactor)
         scripted.script(body={"access_token": "a.b.c"}, delay=0.1)
         base_url, port = scripted.listen()
@@ -163,6 +165,7 @@ class FailureTests(STSClientTestCase):
 
     @inlineCallbacks
     def test_jwks_never_answers(self):
+        """A JWKS endpoint that never answers is STSUnavailable after the timeout."""
         scripted = ScriptedSTS(reactor)
         scripted.script(b"/.well-known/jwks.json", hang=True)
         base_url, port = scripted.listen()
@@ -218,6 +221,7 @@ class HTTPSTests(STSClientTestCase):
 
     @inlineCallbacks
     def test_trusted_ca(self):
+        """An https STS is reached by name and by address with its CA bundle."""
         make_chain(self.directory)
         sts, number = yield self.https_sts()
         policy = client_tls_policy(os.path.join(self.directory, "server-ca.pem"), "STS_CA_FILE")

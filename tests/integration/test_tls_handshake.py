@@ -187,6 +187,7 @@ class ServerHandshakeTests(_ServerTestCase):
 
     @defer.inlineCallbacks
     def test_tls12_accepted(self):
+        """A TLS 1.2 client completes the handshake and is served."""
         version, response = yield self.run_client(
             _Client(self.port, SSL.TLS1_2_VERSION), _Client.version, _Client.get
         )
@@ -212,9 +213,11 @@ class ServerHandshakeTests(_ServerTestCase):
         )
 
     def test_tls10_refused(self):
+        """A TLS 1.0 client is refused."""
         return self._assert_refused(SSL.TLS1_VERSION, "TLSv1")
 
     def test_tls11_refused(self):
+        """A TLS 1.1 client is refused."""
         return self._assert_refused(SSL.TLS1_1_VERSION, "TLSv1.1")
 
     @defer.inlineCallbacks
@@ -270,6 +273,7 @@ class ServerHandshakeTests(_ServerTestCase):
 
     @defer.inlineCallbacks
     def test_failed_reload_keeps_serving(self):
+        """A reload that fails keeps the old certificate in service."""
         with open(self.key_file, "wb") as f:
             f.write(b"garbage")
         self.assertFalse(self.server_tls.reload())
@@ -295,6 +299,7 @@ class ClientPolicyTests(_ServerTestCase):
 
     @defer.inlineCallbacks
     def test_reaches_trusted_server(self):
+        """The client policy with a CA bundle reaches a server that bundle signed."""
         port = self.listen(ServerTLS(self.cert_file, self.key_file).creator)
         agent = self.agent(client_tls_policy(self.ca_file, variable="STS_CA_FILE"))
         response = yield agent.request(b"GET", f"https://localhost:{port}/".encode())

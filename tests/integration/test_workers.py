@@ -100,6 +100,7 @@ class WorkersTests(TestCase):
 
     @defer.inlineCallbacks
     def test_both_workers_serve_and_metrics_are_summed(self):
+        """With --workers 2 both workers serve and /metrics sums them."""
         port = free_port()
         environ, _ = gateway_environ(self.directory(), port, tls=False, LOG_LEVEL="info")
         gateway = self.gateway(environ)
@@ -146,6 +147,7 @@ class WorkersTests(TestCase):
 
     @defer.inlineCallbacks
     def test_killed_worker_is_restarted(self):
+        """A SIGKILLed worker is replaced while the port keeps serving."""
         port = free_port()
         environ, root = gateway_environ(self.directory(), port, LOG_LEVEL="info")
         gateway = self.gateway(environ, root=root)
@@ -182,6 +184,7 @@ class WorkersTests(TestCase):
 
     @defer.inlineCallbacks
     def test_daemon_sigterm_stops_every_worker(self):
+        """SIGTERM to the daemon stops every worker and exits 0."""
         Subreaper.for_test(self)
 
         port = free_port()
