@@ -884,6 +884,74 @@ class RedactionTests(ConfigTestMixin, SynchronousTestCase):
         redacted = redact_url("postgresql://u:pw@db/caracal?password=query-s3cret")
         self.assertNotIn("query-s3cret", redacted)
 
+    def test_escaped_space_in_unquoted_dsn_password(self) -> None:
+        """
+        libpq reads C{password=a\\ b} as one value (the backslash escapes the
+        blank): none of it may show, and the next keyword is kept.
+        """
+        redacted = redact_url("host=db password=lead\\ tail user=gw")
+        self.assertEqual(redacted, "host=db password=*** user=gw")
+
+    def test_escaped_space_in_quoted_dsn_password(self) -> None:
+        """A quoted password with an escaped blank and an escaped quote is hidden whole."""
+        for dsn in (
+            "host=db password='lead\\ tail' user=gw",
+            "host=db password = 'lead\\'s tail' user=gw",
+            "host=db sslpassword='lead\\\\' user=gw password='x\\ tail'",
+        ):
+            redacted = redact_url(dsn)
+            self.assertNotIn("lead", redacted, dsn)
+            self.assertNotIn("tail", redacted, dsn)
+            self.assertTrue(redacted.startswith("host=db "), redacted)
+            self.assertIn("user=gw", redacted)
+
+    def test_startup_log_value_of_escaped_dsn(self) -> None:
+        """The configuration the startup log prints hides an escaped DSN password whole."""
+        config = self.accepted(dev(DATABASE_URL="host=db dbname=caracal password='pw\\ rest'"))
+        shown = config.redacted()["DATABASE_URL"]
+        self.assertEqual(shown, "host=db dbname=caracal password=***")
+
+    def test_unparseable_dsn_hidden_whole(self) -> None:
+        """A DSN that cannot be split as libpq would is not shown at all."""
+        self.assertEqual(redact_url("host=db password='never closed"), "***")
+        self.assertEqual(redact_url("host=db password"), "***")
+
+    def test_url_password_with_delimiters(self) -> None:
+        """
+        libpq ends the userinfo at the first C{@}, Python's urlsplit at the
+        first C{#} or C{?}: a password holding either is hidden under both
+        readings; one with a raw C{/} (which libpq refuses) hides the URL.
+        """
+        self.assertEqual(
+            redact_url("postgresql://gw:12#34@db/caracal"), "postgresql://gw:***@db/caracal"
+        )
+        self.assertEqual(redact_url("redis://:pw?x@redis:6379/0"), "redis://:***@redis:6379/0")
+        self.assertEqual(redact_url("postgresql://gw:p/w@db/caracal"), "***")
+
+    def test_url_query_secret_names_any_case_or_encoding(self) -> None:
+        """libpq percent-decodes query names: C{pass%77ord} is C{password}."""
+        redacted = redact_url(
+            "postgresql://db/caracal?user=gw&Pass%77ord=q-s3cret&sslpassword=k-s3cret&sslmode=require"
+        )
+        self.assertEqual(
+            redacted,
+            "postgresql://db/caracal?user=gw&Pass%77ord=***&sslpassword=***&sslmode=require",
+        )
+
+    def test_multi_host_url(self) -> None:
+        """A libpq multi-host URL keeps its hosts and loses its password."""
+        self.assertEqual(
+            redact_url("postgresql://gw:pw-s3cret@pg1:5432,pg2:5432/caracal"),
+            "postgresql://gw:***@pg1:5432,pg2:5432/caracal",
+        )
+
+    def test_redis_url_with_user_and_password(self) -> None:
+        """An ACL user stays, its password goes."""
+        self.assertEqual(
+            redact_url("rediss://gateway:r-s3cret@redis:6380/1"),
+            "rediss://gateway:***@redis:6380/1",
+        )
+
 
 class AgentClientSettingsTests(ConfigTestMixin, SynchronousTestCase):
     """SPEC 13: stream timers, RFC 9728 discovery and CORS settings."""

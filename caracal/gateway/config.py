@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
@@ -247,31 +247,137 @@ def parse_redis_url(text: str) -> RedisAddress:
     )
 
 
-_DSN_SECRET = re.compile(r"""\b((?:ssl)?password)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""")
-_QUERY_SECRET = re.compile(r"(?i)((?:^|&)(?:ssl)?password=)[^&]*")
+#: libpq keywords (and URL query parameters) whose value is a secret.
+_SECRET_KEYWORDS = frozenset({"password", "sslpassword"})
+#: libpq's separators between C{key=value} pairs (C isspace in the C locale).
+_DSN_SPACE = " \t\n\r\f\v"
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+#: Below this length a password may be part of any text: not looked for.
+_SAFETY_NET_MIN = 4
+REDACTED = "***"
+
+
+def _redact_keyword_dsn(text: str) -> str:
+    """
+    C{text}, a libpq C{key=value} DSN, with the value of every secret
+    keyword replaced by C{***}. The values are delimited exactly as libpq's
+    C{conninfo_parse} does: a quoted value runs to the next unescaped quote,
+    an unquoted one to the next blank, and a backslash escapes the next
+    character in both (C{password=a\\ b} is one value). Anything libpq would
+    refuse is C{***} as a whole: it cannot be split safely.
+    """
+    kept: list[str] = []
+    copied = 0
+    position, end = 0, len(text)
+    while True:
+        while position < end and text[position] in _DSN_SPACE:
+            position += 1
+        if position == end:
+            break
+        start = position
+        while position < end and text[position] != "=" and text[position] not in _DSN_SPACE:
+            position += 1
+        name = text[start:position]
+        while position < end and text[position] in _DSN_SPACE:
+            position += 1
+        if position == end or text[position] != "=":
+            return REDACTED
+        position += 1
+        while position < end and text[position] in _DSN_SPACE:
+            position += 1
+        value_start = position
+        if position < end and text[position] == "'":
+            position += 1
+            while True:
+                if position >= end:
+                    return REDACTED  # unterminated quote
+                if text[position] == "\\":
+                    position += 2
+                elif text[position] == "'":
+                    position += 1
+                    break
+                else:
+                    position += 1
+        else:
+            while position < end and text[position] not in _DSN_SPACE:
+                position += 2 if text[position] == "\\" else 1
+        position = min(position, end)
+        if name.lower() in _SECRET_KEYWORDS:
+            kept += [text[copied:value_start], REDACTED]
+            copied = position
+    kept.append(text[copied:])
+    return "".join(kept)
+
+
+def _redact_query(query: str) -> str:
+    """A URL query with secret parameters' values (names percent-decoded, any case) hidden."""
+    parts = []
+    for parameter in query.split("&"):
+        name, equals, _ = parameter.partition("=")
+        if equals and unquote(name).lower() in _SECRET_KEYWORDS:
+            parameter = f"{name}={REDACTED}"
+        parts.append(parameter)
+    return "&".join(parts)
+
+
+def _redact_uri(text: str, scheme_end: int) -> str:
+    """
+    C{text}, a URL (C{postgresql://}, C{redis://}, C{https://}, ...), with
+    the userinfo password and secret query parameters hidden.
+
+    Python's C{urlsplit} ends the userinfo at the first C{/?#} and libpq at
+    the first C{@}: a password holding C{#} or C{?} would be cut differently
+    by each. The authority is therefore taken up to the first C{/} and the
+    userinfo up to its last C{@}, which covers both; an C{@} left after that
+    (a password with a raw C{/}, which libpq refuses) hides the whole URL.
+    """
+    prefix, rest = text[:scheme_end], text[scheme_end:]
+    slash = rest.find("/")
+    authority, tail = (rest, "") if slash < 0 else (rest[:slash], rest[slash:])
+    at = authority.rfind("@")
+    if at >= 0:
+        user, colon, _ = authority[:at].partition(":")
+        authority = user + (":" + REDACTED if colon else "") + authority[at:]
+    rest = authority + tail
+    head, question, query = rest.partition("?")
+    if "@" in head[len(authority) :]:
+        return REDACTED
+    if question:
+        rest = head + "?" + _redact_query(query)
+    return prefix + rest
+
+
+def _dsn_secrets(text: str) -> list[str]:
+    """The secrets libpq itself would read out of C{text} (none if it cannot parse it)."""
+    try:
+        parameters = parse_dsn(text)
+    except psycopg2.Error:
+        return []
+    return [parameters[name] for name in _SECRET_KEYWORDS if parameters.get(name)]
 
 
 def redact_url(text: str) -> str:
     """
     Return C{text} (a URL or a libpq C{key=value} DSN) with every password
-    replaced by C{***}: the userinfo one, a C{password=} query parameter, and
-    a DSN's C{password} / C{sslpassword}, quoted or not. Multi-host URLs
+    replaced by C{***}: the userinfo one, a C{password=} / C{sslpassword=}
+    query parameter, and a DSN's C{password} / C{sslpassword}, quoted or
+    not, with backslash escapes. Multi-host URLs
     (C{postgresql://h1:5432,h2:5432/db}, C{redis+sentinel://s1,s2/m}) keep
-    their host list.
+    their host list. Use it on every DSN or URL that reaches a log line or
+    an error message.
+
+    As a safety net, a password that libpq reads out of C{text} and that
+    still shows after the redaction (a form the rules above missed) hides
+    the whole value.
     """
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return "***"
-    if not parts.scheme or "://" not in text:
-        return _DSN_SECRET.sub(r"\1=***", text)
-    netloc = parts.netloc
-    userinfo, at, hosts = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hosts}"
-    query = _QUERY_SECRET.sub(r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    if not text:
+        return text
+    scheme = _URL_SCHEME.match(text)
+    redacted = _redact_keyword_dsn(text) if scheme is None else _redact_uri(text, scheme.end())
+    for secret in _dsn_secrets(text):
+        if len(secret) >= _SAFETY_NET_MIN and secret in redacted:
+            return REDACTED
+    return redacted
 
 
 @dataclass(frozen=True)

@@ -415,6 +415,30 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
         self.assertNotIn(HMAC_KEY_HEX.encode(), output)
 
     @defer.inlineCallbacks
+    def test_startup_log_redacts_escaped_dsn_password(self):
+        """
+        A libpq keyword DSN whose unquoted password holds an escaped blank is
+        hidden whole in every line (the effective configuration and the
+        resource store's connection lines), not only up to the blank.
+        """
+        port = free_port()
+        environ, _ = gateway_environ(
+            self.directory(),
+            port,
+            tls=False,
+            DATABASE_URL="host=127.0.0.1 port=5432 dbname=test user=root"
+            " password=pg-head\\ pg-tail-xyz",
+        )
+        gateway = self.gateway(environ)
+        yield gateway.start()
+        self.assertEqual((yield gateway.stop()), 0)
+        output = gateway.output + gateway.errors
+        self.assertIn(b"resource store connected to", output)
+        self.assertIn(b"dbname=test user=root password=***", output)
+        self.assertNotIn(b"pg-head", output)
+        self.assertNotIn(b"pg-tail-xyz", output)
+
+    @defer.inlineCallbacks
     def test_sigint_is_not_reported_as_success(self):
         """Only SIGTERM is an orderly stop with status 0; SIGINT keeps its meaning."""
         port = free_port()
