@@ -7,8 +7,10 @@ side runs in memory (treq's L{StubTreq}); time is a L{Clock}.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import sys
 
 import jwt
 from treq.testing import RequestTraversalAgent, StubTreq
@@ -19,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from caracal.devsts import DevSTS
-from caracal.devsts.tap import Options, makeService
+from caracal.devsts.tap import Options, makeService, refusal
 from caracal.gateway.denials import Denial
 from caracal.gateway.sts import STSClient
 from tests.support.certs import make_chain
@@ -171,6 +173,54 @@ class DevSTSTests(SynchronousTestCase):
         clock.advance(61)
         self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(good))[0], 401)
 
+    def test_issued_mandate_refused_as_subject(self):
+        """
+        A mandate this STS issued carries C{act} (RFC 8693 section 4.1), and
+        presented back as a subject token it is 400 C{invalid_grant}: a tool
+        server cannot trade it for another resource's credentials (H4).
+        """
+        sts, _, http = make_sts()
+        status, answer = self.post(
+            http, "/oauth/2/token", exchange_form(sts.mint("zone-a", "agent"))
+        )
+        self.assertEqual(status, 200)
+        mandate = answer["access_token"]
+        self.assertEqual(self.verify(sts, mandate, "zone-a")["act"], {"sub": "caracal-gateway"})
+        status, answer = self.post(
+            http, "/oauth/2/token", exchange_form(mandate, resource="res-other")
+        )
+        self.assertEqual((status, answer["error"]), (400, "invalid_grant"))
+        self.assertNotIn(mandate, json.dumps(answer))
+        self.assertEqual([r.granted for r in sts.exchange_log], [True, False])
+        self.assertEqual(sts.exchange_log[1].resource, "res-other")
+
+    def test_mandate_marks_refused_as_subject(self):
+        """
+        Any validly signed token with an C{act} claim (whatever its value) or
+        a C{use} of C{resource} / C{mandate} is refused as a subject token.
+        """
+        sts, _, http = make_sts()
+        for extra in (
+            {"act": {"sub": "tool-server"}},
+            {"act": None},
+            {"use": "resource"},
+            {"use": "mandate"},
+        ):
+            token = sts.mint("zone-a", "agent", extra_claims=extra)
+            status, answer = self.post(http, "/oauth/2/token", exchange_form(token))
+            self.assertEqual((status, answer["error"]), (400, "invalid_grant"), extra)
+        for use in ("per_call", "ambient"):
+            token = sts.mint("zone-a", "agent", use=use)
+            self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(token))[0], 200)
+
+    def test_unsigned_mandate_is_invalid_token(self):
+        """The mandate marks are judged only on a verified token: a forged one is 401."""
+        sts, _, http = make_sts()
+        other = DevSTS(clock=sts.clock)
+        forged = other.mint("zone-a", "agent", extra_claims={"act": {"sub": "x"}})
+        status, answer = self.post(http, "/oauth/2/token", exchange_form(forged))
+        self.assertEqual((status, answer["error"]), (401, "invalid_token"))
+
     def test_missing_fields(self):
         """An exchange missing a required form field is refused."""
         sts, _, http = make_sts()
@@ -273,7 +323,7 @@ class TapTests(SynchronousTestCase):
     def start(self, options):
         """Start L{makeService}'s service on a memory reactor; return the reactor and service."""
         reactor = MemoryReactor()
-        service = makeService(options, reactor)
+        service = makeService(options, reactor, environ={})
         service.startService()
         self.addCleanup(service.stopService)
         return reactor, service
@@ -287,6 +337,38 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(reactor.sslServers, [])
         self.assertIsInstance(factory, Site)
         self.assertIsInstance(service.sts, DevSTS)
+
+    def test_refuses_production(self):
+        """
+        C{CARACAL_ENV=production} (any case) is refused: one line naming the
+        reason on stderr, exit status 1, no service.
+        """
+        options = self.parse("--insecure-http", "--port", "0")
+        for value in ("production", " Production "):
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            error = self.assertRaises(
+                SystemExit, makeService, options, environ={"CARACAL_ENV": value}
+            )
+            self.assertEqual(error.code, 1)
+            lines = stderr.getvalue().splitlines()
+            self.assertEqual(len(lines), 1)
+            self.assertTrue(lines[0].startswith("caracal-devsts: "), lines)
+            self.assertIn("CARACAL_ENV=production", lines[0])
+        self.assertIsNone(refusal(options, {"CARACAL_ENV": "dev"}))
+        self.assertIsNone(refusal(options, {}))
+
+    def test_refuses_non_loopback_bind(self):
+        """Only loopback IP literals may be bound; names and wildcards are refused."""
+        for bind in ("0.0.0.0", "::", "", "10.1.2.3", "192.0.2.1", "localhost", "example.com"):
+            options = self.parse("--insecure-http", "--bind", bind)
+            reason = refusal(options, {})
+            self.assertIsNotNone(reason, bind)
+            self.assertIn("loopback", reason)
+            self.patch(sys, "stderr", io.StringIO())
+            self.assertRaises(SystemExit, makeService, options, environ={})
+        for bind in ("127.0.0.1", "127.8.9.10", "::1"):
+            self.assertIsNone(refusal(self.parse("--insecure-http", "--bind", bind), {}), bind)
 
     def test_tls_required_or_explicitly_plaintext(self):
         """TLS files are required in pairs unless --insecure-http, and exclude it."""

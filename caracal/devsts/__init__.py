@@ -5,6 +5,12 @@ not part of the gateway and must never run in production: its keys are
 ephemeral and it mints caller tokens for anyone who asks.
 """
 
-from caracal.devsts.service import DevSTS, ExchangeRecord, InvalidSubject, ZoneKey
+from caracal.devsts.service import (
+    DevSTS,
+    ExchangeRecord,
+    InvalidSubject,
+    MandateAsSubject,
+    ZoneKey,
+)
 
-__all__ = ["DevSTS", "ExchangeRecord", "InvalidSubject", "ZoneKey"]
+__all__ = ["DevSTS", "ExchangeRecord", "InvalidSubject", "MandateAsSubject", "ZoneKey"]

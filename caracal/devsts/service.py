@@ -8,7 +8,8 @@ C{POST /dev/mint} hands out caller tokens to anyone who asks.
 
 Endpoints (L{DevSTS.resource}):
   - C{POST /oauth/2/token}: RFC 8693 token exchange; verifies the subject
-    token against the zone's key and answers with a mandate;
+    token against the zone's key and answers with a mandate (which carries
+    C{act}); a mandate offered as the subject token is 400 C{invalid_grant};
   - C{GET /.well-known/jwks.json?zone_id=Z}: zone Z's public key;
   - C{GET /health}: 200;
   - C{POST /dev/mint} (form C{zone_id}, C{use}, C{ttl}, C{sid}, C{sub}):
@@ -69,6 +70,20 @@ class ExchangeRecord:
 
 class InvalidSubject(Exception):
     """The subject token does not verify against the zone's key."""
+
+
+class MandateAsSubject(InvalidSubject):
+    """
+    The subject token verifies but is a mandate, not a caller credential: it
+    carries an C{act} claim (RFC 8693 section 4.1, which every mandate this
+    STS issues has) or its C{use} is C{resource} or C{mandate}. A tool server
+    holding a mandate must not trade it for another resource's credentials
+    (SPEC section 12, H4); the real Caracal STS refuses it the same way.
+    """
+
+
+#: C{use} values that mark a token issued for a resource, never a caller's.
+MANDATE_USES = frozenset({"resource", "mandate"})
 
 
 class DevSTS:
@@ -155,7 +170,8 @@ class DevSTS:
     def verify_subject(self, token: str, zone_id: str) -> dict:
         """
         The claims of C{token} if it is an unexpired ES256 token signed by zone
-        C{zone_id}'s current key and naming that zone; else L{InvalidSubject}.
+        C{zone_id}'s current key and naming that zone; else L{InvalidSubject}
+        (L{MandateAsSubject} when it is a mandate).
         """
         key = self._zones.get(zone_id)
         if key is None:
@@ -182,6 +198,8 @@ class DevSTS:
             raise InvalidSubject("expired")
         if claims.get("zone_id", zone_id) != zone_id:
             raise InvalidSubject("other zone")
+        if "act" in claims or claims.get("use") in MANDATE_USES:
+            raise MandateAsSubject("a mandate is not a subject token")
         return claims
 
     def issue_mandate(self, subject_claims: dict, zone_id: str, application_id: str, resource):
@@ -292,6 +310,17 @@ class _STSResource(Resource):
             )
         try:
             claims = sts.verify_subject(fields["subject_token"], fields["zone_id"])
+        except MandateAsSubject:
+            sts.exchange_log.append(ExchangeRecord(granted=False, **record))
+            # RFC 8693 section 2.2.2: an unacceptable subject_token is invalid_grant.
+            return _json(
+                request,
+                400,
+                {
+                    "error": "invalid_grant",
+                    "error_description": "subject token is a mandate, not a caller credential",
+                },
+            )
         except InvalidSubject:
             sts.exchange_log.append(ExchangeRecord(granted=False, **record))
             return _json(

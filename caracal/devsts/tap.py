@@ -3,10 +3,18 @@
 C{twistd -n caracal-devsts --port 8443 --bind 127.0.0.1
 [--tls-cert F --tls-key K | --insecure-http]}: serve the development STS.
 
-For development and tests only (see L{caracal.devsts}).
+For development and tests only (see L{caracal.devsts}): it refuses to
+start with C{CARACAL_ENV=production} or bound to anything but a loopback
+address (one line on stderr, exit status 1), since it mints caller tokens
+for whoever asks.
 """
 
 from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from collections.abc import Mapping
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
@@ -82,11 +90,52 @@ class Options(usage.Options):
         self["tls"] = tls_options(cert, key) if cert else None
 
 
-def makeService(options: Options, reactor=None):
+def refusal(options: Options, environ: Mapping[str, str]) -> str | None:
+    """
+    Why the dev STS must not start with C{options} in C{environ}, or
+    C{None}: C{CARACAL_ENV} says production (any case), or C{--bind} is not
+    a loopback IP address (a host name could resolve anywhere, so only
+    literals count: C{127.0.0.0/8} and C{::1}).
+    """
+    if (environ.get("CARACAL_ENV") or "").strip().lower() == "production":
+        return (
+            "refusing to start with CARACAL_ENV=production: the dev STS mints tokens"
+            " for anyone who asks"
+        )
+    bind = options["bind"]
+    try:
+        loopback = ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return (
+            f"refusing to bind {bind or 'every interface'}: the dev STS listens only on a"
+            " loopback address (127.0.0.1 or ::1)"
+        )
+    return None
+
+
+def refuse_start(message: str, stderr=None) -> None:
+    """
+    Stop before listening: one line on stderr, exit status 1. C{SystemExit}
+    leaves twistd without a traceback, before it writes a pidfile (as
+    L{caracal.gateway.tap.refuse_start}).
+    """
+    stderr = sys.stderr if stderr is None else stderr
+    stderr.write(f"caracal-devsts: {message}\n")
+    stderr.flush()
+    raise SystemExit(1)
+
+
+def makeService(options: Options, reactor=None, environ: Mapping[str, str] | None = None):
     """
     The listening service of the development STS: a server endpoint (TLS
-    or plaintext) serving the STS's site.
+    or plaintext) serving the STS's site, unless L{refusal} finds a reason
+    not to start (then the process exits, see L{refuse_start}).
     """
+    reason = refusal(options, os.environ if environ is None else environ)
+    if reason is not None:
+        refuse_start(reason)
     if reactor is None:
         from twisted.internet import reactor
     sts = DevSTS()
