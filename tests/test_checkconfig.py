@@ -252,7 +252,12 @@ class EscapeHatchTests(SynchronousTestCase):
         findings = checkconfig.check_escape_hatches(_config())
         self.assertEqual(
             _statuses(findings),
-            {"INSECURE_HTTP": PASS, "INSECURE_STS": PASS, "JTI_FAIL_OPEN": PASS},
+            {
+                "INSECURE_HTTP": PASS,
+                "INSECURE_STS": PASS,
+                "JTI_FAIL_OPEN": PASS,
+                "REVOCATION_FAIL_OPEN": PASS,
+            },
         )
 
     def test_each_set(self):
@@ -260,10 +265,60 @@ class EscapeHatchTests(SynchronousTestCase):
         findings = checkconfig.check_escape_hatches(config)
         self.assertEqual(
             _statuses(findings),
-            {"INSECURE_HTTP": PASS, "INSECURE_STS": FAIL, "JTI_FAIL_OPEN": FAIL},
+            {
+                "INSECURE_HTTP": PASS,
+                "INSECURE_STS": FAIL,
+                "JTI_FAIL_OPEN": FAIL,
+                "REVOCATION_FAIL_OPEN": PASS,
+            },
         )
         config = _config(env="dev", insecure_http=True)
         self.assertEqual(_statuses(checkconfig.check_escape_hatches(config))["INSECURE_HTTP"], FAIL)
+
+    def test_revocation_fail_open(self):
+        """
+        C{REVOCATION_FAIL_OPEN} true (or not a boolean: a typo must not
+        pass) is a FAIL: revoked sessions would pass while the revocation
+        state is unavailable.
+        """
+        for value, status in (("true", FAIL), ("1", FAIL), ("yes-ish", FAIL), ("false", PASS)):
+            findings = checkconfig.check_escape_hatches(_config(), {"REVOCATION_FAIL_OPEN": value})
+            self.assertEqual(_statuses(findings)["REVOCATION_FAIL_OPEN"], status, value)
+
+
+class MetricsTests(SynchronousTestCase):
+    """Who may read /metrics (SPEC section 12)."""
+
+    def test_production_default_not_served(self):
+        """Production with neither variable: 404 on the public listener, a PASS."""
+        finding = checkconfig.check_metrics(_config())
+        self.assertEqual(finding.status, PASS)
+        self.assertIn("404", finding.reason)
+
+    def test_exposed_without_bearer_warns(self):
+        """Served on METRICS_ADDRESS, or publicly in dev, without a bearer: WARN."""
+        for config in (
+            _config(metrics_address="127.0.0.1:9090"),
+            _config(env="dev"),
+        ):
+            self.assertEqual(checkconfig.check_metrics(config).status, WARN, config)
+
+    def test_bearer_passes(self):
+        """A long bearer guards /metrics wherever it is served."""
+        bearer = "m" * 8 + secrets.token_hex(16)
+        for config in (
+            _config(metrics_bearer=bearer),
+            _config(metrics_bearer=bearer, metrics_address="127.0.0.1:9090"),
+        ):
+            finding = checkconfig.check_metrics(config)
+            self.assertEqual(finding.status, PASS, config)
+            self.assertNotIn(bearer, finding.reason)
+
+    def test_short_bearer_warns(self):
+        """A bearer shorter than 16 characters is guessable."""
+        finding = checkconfig.check_metrics(_config(metrics_bearer="abc123"))
+        self.assertEqual(finding.status, WARN)
+        self.assertNotIn("abc123", finding.reason)
 
 
 class PortTests(SynchronousTestCase):
@@ -385,9 +440,11 @@ class RunChecksTests(SynchronousTestCase):
                 "INSECURE_HTTP",
                 "INSECURE_STS",
                 "JTI_FAIL_OPEN",
+                "REVOCATION_FAIL_OPEN",
                 "PORT",
                 "STREAMS_HMAC_KEY",
                 "upstreams",
+                "/metrics",
                 "STS",
                 "Redis",
                 "Postgres",
@@ -411,6 +468,50 @@ class RunChecksTests(SynchronousTestCase):
         )
         self.assertEqual(fake.calls, [])
         self.assertEqual(checkconfig.exit_status(findings), 1)
+
+    def test_every_refused_rule_reported(self):
+        """
+        A production environment missing both TLS files and the HMAC key,
+        with a malformed duration, gets one FAIL per failed startup rule, in
+        the order startup checks them, not only the first.
+        """
+        fake = RecordingProbes()
+        environ = self.environ(
+            TLS_CERT_FILE=None, TLS_KEY_FILE=None, STREAMS_HMAC_KEY=None, STS_TIMEOUT="soon"
+        )
+        findings = checkconfig.run_checks(environ, fake.probes())
+        self.assertEqual(
+            [f.reason for f in findings],
+            [
+                "startup would refuse it: STS_TIMEOUT must be a duration such as 250ms, 5s"
+                " or 1m30s",
+                "startup would refuse it: TLS_CERT_FILE/TLS_KEY_FILE required; set"
+                " INSECURE_HTTP=true to run plaintext",
+                "startup would refuse it: STREAMS_HMAC_KEY is required when CARACAL_ENV=production",
+            ],
+        )
+        self.assertEqual({(f.status, f.item) for f in findings}, {(FAIL, "configuration")})
+        self.assertEqual(fake.calls, [])
+
+    def test_revocation_fail_open_in_production_fails(self):
+        """C{REVOCATION_FAIL_OPEN=true} in production is a FAIL, whoever judges it."""
+        findings = checkconfig.run_checks(
+            self.environ(REVOCATION_FAIL_OPEN="true"), RecordingProbes().probes(), now=NOW
+        )
+        failed = [f for f in findings if f.status == FAIL]
+        self.assertEqual(len(failed), 1, failed)
+        self.assertIn("REVOCATION_FAIL_OPEN", failed[0].item + failed[0].reason)
+        self.assertEqual(checkconfig.exit_status(findings), 1)
+
+    def test_metrics_exposed_without_bearer_warns(self):
+        """METRICS_ADDRESS without METRICS_BEARER is a WARN, not a FAIL."""
+        findings = checkconfig.run_checks(
+            self.environ(METRICS_ADDRESS="10.0.0.5:9090"), RecordingProbes().probes(), now=NOW
+        )
+        [metrics] = [f for f in findings if f.item == "/metrics"]
+        self.assertEqual(metrics.status, WARN)
+        self.assertIn("10.0.0.5:9090", metrics.reason)
+        self.assertEqual(checkconfig.exit_status(findings), 0)
 
     def test_dev_environment_fails_the_checklist(self):
         environ = self.environ(
@@ -527,12 +628,22 @@ class AdminSubcommandTests(SynchronousTestCase):
         self.assertIn("check-config", admin.COMMANDS)
 
     def test_refused_configuration(self):
+        """Every rule the environment fails is one FAIL line, the first one first."""
         status, out, err = self.run_admin("check-config", environ={"CARACAL_ENV": "staging"})
         self.assertEqual(status, 1)
+        prefix = "FAIL  configuration startup would refuse it: "
         self.assertEqual(
-            out,
-            "FAIL  configuration startup would refuse it: CARACAL_ENV must be production or dev\n"
-            "0 passed, 0 warnings, 1 failed: NOT ready for production\n",
+            out.splitlines(),
+            [
+                prefix + "CARACAL_ENV must be production or dev",
+                prefix
+                + "TLS_CERT_FILE/TLS_KEY_FILE required; set INSECURE_HTTP=true to run plaintext",
+                prefix + "STREAMS_HMAC_KEY is required when CARACAL_ENV=production",
+                prefix + "STS_URL is required",
+                prefix + "DATABASE_URL is required",
+                prefix + "REDIS_URL is required",
+                "0 passed, 0 warnings, 6 failed: NOT ready for production",
+            ],
         )
         self.assertEqual(err, "")
 

@@ -1051,3 +1051,137 @@ class AgentClientSettingsTests(ConfigTestMixin, SynchronousTestCase):
             dev(CORS_ALLOWED_ORIGINS="*"),
             "CORS_ALLOWED_ORIGINS must hold absolute URLs without credentials, query or fragment",
         )
+
+
+class EveryRefusalTests(ConfigTestMixin, SynchronousTestCase):
+    """
+    A refused configuration names its first failed rule (what startup
+    prints) and lists every failed rule in C{messages} (what check-config
+    reports).
+    """
+
+    def test_all_failed_rules_listed_in_order(self) -> None:
+        """Missing TLS files and HMAC key, a bad boolean and a bad port: four messages."""
+        environ = production(
+            TLS_CERT_FILE=None,
+            TLS_KEY_FILE=None,
+            STREAMS_HMAC_KEY=None,
+            JTI_FAIL_OPEN="maybe",
+            PORT="http",
+        )
+        error = self.assertRaises(ConfigError, GatewayConfig.from_environ, environ)
+        self.assertEqual(
+            error.messages,
+            (
+                "JTI_FAIL_OPEN must be a boolean (true or false)",
+                "PORT must be an integer",
+                "TLS_CERT_FILE/TLS_KEY_FILE required; set INSECURE_HTTP=true to run plaintext",
+                "STREAMS_HMAC_KEY is required when CARACAL_ENV=production",
+            ),
+        )
+        self.assertEqual(str(error), error.messages[0])
+
+    def test_one_failed_rule_is_one_message(self) -> None:
+        """A single failure keeps its message as both C{str} and C{messages}."""
+        error = self.assertRaises(ConfigError, GatewayConfig.from_environ, production(STS_URL=None))
+        self.assertEqual(error.messages, ("STS_URL is required",))
+
+    def test_unknown_environment_judged_as_production(self) -> None:
+        """An unknown CARACAL_ENV fails, and the production rules still apply (fail closed)."""
+        error = self.assertRaises(
+            ConfigError,
+            GatewayConfig.from_environ,
+            dev(CARACAL_ENV="staging", INSECURE_HTTP="true", TLS_CERT_FILE=None, TLS_KEY_FILE=None),
+        )
+        self.assertEqual(error.messages[0], "CARACAL_ENV must be production or dev")
+        self.assertIn(
+            "INSECURE_HTTP and INSECURE_STS are forbidden when CARACAL_ENV=production",
+            error.messages,
+        )
+
+    def test_missing_services_all_named(self) -> None:
+        """STS_URL, DATABASE_URL and REDIS_URL missing together: three messages."""
+        error = self.assertRaises(
+            ConfigError,
+            GatewayConfig.from_environ,
+            dev(STS_URL=None, DATABASE_URL=None, REDIS_URL=None),
+        )
+        self.assertEqual(
+            error.messages,
+            ("STS_URL is required", "DATABASE_URL is required", "REDIS_URL is required"),
+        )
+
+
+class MetricsAccessTests(ConfigTestMixin, SynchronousTestCase):
+    """C{METRICS_BEARER} and C{METRICS_ADDRESS} (SPEC section 12)."""
+
+    def test_defaults(self) -> None:
+        """Unset: no bearer, no address; /metrics public in dev, hidden in production."""
+        config = self.accepted(production())
+        self.assertIsNone(config.metrics_bearer)
+        self.assertIsNone(config.metrics_address)
+        self.assertIsNone(config.metrics_listen)
+        self.assertFalse(config.metrics_public)
+        self.assertTrue(self.accepted(dev()).metrics_public)
+
+    def test_bearer_makes_public_metrics_possible_in_production(self) -> None:
+        """In production, a bearer puts /metrics back on the public listener."""
+        config = self.accepted(production(METRICS_BEARER="m-" + "b" * 30))
+        self.assertTrue(config.metrics_public)
+        self.assertEqual(config.metrics_bearer, "m-" + "b" * 30)
+
+    def test_address_takes_metrics_off_the_public_listener(self) -> None:
+        """With METRICS_ADDRESS, /metrics is never on the public listener."""
+        for environ in (
+            dev(METRICS_ADDRESS="127.0.0.1:9090"),
+            production(METRICS_ADDRESS="127.0.0.1:9090", METRICS_BEARER="x" * 32),
+        ):
+            config = self.accepted(environ)
+            self.assertFalse(config.metrics_public)
+            self.assertEqual(config.metrics_listen, ("127.0.0.1", 9090))
+
+    def test_address_forms(self) -> None:
+        """IPv4, bracketed IPv6 and host names are accepted with a port."""
+        for text, expected in (
+            ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+            ("[::1]:9090", ("::1", 9090)),
+            ("metrics.internal:1", ("metrics.internal", 1)),
+            ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+        ):
+            self.assertEqual(self.accepted(dev(METRICS_ADDRESS=text)).metrics_listen, expected)
+
+    def test_malformed_address_refused(self) -> None:
+        """A malformed METRICS_ADDRESS is a startup error naming the variable."""
+        for text in (
+            "9090",
+            ":9090",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:0",
+            "127.0.0.1:70000",
+            "::1:9090",
+            "[::1]9090",
+            "[nothost]:9090",
+            "host name:9090",
+            "http://127.0.0.1:9090",
+            "127.0.0.1:90a",
+        ):
+            self.refused(
+                dev(METRICS_ADDRESS=text), "METRICS_ADDRESS must be host:port, e.g. 127.0.0.1:9090"
+            )
+
+    def test_bearer_must_be_a_header_token(self) -> None:
+        """A bearer with a blank or a control character cannot be sent: refused."""
+        for bearer in ("two words", "tab\there", "caf\u00e9"):
+            self.refused(
+                dev(METRICS_BEARER=bearer), "METRICS_BEARER must be printable ASCII without spaces"
+            )
+
+    def test_bearer_redacted(self) -> None:
+        """The startup log shows that a bearer is set, never the bearer."""
+        config = self.accepted(dev(METRICS_BEARER="bearer-s3cret-value", METRICS_ADDRESS="[::1]:9"))
+        redacted = config.redacted()
+        self.assertEqual(redacted["METRICS_BEARER"], "***")
+        self.assertEqual(redacted["METRICS_ADDRESS"], "[::1]:9")
+        self.assertNotIn("bearer-s3cret-value", json.dumps(redacted))
+        self.assertNotIn("bearer-s3cret-value", repr(config))

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_endpoints -*-
 """/health, /ready and /metrics (SPEC section 10)."""
 
+import hmac
 import json
 
 from twisted.internet import defer, task
@@ -11,6 +12,8 @@ from caracal.gateway.endpoints import (
     HealthResource,
     MetricsResource,
     ReadyResource,
+    UnexposedResource,
+    bearer_matches,
     prefers_prometheus,
 )
 from caracal.gateway.metrics import Metrics
@@ -18,6 +21,8 @@ from caracal.gateway.metrics import Metrics
 
 def render(resource, headers=()):
     request = DummyRequest([])
+    request.request_id = "rid-1"
+    request.log_fields = {}
     for name, value in headers:
         request.requestHeaders.addRawHeader(name, value)
     result = resource.render(request)
@@ -80,6 +85,101 @@ class EndpointTests(SynchronousTestCase):
             as_text.responseHeaders.getRawHeaders(b"content-type"),
             [b"text/plain; version=0.0.4; charset=utf-8"],
         )
+
+
+class MetricsBearerTests(SynchronousTestCase):
+    """C{METRICS_BEARER}: /metrics only for C{Authorization: Bearer <value>} (SPEC 12)."""
+
+    BEARER = "metrics-bearer-0123456789abcdef"
+
+    def setUp(self):
+        self.metrics = Metrics()
+        self.metrics.increment("requests_total", 5)
+        self.resource = MetricsResource(
+            self.metrics.snapshot, self.metrics.exposition, bearer=self.BEARER
+        )
+
+    def assertRefused(self, request, code):
+        """A 401 with the JSON envelope, WWW-Authenticate, and no counters."""
+        self.assertEqual(request.responseCode, 401)
+        body = b"".join(request.written)
+        self.assertEqual(
+            json.loads(body),
+            {"error": code, "description": json.loads(body)["description"], "request_id": "rid-1"},
+        )
+        self.assertNotIn(b"requests_total", body)
+        self.assertNotIn(self.BEARER.encode(), body)
+        self.assertTrue(
+            request.responseHeaders.getRawHeaders(b"www-authenticate")[0].startswith(b"Bearer")
+        )
+        self.assertEqual(request.log_fields["denial"], "metrics_unauthorized")
+
+    def test_missing_bearer_refused(self):
+        """No Authorization header: 401 missing_token."""
+        self.assertRefused(render(self.resource), "missing_token")
+
+    def test_wrong_bearer_refused(self):
+        """A wrong value, a prefix of the right one, another scheme: 401 invalid_token."""
+        for value in (
+            b"Bearer wrong",
+            b"Bearer " + self.BEARER[:-1].encode(),
+            b"Bearer " + self.BEARER.encode() + b"x",
+            b"Basic " + self.BEARER.encode(),
+            self.BEARER.encode(),
+            b"Bearer",
+        ):
+            request = render(self.resource, [(b"authorization", value)])
+            self.assertRefused(request, "invalid_token")
+
+    def test_right_bearer_served(self):
+        """The right bearer (scheme in any case) reads the counters, JSON or Prometheus."""
+        for scheme in (b"Bearer", b"bearer", b"BEARER"):
+            request = render(
+                self.resource, [(b"authorization", scheme + b" " + self.BEARER.encode())]
+            )
+            # DummyRequest leaves responseCode None for the implicit 200.
+            self.assertIsNone(request.responseCode)
+            self.assertEqual(json.loads(b"".join(request.written))["requests_total"], 5)
+        request = render(
+            self.resource,
+            [
+                (b"authorization", b"Bearer " + self.BEARER.encode()),
+                (b"accept", b"text/plain"),
+            ],
+        )
+        self.assertIn(b"caracal_gateway_requests_total 5\n", b"".join(request.written))
+
+    def test_compare_uses_compare_digest(self):
+        """The secret is compared with C{hmac.compare_digest} (constant time)."""
+        compared = []
+        real = hmac.compare_digest
+
+        def spy(a, b):
+            compared.append((a, b))
+            return real(a, b)
+
+        self.patch(hmac, "compare_digest", spy)
+        self.assertTrue(bearer_matches(b"Bearer abc", b"abc"))
+        self.assertFalse(bearer_matches(b"Bearer abd", b"abc"))
+        self.assertEqual(compared, [(b"abc", b"abc"), (b"abd", b"abc")])
+
+    def test_without_bearer_open(self):
+        """No METRICS_BEARER: /metrics answers without Authorization (dev, METRICS_ADDRESS)."""
+        request = render(MetricsResource(self.metrics.snapshot, self.metrics.exposition))
+        self.assertIsNone(request.responseCode)
+        self.assertEqual(json.loads(b"".join(request.written))["requests_total"], 5)
+
+
+class UnexposedTests(SynchronousTestCase):
+    def test_not_found_envelope(self):
+        """A local path kept off a listener is a 404 JSON envelope, named in the access log."""
+        request = render(UnexposedResource())
+        self.assertEqual(request.responseCode, 404)
+        self.assertEqual(
+            json.loads(b"".join(request.written)),
+            {"error": "not_found", "description": "no such endpoint", "request_id": "rid-1"},
+        )
+        self.assertEqual(request.log_fields["denial"], "not_found")
 
 
 class ReadyLoadTests(SynchronousTestCase):

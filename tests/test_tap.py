@@ -191,24 +191,65 @@ class FakeListener:
 
     family = socket.AF_INET
 
-    def __init__(self):
+    def __init__(self, fd: int = 97):
         self.detached = False
+        self.fd = fd
 
     def detach(self) -> int:
         self.detached = True
-        return 97
+        return self.fd
 
 
 class MakeServiceTests(SynchronousTestCase):
     """A valid configuration: one serving process, or a supervisor of workers."""
 
-    def make(self, *argv: str):
-        self.patch(tap.os, "environ", DEV_PLAINTEXT)
+    def make(self, *argv: str, environ=None):
+        self.patch(tap.os, "environ", environ or DEV_PLAINTEXT)
         listener = FakeListener()
-        self.patch(tap, "bind_listener", lambda address, port: listener)
+        self.bound = []
+
+        def bind(address, port, variable="BIND_ADDRESS"):
+            self.bound.append((address, port, variable))
+            return listener if variable == "BIND_ADDRESS" else self.metrics_listener
+
+        self.metrics_listener = FakeListener(98)
+        self.patch(tap, "bind_listener", bind)
         options = tap.Options()
         options.parseOptions(list(argv))
         return tap.makeService(options), listener
+
+    def test_metrics_address_bound_before_daemonizing(self) -> None:
+        """
+        METRICS_ADDRESS is bound in makeService like the public port (a
+        busy address is a refused start) and served by the one process.
+        """
+        environ = dict(DEV_PLAINTEXT, METRICS_ADDRESS="127.0.0.1:19090")
+        service, _ = self.make(environ=environ)
+        self.assertEqual(
+            self.bound,
+            [("127.0.0.1", 18081, "BIND_ADDRESS"), ("127.0.0.1", 19090, "METRICS_ADDRESS")],
+        )
+        self.assertEqual(service.metrics_endpoint.fileno, 98)
+        self.assertTrue(self.metrics_listener.detached)
+
+    def test_no_metrics_address_no_second_listener(self) -> None:
+        """Without METRICS_ADDRESS only the public port is bound."""
+        service, _ = self.make()
+        self.assertEqual(self.bound, [("127.0.0.1", 18081, "BIND_ADDRESS")])
+        self.assertIsNone(service.metrics_endpoint)
+
+    def test_workers_inherit_the_metrics_socket(self) -> None:
+        """With --workers the supervisor hands the METRICS_ADDRESS socket to every worker."""
+        created = []
+
+        def for_listener(fd, count, reactor, metrics_fd=None):
+            created.append((fd, count, metrics_fd))
+            return "supervisor"
+
+        self.patch(workers.WorkerSupervisor, "for_listener", staticmethod(for_listener))
+        environ = dict(DEV_PLAINTEXT, METRICS_ADDRESS="127.0.0.1:19090")
+        self.make("--workers", "2", environ=environ)
+        self.assertEqual(created, [(97, 2, 98)])
 
     def test_one_worker_serves_in_process(self) -> None:
         """One worker serves in the twistd process on the socket bound before daemonizing."""
@@ -221,14 +262,14 @@ class MakeServiceTests(SynchronousTestCase):
         """Several workers are supervised, sharing the bound socket."""
         created = []
 
-        def for_listener(fd, count, reactor):
-            created.append((fd, count))
+        def for_listener(fd, count, reactor, metrics_fd=None):
+            created.append((fd, count, metrics_fd))
             return "supervisor"
 
         self.patch(workers.WorkerSupervisor, "for_listener", staticmethod(for_listener))
         service, listener = self.make("--workers", "3")
         self.assertEqual(service, "supervisor")
-        self.assertEqual(created, [(97, 3)])
+        self.assertEqual(created, [(97, 3, None)])
 
 
 class ExpiryWarningTests(SynchronousTestCase):
@@ -494,6 +535,8 @@ class GatewayServiceTests(SynchronousTestCase):
         site=None,
         server_tls=None,
         background=None,
+        metrics_site=None,
+        metrics_endpoint=None,
     ) -> tap.GatewayService:
         config = GatewayConfig.from_environ(environ or DEV_PLAINTEXT)
         gateway = Gateway(
@@ -502,6 +545,7 @@ class GatewayServiceTests(SynchronousTestCase):
             service=background or FakeBackground(self.events),
             site=site if site is not None else DrainingSite(self.events, self.reactor),
             pipeline=None,
+            metrics_site=metrics_site,
         )
 
         def build(built_config, reactor):
@@ -518,6 +562,7 @@ class GatewayServiceTests(SynchronousTestCase):
             build=build,
             install_sighup=self.install_sighup,
             restore_sighup=self.restore_sighup,
+            metrics_endpoint=metrics_endpoint,
         )
 
     def install_sighup(self, server_tls, reactor):
@@ -735,8 +780,60 @@ class GatewayServiceTests(SynchronousTestCase):
             [
                 f"escape hatch {name} is enabled; never use it where real credentials flow"
                 for name in ("INSECURE_HTTP", "JTI_FAIL_OPEN")
+            ]
+            + [
+                "/metrics is readable by anyone who reaches the public listener;"
+                " set METRICS_BEARER or METRICS_ADDRESS"
             ],
         )
+
+    def test_metrics_listener_served_and_stopped(self) -> None:
+        """
+        METRICS_ADDRESS's endpoint listens (plaintext) with the gateway's
+        metrics site once the public port listens, and stops with it.
+        """
+        metrics_events: list = []
+        metrics_endpoint = FakeEndpoint(metrics_events)
+        metrics_site = Site(Resource())
+        site = DrainingSite(self.events, self.reactor)
+        service = self.service(
+            site=site, metrics_site=metrics_site, metrics_endpoint=metrics_endpoint
+        )
+        service.startService()
+        self.assertEqual(metrics_endpoint.factories, [metrics_site])
+        self.assertIsNotNone(service.metrics_port)
+        self.assertTrue(
+            any("and /metrics on IPv4Address" in line for line in self.logged()), self.logged()
+        )
+        stopped = service.stopService()
+        site.drains[0].callback(0)
+        self.successResultOf(stopped)
+        self.assertEqual(metrics_events, ["listen", "stop listening"])
+        self.assertIsNone(service.metrics_port)
+
+    def test_startup_says_how_to_expose_metrics(self) -> None:
+        """In production with neither variable, the startup log says how to expose /metrics."""
+        config = GatewayConfig(env="production", sts_url="https://sts.example")
+        self.assertEqual(tap.log_metrics_exposure(config), "hidden")
+        [line] = self.logged()
+        self.assertIn("/metrics answers 404", line)
+        self.assertIn("METRICS_ADDRESS=host:port", line)
+        self.assertIn("METRICS_BEARER", line)
+
+    def test_startup_names_where_metrics_are(self) -> None:
+        """Each other exposure is named in one line; a public, unguarded one is a warning."""
+        self.assertEqual(
+            tap.log_metrics_exposure(GatewayConfig(env="dev", metrics_address="[::1]:9")),
+            "address",
+        )
+        self.assertEqual(
+            tap.log_metrics_exposure(GatewayConfig(env="production", metrics_bearer="b" * 20)),
+            "public",
+        )
+        self.assertEqual(tap.log_metrics_exposure(GatewayConfig(env="dev")), "public")
+        levels = [event["log_level"] for event in self.log_events]
+        self.assertEqual(levels, [LogLevel.info, LogLevel.info, LogLevel.warn])
+        self.assertIn("[::1]:9", self.logged()[0])
 
     def test_sigterm_stops_accepting_drains_then_stops_background(self) -> None:
         """SIGTERM stops accepting, drains, stops the background services, and exits 0."""

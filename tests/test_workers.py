@@ -435,8 +435,7 @@ class SharedMetricsTests(SynchronousTestCase):
         metrics = Metrics()
         gateway = type("G", (), {})()
         gateway.metrics = metrics
-        gateway.site = type("S", (), {})()
-        gateway.site.resource = type("R", (), {"local": {b"/metrics": endpoint}})()
+        gateway.metrics_resource = endpoint
         self.shared(1, {"requests_total": 6}).publish()
 
         shared = workers.install_shared_metrics(
@@ -491,6 +490,26 @@ class SpawnTests(SynchronousTestCase):
         self.assertNotIn("--metrics-dir", args)
         self.assertEqual(env, {"PORT": "8081"})
         self.assertEqual(child_fds, {0: "w", 1: "r", 2: "r", 3: 11})
+
+    def test_metrics_socket_inherited_as_fd_4(self) -> None:
+        """
+        With METRICS_ADDRESS, every worker inherits its socket as fd 4 and
+        is told so on its command line (each accepts there, like on fd 3).
+        """
+        calls = []
+
+        class Reactor:
+            def spawnProcess(self, proto, executable, args, env, childFDs):
+                calls.append((args, childFDs))
+                return "transport"
+
+        spawn = workers.spawn_worker(Reactor(), 11, None, environ={}, metrics_fd=12)
+        spawn("protocol", 1)
+        [(args, child_fds)] = calls
+        self.assertEqual(child_fds, {0: "w", 1: "r", 2: "r", 3: 11, 4: 12})
+        self.assertEqual(args[args.index("--metrics-fd") + 1], "4")
+        self.assertEqual(workers.parse_arguments(args[3:]).metrics_fd, 4)
+        self.assertIsNone(workers.parse_arguments(["--index", "0"]).metrics_fd)
 
     def test_exit_after_shutdown_registers_an_exit(self) -> None:
         """exit_after_shutdown makes the process exit with the status once Python has shut down."""

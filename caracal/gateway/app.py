@@ -15,7 +15,12 @@ from twisted.internet import defer
 
 from caracal.gateway.config import RESOURCE_METADATA_PATH, GatewayConfig
 from caracal.gateway.discovery import ProtectedResourceMetadata
-from caracal.gateway.endpoints import HealthResource, MetricsResource, ReadyResource
+from caracal.gateway.endpoints import (
+    HealthResource,
+    MetricsResource,
+    ReadyResource,
+    UnexposedResource,
+)
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.proxy import GatewayResource, GatewayRoot, Pipeline
 
@@ -32,6 +37,10 @@ class Gateway:
         after the listener has drained (stores, stream followers).
     @ivar site: the HTTP factory to listen with (a L{GatewaySite}).
     @ivar pipeline: the collaborators of the request pipeline.
+    @ivar metrics_site: the plaintext factory for C{METRICS_ADDRESS}
+        (C{/health}, C{/ready}, C{/metrics} only), or C{None} when unset.
+    @ivar metrics_resource: the C{/metrics} endpoint, wherever it is served
+        (workers replace its snapshot with the summed one).
     """
 
     config: GatewayConfig
@@ -39,6 +48,8 @@ class Gateway:
     service: IService
     site: Any
     pipeline: Pipeline
+    metrics_site: Any = None
+    metrics_resource: Any = None
 
     def when_loaded(self, clock, timeout: float) -> defer.Deferred:
         """
@@ -186,20 +197,42 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
     metrics.known_resources = lambda name: resources.get(name) is not None
 
     ready = ReadyResource(backends.checks, reactor)
+    health = HealthResource()
+    metrics_resource = MetricsResource(
+        metrics.snapshot, metrics.exposition, bearer=config.metrics_bearer
+    )
     root = GatewayRoot(
         GatewayResource(pipeline),
         {
-            b"/health": HealthResource(),
+            b"/health": health,
             b"/ready": ready,
-            b"/metrics": MetricsResource(metrics.snapshot, metrics.exposition),
+            # SPEC 12: off the public listener when METRICS_ADDRESS serves it,
+            # and in production unless a bearer guards it.
+            b"/metrics": metrics_resource if config.metrics_public else UnexposedResource(),
             RESOURCE_METADATA_PATH.encode("ascii"): ProtectedResourceMetadata(
                 config.public_url, config.authorization_servers
             ),
         },
         cors_allowed_origins=config.cors_allowed_origins,
     )
+    metrics_site = None
+    if config.metrics_address is not None:
+        # Nothing is proxied from this listener: any other path is a 404.
+        metrics_root = GatewayRoot(
+            UnexposedResource(),
+            {b"/health": health, b"/ready": ready, b"/metrics": metrics_resource},
+        )
+        metrics_site = GatewaySite(metrics_root, config, metrics, clock=reactor)
     service = MultiService()
     for child in [*backends.services, ClosingService(pipeline.forwarder.close)]:
         child.setServiceParent(service)
     site = GatewaySite(root, config, metrics, clock=reactor)
-    return Gateway(config=config, metrics=metrics, service=service, site=site, pipeline=pipeline)
+    return Gateway(
+        config=config,
+        metrics=metrics,
+        service=service,
+        site=site,
+        pipeline=pipeline,
+        metrics_site=metrics_site,
+        metrics_resource=metrics_resource,
+    )

@@ -34,7 +34,13 @@ from typing import TextIO
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from caracal.gateway.config import PRODUCTION_PORT, ConfigError, GatewayConfig, RedisAddress
+from caracal.gateway.config import (
+    PRODUCTION_PORT,
+    ConfigError,
+    GatewayConfig,
+    RedisAddress,
+    parse_bool,
+)
 from caracal.gateway.tls import (
     ServerCredentials,
     client_tls_policy,
@@ -54,6 +60,9 @@ PROBE_TIMEOUT = 3.0
 
 #: Fewer distinct byte values than this in a 32+ byte key looks hand-made.
 _MIN_DISTINCT_KEY_BYTES = 16
+
+#: A C{METRICS_BEARER} shorter than this is guessable.
+_MIN_METRICS_BEARER = 16
 
 HELP = "check the gateway's environment against the production checklist"
 
@@ -233,13 +242,41 @@ def check_ca_bundles(
     return findings
 
 
-def check_escape_hatches(config: GatewayConfig) -> list[Finding]:
-    """C{INSECURE_HTTP}, C{INSECURE_STS}, C{JTI_FAIL_OPEN} are not set."""
+def revocation_fail_open(config: GatewayConfig, environ: Mapping[str, str]) -> bool:
+    """
+    C{REVOCATION_FAIL_OPEN} as the gateway reads it: from the configuration
+    when it knows the variable, else by name from C{environ} (a value that
+    is not a boolean counts as set: the check must not pass on a typo).
+    """
+    value = getattr(config, "revocation_fail_open", None)
+    if value is not None:
+        return bool(value)
+    text = (environ.get("REVOCATION_FAIL_OPEN") or "").strip()
+    if not text:
+        return False
+    try:
+        return parse_bool(text)
+    except ValueError:
+        return True
+
+
+def check_escape_hatches(
+    config: GatewayConfig, environ: Mapping[str, str] | None = None
+) -> list[Finding]:
+    """
+    C{INSECURE_HTTP}, C{INSECURE_STS}, C{JTI_FAIL_OPEN} and
+    C{REVOCATION_FAIL_OPEN} are not set.
+    """
     findings = []
     for variable, value, danger in (
         ("INSECURE_HTTP", config.insecure_http, "the gateway serves plaintext"),
         ("INSECURE_STS", config.insecure_sts, "mandates may travel over plaintext"),
         ("JTI_FAIL_OPEN", config.jti_fail_open, "replays pass while Redis is down"),
+        (
+            "REVOCATION_FAIL_OPEN",
+            revocation_fail_open(config, environ or {}),
+            "revoked sessions pass while the revocation state is unavailable",
+        ),
     ):
         if value:
             findings.append(Finding(FAIL, variable, f"true: {danger}"))
@@ -296,6 +333,49 @@ def check_upstreams(config: GatewayConfig) -> Finding:
     )
 
 
+def check_metrics(config: GatewayConfig) -> Finding:
+    """
+    Who may read C{/metrics} (SPEC section 12): a WARN when it is served
+    without C{METRICS_BEARER} (on C{METRICS_ADDRESS}, or on the public
+    listener outside production) or behind a short bearer.
+    """
+    bearer = config.metrics_bearer
+    if bearer is not None and len(bearer) < _MIN_METRICS_BEARER:
+        return Finding(
+            WARN,
+            "/metrics",
+            f"METRICS_BEARER is {len(bearer)} characters: guessable; generate one with:"
+            " openssl rand -hex 32",
+        )
+    if config.metrics_address is not None:
+        if bearer is None:
+            return Finding(
+                WARN,
+                "/metrics",
+                f"served in plaintext on METRICS_ADDRESS {config.metrics_address} without"
+                " METRICS_BEARER: anyone who reaches that address reads it",
+            )
+        return Finding(
+            PASS,
+            "/metrics",
+            f"on METRICS_ADDRESS {config.metrics_address} only, bearer required",
+        )
+    if not config.metrics_public:
+        return Finding(
+            PASS,
+            "/metrics",
+            "not served (404 on the public listener); set METRICS_ADDRESS or METRICS_BEARER"
+            " to scrape it",
+        )
+    if bearer is None:
+        return Finding(
+            WARN,
+            "/metrics",
+            "readable by anyone on the public listener: set METRICS_BEARER or METRICS_ADDRESS",
+        )
+    return Finding(PASS, "/metrics", "on the public listener, bearer required")
+
+
 def _probe(item: str, probe, config: GatewayConfig, timeout: float, where: str) -> Finding:
     try:
         detail = probe(config, timeout)
@@ -329,22 +409,28 @@ def run_checks(
 ) -> list[Finding]:
     """
     Every check, in checklist order. A configuration startup would refuse
-    is one FAIL and nothing more: the rest cannot be judged without it.
+    is one FAIL per failed startup rule (all of them, not only the first
+    startup would name) and nothing more: the rest cannot be judged without
+    a configuration.
     """
     now = now or datetime.datetime.now(datetime.timezone.utc)
     try:
         config = GatewayConfig.from_environ(environ)
     except ConfigError as error:
-        return [Finding(FAIL, "configuration", f"startup would refuse it: {error}")]
+        return [
+            Finding(FAIL, "configuration", f"startup would refuse it: {message}")
+            for message in error.messages
+        ]
     findings = [
         Finding(PASS, "configuration", "accepted by the startup rules"),
         check_environment(config),
         *check_tls(config, now),
         *check_ca_bundles(config),
-        *check_escape_hatches(config),
+        *check_escape_hatches(config, environ),
         check_port(config),
         check_hmac_key(config),
         check_upstreams(config),
+        check_metrics(config),
         *check_services(config, probes, timeout),
     ]
     return findings

@@ -8,6 +8,7 @@ one line the operator sees.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -50,8 +51,14 @@ RESOURCE_METADATA_PATH = "/.well-known/oauth-protected-resource"
 class ConfigError(Exception):
     """
     The configuration is refused. C{str(error)} is the single line shown to
-    the operator; it never contains a secret value.
+    the operator (the first rule that failed); it never contains a secret
+    value. C{messages} holds every failed rule, in the order they were
+    checked (C{check-config} reports them all).
     """
+
+    def __init__(self, message: str, messages: tuple[str, ...] | None = None) -> None:
+        super().__init__(message)
+        self.messages: tuple[str, ...] = tuple(messages) if messages else (message,)
 
 
 #: Variables that may instead be read from the file named by C{<NAME>_FILE}
@@ -140,6 +147,35 @@ def parse_bool(text: str) -> bool:
     if text in _FALSE:
         return False
     raise ValueError(f"not a boolean: {text!r}")
+
+
+_METRICS_BEARER = re.compile(r"[\x21-\x7e]+")
+_HOST_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """
+    Parse C{host:port} (C{[v6]:port} for an IPv6 address); the host is an
+    IP address or a DNS name, never empty.
+
+    @raise ValueError: C{text} is not that.
+    """
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isascii() or not port_text.isdigit():
+        raise ValueError("not host:port")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError("port out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+        return host, port
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise ValueError("not a host") from None
+    return host, port
 
 
 @dataclass(frozen=True)
@@ -421,6 +457,8 @@ class GatewayConfig:
     public_url: str | None = None
     authorization_servers: tuple[str, ...] = ()
     cors_allowed_origins: frozenset[str] = frozenset()
+    metrics_bearer: str | None = field(default=None, repr=False)
+    metrics_address: str | None = None
 
     @property
     def production(self) -> bool:
@@ -446,6 +484,24 @@ class GatewayConfig:
         if self.public_url is None:
             return None
         return self.public_url.rstrip("/") + RESOURCE_METADATA_PATH
+
+    @property
+    def metrics_listen(self) -> tuple[str, int] | None:
+        """C{METRICS_ADDRESS} as C{(host, port)}, or C{None} when unset."""
+        if self.metrics_address is None:
+            return None
+        return parse_host_port(self.metrics_address)
+
+    @property
+    def metrics_public(self) -> bool:
+        """
+        Whether C{/metrics} is served on the public listener: not when
+        C{METRICS_ADDRESS} takes it away, and in production only behind
+        C{METRICS_BEARER} (SPEC section 12).
+        """
+        if self.metrics_address is not None:
+            return False
+        return self.metrics_bearer is not None or not self.production
 
     @property
     def sts_base_url(self) -> str:
@@ -501,6 +557,8 @@ class GatewayConfig:
             "PUBLIC_URL": self.public_url,
             "AUTHORIZATION_SERVERS": list(self.authorization_servers),
             "CORS_ALLOWED_ORIGINS": sorted(self.cors_allowed_origins),
+            "METRICS_BEARER": "***" if self.metrics_bearer else None,
+            "METRICS_ADDRESS": self.metrics_address,
         }
 
     @classmethod
@@ -509,9 +567,18 @@ class GatewayConfig:
         Read and validate the configuration.
 
         @raise ConfigError: a value is malformed or a startup rule fails; the
-            message is the SPEC's, verbatim.
+            message is the SPEC's, verbatim, for the first failed rule, and
+            C{messages} lists every failed rule.
         """
-        return _Reader(environ).read()
+        reader = _Reader(environ)
+        try:
+            config = reader.read()
+        except ConfigError as error:
+            # A rule that cannot let the reading go on stops it here.
+            reader.refuse(str(error))
+        if reader.errors:
+            raise ConfigError(reader.errors[0], tuple(reader.errors))
+        return config
 
 
 def _split_url(name: str, text: str):
@@ -540,10 +607,20 @@ def _split_url(name: str, text: str):
 
 
 class _Reader:
-    """Reads typed values out of an environment, naming the variable on error."""
+    """
+    Reads typed values out of an environment, naming the variable on error.
+    A malformed value or a failed rule is recorded in C{errors} and reading
+    goes on (a malformed value reads as its default), so that every failed
+    rule can be reported at once.
+    """
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
+        self.errors: list[str] = []
+
+    def refuse(self, message: str) -> None:
+        """Record a failed rule (L{GatewayConfig.from_environ} raises them)."""
+        self.errors.append(message)
 
     def text(self, name: str) -> str | None:
         # Every variable goes through read_secret, so a secret added later
@@ -560,7 +637,8 @@ class _Reader:
         try:
             return parse_bool(value)
         except ValueError:
-            raise ConfigError(f"{name} must be a boolean (true or false)") from None
+            self.refuse(f"{name} must be a boolean (true or false)")
+            return False
 
     def duration(self, name: str, default: float) -> float:
         value = self.text(name)
@@ -569,9 +647,11 @@ class _Reader:
         try:
             seconds = parse_duration(value)
         except ValueError:
-            raise ConfigError(f"{name} must be a duration such as 250ms, 5s or 1m30s") from None
+            self.refuse(f"{name} must be a duration such as 250ms, 5s or 1m30s")
+            return default
         if seconds <= 0:
-            raise ConfigError(f"{name} must be a positive duration")
+            self.refuse(f"{name} must be a positive duration")
+            return default
         return seconds
 
     def duration_or_off(self, name: str, default: float) -> float:
@@ -607,7 +687,8 @@ class _Reader:
                     " such as https://gateway.example.com"
                 )
             public_url = public_url.rstrip("/")
-        servers = self.items("AUTHORIZATION_SERVERS") or [sts_url]
+        # An STS_URL refused already ("") is not checked a second time here.
+        servers = self.items("AUTHORIZATION_SERVERS") or ([sts_url] if sts_url else [])
         for server in servers:
             parts = _split_url("AUTHORIZATION_SERVERS", server)
             if parts.scheme not in ("http", "https"):
@@ -635,16 +716,20 @@ class _Reader:
             return default
         # int() would also take "8_081", "+8081" or non-ASCII digits.
         if not _DIGITS.fullmatch(value):
-            raise ConfigError(f"{name} must be an integer")
+            self.refuse(f"{name} must be an integer")
+            return default
         number = int(value, 10)
         if not low <= number <= high:
-            raise ConfigError(f"{name} must be between {low} and {high}")
+            self.refuse(f"{name} must be between {low} and {high}")
+            return default
         return number
 
     def read(self) -> GatewayConfig:
         env = self.text("CARACAL_ENV") or PRODUCTION
         if env not in (PRODUCTION, DEV):
-            raise ConfigError("CARACAL_ENV must be production or dev")
+            self.refuse("CARACAL_ENV must be production or dev")
+            # The other rules are judged as for production (fail closed).
+            env = PRODUCTION
         production = env == PRODUCTION
 
         cert = self.text("TLS_CERT_FILE")
@@ -668,29 +753,28 @@ class _Reader:
         max_connections = self.integer("MAX_CONNECTIONS", 10000, 1, 10**7)
         log_level = (self.text("LOG_LEVEL") or "info").lower()
         if log_level not in LOG_LEVELS:
-            raise ConfigError("LOG_LEVEL must be one of debug, info, warn, error")
+            self.refuse("LOG_LEVEL must be one of debug, info, warn, error")
+            log_level = "info"
 
         # The startup rules, in the order of SPEC section 2.
         if (cert is None) != (key is None):
-            raise ConfigError("TLS_CERT_FILE and TLS_KEY_FILE must both be set")
-        if cert is None and not insecure_http:
-            raise ConfigError(
+            self.refuse("TLS_CERT_FILE and TLS_KEY_FILE must both be set")
+        elif cert is None and not insecure_http:
+            self.refuse(
                 "TLS_CERT_FILE/TLS_KEY_FILE required; set INSECURE_HTTP=true to run plaintext"
             )
         if production and (insecure_http or insecure_sts):
-            raise ConfigError(
-                "INSECURE_HTTP and INSECURE_STS are forbidden when CARACAL_ENV=production"
-            )
+            self.refuse("INSECURE_HTTP and INSECURE_STS are forbidden when CARACAL_ENV=production")
         if production and jti_fail_open:
-            raise ConfigError("JTI_FAIL_OPEN is forbidden when CARACAL_ENV=production")
+            self.refuse("JTI_FAIL_OPEN is forbidden when CARACAL_ENV=production")
         if production and revocation_fail_open:
-            raise ConfigError("REVOCATION_FAIL_OPEN is forbidden when CARACAL_ENV=production")
+            self.refuse("REVOCATION_FAIL_OPEN is forbidden when CARACAL_ENV=production")
         if production and port != PRODUCTION_PORT:
-            raise ConfigError("PORT must be 8081")
+            self.refuse("PORT must be 8081")
 
         hmac_text = self.text("STREAMS_HMAC_KEY")
         if hmac_text is None and production:
-            raise ConfigError("STREAMS_HMAC_KEY is required when CARACAL_ENV=production")
+            self.refuse("STREAMS_HMAC_KEY is required when CARACAL_ENV=production")
         hmac_key = None
         if hmac_text is not None:
             # bytes.fromhex would skip spaces; a key is one unbroken hex string.
@@ -699,7 +783,8 @@ class _Reader:
             except ValueError:  # an odd number of digits
                 hmac_key = b""
             if len(hmac_key) < 32:
-                raise ConfigError("STREAMS_HMAC_KEY must be hex-encoded and at least 32 bytes")
+                self.refuse("STREAMS_HMAC_KEY must be hex-encoded and at least 32 bytes")
+                hmac_key = None
 
         allowlist = frozenset(
             host.strip().lower().rstrip(".")
@@ -707,41 +792,31 @@ class _Reader:
             if host.strip()
         )
         if production and allow_private and not allowlist:
-            raise ConfigError(
+            self.refuse(
                 "UPSTREAM_HOST_ALLOWLIST is required when ALLOW_PRIVATE_UPSTREAMS=true"
                 " in production"
             )
 
-        sts_url = self.text("STS_URL")
-        if sts_url is None:
-            raise ConfigError("STS_URL is required")
-        try:
-            sts_parts = urlsplit(sts_url)
-            sts_parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError:
-            raise ConfigError("STS_URL must be an absolute http(s) URL") from None
-        if sts_parts.scheme not in ("http", "https") or not sts_parts.hostname:
-            raise ConfigError("STS_URL must be an absolute http(s) URL")
-        if "@" in sts_parts.netloc or sts_parts.query or sts_parts.fragment or "#" in sts_url:
-            # Paths are appended to it, and the startup log prints it.
-            raise ConfigError("STS_URL must not carry credentials, a query or a fragment")
-        if sts_parts.scheme == "http" and not insecure_sts:
-            raise ConfigError("STS_URL must use https; set INSECURE_STS=true to override")
+        metrics_bearer = self.text("METRICS_BEARER")
+        if metrics_bearer is not None and not _METRICS_BEARER.fullmatch(metrics_bearer):
+            self.refuse("METRICS_BEARER must be printable ASCII without spaces")
+            metrics_bearer = None
+        metrics_address = self.text("METRICS_ADDRESS")
+        if metrics_address is not None:
+            try:
+                parse_host_port(metrics_address)
+            except ValueError:
+                self.refuse("METRICS_ADDRESS must be host:port, e.g. 127.0.0.1:9090")
+                metrics_address = None
 
-        database_url = self.text("DATABASE_URL")
-        if database_url is None:
-            raise ConfigError("DATABASE_URL is required")
+        sts_url = self.sts_url(insecure_sts)
+        database_url = self.database_url()
+        redis_url = self.redis_url()
         try:
-            parse_dsn(database_url)
-        except psycopg2.ProgrammingError:
-            raise ConfigError("DATABASE_URL is not a valid Postgres URL or DSN") from None
-        redis_url = self.text("REDIS_URL")
-        if redis_url is None:
-            raise ConfigError("REDIS_URL is required")
-        try:
-            parse_redis_url(redis_url)
-        except ValueError as error:
-            raise ConfigError(f"REDIS_URL is malformed: {error}") from None
+            agent_clients = self.agent_clients(sts_url)
+        except ConfigError as error:
+            self.refuse(str(error))
+            agent_clients = {}
 
         return GatewayConfig(
             env=env,
@@ -764,6 +839,55 @@ class _Reader:
             max_request_bytes=max_request_bytes,
             max_connections=max_connections,
             log_level=log_level,
+            metrics_bearer=metrics_bearer,
+            metrics_address=metrics_address,
             **timeouts,
-            **self.agent_clients(sts_url),
+            **agent_clients,
         )
+
+    def sts_url(self, insecure_sts: bool) -> str:
+        """C{STS_URL}, checked (C{""} after a refusal)."""
+        sts_url = self.text("STS_URL")
+        if sts_url is None:
+            self.refuse("STS_URL is required")
+            return ""
+        try:
+            sts_parts = urlsplit(sts_url)
+            sts_parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            self.refuse("STS_URL must be an absolute http(s) URL")
+            return ""
+        if sts_parts.scheme not in ("http", "https") or not sts_parts.hostname:
+            self.refuse("STS_URL must be an absolute http(s) URL")
+        elif "@" in sts_parts.netloc or sts_parts.query or sts_parts.fragment or "#" in sts_url:
+            # Paths are appended to it, and the startup log prints it.
+            self.refuse("STS_URL must not carry credentials, a query or a fragment")
+        elif sts_parts.scheme == "http" and not insecure_sts:
+            self.refuse("STS_URL must use https; set INSECURE_STS=true to override")
+        return sts_url
+
+    def database_url(self) -> str:
+        """C{DATABASE_URL}, checked by libpq's own parser (C{""} after a refusal)."""
+        database_url = self.text("DATABASE_URL")
+        if database_url is None:
+            self.refuse("DATABASE_URL is required")
+            return ""
+        try:
+            parse_dsn(database_url)
+        except psycopg2.ProgrammingError:
+            self.refuse("DATABASE_URL is not a valid Postgres URL or DSN")
+            return ""
+        return database_url
+
+    def redis_url(self) -> str:
+        """C{REDIS_URL}, checked (C{""} after a refusal)."""
+        redis_url = self.text("REDIS_URL")
+        if redis_url is None:
+            self.refuse("REDIS_URL is required")
+            return ""
+        try:
+            parse_redis_url(redis_url)
+        except ValueError as error:
+            self.refuse(f"REDIS_URL is malformed: {error}")
+            return ""
+        return redis_url

@@ -1,11 +1,15 @@
 # -*- test-case-name: tests.test_endpoints -*-
 """
 The local endpoints of SPEC section 10: C{/health}, C{/ready}, C{/metrics}.
-They are answered by the gateway itself and never proxied.
+They are answered by the gateway itself and never proxied. Who may read
+C{/metrics} is SPEC section 12's business: L{MetricsResource} asks for
+C{METRICS_BEARER} when one is set, and L{UnexposedResource} answers 404 where
+C{/metrics} is not served.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Callable
 
@@ -37,6 +41,13 @@ def _gone(request) -> bool:
     # Request._disconnected, private to Twisted (tests/test_twisted_private pins it):
     # no public "has the client left".
     return bool(request.finished or getattr(request, "_disconnected", False))
+
+
+def _note_denial(request, reason: str) -> None:
+    """Name the refusal in the access-log line (a L{GatewayRequest} has C{log_fields})."""
+    fields = getattr(request, "log_fields", None)
+    if fields is not None:
+        fields["denial"] = reason
 
 
 def _json(request, status: int, document: dict) -> bytes:
@@ -132,12 +143,28 @@ class ReadyResource(Resource):
         return NOT_DONE_YET
 
 
+def bearer_matches(authorization: bytes | None, expected: bytes) -> bool:
+    """
+    Whether an C{Authorization} header value is C{Bearer <expected>} (the
+    scheme in any case). The secret is compared in constant time
+    (C{hmac.compare_digest}), so the answer's timing does not tell how much
+    of a guess was right.
+    """
+    scheme, _, credential = (authorization or b"").strip().partition(b" ")
+    matched = hmac.compare_digest(credential.strip(), expected)
+    return matched and scheme.lower() == b"bearer"
+
+
 class MetricsResource(Resource):
     """
     C{GET /metrics}: the JSON counters, or the Prometheus exposition when the
     client asks for C{text/plain}. C{snapshot} returns the counters to show
     (this process's, or every worker's summed); C{exposition} the Prometheus
     text and its content type (L{caracal.gateway.metrics.Metrics.exposition}).
+
+    With a C{bearer} (C{METRICS_BEARER}), a request without
+    C{Authorization: Bearer <bearer>} gets 401 (the JSON envelope and
+    C{WWW-Authenticate}) and no counters.
     """
 
     isLeaf = True
@@ -146,12 +173,29 @@ class MetricsResource(Resource):
         self,
         snapshot: Callable[[], defer.Deferred | dict],
         exposition: Callable[[], tuple[bytes, str]],
+        bearer: str | None = None,
     ) -> None:
         Resource.__init__(self)
         self.snapshot = snapshot
         self.exposition = exposition
+        self._bearer = bearer.encode("ascii") if bearer is not None else None
+
+    def _refused(self, request) -> bytes | None:
+        """The 401 body when a bearer is required and not presented, else C{None}."""
+        if self._bearer is None:
+            return None
+        authorization = request.getHeader(b"authorization")
+        if bearer_matches(authorization, self._bearer):
+            return None
+        _note_denial(request, "metrics_unauthorized")
+        if authorization is None:
+            return error_body(request, 401, "missing_token", "/metrics requires a bearer token")
+        return error_body(request, 401, "invalid_token", "bearer token not accepted")
 
     def render(self, request):
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         prometheus = prefers_prometheus(request.getHeader(b"accept") or b"")
 
         def answer(snapshot):
@@ -177,6 +221,20 @@ class MetricsResource(Resource):
         source = (lambda: None) if prometheus else self.snapshot
         defer.maybeDeferred(source).addCallback(answer).addErrback(failed)
         return NOT_DONE_YET
+
+
+class UnexposedResource(Resource):
+    """
+    A local path not served on this listener (C{/metrics} on the public
+    listener when SPEC section 12 keeps it off): 404, the JSON envelope, and
+    never the proxy.
+    """
+
+    isLeaf = True
+
+    def render(self, request):
+        _note_denial(request, "not_found")
+        return error_body(request, 404, "not_found", "no such endpoint")
 
 
 def prefers_prometheus(accept: bytes) -> bool:

@@ -97,11 +97,13 @@ def refuse_start(message: str, stderr=None) -> None:
     raise SystemExit(1)
 
 
-def bind_listener(address: str, port: int) -> socket.socket:
+def bind_listener(address: str, port: int, variable: str = "BIND_ADDRESS") -> socket.socket:
     """
     Bind and listen on C{address}:C{port} (all interfaces, IPv6 and IPv4,
     when C{address} is empty).
 
+    @param variable: the setting C{address} came from, named when it does
+        not resolve.
     @raise ConfigError: the address cannot be listened on (in use, not an
         address of this host, privileged port).
     """
@@ -121,7 +123,7 @@ def bind_listener(address: str, port: int) -> socket.socket:
         )[0]
         return socket.create_server(sockaddr, family=family, backlog=LISTEN_BACKLOG)
     except socket.gaierror as error:
-        raise ConfigError(f"BIND_ADDRESS {address}: {error.strerror}") from None
+        raise ConfigError(f"{variable} {address}: {error.strerror}") from None
     except OSError as error:
         # create_server appends "(while attempting to bind ...)" to strerror.
         reason = os.strerror(error.errno) if error.errno else str(error)
@@ -198,6 +200,39 @@ def warn_if_level_ignored(config: GatewayConfig, options: usage.Options) -> bool
     return True
 
 
+def log_metrics_exposure(config: GatewayConfig) -> str:
+    """
+    Say at start where C{/metrics} is served (SPEC section 12) and, when it
+    is nowhere (production with neither C{METRICS_BEARER} nor
+    C{METRICS_ADDRESS}), how to expose it.
+
+    @return: C{"address"}, C{"public"} or C{"hidden"}.
+    """
+    if config.metrics_address is not None:
+        log.info(
+            "/health, /ready and /metrics are also served in plaintext on {address}"
+            "{guard}; /metrics is off the public listener",
+            address=config.metrics_address,
+            guard=" (bearer required for /metrics)" if config.metrics_bearer else "",
+        )
+        return "address"
+    if config.metrics_public:
+        if config.metrics_bearer is None:
+            log.warn(
+                "/metrics is readable by anyone who reaches the public listener;"
+                " set METRICS_BEARER or METRICS_ADDRESS"
+            )
+        else:
+            log.info("/metrics is served on the public listener to METRICS_BEARER holders")
+        return "public"
+    log.info(
+        "/metrics answers 404 on the public listener (CARACAL_ENV=production); to expose it,"
+        " set METRICS_ADDRESS=host:port (a private plaintext listener) or METRICS_BEARER"
+        " (a bearer token required on the public one)"
+    )
+    return "hidden"
+
+
 def tls_factory(site, server_tls, reactor):
     """
     The protocol factory to listen with: C{site}, wrapped in TLS with
@@ -229,9 +264,12 @@ class GatewayService(Service):
         build=build_gateway,
         install_sighup=install_sighup_reload,
         restore_sighup=None,
+        metrics_endpoint=None,
     ) -> None:
         """
         @param endpoint: the C{IStreamServerEndpoint} to listen on.
+        @param metrics_endpoint: the endpoint of C{METRICS_ADDRESS} (served in
+            plaintext with the gateway's C{metrics_site}), or C{None}.
         @param server_tls: serve TLS with it; plaintext when C{None}.
         @param build: C{build(config, reactor) -> Gateway} (L{build_gateway}).
         @param install_sighup: installs the SIGHUP reload and returns the
@@ -251,8 +289,10 @@ class GatewayService(Service):
         )
         self._previous_sighup = None
         self._watch = None
+        self.metrics_endpoint = metrics_endpoint
         self.gateway: Gateway | None = None
         self.port = None
+        self.metrics_port = None
         self._listening = None
 
     def factory(self):
@@ -295,6 +335,7 @@ class GatewayService(Service):
             log.warn("INSECURE_HTTP=true: TLS_CERT_FILE/KEY_FILE are ignored; serving plaintext")
         warn_if_expiring(self.server_tls)
         warn_if_keepalive_too_slow(config)
+        log_metrics_exposure(config)
         self._ensure_built()
         # Stores and followers first, so the first request finds them running.
         self.gateway.service.startService()
@@ -333,6 +374,19 @@ class GatewayService(Service):
             address=port.getHost(),
             scheme="plaintext HTTP" if self.server_tls is None else "TLS",
         )
+        if self.metrics_endpoint is not None and self.gateway.metrics_site is not None:
+            d = self.metrics_endpoint.listen(self.gateway.metrics_site)
+            d.addCallbacks(self._metrics_listened, self._listen_failed)
+
+    def _metrics_listened(self, port) -> None:
+        if not self.running or self.port is None:
+            port.stopListening()
+            return
+        self.metrics_port = port
+        log.info(
+            "caracal-gateway serving /health, /ready and /metrics on {address} (plaintext HTTP)",
+            address=port.getHost(),
+        )
 
     def _listen_failed(self, failure) -> None:
         # makeService bound the socket already, so this is not an operator
@@ -359,11 +413,17 @@ class GatewayService(Service):
         return d
 
     def _stop_listening(self):
-        if self.port is None:
+        stopping = []
+        if self.metrics_port is not None:
+            metrics_port, self.metrics_port = self.metrics_port, None
+            stopping.append(defer.maybeDeferred(metrics_port.stopListening))
+        if self.port is not None:
+            port, self.port = self.port, None
+            log.info("caracal-gateway no longer accepting connections")
+            stopping.append(defer.maybeDeferred(port.stopListening))
+        if not stopping:
             return None
-        port, self.port = self.port, None
-        log.info("caracal-gateway no longer accepting connections")
-        return port.stopListening()
+        return defer.gatherResults(stopping)
 
     def _stop_background(self):
         if self.gateway is None:
@@ -433,6 +493,9 @@ def makeService(options: Options) -> Service:
         client_tls_policy(config.sts_ca_file, variable="STS_CA_FILE")
         client_tls_policy(config.upstream_ca_file, variable="UPSTREAM_CA_FILE")
         listener = bind_listener(config.bind_address, config.port)
+        metrics_listener = None
+        if config.metrics_listen is not None:
+            metrics_listener = bind_listener(*config.metrics_listen, variable="METRICS_ADDRESS")
     except ConfigError as error:
         refuse_start(str(error))
     # Logged before twistd's logging starts: held and written first.
@@ -444,6 +507,19 @@ def makeService(options: Options) -> Service:
         # The workers load the certificate themselves (and reload it); this
         # process only checked it. It keeps the socket open so a restarted
         # worker can inherit it again.
-        return WorkerSupervisor.for_listener(listener.detach(), options["workers"], reactor)
+        # Every worker accepts on the METRICS_ADDRESS socket too: each one
+        # answers /metrics with every worker's counters summed.
+        return WorkerSupervisor.for_listener(
+            listener.detach(),
+            options["workers"],
+            reactor,
+            metrics_fd=metrics_listener.detach() if metrics_listener is not None else None,
+        )
     endpoint = AdoptedStreamServerEndpoint(reactor, listener.detach(), family)
-    return GatewayService(config, endpoint, reactor, server_tls)
+    metrics_endpoint = None
+    if metrics_listener is not None:
+        metrics_family = metrics_listener.family
+        metrics_endpoint = AdoptedStreamServerEndpoint(
+            reactor, metrics_listener.detach(), metrics_family
+        )
+    return GatewayService(config, endpoint, reactor, server_tls, metrics_endpoint=metrics_endpoint)

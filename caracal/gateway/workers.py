@@ -77,6 +77,8 @@ METRICS_INTERVAL = 0.5
 
 #: The file descriptor a worker finds the listening socket on.
 LISTENER_FD = 3
+#: The file descriptor a worker finds the C{METRICS_ADDRESS} socket on.
+METRICS_LISTENER_FD = 4
 
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 
@@ -257,13 +259,16 @@ class WorkerSupervisor(Service):
         self.gave_up = False
 
     @classmethod
-    def for_listener(cls, fd: int, count: int, reactor, environ=None) -> WorkerSupervisor:
+    def for_listener(
+        cls, fd: int, count: int, reactor, environ=None, metrics_fd: int | None = None
+    ) -> WorkerSupervisor:
         """
         The supervisor of C{count} real worker processes inheriting the
-        listening socket C{fd}, with a fresh private metrics directory.
+        listening socket C{fd} (and the C{METRICS_ADDRESS} socket
+        C{metrics_fd}, when given), with a fresh private metrics directory.
         """
         metrics_dir = tempfile.mkdtemp(prefix="caracal-gateway-metrics-")
-        spawn = spawn_worker(reactor, fd, metrics_dir, environ)
+        spawn = spawn_worker(reactor, fd, metrics_dir, environ, metrics_fd=metrics_fd)
         return cls(count, spawn, reactor, metrics_dir=metrics_dir)
 
     def startService(self) -> None:
@@ -388,33 +393,41 @@ class WorkerSupervisor(Service):
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
 
-def worker_argv(index: int, metrics_dir: str | None, executable: str | None = None) -> list[str]:
+def worker_argv(
+    index: int,
+    metrics_dir: str | None,
+    executable: str | None = None,
+    metrics_listener: bool = False,
+) -> list[str]:
     """The command line of worker C{index}."""
     argv = [executable or sys.executable, "-m", "caracal.gateway.workers"]
     argv += ["--fd", str(LISTENER_FD), "--index", str(index), "--parent-pid", str(os.getpid())]
     if metrics_dir is not None:
         argv += ["--metrics-dir", metrics_dir]
+    if metrics_listener:
+        argv += ["--metrics-fd", str(METRICS_LISTENER_FD)]
     return argv
 
 
-def spawn_worker(reactor, listener_fd: int, metrics_dir: str | None, environ=None):
+def spawn_worker(
+    reactor, listener_fd: int, metrics_dir: str | None, environ=None, metrics_fd: int | None = None
+):
     """
     A C{spawn(protocol, index)} for L{WorkerSupervisor} running real worker
     processes: this interpreter, this environment (the configuration), the
-    listening socket C{listener_fd} inherited as fd L{LISTENER_FD}, stdout
-    and stderr piped back for the relay. stdin is a pipe nobody writes to.
+    listening socket C{listener_fd} inherited as fd L{LISTENER_FD} (and the
+    C{METRICS_ADDRESS} socket C{metrics_fd} as fd L{METRICS_LISTENER_FD}:
+    every worker accepts there too, like on the public port), stdout and
+    stderr piped back for the relay. stdin is a pipe nobody writes to.
     """
 
     def spawn(worker: WorkerProtocol, index: int):
         env = dict(os.environ if environ is None else environ)
-        argv = worker_argv(index, metrics_dir)
-        return reactor.spawnProcess(
-            worker,
-            argv[0],
-            argv,
-            env=env,
-            childFDs={0: "w", 1: "r", 2: "r", LISTENER_FD: listener_fd},
-        )
+        argv = worker_argv(index, metrics_dir, metrics_listener=metrics_fd is not None)
+        child_fds = {0: "w", 1: "r", 2: "r", LISTENER_FD: listener_fd}
+        if metrics_fd is not None:
+            child_fds[METRICS_LISTENER_FD] = metrics_fd
+        return reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
 
     return spawn
 
@@ -509,14 +522,14 @@ class SharedMetrics:
 def install_shared_metrics(gateway, shared_for):
     """
     Make C{gateway}'s C{/metrics} answer the summed counters: replaces the
-    snapshot callable of its L{MetricsResource} (the site's root is a
-    L{GatewayRoot}, whose C{local} maps C{/metrics} to it).
+    snapshot callable of its L{MetricsResource} (C{gateway.metrics_resource},
+    served on the public listener, the C{METRICS_ADDRESS} one, or both).
 
     @param shared_for: C{shared_for(live_snapshot) -> SharedMetrics}.
     @return: the L{SharedMetrics}.
     """
     shared = shared_for(gateway.metrics.snapshot)
-    gateway.site.resource.local[b"/metrics"].snapshot = shared.snapshot
+    gateway.metrics_resource.snapshot = shared.snapshot
     return shared
 
 
@@ -543,6 +556,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--metrics-dir", default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--metrics-fd", type=int, default=None)
     return parser.parse_args(argv)
 
 
@@ -576,11 +590,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"caracal-gateway worker {arguments.index}: {e}\n")
         return 1
 
-    # The socket object finds out the family; the descriptor stays open
-    # for the endpoint, which adopts (duplicates) and then closes it.
-    probe = socket.socket(fileno=arguments.fd)
-    family = probe.family
-    probe.detach()
+    def adopted(fd: int):
+        # The socket object finds out the family; the descriptor stays open
+        # for the endpoint, which adopts (duplicates) and then closes it.
+        probe = socket.socket(fileno=fd)
+        family = probe.family
+        probe.detach()
+        return AdoptedStreamServerEndpoint(reactor, fd, family)
 
     shared: list[SharedMetrics] = []
 
@@ -595,8 +611,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         return gateway
 
-    endpoint = AdoptedStreamServerEndpoint(reactor, arguments.fd, family)
-    service = GatewayService(config, endpoint, reactor, server_tls, build=build)
+    metrics_endpoint = None
+    if arguments.metrics_fd is not None:
+        metrics_endpoint = adopted(arguments.metrics_fd)
+    service = GatewayService(
+        config,
+        adopted(arguments.fd),
+        reactor,
+        server_tls,
+        build=build,
+        metrics_endpoint=metrics_endpoint,
+    )
     failed: list[bool] = []
 
     def start() -> None:
