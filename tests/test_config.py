@@ -1185,3 +1185,33 @@ class MetricsAccessTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(redacted["METRICS_ADDRESS"], "[::1]:9")
         self.assertNotIn("bearer-s3cret-value", json.dumps(redacted))
         self.assertNotIn("bearer-s3cret-value", repr(config))
+
+
+class EveryRefusalWithFilesTests(ConfigTestMixin, SynchronousTestCase):
+    """Secrets from files (SPEC 16) with every failed rule reported (SPEC 12 check-config)."""
+
+    def test_unreadable_file_reported_once(self) -> None:
+        """
+        An unreadable C{DATABASE_URL_FILE} is one message (naming the file),
+        not also "DATABASE_URL is required"; the other failed rules follow.
+        """
+        missing = self.mktemp()
+        error = self.assertRaises(
+            ConfigError,
+            GatewayConfig.from_environ,
+            production(DATABASE_URL=None, DATABASE_URL_FILE=missing, STREAMS_HMAC_KEY=None),
+        )
+        self.assertEqual(len(error.messages), 2, error.messages)
+        self.assertEqual(
+            error.messages[0], "STREAMS_HMAC_KEY is required when CARACAL_ENV=production"
+        )
+        self.assertTrue(error.messages[1].startswith(f"DATABASE_URL_FILE: cannot read {missing}"))
+
+    def test_metrics_bearer_from_file(self) -> None:
+        """C{METRICS_BEARER_FILE} gives the bearer, its trailing newline stripped."""
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("bearer-from-a-file-0123456789\n")
+        config = self.accepted(dev(METRICS_BEARER_FILE=path))
+        self.assertEqual(config.metrics_bearer, "bearer-from-a-file-0123456789")
+        self.assertEqual(config.redacted()["METRICS_BEARER"], "***")

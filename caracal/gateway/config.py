@@ -617,6 +617,8 @@ class _Reader:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
         self.errors: list[str] = []
+        #: Variables whose C{_FILE} form was refused (L{text}).
+        self.unreadable: set[str] = set()
 
     def refuse(self, message: str) -> None:
         """Record a failed rule (L{GatewayConfig.from_environ} raises them)."""
@@ -625,10 +627,25 @@ class _Reader:
     def text(self, name: str) -> str | None:
         # Every variable goes through read_secret, so a secret added later
         # to SECRET_FILE_VARIABLES gets its _FILE form without more code.
-        value = read_secret(self.environ, name)
+        try:
+            value = read_secret(self.environ, name)
+        except ConfigError as error:
+            # Reported once; the variable then reads as unset, which a rule
+            # requiring it must not report again (see unset).
+            if name not in self.unreadable:
+                self.unreadable.add(name)
+                self.refuse(str(error))
+            return None
         if value is None:
             return None
         return value.strip()
+
+    def unset(self, name: str) -> bool:
+        """
+        After L{text} gave C{None} for C{name}: whether it is really unset,
+        rather than its C{_FILE} refused (reported already, once is enough).
+        """
+        return name not in self.unreadable
 
     def boolean(self, name: str) -> bool:
         value = self.text(name)
@@ -773,7 +790,7 @@ class _Reader:
             self.refuse("PORT must be 8081")
 
         hmac_text = self.text("STREAMS_HMAC_KEY")
-        if hmac_text is None and production:
+        if hmac_text is None and production and self.unset("STREAMS_HMAC_KEY"):
             self.refuse("STREAMS_HMAC_KEY is required when CARACAL_ENV=production")
         hmac_key = None
         if hmac_text is not None:
@@ -849,7 +866,8 @@ class _Reader:
         """C{STS_URL}, checked (C{""} after a refusal)."""
         sts_url = self.text("STS_URL")
         if sts_url is None:
-            self.refuse("STS_URL is required")
+            if self.unset("STS_URL"):
+                self.refuse("STS_URL is required")
             return ""
         try:
             sts_parts = urlsplit(sts_url)
@@ -870,7 +888,8 @@ class _Reader:
         """C{DATABASE_URL}, checked by libpq's own parser (C{""} after a refusal)."""
         database_url = self.text("DATABASE_URL")
         if database_url is None:
-            self.refuse("DATABASE_URL is required")
+            if self.unset("DATABASE_URL"):
+                self.refuse("DATABASE_URL is required")
             return ""
         try:
             parse_dsn(database_url)
@@ -883,7 +902,8 @@ class _Reader:
         """C{REDIS_URL}, checked (C{""} after a refusal)."""
         redis_url = self.text("REDIS_URL")
         if redis_url is None:
-            self.refuse("REDIS_URL is required")
+            if self.unset("REDIS_URL"):
+                self.refuse("REDIS_URL is required")
             return ""
         try:
             parse_redis_url(redis_url)
