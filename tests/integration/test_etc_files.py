@@ -80,6 +80,9 @@ SPEC_VARIABLES = (
     "PUBLIC_URL",
     "AUTHORIZATION_SERVERS",
     "CORS_ALLOWED_ORIGINS",
+    # SPEC section 12.
+    "METRICS_BEARER",
+    "METRICS_ADDRESS",
 )
 
 _ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(.*)$")
