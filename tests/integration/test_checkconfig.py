@@ -238,5 +238,5 @@ class CheckConfigTests(TestCase):
         self.assertLess(time.monotonic() - started, 8.0)
         self.assertEqual((status, items["STS"], items["Redis"]), (1, "FAIL", "FAIL"), text)
         self.assertIn("GET /health failed: no answer in time", text)
-        self.assertIn("Redis            redis://127.0.0.1:", text)
+        self.assertRegex(text, r"\nFAIL  Redis +redis://127\.0\.0\.1:")
         self.assertIn("timed out", text)
