@@ -147,7 +147,7 @@ class MetricsBearerTests(SynchronousTestCase):
                 (b"accept", b"text/plain"),
             ],
         )
-        self.assertIn(b"caracal_gateway_requests_total 5\n", b"".join(request.written))
+        self.assertIn(b"# TYPE caracal_gateway_requests_total counter", b"".join(request.written))
 
     def test_compare_uses_compare_digest(self):
         """The secret is compared with C{hmac.compare_digest} (constant time)."""
