@@ -39,7 +39,6 @@ from caracal.gateway.config import (
     ConfigError,
     GatewayConfig,
     RedisAddress,
-    parse_bool,
 )
 from caracal.gateway.tls import (
     ServerCredentials,
@@ -242,27 +241,7 @@ def check_ca_bundles(
     return findings
 
 
-def revocation_fail_open(config: GatewayConfig, environ: Mapping[str, str]) -> bool:
-    """
-    C{REVOCATION_FAIL_OPEN} as the gateway reads it: from the configuration
-    when it knows the variable, else by name from C{environ} (a value that
-    is not a boolean counts as set: the check must not pass on a typo).
-    """
-    value = getattr(config, "revocation_fail_open", None)
-    if value is not None:
-        return bool(value)
-    text = (environ.get("REVOCATION_FAIL_OPEN") or "").strip()
-    if not text:
-        return False
-    try:
-        return parse_bool(text)
-    except ValueError:
-        return True
-
-
-def check_escape_hatches(
-    config: GatewayConfig, environ: Mapping[str, str] | None = None
-) -> list[Finding]:
+def check_escape_hatches(config: GatewayConfig) -> list[Finding]:
     """
     C{INSECURE_HTTP}, C{INSECURE_STS}, C{JTI_FAIL_OPEN} and
     C{REVOCATION_FAIL_OPEN} are not set.
@@ -274,7 +253,7 @@ def check_escape_hatches(
         ("JTI_FAIL_OPEN", config.jti_fail_open, "replays pass while Redis is down"),
         (
             "REVOCATION_FAIL_OPEN",
-            revocation_fail_open(config, environ or {}),
+            config.revocation_fail_open,
             "revoked sessions pass while the revocation state is unavailable",
         ),
     ):
@@ -426,7 +405,7 @@ def run_checks(
         check_environment(config),
         *check_tls(config, now),
         *check_ca_bundles(config),
-        *check_escape_hatches(config, environ),
+        *check_escape_hatches(config),
         check_port(config),
         check_hmac_key(config),
         check_upstreams(config),
