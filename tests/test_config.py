@@ -1215,3 +1215,26 @@ class EveryRefusalWithFilesTests(ConfigTestMixin, SynchronousTestCase):
         config = self.accepted(dev(METRICS_BEARER_FILE=path))
         self.assertEqual(config.metrics_bearer, "bearer-from-a-file-0123456789")
         self.assertEqual(config.redacted()["METRICS_BEARER"], "***")
+
+
+class EveryRefusalWithAgentSettingsTests(ConfigTestMixin, SynchronousTestCase):
+    """The SPEC 13 settings join the list of failed rules like the others."""
+
+    def test_missing_sts_url_not_reported_twice(self) -> None:
+        """
+        Without STS_URL the default authorization server is not judged (the
+        missing STS_URL is the one message); a bad PUBLIC_URL is still named.
+        """
+        error = self.assertRaises(
+            ConfigError,
+            GatewayConfig.from_environ,
+            dev(STS_URL=None, PUBLIC_URL="http://gw.example.com"),
+        )
+        self.assertEqual(
+            error.messages,
+            (
+                "STS_URL is required",
+                "PUBLIC_URL must be an absolute https URL of the gateway's root,"
+                " such as https://gateway.example.com",
+            ),
+        )
