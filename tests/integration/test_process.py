@@ -48,9 +48,6 @@ from tests.support.waiting import became_true
 
 HMAC_KEY_HEX = "c3" * 32
 
-#: The DATABASE_URL L{gateway_environ} gives (a database without the schema).
-DEFAULT_DATABASE_URL = "postgresql://root@127.0.0.1:5432/test"
-
 FOREGROUND = ("-n", "caracal-gateway")
 
 
@@ -362,19 +359,6 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
 
     timeout = 60
 
-    def setUp(self):
-        # A database holding the schema: the first resource snapshot loads at
-        # once, so the gateway listens well within START_TIMEOUT. Against a
-        # database without gateway_resources it would wait out
-        # STARTUP_LOAD_TIMEOUT (as long as START_TIMEOUT) first.
-        self.database = TemporaryDatabase().create()
-        self.addCleanup(self.database.drop)
-
-    def gateway(self, environ, *args, **kwargs) -> GatewayProcess:
-        if environ.get("DATABASE_URL") == DEFAULT_DATABASE_URL:
-            environ = dict(environ, DATABASE_URL=self.database.url)
-        return super().gateway(environ, *args, **kwargs)
-
     @defer.inlineCallbacks
     def test_foreground_tls_health_and_sigterm(self):
         """In the foreground over TLS the gateway answers /health and exits 0 on SIGTERM."""
@@ -439,11 +423,13 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
         resource store's connection lines), not only up to the blank.
         """
         port = free_port()
+        database = TemporaryDatabase().create()
+        self.addCleanup(database.drop)
         environ, _ = gateway_environ(
             self.directory(),
             port,
             tls=False,
-            DATABASE_URL=f"host=127.0.0.1 port=5432 dbname={self.database.name} user=root"
+            DATABASE_URL=f"host=127.0.0.1 port=5432 dbname={database.name} user=root"
             " password=pg-head\\ pg-tail-xyz",
         )
         gateway = self.gateway(environ)
@@ -451,7 +437,7 @@ class RunningGatewayTests(ProcessTestMixin, TestCase):
         self.assertEqual((yield gateway.stop()), 0)
         output = gateway.output + gateway.errors
         self.assertIn(b"resource store connected to", output)
-        self.assertIn(f"dbname={self.database.name} user=root password=***".encode(), output)
+        self.assertIn(f"dbname={database.name} user=root password=***".encode(), output)
         self.assertNotIn(b"pg-head", output)
         self.assertNotIn(b"pg-tail-xyz", output)
 
