@@ -34,8 +34,8 @@ from tests.support.process import (
     free_port,
     gateway_environ,
     kill_pid,
-    wait_until,
 )
+from tests.support.waiting import became_true
 
 BEARER = "metrics-bearer-" + "0123456789abcdef" * 2
 HMAC_KEY_HEX = "d4" * 32
@@ -237,7 +237,7 @@ class MetricsAccessTests(TestCase):
             return {int(index) for index in found} == {0, 1}
 
         self.assertTrue(
-            (yield wait_until(both_serving_metrics, START_TIMEOUT, reactor)),
+            (yield became_true(both_serving_metrics, START_TIMEOUT, reactor)),
             gateway.output.decode(errors="replace")[-3000:],
         )
         client = self.client()
@@ -255,5 +255,5 @@ class MetricsAccessTests(TestCase):
             self.assertEqual(response.code, 200)
             return json.loads(body)["requests_total"] == sent
 
-        self.assertTrue((yield wait_until(summed, 10, reactor)), f"{sent} requests sent")
+        self.assertTrue((yield became_true(summed, 10, reactor)), f"{sent} requests sent")
         self.assertEqual((yield gateway.stop()), 0, gateway.errors.decode(errors="replace"))
