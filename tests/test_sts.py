@@ -10,8 +10,9 @@ import gzip
 import json
 from urllib.parse import parse_qs
 
+from hyperlink import EncodedURL
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -144,6 +145,26 @@ class ExchangeRequestTests(SynchronousTestCase):
         client = STSClient(BASE + "/", Clock(), agent=RequestTraversalAgent(sts))
         self.successResultOf(exchange(client))
         self.assertEqual(sts.requests[0].uri, b"/oauth/2/token")
+
+    def test_token_url_prepared_once(self):
+        """
+        The token endpoint's URL is turned into URI form once, when the client
+        is made (treq would redo it, IDNA included, on every call); the
+        Agent still receives exactly the URI treq would have built.
+        """
+        seen = []
+
+        def answer(method, uri, headers, body):
+            seen.append(uri)
+            return Deferred()
+
+        base = "http://st\u015b.example:8443/base path"
+        client = STSClient(base, Clock(), agent=ScriptedAgent(answer))
+        self.assertIs(client.token_url.to_uri(), client.token_url)
+        exchange(client)
+        expected = EncodedURL.from_text(base + "/oauth/2/token").to_uri().to_text()
+        self.assertEqual(seen, [expected.encode("ascii")])
+        self.assertEqual(expected, "http://xn--st-3sa.example:8443/base%20path/oauth/2/token")
 
     def test_unprintable_request_id_not_sent(self):
         """A request id that could not be a header value is left out."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
 from urllib.parse import urlencode
 
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -69,6 +70,8 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
 # When the STS answers 4xx with an error code that is not a plain OAuth code,
 # the status is kept and the code replaced by the SPEC's code for that status.
 _GENERIC_CODES = {400: "invalid_request", 401: "invalid_token"}
+#: The STS token endpoint (RFC 8693), under STS_URL.
+TOKEN_PATH = "/oauth/2/token"  # noqa: S105 (a path)
 
 
 class STSUnavailable(Exception):
@@ -286,6 +289,33 @@ def refusal(status: int, body: bytes, subject_token: str) -> Denial | None:
     return Denial(status, code, description, metric=METRIC)
 
 
+class PreparedURL(EncodedURL):
+    """
+    A URL already in URI form (ASCII: IDNA host, percent-encoded path) whose
+    text is computed once. treq turns every URL it is given into URI text
+    (C{to_uri().to_text()}, IDNA included) on every request; handing it this
+    instead makes that a lookup, for the one URL the gateway calls per
+    request (the STS's token endpoint).
+    """
+
+    @classmethod
+    def prepare(cls, url: str) -> PreparedURL:
+        """The URI form of C{url}, prepared."""
+        uri = EncodedURL.from_text(url).to_uri()
+        prepared = cls.from_text(uri.to_text())
+        prepared._uri_text = uri.to_text()
+        return prepared
+
+    def to_uri(self, *args, **kwargs) -> PreparedURL:
+        return self
+
+    def to_text(self, with_password: bool = False) -> str:
+        text = getattr(self, "_uri_text", None)
+        if text is None or with_password:
+            return EncodedURL.to_text(self, with_password)
+        return text
+
+
 @implementer(ITokenExchange)
 class STSClient:
     """
@@ -312,6 +342,7 @@ class STSClient:
         agent=None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.token_url = PreparedURL.prepare(self.base_url + TOKEN_PATH)
         self.timeout = timeout
         self._reactor = reactor
         if agent is None:
@@ -341,7 +372,9 @@ class STSClient:
         # in ResponseNeverReceived), a timed-out call is a TimeoutError.
         return d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_timed_out)
 
-    def _request(self, method: str, path: str, headers: dict, body: bytes | None = None):
+    def _request(
+        self, method: str, path: str | EncodedURL, headers: dict, body: bytes | None = None
+    ):
         kwargs = {
             "headers": headers,
             # Never buffer: the body is read by read_bounded, under a limit.
@@ -351,7 +384,8 @@ class STSClient:
         }
         if body is not None:
             kwargs["data"] = body
-        return self._http.request(method, self.base_url + path, **kwargs)
+        url = path if isinstance(path, EncodedURL) else self.base_url + path
+        return self._http.request(method, url, **kwargs)
 
     def exchange(
         self,
@@ -387,7 +421,7 @@ class STSClient:
             headers[b"X-Request-Id"] = [request_id.encode("ascii")]
 
         def attempt() -> Deferred:
-            return self._request("POST", "/oauth/2/token", headers, form)
+            return self._request("POST", self.token_url, headers, form)
 
         def retry_stale(failure):
             # A pooled connection the STS closed while idle fails before any
