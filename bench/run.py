@@ -807,6 +807,7 @@ class Bench:
             "REDIS_URL": f"redis://{REDIS[0]}:{REDIS[1]}/0",
             "ALLOW_PRIVATE_UPSTREAMS": "true",
             "LOG_LEVEL": "info",
+            "AUDIT_SPOOL_DIR": os.path.join(self.directory, "audit-spool"),
         }
         self.gateway_port = self.start_gateway_process("gateway")
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from caracal.gateway.audit import RedisAuditLog, audit_event, rfc3339
+from caracal.gateway.audit import RedisAuditLog, ReplayEventThrottle, audit_event, rfc3339
 from caracal.gateway.interfaces import IAuditLog
+from caracal.gateway.metrics import Metrics
 from caracal.gateway.revocations import verify_fields
+from caracal.gateway.spool import AuditSpool
 from caracal.gateway.testing import MemoryAuditLog
 
 KEY = bytes(range(32))
@@ -92,17 +95,17 @@ class RedisAuditLogUnitTests(unittest.SynchronousTestCase):
 
     def test_command(self):
         """
-        Exactly SPEC 9's C{XADD <stream> * id .. data .. _sig ..}: no C{MAXLEN}
-        trimming, which could drop events no consumer has read.
+        Exactly SPEC 9's C{XADD <stream> MAXLEN ~ <AUDIT_STREAM_MAXLEN> * id ..
+        data .. _sig ..}: the stream is capped (SPEC 12 H9).
         """
         redis = FakeRedis()
-        log = RedisAuditLog(redis, KEY, self.clock, stream="s")
+        log = RedisAuditLog(redis, KEY, self.clock, stream="s", maxlen=777)
         self.assertTrue(verifyObject(IAuditLog, log))
         self.successResultOf(log.emit("replay_detected", "r-1", "deny", zone_id="z"))
         [command] = redis.commands
-        self.assertEqual(command[:3], ("XADD", "s", "*"))
-        self.assertEqual(command[3::2], ("id", "data", "_sig"))
-        fields = dict(zip(command[3::2], command[4::2], strict=True))
+        self.assertEqual(command[:6], ("XADD", "s", "MAXLEN", "~", "777", "*"))
+        self.assertEqual(command[6::2], ("id", "data", "_sig"))
+        fields = dict(zip(command[6::2], command[7::2], strict=True))
         self.assertEqual(set(fields), {"id", "data", "_sig"})
         self.assertTrue(verify_fields(KEY, "s", fields))
         self.assertEqual(json.loads(fields["data"])["event_type"], "replay_detected")
@@ -111,8 +114,8 @@ class RedisAuditLogUnitTests(unittest.SynchronousTestCase):
         """Without a key there is no C{_sig}."""
         redis = FakeRedis()
         RedisAuditLog(redis, None, self.clock, stream="s").emit("e", "r", "deny")
-        self.assertEqual(redis.commands[0][:3], ("XADD", "s", "*"))
-        self.assertEqual(redis.commands[0][3::2], ("id", "data"))
+        self.assertEqual(redis.commands[0][:6], ("XADD", "s", "MAXLEN", "~", "1000000", "*"))
+        self.assertEqual(redis.commands[0][6::2], ("id", "data"))
 
     def test_failure_swallowed(self):
         """A Redis error is logged, never passed to the caller."""
@@ -126,3 +129,63 @@ class RedisAuditLogUnitTests(unittest.SynchronousTestCase):
         self.assertNoResult(d)
         self.clock.advance(2.0)
         self.assertIsNone(self.successResultOf(d))
+
+    def test_failure_spools_in_order(self):
+        """
+        An entry Redis does not take goes to the spool together with every
+        entry still waiting for its reply, in emission order; later ones
+        queue behind them without touching Redis until the spool is replayed.
+        """
+        pending = [defer.Deferred(), defer.Deferred()]
+        redis = FakeRedis()
+        redis.execute_command = lambda *arguments: (
+            redis.commands.append(arguments),
+            pending[len(redis.commands) - 1],
+        )[1]
+        spool = AuditSpool(self.mktemp(), 10_000, self.clock)
+        os.makedirs(spool.directory)
+        log = RedisAuditLog(redis, KEY, self.clock, stream="s", spool=spool)
+        log.emit("e", "r-1", "deny")
+        log.emit("e", "r-2", "deny")
+        pending[0].errback(ConnectionError("lost"))
+        log.emit("e", "r-3", "deny")
+        self.assertEqual(len(redis.commands), 2, "r-3 was spooled, not sent")
+        sent = []
+        spool._send = lambda fields: (sent.append(fields), defer.succeed("1-0"))[1]
+        self.successResultOf(spool.replay())
+        self.assertEqual([json.loads(f["data"])["request_id"] for f in sent], ["r-1", "r-2", "r-3"])
+        for fields in sent:
+            self.assertTrue(verify_fields(KEY, "s", fields))
+        self.assertFalse(spool.holding)
+        self.assertEqual(os.listdir(spool.directory), [])
+        redis.execute_command = FakeRedis().execute_command
+        self.successResultOf(log.emit("e", "r-4", "deny"))
+        self.assertEqual(spool.size, 0, "Redis takes new events directly again")
+
+
+class ReplayEventThrottleTests(unittest.SynchronousTestCase):
+    """SPEC 12 H9's one event per fingerprint per second, in bounded memory."""
+
+    def test_one_per_second(self):
+        """Within a second only the first replay is audited; the next carries the count."""
+        clock = task.Clock()
+        metrics = Metrics()
+        throttle = ReplayEventThrottle(clock, metrics)
+        self.assertEqual(throttle.admit("f1"), 0)
+        self.assertIsNone(throttle.admit("f1"))
+        self.assertIsNone(throttle.admit("f1"))
+        self.assertEqual(throttle.admit("f2"), 0)
+        clock.advance(1.0)
+        self.assertEqual(throttle.admit("f1"), 2)
+        self.assertEqual(throttle.admit("f2"), 0)
+        self.assertEqual(metrics.counters["audit_events_suppressed"], 2)
+
+    def test_bounded(self):
+        """At most C{entries} fingerprints are remembered, the oldest forgotten first."""
+        clock = task.Clock()
+        throttle = ReplayEventThrottle(clock, entries=100)
+        for number in range(1000):
+            throttle.admit(f"f{number}")
+        self.assertEqual(len(throttle), 100)
+        self.assertIsNone(throttle.admit("f999"))
+        self.assertEqual(throttle.admit("f0"), 0)

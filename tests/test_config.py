@@ -20,6 +20,7 @@ from caracal.gateway.config import (
     parse_bool,
     parse_duration,
     parse_redis_url,
+    parse_size,
     read_secret,
     redact_url,
 )
@@ -1238,3 +1239,42 @@ class EveryRefusalWithAgentSettingsTests(ConfigTestMixin, SynchronousTestCase):
                 " such as https://gateway.example.com",
             ),
         )
+
+
+class AuditVariableTests(ConfigTestMixin, SynchronousTestCase):
+    """C{AUDIT_STREAM_MAXLEN}, C{AUDIT_SPOOL_DIR} and C{AUDIT_SPOOL_MAX_BYTES} (SPEC 12 H9, 14)."""
+
+    def test_defaults(self) -> None:
+        """Unset, they take the SPEC's defaults."""
+        config = self.accepted(production())
+        self.assertEqual(config.audit_stream_maxlen, 1_000_000)
+        self.assertEqual(config.audit_spool_dir, "/var/lib/caracal-gateway/audit-spool")
+        self.assertEqual(config.audit_spool_max_bytes, 1024**3)
+        self.assertEqual(config.redacted()["AUDIT_SPOOL_MAX_BYTES"], 1024**3)
+
+    def test_values_read(self) -> None:
+        """Set, they are read; sizes accept binary and decimal units."""
+        config = self.accepted(
+            dev(
+                AUDIT_STREAM_MAXLEN="5000", AUDIT_SPOOL_DIR="/tmp/s", AUDIT_SPOOL_MAX_BYTES="512MiB"
+            )
+        )
+        self.assertEqual(config.audit_stream_maxlen, 5000)
+        self.assertEqual(config.audit_spool_dir, "/tmp/s")
+        self.assertEqual(config.audit_spool_max_bytes, 512 * 1024**2)
+        for text, size in (("1000", 1000), ("1GiB", 1024**3), ("10KiB", 10240), ("2MB", 2 * 10**6)):
+            self.assertEqual(parse_size(text), size, text)
+
+    def test_malformed_refused(self) -> None:
+        """A malformed size or length is a startup error naming the variable."""
+        self.refused(
+            dev(AUDIT_SPOOL_MAX_BYTES="lots"),
+            "AUDIT_SPOOL_MAX_BYTES must be a size in bytes such as 1000, 512MiB or 1GiB",
+        )
+        self.refused(dev(AUDIT_SPOOL_MAX_BYTES="-1"), self.size_message)
+        self.refused(
+            dev(AUDIT_STREAM_MAXLEN="0"),
+            "AUDIT_STREAM_MAXLEN must be between 1 and 4611686018427387904",
+        )
+
+    size_message = "AUDIT_SPOOL_MAX_BYTES must be a size in bytes such as 1000, 512MiB or 1GiB"

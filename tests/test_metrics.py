@@ -90,7 +90,16 @@ class JSONCountersTests(SynchronousTestCase):
         """The JSON document has SPEC 10's names (and revocations_rejected), all zero."""
         document = json.loads(render_json(Metrics().snapshot()))
         self.assertEqual(
-            sorted(document), sorted([*SPEC_NAMES, "revocations_rejected", "connections_refused"])
+            sorted(document),
+            sorted(
+                [
+                    *SPEC_NAMES,
+                    "revocations_rejected",
+                    "connections_refused",
+                    "audit_events_suppressed",
+                    "audit_events_dropped",
+                ]
+            ),
         )
         self.assertEqual(set(document.values()), {0})
 

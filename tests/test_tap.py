@@ -12,6 +12,7 @@ import io
 import os
 import signal
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -47,6 +48,8 @@ DEV_PLAINTEXT = {
     "REDIS_URL": "redis://127.0.0.1:6379",
     "PORT": "18081",
     "BIND_ADDRESS": "127.0.0.1",
+    # Never the system state directory from a test.
+    "AUDIT_SPOOL_DIR": os.path.join(tempfile.gettempdir(), "caracal-test-audit-spool"),
 }
 
 
@@ -142,6 +145,18 @@ class RefusedStartTests(SynchronousTestCase):
         self.assertEqual(
             self.refused(dict(DEV_PLAINTEXT, READ_TIMEOUT="30")),
             "caracal-gateway: READ_TIMEOUT must be a duration such as 250ms, 5s or 1m30s\n",
+        )
+
+    def test_unwritable_audit_spool(self) -> None:
+        """SPEC 14: a spool directory that cannot be written is a refused start."""
+        blocker = self.mktemp()
+        with open(blocker, "w") as f:
+            f.write("a file, not a directory")
+        spool = os.path.join(blocker, "spool")
+        output = self.refused(dict(DEV_PLAINTEXT, AUDIT_SPOOL_DIR=spool))
+        self.assertTrue(
+            output.startswith(f"caracal-gateway: AUDIT_SPOOL_DIR {spool} is not writable: "),
+            output,
         )
 
     def test_missing_certificate_file(self) -> None:

@@ -638,6 +638,8 @@ class Demo:
                     # Dev only: the tool server is on loopback, which production refuses.
                     "ALLOW_PRIVATE_UPSTREAMS": "true",
                     "UPSTREAM_HOST_ALLOWLIST": "127.0.0.1,localhost",
+                    # The demo's own spool, not the system state directory.
+                    "AUDIT_SPOOL_DIR": os.path.join(state.directory, "audit-spool"),
                 }
             )
             return Child("gateway", "the gateway", ["caracal-gateway"], state, gateway_env)

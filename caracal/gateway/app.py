@@ -76,6 +76,21 @@ class Gateway:
         return d.addCallbacks(lambda _: True, lambda _: False)
 
 
+class AuditService(Service):
+    """Replays the audit spool while the gateway runs (L{RedisAuditLog.start})."""
+
+    def __init__(self, audit) -> None:
+        self.audit = audit
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.audit.start()
+
+    def stopService(self) -> defer.Deferred:
+        Service.stopService(self)
+        return self.audit.stop()
+
+
 class ClosingService(Service):
     """Closes clients (connection pools) when the gateway stops."""
 
@@ -112,6 +127,7 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
     from caracal.gateway.registry import PostgresResourceStore
     from caracal.gateway.replay import RedisReplayGuard
     from caracal.gateway.revocations import RevocationFollower, RevocationStore
+    from caracal.gateway.spool import AuditSpool
     from caracal.gateway.sts import STSClient
     from caracal.gateway.tls import client_tls_policy
 
@@ -123,10 +139,17 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
     )
     sts_policy = client_tls_policy(config.sts_ca_file, variable="STS_CA_FILE")
     sts = STSClient(config.sts_base_url, reactor, sts_policy, config.sts_timeout)
+    audit = RedisAuditLog(
+        redis,
+        config.streams_hmac_key,
+        reactor,
+        maxlen=config.audit_stream_maxlen,
+        spool=AuditSpool(config.audit_spool_dir, config.audit_spool_max_bytes, reactor, metrics),
+    )
     return Backends(
         resources=resources,
         replay=RedisReplayGuard(redis, reactor),
-        audit=RedisAuditLog(redis, config.streams_hmac_key, reactor),
+        audit=audit,
         revocations=revocations,
         sts=sts,
         checks={
@@ -137,8 +160,17 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
             # for want of a current revocation state.
             "revocations": revocations.check,
         },
-        services=[resources, follower, ClosingService(lambda: close_redis(redis), sts.close)],
-        gauges={"revocation_lag_seconds": follower.lag},
+        # Stopped in reverse: the spool's replay ends before Redis is closed.
+        services=[
+            resources,
+            follower,
+            ClosingService(lambda: close_redis(redis), sts.close),
+            AuditService(audit),
+        ],
+        gauges={
+            "revocation_lag_seconds": follower.lag,
+            "audit_spool_bytes": lambda: audit.spool.size,
+        },
     )
 
 

@@ -12,14 +12,26 @@ last line of defence, metadata under a name that usually carries a credential
 Emitting never fails the request: L{IAuditLog.emit} never errbacks, failures
 are logged.
 
-The gateway never trims the stream (no C{MAXLEN}): an audit event is only
-dropped by whoever consumes the stream, once it has been read.
+Delivery (L{RedisAuditLog}). Every C{XADD} caps the stream with C{MAXLEN ~
+AUDIT_STREAM_MAXLEN} (SPEC 12 H9): a stream nobody trims must not grow until
+Redis runs out of memory; consumers that keep history copy it out (see the
+README). An entry Redis does not take (an error, a lost connection, no reply
+within the timeout) goes to the L{caracal.gateway.spool.AuditSpool}, and so
+does every entry still waiting for its reply and every later one until the
+spool has been replayed: the stream receives them in the order they were
+emitted.
+
+Replays (SPEC 12 H9). L{ReplayEventThrottle} lets one C{replay_detected}
+event per token fingerprint per second through; the refusals left out are
+counted (C{audit_events_suppressed}) and carried by the next event of that
+fingerprint in its C{suppressed} field.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections import OrderedDict
 from datetime import datetime, timezone
 
 from twisted.internet import defer
@@ -30,6 +42,12 @@ from caracal.gateway.interfaces import IAuditLog
 from caracal.gateway.revocations import sign_fields
 
 AUDIT_STREAM = "caracal.audit.events"
+
+#: SPEC 12 H9's default cap on the stream (C{AUDIT_STREAM_MAXLEN}).
+DEFAULT_STREAM_MAXLEN = 1_000_000
+
+#: Fingerprints whose replay state L{ReplayEventThrottle} keeps at most.
+THROTTLE_ENTRIES = 10_000
 
 CREDENTIAL_FIELDS = frozenset(
     {
@@ -79,16 +97,66 @@ def audit_event(
     return event
 
 
+class ReplayEventThrottle:
+    """
+    SPEC 12 H9: at most one C{replay_detected} event per token fingerprint
+    per C{period} seconds in this process.
+
+    Memory is bounded: at most C{entries} fingerprints are remembered, the
+    least recently audited one forgotten first (its pending C{suppressed}
+    count then only lives on in the metric).
+
+    @param metrics: counts C{audit_events_suppressed}; may be C{None}.
+    """
+
+    def __init__(self, clock, metrics=None, period: float = 1.0, entries: int = THROTTLE_ENTRIES):
+        self._clock = clock
+        self._metrics = metrics
+        self._period = period
+        self._entries = entries
+        # fingerprint -> [time of the last event, refusals left out since]
+        self._seen: OrderedDict[str, list] = OrderedDict()
+
+    def admit(self, fingerprint: str) -> int | None:
+        """
+        Whether a replay of C{fingerprint} may be audited now.
+
+        @return: C{None} when it must be left out (it is counted), else the
+            number of replays left out since the last event (its
+            C{suppressed} field).
+        """
+        now = self._clock.seconds()
+        state = self._seen.get(fingerprint)
+        if state is not None and now - state[0] < self._period:
+            state[1] += 1
+            if self._metrics is not None:
+                self._metrics.increment("audit_events_suppressed")
+            return None
+        suppressed = state[1] if state is not None else 0
+        self._seen[fingerprint] = [now, 0]
+        self._seen.move_to_end(fingerprint)
+        while len(self._seen) > self._entries:
+            self._seen.popitem(last=False)
+        return suppressed
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
 @implementer(IAuditLog)
 class RedisAuditLog:
     """
-    Audit log on the Redis stream C{caracal.audit.events}.
+    Audit log on the Redis stream C{caracal.audit.events}, with a spool for
+    what Redis cannot take (see the module docstring).
 
     @param redis: a handler from L{caracal.gateway.redisconn.connect_redis}.
     @param hmac_key: C{STREAMS_HMAC_KEY}; when set each entry carries C{_sig}
         over its C{id} and C{data} fields (same rule as the revocation stream).
     @param clock: the reactor; gives C{occurred_at} and bounds each C{XADD}
         by C{timeout} seconds so a stalled Redis cannot pile up pending emits.
+    @param maxlen: C{AUDIT_STREAM_MAXLEN}.
+    @param spool: an L{caracal.gateway.spool.AuditSpool}, or C{None} (an
+        entry Redis does not take is then logged and lost).
     """
 
     def __init__(
@@ -98,6 +166,8 @@ class RedisAuditLog:
         clock=None,
         stream: str = AUDIT_STREAM,
         timeout: float = 2.0,
+        maxlen: int = DEFAULT_STREAM_MAXLEN,
+        spool=None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor as clock
@@ -106,6 +176,11 @@ class RedisAuditLog:
         self._clock = clock
         self._stream = stream
         self._timeout = timeout
+        self._maxlen = str(maxlen)
+        self.spool = spool
+        # id -> (fields, Deferred) of the XADDs sent and not yet answered,
+        # in the order they were sent.
+        self._inflight: dict[str, tuple[dict, defer.Deferred]] = {}
 
     def fields(self, event_type: str, request_id: str, decision: str, **metadata) -> dict:
         """The stream entry's fields (C{id}, C{data}, C{_sig}) for one event."""
@@ -118,6 +193,25 @@ class RedisAuditLog:
             fields["_sig"] = sign_fields(self._hmac_key, self._stream, fields)
         return fields
 
+    def send(self, fields: dict) -> defer.Deferred:
+        """C{XADD} one entry (capped); fails when Redis did not take it in time."""
+        arguments = ["XADD", self._stream, "MAXLEN", "~", self._maxlen, "*"]
+        for name, value in fields.items():
+            arguments += [name, value]
+        d = defer.maybeDeferred(self._redis.execute_command, *arguments)
+        return d.addTimeout(self._timeout, self._clock)
+
+    def start(self) -> None:
+        """Start replaying the spool (this process's and any left by a crash)."""
+        if self.spool is not None:
+            self.spool.start(self.send)
+
+    def stop(self) -> defer.Deferred:
+        """Stop replaying; entries still held stay in the spool file."""
+        if self.spool is None:
+            return defer.succeed(None)
+        return self.spool.stop()
+
     def emit(self, event_type: str, request_id: str, decision: str, **metadata) -> defer.Deferred:
         """See L{IAuditLog.emit}."""
         try:
@@ -125,20 +219,34 @@ class RedisAuditLog:
         except Exception:
             _log.failure("audit event {event_type} could not be built", event_type=event_type)
             return defer.succeed(None)
-        # No MAXLEN: trimming here would drop events no consumer has read
-        # yet; the audit stream's retention belongs to its consumers.
-        arguments = ["XADD", self._stream, "*"]
-        for name, value in fields.items():
-            arguments += [name, value]
-        d = defer.maybeDeferred(self._redis.execute_command, *arguments)
-        d.addTimeout(self._timeout, self._clock)
+        if self.spool is not None and self.spool.holding:
+            # Earlier entries wait in the spool: this one queues behind them.
+            self.spool.append(fields)
+            return defer.succeed(None)
+        entry_id = fields["id"]
+        d = self.send(fields)
+        self._inflight[entry_id] = (fields, d)
+
+        def stored(_):
+            self._inflight.pop(entry_id, None)
 
         def failed(failure):
+            if entry_id not in self._inflight:
+                return  # already spooled, with the ones sent before it
             _log.warn(
                 "audit event {event_type} for request {request_id} not stored: {reason}",
                 event_type=event_type,
                 request_id=request_id,
                 reason=failure.getErrorMessage() or failure.type.__name__,
             )
+            self._divert()
 
-        return d.addCallbacks(lambda _: None, failed)
+        return d.addCallbacks(stored, failed)
+
+    def _divert(self) -> None:
+        """Redis failed: every entry still in flight goes to the spool, in order."""
+        inflight, self._inflight = self._inflight, {}
+        for fields, d in inflight.values():
+            if self.spool is not None:
+                self.spool.append(fields)
+            d.cancel()

@@ -39,6 +39,26 @@ _DURATION_UNITS = {
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)", re.ASCII)
 _DIGITS = re.compile(r"-?[0-9]+")
 _HEX = re.compile(r"[0-9a-fA-F]+")
+_SIZE = re.compile(r"([0-9]+)\s*(B|KiB|MiB|GiB|TiB|kB|KB|MB|GB|TB)?", re.ASCII)
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
+    "kB": 1000,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+}
+
+#: Where a process spools audit events Redis cannot take (SPEC 14): the
+#: systemd unit's state directory.
+DEFAULT_AUDIT_SPOOL_DIR = "/var/lib/caracal-gateway/audit-spool"
+DEFAULT_AUDIT_SPOOL_MAX_BYTES = 1024**3
+DEFAULT_AUDIT_STREAM_MAXLEN = 1_000_000
 
 # What a configured URL may be made of: printable ASCII without the quote,
 # backslash and angle brackets (these URLs are written into header values).
@@ -134,6 +154,19 @@ def parse_duration(text: str) -> float:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         position = match.end()
     return total
+
+
+def parse_size(text: str) -> int:
+    """
+    Parse a byte size: a number of bytes (C{1000}) or a number with a binary
+    (C{512MiB}, C{1GiB}) or decimal (C{10MB}) unit.
+
+    @raise ValueError: C{text} is not such a size.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"not a size: {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
 
 
 def parse_bool(text: str) -> bool:
@@ -459,6 +492,9 @@ class GatewayConfig:
     cors_allowed_origins: frozenset[str] = frozenset()
     metrics_bearer: str | None = field(default=None, repr=False)
     metrics_address: str | None = None
+    audit_stream_maxlen: int = DEFAULT_AUDIT_STREAM_MAXLEN
+    audit_spool_dir: str = DEFAULT_AUDIT_SPOOL_DIR
+    audit_spool_max_bytes: int = DEFAULT_AUDIT_SPOOL_MAX_BYTES
 
     @property
     def production(self) -> bool:
@@ -559,6 +595,9 @@ class GatewayConfig:
             "CORS_ALLOWED_ORIGINS": sorted(self.cors_allowed_origins),
             "METRICS_BEARER": "***" if self.metrics_bearer else None,
             "METRICS_ADDRESS": self.metrics_address,
+            "AUDIT_STREAM_MAXLEN": self.audit_stream_maxlen,
+            "AUDIT_SPOOL_DIR": self.audit_spool_dir,
+            "AUDIT_SPOOL_MAX_BYTES": self.audit_spool_max_bytes,
         }
 
     @classmethod
@@ -741,6 +780,16 @@ class _Reader:
             return default
         return number
 
+    def size(self, name: str, default: int) -> int:
+        value = self.text(name)
+        if value is None:
+            return default
+        try:
+            return parse_size(value)
+        except ValueError:
+            self.refuse(f"{name} must be a size in bytes such as 1000, 512MiB or 1GiB")
+            return default
+
     def read(self) -> GatewayConfig:
         env = self.text("CARACAL_ENV") or PRODUCTION
         if env not in (PRODUCTION, DEV):
@@ -858,6 +907,11 @@ class _Reader:
             log_level=log_level,
             metrics_bearer=metrics_bearer,
             metrics_address=metrics_address,
+            audit_stream_maxlen=self.integer(
+                "AUDIT_STREAM_MAXLEN", DEFAULT_AUDIT_STREAM_MAXLEN, 1, 2**62
+            ),
+            audit_spool_dir=self.text("AUDIT_SPOOL_DIR") or DEFAULT_AUDIT_SPOOL_DIR,
+            audit_spool_max_bytes=self.size("AUDIT_SPOOL_MAX_BYTES", DEFAULT_AUDIT_SPOOL_MAX_BYTES),
             **timeouts,
             **agent_clients,
         )

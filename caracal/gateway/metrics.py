@@ -70,6 +70,8 @@ COUNTERS = (
     "upstream_errors",
     "revocations_rejected",
     "connections_refused",
+    "audit_events_suppressed",
+    "audit_events_dropped",
 )
 
 #: The JSON gauges of SPEC section 10.

@@ -37,6 +37,7 @@ from twisted.python import usage
 from caracal.gateway.app import Gateway, build_gateway
 from caracal.gateway.config import ConfigError, GatewayConfig
 from caracal.gateway.connections import ConnectionLimit
+from caracal.gateway.spool import check_spool_directory
 from caracal.gateway.tls import ServerTLS, client_tls_policy, install_sighup_reload
 
 log = Logger()
@@ -492,6 +493,8 @@ def makeService(options: Options) -> Service:
         # build_gateway reads them again in startService.
         client_tls_policy(config.sts_ca_file, variable="STS_CA_FILE")
         client_tls_policy(config.upstream_ca_file, variable="UPSTREAM_CA_FILE")
+        # An audit trail that could not spool would lose events in an outage.
+        check_spool_directory(config.audit_spool_dir)
         listener = bind_listener(config.bind_address, config.port)
         metrics_listener = None
         if config.metrics_listen is not None:

@@ -83,6 +83,10 @@ SPEC_VARIABLES = (
     # SPEC section 12.
     "METRICS_BEARER",
     "METRICS_ADDRESS",
+    # Sections 12 (H9) and 14.
+    "AUDIT_STREAM_MAXLEN",
+    "AUDIT_SPOOL_DIR",
+    "AUDIT_SPOOL_MAX_BYTES",
 )
 
 _ASSIGNMENT = re.compile(r"^([A-Z_][A-Z0-9_]*)=(.*)$")
@@ -293,6 +297,7 @@ class UnitFileTests(SynchronousTestCase):
             "Restart": "on-failure",
             "RuntimeDirectory": "caracal-gateway",
             "LogsDirectory": "caracal-gateway",
+            "StateDirectory": "caracal-gateway caracal-gateway/audit-spool",
             "NoNewPrivileges": "yes",
             "ProtectSystem": "strict",
             "ProtectHome": "yes",

@@ -63,6 +63,7 @@ class GatewayHarness:
             "REDIS_URL": "redis://127.0.0.1:6379/0",
             "STREAMS_HMAC_KEY": self.hmac_key.hex(),
             "ALLOW_PRIVATE_UPSTREAMS": "true",
+            "AUDIT_SPOOL_DIR": os.path.join(self.directory, "audit-spool"),
         }
         env.update(self.extra_env)
         self.config = GatewayConfig.from_environ(env)

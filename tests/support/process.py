@@ -80,6 +80,7 @@ def gateway_environ(
         "DATABASE_URL": SHARED_DATABASE_URL,
         "REDIS_URL": "redis://127.0.0.1:6379/0",
         "LOG_LEVEL": "debug",
+        "AUDIT_SPOOL_DIR": os.path.join(directory, "audit-spool"),
     }
     root = None
     if tls:

@@ -80,6 +80,8 @@ class ReplicaSet:
         self.gateways: list[GatewayProcess] = []
         self.revocation_ids: list[str] = []
         self._started: list[str] = []
+        #: More variables for every gateway started from now on.
+        self.extra_env: dict[str, str] = {}
 
     # Lifecycle
 
@@ -129,6 +131,7 @@ class ReplicaSet:
             ALLOW_PRIVATE_UPSTREAMS="true",
             LOG_LEVEL="info",
         )
+        environ.update(self.extra_env)
         return environ
 
     @defer.inlineCallbacks
