@@ -7,6 +7,7 @@ nor the upstream. Deterministic: a task.Clock drives time.
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 
@@ -64,6 +65,16 @@ class PipelineRequest(DummyRequest):
     def body(self):
         return b"".join(self.written)
 
+    @property
+    def code(self):
+        """The status set, under GatewayRequest's name."""
+        return self.responseCode
+
+    @property
+    def sentLength(self):
+        """Body bytes written, under GatewayRequest's name."""
+        return len(self.body)
+
 
 class Mandate:
     access_token = "mandate-token"
@@ -73,7 +84,9 @@ class Mandate:
     provider_token = "provider-secret"
 
 
-class PipelineTests(SynchronousTestCase):
+class PipelineFixture:
+    """A pipeline on in-memory stores and fakes, driven by a task.Clock."""
+
     def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(NOW)
@@ -130,8 +143,9 @@ class PipelineTests(SynchronousTestCase):
         headers = {"kid": kid} if kid else {}
         return jwt.encode(payload, key or self.key, algorithm="ES256", headers=headers)
 
-    def call(self, token=None, resource=b"tools", path=b"/tools/run", headers=()):
+    def call(self, token=None, resource=b"tools", path=b"/tools/run", headers=(), body=b""):
         request = PipelineRequest(path=path)
+        request.content = io.BytesIO(body)
         if token is not None:
             request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + token.encode()])
         if resource is not None:
@@ -166,6 +180,8 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(self.sts.calls, [])
         self.assertEqual(self.guard.calls, [])
 
+
+class PipelineTests(PipelineFixture, SynchronousTestCase):
     # step 2
     def test_missingToken(self):
         """Step 2: no bearer token is a 401 missing_token, before any JWKS fetch or STS call."""
@@ -427,12 +443,37 @@ class PipelineTests(SynchronousTestCase):
         self.assertEqual(json.loads(second.body)["error"], "invalid_token")
         self.assertEqual(self.metrics.counters["denials_jti_replay"], 1)
         self.assertEqual(len(self.sts.calls), 1)
-        [event] = self.audit.events
+        [event] = [e for e in self.audit.events if e["event_type"] == "replay_detected"]
         self.assertEqual(
             (event["event_type"], event["request_id"], event["decision"]),
             ("replay_detected", second.request_id, "deny"),
         )
+        self.assertEqual(event["suppressed"], 0)
         self.assertNotIn(token, json.dumps(event))
+
+    def test_replayEventsThrottled(self):
+        """
+        SPEC 12 H9: replays of one token leave one replay_detected event per
+        second; the next one carries how many were left out, and the metric
+        counts them.
+        """
+        token = self.mint()
+        self.call(token=token)
+        for _ in range(5):
+            self.assertEqual(self.call(token=token).responseCode, 401)
+        self.clock.advance(0.5)
+        self.call(token=token)
+        self.clock.advance(0.5)
+        self.call(token=token)
+        replays = [e for e in self.audit.events if e["event_type"] == "replay_detected"]
+        self.assertEqual([m["suppressed"] for m in replays], [0, 5])
+        self.assertEqual(self.metrics.counters["audit_events_suppressed"], 5)
+        self.assertEqual(self.metrics.counters["denials_jti_replay"], 7)
+        other = self.mint()
+        self.call(token=other)
+        self.call(token=other)
+        replays = [e for e in self.audit.events if e["event_type"] == "replay_detected"]
+        self.assertEqual(len(replays), 3, "another token has its own budget")
 
     def test_ambientTokensReusable(self):
         """Step 9: ambient tokens (no jti) may be used again."""

@@ -24,6 +24,8 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from caracal.gateway import cors, tokens
+from caracal.gateway.audit import ReplayEventThrottle
+from caracal.gateway.callevents import watch_call
 from caracal.gateway.denials import Denial, denial_body, error_body
 from caracal.gateway.forward import MissingProviderToken, credential_headers
 from caracal.gateway.interfaces import (
@@ -38,6 +40,7 @@ from caracal.gateway.interfaces import (
     ITokenExchange,
     IUpstreamGuard,
 )
+from caracal.gateway.mcp import MCPOperation
 from caracal.gateway.registry import ToolResource
 from caracal.gateway.replay import ReplayCheckUnavailable, ReplayKeyInvalid
 from caracal.gateway.sts import Mandate
@@ -77,7 +80,12 @@ class Call:
     resource: ToolResource | None = None
     mandate: Mandate | None = field(default=None, repr=False)
     pinned: PinnedUpstream | None = None
+    #: The refusal answered, for the audit event (SPEC 14).
     denial: Denial | None = None
+    #: Step 13 was reached: the call went to the upstream.
+    forwarded: bool = False
+    #: The MCP operation of the body (L{caracal.gateway.mcp}), or None.
+    mcp: MCPOperation | None = None
 
     @property
     def zone_id(self) -> str:
@@ -111,6 +119,8 @@ class Pipeline:
     max_token_lifetime: float = tokens.MAX_TOKEN_LIFETIME
     #: Verified signatures of reusable tokens (step 8 skips ES256 for them).
     signatures: tokens.SignatureCache = field(default_factory=tokens.SignatureCache)
+    #: SPEC 12 H9: which replays are audited (L{ReplayEventThrottle}).
+    replay_events: ReplayEventThrottle | None = None
 
 
 @implementer(IRequestScreen)
@@ -127,6 +137,8 @@ class GatewayResource(ReverseProxyResource):
         # The stock host/port/path are unused: the upstream comes from Postgres.
         ReverseProxyResource.__init__(self, "", 0, b"")
         self.pipeline = pipeline
+        if pipeline.replay_events is None:
+            pipeline.replay_events = ReplayEventThrottle(pipeline.clock, pipeline.metrics)
 
     def getChild(self, path, request):
         return self
@@ -214,6 +226,8 @@ class GatewayResource(ReverseProxyResource):
         call.resource = self.pipeline.resources.get(identifier)
         if call.resource is None:
             raise Denial(403, "access_denied", "no such resource", metric="denials_binding")
+        # From here on the call leaves one gateway_call event (SPEC 14).
+        watch_call(call, self.pipeline.audit, self.pipeline.clock)
         call.request.log_fields["zone"] = call.resource.zone_id
         call.request.log_fields["application"] = call.resource.application_id
         problem = path_problem(call.request.path)
@@ -255,14 +269,18 @@ class GatewayResource(ReverseProxyResource):
         def claimed(first_use):
             if first_use:
                 return call
-            self.pipeline.audit.emit(
-                REPLAY_EVENT,
-                request_id,
-                "deny",
-                zone_id=call.zone_id,
-                resource=call.resource.resource_identifier,
-                token_fingerprint=tokens.fingerprint(call.token),
-            )
+            fingerprint = tokens.fingerprint(call.token)
+            suppressed = self.pipeline.replay_events.admit(fingerprint)
+            if suppressed is not None:
+                self.pipeline.audit.emit(
+                    REPLAY_EVENT,
+                    request_id,
+                    "deny",
+                    zone_id=call.zone_id,
+                    resource=call.resource.resource_identifier,
+                    token_fingerprint=fingerprint,
+                    suppressed=suppressed,
+                )
             raise Denial(
                 401,
                 "invalid_token",
@@ -368,6 +386,7 @@ class GatewayResource(ReverseProxyResource):
                 metric="sts_exchange_errors",
             ) from None
         self.pipeline.metrics.increment("requests_allowed")
+        call.forwarded = True
         watch = None
         session = call.session_id
         if session:
@@ -394,6 +413,7 @@ class GatewayResource(ReverseProxyResource):
             return
         denial = failure.value
         request = call.request
+        call.denial = denial
         request.log_fields["denial"] = denial.reason
         if denial.metric:
             self.pipeline.metrics.increment(denial.metric)
@@ -414,6 +434,7 @@ class GatewayResource(ReverseProxyResource):
         )
         request = call.request
         request.log_fields["denial"] = "internal_error"
+        call.denial = Denial(500, "internal_error", "internal error")
         if request.startedWriting:
             request.loseConnection()
             return
