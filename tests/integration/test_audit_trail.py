@@ -1,0 +1,242 @@
+# -*- test-case-name: tests.integration.test_audit_trail -*-
+"""
+SPEC 14's "nothing is lost", against real gateway processes and a private
+C{redis-server} of the test's own (started, stopped and restarted on one
+port; the shared Redis is never touched):
+
+ - Redis down for 200 calls, then back: all 200 C{gateway_call} events reach
+   the stream, in order, each once by C{id}, signed; the spool is empty;
+ - a gateway SIGKILLed with events spooled, and its successor SIGKILLed in
+   the middle of replaying them (Redis refuses writes past a memory cap
+   the test sets): a third gateway delivers every one (duplicates allowed);
+ - a tiny C{AUDIT_SPOOL_MAX_BYTES}: events dropped and counted, every call
+   still served, C{/ready} 200 once Redis is back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import treq
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from caracal.gateway.audit import RedisAuditLog
+from caracal.gateway.revocations import verify_fields
+from caracal.gateway.spool import AuditSpool, _SpoolFile
+from tests.support.process import wait_until
+from tests.support.redis import PrivateRedis
+from tests.support.replicas import AUDIT_STREAM, RESOURCE, ReplicaSet
+
+CALLS = 200
+
+
+class AuditTrailOutageTests(TestCase):
+    timeout = 120
+
+    def setUp(self):
+        self.redis = PrivateRedis()
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        self.replicas = ReplicaSet(self.mktemp(), redis_port=self.redis.port)
+        self.spool_dir = os.path.abspath(self.mktemp())
+        self.replicas.extra_env["AUDIT_SPOOL_DIR"] = self.spool_dir
+        self.addCleanup(self.replicas.stop)
+        self.addCleanup(self.kill_all)
+
+    def kill_all(self):
+        """SIGKILL whatever gateway is still running (a failed test's leftovers)."""
+        return defer.gatherResults([g.kill() for g in self.replicas.gateways])
+
+    @defer.inlineCallbacks
+    def start_gateway(self):
+        """One more gateway process; fires with it once it answers /health."""
+        if not self.replicas.gateways:
+            yield self.replicas.start(count=1)
+            return self.replicas.gateways[0]
+        gateway = yield self.replicas.add_gateway()
+        return gateway
+
+    @defer.inlineCallbacks
+    def call(self, gateway, request_id: str):
+        """One allowed call (ambient token, no session) with our own request id."""
+        response = yield treq.request(
+            "POST",
+            self.replicas.url(gateway),
+            headers={
+                b"Authorization": [b"Bearer " + self.replicas.mint(use="ambient").encode()],
+                b"X-Caracal-Resource": [RESOURCE.encode()],
+                b"X-Request-Id": [request_id.encode()],
+                b"Content-Type": [b"application/json"],
+            },
+            data=b"{}",
+            agent=self.replicas.agent,
+            timeout=10,
+        )
+        yield response.content()
+        return response.code
+
+    @defer.inlineCallbacks
+    def outage_calls(self, gateway, count: int = CALLS):
+        """C{count} calls, one at a time, each answered 200; fires with their ids."""
+        prefix = f"audit-{uuid.uuid4().hex[:8]}"
+        request_ids = [f"{prefix}-{number:04d}" for number in range(count)]
+        for request_id in request_ids:
+            code = yield self.call(gateway, request_id)
+            self.assertEqual(code, 200, request_id)
+        return request_ids
+
+    def call_events(self, request_ids) -> list[dict]:
+        """Our gateway_call entries in the stream, in stream order, as fields + data."""
+        wanted = set(request_ids)
+        found = []
+        for _entry_id, fields in self.replicas.entries(AUDIT_STREAM):
+            data = json.loads(fields["data"])
+            if data["event_type"] == "gateway_call" and data["request_id"] in wanted:
+                found.append(dict(fields, event=data))
+        return found
+
+    def spooled_lines(self) -> int:
+        """Entries held in spool files."""
+        total = 0
+        for name in os.listdir(self.spool_dir):
+            if name.endswith(".spool"):
+                with open(os.path.join(self.spool_dir, name), "rb") as f:
+                    total += f.read().count(b"\n")
+        return total
+
+    def spool_files(self) -> list[str]:
+        """The spool files in the directory."""
+        return [n for n in os.listdir(self.spool_dir) if n.endswith(".spool")]
+
+    @defer.inlineCallbacks
+    def test_outage_loses_nothing_and_keeps_order(self):
+        """Redis down for 200 calls, then back: all 200 events, in order, once each."""
+        gateway = yield self.start_gateway()
+        yield self.replicas.serving(gateway)
+        self.redis.stop()
+        request_ids = yield self.outage_calls(gateway)
+        spooled = yield wait_until(lambda: self.spooled_lines() >= CALLS, 15, reactor)
+        self.assertTrue(spooled, f"{self.spooled_lines()} events spooled")
+        self.redis.start()
+        delivered = yield wait_until(
+            lambda: len(self.call_events(request_ids)) >= CALLS, 30, reactor
+        )
+        self.assertTrue(delivered, f"{len(self.call_events(request_ids))} delivered")
+        events = self.call_events(request_ids)
+        self.assertEqual([e["event"]["request_id"] for e in events], request_ids)
+        self.assertEqual(len({e["id"] for e in events}), CALLS, "each event once")
+        for entry in events:
+            signed = {k: entry[k] for k in ("id", "data", "_sig")}
+            self.assertTrue(verify_fields(self.replicas.hmac_key, AUDIT_STREAM, signed))
+            self.assertEqual(entry["event"]["decision"], "allow")
+            self.assertEqual(entry["event"]["status"], 200)
+        emptied = yield wait_until(lambda: self.spool_files() == [], 10, reactor)
+        self.assertTrue(emptied, self.spool_files())
+
+    def leave_orphan(self, count: int) -> list[str]:
+        """
+        A spool file of C{count} signed events as a process that died would
+        leave it (written by the gateway's own spool class, lock released).
+        Its name sorts first, so it is replayed first.
+        """
+        log = RedisAuditLog(None, self.replicas.hmac_key, reactor)
+        spool = AuditSpool(self.spool_dir, 1 << 40, reactor)
+        spool._open_own = lambda: _SpoolFile(
+            os.path.join(self.spool_dir, "audit-0-orphan.spool"),
+            os.open(
+                os.path.join(self.spool_dir, "audit-0-orphan.spool"),
+                os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                0o600,
+            ),
+        )
+        request_ids = [f"orphan-{uuid.uuid4().hex[:8]}-{n}" for n in range(count)]
+        for request_id in request_ids:
+            spool.append(
+                log.fields("gateway_call", request_id, "allow", zone_id=self.replicas.zone)
+            )
+        spool._own.reader.close()
+        os.close(spool._own.fd)
+        return request_ids
+
+    def stream_length(self) -> int:
+        """XLEN of the audit stream on the private Redis."""
+        client = self.redis.client()
+        try:
+            return client.call("XLEN", AUDIT_STREAM)
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_sigkill_mid_replay_loses_nothing(self):
+        """
+        A gateway killed with its events spooled, its successor killed in the
+        middle of replaying them: a third gateway delivers every one
+        (duplicates allowed, consumers dedupe on id).
+        """
+        first = yield self.start_gateway()
+        yield self.replicas.serving(first)
+        self.redis.stop()
+        request_ids = yield self.outage_calls(first)
+        spooled = yield wait_until(lambda: self.spooled_lines() >= CALLS, 15, reactor)
+        self.assertTrue(spooled, f"{self.spooled_lines()} events spooled")
+        yield first.kill()
+        # A second dead process's spool, long enough to be caught mid-replay.
+        orphans = self.leave_orphan(20_000)
+        self.assertEqual(len(self.spool_files()), 2)
+        self.redis.start()
+        before = self.stream_length()
+        second = yield self.start_gateway()
+        started = yield wait_until(lambda: self.stream_length() > before, 20, reactor)
+        self.assertTrue(started, "the successor never replayed the spools it adopted")
+        yield second.kill()
+        self.assertLess(self.stream_length() - before, len(orphans), "not cut mid-replay")
+        self.assertNotEqual(self.spool_files(), [])
+        yield self.start_gateway()
+        everything = set(request_ids) | set(orphans)
+        delivered = yield wait_until(
+            lambda: self.stream_length() - before >= len(everything), 60, reactor
+        )
+        self.assertTrue(delivered)
+        emptied = yield wait_until(lambda: self.spool_files() == [], 10, reactor)
+        self.assertTrue(emptied, self.spool_files())
+        seen = {e["event"]["request_id"] for e in self.call_events(everything)}
+        self.assertEqual(seen, everything)
+
+    @defer.inlineCallbacks
+    def test_tiny_spool_drops_and_counts(self):
+        """Past AUDIT_SPOOL_MAX_BYTES events are dropped and counted; serving goes on."""
+        self.replicas.extra_env["AUDIT_SPOOL_MAX_BYTES"] = "2000"
+        gateway = yield self.start_gateway()
+        yield self.replicas.serving(gateway)
+        self.redis.stop()
+        yield self.outage_calls(gateway, count=20)
+
+        @defer.inlineCallbacks
+        def get(path):
+            response = yield treq.get(
+                self.replicas.url(gateway, path), agent=self.replicas.agent, timeout=5
+            )
+            body = yield response.content()
+            return response.code, body
+
+        metrics = {}
+
+        @defer.inlineCallbacks
+        def dropped():
+            code, body = yield get("/metrics")
+            metrics.update(json.loads(body))
+            return metrics.get("audit_events_dropped", 0) >= 15
+
+        counted = yield wait_until(dropped, 15, reactor)
+        self.assertTrue(counted, metrics)
+        self.assertLessEqual(
+            sum(os.path.getsize(os.path.join(self.spool_dir, n)) for n in self.spool_files()), 2000
+        )
+        self.redis.start()
+        ready = yield wait_until(
+            lambda: get("/ready").addCallback(lambda r: r[0] == 200), 15, reactor
+        )
+        self.assertTrue(ready)
