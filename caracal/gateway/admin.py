@@ -12,6 +12,8 @@ C{caracal-gateway-admin}: the operator's command for the resource table.
         [--auth-scheme S | --default-auth-scheme]
         [--upstream-timeout 5m | --default-upstream-timeout]
     caracal-gateway-admin remove RESOURCE
+    caracal-gateway-admin audit tail [--follow] [--resource R] [--decision deny]
+        [--request-id X] [--count N]
 
 The database is C{--database-url}, C{DATABASE_URL} or the file
 C{DATABASE_URL_FILE} names (a URL or a libpq DSN).
@@ -45,7 +47,7 @@ import psycopg2
 import psycopg2.errors
 from psycopg2.extensions import parse_dsn
 
-from caracal.gateway import checkconfig
+from caracal.gateway import audittail, checkconfig
 from caracal.gateway.config import ConfigError, parse_duration, read_secret, redact_url
 from caracal.gateway.registry import (
     AUTH_MODES,
@@ -485,6 +487,8 @@ def remove(context: Context) -> int:
 
 # check-config lives in its own module (it reads the gateway's whole environment).
 register("check-config", checkconfig.HELP, checkconfig.configure)(checkconfig.run)
+# So does audit tail (it reads Redis, not Postgres).
+register("audit", audittail.HELP, audittail.configure)(audittail.run)
 
 
 # -- the command line ----------------------------------------------------
