@@ -140,14 +140,23 @@ def call_event(call, gone: bool, now: float, began: float) -> tuple[str, dict]:
     return decision, metadata
 
 
+def read_operation(call):
+    """
+    Note the MCP operation of C{call}'s body (L{caracal.gateway.mcp}) for
+    its event. Run once the whole body is in (the body file is rewound);
+    returns C{call}, to sit in the pipeline's chain.
+    """
+    call.mcp = operation_of(call.request)
+    return call
+
+
 def watch_call(call, audit, clock) -> None:
     """
     Arrange for C{call}'s one C{gateway_call} event on C{audit} (an
-    L{caracal.gateway.audit.IAuditLog}) when its request ends. Reads the
-    MCP operation now, while the request body is still there.
+    L{caracal.gateway.audit.IAuditLog}) when its request ends. Needs only
+    the headers; L{read_operation} adds the MCP fields once the body is in.
     """
     request = call.request
-    call.mcp = operation_of(request)
     began = clock.seconds()
     emitted = []
 

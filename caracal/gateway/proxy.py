@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from caracal.gateway import cors, tokens
 from caracal.gateway.audit import ReplayEventThrottle
-from caracal.gateway.callevents import watch_call
+from caracal.gateway.callevents import read_operation, watch_call
 from caracal.gateway.denials import Denial, denial_body, error_body
 from caracal.gateway.forward import MissingProviderToken, credential_headers
 from caracal.gateway.interfaces import (
@@ -176,6 +176,7 @@ class GatewayResource(ReverseProxyResource):
         # fetch, Redis claim, STS exchange, DNS lookup, upstream request) is
         # dropped and no later step runs.
         request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addCallback(read_operation)  # SPEC 14: the MCP method and target (the body is in)
         d.addCallback(self._verify_signature)  # step 8
         d.addCallback(self._guard_replay)  # step 9
         d.addCallback(self._check_session)  # step 10

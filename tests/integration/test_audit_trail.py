@@ -15,6 +15,7 @@ port; the shared Redis is never touched):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -26,8 +27,9 @@ from twisted.trial.unittest import TestCase
 from caracal.gateway.audit import RedisAuditLog
 from caracal.gateway.revocations import verify_fields
 from caracal.gateway.spool import AuditSpool, _SpoolFile
+from tests.support.gateway import GatewayHarness
 from tests.support.process import wait_until
-from tests.support.redis import PrivateRedis
+from tests.support.redis import PrivateRedis, SyncRedis
 from tests.support.replicas import AUDIT_STREAM, RESOURCE, ReplicaSet
 
 CALLS = 200
@@ -240,3 +242,104 @@ class AuditTrailOutageTests(TestCase):
             lambda: get("/ready").addCallback(lambda r: r[0] == 200), 15, reactor
         )
         self.assertTrue(ready)
+
+
+class CallEventEndToEndTests(TestCase):
+    """gateway_call through a real gateway over TLS (shared Redis, this test's zone)."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.gw = GatewayHarness()
+        self.addCleanup(self.gw.stop)
+        yield self.gw.start()
+        self.gw.add_resource()
+        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"), 10, reactor)
+
+    def events_of(self, request_id: str) -> list[dict]:
+        """This request's events on the shared stream."""
+        redis = SyncRedis()
+        try:
+            entries = redis.call("XREVRANGE", AUDIT_STREAM, "+", "-", "COUNT", "500") or []
+        finally:
+            redis.close()
+        found = []
+        for _entry_id, flat in entries:
+            fields = dict(zip(flat[0::2], flat[1::2], strict=True))
+            data = json.loads(fields["data"])
+            if data.get("request_id") == request_id:
+                found.append(dict(data, _fields=fields))
+        return found
+
+    @defer.inlineCallbacks
+    def test_spooled_mcp_body_named_and_forwarded_byte_for_byte(self):
+        """
+        A tools/call body over 100 KB (spooled to a file by the HTTP layer)
+        reaches the upstream unchanged, and the signed event names the tool,
+        not its arguments, nor the query string.
+        """
+        body = json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {"name": "summarise", "arguments": {"text": "secret-arg " * 20_000}},
+            }
+        ).encode()
+        self.assertGreater(len(body), 150_000)
+        request_id = f"mcp-{uuid.uuid4()}"
+        token = self.gw.mint(use="ambient")
+        response = yield self.gw.request(
+            token,
+            path="/mcp?api_key=query-secret",
+            headers={
+                b"Content-Type": [b"application/json"],
+                b"X-Request-Id": [request_id.encode()],
+            },
+            data=body,
+        )
+        seen = json.loads((yield response.content()))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(seen["body_length"], len(body))
+        self.assertEqual(seen["body_sha256"], hashlib.sha256(body).hexdigest())
+        found = yield wait_until(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
+        self.assertTrue(found)
+        [event] = self.events_of(request_id)
+        fields = event.pop("_fields")
+        self.assertTrue(verify_fields(self.gw.hmac_key, AUDIT_STREAM, fields))
+        self.assertEqual(
+            {k: event[k] for k in ("event_type", "decision", "reason", "status", "path")},
+            {
+                "event_type": "gateway_call",
+                "decision": "allow",
+                "reason": None,
+                "status": 200,
+                "path": "/mcp",
+            },
+        )
+        self.assertEqual((event["mcp_method"], event["mcp_target"]), ("tools/call", "summarise"))
+        self.assertEqual(event["bytes_in"], len(body))
+        self.assertEqual(event["zone_id"], self.gw.zone)
+        text = json.dumps(fields)
+        for secret in ("secret-arg", "query-secret", token):
+            self.assertNotIn(secret, text)
+
+    @defer.inlineCallbacks
+    def test_batch_forwarded_without_mcp_fields(self):
+        """A JSON-RPC batch: forwarded as is, an event without mcp_* fields."""
+        body = b'[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}]'
+        request_id = f"batch-{uuid.uuid4()}"
+        response = yield self.gw.request(
+            self.gw.mint(use="ambient"),
+            path="/mcp",
+            headers={
+                b"Content-Type": [b"application/json"],
+                b"X-Request-Id": [request_id.encode()],
+            },
+            data=body,
+        )
+        seen = json.loads((yield response.content()))
+        self.assertEqual(seen["body_sha256"], hashlib.sha256(body).hexdigest())
+        yield wait_until(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
+        [event] = self.events_of(request_id)
+        self.assertNotIn("mcp_method", event)
+        self.assertNotIn("mcp_target", event)
