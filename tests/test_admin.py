@@ -95,7 +95,8 @@ class AdminTests(SynchronousTestCase):
     def test_registry(self):
         """The subcommands, in the order --help lists them."""
         self.assertEqual(
-            list(admin.COMMANDS), ["migrate", "add", "list", "update", "remove", "check-config"]
+            list(admin.COMMANDS),
+            ["migrate", "add", "list", "update", "remove", "check-config", "audit"],
         )
 
     def test_no_command(self):
