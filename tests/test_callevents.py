@@ -179,6 +179,12 @@ class CallEventTests(CallEventFixture, SynchronousTestCase):
         request = self.call(token=self.mint(sid="s-1"))
         self.assertDeniedEvent(request, 401, "session_revoked")
 
+    def test_revocation_state_unavailable(self):
+        """Step 10, the revocation window not loaded: 503, a deny event."""
+        self.revocations.expect_follower()
+        request = self.call(token=self.mint(sid="s-1"))
+        self.assertDeniedEvent(request, 503, "revocation_state_unavailable")
+
     def test_sts_refusal(self):
         """Step 11."""
         self.sts.denial = Denial(403, "access_denied", "no", metric="sts_exchange_errors")
