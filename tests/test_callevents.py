@@ -46,7 +46,7 @@ class StreamingForwarder:
     def __init__(self):
         self.requests = []
 
-    def forward(self, request, pinned, credentials, expires_in, watch):
+    def forward(self, request, pinned, credentials, expires_in, watch, *more):
         request.setResponseCode(200)
         request.write(b"event: 1\n\n")
         self.requests.append(request)
