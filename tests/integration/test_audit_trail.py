@@ -346,3 +346,25 @@ class CallEventEndToEndTests(TestCase):
         [event] = self.events_of(request_id)
         self.assertNotIn("mcp_method", event)
         self.assertNotIn("mcp_target", event)
+
+    @defer.inlineCallbacks
+    def test_header_time_refusal_after_step_6(self):
+        """
+        A dot segment (step 7, refused as soon as the headers are in, before
+        the body) for a known resource still leaves its deny event.
+        """
+        request_id = f"dots-{uuid.uuid4()}"
+        response = yield self.gw.request(
+            self.gw.mint(use="ambient"),
+            path="/a/%2e%2e/b",
+            headers={b"X-Request-Id": [request_id.encode()]},
+        )
+        yield response.content()
+        self.assertEqual(response.code, 400)
+        found = yield wait_until(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
+        self.assertTrue(found)
+        [event] = self.events_of(request_id)
+        self.assertEqual(
+            (event["decision"], event["reason"], event["status"], event["resource"]),
+            ("deny", "invalid_request", 400, "tools"),
+        )
