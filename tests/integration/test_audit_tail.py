@@ -19,8 +19,8 @@ from twisted.trial.unittest import TestCase
 from caracal.gateway.audit import AUDIT_STREAM, RedisAuditLog
 from caracal.gateway.audittail import Filter, tail
 from caracal.gateway.redisconn import blocking_connection, close_redis
-from tests.support.process import wait_until
 from tests.support.redis import SyncRedis, redis_namespace, shared_address
+from tests.support.waiting import became_true
 
 KEY = os.urandom(32)
 
@@ -71,7 +71,7 @@ class TailTests(TestCase):
         yield task.deferLater(reactor, 0.2, lambda: None)
         self.add("other-resource", resource="else")
         self.add("new", resource="tools")
-        arrived = yield wait_until(lambda: "request=new" in out.getvalue(), 10, reactor)
+        arrived = yield became_true(lambda: "request=new" in out.getvalue(), 10, reactor)
         reading.cancel()
         self.assertTrue(arrived)
         self.assertNotIn("request=old", out.getvalue())

@@ -28,9 +28,9 @@ from caracal.gateway.audit import RedisAuditLog
 from caracal.gateway.revocations import verify_fields
 from caracal.gateway.spool import AuditSpool, _SpoolFile
 from tests.support.gateway import GatewayHarness
-from tests.support.process import wait_until
 from tests.support.redis import PrivateRedis, SyncRedis
 from tests.support.replicas import AUDIT_STREAM, RESOURCE, ReplicaSet
+from tests.support.waiting import became_true
 
 CALLS = 200
 
@@ -123,10 +123,10 @@ class AuditTrailOutageTests(TestCase):
         yield self.replicas.serving(gateway)
         self.redis.stop()
         request_ids = yield self.outage_calls(gateway)
-        spooled = yield wait_until(lambda: self.spooled_lines() >= CALLS, 15, reactor)
+        spooled = yield became_true(lambda: self.spooled_lines() >= CALLS, 15, reactor)
         self.assertTrue(spooled, f"{self.spooled_lines()} events spooled")
         self.redis.start()
-        delivered = yield wait_until(
+        delivered = yield became_true(
             lambda: len(self.call_events(request_ids)) >= CALLS, 30, reactor
         )
         self.assertTrue(delivered, f"{len(self.call_events(request_ids))} delivered")
@@ -138,7 +138,7 @@ class AuditTrailOutageTests(TestCase):
             self.assertTrue(verify_fields(self.replicas.hmac_key, AUDIT_STREAM, signed))
             self.assertEqual(entry["event"]["decision"], "allow")
             self.assertEqual(entry["event"]["status"], 200)
-        emptied = yield wait_until(lambda: self.spool_files() == [], 10, reactor)
+        emptied = yield became_true(lambda: self.spool_files() == [], 10, reactor)
         self.assertTrue(emptied, self.spool_files())
 
     def leave_orphan(self, count: int) -> list[str]:
@@ -185,7 +185,7 @@ class AuditTrailOutageTests(TestCase):
         yield self.replicas.serving(first)
         self.redis.stop()
         request_ids = yield self.outage_calls(first)
-        spooled = yield wait_until(lambda: self.spooled_lines() >= CALLS, 15, reactor)
+        spooled = yield became_true(lambda: self.spooled_lines() >= CALLS, 15, reactor)
         self.assertTrue(spooled, f"{self.spooled_lines()} events spooled")
         yield first.kill()
         # A second dead process's spool, long enough to be caught mid-replay.
@@ -194,18 +194,18 @@ class AuditTrailOutageTests(TestCase):
         self.redis.start()
         before = self.stream_length()
         second = yield self.start_gateway()
-        started = yield wait_until(lambda: self.stream_length() > before, 20, reactor)
+        started = yield became_true(lambda: self.stream_length() > before, 20, reactor)
         self.assertTrue(started, "the successor never replayed the spools it adopted")
         yield second.kill()
         self.assertLess(self.stream_length() - before, len(orphans), "not cut mid-replay")
         self.assertNotEqual(self.spool_files(), [])
         yield self.start_gateway()
         everything = set(request_ids) | set(orphans)
-        delivered = yield wait_until(
+        delivered = yield became_true(
             lambda: self.stream_length() - before >= len(everything), 60, reactor
         )
         self.assertTrue(delivered)
-        emptied = yield wait_until(lambda: self.spool_files() == [], 10, reactor)
+        emptied = yield became_true(lambda: self.spool_files() == [], 10, reactor)
         self.assertTrue(emptied, self.spool_files())
         seen = {e["event"]["request_id"] for e in self.call_events(everything)}
         self.assertEqual(seen, everything)
@@ -235,13 +235,13 @@ class AuditTrailOutageTests(TestCase):
             metrics.update(json.loads(body))
             return metrics.get("audit_events_dropped", 0) >= 15
 
-        counted = yield wait_until(dropped, 15, reactor)
+        counted = yield became_true(dropped, 15, reactor)
         self.assertTrue(counted, metrics)
         self.assertLessEqual(
             sum(os.path.getsize(os.path.join(self.spool_dir, n)) for n in self.spool_files()), 2000
         )
         self.redis.start()
-        ready = yield wait_until(
+        ready = yield became_true(
             lambda: get("/ready").addCallback(lambda r: r[0] == 200), 15, reactor
         )
         self.assertTrue(ready)
@@ -256,7 +256,7 @@ class CallEventEndToEndTests(TestCase):
         self.addCleanup(self.gw.stop)
         yield self.gw.start()
         self.gw.add_resource()
-        yield wait_until(lambda: self.gw.gateway.pipeline.resources.get("tools"), 10, reactor)
+        yield became_true(lambda: self.gw.gateway.pipeline.resources.get("tools"), 10, reactor)
 
     def events_of(self, request_id: str) -> list[dict]:
         """This request's events on the shared stream."""
@@ -304,7 +304,7 @@ class CallEventEndToEndTests(TestCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(seen["body_length"], len(body))
         self.assertEqual(seen["body_sha256"], hashlib.sha256(body).hexdigest())
-        found = yield wait_until(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
+        found = yield became_true(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
         self.assertTrue(found)
         [event] = self.events_of(request_id)
         fields = event.pop("_fields")
@@ -342,7 +342,7 @@ class CallEventEndToEndTests(TestCase):
         )
         seen = json.loads((yield response.content()))
         self.assertEqual(seen["body_sha256"], hashlib.sha256(body).hexdigest())
-        yield wait_until(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
+        yield became_true(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
         [event] = self.events_of(request_id)
         self.assertNotIn("mcp_method", event)
         self.assertNotIn("mcp_target", event)
@@ -361,7 +361,7 @@ class CallEventEndToEndTests(TestCase):
         )
         yield response.content()
         self.assertEqual(response.code, 400)
-        found = yield wait_until(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
+        found = yield became_true(lambda: len(self.events_of(request_id)) == 1, 10, reactor)
         self.assertTrue(found)
         [event] = self.events_of(request_id)
         self.assertEqual(
