@@ -97,11 +97,13 @@ class CertificateDirectory:
 
 class EnvironmentTests(SynchronousTestCase):
     def test_production(self):
+        """CARACAL_ENV=production passes."""
         finding = checkconfig.check_environment(_config())
         self.assertEqual(finding.status, PASS)
         self.assertEqual(finding.item, "CARACAL_ENV")
 
     def test_dev(self):
+        """CARACAL_ENV=dev fails, saying so."""
         finding = checkconfig.check_environment(_config(env="dev"))
         self.assertEqual(finding.status, FAIL)
         self.assertIn("dev", finding.reason)
@@ -113,28 +115,33 @@ class ExpiryTests(SynchronousTestCase):
         self.credentials = load_server_certificate(self.certs.cert_file, self.certs.key_file)
 
     def test_valid(self):
+        """A certificate well within its validity passes, naming the file and its end date."""
         finding = checkconfig.check_expiry(self.credentials, NOW)
         self.assertEqual(finding.status, PASS)
         self.assertIn(self.certs.cert_file, finding.reason)
         self.assertIn("valid until", finding.reason)
 
     def test_within_fourteen_days_warns(self):
+        """A certificate expiring within fourteen days warns, with the days left."""
         now = self.credentials.not_after - datetime.timedelta(days=10, hours=1)
         finding = checkconfig.check_expiry(self.credentials, now)
         self.assertEqual(finding.status, WARN)
         self.assertIn("expires in 10 days", finding.reason)
 
     def test_fifteen_days_left_passes(self):
+        """Fifteen days before expiry is still a pass."""
         now = self.credentials.not_after - datetime.timedelta(days=15)
         self.assertEqual(checkconfig.check_expiry(self.credentials, now).status, PASS)
 
     def test_expired_fails(self):
+        """A certificate one second past its end fails as expired."""
         now = self.credentials.not_after + datetime.timedelta(seconds=1)
         finding = checkconfig.check_expiry(self.credentials, now)
         self.assertEqual(finding.status, FAIL)
         self.assertIn("expired", finding.reason)
 
     def test_not_yet_valid_fails(self):
+        """A certificate not yet valid fails, saying from when it is valid."""
         now = self.credentials.not_before - datetime.timedelta(days=1)
         finding = checkconfig.check_expiry(self.credentials, now)
         self.assertEqual(finding.status, FAIL)
@@ -148,15 +155,18 @@ class ChainTests(SynchronousTestCase):
         self.leaf = make_leaf(self.intermediate, intermediates=(self.intermediate,))
 
     def test_leaf_then_issuers(self):
+        """A leaf followed by its issuer passes, counting the issuers."""
         finding = checkconfig.check_chain((self.leaf.cert, self.intermediate.cert))
         self.assertEqual(finding, Finding(PASS, "chain order", finding.reason))
         self.assertIn("1 issuer", finding.reason)
 
     def test_leaf_intermediate_root(self):
+        """A leaf, its intermediate and the root, in that order, pass."""
         chain = (self.leaf.cert, self.intermediate.cert, self.root.cert)
         self.assertEqual(checkconfig.check_chain(chain).status, PASS)
 
     def test_wrong_order(self):
+        """A chain out of order fails, naming the wrong link and where its issuer is."""
         finding = checkconfig.check_chain((self.leaf.cert, self.root.cert, self.intermediate.cert))
         self.assertEqual(finding.status, FAIL)
         self.assertIn(
@@ -165,21 +175,25 @@ class ChainTests(SynchronousTestCase):
         self.assertIn("its issuer is certificate 3", finding.reason)
 
     def test_unrelated_intermediate(self):
+        """A second certificate that did not issue the leaf fails, without pointing at an issuer."""
         stranger = make_authority("Somebody Else")
         finding = checkconfig.check_chain((self.leaf.cert, stranger.cert))
         self.assertEqual(finding.status, FAIL)
         self.assertNotIn("its issuer is", finding.reason)
 
     def test_leaf_only(self):
+        """A leaf alone passes and names its issuer."""
         leaf = make_leaf(self.root)
         finding = checkconfig.check_chain((leaf.cert,))
         self.assertEqual(finding.status, PASS)
         self.assertIn("leaf only, issued by CN=Caracal Test Root", finding.reason)
 
     def test_self_signed_warns(self):
+        """A self-signed certificate alone warns."""
         self.assertEqual(checkconfig.check_chain((self.root.cert,)).status, WARN)
 
     def test_ca_first_warns(self):
+        """A chain whose first certificate is a CA warns, saying so."""
         finding = checkconfig.check_chain((self.intermediate.cert, self.root.cert))
         self.assertEqual(finding.status, WARN)
         self.assertIn("is a CA", finding.reason)
@@ -187,6 +201,7 @@ class ChainTests(SynchronousTestCase):
 
 class TLSTests(SynchronousTestCase):
     def test_good(self):
+        """A matching certificate and key pass the certificate, chain order and key items."""
         certs = CertificateDirectory(self.mktemp())
         config = _config(tls_cert_file=certs.cert_file, tls_key_file=certs.key_file)
         findings = checkconfig.check_tls(config, NOW)
@@ -196,12 +211,14 @@ class TLSTests(SynchronousTestCase):
         )
 
     def test_expiring_soon(self):
+        """A certificate expiring in three days makes the certificate item a warning."""
         soon = NOW + datetime.timedelta(days=3)
         certs = CertificateDirectory(self.mktemp(), not_after=soon)
         config = _config(tls_cert_file=certs.cert_file, tls_key_file=certs.key_file)
         self.assertEqual(_statuses(checkconfig.check_tls(config, NOW))["certificate"], WARN)
 
     def test_expired_file_named(self):
+        """An expired certificate is one failure naming TLS_CERT_FILE and its path."""
         certs = CertificateDirectory(self.mktemp(), not_after=NOW - datetime.timedelta(days=1))
         config = _config(tls_cert_file=certs.cert_file, tls_key_file=certs.key_file)
         [finding] = checkconfig.check_tls(config, NOW)
@@ -210,6 +227,7 @@ class TLSTests(SynchronousTestCase):
         self.assertIn("expired", finding.reason)
 
     def test_key_mismatch(self):
+        """A key that does not match the certificate is one failure naming TLS_KEY_FILE."""
         certs = CertificateDirectory(self.mktemp())
         other = CertificateDirectory(self.mktemp())
         config = _config(tls_cert_file=certs.cert_file, tls_key_file=other.key_file)
@@ -218,6 +236,7 @@ class TLSTests(SynchronousTestCase):
         self.assertIn(f"TLS_KEY_FILE {other.key_file}: does not match", finding.reason)
 
     def test_openssl_refusal(self):
+        """Credentials that OpenSSL refuses fail the key item."""
         certs = CertificateDirectory(self.mktemp())
         config = _config(tls_cert_file=certs.cert_file, tls_key_file=certs.key_file)
 
@@ -228,6 +247,7 @@ class TLSTests(SynchronousTestCase):
         self.assertEqual(_statuses(findings)["key"], FAIL)
 
     def test_plaintext(self):
+        """Serving plaintext HTTP is one TLS failure."""
         config = _config(env="dev", insecure_http=True, tls_cert_file=None, tls_key_file=None)
         [finding] = checkconfig.check_tls(config, NOW)
         self.assertEqual((finding.item, finding.status), ("TLS", FAIL))
@@ -235,11 +255,13 @@ class TLSTests(SynchronousTestCase):
 
 class CABundleTests(SynchronousTestCase):
     def test_unset(self):
+        """Unset CA bundles pass, using the platform's trust store."""
         findings = checkconfig.check_ca_bundles(_config())
         self.assertEqual(_statuses(findings), {"STS_CA_FILE": PASS, "UPSTREAM_CA_FILE": PASS})
         self.assertIn("platform", findings[0].reason)
 
     def test_good_and_bad(self):
+        """A readable CA bundle passes and a file holding no certificate fails, naming it."""
         certs = CertificateDirectory(self.mktemp())
         config = _config(sts_ca_file=certs.ca_file, upstream_ca_file=certs.key_file)
         findings = checkconfig.check_ca_bundles(config)
@@ -249,6 +271,7 @@ class CABundleTests(SynchronousTestCase):
 
 class EscapeHatchTests(SynchronousTestCase):
     def test_none_set(self):
+        """No escape hatch set: every escape hatch item passes."""
         findings = checkconfig.check_escape_hatches(_config())
         self.assertEqual(
             _statuses(findings),
@@ -261,6 +284,7 @@ class EscapeHatchTests(SynchronousTestCase):
         )
 
     def test_each_set(self):
+        """Each escape hatch that is set fails its own item, and only its own."""
         config = _config(env="dev", insecure_sts=True, jti_fail_open=True)
         findings = checkconfig.check_escape_hatches(config)
         self.assertEqual(
@@ -324,9 +348,11 @@ class MetricsTests(SynchronousTestCase):
 
 class PortTests(SynchronousTestCase):
     def test_8081(self):
+        """The production port 8081 passes."""
         self.assertEqual(checkconfig.check_port(_config()).status, PASS)
 
     def test_other(self):
+        """Any other port fails, naming it."""
         finding = checkconfig.check_port(_config(env="dev", port=8443))
         self.assertEqual(finding.status, FAIL)
         self.assertIn("8443", finding.reason)
@@ -334,37 +360,45 @@ class PortTests(SynchronousTestCase):
 
 class HMACKeyTests(SynchronousTestCase):
     def test_random(self):
+        """A random 32-byte key passes without the key appearing in the reason."""
         finding = checkconfig.check_hmac_key(_config())
         self.assertEqual(finding.status, PASS)
         self.assertNotIn(HMAC_HEX, finding.reason)
 
     def test_missing(self):
+        """A missing STREAMS_HMAC_KEY fails."""
         self.assertEqual(checkconfig.check_hmac_key(_config(streams_hmac_key=None)).status, FAIL)
 
     def test_short(self):
+        """A key shorter than 32 bytes fails, giving its length."""
         finding = checkconfig.check_hmac_key(_config(streams_hmac_key=b"k" * 31))
         self.assertEqual(finding.status, FAIL)
         self.assertIn("31 bytes", finding.reason)
 
     def test_same_byte_warns(self):
+        """A key of one repeated byte warns, counting its distinct bytes."""
         finding = checkconfig.check_hmac_key(_config(streams_hmac_key=b"\x00" * 32))
         self.assertEqual(finding.status, WARN)
         self.assertIn("1 distinct", finding.reason)
 
     def test_pattern_warns(self):
+        """A key made of a repeated short pattern warns."""
         finding = checkconfig.check_hmac_key(_config(streams_hmac_key=b"secret!!" * 8))
         self.assertEqual(finding.status, WARN)
 
     def test_distinct_bytes_pass(self):
+        """A key of 32 distinct bytes passes."""
         finding = checkconfig.check_hmac_key(_config(streams_hmac_key=bytes(range(32))))
         self.assertEqual(finding.status, PASS)
 
 
 class UpstreamTests(SynchronousTestCase):
     def test_private_refused(self):
+        """Private upstreams refused (the default) pass."""
         self.assertEqual(checkconfig.check_upstreams(_config()).status, PASS)
 
     def test_private_with_allowlist(self):
+        """Private upstreams limited by an allow-list pass, listing the hosts."""
         config = _config(
             allow_private_upstreams=True,
             upstream_host_allowlist=frozenset({"api.internal", "pay.internal"}),
@@ -374,12 +408,17 @@ class UpstreamTests(SynchronousTestCase):
         self.assertIn("api.internal, pay.internal", finding.reason)
 
     def test_private_without_allowlist(self):
+        """Private upstreams without an allow-list fail."""
         finding = checkconfig.check_upstreams(_config(env="dev", allow_private_upstreams=True))
         self.assertEqual(finding.status, FAIL)
 
 
 class ServiceTests(SynchronousTestCase):
     def test_all_answer(self):
+        """
+        Every probe answering passes STS, Redis and Postgres, each probed with the timeout and
+        reported without passwords.
+        """
         fake = RecordingProbes()
         findings = checkconfig.check_services(_config(), fake.probes(), 3.0)
         self.assertEqual(_statuses(findings), {"STS": PASS, "Redis": PASS, "Postgres": PASS})
@@ -391,6 +430,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertNotIn(REDIS_PASSWORD, text)
 
     def test_failures_named(self):
+        """A failing probe fails its own service item with the probe's reason."""
         fake = RecordingProbes(
             redis=ProbeFailed("cannot connect: Connection refused"),
             postgres=ProbeFailed("gateway_resources table is missing"),
@@ -401,6 +441,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertIn("table is missing", findings[2].reason)
 
     def test_plaintext_sts_not_probed(self):
+        """A plaintext STS URL fails as not TLS and is not probed."""
         fake = RecordingProbes()
         config = _config(env="dev", insecure_sts=True, sts_url="http://sts.example")
         findings = checkconfig.check_services(config, fake.probes(), 3.0)
@@ -426,6 +467,7 @@ class RunChecksTests(SynchronousTestCase):
         return {k: v for k, v in environ.items() if v is not None}
 
     def test_production_ready(self):
+        """A production environment passes every item, in the checklist's order, and exits 0."""
         findings = checkconfig.run_checks(self.environ(), RecordingProbes().probes(), now=NOW)
         self.assertEqual([f for f in findings if f.status != PASS], [])
         self.assertEqual(
@@ -454,6 +496,7 @@ class RunChecksTests(SynchronousTestCase):
         self.assertEqual(checkconfig.exit_status(findings), 0)
 
     def test_refused_configuration_is_one_failure(self):
+        """A configuration startup would refuse is one failure, and no service is probed."""
         fake = RecordingProbes()
         findings = checkconfig.run_checks(self.environ(JTI_FAIL_OPEN="true"), fake.probes())
         self.assertEqual(
@@ -515,6 +558,7 @@ class RunChecksTests(SynchronousTestCase):
         self.assertEqual(checkconfig.exit_status(findings), 0)
 
     def test_dev_environment_fails_the_checklist(self):
+        """A dev environment fails every production rule it breaks, all in one report."""
         environ = self.environ(
             CARACAL_ENV="dev",
             PORT="9443",
@@ -528,6 +572,7 @@ class RunChecksTests(SynchronousTestCase):
         self.assertEqual(checkconfig.exit_status(findings), 1)
 
     def test_probe_timeout_passed(self):
+        """The timeout given to L{checkconfig.run_checks} reaches every probe."""
         fake = RecordingProbes()
         checkconfig.run_checks(self.environ(), fake.probes(), now=NOW, timeout=0.25)
         self.assertEqual({timeout for _, timeout in fake.calls}, {0.25})
@@ -535,10 +580,12 @@ class RunChecksTests(SynchronousTestCase):
 
 class ReportTests(SynchronousTestCase):
     def test_line(self):
+        """A finding is one line: status, padded item, reason with its whitespace folded."""
         line = checkconfig.format_finding(Finding(WARN, "PORT", "a\n  reason"), width=6)
         self.assertEqual(line, "WARN  PORT   a reason")
 
     def test_report(self):
+        """The report aligns the items and ends with the counts and the verdict."""
         findings = [
             Finding(PASS, "PORT", "8081"),
             Finding(WARN, "certificate", "expires in 3 days"),
@@ -553,6 +600,7 @@ class ReportTests(SynchronousTestCase):
         )
 
     def test_exit_status(self):
+        """The exit status is 1 if any finding failed, 0 otherwise (warnings included)."""
         self.assertEqual(
             checkconfig.exit_status([Finding(PASS, "a", ""), Finding(WARN, "b", "")]), 0
         )
@@ -562,12 +610,14 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(checkconfig.exit_status([]), 0)
 
     def test_ready_verdict(self):
+        """A report without failures ends with 'ready for production'."""
         report = checkconfig.format_report([Finding(PASS, "PORT", "8081")])
         self.assertTrue(report.endswith("1 passed, 0 warnings, 0 failed: ready for production\n"))
 
 
 class ConnectionFailureTests(SynchronousTestCase):
     def test_tls_verification(self):
+        """A certificate verification failure is described as a failed TLS handshake."""
         error = SSL.Error([("SSL routines", "", "certificate verify failed")])
         failure = Failure(ResponseNeverReceived([Failure(error)]))
         self.assertEqual(
@@ -576,12 +626,14 @@ class ConnectionFailureTests(SynchronousTestCase):
         )
 
     def test_hostname(self):
+        """A host name mismatch is described as such."""
         failure = Failure(ResponseNeverReceived([Failure(VerificationError(errors=[]))]))
         self.assertIn(
             "does not match the host name", checkconfig.describe_connection_failure(failure)
         )
 
     def test_refused_and_timeout(self):
+        """A refused connection and a cancelled (timed out) one each get their own words."""
         refused = Failure(internet_error.ConnectionRefusedError())
         self.assertEqual(checkconfig.describe_connection_failure(refused), "connection refused")
         cancelled = Failure(defer.CancelledError())
@@ -596,6 +648,7 @@ class EnvFileTests(SynchronousTestCase):
         return path
 
     def test_systemd_format(self):
+        """An env file in systemd's format is read: comments, C{export}, spaces and quotes."""
         path = self.write(
             "# comment\n; another\n\nCARACAL_ENV=production\nexport PORT = 8081\n"
             "STS_URL=\"https://sts.example\"\nLOG_LEVEL='warn'\n"
@@ -611,6 +664,7 @@ class EnvFileTests(SynchronousTestCase):
         )
 
     def test_bad_line(self):
+        """A line that is not an assignment is refused, naming its line number."""
         path = self.write("CARACAL_ENV=production\nnot a variable\n")
         with self.assertRaises(ValueError) as raised:
             checkconfig.read_env_file(path)
@@ -626,6 +680,7 @@ class AdminSubcommandTests(SynchronousTestCase):
         return status, stdout.getvalue(), stderr.getvalue()
 
     def test_registered(self):
+        """C{caracal-gateway-admin} knows the C{check-config} subcommand."""
         self.assertIn("check-config", admin.COMMANDS)
 
     def test_refused_configuration(self):
@@ -649,6 +704,7 @@ class AdminSubcommandTests(SynchronousTestCase):
         self.assertEqual(err, "")
 
     def test_env_file_read_over_environment(self):
+        """With C{--env-file}, the file's variables are judged, not the process environment's."""
         path = self.mktemp()
         with open(path, "w", encoding="utf-8") as f:
             f.write("CARACAL_ENV=production\nINSECURE_HTTP=true\n")
@@ -659,6 +715,7 @@ class AdminSubcommandTests(SynchronousTestCase):
         self.assertIn("INSECURE_HTTP and INSECURE_STS are forbidden", out)
 
     def test_unreadable_env_file(self):
+        """An unreadable C{--env-file} is a usage error (status 2) naming the option."""
         status, out, err = self.run_admin("check-config", "--env-file", self.mktemp())
         self.assertEqual(status, 2)
         self.assertEqual(out, "")
@@ -666,11 +723,13 @@ class AdminSubcommandTests(SynchronousTestCase):
         self.assertIn("No such file", err)
 
     def test_database_url_option_refused(self):
+        """C{--database-url} is refused: check-config reads the gateway's environment."""
         status, _, err = self.run_admin("check-config", "--database-url", "postgresql://x/y")
         self.assertEqual(status, 2)
         self.assertIn("reads the gateway's environment", err)
 
     def test_bad_timeout(self):
+        """A non-positive C{--timeout} is a usage error naming the option."""
         status, _, err = self.run_admin("check-config", "--timeout", "0")
         self.assertEqual(status, 2)
         self.assertIn("--timeout", err)

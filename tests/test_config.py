@@ -115,6 +115,9 @@ class DefaultsTests(ConfigTestMixin, SynchronousTestCase):
     """Every variable left unset takes the SPEC's default."""
 
     def test_production_defaults(self) -> None:
+        """
+        Without CARACAL_ENV the configuration is production, with every default the SPEC gives.
+        """
         config = self.accepted(production(CARACAL_ENV=None))
         self.assertEqual(config.env, "production")
         self.assertTrue(config.production)
@@ -143,6 +146,7 @@ class DefaultsTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(config.sts_timeout, 5.0)
 
     def test_values_read(self) -> None:
+        """Every setting given in the environment is read into the configuration."""
         config = self.accepted(
             dev(
                 PORT="9443",
@@ -178,11 +182,13 @@ class EnvironmentRuleTests(ConfigTestMixin, SynchronousTestCase):
     """C{CARACAL_ENV} is production or dev, nothing else."""
 
     def test_unknown_refused(self) -> None:
+        """A CARACAL_ENV other than exactly production or dev is refused."""
         for value in ("staging", "Production", "DEV", "prod", "development"):
             self.refused(production(CARACAL_ENV=value), MSG_ENV)
             self.refused(dev(CARACAL_ENV=value), MSG_ENV)
 
     def test_known_accepted(self) -> None:
+        """CARACAL_ENV=production and CARACAL_ENV=dev are accepted."""
         self.assertEqual(self.accepted(production()).env, "production")
         self.assertEqual(self.accepted(dev()).env, "dev")
 
@@ -191,19 +197,23 @@ class TLSRuleTests(ConfigTestMixin, SynchronousTestCase):
     """The TLS files come as a pair, or plaintext is asked for explicitly."""
 
     def test_only_one_file_refused(self) -> None:
+        """A certificate without its key, or a key without its certificate, is refused."""
         for environ in (production, dev):
             self.refused(environ(TLS_CERT_FILE="/c.pem", TLS_KEY_FILE=None), MSG_TLS_PAIR)
             self.refused(environ(TLS_CERT_FILE=None, TLS_KEY_FILE="/k.pem"), MSG_TLS_PAIR)
 
     def test_only_one_file_refused_even_with_insecure_http(self) -> None:
+        """Half a TLS pair is refused even when INSECURE_HTTP would allow plaintext."""
         self.refused(dev(TLS_CERT_FILE="/c.pem", INSECURE_HTTP="true"), MSG_TLS_PAIR)
 
     def test_neither_file_refused(self) -> None:
+        """No TLS files are refused unless INSECURE_HTTP is true in dev."""
         self.refused(production(TLS_CERT_FILE=None, TLS_KEY_FILE=None), MSG_TLS_REQUIRED)
         self.refused(dev(INSECURE_HTTP=None), MSG_TLS_REQUIRED)
         self.refused(dev(INSECURE_HTTP="false"), MSG_TLS_REQUIRED)
 
     def test_both_files_accepted(self) -> None:
+        """Both TLS files are accepted, and TLS is then enabled."""
         config = self.accepted(production())
         self.assertTrue(config.tls_enabled)
         config = self.accepted(dev(INSECURE_HTTP=None, TLS_CERT_FILE="/c", TLS_KEY_FILE="/k"))
@@ -211,6 +221,7 @@ class TLSRuleTests(ConfigTestMixin, SynchronousTestCase):
         self.assertFalse(config.insecure_http)
 
     def test_plaintext_in_dev_accepted(self) -> None:
+        """Plaintext in dev is accepted and reported as the INSECURE_HTTP escape hatch."""
         config = self.accepted(dev())
         self.assertTrue(config.insecure_http)
         self.assertFalse(config.tls_enabled)
@@ -221,6 +232,7 @@ class EscapeHatchRuleTests(ConfigTestMixin, SynchronousTestCase):
     """INSECURE_HTTP, INSECURE_STS and JTI_FAIL_OPEN are dev-only."""
 
     def test_insecure_http_in_production_refused(self) -> None:
+        """INSECURE_HTTP in production is refused, before any complaint about TLS files."""
         self.refused(production(INSECURE_HTTP="true"), MSG_INSECURE)
         # Without certificate files too: the production rule is what the
         # operator must hear about, not the missing files.
@@ -229,16 +241,19 @@ class EscapeHatchRuleTests(ConfigTestMixin, SynchronousTestCase):
         )
 
     def test_insecure_sts_in_production_refused(self) -> None:
+        """INSECURE_STS in production is refused."""
         self.refused(production(INSECURE_STS="true"), MSG_INSECURE)
         self.refused(production(INSECURE_STS="T", STS_URL="http://sts:8080"), MSG_INSECURE)
 
     def test_explicit_false_in_production_accepted(self) -> None:
+        """Escape hatches set explicitly to false are accepted in production."""
         config = self.accepted(
             production(INSECURE_HTTP="false", INSECURE_STS="0", JTI_FAIL_OPEN="False")
         )
         self.assertEqual(config.escape_hatches(), [])
 
     def test_jti_fail_open_in_production_refused(self) -> None:
+        """JTI_FAIL_OPEN in production is refused."""
         self.refused(production(JTI_FAIL_OPEN="true"), MSG_JTI)
 
     def test_revocation_fail_open_in_production_refused(self) -> None:
@@ -260,6 +275,7 @@ class EscapeHatchRuleTests(ConfigTestMixin, SynchronousTestCase):
         self.assertIs(config.redacted()["REVOCATION_FAIL_OPEN"], True)
 
     def test_escape_hatches_in_dev_accepted(self) -> None:
+        """Every escape hatch is accepted in dev and listed, in order."""
         config = self.accepted(
             dev(
                 INSECURE_STS="true",
@@ -282,16 +298,20 @@ class PortRuleTests(ConfigTestMixin, SynchronousTestCase):
     """Production listens on 8081 only."""
 
     def test_other_port_in_production_refused(self) -> None:
+        """A PORT other than 8081 is refused in production."""
         for port in ("8080", "443", "18081"):
             self.refused(production(PORT=port), MSG_PORT)
 
     def test_8081_in_production_accepted(self) -> None:
+        """PORT=8081 is accepted in production."""
         self.assertEqual(self.accepted(production(PORT="8081")).port, 8081)
 
     def test_other_port_in_dev_accepted(self) -> None:
+        """Any valid PORT is accepted in dev."""
         self.assertEqual(self.accepted(dev(PORT="18443")).port, 18443)
 
     def test_malformed_port_refused(self) -> None:
+        """A PORT that is not a plain decimal integer from 1 to 65535 is refused."""
         for environ in (production, dev):
             self.refused(environ(PORT="http"), "PORT must be an integer")
             self.refused(environ(PORT="80.5"), "PORT must be an integer")
@@ -306,18 +326,22 @@ class HMACKeyRuleTests(ConfigTestMixin, SynchronousTestCase):
     """STREAMS_HMAC_KEY: required in production; when set, hex and >= 32 bytes."""
 
     def test_missing_in_production_refused(self) -> None:
+        """A missing or empty STREAMS_HMAC_KEY is refused in production."""
         self.refused(production(STREAMS_HMAC_KEY=None), MSG_HMAC_REQUIRED)
         self.refused(production(STREAMS_HMAC_KEY=""), MSG_HMAC_REQUIRED)
 
     def test_missing_in_dev_accepted(self) -> None:
+        """Dev runs without STREAMS_HMAC_KEY."""
         self.assertIsNone(self.accepted(dev()).streams_hmac_key)
 
     def test_malformed_refused(self) -> None:
+        """A STREAMS_HMAC_KEY that is not at least 32 bytes of hex is refused."""
         for environ in (production, dev):
             for value in ("zz" * 32, "a1" * 31, "a1" * 32 + "a", "not hex at all", "a1 " * 32):
                 self.refused(environ(STREAMS_HMAC_KEY=value), MSG_HMAC_FORMAT)
 
     def test_message_hides_the_key(self) -> None:
+        """The refusal of a malformed key does not repeat the key."""
         bad = "secretsecret" * 6
         error = self.assertRaises(
             ConfigError, GatewayConfig.from_environ, dev(STREAMS_HMAC_KEY=bad)
@@ -325,6 +349,7 @@ class HMACKeyRuleTests(ConfigTestMixin, SynchronousTestCase):
         self.assertNotIn(bad, str(error))
 
     def test_accepted(self) -> None:
+        """A hex STREAMS_HMAC_KEY of either case is decoded into bytes."""
         self.assertEqual(self.accepted(production()).streams_hmac_key, bytes.fromhex(HMAC_KEY_HEX))
         config = self.accepted(dev(STREAMS_HMAC_KEY="AB" * 48))
         self.assertEqual(config.streams_hmac_key, b"\xab" * 48)
@@ -334,6 +359,7 @@ class AllowlistRuleTests(ConfigTestMixin, SynchronousTestCase):
     """Private upstreams in production need an explicit host allowlist."""
 
     def test_private_without_allowlist_in_production_refused(self) -> None:
+        """Private upstreams in production without a non-empty allow-list are refused."""
         self.refused(production(ALLOW_PRIVATE_UPSTREAMS="true"), MSG_ALLOWLIST)
         self.refused(
             production(ALLOW_PRIVATE_UPSTREAMS="true", UPSTREAM_HOST_ALLOWLIST=" , ,"),
@@ -341,6 +367,10 @@ class AllowlistRuleTests(ConfigTestMixin, SynchronousTestCase):
         )
 
     def test_private_with_allowlist_in_production_accepted(self) -> None:
+        """
+        Private upstreams with an allow-list are accepted; the hosts are lower-cased, trimmed and
+        dot-stripped.
+        """
         config = self.accepted(
             production(
                 ALLOW_PRIVATE_UPSTREAMS="true",
@@ -355,11 +385,13 @@ class AllowlistRuleTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(config.escape_hatches(), ["ALLOW_PRIVATE_UPSTREAMS"])
 
     def test_private_without_allowlist_in_dev_accepted(self) -> None:
+        """Dev allows private upstreams without an allow-list."""
         config = self.accepted(dev(ALLOW_PRIVATE_UPSTREAMS="true"))
         self.assertTrue(config.allow_private_upstreams)
         self.assertEqual(config.upstream_host_allowlist, frozenset())
 
     def test_allowlist_without_private_accepted(self) -> None:
+        """An allow-list alone is accepted and does not allow private upstreams."""
         config = self.accepted(production(UPSTREAM_HOST_ALLOWLIST="tools.example.com"))
         self.assertFalse(config.allow_private_upstreams)
         self.assertEqual(config.upstream_host_allowlist, frozenset({"tools.example.com"}))
@@ -369,26 +401,33 @@ class STSURLRuleTests(ConfigTestMixin, SynchronousTestCase):
     """STS_URL: required, absolute, https unless INSECURE_STS."""
 
     def test_http_without_insecure_sts_refused(self) -> None:
+        """A plaintext STS_URL is refused unless INSECURE_STS is true."""
         self.refused(production(STS_URL="http://sts.example.com"), MSG_STS_HTTPS)
         self.refused(dev(STS_URL="http://127.0.0.1:8080"), MSG_STS_HTTPS)
         self.refused(dev(STS_URL="http://127.0.0.1:8080", INSECURE_STS="false"), MSG_STS_HTTPS)
 
     def test_http_with_insecure_sts_in_dev_accepted(self) -> None:
+        """
+        A plaintext STS_URL with INSECURE_STS in dev is accepted, its base URL without the slash.
+        """
         config = self.accepted(dev(STS_URL="http://127.0.0.1:8080/", INSECURE_STS="true"))
         self.assertEqual(config.sts_url, "http://127.0.0.1:8080/")
         self.assertEqual(config.sts_base_url, "http://127.0.0.1:8080")
 
     def test_https_accepted(self) -> None:
+        """An https STS_URL is accepted as given."""
         self.assertEqual(
             self.accepted(production()).sts_url,
             "https://sts.example.com/",
         )
 
     def test_missing_refused(self) -> None:
+        """A missing STS_URL is refused."""
         for environ in (production, dev):
             self.refused(environ(STS_URL=None), "STS_URL is required")
 
     def test_not_absolute_refused(self) -> None:
+        """An STS_URL that is not an absolute http(s) URL with a valid port is refused."""
         message = "STS_URL must be an absolute http(s) URL"
         for value in ("sts.example.com", "/oauth", "ftp://sts.example.com", "https://"):
             self.refused(production(STS_URL=value), message)
@@ -399,18 +438,22 @@ class RequiredURLTests(ConfigTestMixin, SynchronousTestCase):
     """DATABASE_URL and REDIS_URL are required; REDIS_URL must parse."""
 
     def test_database_url_missing(self) -> None:
+        """A missing DATABASE_URL is refused."""
         for environ in (production, dev):
             self.refused(environ(DATABASE_URL=None), "DATABASE_URL is required")
 
     def test_redis_url_missing(self) -> None:
+        """A missing REDIS_URL is refused."""
         for environ in (production, dev):
             self.refused(environ(REDIS_URL=None), "REDIS_URL is required")
 
     def test_database_dsn_accepted(self) -> None:
+        """A libpq key=value DSN is accepted as DATABASE_URL."""
         config = self.accepted(dev(DATABASE_URL="host=127.0.0.1 dbname=test user=root"))
         self.assertEqual(config.database_url, "host=127.0.0.1 dbname=test user=root")
 
     def test_redis_url_malformed(self) -> None:
+        """A malformed REDIS_URL is refused as such."""
         for value in (
             "http://127.0.0.1:6379",
             "redis://",
@@ -421,6 +464,7 @@ class RequiredURLTests(ConfigTestMixin, SynchronousTestCase):
             self.assertTrue(str(error).startswith("REDIS_URL is malformed: "), str(error))
 
     def test_redis_url_error_hides_the_password(self) -> None:
+        """The refusal of a malformed REDIS_URL does not repeat its password."""
         error = self.assertRaises(
             ConfigError,
             GatewayConfig.from_environ,
@@ -429,6 +473,7 @@ class RequiredURLTests(ConfigTestMixin, SynchronousTestCase):
         self.assertNotIn(REDIS_PASSWORD, str(error))
 
     def test_redis_property(self) -> None:
+        """The configuration's Redis address is parsed from REDIS_URL."""
         config = self.accepted(production())
         self.assertEqual(
             config.redis,
@@ -656,12 +701,14 @@ class RedisURLTests(SynchronousTestCase):
     """L{parse_redis_url} reads C{redis://[:password@]host[:port][/db]}."""
 
     def test_defaults(self) -> None:
+        """A bare redis URL means port 6379, database 0, no password, no TLS."""
         self.assertEqual(
             parse_redis_url("redis://127.0.0.1"),
             RedisAddress(host="127.0.0.1", port=6379, db=0, password=None, tls=False),
         )
 
     def test_full(self) -> None:
+        """A rediss URL gives TLS, host, port, database and the percent-decoded password."""
         address = parse_redis_url("rediss://:p%40ss%3Aword@cache.example.com:6390/15")
         self.assertEqual(
             address,
@@ -671,6 +718,7 @@ class RedisURLTests(SynchronousTestCase):
         )
 
     def test_trailing_slash_is_db_zero(self) -> None:
+        """A trailing slash without a number is database 0."""
         self.assertEqual(parse_redis_url("redis://h:1/").db, 0)
 
     def test_user_and_password(self) -> None:
@@ -678,17 +726,21 @@ class RedisURLTests(SynchronousTestCase):
         self.assertEqual(parse_redis_url("redis://default:pw@h").password, "pw")
 
     def test_empty_password_is_none(self) -> None:
+        """An empty password is no password."""
         self.assertIsNone(parse_redis_url("redis://:@h").password)
 
     def test_ipv6(self) -> None:
+        """A bracketed IPv6 host is read without its brackets."""
         address = parse_redis_url("redis://[::1]:6379/1")
         self.assertEqual((address.host, address.port, address.db), ("::1", 6379, 1))
 
     def test_malformed(self) -> None:
+        """Other schemes, a missing host, a non-numeric port or database are refused."""
         for value in ("unix:///tmp/redis.sock", "redis://", "redis://h:x", "redis://h/a"):
             self.assertRaises(ValueError, parse_redis_url, value)
 
     def test_repr_hides_password(self) -> None:
+        """The address's repr does not show the password."""
         self.assertNotIn("hunter2", repr(parse_redis_url("redis://:hunter2@h")))
 
 
@@ -696,21 +748,25 @@ class BooleanTests(ConfigTestMixin, SynchronousTestCase):
     """Booleans take Go's C{strconv.ParseBool} spellings, nothing else."""
 
     def test_spellings(self) -> None:
+        """The boolean spellings Go's strconv.ParseBool accepts are read."""
         for text in ("1", "t", "T", "TRUE", "true", "True"):
             self.assertIs(parse_bool(text), True, text)
         for text in ("0", "f", "F", "FALSE", "false", "False"):
             self.assertIs(parse_bool(text), False, text)
 
     def test_other_spellings_refused(self) -> None:
+        """Any other spelling of a boolean is refused."""
         for text in ("yes", "no", "on", "off", "tRUE", "fAlse", "2", "", "y"):
             self.assertRaises(ValueError, parse_bool, text)
 
     def test_malformed_names_the_variable(self) -> None:
+        """A malformed boolean is refused, naming its variable."""
         for name in BOOLEANS:
             self.refused(dev(**{name: "yes"}), f"{name} must be a boolean (true or false)")
             self.refused(production(**{name: "on"}), f"{name} must be a boolean (true or false)")
 
     def test_every_spelling_in_the_environment(self) -> None:
+        """Every accepted spelling works for a variable read from the environment."""
         for text in ("1", "t", "T", "TRUE", "true", "True"):
             self.assertTrue(self.accepted(dev(JTI_FAIL_OPEN=text)).jti_fail_open, text)
         for text in ("0", "f", "F", "FALSE", "false", "False"):
@@ -721,6 +777,7 @@ class DurationTests(ConfigTestMixin, SynchronousTestCase):
     """Durations take Go's C{time.ParseDuration} syntax."""
 
     def test_go_syntax(self) -> None:
+        """Durations in Go's syntax are read as seconds."""
         cases = {
             "250ms": 0.25,
             "5s": 5.0,
@@ -742,10 +799,12 @@ class DurationTests(ConfigTestMixin, SynchronousTestCase):
             self.assertAlmostEqual(parse_duration(text), seconds, places=9, msg=text)
 
     def test_malformed(self) -> None:
+        """Durations without a unit, negative, spaced or in unknown units are refused."""
         for text in ("5", "1.5", "", "s", "-5s", "5 s", "1sm", "5S", "1d", "five seconds", "."):
             self.assertRaises(ValueError, parse_duration, text)
 
     def test_every_variable(self) -> None:
+        """Every duration variable is read into its attribute."""
         for name, (attribute, _default) in DURATIONS.items():
             config = self.accepted(production(**{name: "1m30s"}))
             self.assertEqual(getattr(config, attribute), 90.0, name)
@@ -753,6 +812,7 @@ class DurationTests(ConfigTestMixin, SynchronousTestCase):
             self.assertEqual(getattr(config, attribute), 0.25, name)
 
     def test_malformed_names_the_variable(self) -> None:
+        """A malformed duration is refused, naming its variable."""
         for name in DURATIONS:
             message = f"{name} must be a duration such as 250ms, 5s or 1m30s"
             self.refused(production(**{name: "30"}), message)
@@ -768,6 +828,7 @@ class OtherValueTests(ConfigTestMixin, SynchronousTestCase):
     """MAX_REQUEST_BYTES and LOG_LEVEL."""
 
     def test_max_request_bytes(self) -> None:
+        """MAX_REQUEST_BYTES must be a positive integer."""
         self.assertEqual(self.accepted(dev(MAX_REQUEST_BYTES="1")).max_request_bytes, 1)
         self.refused(dev(MAX_REQUEST_BYTES="10MB"), "MAX_REQUEST_BYTES must be an integer")
         self.refused(dev(MAX_REQUEST_BYTES="0"), f"MAX_REQUEST_BYTES must be between 1 and {2**62}")
@@ -790,6 +851,7 @@ class OtherValueTests(ConfigTestMixin, SynchronousTestCase):
         self.refused(dev(MAX_CONNECTIONS="0"), f"MAX_CONNECTIONS must be between 1 and {10**7}")
 
     def test_log_level(self) -> None:
+        """LOG_LEVEL is one of four levels, in any case."""
         for level in ("debug", "info", "warn", "error", "WARN", "Info"):
             self.assertEqual(self.accepted(dev(LOG_LEVEL=level)).log_level, level.lower())
         for level in ("warning", "trace", "verbose"):
@@ -800,6 +862,7 @@ class RedactionTests(ConfigTestMixin, SynchronousTestCase):
     """Secrets never leave the configuration object in clear."""
 
     def test_redacted_hides_secrets(self) -> None:
+        """The redacted configuration shows no password nor the HMAC key."""
         config = self.accepted(production())
         redacted = config.redacted()
         text = json.dumps(redacted)
@@ -830,11 +893,13 @@ class RedactionTests(ConfigTestMixin, SynchronousTestCase):
             )
 
     def test_non_ascii_duration_digits_refused(self) -> None:
+        """A duration written with non-ASCII digits is refused."""
         self.refused(
             dev(STS_TIMEOUT="\uff15s"), "STS_TIMEOUT must be a duration such as 250ms, 5s or 1m30s"
         )
 
     def test_insecure_http_wins_over_tls_files(self) -> None:
+        """INSECURE_HTTP in dev disables TLS even when TLS files are given."""
         config = self.accepted(
             dev(INSECURE_HTTP="true", TLS_CERT_FILE="/tls/gw.crt", TLS_KEY_FILE="/tls/gw.key")
         )
@@ -842,6 +907,7 @@ class RedactionTests(ConfigTestMixin, SynchronousTestCase):
         self.assertFalse(config.tls_enabled)
 
     def test_redacted_shows_the_rest(self) -> None:
+        """The redacted configuration shows every setting that is not a secret."""
         config = self.accepted(production(UPSTREAM_HOST_ALLOWLIST="b.example,a.example"))
         redacted = config.redacted()
         self.assertEqual(redacted["CARACAL_ENV"], "production")
@@ -853,9 +919,11 @@ class RedactionTests(ConfigTestMixin, SynchronousTestCase):
         self.assertEqual(redacted["LOG_LEVEL"], "info")
 
     def test_no_hmac_key(self) -> None:
+        """Without an HMAC key the redacted configuration shows none."""
         self.assertIsNone(self.accepted(dev()).redacted()["STREAMS_HMAC_KEY"])
 
     def test_dsn_password_redacted(self) -> None:
+        """The password of a key=value DSN is redacted."""
         config = self.accepted(
             dev(DATABASE_URL="host=db dbname=caracal user=gw password=dsn-s3cret")
         )
@@ -864,12 +932,14 @@ class RedactionTests(ConfigTestMixin, SynchronousTestCase):
         )
 
     def test_url_without_password_unchanged(self) -> None:
+        """A URL without a password is not changed by redaction."""
         self.assertEqual(
             redact_url("postgresql://root@127.0.0.1/test"), "postgresql://root@127.0.0.1/test"
         )
         self.assertEqual(redact_url("redis://127.0.0.1:6379/0"), "redis://127.0.0.1:6379/0")
 
     def test_repr_hides_secrets(self) -> None:
+        """The configuration's repr shows no password nor the HMAC key."""
         text = repr(self.accepted(production()))
         for secret in (DATABASE_PASSWORD, REDIS_PASSWORD, HMAC_KEY_HEX, "a1a1"):
             self.assertNotIn(secret, text)

@@ -13,18 +13,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 TESTS = Path(__file__).parent
 
-#: Modules written before the rule was checked, still to be given their
-#: docstrings. The list only shrinks: a module listed here that is complete
-#: fails the check until it is taken off.
-NOT_YET_DOCUMENTED = frozenset(
-    {
-        "tests/integration/test_checkconfig.py",
-        "tests/test_checkconfig.py",
-        "tests/test_config.py",
-        "tests/test_http.py",
-    }
-)
-
 
 def undocumented(path: Path) -> list[str]:
     """The test methods of the module at C{path} that have no docstring."""
@@ -73,16 +61,7 @@ class DocstringTests(SynchronousTestCase):
         missing = {}
         for path in all_test_modules():
             name = str(path.relative_to(TESTS.parent))
-            if name in NOT_YET_DOCUMENTED:
-                continue
             found = undocumented(path)
             if found:
                 missing[name] = found
         self.assertEqual(missing, {}, "test methods without a docstring")
-
-    def test_not_yet_documented_only_shrinks(self):
-        """A module on the to-do list that is now complete must come off it."""
-        complete = sorted(
-            name for name in NOT_YET_DOCUMENTED if not undocumented(TESTS.parent / name)
-        )
-        self.assertEqual(complete, [], "documented now: remove from NOT_YET_DOCUMENTED")

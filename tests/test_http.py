@@ -126,46 +126,57 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(str(uuid.UUID(request_id)), request_id)
 
     def test_valid_id_kept(self) -> None:
+        """A printable X-Request-Id without spaces is kept and sent back."""
         self.assertEqual(self.sent_id(b"X-Request-Id: req-42_~!{}"), "req-42_~!{}")
 
     def test_128_characters_kept(self) -> None:
+        """An X-Request-Id of 128 characters, the limit, is kept."""
         value = "a" * 128
         self.assertEqual(self.sent_id(b"X-Request-Id: " + value.encode()), value)
 
     def test_129_characters_replaced(self) -> None:
+        """An X-Request-Id of 129 characters is replaced by a generated one."""
         self.assertGenerated(self.sent_id(b"X-Request-Id: " + b"a" * 129))
 
     def test_inner_space_replaced(self) -> None:
+        """An X-Request-Id with a space inside is replaced."""
         self.assertGenerated(self.sent_id(b"X-Request-Id: two words"))
 
     def test_non_ascii_replaced(self) -> None:
+        """An X-Request-Id with a non-ASCII character is replaced."""
         self.assertGenerated(self.sent_id("X-Request-Id: caf\u00e9".encode()))
 
     def test_control_characters_replaced(self) -> None:
+        """An X-Request-Id with a control character or DEL is replaced."""
         self.assertGenerated(self.sent_id(b"X-Request-Id: a\x01b"))
         self.assertGenerated(self.sent_id(b"X-Request-Id: a\x7fb"))
 
     def test_empty_replaced(self) -> None:
+        """An empty X-Request-Id is replaced."""
         self.assertGenerated(self.sent_id(b"X-Request-Id: "))
 
     def test_absent_generated(self) -> None:
+        """Without X-Request-Id each request gets its own generated id."""
         first = self.sent_id()
         second = self.sent_id()
         self.assertGenerated(first)
         self.assertNotEqual(first, second)
 
     def test_two_values_replaced(self) -> None:
+        """Two X-Request-Id headers are replaced by a generated id, neither value kept."""
         request_id = self.sent_id(b"X-Request-Id: one", b"X-Request-Id: two")
         self.assertNotIn(request_id, ("one", "two"))
         self.assertGenerated(request_id)
 
     def test_choose_request_id(self) -> None:
+        """L{choose_request_id} keeps one valid value and generates an id otherwise."""
         self.assertEqual(choose_request_id([b"!~"]), "!~")
         self.assertGenerated(choose_request_id(None))
         self.assertGenerated(choose_request_id([b"\x21" * 129]))
         self.assertGenerated(choose_request_id([b""]))
 
     def test_id_on_413(self) -> None:
+        """A request refused as too large still gets its X-Request-Id back, in header and body."""
         channel, transport = self.connect()
         channel.dataReceived(
             b"POST / HTTP/1.1\r\nHost: g\r\nX-Request-Id: big-one\r\nContent-Length: 101\r\n\r\n"
@@ -176,6 +187,10 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(json.loads(body)["request_id"], "big-one")
 
     def test_id_on_500(self) -> None:
+        """
+        A resource that raises gives a 500 envelope carrying the request id, and the error is
+        logged.
+        """
         channel, transport = self.connect()
         self.request(channel, path=b"/boom", headers=[b"X-Request-Id: crash-1"])
         status, headers, body = one_response(transport)
@@ -188,6 +203,7 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_id_on_400(self) -> None:
+        """A malformed request gets a 400 whose header and body carry the same id, and is closed."""
         channel, transport = self.connect()
         channel.dataReceived(b"GET / HTTP/1.1\r\nHost: g\r\nContent-Length: nope\r\n\r\n")
         status, headers, body = one_response(transport)
@@ -196,6 +212,9 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_id_on_malformed_chunked_body(self) -> None:
+        """
+        A malformed chunked body gets a 400 with the request's id, logged once, never rendered.
+        """
         channel, transport = self.connect()
         channel.dataReceived(
             b"POST / HTTP/1.1\r\nHost: g\r\nX-Request-Id: bad-chunk\r\n"
@@ -213,6 +232,7 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(event["access"]["status"], 400)
 
     def test_server_header(self) -> None:
+        """Responses say Server: caracal-gateway and never name TwistedWeb."""
         channel, transport = self.connect()
         self.request(channel)
         _, headers, _ = one_response(transport)
@@ -279,33 +299,43 @@ class MalformedRequestTests(RefusalMixin, SynchronousTestCase):
     """
 
     def test_content_length_and_transfer_encoding(self) -> None:
+        """Content-Length with Transfer-Encoding is refused (request smuggling)."""
         self.assertRefusedKeepingId(b"Content-Length: 3", b"Transfer-Encoding: chunked")
 
     def test_transfer_encoding_then_content_length(self) -> None:
+        """Transfer-Encoding followed by Content-Length is refused too."""
         self.assertRefusedKeepingId(b"Transfer-Encoding: chunked", b"Content-Length: 3")
 
     def test_duplicate_content_length(self) -> None:
+        """Two equal Content-Length headers are refused."""
         self.assertRefusedKeepingId(b"Content-Length: 3", b"Content-Length: 3")
 
     def test_differing_content_length(self) -> None:
+        """Two differing Content-Length headers are refused."""
         self.assertRefusedKeepingId(b"Content-Length: 3", b"Content-Length: 4", b"X-After: 1")
 
     def test_non_numeric_content_length(self) -> None:
+        """A Content-Length that is not plain digits is refused."""
         self.assertRefusedKeepingId(b"Content-Length: +3")
 
     def test_chunked_then_identity(self) -> None:
+        """A Transfer-Encoding other than chunked alone is refused."""
         self.assertRefusedKeepingId(b"Transfer-Encoding: chunked, identity")
 
     def test_nul_in_a_header_value(self) -> None:
+        """A NUL byte in a header value is refused."""
         self.assertRefusedKeepingId(b"X-Thing: a\x00b", b"Content-Length: 3")
 
     def test_header_without_colon(self) -> None:
+        """A header line without a colon is refused."""
         self.assertRefusedKeepingId(b"no colon here", b"Content-Length: 3")
 
     def test_invalid_header_name(self) -> None:
+        """A header name that is not an HTTP token is refused."""
         self.assertRefusedKeepingId(b"Bad Name: x", b"Content-Length: 3")
 
     def test_invalid_inbound_id_replaced(self) -> None:
+        """A refused request with an invalid X-Request-Id gets a generated id."""
         envelope, _ = self.refused(
             b"POST / HTTP/1.1\r\nHost: g\r\nX-Request-Id: two words\r\n"
             b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n"
@@ -313,6 +343,7 @@ class MalformedRequestTests(RefusalMixin, SynchronousTestCase):
         self.assertEqual(uuid.UUID(envelope["request_id"]).version, 4)
 
     def test_bad_request_line(self) -> None:
+        """A malformed request line is refused with a generated id and no method or path logged."""
         for line in (b"GET /x", b"GET /x HTTP/2.0", b"G@T /x HTTP/1.1", b"GET  /x HTTP/1.1"):
             self.setUp()
             envelope, record = self.refused(line + b"\r\nX-Request-Id: lost\r\n\r\n")
@@ -321,16 +352,19 @@ class MalformedRequestTests(RefusalMixin, SynchronousTestCase):
             self.assertEqual((record["method"], record["path"]), ("-", "-"))
 
     def test_request_line_over_16k(self) -> None:
+        """A request line over 16 KB is refused as invalid, without method or path."""
         envelope, record = self.refused(b"GET /" + b"a" * 16400 + b" HTTP/1.1\r\n\r\n")
         self.assertEqual(envelope["error"], "invalid_request")
         self.assertEqual((record["method"], record["path"]), ("-", "-"))
 
     def test_request_line_over_16k_without_newline(self) -> None:
+        """More than 16 KB without a line end is refused before the line ends."""
         envelope, record = self.refused(b"GET /" + b"a" * 16400)
         self.assertEqual((record["method"], record["path"]), ("-", "-"))
 
     def test_after_a_good_keep_alive_request(self) -> None:
         # The second request's refusal names the second request only.
+        """A malformed second request on a keep-alive connection is refused under its own id."""
         channel, transport = self.connect()
         self.request(channel, headers=[b"X-Request-Id: first"])
         channel.dataReceived(
@@ -354,20 +388,24 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
     """
 
     def test_http_1_1_without_host(self) -> None:
+        """An HTTP/1.1 request without Host is refused, saying so."""
         envelope = self.assertRefusedKeepingId(host=())
         self.assertIn("Host", envelope["description"])
 
     def test_two_host_headers(self) -> None:
+        """Two Host headers are refused, even equal ones, even in HTTP/1.0."""
         self.assertRefusedKeepingId(host=(b"Host: g", b"Host: evil"))
         self.setUp()
         self.assertRefusedKeepingId(host=(b"Host: g", b"Host: g"), request_line=b"GET /x HTTP/1.0")
 
     def test_invalid_host(self) -> None:
+        """A Host that is not a host name with an optional numeric port is refused."""
         for host in (b"Host: a b", b"Host: a/b", b"Host: a@b", b"Host: a:port"):
             self.setUp()
             self.assertRefusedKeepingId(host=(host,))
 
     def test_absolute_form(self) -> None:
+        """An absolute-form request target is refused: the gateway is no forward proxy."""
         for request_line in (
             b"GET http://evil/x HTTP/1.1",
             b"GET http://g/health HTTP/1.1",
@@ -378,9 +416,11 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
             self.assertIn("forward proxy", envelope["description"])
 
     def test_asterisk_form(self) -> None:
+        """The asterisk-form request target is refused."""
         self.assertRefusedKeepingId(request_line=b"OPTIONS * HTTP/1.1")
 
     def test_http_1_0_with_transfer_encoding(self) -> None:
+        """An HTTP/1.0 request with Transfer-Encoding is refused, naming HTTP/1.0."""
         envelope = self.assertRefusedKeepingId(
             b"Transfer-Encoding: chunked", request_line=b"POST /up HTTP/1.0"
         )
@@ -451,6 +491,7 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
             self.assertEqual((status, body), (200, b"ok 3"))
 
     def test_conforming_requests_served(self) -> None:
+        """Conforming requests are served, and none is counted as denied."""
         for head in (
             b"GET /x HTTP/1.0",
             b"GET /x HTTP/1.0\r\nHost: g",
@@ -465,6 +506,7 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
         self.assertEqual(self.metrics.counters["requests_denied"], 0)
 
     def test_over_500_headers(self) -> None:
+        """More than 500 header fields are refused with 431, naming the limit."""
         headers = [b"X-H%d: v" % (n,) for n in range(501)]
         envelope = self.assertRefusedKeepingId(
             *headers, status=431, error="request_header_fields_too_large"
@@ -472,16 +514,19 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
         self.assertIn("500", envelope["description"])
 
     def test_500_headers_served(self) -> None:
+        """A request with 500 header fields is served."""
         channel, transport = self.connect()
         head = [b"GET /x HTTP/1.1", b"Host: g"] + [b"X-H%d: v" % (n,) for n in range(498)]
         channel.dataReceived(b"\r\n".join(head) + b"\r\n\r\n")
         self.assertEqual(one_response(transport)[0], 200)
 
     def test_header_section_over_16k(self) -> None:
+        """A header section over 16 KB is refused with 431."""
         headers = [b"X-H%d: %s" % (n, b"v" * 1000) for n in range(17)]
         self.assertRefusedKeepingId(*headers, status=431, error="request_header_fields_too_large")
 
     def test_one_header_field_over_16k(self) -> None:
+        """One header field over 16 KB is refused with 431, even before its line ends."""
         self.assertRefusedKeepingId(
             b"X-Big: " + b"v" * 16400, status=431, error="request_header_fields_too_large"
         )
@@ -494,6 +539,7 @@ class ConformanceTests(RefusalMixin, SynchronousTestCase):
         self.assertEqual((status, headers[b"x-request-id"]), (431, [b"keep-me"]))
 
     def test_431_status_line(self) -> None:
+        """The 431 status line has its standard reason phrase."""
         channel, transport = self.connect()
         channel.dataReceived(b"GET /x HTTP/1.1\r\nX-Big: " + b"v" * 16400 + b"\r\n\r\n")
         self.assertTrue(
@@ -657,6 +703,7 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.metrics.counters["requests_denied"], 1)
 
     def test_content_length_over_limit(self) -> None:
+        """A Content-Length over the limit is answered 413 at once, and the body is dropped."""
         channel, transport = self.connect()
         channel.dataReceived(b"POST /upload HTTP/1.1\r\nHost: g\r\nContent-Length: 101\r\n\r\n")
         self.assertPayloadTooLarge(transport)
@@ -669,6 +716,7 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.site.inflight, 0)
 
     def test_huge_content_length_answered_before_body(self) -> None:
+        """A huge Content-Length with Expect: 100-continue is answered 413 without 100 Continue."""
         channel, transport = self.connect()
         channel.dataReceived(
             b"POST / HTTP/1.1\r\nHost: g\r\nExpect: 100-continue\r\n"
@@ -678,6 +726,7 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         self.assertPayloadTooLarge(transport)
 
     def test_refused_connection_aborted_after_grace(self) -> None:
+        """A connection refused for its body size is aborted after a grace period."""
         channel, transport = self.connect()
         channel.dataReceived(b"POST / HTTP/1.1\r\nHost: g\r\nContent-Length: 1000\r\n\r\n")
         self.assertFalse(transport.disconnected)
@@ -694,6 +743,9 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         return channel, transport, request
 
     def test_chunked_over_limit(self) -> None:
+        """
+        A chunked body is refused on the chunk that crosses the limit, none of which is stored.
+        """
         channel, transport, request = self.start_chunked()
         store = request.content
         for _ in range(3):
@@ -710,6 +762,7 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.resource.rendered, [])
 
     def test_chunked_single_huge_chunk(self) -> None:
+        """One announced chunk over the limit is refused before it is all received."""
         channel, transport, request = self.start_chunked()
         store = request.content
         channel.dataReceived(b"100000\r\n" + b"z" * 60)
@@ -718,6 +771,7 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(store.largest, 60)
 
     def test_content_length_at_limit_accepted(self) -> None:
+        """A body of exactly the limit is accepted and rendered."""
         channel, transport = self.connect()
         self.request(channel, body=b"b" * LIMIT)
         status, _, body = one_response(transport)
@@ -726,6 +780,7 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_chunked_at_limit_accepted(self) -> None:
+        """A chunked body of exactly the limit is accepted."""
         channel, transport = self.connect()
         channel.dataReceived(
             b"POST / HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -735,6 +790,7 @@ class BodyLimitTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual((status, body), (200, b"ok 100"))
 
     def test_large_bodies_spool_to_a_file(self) -> None:
+        """Large bodies are spooled to a file, small ones kept in memory."""
         config = GatewayConfig(max_request_bytes=10 * 1024 * 1024)
         site = GatewaySite(self.resource, config, self.metrics, clock=self.clock)
         channel = site.buildProtocol(None)
@@ -754,11 +810,16 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
     """The four server timeouts, each on the site's clock."""
 
     def test_twisted_idle_timer_off(self) -> None:
+        """Twisted's own idle timer is off: the gateway's timers replace it."""
         channel, _ = self.connect()
         self.assertIsNone(channel.timeOut)
         self.assertIsNone(channel._TimeoutMixin__timeoutCall)
 
     def test_header_trickle_cut_other_client_served(self) -> None:
+        """
+        Headers trickled slowly are cut at the header timeout with 408, while another client is
+        served.
+        """
         slow, slow_transport = self.connect()
         slow.dataReceived(b"GET / HTTP/1.1\r\n")
         header = b"X-Slow: " + b"a" * 20
@@ -784,6 +845,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.resource.rendered), 1)
 
     def test_silent_connection_closed_at_header_timeout(self) -> None:
+        """A connection that sends nothing is closed silently at the header timeout."""
         _, transport = self.connect()
         self.clock.advance(READ_HEADER - 0.1)
         self.assertFalse(transport.disconnecting)
@@ -794,6 +856,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnected)
 
     def test_body_trickle_cut_at_read_timeout(self) -> None:
+        """A body trickled slowly is cut at the read timeout with 408 carrying the request id."""
         channel, transport = self.connect()
         channel.dataReceived(
             b"POST / HTTP/1.1\r\nHost: g\r\nX-Request-Id: trickle\r\nContent-Length: 90\r\n\r\n"
@@ -815,6 +878,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.site.inflight, 0)
 
     def test_response_not_written_aborts_at_write_timeout(self) -> None:
+        """A response left unfinished is aborted at the write timeout."""
         channel, transport = self.connect()
         self.request(channel, path=b"/slow")
         [request] = self.resource.pending
@@ -825,6 +889,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnected)
 
     def test_client_not_reading_aborts_at_write_timeout(self) -> None:
+        """A client that does not read the response is aborted at the write timeout."""
         channel, transport = self.connect()
         self.request(channel, path=b"/slow")
         [request] = self.resource.pending
@@ -835,6 +900,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnected)
 
     def test_flushed_response_stops_write_timer(self) -> None:
+        """A response that is flushed stops the write timer and starts the idle one."""
         channel, transport = self.connect()
         self.request(channel, path=b"/slow")
         [request] = self.resource.pending
@@ -847,6 +913,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
 
     def test_idle_keep_alive_closed_at_idle_timeout(self) -> None:
+        """An idle keep-alive connection is closed at the idle timeout, not the header one."""
         channel, transport = self.connect()
         self.request(channel)
         self.assertEqual(one_response(transport)[0], 200)
@@ -857,6 +924,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_idle_restarts_after_each_request(self) -> None:
+        """The idle timeout restarts after each request."""
         channel, transport = self.connect()
         self.request(channel)
         self.clock.advance(IDLE - 1)
@@ -869,6 +937,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_idle_timer_stops_when_next_request_starts(self) -> None:
+        """The idle timer stops when the next request starts, and restarts when it finishes."""
         config = GatewayConfig(
             read_header_timeout=READ_HEADER, read_timeout=READ, write_timeout=WRITE, idle_timeout=3
         )
@@ -884,6 +953,9 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(channel.armed(), {"idle"})
 
     def test_keep_alive_request_gets_header_timeout_from_first_byte(self) -> None:
+        """
+        The next request on a keep-alive connection has the header timeout from its first byte.
+        """
         channel, transport = self.connect()
         self.request(channel)
         self.clock.advance(30)
@@ -896,6 +968,7 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(one_response(transport)[0], 408)
 
     def test_pipelined_requests_answered_in_order(self) -> None:
+        """Pipelined requests are answered in order."""
         channel, transport = self.connect()
         channel.dataReceived(
             b"GET /slow HTTP/1.1\r\nHost: g\r\n\r\n"
@@ -1044,6 +1117,7 @@ class PersistenceTests(HTTPTestMixin, SynchronousTestCase):
         self.assertTrue(transport.disconnecting, headers)
 
     def test_close_in_a_comma_list(self) -> None:
+        """A close token anywhere in a Connection list, in any case, closes the connection."""
         for header in (
             b"Connection: close, X-Hop",
             b"Connection: X-Hop,close",
@@ -1054,15 +1128,18 @@ class PersistenceTests(HTTPTestMixin, SynchronousTestCase):
             self.assertCloses(header)
 
     def test_close_in_a_second_header(self) -> None:
+        """A close token in a second Connection header closes the connection."""
         self.assertCloses(b"Connection: keep-alive", b"Connection: close")
 
     def test_other_tokens_keep_alive(self) -> None:
+        """Connection tokens other than close keep the connection alive."""
         for headers in ((), (b"Connection: keep-alive, X-Close",), (b"Connection: closed",)):
             response_headers, transport = self.answered(*headers)
             self.assertNotIn(b"connection", response_headers, headers)
             self.assertFalse(transport.disconnecting, headers)
 
     def test_http_1_0_closes(self) -> None:
+        """An HTTP/1.0 request closes the connection after its response."""
         response_headers, transport = self.answered(version=b"HTTP/1.0")
         self.assertTrue(transport.disconnecting)
 
@@ -1071,6 +1148,7 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
     """site.drain(): wait for requests in flight, close keep-alive connections."""
 
     def test_inflight_counts_requests_until_finished(self) -> None:
+        """A request is counted in flight from its headers until its response finishes."""
         channel, transport = self.connect()
         self.assertEqual(self.site.inflight, 0)
         channel.dataReceived(b"POST /slow HTTP/1.1\r\nHost: g\r\nContent-Length: 4\r\n\r\n")
@@ -1081,6 +1159,9 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.site.inflight, 0)
 
     def test_client_gone_mid_body_logged_with_method_and_path(self) -> None:
+        """
+        A client gone mid-body is logged as 499 with method and path (no query), never rendered.
+        """
         channel, _ = self.connect()
         channel.dataReceived(
             b"PUT /tools/upload?key=secret HTTP/1.1\r\nHost: g\r\nX-Request-Id: half\r\n"
@@ -1099,6 +1180,7 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.resource.rendered, [])
 
     def test_client_gone_mid_chunked_body_logged_with_method_and_path(self) -> None:
+        """A client gone mid chunked body is logged as 499 with method and path."""
         channel, _ = self.connect()
         channel.dataReceived(
             b"POST /a/b HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab"
@@ -1111,6 +1193,7 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         )
 
     def test_inflight_released_on_connection_lost(self) -> None:
+        """A lost connection releases its request from the in-flight count."""
         channel, _ = self.connect()
         self.request(channel, path=b"/slow")
         self.assertEqual(self.site.inflight, 1)
@@ -1118,6 +1201,7 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.site.inflight, 0)
 
     def test_drain_fires_when_inflight_finishes(self) -> None:
+        """Draining closes idle connections at once and fires when the last request finishes."""
         channel, transport = self.connect()
         self.request(channel, path=b"/slow")
         idle_channel, idle_transport = self.connect()
@@ -1140,6 +1224,7 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_drain_fires_at_timeout(self) -> None:
+        """Draining fires at its bound with the number of requests still in flight."""
         channel, _ = self.connect()
         self.request(channel, path=b"/slow")
         drained = self.site.drain(25)
@@ -1182,9 +1267,11 @@ class DrainTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(told, [True])
 
     def test_drain_without_requests_fires_at_once(self) -> None:
+        """Draining with nothing in flight fires at once."""
         self.assertEqual(self.successResultOf(self.site.drain(25)), 0)
 
     def test_request_during_drain_closes_connection(self) -> None:
+        """A request that arrives during draining is served with Connection: close."""
         channel, transport = self.connect()
         channel.dataReceived(b"GET / HTTP/1.1\r\n")
         self.site.drain(25)

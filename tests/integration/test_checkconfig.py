@@ -95,6 +95,9 @@ class CheckConfigTests(TestCase):
         return status, items, text
 
     async def test_production_ready(self):
+        """
+        A production environment with every service up passes every item and says where it looked.
+        """
         status, items, text = await self.check(self.environ())
         self.assertEqual(status, 0, text)
         self.assertEqual(set(items.values()), {"PASS"}, text)
@@ -108,6 +111,9 @@ class CheckConfigTests(TestCase):
         self.assertIn("0 failed: ready for production", text)
 
     async def test_env_file(self):
+        """
+        C{--env-file} supplies the whole environment: the same checklist passes from the file alone.
+        """
         path = os.path.join(self.directory, "gateway.env")
         with open(path, "w", encoding="utf-8") as f:
             for name, value in self.environ().items():
@@ -119,6 +125,10 @@ class CheckConfigTests(TestCase):
         self.assertEqual(set(items.values()), {"PASS"}, text)
 
     async def test_expired_certificate(self):
+        """
+        An expired TLS certificate fails the certificate item, naming the file, and the rest is
+        still judged.
+        """
         expired_dir = os.path.join(self.directory, "expired")
         os.makedirs(expired_dir)
         yesterday = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
@@ -132,6 +142,10 @@ class CheckConfigTests(TestCase):
         self.assertEqual(items["Redis"], "PASS")
 
     async def test_wrong_chain_order(self):
+        """
+        A certificate file with its chain out of order fails the chain item, saying which link is
+        wrong.
+        """
         intermediate = self.leaf.intermediates[0]
         from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -145,6 +159,9 @@ class CheckConfigTests(TestCase):
         self.assertIn("certificate 2 (CN=Caracal Test Root) did not issue certificate 1", text)
 
     async def test_redis_on_closed_port(self):
+        """
+        A Redis on a closed port fails the Redis item as refused, and Postgres is judged regardless.
+        """
         environ = self.environ(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
         status, items, text = await self.check(environ)
         self.assertEqual(status, 1, text)
@@ -178,6 +195,9 @@ class CheckConfigTests(TestCase):
         self.assertEqual(status, 1)
 
     async def test_redis_password_not_shown(self):
+        """
+        A refused Redis password fails the Redis item without the password appearing in the report.
+        """
         password = "redis-Pass-" + secrets.token_hex(6)
         environ = self.environ(REDIS_URL=f"redis://:{password}@127.0.0.1:6379/0")
         status, items, text = await self.check(environ)
@@ -188,6 +208,9 @@ class CheckConfigTests(TestCase):
         self.assertEqual(status, 1)
 
     async def test_sts_certificate_not_trusted(self):
+        """
+        An STS whose certificate the configured CA bundle does not trust fails the TLS handshake.
+        """
         stranger = os.path.join(self.directory, "stranger.pem")
         with open(stranger, "wb") as f:
             f.write(make_authority("Somebody Else").pem)
@@ -197,12 +220,16 @@ class CheckConfigTests(TestCase):
         self.assertIn("TLS handshake failed", text)
 
     async def test_sts_down(self):
+        """An STS that refuses connections fails the STS item as connection refused."""
         environ = self.environ(STS_URL=f"https://localhost:{free_port()}")
         status, items, text = await self.check(environ)
         self.assertEqual((status, items["STS"]), (1, "FAIL"), text)
         self.assertIn("connection refused", text)
 
     async def test_schema_missing(self):
+        """
+        A database without the gateway's schema fails the Postgres item and says to run migrate.
+        """
         bare = TemporaryDatabase(apply_schema=False).create()
         self.addCleanup(bare.drop)
         [(user,)] = bare.execute("SELECT current_user")
@@ -212,6 +239,9 @@ class CheckConfigTests(TestCase):
         self.assertIn("gateway_resources table is missing; run caracal-gateway-admin migrate", text)
 
     async def test_dev_escape_hatches(self):
+        """
+        Dev settings (CARACAL_ENV, PORT, JTI_FAIL_OPEN) each fail their own item in one report.
+        """
         environ = self.environ(CARACAL_ENV="dev", PORT="9443", JTI_FAIL_OPEN="true")
         status, items, text = await self.check(environ)
         self.assertEqual(status, 1, text)
@@ -220,6 +250,9 @@ class CheckConfigTests(TestCase):
         )
 
     async def test_probes_are_bounded(self):
+        """
+        An STS and a Redis that never answer fail within the timeout instead of hanging the check.
+        """
         # An STS whose /health never answers and a "Redis" that never replies.
         sts = ScriptedSTS(reactor)
         sts.script(b"/health", hang=True)
