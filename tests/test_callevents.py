@@ -229,6 +229,15 @@ class CallEventTests(CallEventFixture, SynchronousTestCase):
         decision, metadata = self.only_event(request)
         self.assertEqual((decision, metadata["reason"]), ("allow", "upstream_cut"))
 
+    def test_drained(self):
+        """A standing stream ended by the drain (SIGTERM): drained, allow."""
+        self.pipeline.forwarder = StreamingForwarder()
+        request = self.call(token=self.mint())
+        request.log_fields["upstream_cut"] = "drained"
+        request.finish()
+        decision, metadata = self.only_event(request)
+        self.assertEqual((decision, metadata["reason"]), ("allow", "drained"))
+
     def test_client_gone_mid_stream(self):
         """The client left while the response streamed: client_gone, allow."""
         self.pipeline.forwarder = StreamingForwarder()
