@@ -654,6 +654,9 @@ def format_table(results: dict, ratio: dict, checks: list[dict] | None = None) -
     for name in TARGETS:
         cpu = results.get(name, {}).get("cpu_s")
         if cpu:
+            if results[name].get("cpu_split"):
+                # The front's own line counts the parent only; its workers are in the split.
+                cpu = {**cpu, FRONT[name]: sum(results[name]["cpu_split"].values())}
             spent = ", ".join(f"{process} {seconds:.1f} s" for process, seconds in cpu.items())
             front = results[name].get("front_cpu_us_per_request", 0.0)
             lines.append(f"cpu during {name}: {spent} ({FRONT[name]}: {front:.0f} us per request)")
