@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ResponseNeverReceived
 
-from caracal.gateway import admin, checkconfig
+from caracal.gateway import admin, checkconfig, probes
 from caracal.gateway.checkconfig import (
     FAIL,
     PASS,
@@ -615,29 +615,41 @@ class ReportTests(SynchronousTestCase):
         self.assertTrue(report.endswith("1 passed, 0 warnings, 0 failed: ready for production\n"))
 
 
+class SettledProbesTests(SynchronousTestCase):
+    """L{probes.settled_probes} without a network."""
+
+    def test_refused_configuration_probes_nothing(self):
+        """
+        A configuration startup would refuse starts no probe (nor the
+        reactor): each probe answers that it was not probed.
+        """
+        settled = probes.settled_probes({"CARACAL_ENV": "staging"}, 1.0)
+        for probe in (settled.sts, settled.redis, settled.postgres):
+            error = self.assertRaises(ProbeFailed, probe, None, 1.0)
+            self.assertEqual(str(error), "not probed")
+
+
 class ConnectionFailureTests(SynchronousTestCase):
     def test_tls_verification(self):
         """A certificate verification failure is described as a failed TLS handshake."""
         error = SSL.Error([("SSL routines", "", "certificate verify failed")])
         failure = Failure(ResponseNeverReceived([Failure(error)]))
         self.assertEqual(
-            checkconfig.describe_connection_failure(failure),
+            probes.describe_connection_failure(failure),
             "TLS handshake failed: certificate verify failed",
         )
 
     def test_hostname(self):
         """A host name mismatch is described as such."""
         failure = Failure(ResponseNeverReceived([Failure(VerificationError(errors=[]))]))
-        self.assertIn(
-            "does not match the host name", checkconfig.describe_connection_failure(failure)
-        )
+        self.assertIn("does not match the host name", probes.describe_connection_failure(failure))
 
     def test_refused_and_timeout(self):
         """A refused connection and a cancelled (timed out) one each get their own words."""
         refused = Failure(internet_error.ConnectionRefusedError())
-        self.assertEqual(checkconfig.describe_connection_failure(refused), "connection refused")
+        self.assertEqual(probes.describe_connection_failure(refused), "connection refused")
         cancelled = Failure(defer.CancelledError())
-        self.assertEqual(checkconfig.describe_connection_failure(cancelled), "no answer in time")
+        self.assertEqual(probes.describe_connection_failure(cancelled), "no answer in time")
 
 
 class EnvFileTests(SynchronousTestCase):

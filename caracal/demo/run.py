@@ -46,9 +46,9 @@ from psycopg2 import sql
 from psycopg2.extensions import make_dsn, parse_dsn
 
 from caracal.demo.certificates import ensure_certificates
-from caracal.gateway.checkconfig import ProbeFailed, ping_redis
 from caracal.gateway.config import GatewayConfig, parse_redis_url, redact_url
 from caracal.gateway.logfile import LOG_FILE_VARIABLE
+from caracal.gateway.probes import ProbeFailed, redis_answers
 from caracal.gateway.tokens import fingerprint
 
 PROG = "caracal.demo"
@@ -404,7 +404,7 @@ def _interrupted(signum, frame):
 def check_services(postgres: str, redis_url: str) -> None:
     """Postgres and Redis answer, or the newcomer learns which one is missing."""
     try:
-        ping_redis(parse_redis_url(redis_url), timeout=3.0)
+        redis_answers(parse_redis_url(redis_url), timeout=3.0)
     except (ProbeFailed, ValueError) as error:
         raise DemoError(
             f"Redis is not reachable at {redact_url(redis_url)}: {error}."

@@ -14,19 +14,16 @@ Every item is one line, C{PASS}, C{WARN} or C{FAIL} with the reason; any
 C{FAIL} makes the exit status 1. Values shown come from
 L{GatewayConfig.redacted}: no password, key or token is ever printed.
 
-The checks are plain functions of a configuration (and certificate
-credentials) returning L{Finding}s; the network probes are passed in, so
-the logic is tested without a network.
+The checklist is plain functions of a configuration (and certificate
+credentials) returning L{Finding}s; the network probes
+(L{caracal.gateway.probes}, the gateway's own STS, Redis and Postgres
+clients) are passed in, so the rules are tested without a network.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import socket
-import ssl
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TextIO
@@ -38,8 +35,8 @@ from caracal.gateway.config import (
     PRODUCTION_PORT,
     ConfigError,
     GatewayConfig,
-    RedisAddress,
 )
+from caracal.gateway.probes import ProbeFailed, Probes, settled_probes
 from caracal.gateway.tls import (
     ServerCredentials,
     client_tls_policy,
@@ -77,22 +74,6 @@ class Finding:
     status: str
     item: str
     reason: str
-
-
-class ProbeFailed(Exception):
-    """A network probe did not succeed; C{str()} is the one-line reason."""
-
-
-@dataclass(frozen=True)
-class Probes:
-    """
-    The network probes, each C{probe(config, timeout) -> str} (a detail for
-    the PASS line) raising L{ProbeFailed}.
-    """
-
-    sts: Callable[[GatewayConfig, float], str]
-    redis: Callable[[GatewayConfig, float], str]
-    postgres: Callable[[GatewayConfig, float], str]
 
 
 # -- the checklist, item by item ----------------------------------------
@@ -442,266 +423,6 @@ def exit_status(findings: Iterable[Finding]) -> int:
     return EXIT_FAILED if any(f.status == FAIL for f in findings) else EXIT_OK
 
 
-# -- the network probes --------------------------------------------------
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
-def _scrub(text: str, *secrets: str | bytes | None) -> str:
-    """C{text} without any of C{secrets} (libraries may quote what they were given)."""
-    for secret in secrets:
-        if isinstance(secret, bytes):
-            secret = secret.decode("latin-1")
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
-def _tls_reason(error: BaseException) -> str:
-    """An OpenSSL error list as its reason strings."""
-    reasons = []
-    for entry in getattr(error, "args", ()) or ():
-        if isinstance(entry, list):
-            reasons += [item[-1] for item in entry if isinstance(item, tuple) and item[-1]]
-    return ", ".join(reasons) or type(error).__name__
-
-
-def describe_connection_failure(failure) -> str:
-    """
-    One line for why an HTTP call through Twisted's Agent failed: the
-    wrapped reasons (TLS verification, hostname, refused, timeout) unwrapped.
-    """
-    from OpenSSL import SSL
-    from service_identity import VerificationError
-    from twisted.internet import defer
-    from twisted.internet import error as internet_error
-
-    value = failure.value
-    reasons = getattr(value, "reasons", None)
-    if reasons:
-        return "; ".join(describe_connection_failure(reason) for reason in reasons)
-    if isinstance(value, VerificationError):
-        return f"the certificate does not match the host name ({_one_line(value)})"
-    if isinstance(value, SSL.Error):
-        return f"TLS handshake failed: {_tls_reason(value)}"
-    if isinstance(value, internet_error.ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(value, internet_error.DNSLookupError):
-        return "cannot resolve the host name"
-    # treq's timeout cancels the request: the Agent reports a CancelledError.
-    if isinstance(value, internet_error.TimeoutError | TimeoutError | defer.CancelledError):
-        return "no answer in time"
-    if isinstance(value, internet_error.ConnectionDone | internet_error.ConnectionLost):
-        return "the connection was closed before an answer"
-    return _one_line(value) or type(value).__name__
-
-
-def probe_sts_once(config: GatewayConfig, timeout: float, reactor) -> object:
-    """
-    C{GET {STS_URL}/health} over TLS with the gateway's STS policy
-    (C{STS_CA_FILE} plus the platform roots, the host name verified).
-    Returns a Deferred firing with the PASS detail or failing with
-    L{ProbeFailed}.
-    """
-    import treq
-    from twisted.web.client import Agent, HTTPConnectionPool
-
-    policy = client_tls_policy(config.sts_ca_file, variable="STS_CA_FILE")
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    client = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
-    started = time.monotonic()
-    d = client.get(config.sts_base_url + "/health", timeout=timeout)
-
-    def answered(response):
-        elapsed = (time.monotonic() - started) * 1000
-        # Read (and drop) the body so the connection closes cleanly.
-        body = treq.content(response)
-        body.addErrback(lambda _: None)
-        if response.code != 200:
-            raise ProbeFailed(f"GET /health answered HTTP {response.code}")
-        return body.addCallback(
-            lambda _: f"GET /health answered 200 over verified TLS in {elapsed:.0f} ms"
-        )
-
-    def failed(failure):
-        if failure.check(ProbeFailed):
-            return failure
-        raise ProbeFailed(f"GET /health failed: {describe_connection_failure(failure)}")
-
-    d.addCallbacks(answered, failed)
-    return d
-
-
-def probe_sts(config: GatewayConfig, timeout: float) -> str:
-    """L{probe_sts_once} on the global reactor, run once for this command."""
-    from twisted.internet import defer, reactor
-
-    outcome: list = []
-
-    def start():
-        d = defer.maybeDeferred(probe_sts_once, config, timeout, reactor)
-        d.addBoth(outcome.append)
-        d.addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
-    result = outcome[0]
-    if isinstance(result, str):
-        return result
-    if result.check(ProbeFailed):
-        raise result.value
-    if result.check(ConfigError):
-        raise ProbeFailed(str(result.value))
-    raise ProbeFailed(_one_line(result.value) or result.type.__name__)
-
-
-def _resp_command(*parts: str) -> bytes:
-    out = [f"*{len(parts)}\r\n".encode()]
-    for part in parts:
-        data = part.encode("utf-8")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-def _read_line(stream) -> str:
-    line = stream.readline(4096)
-    if not line:
-        raise ProbeFailed("Redis closed the connection")
-    return line.decode("utf-8", "replace").rstrip("\r\n")
-
-
-def ping_redis(address: RedisAddress, timeout: float) -> str:
-    """
-    Connect to Redis, authenticate and select the database as the gateway
-    will, then C{PING}; every step bounded by C{timeout}. Returns a detail
-    line; raises L{ProbeFailed}.
-    """
-    started = time.monotonic()
-    try:
-        raw = socket.create_connection((address.host, address.port), timeout=timeout)
-    except OSError as error:
-        raise ProbeFailed(f"cannot connect: {error.strerror or _one_line(error)}") from None
-    try:
-        connection = raw
-        if address.tls:
-            context = ssl.create_default_context()
-            connection = context.wrap_socket(raw, server_hostname=address.host)
-        connection.settimeout(timeout)
-        stream = connection.makefile("rb")
-        commands = []
-        if address.password:
-            commands.append(("AUTH", _resp_command("AUTH", address.password)))
-        if address.db:
-            commands.append(("SELECT", _resp_command("SELECT", str(address.db))))
-        commands.append(("PING", _resp_command("PING")))
-        for name, command in commands:
-            connection.sendall(command)
-            reply = _read_line(stream)
-            if reply.startswith("-"):
-                raise ProbeFailed(f"{name} refused: {_scrub(reply[1:], address.password)}")
-        if reply != "+PONG":
-            raise ProbeFailed(f"unexpected PING reply {reply[:40]!r}")
-    except (OSError, ssl.SSLError) as error:
-        raise ProbeFailed(_scrub(_one_line(error), address.password) or "I/O error") from None
-    finally:
-        raw.close()
-    return f"PING answered PONG in {(time.monotonic() - started) * 1000:.0f} ms"
-
-
-def _sentinel_master(host: str, port: int, name: str, timeout: float) -> tuple[str, int]:
-    """Ask the sentinel at C{host}:C{port} where master C{name} is."""
-    try:
-        connection = socket.create_connection((host, port), timeout=timeout)
-    except OSError as error:
-        raise ProbeFailed(f"cannot connect: {error.strerror or _one_line(error)}") from None
-    try:
-        connection.settimeout(timeout)
-        stream = connection.makefile("rb")
-        connection.sendall(_resp_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", name))
-        header = _read_line(stream)
-        if header.startswith("-"):
-            raise ProbeFailed(f"refused: {header[1:]}")
-        if header in ("*-1", "$-1"):
-            raise ProbeFailed(f"knows no master named {name}")
-        if header != "*2":
-            raise ProbeFailed(f"unexpected reply {header[:40]!r}")
-        address = []
-        for _ in range(2):
-            _read_line(stream)  # the bulk string's length
-            address.append(_read_line(stream))
-        return address[0], int(address[1])
-    except (OSError, ValueError) as error:
-        raise ProbeFailed(_one_line(error) or "I/O error") from None
-    finally:
-        connection.close()
-
-
-def probe_redis(config: GatewayConfig, timeout: float) -> str:
-    """
-    L{ping_redis} at C{REDIS_URL}; for C{redis+sentinel://}, at the master
-    the first sentinel that answers names.
-    """
-    address = config.redis
-    if not address.sentinels:
-        return ping_redis(address, timeout)
-    failures = []
-    for host, port in address.sentinels:
-        try:
-            master = _sentinel_master(host, port, address.master_name, timeout)
-        except ProbeFailed as failure:
-            failures.append(f"sentinel {host}:{port}: {failure}")
-            continue
-        detail = ping_redis(
-            dataclasses.replace(address, host=master[0], port=master[1], sentinels=()), timeout
-        )
-        return f"sentinel {host}:{port} names master {master[0]}:{master[1]}; {detail}"
-    raise ProbeFailed("; ".join(failures))
-
-
-def probe_postgres(config: GatewayConfig, timeout: float) -> str:
-    """
-    Connect to C{DATABASE_URL} (bounded by C{timeout}), check that the
-    C{gateway_resources} table is there and readable, and count its rows.
-    """
-    import psycopg2
-    from psycopg2.extensions import parse_dsn
-
-    try:
-        password = parse_dsn(config.database_url).get("password")
-    except psycopg2.ProgrammingError:
-        raise ProbeFailed("DATABASE_URL is not a valid Postgres URL or DSN") from None
-    try:
-        connection = psycopg2.connect(
-            config.database_url,
-            connect_timeout=max(1, round(timeout)),
-            options=f"-c statement_timeout={int(timeout * 1000)}",
-            application_name="caracal-gateway-admin check-config",
-        )
-    except psycopg2.Error as error:
-        raise ProbeFailed(f"cannot connect: {_scrub(_one_line(error), password)}") from None
-    try:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT to_regclass('gateway_resources') IS NOT NULL")
-            if not cursor.fetchone()[0]:
-                raise ProbeFailed(
-                    "connected, but the gateway_resources table is missing;"
-                    " run caracal-gateway-admin migrate"
-                )
-            cursor.execute("SELECT count(*) FROM gateway_resources")
-            count = cursor.fetchone()[0]
-    except psycopg2.Error as error:
-        raise ProbeFailed(f"gateway_resources: {_scrub(_one_line(error), password)}") from None
-    finally:
-        connection.close()
-    return f"connected; gateway_resources readable ({count} resources)"
-
-
-#: The real probes.
-NETWORK_PROBES = Probes(sts=probe_sts, redis=probe_redis, postgres=probe_postgres)
-
-
 # -- the command ---------------------------------------------------------
 
 
@@ -754,11 +475,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def check_config(
     environ: Mapping[str, str],
     stdout: TextIO,
-    probes: Probes = NETWORK_PROBES,
+    probes: Probes | None = None,
     now: datetime.datetime | None = None,
     timeout: float = PROBE_TIMEOUT,
 ) -> int:
-    """Run every check on C{environ}, print the report, return the exit status."""
+    """
+    Run every check on C{environ}, print the report, return the exit status.
+
+    @param probes: the network probes; by default the real ones
+        (L{settled_probes}), run on the global reactor.
+    """
+    if probes is None:
+        probes = settled_probes(environ, timeout)
     findings = run_checks(environ, probes, now=now, timeout=timeout)
     stdout.write(format_report(findings))
     stdout.flush()

@@ -35,7 +35,7 @@ import weakref
 
 import txredisapi
 from twisted.internet import defer, task
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 
@@ -409,6 +409,52 @@ def blocking_connection(
     return _connect(address, reactor, 1, connect_timeout, tls_options)
 
 
+def connect_once(
+    address: RedisAddress,
+    reactor=None,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    tls_options=None,
+) -> defer.Deferred:
+    """
+    One connection of its own that does not reconnect, for a check that must
+    say why Redis cannot be used (C{caracal-gateway-admin check-config}):
+    the same endpoint (C{rediss} TLS), C{AUTH} and C{SELECT} as
+    L{connect_redis}, each failure reported instead of retried. It connects
+    to C{address.host} and C{address.port}; sentinels are the caller's to ask.
+
+    @return: a Deferred firing with the connected txredisapi protocol (close
+        it with C{transport.loseConnection()}), or failing with
+        L{RedisUnavailable}; when the connection itself failed, that failure
+        is its C{__cause__}. The caller bounds it in time.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    connection = txredisapi.RedisProtocol(charset="utf-8", convertNumbers=False)
+    d = connectProtocol(_endpoint(address, reactor, connect_timeout, tls_options), connection)
+
+    def not_connected(failure):
+        raise RedisUnavailable(f"cannot connect: {failure.getErrorMessage()}") from failure.value
+
+    @defer.inlineCallbacks
+    def prepare(_):
+        steps = []
+        if address.password:
+            steps.append(("AUTH", lambda: connection.auth(address.password)))
+        if address.db:
+            steps.append(("SELECT", lambda: connection.select(address.db)))
+        for name, step in steps:
+            try:
+                reply = yield step()
+                if isinstance(reply, Exception):
+                    raise reply
+            except txredisapi.ResponseError as error:
+                connection.transport.loseConnection()
+                raise RedisUnavailable(f"{name} refused: {error}") from None
+        return connection
+
+    return d.addCallbacks(prepare, not_connected)
+
+
 def close_redis(handler) -> defer.Deferred:
     """
     Stop reconnecting and close every connection of C{handler} (and its
@@ -443,6 +489,8 @@ def check_redis(redis, clock, timeout: float = 1.0) -> defer.Deferred:
             raise RedisUnavailable(f"unexpected PING reply {reply!r}")
 
     def failed(failure):
-        raise RedisUnavailable(failure.getErrorMessage() or failure.type.__name__)
+        raise RedisUnavailable(
+            failure.getErrorMessage() or failure.type.__name__
+        ) from failure.value
 
     return d.addCallbacks(answered, failed)

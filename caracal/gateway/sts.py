@@ -490,7 +490,9 @@ class STSClient:
                 return failure
             if _cancelled(failure):
                 raise CancelledError()
-            raise STSUnavailable(f"STS {path.split('?')[0]}: {_describe_failure(failure)}")
+            raise STSUnavailable(
+                f"STS {path.split('?')[0]}: {_describe_failure(failure)}"
+            ) from failure.value
 
         return d.addErrback(failed)
 
