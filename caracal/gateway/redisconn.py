@@ -450,6 +450,10 @@ def connect_once(
             except txredisapi.ResponseError as error:
                 connection.transport.loseConnection()
                 raise RedisUnavailable(f"{name} refused: {error}") from None
+            except BaseException:
+                # Cut short (the caller's time bound) or lost: never leave it open.
+                connection.transport.loseConnection()
+                raise
         return connection
 
     return d.addCallbacks(prepare, not_connected)
