@@ -13,7 +13,7 @@ import re
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
-from caracal.gateway.metrics import Metrics, PROMETHEUS_GAUGES
+from caracal.gateway.metrics import PROMETHEUS_GAUGES, Metrics
 
 ETC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc")
 RULES = os.path.join(ETC, "prometheus", "caracal-gateway-alerts.yml")

@@ -66,6 +66,8 @@ class ExchangeRecord:
     resource: str
     request_id: str | None
     granted: bool
+    #: The W3C trace context the caller sent, if any.
+    traceparent: str | None = None
 
 
 class InvalidSubject(Exception):
@@ -287,11 +289,13 @@ class _STSResource(Resource):
             )
         }
         request_id = request.getHeader(b"x-request-id")
+        traceparent = request.getHeader(b"traceparent")
         record = {
             "zone_id": fields["zone_id"] or "",
             "application_id": fields["application_id"] or "",
             "resource": fields["resource"] or "",
             "request_id": request_id.decode("ascii", "replace") if request_id else None,
+            "traceparent": traceparent.decode("ascii", "replace") if traceparent else None,
         }
         if sts.fail_exchanges is not None:
             sts.exchange_log.append(ExchangeRecord(granted=False, **record))

@@ -191,10 +191,17 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
     metrics = Metrics()
     if backends is None:
         backends = build_backends(config, reactor, metrics)
+    tracing = None
+    fetch_jwks = backends.sts.fetch_jwks
+    if config.tracing is not None:
+        from caracal.gateway.tracing import Tracing
+
+        tracing = Tracing.from_settings(config.tracing)
+        fetch_jwks = tracing.traced_jwks_fetch(fetch_jwks)
     upstream_policy = client_tls_policy(config.upstream_ca_file, variable="UPSTREAM_CA_FILE")
     pipeline = Pipeline(
         resources=backends.resources,
-        jwks=JWKSCache(backends.sts.fetch_jwks, reactor, metrics=metrics),
+        jwks=JWKSCache(fetch_jwks, reactor, metrics=metrics),
         replay=backends.replay,
         audit=backends.audit,
         revocations=backends.revocations,
@@ -219,6 +226,7 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
         jti_fail_open=config.jti_fail_open,
         revocation_fail_open=config.revocation_fail_open,
         max_token_lifetime=config.max_token_lifetime,
+        tracing=tracing,
     )
     metrics.gauge("bindings_loaded", backends.resources.count)
     metrics.gauge("revocations_active", backends.revocations.active)
@@ -256,7 +264,12 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
         )
         metrics_site = GatewaySite(metrics_root, config, metrics, clock=reactor)
     service = MultiService()
-    for child in [*backends.services, ClosingService(pipeline.forwarder.close)]:
+    children = [*backends.services, ClosingService(pipeline.forwarder.close)]
+    if tracing is not None:
+        # First in, so stopped last (MultiService stops in reverse): the
+        # spans of the last requests leave after everything else stopped.
+        children.insert(0, ClosingService(lambda: tracing.shutdown(reactor)))
+    for child in children:
         child.setServiceParent(service)
     site = GatewaySite(root, config, metrics, clock=reactor)
     return Gateway(

@@ -12,10 +12,13 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
+
+from caracal.gateway.tracing import TracingConfigError, TracingSettings
 
 PRODUCTION = "production"
 DEV = "dev"
@@ -495,6 +498,8 @@ class GatewayConfig:
     audit_stream_maxlen: int = DEFAULT_AUDIT_STREAM_MAXLEN
     audit_spool_dir: str = DEFAULT_AUDIT_SPOOL_DIR
     audit_spool_max_bytes: int = DEFAULT_AUDIT_SPOOL_MAX_BYTES
+    #: A L{caracal.gateway.tracing.TracingSettings} when tracing is on.
+    tracing: Any = None
 
     @property
     def production(self) -> bool:
@@ -912,6 +917,7 @@ class _Reader:
             ),
             audit_spool_dir=self.text("AUDIT_SPOOL_DIR") or DEFAULT_AUDIT_SPOOL_DIR,
             audit_spool_max_bytes=self.size("AUDIT_SPOOL_MAX_BYTES", DEFAULT_AUDIT_SPOOL_MAX_BYTES),
+            tracing=self.tracing(),
             **timeouts,
             **agent_clients,
         )
@@ -965,3 +971,11 @@ class _Reader:
             self.refuse(f"REDIS_URL is malformed: {error}")
             return ""
         return redis_url
+
+    def tracing(self):
+        """The OpenTelemetry settings (SPEC 15), C{None} when tracing is off."""
+        try:
+            return TracingSettings.from_environ(self.environ)
+        except TracingConfigError as error:
+            self.refuse(str(error))
+            return None

@@ -110,10 +110,16 @@ class ITokenExchange(Interface):
     """The STS's token exchange (SPEC step 11)."""
 
     def exchange(
-        subject_token: str, zone_id: str, application_id: str, resource: str, request_id: str
+        subject_token: str,
+        zone_id: str,
+        application_id: str,
+        resource: str,
+        request_id: str,
+        traceparent: bytes | None = None,
     ):
         """
-        Exchange the caller's bearer for a per-call mandate.
+        Exchange the caller's bearer for a per-call mandate; C{traceparent}
+        (tracing on) is sent along as the W3C trace context.
 
         @return: a Deferred firing with a L{caracal.gateway.sts.Mandate}, or
             failing with a L{caracal.gateway.denials.Denial}. Cancelling it

@@ -13,6 +13,7 @@ upstream contact for a refused request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -86,6 +87,8 @@ class Call:
     forwarded: bool = False
     #: The MCP operation of the body (L{caracal.gateway.mcp}), or None.
     mcp: MCPOperation | None = None
+    #: The request's server span when tracing is on (L{caracal.gateway.tracing}).
+    span: Any = None
 
     @property
     def zone_id(self) -> str:
@@ -121,6 +124,8 @@ class Pipeline:
     signatures: tokens.SignatureCache = field(default_factory=tokens.SignatureCache)
     #: SPEC 12 H9: which replays are audited (L{ReplayEventThrottle}).
     replay_events: ReplayEventThrottle | None = None
+    #: A L{caracal.gateway.tracing.Tracing}, or C{None} when tracing is off.
+    tracing: Any = None
 
 
 @implementer(IRequestScreen)
@@ -155,6 +160,13 @@ class GatewayResource(ReverseProxyResource):
         """
         call = Call(request)
         request.gateway_call = call
+        tracing = self.pipeline.tracing
+        if tracing is not None:
+            # The span covers the whole request, refused here or later.
+            call.span = tracing.start_request(request)
+            request.notifyFinish().addBoth(
+                lambda _: tracing.end_request(call.span, request, call.resource)
+            )
         try:
             self._check_method(call)  # SPEC 12 H2
             self._authenticate(call)  # steps 2-4
@@ -242,15 +254,24 @@ class GatewayResource(ReverseProxyResource):
             )
         return call
 
-    # Step 8: an ES256 signature from the resource's zone.
-    def _verify_signature(self, call: Call) -> defer.Deferred:
-        d = tokens.verify_token(
+    def _verify(self, call: Call) -> defer.Deferred:
+        return tokens.verify_token(
             call.token,
             call.zone_id,
             self.pipeline.jwks,
             parsed=call.parsed,
             signatures=self.pipeline.signatures,
         )
+
+    # Step 8: an ES256 signature from the resource's zone.
+    def _verify_signature(self, call: Call) -> defer.Deferred:
+        tracing = self.pipeline.tracing
+        if tracing is None:
+            d = self._verify(call)
+        else:
+            # A JWKS fetch this lookup starts is a child of the request's span.
+            with tracing.current(call.span):
+                d = self._verify(call)
 
         def verified(claims):
             call.claims = claims
@@ -266,6 +287,14 @@ class GatewayResource(ReverseProxyResource):
         request_id = call.request.request_id
         ttl_ms = max(1, int(call.seconds_left * 1000))
         d = self.pipeline.replay.claim(call.zone_id, jti, request_id, ttl_ms)
+        tracing = self.pipeline.tracing
+        if tracing is not None:
+            span = tracing.start_client(
+                "redis SET",
+                call.span,
+                {"db.system": "redis", "db.operation.name": "SET", "caracal.zone": call.zone_id},
+            )
+            d = tracing.traced("redis SET", d, span)
 
         def claimed(first_use):
             if first_use:
@@ -336,13 +365,22 @@ class GatewayResource(ReverseProxyResource):
     def _exchange(self, call: Call) -> defer.Deferred:
         started = self.pipeline.clock.seconds()
         resource = call.resource
+        tracing = self.pipeline.tracing
+        traced = {}
+        if tracing is not None:
+            span = tracing.start_client("sts exchange", call.span, {"caracal.zone": call.zone_id})
+            # The STS sees its own span as the caller (its spans nest under it).
+            traced["traceparent"] = tracing.traceparent(span)
         d = self.pipeline.sts.exchange(
             call.token,
             resource.zone_id,
             resource.application_id,
             resource.resource_identifier,
             call.request.request_id,
+            **traced,
         )
+        if tracing is not None:
+            d = tracing.traced("sts exchange", d, span)
 
         def exchanged(mandate):
             elapsed = self.pipeline.clock.seconds() - started
@@ -398,7 +436,27 @@ class GatewayResource(ReverseProxyResource):
 
         # Time left now, not at step 4: the JWKS and STS calls took some of it.
         seconds_left = call.claims["exp"] - self.pipeline.clock.seconds()
-        return self.pipeline.forwarder.forward(
+        tracing = self.pipeline.tracing
+        if tracing is None:
+            return self.pipeline.forwarder.forward(
+                call.request,
+                call.pinned,
+                credentials,
+                seconds_left,
+                watch,
+                call.resource.upstream_timeout,
+            )
+        method = call.request.method.decode("ascii", "replace")
+        span = tracing.start_client(
+            f"upstream {method}",
+            call.span,
+            {"http.request.method": method, "server.address": call.pinned.url.host},
+        )
+        # The upstream gets the traceparent of its own span, replacing the
+        # caller's (whose trace the span continues); the forwarder's
+        # replace-by-name headers carry it like the credential.
+        credentials = [*credentials, (b"traceparent", tracing.traceparent(span))]
+        d = self.pipeline.forwarder.forward(
             call.request,
             call.pinned,
             credentials,
@@ -406,6 +464,13 @@ class GatewayResource(ReverseProxyResource):
             watch,
             call.resource.upstream_timeout,
         )
+
+        def answered(result):
+            if isinstance(call.request.code, int):
+                span.set_attribute("http.response.status_code", call.request.code)
+            return result
+
+        return tracing.traced(f"upstream {method}", d.addBoth(answered), span)
 
     def _deny(self, failure, call: Call) -> None:
         failure.trap(Denial, defer.CancelledError)

@@ -394,9 +394,12 @@ class STSClient:
         application_id: str,
         resource: str,
         request_id: str,
+        traceparent: bytes | None = None,
     ) -> Deferred:
         """
         Exchange the caller's bearer for a per-call mandate (SPEC step 11).
+
+        @param traceparent: the W3C trace context to send (tracing on).
 
         @return: a L{Deferred} firing with a L{Mandate}, or failing with a
             L{Denial}: the STS's own 4xx status and code when it answers with
@@ -419,6 +422,8 @@ class STSClient:
         }
         if _REQUEST_ID.match(request_id or ""):
             headers[b"X-Request-Id"] = [request_id.encode("ascii")]
+        if traceparent:
+            headers[b"traceparent"] = [traceparent]
 
         def attempt() -> Deferred:
             return self._request("POST", self.token_url, headers, form)

@@ -223,7 +223,13 @@ class MemoryTokenExchange(_Stallable):
         self.refused: set[str] = set()
 
     def exchange(
-        self, subject_token: str, zone_id: str, application_id: str, resource: str, request_id: str
+        self,
+        subject_token: str,
+        zone_id: str,
+        application_id: str,
+        resource: str,
+        request_id: str,
+        traceparent: bytes | None = None,
     ) -> defer.Deferred:
         """See L{ITokenExchange.exchange}."""
         self.calls.append((subject_token, zone_id, application_id, resource, request_id))

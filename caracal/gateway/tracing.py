@@ -80,10 +80,7 @@ class TracingSettings:
         generic = (environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "").strip()
         if exporter == "none" or (exporter == "" and not (traces or generic)):
             return None
-        if traces:
-            endpoint = traces
-        else:
-            endpoint = (generic or DEFAULT_ENDPOINT).rstrip("/") + TRACES_PATH
+        endpoint = traces or (generic or DEFAULT_ENDPOINT).rstrip("/") + TRACES_PATH
         delay = (environ.get("OTEL_BSP_SCHEDULE_DELAY") or "").strip()
         try:
             schedule_delay_ms = float(delay) if delay else None
@@ -143,10 +140,10 @@ class Tracing:
         from opentelemetry.trace import SpanKind
 
         carrier = {}
-        for name in ("traceparent", "tracestate"):
+        for name in (b"traceparent", b"tracestate"):
             values = request.requestHeaders.getRawHeaders(name)
             if values and len(values) == 1:
-                carrier[name] = values[0].decode("latin-1")
+                carrier[name.decode("ascii")] = values[0].decode("latin-1")
         parent = self._propagator.extract(carrier) if carrier else None
         method = (request.method or b"").decode("ascii", "replace")
         return self.tracer.start_span(

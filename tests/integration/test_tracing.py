@@ -135,4 +135,3 @@ class TracingTests(TestCase):
         # (the trial timeout would fail the test otherwise).
         yield self.gw.gateway.service.stopService()
         del self.gw.gateway  # stopped already
-
