@@ -205,6 +205,17 @@ class ReadyLoadTests(SynchronousTestCase):
         self.pending[0].callback(None)
         self.assertEqual([r.responseCode for r in requests], [200] * 5)
 
+    def test_lastReadyFollowsTheLastResult(self):
+        """last_ready (the caracal_gateway_ready gauge) is 1, then 0 after a failed check."""
+        self.assertEqual(self.ready.last_ready(), 1.0)
+        render(self.ready)
+        self.pending[0].callback(None)
+        self.assertEqual(self.ready.last_ready(), 1.0)
+        self.clock.advance(1.0)
+        render(self.ready)
+        self.pending[1].errback(ConnectionRefusedError("down"))
+        self.assertEqual(self.ready.last_ready(), 0.0)
+
     def test_resultReusedForASecond(self):
         """A readiness result is reused for a second, then the checks run again."""
         render(self.ready)

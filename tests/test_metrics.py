@@ -59,6 +59,8 @@ SPEC_FAMILIES = {
     "caracal_gateway_audit_events_dropped": ("counter", set()),
     "caracal_gateway_jwks_fetches": ("counter", {"result"}),
     "caracal_gateway_build_info": ("gauge", {"version"}),
+    # Not in SPEC 15's list: what the "gateway not ready" alert watches.
+    "caracal_gateway_ready": ("gauge", set()),
 }
 
 

@@ -237,6 +237,7 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
     metrics.known_resources = lambda name: resources.get(name) is not None
 
     ready = ReadyResource(backends.checks, reactor)
+    metrics.gauge("ready", ready.last_ready)
     health = HealthResource()
     metrics_resource = MetricsResource(
         metrics.snapshot, metrics.exposition, bearer=config.metrics_bearer

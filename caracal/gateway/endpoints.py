@@ -118,6 +118,16 @@ class ReadyResource(Resource):
             d.addCallback(done)
         return waiter
 
+    def last_ready(self) -> float:
+        """
+        1 when the last readiness result was "ready" (or none was asked for
+        yet), 0 when a dependency failed: the C{caracal_gateway_ready} gauge.
+        Probes (Kubernetes, the load balancer) keep it current.
+        """
+        if self._result is None:
+            return 1.0
+        return 0.0 if any(status != "ok" for status in self._result[1].values()) else 1.0
+
     def _run(self, name: str, check) -> defer.Deferred:
         d = defer.maybeDeferred(check)
         d.addTimeout(self.timeout, self.clock)

@@ -115,6 +115,7 @@ PROMETHEUS_GAUGES = {
         "livemax",
     ),
     "audit_spool_bytes": ("Bytes of audit events waiting in the local spool", "livesum"),
+    "ready": ("1 when the last /ready answer was 200, 0 when it was 503", "livemin"),
 }
 
 #: A JSON gauge that also feeds a Prometheus gauge of another name.

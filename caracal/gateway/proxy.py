@@ -466,8 +466,9 @@ class GatewayResource(ReverseProxyResource):
         )
 
         def answered(result):
-            if isinstance(call.request.code, int):
-                span.set_attribute("http.response.status_code", call.request.code)
+            code = getattr(call.request, "code", None)
+            if isinstance(code, int):
+                span.set_attribute("http.response.status_code", code)
             return result
 
         return tracing.traced(f"upstream {method}", d.addBoth(answered), span)

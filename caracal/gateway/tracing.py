@@ -165,6 +165,8 @@ class Tracing:
         from opentelemetry.trace import Status, StatusCode
 
         status = getattr(request, "code", None)
+        if status is None:  # twisted.web's test double
+            status = getattr(request, "responseCode", None)
         if isinstance(status, int):
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
