@@ -12,8 +12,9 @@ from typing import Any
 
 from twisted.application.service import IService, IServiceCollection, MultiService, Service
 from twisted.internet import defer
+from twisted.logger import Logger
 
-from caracal.gateway.config import RESOURCE_METADATA_PATH, GatewayConfig
+from caracal.gateway.config import RESOURCE_METADATA_PATH, GatewayConfig, redact_url
 from caracal.gateway.discovery import ProtectedResourceMetadata
 from caracal.gateway.endpoints import (
     HealthResource,
@@ -23,6 +24,8 @@ from caracal.gateway.endpoints import (
 )
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.proxy import GatewayResource, GatewayRoot, Pipeline
+
+log = Logger()
 
 #: Upper bound on resolving an upstream's name (also bounded by UPSTREAM_TIMEOUT).
 DNS_TIMEOUT = 5.0
@@ -198,6 +201,11 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
 
         tracing = Tracing.from_settings(config.tracing)
         fetch_jwks = tracing.traced_jwks_fetch(fetch_jwks)
+        log.info(
+            "tracing on: spans of service {service} exported to {endpoint}",
+            service=config.tracing.service_name,
+            endpoint=redact_url(config.tracing.endpoint),
+        )
     upstream_policy = client_tls_policy(config.upstream_ca_file, variable="UPSTREAM_CA_FILE")
     pipeline = Pipeline(
         resources=backends.resources,
