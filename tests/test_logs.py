@@ -219,6 +219,31 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(entry["msg"], "it broke")
         self.assertIn("ZeroDivisionError", entry["traceback"])
 
+    def test_extra_keys_on_every_line(self) -> None:
+        """extra (a worker's index) is added to access lines and other events alike."""
+        out = StringIO()
+        observer = json_log_observer(out, "info", extra={"worker": 3})
+        Logger(namespace=ACCESS_NAMESPACE, observer=observer).info(
+            "{access_line}", access_line='{"request_id":"x"}', access={"request_id": "x"}
+        )
+        Logger(namespace="caracal.test", observer=observer).info("hello")
+        access, other = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(access, {"request_id": "x", "worker": 3})
+        self.assertEqual((other["msg"], other["worker"]), ("hello", 3))
+
+    def test_quiet_namespaces_below_warn(self) -> None:
+        """twisted.web.client's info lines are dropped at info, kept at warn and at debug."""
+        for level_name, expected in (("info", ["warn"]), ("debug", ["info", "warn"])):
+            out = StringIO()
+            log = Logger(
+                namespace="twisted.web.client._HTTP11ClientFactory",
+                observer=json_log_observer(out, level_name),
+            )
+            log.info("Starting factory")
+            log.warn("something worth seeing")
+            levels = [json.loads(line)["level"] for line in out.getvalue().splitlines()]
+            self.assertEqual(levels, expected, level_name)
+
     def test_level_named(self) -> None:
         """
         A level is named by its text, in any case, or given as a LogLevel; other names are refused.

@@ -16,7 +16,13 @@ import json
 import time
 from datetime import UTC, datetime
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
 from zope.interface import provider
 
 ACCESS_NAMESPACE = "caracal.access"
@@ -145,34 +151,57 @@ def level_named(name: str | LogLevel) -> LogLevel:
     return name
 
 
-def _rank(level) -> int:
-    try:
-        return _LEVELS.index(level)
-    except ValueError:
-        return _LEVELS.index(LogLevel.info)
+#: Namespaces whose routine chatter stays below C{warn} whatever C{LOG_LEVEL}
+#: says: the outbound pools log "Starting factory" / "Stopping factory" for
+#: every connection they open or close (twisted.web.client's factories),
+#: which would bury the access log of a busy gateway.
+QUIET_NAMESPACES = ("twisted.web.client",)
 
 
-def json_log_observer(out_file, level: str | LogLevel = "info") -> ILogObserver:
+def level_filter(level: str | LogLevel = "info") -> LogLevelFilterPredicate:
+    """
+    Twisted's per-namespace level filter for C{LOG_LEVEL}: events below
+    C{level} are dropped, and those of L{QUIET_NAMESPACES} below C{warn}
+    (unless C{level} is C{debug}).
+    """
+    minimum = level_named(level)
+    predicate = LogLevelFilterPredicate(defaultLogLevel=minimum)
+    if minimum is not LogLevel.debug:  # debug shows everything
+        quiet = max(minimum, LogLevel.warn, key=_LEVELS.index)
+        for namespace in QUIET_NAMESPACES:
+            predicate.setLogLevelForNamespace(namespace, quiet)
+    return predicate
+
+
+def json_log_observer(
+    out_file, level: str | LogLevel = "info", extra: dict | None = None
+) -> ILogObserver:
     """
     A twisted.logger observer writing one JSON object per line to
     C{out_file} (anything with C{write(str)}; flushed after each line when it
-    can be) for every event at C{level} or above.
+    can be) for every event at C{level} or above (L{level_filter}: Twisted's
+    C{FilteringLogObserver} with a C{LogLevelFilterPredicate}).
 
     C{caracal.access} events are written as their access record; any other
     event as C{{"ts", "level", "namespace", "msg"}} (plus C{"traceback"}
     when the event carries a failure). Events without a level count as info.
+
+    @param extra: keys added to every line (a worker's C{{"worker": N}}).
     """
-    minimum = _rank(level_named(level))
+    return FilteringLogObserver(_json_lines(out_file, extra), [level_filter(level)])
+
+
+def _json_lines(out_file, extra: dict | None) -> ILogObserver:
+    # The extra keys as a JSON fragment spliced before each line's closing
+    # brace: the access line is already encoded (GatewaySite.log) and is
+    # not encoded a second time for them.
+    suffix = _ENCODER.encode(extra)[1:] if extra else None
 
     @provider(ILogObserver)
     def observe(event: dict) -> None:
         event_level = event.get("log_level", LogLevel.info)
-        if _rank(event_level) < minimum:
-            return
         record = event.get(ACCESS_EVENT_KEY)
         if event.get("log_namespace") == ACCESS_NAMESPACE and isinstance(record, dict):
-            # The emitter already encoded the record for text observers
-            # (GatewaySite.log); encoding it a second time would be waste.
             line = event.get("access_line")
             if not isinstance(line, str):
                 line = format_access_line(record)
@@ -190,6 +219,8 @@ def json_log_observer(out_file, level: str | LogLevel = "info") -> ILogObserver:
                 except Exception:
                     entry["traceback"] = "(unformattable traceback)"
             line = _ENCODER.encode(entry)
+        if suffix is not None:
+            line = line[:-1] + "," + suffix
         out_file.write(line + "\n")
         flush = getattr(out_file, "flush", None)
         if flush is not None:
