@@ -27,7 +27,7 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.test.iosim import FakeTransport, connect
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -274,17 +274,90 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertTrue(listener.detached)
 
     def test_several_workers_supervised(self) -> None:
-        """Several workers are supervised, sharing the bound socket."""
+        """--workers 3: three listening sockets, one per worker, and a supervisor."""
         created = []
 
-        def for_listener(fd, count, reactor, metrics_fd=None):
-            created.append((fd, count, metrics_fd))
+        def for_listeners(fds, reactor, log_destination, rebind, metrics_fd=None):
+            created.append((fds, log_destination, rebind is not None, metrics_fd))
             return "supervisor"
 
-        self.patch(workers.WorkerSupervisor, "for_listener", staticmethod(for_listener))
+        bound = []
+
+        class Numbered(FakeListener):
+            def detach(self) -> int:
+                return 90 + bound.index(self)
+
+            def getsockname(self):
+                return ("127.0.0.1", 8081)
+
+        def bind_listeners(address, port, count):
+            bound.extend(Numbered() for _ in range(count))
+            return bound
+
+        self.patch(tap, "bind_listeners", bind_listeners)
+        self.patch(workers.WorkerSupervisor, "for_listeners", staticmethod(for_listeners))
         service, listener = self.make("--workers", "3")
         self.assertEqual(service, "supervisor")
-        self.assertEqual(created, [(97, 3, None)])
+        self.assertEqual(created, [([90, 91, 92], ("stdout", None), True, None)])
+
+
+class ListenersTests(SynchronousTestCase):
+    """L{tap.bind_listeners}: one SO_REUSEPORT socket per worker, on one port."""
+
+    def test_one_port_one_socket_each(self) -> None:
+        """Every socket listens on the port the first one got, with SO_REUSEPORT."""
+        if not hasattr(socket, "SO_REUSEPORT"):
+            raise SkipTest("no SO_REUSEPORT here")
+        listeners = tap.bind_listeners("127.0.0.1", 0, 3)
+        for each in listeners:
+            self.addCleanup(each.close)
+        self.assertEqual(len({id(each) for each in listeners}), 3)
+        self.assertEqual(len({each.getsockname()[1] for each in listeners}), 1)
+        for each in listeners:
+            self.assertEqual(each.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+
+    def test_port_in_use_still_refused(self) -> None:
+        """A port held by a socket without SO_REUSEPORT: a ConfigError."""
+        holder = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(holder.close)
+        port = holder.getsockname()[1]
+        self.assertRaises(tap.ConfigError, tap.bind_listeners, "127.0.0.1", port, 2)
+
+    def test_single_worker_single_socket(self) -> None:
+        """One worker: one plain socket."""
+        [listener] = tap.bind_listeners("127.0.0.1", 0, 1)
+        self.addCleanup(listener.close)
+        self.assertEqual(listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 0)
+
+
+class WorkerLogDestinationTests(SynchronousTestCase):
+    """Where workers write: what twistd was told about its own log."""
+
+    def destination(self, environ=None, **twistd):
+        from caracal.gateway import logfile
+
+        self.patch(tap.os, "environ", environ or {})
+        options = tap.Options()
+        options.parent = {"logger": None, "syslog": False, "logfile": None, "nodaemon": False}
+        options.parent.update(twistd)
+        if options.parent["logger"] == "levelled":
+            options.parent["logger"] = logfile.observer
+        return tap.worker_log_destination(options)
+
+    def test_table(self) -> None:
+        """twistd's choices map to a file, the inherited stdout, or the relay."""
+        here = os.path.abspath("twistd.log")
+        self.assertEqual(self.destination(nodaemon=True), ("stdout", None))
+        self.assertEqual(self.destination(logfile="-"), ("stdout", None))
+        self.assertEqual(self.destination(), ("file", here))
+        self.assertEqual(self.destination(logfile="/var/log/gw.log"), ("file", "/var/log/gw.log"))
+        self.assertEqual(self.destination(syslog=True), ("relay", None))
+        self.assertEqual(self.destination(logger=lambda: None), ("relay", None))
+        self.assertEqual(self.destination(logger="levelled"), ("stdout", None))
+        self.assertEqual(
+            self.destination({"CARACAL_LOG_FILE": "/var/log/c.log"}, logger="levelled"),
+            ("file", "/var/log/c.log"),
+        )
 
 
 class ExpiryWarningTests(SynchronousTestCase):

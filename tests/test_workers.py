@@ -90,6 +90,8 @@ class SupervisorTests(SynchronousTestCase):
         self.reactor = FakeReactor()
         self.spawner = Spawner()
         self.sighup: list = []
+        self.sigusr1: list = []
+        self.previous_sigusr1 = signal.SIG_DFL
         self.gave_up: list[int] = []
         self.log_events: list = []
         self.patch(workers, "log", Logger(observer=self.log_events.append))
@@ -102,8 +104,14 @@ class SupervisorTests(SynchronousTestCase):
             install_sighup=self.install_sighup,
             restore_sighup=lambda previous: self.sighup.append(("restore", previous)),
             give_up=self.gave_up.append,
+            install_sigusr1=self.install_sigusr1,
+            restore_sigusr1=lambda previous: self.sigusr1.append(("restore", previous)),
             **kwargs,
         )
+
+    def install_sigusr1(self, handler):
+        self.sigusr1.append(("install", handler))
+        return self.previous_sigusr1
 
     def install_sighup(self, handler):
         self.sighup.append(("install", handler))
@@ -111,6 +119,56 @@ class SupervisorTests(SynchronousTestCase):
 
     def logged(self) -> list[str]:
         return [formatEvent(event) for event in self.log_events]
+
+    def test_sigusr1_reopens_own_log_then_forwards(self) -> None:
+        """SIGUSR1: the previous handler (the log reopen) runs, then every worker gets it."""
+        reopened = []
+        self.previous_sigusr1 = lambda signum, frame: reopened.append(signum)
+        supervisor = self.supervisor(2)
+        supervisor.startService()
+        [(action, handler)] = self.sigusr1
+        self.assertEqual(action, "install")
+        handler(signal.SIGUSR1, None)
+        self.assertEqual(reopened, [signal.SIGUSR1])
+        signalled = [w.transport.signals for w in supervisor.workers]
+        self.assertEqual(signalled, [[signal.SIGUSR1], [signal.SIGUSR1]])
+        supervisor.stopService()
+        self.assertEqual(self.sigusr1[-1], ("restore", self.previous_sigusr1))
+
+    def test_dead_worker_socket_released_and_rebound(self) -> None:
+        """A dead worker's own socket closes at once; its replacement gets a fresh one."""
+        closed = []
+        fresh = iter([50, 51])
+        slots = workers.ListenerSlots([10, 11], rebind=lambda: next(fresh), close=closed.append)
+        supervisor = self.supervisor(2, listeners=slots)
+        supervisor.startService()
+        end(self.spawner.started[1][1], number=signal.SIGKILL)
+        self.assertEqual((closed, slots.fds), ([11], [10, None]))
+        self.reactor.advance(workers.RESTART_BACKOFF)
+        self.assertEqual(slots.fd(1), 50)
+        self.assertEqual(slots.fd(0), 10)
+
+    def test_shared_socket_never_closed(self) -> None:
+        """Without rebind (one shared socket) nothing is closed."""
+        closed = []
+        slots = workers.ListenerSlots([10, 10], close=closed.append)
+        slots.release(1)
+        self.assertEqual((closed, slots.fd(1)), ([], 10))
+
+    def test_dead_worker_live_gauges_dropped(self) -> None:
+        """A worker's end removes its live gauge files, not its counters."""
+        directory = self.mktemp()
+        prometheus = workers.prometheus_dir(directory)
+        os.makedirs(prometheus)
+        supervisor = self.supervisor(1, metrics_dir=directory)
+        supervisor.startService()
+        worker = self.spawner.started[0][1]
+        names = [f"gauge_livesum_{worker.pid}.db", f"counter_{worker.pid}.db"]
+        for name in names:
+            with open(os.path.join(prometheus, name), "wb"):
+                pass
+        end(worker, code=1)
+        self.assertEqual(os.listdir(prometheus), [names[1]])
 
     def test_starts_every_worker(self) -> None:
         """Starting spawns every worker, each with its index, and logs its pid."""

@@ -98,13 +98,17 @@ def refuse_start(message: str, stderr=None) -> None:
     raise SystemExit(1)
 
 
-def bind_listener(address: str, port: int, variable: str = "BIND_ADDRESS") -> socket.socket:
+def bind_listener(
+    address: str, port: int, variable: str = "BIND_ADDRESS", reuse_port: bool = False
+) -> socket.socket:
     """
     Bind and listen on C{address}:C{port} (all interfaces, IPv6 and IPv4,
     when C{address} is empty).
 
     @param variable: the setting C{address} came from, named when it does
         not resolve.
+    @param reuse_port: set C{SO_REUSEPORT}, so that more sockets of this
+        user can listen on the same address (L{bind_listeners}).
     @raise ConfigError: the address cannot be listened on (in use, not an
         address of this host, privileged port).
     """
@@ -117,18 +121,83 @@ def bind_listener(address: str, port: int, variable: str = "BIND_ADDRESS") -> so
                     family=socket.AF_INET6,
                     backlog=LISTEN_BACKLOG,
                     dualstack_ipv6=True,
+                    reuse_port=reuse_port,
                 )
-            return socket.create_server(("", port), backlog=LISTEN_BACKLOG)
+            return socket.create_server(("", port), backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
         family, _, _, _, sockaddr = socket.getaddrinfo(
             address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        return socket.create_server(sockaddr, family=family, backlog=LISTEN_BACKLOG)
+        return socket.create_server(
+            sockaddr, family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+        )
     except socket.gaierror as error:
         raise ConfigError(f"{variable} {address}: {error.strerror}") from None
     except OSError as error:
         # create_server appends "(while attempting to bind ...)" to strerror.
         reason = os.strerror(error.errno) if error.errno else str(error)
         raise ConfigError(f"cannot listen on {where}: {reason}") from None
+
+
+def bind_listeners(address: str, port: int, count: int) -> list[socket.socket]:
+    """
+    C{count} listening sockets on C{address}:C{port}, one per worker, each
+    with C{SO_REUSEPORT}: the kernel then spreads new connections over them
+    by a hash of the connection's addresses, so long-lived keep-alive
+    clients cannot all pile up on whichever worker wakes first (as they do
+    on one shared socket, where a worker accepts every pending connection
+    at each wake-up). The first bind reports an unusable address; where
+    C{SO_REUSEPORT} does not exist, one socket is shared by all.
+
+    @raise ConfigError: as L{bind_listener}.
+    """
+    if count < 2 or not hasattr(socket, "SO_REUSEPORT"):
+        return [bind_listener(address, port)] * max(count, 1)
+    first = bind_listener(address, port, reuse_port=True)
+    # The others must land on the port the first got (port 0: an ephemeral one).
+    bound = first.getsockname()[1]
+    listeners = [first]
+    try:
+        for _ in range(count - 1):
+            listeners.append(bind_listener(address, bound, reuse_port=True))
+    except ConfigError:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def worker_log_destination(options: usage.Options) -> tuple[str, str | None]:
+    """
+    Where C{--workers} workers write their log lines themselves, so that the
+    supervising process does no work per request: from twistd's options
+    (this plugin's C{options.parent}), one of
+
+      - C{("file", path)}: append to C{path} and reopen it on SIGUSR1
+        (twistd's C{--logfile PATH}, its C{twistd.log} default when
+        daemonized, or C{CARACAL_LOG_FILE} with
+        C{--logger caracal.gateway.logfile.observer});
+      - C{("stdout", None)}: the inherited standard output (C{-n}, or
+        C{--logfile -}, or the levelled logger without C{CARACAL_LOG_FILE});
+      - C{("relay", None)}: through the supervisor, for destinations only it
+        can write to (C{--syslog}, another C{--logger}).
+    """
+    twistd = getattr(options, "parent", None)
+    if twistd is None:
+        return ("stdout", None)
+    logger = twistd.get("logger")
+    if logger is not None:
+        from caracal.gateway import logfile
+
+        if logger is not logfile.observer:
+            return ("relay", None)
+        path = (os.environ.get(logfile.LOG_FILE_VARIABLE) or "").strip()
+        return ("stdout", None) if path in ("", "-") else ("file", os.path.abspath(path))
+    if twistd.get("syslog"):
+        return ("relay", None)
+    path = twistd.get("logfile")
+    if path == "-" or (path is None and twistd.get("nodaemon")):
+        return ("stdout", None)
+    return ("file", os.path.abspath(path or "twistd.log"))
 
 
 def warn_if_expiring(server_tls, now: datetime.datetime | None = None) -> bool:
@@ -495,7 +564,10 @@ def makeService(options: Options) -> Service:
         client_tls_policy(config.upstream_ca_file, variable="UPSTREAM_CA_FILE")
         # An audit trail that could not spool would lose events in an outage.
         check_spool_directory(config.audit_spool_dir)
-        listener = bind_listener(config.bind_address, config.port)
+        if options["workers"] > 1:
+            listeners = bind_listeners(config.bind_address, config.port, options["workers"])
+        else:
+            listener = bind_listener(config.bind_address, config.port)
         metrics_listener = None
         if config.metrics_listen is not None:
             metrics_listener = bind_listener(*config.metrics_listen, variable="METRICS_ADDRESS")
@@ -503,21 +575,33 @@ def makeService(options: Options) -> Service:
         refuse_start(str(error))
     # Logged before twistd's logging starts: held and written first.
     warn_if_level_ignored(config, options)
-    family = listener.family
     if options["workers"] > 1:
         from caracal.gateway.workers import WorkerSupervisor
 
         # The workers load the certificate themselves (and reload it); this
-        # process only checked it. It keeps the socket open so a restarted
-        # worker can inherit it again.
-        # Every worker accepts on the METRICS_ADDRESS socket too: each one
-        # answers /metrics with every worker's counters summed.
-        return WorkerSupervisor.for_listener(
-            listener.detach(),
-            options["workers"],
+        # process only checked it. It keeps the sockets open so a restarted
+        # worker can inherit its own again.
+        rebind = None
+        if len({id(each) for each in listeners}) > 1:
+            # One socket each: a dead worker's is replaced by a new one of the group.
+            port = listeners[0].getsockname()[1]
+
+            def rebind() -> int:
+                return bind_listener(config.bind_address, port, reuse_port=True).detach()
+
+        fds: dict[int, int] = {}
+        for each in listeners:
+            fds.setdefault(id(each), each.detach())
+        return WorkerSupervisor.for_listeners(
+            [fds[id(each)] for each in listeners],
             reactor,
+            log_destination=worker_log_destination(options),
+            rebind=rebind,
+            # Every worker accepts on the METRICS_ADDRESS socket too: each one
+            # answers /metrics with every worker's counters.
             metrics_fd=metrics_listener.detach() if metrics_listener is not None else None,
         )
+    family = listener.family
     endpoint = AdoptedStreamServerEndpoint(reactor, listener.detach(), family)
     metrics_endpoint = None
     if metrics_listener is not None:

@@ -2,12 +2,22 @@
 """
 C{twistd caracal-gateway --workers N}: N worker processes share one port.
 
-The twistd process (the only one with the pidfile) binds the listening
-socket in L{caracal.gateway.tap.makeService}, then does not serve: its
-L{WorkerSupervisor} spawns N workers (C{python -m caracal.gateway.workers})
-which inherit the socket as file descriptor 3 and the configuration as
-their environment. The kernel spreads the connections over the workers'
-C{accept} calls.
+The twistd process (the only one with the pidfile) binds N listening
+sockets on the port, each with C{SO_REUSEPORT}, in
+L{caracal.gateway.tap.makeService}, then does not serve: its
+L{WorkerSupervisor} spawns N workers (C{python -m caracal.gateway.workers}),
+worker I inheriting socket I as file descriptor 3 and the configuration as
+its environment. The kernel spreads new connections over the sockets by a
+hash of their addresses, so keep-alive clients end up spread over the
+workers instead of piling on the one that happened to be awake. A restarted
+worker inherits its slot's socket again (connections that arrived meanwhile
+wait in its backlog).
+
+The supervisor does no work per request: workers write their own log lines
+(L{caracal.gateway.tap.worker_log_destination}: the same file as the
+supervisor, reopened on the SIGUSR1 the supervisor forwards, or the
+inherited standard output), and C{/metrics} is answered by the workers
+from shared files.
 
 Each worker (L{main}) reads the configuration the same way, loads the
 certificate, builds its own gateway (its own Redis, Postgres and STS
@@ -16,19 +26,27 @@ and the file watch reload the certificate, SIGTERM drains in-flight
 requests (25 s) and exits 0. It writes its log as JSON lines on stdout.
 
 The supervisor:
- - relays each worker's stdout and stderr into its own log, marked with the
-   worker's index (access lines keep their record, plus C{"worker"});
+ - relays each worker's stderr (a traceback at start) into its own log,
+   marked with the worker's index, and its stdout only when the log goes
+   where workers cannot write themselves (syslog, another C{--logger});
  - restarts a worker that exits while it is not stopping, after
    L{RESTART_BACKOFF} seconds; when workers exited unexpectedly more than
    L{MAX_RESTARTS} times within L{RESTART_WINDOW} seconds the configuration
    or the host is broken, restarting again would only hide that: it gives
    up, stops everything and the twistd process exits with status 1 (after
    twistd removed the pidfile), so systemd or the operator sees a failure;
- - forwards SIGHUP to every worker;
+ - forwards SIGHUP (certificate reload) and SIGUSR1 (log reopen) to every
+   worker;
  - on stop (SIGTERM) sends SIGTERM to every worker, waits for all of them
    (up to L{STOP_TIMEOUT} seconds, then SIGKILL), and exits 0.
 
-Metrics (C{/metrics}, SPEC 10) are summed across workers: every worker
+Prometheus series (SPEC 15) are merged across workers by
+C{prometheus_client}'s multiprocess mode: every worker gets
+C{PROMETHEUS_MULTIPROC_DIR=<metrics dir>/prometheus} and keeps its values in
+memory-mapped files there, any worker's scrape reads them all, and the
+supervisor marks a dead worker's live gauges gone.
+
+The JSON counters (C{/metrics}, SPEC 10) are summed across workers: every worker
 writes its counters as JSON to C{<metrics dir>/<index>.json} (a private
 0700 directory the supervisor creates) every L{METRICS_INTERVAL} seconds
 and when it stops, and answers C{/metrics} with its live counters plus the
@@ -59,7 +77,7 @@ from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger, LogLevel
 
 from caracal.gateway.logs import ACCESS_EVENT_KEY, ACCESS_NAMESPACE, format_access_line
-from caracal.gateway.metrics import GAUGES, merge_snapshots
+from caracal.gateway.metrics import GAUGES, MULTIPROC_VARIABLE, merge_snapshots
 
 log = Logger()
 _access_log = Logger(namespace=ACCESS_NAMESPACE)
@@ -187,6 +205,56 @@ def _restore_sighup(previous) -> None:
     signal.signal(signal.SIGHUP, previous)
 
 
+def _install_sigusr1(handler):
+    return signal.signal(signal.SIGUSR1, handler)
+
+
+def _restore_sigusr1(previous) -> None:
+    signal.signal(signal.SIGUSR1, previous)
+
+
+class ListenerSlots:
+    """
+    The workers' listening sockets, by worker slot: each its own socket of
+    one C{SO_REUSEPORT} group (or one socket shared by all).
+
+    A dead worker's socket is closed at once when it can be rebound: the
+    kernel then hashes new connections over the live workers' sockets only,
+    instead of queueing a share of them behind a worker that is not there;
+    its replacement gets a fresh socket of the group. (Connections already
+    waiting in the closed socket's backlog are reset: clients retry.)
+    """
+
+    def __init__(self, fds: list[int], rebind=None, close=os.close) -> None:
+        """
+        @param rebind: C{rebind() -> fd}, a new listening socket of the
+            group; C{None} when the sockets are shared (nothing is closed).
+        """
+        self.fds: list[int | None] = list(fds)
+        self._rebind = rebind
+        self._close = close
+
+    def fd(self, index: int) -> int:
+        """Slot C{index}'s socket, bound anew if its last worker died."""
+        if self.fds[index] is None:
+            self.fds[index] = self._rebind()
+        return self.fds[index]
+
+    def release(self, index: int) -> None:
+        """Slot C{index}'s worker died: close its socket, if it can be replaced."""
+        fd = self.fds[index]
+        if self._rebind is None or fd is None:
+            return
+        self.fds[index] = None
+        with contextlib.suppress(OSError):
+            self._close(fd)
+
+
+def prometheus_dir(metrics_dir: str) -> str:
+    """The workers' C{PROMETHEUS_MULTIPROC_DIR} inside the shared metrics directory."""
+    return os.path.join(metrics_dir, "prometheus")
+
+
 def exit_after_shutdown(status: int):
     """
     Make this process exit with C{status} once twistd is done: after the
@@ -228,6 +296,9 @@ class WorkerSupervisor(Service):
         install_sighup=_install_sighup,
         restore_sighup=_restore_sighup,
         give_up=None,
+        install_sigusr1=_install_sigusr1,
+        restore_sigusr1=_restore_sigusr1,
+        listeners: ListenerSlots | None = None,
     ) -> None:
         """
         @param spawn: C{spawn(protocol, index)} starts worker C{index} with
@@ -239,6 +310,11 @@ class WorkerSupervisor(Service):
         @param give_up: C{give_up(status)} called once when restarts are too
             frequent, before the reactor is stopped (default
             L{exit_after_shutdown}).
+        @param listeners: the workers' sockets; a dead worker's is released
+            (L{ListenerSlots.release}) so that no connection waits for it.
+        @param install_sigusr1: installs a SIGUSR1 handler, returns the
+            previous one (twistd's or the log file's reopen, which the new
+            handler still calls); C{restore_sigusr1} puts that back.
         """
         self.count = count
         self._spawn = spawn
@@ -250,6 +326,10 @@ class WorkerSupervisor(Service):
         self.stop_timeout = stop_timeout
         self._install_sighup = install_sighup
         self._restore_sighup = restore_sighup
+        self._install_sigusr1 = install_sigusr1
+        self._restore_sigusr1 = restore_sigusr1
+        self._previous_sigusr1 = None
+        self.listeners = listeners
         self._give_up = give_up or exit_after_shutdown
         self._previous_sighup = None
         self.workers: list[WorkerProtocol | None] = [None] * count
@@ -259,28 +339,60 @@ class WorkerSupervisor(Service):
         self.gave_up = False
 
     @classmethod
+    def for_listeners(
+        cls,
+        fds: list[int],
+        reactor,
+        environ=None,
+        log_destination=("stdout", None),
+        rebind=None,
+        metrics_fd: int | None = None,
+    ) -> WorkerSupervisor:
+        """
+        The supervisor of one real worker process per listening socket of
+        C{fds} (worker I inherits C{fds[I]}), with a fresh private metrics
+        directory, writing its log to C{log_destination} (see
+        L{caracal.gateway.tap.worker_log_destination}).
+
+        @param rebind: see L{ListenerSlots}.
+        @param metrics_fd: the C{METRICS_ADDRESS} socket, which every worker
+            inherits too.
+        """
+        metrics_dir = tempfile.mkdtemp(prefix="caracal-gateway-metrics-")
+        os.mkdir(prometheus_dir(metrics_dir), 0o700)
+        slots = ListenerSlots(fds, rebind)
+        spawn = spawn_worker(
+            reactor, slots, metrics_dir, environ, log_destination, metrics_fd=metrics_fd
+        )
+        return cls(len(fds), spawn, reactor, metrics_dir=metrics_dir, listeners=slots)
+
+    @classmethod
     def for_listener(
         cls, fd: int, count: int, reactor, environ=None, metrics_fd: int | None = None
     ) -> WorkerSupervisor:
-        """
-        The supervisor of C{count} real worker processes inheriting the
-        listening socket C{fd} (and the C{METRICS_ADDRESS} socket
-        C{metrics_fd}, when given), with a fresh private metrics directory.
-        """
-        metrics_dir = tempfile.mkdtemp(prefix="caracal-gateway-metrics-")
-        spawn = spawn_worker(reactor, fd, metrics_dir, environ, metrics_fd=metrics_fd)
-        return cls(count, spawn, reactor, metrics_dir=metrics_dir)
+        """C{count} workers sharing the one listening socket C{fd}."""
+        return cls.for_listeners([fd] * count, reactor, environ, metrics_fd=metrics_fd)
 
     def startService(self) -> None:
         Service.startService(self)
         log.info("caracal-gateway supervising {count} workers", count=self.count)
         self._previous_sighup = self._install_sighup(self._on_sighup)
+        self._previous_sigusr1 = self._install_sigusr1(self._on_sigusr1)
         for index in range(self.count):
             self._start_worker(index)
 
     def _on_sighup(self, signum, frame) -> None:
         # Signal handler context: only schedule the forwarding.
         self.reactor.callFromThread(self.signal_workers, signal.SIGHUP)
+
+    def _on_sigusr1(self, signum, frame) -> None:
+        # This process's own log first (twistd's rotate, the log file's
+        # reopen: each only schedules its work), then the workers', which
+        # reopen the same path once it names the new file.
+        previous = self._previous_sigusr1
+        if callable(previous):
+            previous(signum, frame)
+        self.reactor.callFromThread(self.signal_workers, signal.SIGUSR1)
 
     def signal_workers(self, number: int) -> None:
         """Send signal C{number} to every running worker."""
@@ -308,11 +420,14 @@ class WorkerSupervisor(Service):
         index = worker.index
         if self.workers[index] is worker:
             self.workers[index] = None
+        self._forget_live_gauges(worker.pid)
         if self.stopping:
             log.info(
                 "worker {worker} exited with status {status}", worker=index, status=worker.status
             )
             return
+        if self.listeners is not None:
+            self.listeners.release(index)
         log.error(
             "worker {worker} (pid {pid}) exited unexpectedly with status {status}",
             worker=index,
@@ -320,6 +435,19 @@ class WorkerSupervisor(Service):
             status=worker.status,
         )
         self._unexpected_exit(index)
+
+    def _forget_live_gauges(self, pid: int | None) -> None:
+        # A dead worker's open connections and in-flight requests are no
+        # longer anyone's: drop its "live" gauge files (its counters stay,
+        # so sums never go backwards).
+        if self.metrics_dir is None or pid is None:
+            return
+        from prometheus_client import multiprocess
+
+        try:
+            multiprocess.mark_process_dead(pid, prometheus_dir(self.metrics_dir))
+        except OSError as e:
+            log.warn("cannot drop worker {pid}'s gauges: {error}", pid=pid, error=e)
 
     def _unexpected_exit(self, index: int) -> None:
         now = self.reactor.seconds()
@@ -358,6 +486,9 @@ class WorkerSupervisor(Service):
         if self._previous_sighup is not None:
             self._restore_sighup(self._previous_sighup)
             self._previous_sighup = None
+        if self._previous_sigusr1 is not None:
+            self._restore_sigusr1(self._previous_sigusr1)
+            self._previous_sigusr1 = None
         running = [worker for worker in self.workers if worker is not None]
         log.info("stopping {count} workers", count=len(running))
         ended = [worker.ended() for worker in running]
@@ -398,6 +529,7 @@ def worker_argv(
     metrics_dir: str | None,
     executable: str | None = None,
     metrics_listener: bool = False,
+    log_destination=("relay", None),
 ) -> list[str]:
     """The command line of worker C{index}."""
     argv = [executable or sys.executable, "-m", "caracal.gateway.workers"]
@@ -406,25 +538,53 @@ def worker_argv(
         argv += ["--metrics-dir", metrics_dir]
     if metrics_listener:
         argv += ["--metrics-fd", str(METRICS_LISTENER_FD)]
+    kind, path = log_destination
+    if kind == "file":
+        argv += ["--log-file", path]
+    elif kind == "stdout":
+        argv += ["--log-stdout"]
     return argv
 
 
 def spawn_worker(
-    reactor, listener_fd: int, metrics_dir: str | None, environ=None, metrics_fd: int | None = None
+    reactor,
+    listener_fds: int | list[int] | ListenerSlots,
+    metrics_dir: str | None,
+    environ=None,
+    log_destination=("relay", None),
+    metrics_fd: int | None = None,
 ):
     """
     A C{spawn(protocol, index)} for L{WorkerSupervisor} running real worker
-    processes: this interpreter, this environment (the configuration), the
-    listening socket C{listener_fd} inherited as fd L{LISTENER_FD} (and the
+    processes: this interpreter, this environment (the configuration, plus
+    C{PROMETHEUS_MULTIPROC_DIR} when there is a metrics directory), worker
+    I's listening socket (from L{ListenerSlots}, C{listener_fds[I]}, or the
+    one C{listener_fds} for all) inherited as fd L{LISTENER_FD} (and the
     C{METRICS_ADDRESS} socket C{metrics_fd} as fd L{METRICS_LISTENER_FD}:
-    every worker accepts there too, like on the public port), stdout and
-    stderr piped back for the relay. stdin is a pipe nobody writes to.
+    every worker accepts there too, like on the public port). stderr is
+    piped back for the relay; stdout too when the workers' log is relayed,
+    else inherited (the workers write their own lines). stdin is a pipe
+    nobody writes to.
     """
 
     def spawn(worker: WorkerProtocol, index: int):
         env = dict(os.environ if environ is None else environ)
-        argv = worker_argv(index, metrics_dir, metrics_listener=metrics_fd is not None)
-        child_fds = {0: "w", 1: "r", 2: "r", LISTENER_FD: listener_fd}
+        if metrics_dir is not None:
+            env[MULTIPROC_VARIABLE] = prometheus_dir(metrics_dir)
+        argv = worker_argv(
+            index,
+            metrics_dir,
+            metrics_listener=metrics_fd is not None,
+            log_destination=log_destination,
+        )
+        if isinstance(listener_fds, ListenerSlots):
+            fd = listener_fds.fd(index)
+        elif isinstance(listener_fds, list):
+            fd = listener_fds[index]
+        else:
+            fd = listener_fds
+        stdout = "r" if log_destination[0] == "relay" else 1
+        child_fds = {0: "w", 1: stdout, 2: "r", LISTENER_FD: fd}
         if metrics_fd is not None:
             child_fds[METRICS_LISTENER_FD] = metrics_fd
         return reactor.spawnProcess(worker, argv[0], argv, env=env, childFDs=child_fds)
@@ -557,6 +717,10 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--metrics-dir", default=None)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--metrics-fd", type=int, default=None)
+    where = parser.add_mutually_exclusive_group()
+    # Default: JSON lines on stdout, relayed by the supervisor.
+    where.add_argument("--log-file", default=None, help="append to this file, reopen on SIGUSR1")
+    where.add_argument("--log-stdout", action="store_true", help="the inherited stdout")
     return parser.parse_args(argv)
 
 
@@ -574,19 +738,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from caracal.gateway.app import build_gateway
     from caracal.gateway.config import ConfigError, GatewayConfig
+    from caracal.gateway.logfile import ReopeningFile, install_reopen_handler
     from caracal.gateway.logs import json_log_observer
     from caracal.gateway.tap import GatewayService
     from caracal.gateway.tls import ServerTLS
 
     try:
         config = GatewayConfig.from_environ(os.environ)
+        destination = sys.stdout
+        extra = None
+        if arguments.log_file is not None:
+            destination = ReopeningFile(arguments.log_file)
+            install_reopen_handler(destination)
+        if arguments.log_file is not None or arguments.log_stdout:
+            # Lines from several workers meet in one log: say whose.
+            extra = {"worker": arguments.index}
         globalLogBeginner.beginLoggingTo(
-            [json_log_observer(sys.stdout, config.log_level)], redirectStandardIO=False
+            [json_log_observer(destination, config.log_level, extra)], redirectStandardIO=False
         )
         server_tls = None
         if not config.insecure_http:
             server_tls = ServerTLS(config.tls_cert_file, config.tls_key_file, clock=reactor)
-    except ConfigError as e:
+    except (ConfigError, OSError) as e:
         sys.stderr.write(f"caracal-gateway worker {arguments.index}: {e}\n")
         return 1
 

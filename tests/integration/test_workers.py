@@ -15,6 +15,7 @@ import re
 import signal
 
 import treq
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 from twisted.internet.ssl import Certificate
 from twisted.trial.unittest import TestCase
@@ -42,16 +43,19 @@ START_TIMEOUT = 30.0
 
 
 def listening_workers(output: bytes) -> set[int]:
-    """The indexes of the workers that logged they listen, as relayed by the supervisor."""
+    """The indexes of the workers that logged they listen (each writes its own lines)."""
     return {
-        int(index) for index in re.findall(rb"worker (\d+): caracal-gateway listening on", output)
+        int(index)
+        for index in re.findall(
+            rb'"msg":"caracal-gateway listening on[^\n]*"worker":(\d+)\}', output
+        )
     }
 
 
 def serving_workers(output: bytes) -> set[int]:
     """
-    The indexes of the workers whose access lines for C{/tool/...} the
-    supervisor relayed (the start's C{/health} probes do not count).
+    The indexes of the workers whose access lines for C{/tool/...} were
+    written (the start's C{/health} probes do not count).
     """
     return {int(index) for index in re.findall(rb'"path":"/tool/[^\n]*"worker":(\d+)\}', output)}
 
@@ -146,6 +150,106 @@ class WorkersTests(TestCase):
         self.assertEqual((yield gateway.stop()), 0, gateway.errors.decode(errors="replace"))
 
     @defer.inlineCallbacks
+    def test_keep_alive_connections_spread_and_one_scrape_totals(self):
+        """
+        16 keep-alive connections land on both workers (a socket each, so
+        the kernel spreads them), and one Prometheus scrape of either
+        worker counts every request of both.
+        """
+        port = free_port()
+        environ, _ = gateway_environ(self.directory(), port, tls=False, LOG_LEVEL="info")
+        gateway = self.gateway(environ)
+        yield gateway.start(timeout=START_TIMEOUT)
+        yield self.both_listening(gateway)
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 16
+        self.addCleanup(pool.closeCachedConnections)
+        client = treq.client.HTTPClient(Agent(reactor, pool=pool))
+        base = f"http://127.0.0.1:{port}"
+        sent = 0
+        for _ in range(4):
+            answers = yield defer.gatherResults(
+                [self.get(client, f"{base}/tool/{sent + n}") for n in range(16)]
+            )
+            sent += 16
+            self.assertEqual({code for code, _ in answers}, {401})
+        both = yield wait_until(lambda: serving_workers(gateway.output) == {0, 1}, 5, reactor)
+        self.assertTrue(both, gateway.output.decode(errors="replace")[-3000:])
+
+        response = yield client.get(
+            f"{base}/metrics", headers={b"Accept": [b"text/plain"]}, timeout=10
+        )
+        text = yield response.text()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        requests = sum(
+            s.value
+            for s in families["caracal_gateway_requests"].samples
+            if s.name == "caracal_gateway_requests_total"
+        )
+        self.assertEqual(requests, sent)
+        histogram = sum(
+            s.value
+            for s in families["caracal_gateway_request_duration_seconds"].samples
+            if s.name.endswith("_count")
+        )
+        self.assertEqual(histogram, sent)
+        yield pool.closeCachedConnections()
+        self.assertEqual((yield gateway.stop()), 0, gateway.errors.decode(errors="replace"))
+
+    @defer.inlineCallbacks
+    def test_workers_write_their_own_log_and_reopen_it(self):
+        """
+        With the levelled logger and CARACAL_LOG_FILE, workers append their
+        own lines to the file (the supervisor relays nothing) and, after a
+        logrotate-style rename and SIGUSR1 to the supervisor, to the new one.
+        """
+        port = free_port()
+        directory = self.directory()
+        logfile = os.path.join(directory, "gateway.log")
+        environ, _ = gateway_environ(
+            directory, port, tls=False, LOG_LEVEL="info", CARACAL_LOG_FILE=logfile
+        )
+        args = ("-n", "--logger", "caracal.gateway.logfile.observer", *TWO_WORKERS[1:])
+        gateway = self.gateway(environ, args)
+        yield gateway.start(timeout=START_TIMEOUT)
+
+        def written() -> bytes:
+            with open(logfile, "rb") as f:
+                return f.read()
+
+        self.assertTrue(
+            (
+                yield wait_until(
+                    lambda: listening_workers(written()) == {0, 1}, START_TIMEOUT, reactor
+                )
+            )
+        )
+        client = self.client()
+        base = f"http://127.0.0.1:{port}"
+        for n in range(4):
+            yield self.get(client, f"{base}/tool/before-{n}")
+        self.assertTrue((yield wait_until(lambda: b"/tool/before-3" in written(), 5, reactor)))
+        self.assertNotIn(b"worker 0:", written(), "nothing relayed by the supervisor")
+
+        os.rename(logfile, logfile + ".1")
+        os.kill(gateway.pid, signal.SIGUSR1)
+
+        def reopened_by_both() -> bool:
+            try:
+                text = written()
+            except FileNotFoundError:
+                return False
+            return len(re.findall(rb'"msg":"log file reopened[^\n]*"worker":', text)) == 2
+
+        self.assertTrue((yield wait_until(reopened_by_both, 10, reactor)))
+        for n in range(8):
+            yield self.get(client, f"{base}/tool/after-{n}")
+        self.assertTrue((yield wait_until(lambda: b"/tool/after-7" in written(), 5, reactor)))
+        with open(logfile + ".1", "rb") as f:
+            self.assertNotIn(b"/tool/after-", f.read())
+        self.assertEqual((yield gateway.stop()), 0, gateway.errors.decode(errors="replace"))
+
+    @defer.inlineCallbacks
     def test_killed_worker_is_restarted(self):
         """A SIGKILLed worker is replaced while the port keeps serving."""
         port = free_port()
@@ -158,8 +262,16 @@ class WorkersTests(TestCase):
 
         victim = children[0]
         os.kill(victim, signal.SIGKILL)
-        # The other worker keeps the port serving at once.
-        self.assertEqual((yield gateway.health()), 200)
+
+        def noticed() -> bool:
+            return f"(pid {victim}) exited unexpectedly".encode() in gateway.output
+
+        # Once the supervisor saw it die (SIGCHLD: at once), the dead worker's
+        # socket is closed and the other worker alone serves the port, every
+        # connection (before that, one hashed to the dead socket is reset).
+        self.assertTrue((yield wait_until(noticed, 10, reactor)))
+        for _ in range(10):
+            self.assertEqual((yield gateway.health()), 200)
 
         def replaced():
             now = child_pids(gateway.pid)
