@@ -812,6 +812,9 @@ class Bench:
             "LOG_LEVEL": "info",
             "AUDIT_SPOOL_DIR": os.path.join(self.directory, "audit-spool"),
         }
+        if self.args.otel:
+            # Tracing on: every gateway process exports its spans to a local sink.
+            self.gateway_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.start_trace_sink()
         self.gateway_port = self.start_gateway_process("gateway")
 
     def start_gateway_process(self, name: str, *options: str) -> int:
@@ -832,6 +835,34 @@ class Bench:
                 return port
             time.sleep(0.25)
         raise BenchError(f"{name} not ready: {status} {body[:300]!r}")
+
+    def start_trace_sink(self) -> str:
+        """
+        An OTLP/HTTP endpoint on 127.0.0.1 that takes every export and
+        answers 200 (in a thread of this process, whose CPU is not counted),
+        so that C{--otel} measures what exporting costs the gateway.
+        """
+        import http.server
+        import threading
+
+        class Sink(http.server.BaseHTTPRequestHandler):
+            exports = 0
+
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                Sink.exports += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.trace_sink = Sink
+        return f"http://127.0.0.1:{server.server_address[1]}"
 
     # checks
 
@@ -1063,6 +1094,8 @@ class Bench:
                 "loader": self.loader,
                 "loader_version": loader_version,
                 "path": PATH,
+                "tracing": args.otel,
+                "trace_exports": getattr(getattr(self, "trace_sink", None), "exports", None),
             },
             "targets": {name: self.results[name] for name in TARGETS if name in self.results},
             "soak": self.results.get("soak"),
@@ -1140,6 +1173,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=500.0,
         help="req/s used to size the per_call token pool when (b) was not measured first",
+    )
+    parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="tracing on: the gateway exports spans to a local OTLP sink",
     )
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and certificates")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

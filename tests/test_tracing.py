@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from caracal.gateway.config import ConfigError, GatewayConfig
+from caracal.gateway.denials import Denial
 from caracal.gateway.jwks import JWKSCache
 from caracal.gateway.sts import Mandate
 from caracal.gateway.tracing import Tracing, TracingConfigError, TracingSettings
@@ -213,3 +214,14 @@ class TracedPipelineTests(PipelineTests):
         self.assertIn("POST", spans)
         self.assertIn("sts exchange", spans)
         self.assertNotIn("upstream POST", spans)
+
+    def test_upstream_failure_marks_its_span(self):
+        """An upstream timeout: its span is an error without a status; the server span says 504."""
+        self.forwarder.denial = Denial(504, "upstream_timeout", "slow", metric="upstream_errors")
+        self.call(token=self.mint())
+        spans = self.spans()
+        upstream = spans["upstream POST"]
+        self.assertFalse(upstream.status.is_ok)
+        self.assertNotIn("http.response.status_code", upstream.attributes)
+        self.assertEqual(spans["POST"].attributes["http.response.status_code"], 504)
+        self.assertEqual(spans["POST"].attributes["caracal.denial"], "upstream_timeout")

@@ -294,7 +294,7 @@ class GatewayResource(ReverseProxyResource):
                 call.span,
                 {"db.system": "redis", "db.operation.name": "SET", "caracal.zone": call.zone_id},
             )
-            d = tracing.traced("redis SET", d, span)
+            d = tracing.traced(d, span)
 
         def claimed(first_use):
             if first_use:
@@ -380,7 +380,7 @@ class GatewayResource(ReverseProxyResource):
             **traced,
         )
         if tracing is not None:
-            d = tracing.traced("sts exchange", d, span)
+            d = tracing.traced(d, span)
 
         def exchanged(mandate):
             elapsed = self.pipeline.clock.seconds() - started
@@ -466,12 +466,13 @@ class GatewayResource(ReverseProxyResource):
         )
 
         def answered(result):
+            # Forwarded: the status is the upstream's (a failure has none).
             code = getattr(call.request, "code", None)
             if isinstance(code, int):
                 span.set_attribute("http.response.status_code", code)
             return result
 
-        return tracing.traced(f"upstream {method}", d.addBoth(answered), span)
+        return tracing.traced(d.addCallback(answered), span)
 
     def _deny(self, failure, call: Call) -> None:
         failure.trap(Denial, defer.CancelledError)

@@ -200,7 +200,7 @@ class Tracing:
         span.end()
         return result
 
-    def traced(self, name: str, d: defer.Deferred, span) -> defer.Deferred:
+    def traced(self, d: defer.Deferred, span) -> defer.Deferred:
         """End C{span} when C{d} fires, whatever its result."""
         return d.addBoth(lambda result: self.end_client(span, result))
 
@@ -227,7 +227,7 @@ class Tracing:
             if not parent.get_span_context().is_valid:
                 return fetch(zone_id)
             span = self.start_client("jwks fetch", parent, {"caracal.zone": zone_id})
-            return self.traced("jwks fetch", defer.maybeDeferred(fetch, zone_id), span)
+            return self.traced(defer.maybeDeferred(fetch, zone_id), span)
 
         return traced_fetch
 
