@@ -503,6 +503,24 @@ class SharedMetricsTests(SynchronousTestCase):
         self.assertEqual(endpoint.snapshot(), shared.snapshot())
         self.assertEqual(endpoint.snapshot()["requests_total"], 7)
 
+    def test_publishing_refreshes_the_prometheus_gauges(self) -> None:
+        """Each publication sets the worker's read-on-demand gauges (another may be scraped)."""
+        from tests.support.metrics import sample_sum
+
+        metrics = Metrics()
+        metrics.gauge("revocation_lag_seconds", lambda: 3.5)
+        gateway = type("G", (), {})()
+        gateway.metrics = metrics
+        gateway.site = type("S", (), {})()
+        gateway.site.resource = type("R", (), {"local": {b"/metrics": type("E", (), {})()}})()
+        shared = workers.install_shared_metrics(
+            gateway, lambda live: workers.SharedMetrics(self.directory, 0, live)
+        )
+        name = "caracal_gateway_revocation_lag_seconds"
+        self.assertEqual(sample_sum(metrics, name), 0)
+        shared.publish()
+        self.assertEqual(sample_sum(metrics, name), 3.5)
+
 
 class SpawnTests(SynchronousTestCase):
     """The real worker's command line and inherited descriptors."""

@@ -629,8 +629,15 @@ class SharedMetrics:
             merged[name] = live.get(name, 0)
         return merged
 
+    #: Called before each publication: C{Metrics.refresh}, so the gauges this
+    #: worker holds in the shared Prometheus files stay current even when
+    #: other workers answer the scrapes.
+    before_publish = None
+
     def publish(self) -> None:
         """Write L{own} atomically to this worker's file."""
+        if self.before_publish is not None:
+            self.before_publish()
         temporary = f"{self.path}.{os.getpid()}.tmp"
         try:
             with open(temporary, "w", encoding="utf-8") as f:
@@ -689,6 +696,7 @@ def install_shared_metrics(gateway, shared_for):
     @return: the L{SharedMetrics}.
     """
     shared = shared_for(gateway.metrics.snapshot)
+    shared.before_publish = gateway.metrics.refresh
     gateway.metrics_resource.snapshot = shared.snapshot
     return shared
 
