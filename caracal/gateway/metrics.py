@@ -229,6 +229,8 @@ class Metrics:
         # Label-less children looked up once: the request path stays cheap.
         self._sts_histogram = self._histograms["sts_exchange_duration_seconds"]
         self._status_children: dict[tuple[str, str], object] = {}
+        self._duration_children: dict[str, object] = {}
+        self._children: dict[tuple, object] = {}
 
     # -- the call sites' API ----------------------------------------------------
 
@@ -246,7 +248,7 @@ class Metrics:
         counter = self._counters.get(name)
         if counter is not None:
             if labels:
-                counter = counter.labels(**self._bounded(labels))
+                counter = self._child(name, counter, self._bounded(labels))
             counter.inc(amount)
             found = True
         if not found:
@@ -259,7 +261,7 @@ class Metrics:
         """
         histogram = self._histograms[name]
         if labels:
-            histogram = histogram.labels(**self._bounded(labels))
+            histogram = self._child(name, histogram, self._bounded(labels))
         histogram.observe(seconds)
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
@@ -298,7 +300,11 @@ class Metrics:
         if child is None:
             child = self._status_children[key] = self._requests.labels(status_class, label)
         child.inc()
-        self._histograms["request_duration_seconds"].labels(label).observe(seconds)
+        duration = self._duration_children.get(label)
+        if duration is None:
+            duration = self._histograms["request_duration_seconds"].labels(label)
+            self._duration_children[label] = duration
+        duration.observe(seconds)
         if denial:
             self._denials.labels(self._reasons(denial)).inc()
 
@@ -345,6 +351,15 @@ class Metrics:
         return values
 
     # -- labels ---------------------------------------------------------------------
+
+    def _child(self, name: str, family, labels: dict):
+        # prometheus_client's labels() costs several microseconds a call;
+        # the label values are bounded, so their children are kept.
+        key = (name, *labels.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(**labels)
+        return child
 
     def _bounded(self, labels: dict) -> dict:
         bounded = {}
