@@ -123,3 +123,13 @@ class BenchSmokeTests(SynchronousTestCase):
         self.assertEqual(result["workers"], 2)
         self.assertEqual(sorted(result["cpu_split"]), ["parent", "worker 1", "worker 2"])
         self.assertIn("cpu split during workers (share of a core): parent", output)
+
+    def test_tracing_on(self) -> None:
+        """--otel: the gateway runs with tracing on, exporting to the bench's sink, cleanly."""
+        missing = _services_reason()
+        if missing:
+            raise self.skipTest(missing)
+        status, report, output = self.run_bench("--targets", "ambient", "--otel")
+        self.assertEqual(status, 0, output)
+        self.assertCleanRun(report["targets"]["ambient"])
+        self.assertTrue(report["settings"]["tracing"])
