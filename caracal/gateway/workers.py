@@ -758,6 +758,10 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.log_file is not None:
             destination = ReopeningFile(arguments.log_file)
             install_reopen_handler(destination)
+        else:
+            # The supervisor forwards SIGUSR1 (log reopen) to every worker;
+            # with nothing to reopen, its default action would kill this one.
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if arguments.log_file is not None or arguments.log_stdout:
             # Lines from several workers meet in one log: say whose.
             extra = {"worker": arguments.index}

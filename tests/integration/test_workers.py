@@ -194,6 +194,14 @@ class WorkersTests(TestCase):
         )
         self.assertEqual(histogram, sent)
         yield pool.closeCachedConnections()
+
+        # SIGUSR1 (logrotate's) reaches workers that log to stdout: ignored, not fatal.
+        children = child_pids(gateway.pid)
+        os.kill(gateway.pid, signal.SIGUSR1)
+        for _ in range(5):
+            self.assertEqual((yield gateway.health()), 200)
+        self.assertEqual(child_pids(gateway.pid), children)
+        self.assertNotIn(b"exited unexpectedly", gateway.output)
         self.assertEqual((yield gateway.stop()), 0, gateway.errors.decode(errors="replace"))
 
     @defer.inlineCallbacks
