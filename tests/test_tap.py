@@ -315,6 +315,9 @@ class ListenersTests(SynchronousTestCase):
         self.assertEqual(len({each.getsockname()[1] for each in listeners}), 1)
         for each in listeners:
             self.assertEqual(each.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT), 1)
+        # Only the first listens yet: the others join when their worker is ready.
+        listening = [each.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for each in listeners]
+        self.assertEqual(listening, [1, 0, 0])
 
     def test_port_in_use_still_refused(self) -> None:
         """A port held by a socket without SO_REUSEPORT: a ConfigError."""
@@ -508,13 +511,29 @@ class LevelIgnoredWarningTests(SynchronousTestCase):
 class BindListenerTests(SynchronousTestCase):
     """L{tap.bind_listener} turns an unusable address into a L{ConfigError}."""
 
+    def test_listens_dual_stack_or_not(self) -> None:
+        """A real bind: listening by default, bound only on request, IPv6-only on ::1."""
+        listener = tap.bind_listener("127.0.0.1", 0)
+        self.addCleanup(listener.close)
+        self.assertEqual(listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 1)
+        bound = tap.bind_listener("127.0.0.1", 0, listen=False)
+        self.addCleanup(bound.close)
+        self.assertEqual(bound.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 0)
+        if socket.has_ipv6:
+            try:
+                six = tap.bind_listener("::1", 0)
+            except tap.ConfigError:
+                return  # no IPv6 loopback here
+            self.addCleanup(six.close)
+            self.assertEqual(six.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY), 1)
+
     def test_message_names_the_address(self) -> None:
         """An address already in use is refused, naming the address and port."""
 
         def refuse(*args, **kwargs):
             raise OSError(98, "Address already in use")
 
-        self.patch(tap.socket, "create_server", refuse)
+        self.patch(tap, "_server_socket", refuse)
         error = self.assertRaises(tap.ConfigError, tap.bind_listener, "127.0.0.1", 8081)
         self.assertEqual(str(error), "cannot listen on 127.0.0.1:8081: Address already in use")
         error = self.assertRaises(tap.ConfigError, tap.bind_listener, "::1", 8081)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 
 from twisted.internet import error, task
 from twisted.logger import Logger, formatEvent
@@ -520,6 +521,29 @@ class SharedMetricsTests(SynchronousTestCase):
         self.assertEqual(sample_sum(metrics, name), 0)
         shared.publish()
         self.assertEqual(sample_sum(metrics, name), 3.5)
+
+
+class ListenWhenServingTests(SynchronousTestCase):
+    """A worker's socket joins the port's group only when the worker listens."""
+
+    def test_listen_then_adopt(self) -> None:
+        """listen() makes the bound socket listen, then hands over to the wrapped endpoint."""
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.bind(("127.0.0.1", 0))
+        adopted = []
+
+        class Endpoint:
+            def listen(self, factory):
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                adopted.append((factory, listening))
+                return "port"
+
+        endpoint = workers.ListenWhenServing(Endpoint(), sock.fileno(), 16)
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN), 0)
+        self.assertEqual(endpoint.listen("factory"), "port")
+        self.assertEqual(adopted, [("factory", 1)])
+        self.assertNotEqual(sock.fileno(), -1, "the descriptor stays open")
 
 
 class SpawnTests(SynchronousTestCase):

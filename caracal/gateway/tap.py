@@ -98,8 +98,32 @@ def refuse_start(message: str, stderr=None) -> None:
     raise SystemExit(1)
 
 
+def _server_socket(
+    sockaddr, family: int, dualstack: bool, reuse_port: bool, listen: bool
+) -> socket.socket:
+    # socket.create_server, except that listening is optional.
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
+        sock.bind(sockaddr)
+        if listen:
+            sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def bind_listener(
-    address: str, port: int, variable: str = "BIND_ADDRESS", reuse_port: bool = False
+    address: str,
+    port: int,
+    variable: str = "BIND_ADDRESS",
+    reuse_port: bool = False,
+    listen: bool = True,
 ) -> socket.socket:
     """
     Bind and listen on C{address}:C{port} (all interfaces, IPv6 and IPv4,
@@ -109,6 +133,8 @@ def bind_listener(
         not resolve.
     @param reuse_port: set C{SO_REUSEPORT}, so that more sockets of this
         user can listen on the same address (L{bind_listeners}).
+    @param listen: C{False}: only bind; whoever serves calls C{listen()}
+        when ready (L{caracal.gateway.workers.ListenWhenServing}).
     @raise ConfigError: the address cannot be listened on (in use, not an
         address of this host, privileged port).
     """
@@ -116,20 +142,12 @@ def bind_listener(
     try:
         if not address:
             if socket.has_dualstack_ipv6():
-                return socket.create_server(
-                    ("::", port),
-                    family=socket.AF_INET6,
-                    backlog=LISTEN_BACKLOG,
-                    dualstack_ipv6=True,
-                    reuse_port=reuse_port,
-                )
-            return socket.create_server(("", port), backlog=LISTEN_BACKLOG, reuse_port=reuse_port)
+                return _server_socket(("::", port), socket.AF_INET6, True, reuse_port, listen)
+            return _server_socket(("", port), socket.AF_INET, False, reuse_port, listen)
         family, _, _, _, sockaddr = socket.getaddrinfo(
             address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        return socket.create_server(
-            sockaddr, family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
-        )
+        return _server_socket(sockaddr, family, False, reuse_port, listen)
     except socket.gaierror as error:
         raise ConfigError(f"{variable} {address}: {error.strerror}") from None
     except OSError as error:
@@ -140,13 +158,17 @@ def bind_listener(
 
 def bind_listeners(address: str, port: int, count: int) -> list[socket.socket]:
     """
-    C{count} listening sockets on C{address}:C{port}, one per worker, each
-    with C{SO_REUSEPORT}: the kernel then spreads new connections over them
-    by a hash of the connection's addresses, so long-lived keep-alive
-    clients cannot all pile up on whichever worker wakes first (as they do
-    on one shared socket, where a worker accepts every pending connection
-    at each wake-up). The first bind reports an unusable address; where
-    C{SO_REUSEPORT} does not exist, one socket is shared by all.
+    C{count} sockets on C{address}:C{port}, one per worker, each with
+    C{SO_REUSEPORT}: the kernel then spreads new connections over the
+    listening ones by a hash of the connection's addresses, so long-lived
+    keep-alive clients cannot all pile up on whichever worker wakes first
+    (as they do on one shared socket, where a worker accepts every pending
+    connection at each wake-up). The first one listens at once, so early
+    clients queue as with one process; the others are only bound, and each
+    joins the group when its worker is ready to serve (a connection never
+    waits behind a worker still loading). The first bind reports an
+    unusable address; where C{SO_REUSEPORT} does not exist, one socket is
+    shared by all.
 
     @raise ConfigError: as L{bind_listener}.
     """
@@ -158,7 +180,7 @@ def bind_listeners(address: str, port: int, count: int) -> list[socket.socket]:
     listeners = [first]
     try:
         for _ in range(count - 1):
-            listeners.append(bind_listener(address, bound, reuse_port=True))
+            listeners.append(bind_listener(address, bound, reuse_port=True, listen=False))
     except ConfigError:
         for listener in listeners:
             listener.close()
@@ -587,7 +609,8 @@ def makeService(options: Options) -> Service:
             port = listeners[0].getsockname()[1]
 
             def rebind() -> int:
-                return bind_listener(config.bind_address, port, reuse_port=True).detach()
+                listener = bind_listener(config.bind_address, port, reuse_port=True, listen=False)
+                return listener.detach()
 
         fds: dict[int, int] = {}
         for each in listeners:

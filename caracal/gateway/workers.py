@@ -74,7 +74,9 @@ from collections import deque
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol, task
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger, LogLevel
+from zope.interface import implementer
 
 from caracal.gateway.logs import ACCESS_EVENT_KEY, ACCESS_NAMESPACE, format_access_line
 from caracal.gateway.metrics import GAUGES, MULTIPROC_VARIABLE, merge_snapshots
@@ -248,6 +250,32 @@ class ListenerSlots:
         self.fds[index] = None
         with contextlib.suppress(OSError):
             self._close(fd)
+
+
+@implementer(IStreamServerEndpoint)
+class ListenWhenServing:
+    """
+    An endpoint adopting the inherited socket C{fd} that first makes it
+    listen: a worker's own socket of the port's C{SO_REUSEPORT} group is
+    only bound until then (L{caracal.gateway.tap.bind_listeners}), so the
+    kernel sends it no connection before the worker is ready to serve.
+    (Listening again on a socket that already listens only resets its
+    backlog.)
+    """
+
+    def __init__(self, endpoint, fd: int, backlog: int) -> None:
+        self.endpoint = endpoint
+        self.fd = fd
+        self.backlog = backlog
+
+    def listen(self, factory):
+        """Listen on C{fd}, then adopt it (the wrapped endpoint)."""
+        sock = socket.socket(fileno=self.fd)
+        try:
+            sock.listen(self.backlog)
+        finally:
+            sock.detach()
+        return self.endpoint.listen(factory)
 
 
 def prometheus_dir(metrics_dir: str) -> str:
@@ -748,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     from caracal.gateway.config import ConfigError, GatewayConfig
     from caracal.gateway.logfile import ReopeningFile, install_reopen_handler
     from caracal.gateway.logs import json_log_observer
-    from caracal.gateway.tap import GatewayService
+    from caracal.gateway.tap import LISTEN_BACKLOG, GatewayService
     from caracal.gateway.tls import ServerTLS
 
     try:
@@ -801,7 +829,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_endpoint = adopted(arguments.metrics_fd)
     service = GatewayService(
         config,
-        adopted(arguments.fd),
+        # The worker's own socket joins the port's group once it is ready.
+        ListenWhenServing(adopted(arguments.fd), arguments.fd, LISTEN_BACKLOG),
         reactor,
         server_tls,
         build=build,
