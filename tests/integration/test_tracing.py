@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 from tests.support.gateway import GatewayHarness
 from tests.support.otlp import CLIENT, SERVER, OTLPReceiver
 from tests.support.process import free_port
-from tests.support.waiting import wait_until
+from tests.support.waiting import became_true, wait_until
 
 INBOUND_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 INBOUND_PARENT = "00f067aa0ba902b7"
@@ -60,7 +60,7 @@ class TracingTests(TestCase):
         def arrived():
             return len([s for s in receiver.spans if s.trace_id == INBOUND_TRACE]) >= 5
 
-        self.assertTrue((yield wait_until(arrived, timeout=10.0)), receiver.spans)
+        self.assertTrue((yield became_true(arrived, 10.0)), receiver.spans)
         spans = [s for s in receiver.spans if s.trace_id == INBOUND_TRACE]
         [server] = [s for s in spans if s.kind == SERVER]
         self.assertEqual(server.parent_span_id, INBOUND_PARENT, "the inbound trace continues")
@@ -99,7 +99,7 @@ class TracingTests(TestCase):
         def arrived():
             return any(s.trace_id == INBOUND_TRACE for s in receiver.spans)
 
-        self.assertTrue((yield wait_until(arrived, timeout=10.0)))
+        self.assertTrue((yield became_true(arrived, 10.0)))
         [server] = [s for s in receiver.spans if s.trace_id == INBOUND_TRACE]
         self.assertEqual(server.kind, SERVER)
         self.assertEqual(server.attributes["caracal.denial"], "access_denied")
@@ -120,7 +120,7 @@ class TracingTests(TestCase):
         def arrived():
             return any(s.span_id == span_id for s in receiver.spans)
 
-        self.assertTrue((yield wait_until(arrived, timeout=10.0)))
+        self.assertTrue((yield became_true(arrived, 10.0)))
         [span] = [s for s in receiver.spans if s.span_id == span_id]
         self.assertEqual((span.name, span.trace_id), ("upstream POST", trace_id))
 

@@ -173,7 +173,7 @@ class WorkersTests(TestCase):
             )
             sent += 16
             self.assertEqual({code for code, _ in answers}, {401})
-        both = yield wait_until(lambda: serving_workers(gateway.output) == {0, 1}, 5, reactor)
+        both = yield became_true(lambda: serving_workers(gateway.output) == {0, 1}, 5, reactor)
         self.assertTrue(both, gateway.output.decode(errors="replace")[-3000:])
 
         response = yield client.get(
@@ -227,7 +227,7 @@ class WorkersTests(TestCase):
 
         self.assertTrue(
             (
-                yield wait_until(
+                yield became_true(
                     lambda: listening_workers(written()) == {0, 1}, START_TIMEOUT, reactor
                 )
             )
@@ -236,7 +236,7 @@ class WorkersTests(TestCase):
         base = f"http://127.0.0.1:{port}"
         for n in range(4):
             yield self.get(client, f"{base}/tool/before-{n}")
-        self.assertTrue((yield wait_until(lambda: b"/tool/before-3" in written(), 5, reactor)))
+        self.assertTrue((yield became_true(lambda: b"/tool/before-3" in written(), 5, reactor)))
         self.assertNotIn(b"worker 0:", written(), "nothing relayed by the supervisor")
 
         os.rename(logfile, logfile + ".1")
@@ -249,10 +249,10 @@ class WorkersTests(TestCase):
                 return False
             return len(re.findall(rb'"msg":"log file reopened[^\n]*"worker":', text)) == 2
 
-        self.assertTrue((yield wait_until(reopened_by_both, 10, reactor)))
+        self.assertTrue((yield became_true(reopened_by_both, 10, reactor)))
         for n in range(8):
             yield self.get(client, f"{base}/tool/after-{n}")
-        self.assertTrue((yield wait_until(lambda: b"/tool/after-7" in written(), 5, reactor)))
+        self.assertTrue((yield became_true(lambda: b"/tool/after-7" in written(), 5, reactor)))
         with open(logfile + ".1", "rb") as f:
             self.assertNotIn(b"/tool/after-", f.read())
         self.assertEqual((yield gateway.stop()), 0, gateway.errors.decode(errors="replace"))
@@ -277,7 +277,7 @@ class WorkersTests(TestCase):
         # Once the supervisor saw it die (SIGCHLD: at once), the dead worker's
         # socket is closed and the other worker alone serves the port, every
         # connection (before that, one hashed to the dead socket is reset).
-        self.assertTrue((yield wait_until(noticed, 10, reactor)))
+        self.assertTrue((yield became_true(noticed, 10, reactor)))
         for _ in range(10):
             self.assertEqual((yield gateway.health()), 200)
 
