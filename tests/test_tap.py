@@ -257,14 +257,15 @@ class MakeServiceTests(SynchronousTestCase):
         """With --workers the supervisor hands the METRICS_ADDRESS socket to every worker."""
         created = []
 
-        def for_listener(fd, count, reactor, metrics_fd=None):
-            created.append((fd, count, metrics_fd))
+        def for_listeners(fds, reactor, log_destination, rebind, metrics_fd=None):
+            created.append((fds, metrics_fd))
             return "supervisor"
 
-        self.patch(workers.WorkerSupervisor, "for_listener", staticmethod(for_listener))
+        self.patch(workers.WorkerSupervisor, "for_listeners", staticmethod(for_listeners))
+        self.patch(tap, "bind_listeners", lambda address, port, count: [FakeListener()] * count)
         environ = dict(DEV_PLAINTEXT, METRICS_ADDRESS="127.0.0.1:19090")
         self.make("--workers", "2", environ=environ)
-        self.assertEqual(created, [(97, 2, 98)])
+        self.assertEqual(created, [([97, 97], 98)])
 
     def test_one_worker_serves_in_process(self) -> None:
         """One worker serves in the twistd process on the socket bound before daemonizing."""

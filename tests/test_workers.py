@@ -512,8 +512,7 @@ class SharedMetricsTests(SynchronousTestCase):
         metrics.gauge("revocation_lag_seconds", lambda: 3.5)
         gateway = type("G", (), {})()
         gateway.metrics = metrics
-        gateway.site = type("S", (), {})()
-        gateway.site.resource = type("R", (), {"local": {b"/metrics": type("E", (), {})()}})()
+        gateway.metrics_resource = type("E", (), {})()
         shared = workers.install_shared_metrics(
             gateway, lambda live: workers.SharedMetrics(self.directory, 0, live)
         )
