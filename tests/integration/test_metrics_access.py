@@ -233,7 +233,9 @@ class MetricsAccessTests(TestCase):
         yield gateway.start(timeout=START_TIMEOUT)
 
         def both_serving_metrics():
-            found = re.findall(rb"worker (\d+): caracal-gateway serving /health", gateway.output)
+            # Each worker writes its own JSON lines, with its index.
+            pattern = rb'"msg":"caracal-gateway serving /health[^\n]*"worker":(\d+)\}'
+            found = re.findall(pattern, gateway.output)
             return {int(index) for index in found} == {0, 1}
 
         self.assertTrue(
