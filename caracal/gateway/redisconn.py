@@ -471,13 +471,7 @@ def close_redis(handler) -> defer.Deferred:
         sentinels, watch = following
         watch.stop()
         closing.append(sentinels.disconnect())
-    closed = defer.gatherResults(closing, consumeErrors=True)
-    # txredisapi hands the rest of a packet that held a bulk reply to a
-    # zero-delay call on the global reactor (LineReceiver.setLineMode); one
-    # more turn of that reactor lets it run, so nothing of a closed client
-    # is left scheduled.
-    closed.addCallback(lambda _: task.deferLater(txredisapi.reactor, 0, lambda: None))
-    return closed
+    return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
 
 def check_redis(redis, clock, timeout: float = 1.0) -> defer.Deferred:
