@@ -209,7 +209,6 @@ class FakeConnection:
         self.connecting: Deferred | None = None
         self.statements: list[tuple[str, Deferred]] = []
         self.observers: set = set()
-        self.buffered: list = []
 
     def addNotifyObserver(self, observer):
         self.observers.add(observer)
@@ -273,16 +272,6 @@ class FakeConnection:
     def notify(self, payload: str, channel: str = CHANNEL):
         for observer in list(self.observers):
             observer(Notify(4242, channel, payload))
-
-    def buffer_notify(self, payload: str, channel: str = CHANNEL):
-        """A NOTIFY libpq read with a query's result: seen only when asked for."""
-        self.buffered.append(Notify(4242, channel, payload))
-
-    def checkForNotifies(self):
-        buffered, self.buffered = self.buffered, []
-        for notify in buffered:
-            for observer in list(self.observers):
-                observer(notify)
 
 
 class PostgresResourceStoreTests(SynchronousTestCase):
@@ -496,18 +485,6 @@ class PostgresResourceStoreTests(SynchronousTestCase):
         self.assertEqual(self.connection.pending(), [])
         selects = [s for s, _ in self.connection.statements if s.startswith("SELECT resource")]
         self.assertEqual(len(selects), 3)  # the initial load plus the two
-
-    def test_notify_buffered_with_a_reload_is_handed_on(self):
-        """
-        A NOTIFY that arrived with a reload's result (held by libpq, the
-        socket read dry) is collected once the reload ends and reloads again.
-        """
-        self.bring_up()
-        self.connection.notify("x")
-        self.connection.buffer_notify("y")
-        self.connection.answer("SELECT resource_identifier", [])
-        self.assertEqual(len(self.connection.pending()), 1)
-        self.assertEqual(self.connection.buffered, [])
 
     def test_periodic_reload(self):
         """The snapshot is reloaded periodically even without notifications."""

@@ -483,27 +483,8 @@ class PostgresResourceStore(Service):
 
     def _reload_done(self, _) -> None:
         self._reloading = False
-        self._collect_buffered_notifies()
         if self._reload_queued:
             self._request_reload()
-
-    def _collect_buffered_notifies(self) -> None:
-        """
-        Hand on a NOTIFY that reached libpq together with a query's result.
-
-        libpq reads the socket dry while a query runs; a notification that
-        arrived in the same read waits in its buffer, and with no further
-        traffic the socket never turns readable again, so txpostgres would
-        never see it. Polling the idle connection processes that buffer.
-        """
-        connection = self._connection
-        if connection is None or connection.closed:
-            return
-        # txpostgres keeps its psycopg2 connection private and offers no
-        # public poll of an idle connection; pinned by a test.
-        with contextlib.suppress(Exception):
-            connection._connection.poll()
-        connection.checkForNotifies()
 
     # -- helpers ---------------------------------------------------------
 
