@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_workers -*-
 """
-Tests for L{caracal.gateway.workers}: the supervisor's restarts, give-up,
-signal forwarding and stop with a fake clock and fake processes; the log
-relay; the summed metrics with real files in a temporary directory.
+Tests for L{caracal.gateway.workers} and L{caracal.gateway.workerprocess}:
+the supervisor's restarts, give-up, signal forwarding and stop with a fake
+clock and fake processes; the log relay; the summed metrics with real files
+in a temporary directory, handed to a worker's gateway by construction.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from caracal.gateway import workers
+from caracal.gateway import workerprocess, workers
 from caracal.gateway.logs import ACCESS_NAMESPACE
 from caracal.gateway.metrics import Metrics
 
@@ -484,38 +485,45 @@ class SharedMetricsTests(SynchronousTestCase):
         self.assertEqual(reader.snapshot()["requests_total"], 4)
         self.assertEqual(clock.getDelayedCalls(), [])
 
-    def test_install_replaces_the_metrics_snapshot(self) -> None:
-        """Installing shared metrics makes /metrics answer the sum."""
+    def build_worker(self, metrics_dir):
+        """
+        Worker 0's gateway from L{workerprocess.build_worker_gateway}, with a
+        stand-in for L{build_gateway} that records what it was handed.
+        """
+        handed = {}
 
-        class Endpoint:
-            snapshot = None
+        def build(config, reactor, **kwargs):
+            handed.update(kwargs)
+            return "gateway"
 
-        endpoint = Endpoint()
-        metrics = Metrics()
-        gateway = type("G", (), {})()
-        gateway.metrics = metrics
-        gateway.metrics_resource = endpoint
-        self.shared(1, {"requests_total": 6}).publish()
-
-        shared = workers.install_shared_metrics(
-            gateway, lambda live: workers.SharedMetrics(self.directory, 0, live)
+        gateway, shared = workerprocess.build_worker_gateway(
+            "config", task.Clock(), 0, metrics_dir, build=build
         )
-        metrics.increment("requests_total")
-        self.assertEqual(endpoint.snapshot(), shared.snapshot())
-        self.assertEqual(endpoint.snapshot()["requests_total"], 7)
+        self.assertEqual(gateway, "gateway")
+        return handed, shared
+
+    def test_metrics_endpoint_built_with_the_summed_snapshot(self) -> None:
+        """A worker's gateway is built to answer /metrics with every worker's counters."""
+        self.shared(1, {"requests_total": 6}).publish()
+        handed, shared = self.build_worker(self.directory)
+        handed["metrics"].increment("requests_total")
+        self.assertEqual(handed["metrics_snapshot"], shared.snapshot)
+        self.assertEqual(handed["metrics_snapshot"]()["requests_total"], 7)
+
+    def test_without_a_directory_the_worker_answers_its_own(self) -> None:
+        """Without a metrics directory nothing is shared: /metrics is the worker's own."""
+        handed, shared = self.build_worker(None)
+        self.assertIsNone(shared)
+        self.assertNotIn("metrics_snapshot", handed)
+        self.assertIsInstance(handed["metrics"], Metrics)
 
     def test_publishing_refreshes_the_prometheus_gauges(self) -> None:
         """Each publication sets the worker's read-on-demand gauges (another may be scraped)."""
         from tests.support.metrics import sample_sum
 
-        metrics = Metrics()
+        handed, shared = self.build_worker(self.directory)
+        metrics = handed["metrics"]
         metrics.gauge("revocation_lag_seconds", lambda: 3.5)
-        gateway = type("G", (), {})()
-        gateway.metrics = metrics
-        gateway.metrics_resource = type("E", (), {})()
-        shared = workers.install_shared_metrics(
-            gateway, lambda live: workers.SharedMetrics(self.directory, 0, live)
-        )
         name = "caracal_gateway_revocation_lag_seconds"
         self.assertEqual(sample_sum(metrics, name), 0)
         shared.publish()
@@ -558,7 +566,7 @@ class SpawnTests(SynchronousTestCase):
             [
                 "/usr/bin/python3",
                 "-m",
-                "caracal.gateway.workers",
+                "caracal.gateway.workerprocess",
                 "--fd",
                 "3",
                 "--index",

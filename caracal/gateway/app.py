@@ -42,8 +42,6 @@ class Gateway:
     @ivar pipeline: the collaborators of the request pipeline.
     @ivar metrics_site: the plaintext factory for C{METRICS_ADDRESS}
         (C{/health}, C{/ready}, C{/metrics} only), or C{None} when unset.
-    @ivar metrics_resource: the C{/metrics} endpoint, wherever it is served
-        (workers replace its snapshot with the summed one).
     """
 
     config: GatewayConfig
@@ -52,7 +50,6 @@ class Gateway:
     site: Any
     pipeline: Pipeline
     metrics_site: Any = None
-    metrics_resource: Any = None
 
     def when_loaded(self, clock, timeout: float) -> defer.Deferred:
         """
@@ -177,12 +174,22 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
     )
 
 
-def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = None) -> Gateway:
+def build_gateway(
+    config: GatewayConfig,
+    reactor,
+    backends: Backends | None = None,
+    metrics: Metrics | None = None,
+    metrics_snapshot=None,
+) -> Gateway:
     """
     Build every part of a gateway from C{config}. Clients open their
     connections at once (Redis), so call this in the process that will run
     them: after twistd has daemonized, i.e. from C{startService}.
 
+    @param metrics: the process's L{Metrics} (a new one when C{None}).
+    @param metrics_snapshot: what C{/metrics} answers in JSON, when not
+        C{metrics.snapshot}: a worker passes every worker's counters
+        summed (L{caracal.gateway.workers.SharedMetrics.snapshot}).
     @raise caracal.gateway.config.ConfigError: a CA bundle is unusable.
     """
     from caracal.gateway.forward import Forwarder
@@ -191,7 +198,8 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
     from caracal.gateway.tls import client_tls_policy
     from caracal.gateway.upstream import UpstreamGuard
 
-    metrics = Metrics()
+    if metrics is None:
+        metrics = Metrics()
     if backends is None:
         backends = build_backends(config, reactor, metrics)
     tracing = None
@@ -248,7 +256,7 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
     metrics.gauge("ready", ready.last_ready)
     health = HealthResource()
     metrics_resource = MetricsResource(
-        metrics.snapshot, metrics.exposition, bearer=config.metrics_bearer
+        metrics_snapshot or metrics.snapshot, metrics.exposition, bearer=config.metrics_bearer
     )
     root = GatewayRoot(
         GatewayResource(pipeline),
@@ -288,5 +296,4 @@ def build_gateway(config: GatewayConfig, reactor, backends: Backends | None = No
         site=site,
         pipeline=pipeline,
         metrics_site=metrics_site,
-        metrics_resource=metrics_resource,
     )

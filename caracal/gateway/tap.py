@@ -39,6 +39,7 @@ from caracal.gateway.config import ConfigError, GatewayConfig
 from caracal.gateway.connections import ConnectionLimit
 from caracal.gateway.spool import check_spool_directory
 from caracal.gateway.tls import ServerTLS, client_tls_policy, install_sighup_reload
+from caracal.gateway.workers import WorkerSupervisor
 
 log = Logger()
 
@@ -598,8 +599,6 @@ def makeService(options: Options) -> Service:
     # Logged before twistd's logging starts: held and written first.
     warn_if_level_ignored(config, options)
     if options["workers"] > 1:
-        from caracal.gateway.workers import WorkerSupervisor
-
         # The workers load the certificate themselves (and reload it); this
         # process only checked it. It keeps the sockets open so a restarted
         # worker can inherit its own again.

@@ -5,7 +5,7 @@ C{twistd caracal-gateway --workers N}: N worker processes share one port.
 The twistd process (the only one with the pidfile) binds N listening
 sockets on the port, each with C{SO_REUSEPORT}, in
 L{caracal.gateway.tap.makeService}, then does not serve: its
-L{WorkerSupervisor} spawns N workers (C{python -m caracal.gateway.workers}),
+L{WorkerSupervisor} spawns N workers (C{python -m caracal.gateway.workerprocess}),
 worker I inheriting socket I as file descriptor 3 and the configuration as
 its environment. The kernel spreads new connections over the sockets by a
 hash of their addresses, so keep-alive clients end up spread over the
@@ -19,7 +19,7 @@ supervisor, reopened on the SIGUSR1 the supervisor forwards, or the
 inherited standard output), and C{/metrics} is answered by the workers
 from shared files.
 
-Each worker (L{main}) reads the configuration the same way, loads the
+Each worker (L{caracal.gateway.workerprocess.main}) reads the configuration the same way, loads the
 certificate, builds its own gateway (its own Redis, Postgres and STS
 connections) and serves with L{caracal.gateway.tap.GatewayService}: SIGHUP
 and the file watch reload the certificate, SIGTERM drains in-flight
@@ -94,6 +94,9 @@ RESTART_WINDOW = 60.0
 STOP_TIMEOUT = 30.0
 #: How often a worker publishes its counters to the others.
 METRICS_INTERVAL = 0.5
+
+#: The module a worker process runs (C{python -m}).
+WORKER_MODULE = "caracal.gateway.workerprocess"
 
 #: The file descriptor a worker finds the listening socket on.
 LISTENER_FD = 3
@@ -560,7 +563,7 @@ def worker_argv(
     log_destination=("relay", None),
 ) -> list[str]:
     """The command line of worker C{index}."""
-    argv = [executable or sys.executable, "-m", "caracal.gateway.workers"]
+    argv = [executable or sys.executable, "-m", WORKER_MODULE]
     argv += ["--fd", str(LISTENER_FD), "--index", str(index), "--parent-pid", str(os.getpid())]
     if metrics_dir is not None:
         argv += ["--metrics-dir", metrics_dir]
@@ -629,11 +632,18 @@ class SharedMetrics:
         its file at start), so a restart does not make the sums drop.
     """
 
-    def __init__(self, directory: str, index: int, live) -> None:
-        """@param live: this process's C{snapshot()} (L{Metrics.snapshot})."""
+    def __init__(self, directory: str, index: int, live, refresh=None) -> None:
+        """
+        @param live: this process's C{snapshot()} (L{Metrics.snapshot}).
+        @param refresh: called before each publication, or C{None}:
+            L{Metrics.refresh}, so the gauges this worker holds in the
+            shared Prometheus files stay current even when other workers
+            answer the scrapes.
+        """
         self.directory = directory
         self.index = index
         self.live = live
+        self.refresh = refresh
         self.path = os.path.join(directory, f"{index}.json")
         self.carried = self._read(self.path)
         self._loop = None
@@ -657,15 +667,10 @@ class SharedMetrics:
             merged[name] = live.get(name, 0)
         return merged
 
-    #: Called before each publication: C{Metrics.refresh}, so the gauges this
-    #: worker holds in the shared Prometheus files stay current even when
-    #: other workers answer the scrapes.
-    before_publish = None
-
     def publish(self) -> None:
         """Write L{own} atomically to this worker's file."""
-        if self.before_publish is not None:
-            self.before_publish()
+        if self.refresh is not None:
+            self.refresh()
         temporary = f"{self.path}.{os.getpid()}.tmp"
         try:
             with open(temporary, "w", encoding="utf-8") as f:
@@ -714,40 +719,9 @@ class SharedMetrics:
         self.publish()
 
 
-def install_shared_metrics(gateway, shared_for):
-    """
-    Make C{gateway}'s C{/metrics} answer the summed counters: replaces the
-    snapshot callable of its L{MetricsResource} (C{gateway.metrics_resource},
-    served on the public listener, the C{METRICS_ADDRESS} one, or both).
-
-    @param shared_for: C{shared_for(live_snapshot) -> SharedMetrics}.
-    @return: the L{SharedMetrics}.
-    """
-    shared = shared_for(gateway.metrics.snapshot)
-    shared.before_publish = gateway.metrics.refresh
-    gateway.metrics_resource.snapshot = shared.snapshot
-    return shared
-
-
-def _die_with_parent(parent_pid: int | None) -> None:
-    """
-    Linux: get SIGTERM when the supervisor dies (even by SIGKILL), so no
-    worker keeps serving the port without it. If it already died, leave.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if parent_pid is not None and os.getppid() != parent_pid:
-        raise SystemExit(1)
-
-
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """The worker's command line (written by L{worker_argv})."""
-    parser = argparse.ArgumentParser(prog="caracal.gateway.workers")
+    parser = argparse.ArgumentParser(prog=WORKER_MODULE)
     parser.add_argument("--fd", type=int, default=LISTENER_FD)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--metrics-dir", default=None)
@@ -758,118 +732,3 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     where.add_argument("--log-file", default=None, help="append to this file, reopen on SIGUSR1")
     where.add_argument("--log-stdout", action="store_true", help="the inherited stdout")
     return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """
-    Run one worker until it is stopped; returns the exit status: 0 after an
-    orderly stop, 1 when it could not start or stop cleanly.
-    """
-    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
-    _die_with_parent(arguments.parent_pid)
-
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
-    from twisted.logger import globalLogBeginner
-
-    from caracal.gateway.app import build_gateway
-    from caracal.gateway.config import ConfigError, GatewayConfig
-    from caracal.gateway.logfile import ReopeningFile, install_reopen_handler
-    from caracal.gateway.logs import json_log_observer
-    from caracal.gateway.tap import LISTEN_BACKLOG, GatewayService
-    from caracal.gateway.tls import ServerTLS
-
-    try:
-        config = GatewayConfig.from_environ(os.environ)
-        destination = sys.stdout
-        extra = None
-        if arguments.log_file is not None:
-            destination = ReopeningFile(arguments.log_file)
-            install_reopen_handler(destination)
-        else:
-            # The supervisor forwards SIGUSR1 (log reopen) to every worker;
-            # with nothing to reopen, its default action would kill this one.
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        if arguments.log_file is not None or arguments.log_stdout:
-            # Lines from several workers meet in one log: say whose.
-            extra = {"worker": arguments.index}
-        globalLogBeginner.beginLoggingTo(
-            [json_log_observer(destination, config.log_level, extra)], redirectStandardIO=False
-        )
-        server_tls = None
-        if not config.insecure_http:
-            server_tls = ServerTLS(config.tls_cert_file, config.tls_key_file, clock=reactor)
-    except (ConfigError, OSError) as e:
-        sys.stderr.write(f"caracal-gateway worker {arguments.index}: {e}\n")
-        return 1
-
-    def adopted(fd: int):
-        # The socket object finds out the family; the descriptor stays open
-        # for the endpoint, which adopts (duplicates) and then closes it.
-        probe = socket.socket(fileno=fd)
-        family = probe.family
-        probe.detach()
-        return AdoptedStreamServerEndpoint(reactor, fd, family)
-
-    shared: list[SharedMetrics] = []
-
-    def build(config, reactor):
-        gateway = build_gateway(config, reactor)
-        directory = arguments.metrics_dir
-        if directory is not None:
-            shared.append(
-                install_shared_metrics(
-                    gateway, lambda live: SharedMetrics(directory, arguments.index, live)
-                )
-            )
-        return gateway
-
-    metrics_endpoint = None
-    if arguments.metrics_fd is not None:
-        metrics_endpoint = adopted(arguments.metrics_fd)
-    service = GatewayService(
-        config,
-        # The worker's own socket joins the port's group once it is ready.
-        ListenWhenServing(adopted(arguments.fd), arguments.fd, LISTEN_BACKLOG),
-        reactor,
-        server_tls,
-        build=build,
-        metrics_endpoint=metrics_endpoint,
-    )
-    failed: list[bool] = []
-
-    def start() -> None:
-        try:
-            service.privilegedStartService()
-            service.startService()
-        except Exception:
-            log.failure("worker {worker} could not start", worker=arguments.index)
-            failed.append(True)
-            reactor.stop()
-            return
-        for each in shared:
-            each.start(reactor)
-
-    def stop():
-        if not service.running:
-            return None
-
-        def published(result):
-            for each in shared:
-                each.stop()
-            return result
-
-        return service.stopService().addBoth(published)
-
-    reactor.callWhenRunning(start)
-    reactor.addSystemEventTrigger("before", "shutdown", stop)
-    reactor.run()
-    # reactor._exitSignal, private to Twisted (tests/test_twisted_private pins it):
-    # the signal that stopped the reactor.
-    if failed or getattr(reactor, "_exitSignal", None) not in (None, signal.SIGINT):
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
