@@ -180,6 +180,19 @@ class ReplayEventThrottleTests(unittest.SynchronousTestCase):
         self.assertEqual(throttle.admit("f2"), 0)
         self.assertEqual(metrics.counters["audit_events_suppressed"], 2)
 
+    def test_replayed_fingerprint_kept_longest(self):
+        """
+        A fingerprint still being replayed is not the one forgotten when the
+        table is full: its replays stay throttled.
+        """
+        clock = task.Clock()
+        throttle = ReplayEventThrottle(clock, entries=2)
+        self.assertEqual(throttle.admit("f1"), 0)
+        self.assertEqual(throttle.admit("f2"), 0)
+        self.assertIsNone(throttle.admit("f1"))
+        self.assertEqual(throttle.admit("f3"), 0)
+        self.assertIsNone(throttle.admit("f1"), "f2 was forgotten, not f1")
+
     def test_bounded(self):
         """At most C{entries} fingerprints are remembered, the oldest forgotten first."""
         clock = task.Clock()

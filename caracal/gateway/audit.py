@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections import OrderedDict
 from datetime import datetime, timezone
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from caracal.gateway.cache import BoundedCache
 from caracal.gateway.interfaces import IAuditLog
 from caracal.gateway.revocations import sign_fields
 
@@ -103,7 +103,7 @@ class ReplayEventThrottle:
     per C{period} seconds in this process.
 
     Memory is bounded: at most C{entries} fingerprints are remembered, the
-    least recently audited one forgotten first (its pending C{suppressed}
+    least recently replayed one forgotten first (its pending C{suppressed}
     count then only lives on in the metric).
 
     @param metrics: counts C{audit_events_suppressed}; may be C{None}.
@@ -113,9 +113,8 @@ class ReplayEventThrottle:
         self._clock = clock
         self._metrics = metrics
         self._period = period
-        self._entries = entries
         # fingerprint -> [time of the last event, refusals left out since]
-        self._seen: OrderedDict[str, list] = OrderedDict()
+        self._seen: BoundedCache[str, list] = BoundedCache(entries)
 
     def admit(self, fingerprint: str) -> int | None:
         """
@@ -133,10 +132,7 @@ class ReplayEventThrottle:
                 self._metrics.increment("audit_events_suppressed")
             return None
         suppressed = state[1] if state is not None else 0
-        self._seen[fingerprint] = [now, 0]
-        self._seen.move_to_end(fingerprint)
-        while len(self._seen) > self._entries:
-            self._seen.popitem(last=False)
+        self._seen.put(fingerprint, [now, 0])
         return suppressed
 
     def __len__(self) -> int:

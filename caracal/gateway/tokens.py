@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import re
-from collections import OrderedDict
 from typing import Any
 
 import jwt
@@ -37,6 +36,7 @@ from jwt.utils import base64url_decode, base64url_encode
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.web.http_headers import Headers
 
+from caracal.gateway.cache import BoundedCache
 from caracal.gateway.denials import Denial
 from caracal.gateway.jwks import JWKSCache, JWKSUnavailable, UnknownKeyID
 
@@ -360,34 +360,23 @@ class SignatureCache:
     the session check still run on every request; only the signature is
     remembered. Single-use tokens are never stored (they pass once).
 
-    @param size: most entries held; the oldest is dropped beyond it.
+    @param size: most entries held; the least recently used is dropped beyond it.
     """
 
     def __init__(self, size: int = SIGNATURE_CACHE_SIZE) -> None:
-        self.size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[object, float]] = OrderedDict()
+        # (zone, token) -> the key object that verified it, until the token's exp.
+        self._entries: BoundedCache[tuple[str, str], object] = BoundedCache(size)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def verified(self, zone_id: str, token: str, key: object, now: float) -> bool:
         """Whether C{key} verified C{token} for C{zone_id}, and its C{exp} is not past."""
-        entry = self._entries.get((zone_id, token))
-        if entry is None:
-            return False
-        cached_key, exp = entry
-        if exp <= now:
-            del self._entries[(zone_id, token)]
-            return False
-        return cached_key is key
+        return self._entries.get((zone_id, token), now=now) is key
 
     def remember(self, zone_id: str, token: str, key: object, exp: float) -> None:
         """Record that C{key} verified C{token} for C{zone_id}, until C{exp}."""
-        entries = self._entries
-        entries[(zone_id, token)] = (key, exp)
-        entries.move_to_end((zone_id, token))
-        while len(entries) > self.size:
-            entries.popitem(last=False)
+        self._entries.put((zone_id, token), key, expires=exp)
 
 
 def verify_token(
