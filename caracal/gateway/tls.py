@@ -37,6 +37,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from caracal.gateway.cache import BoundedCache
 from caracal.gateway.config import ConfigError
 
 log = Logger(namespace="caracal.gateway.tls")
@@ -427,7 +428,9 @@ class GatewayTLSPolicy:
 
     def __init__(self, trust_root: PlatformTrustPlus):
         self._trust_root = trust_root
-        self._creators: dict[tuple[str, int], object] = {}
+        self._creators: BoundedCache[tuple[str, int], object] = BoundedCache(
+            _CLIENT_CREATOR_CACHE_SIZE
+        )
 
     def creatorForNetloc(self, hostname: bytes, port: int):
         """A client connection creator verifying C{hostname}."""
@@ -435,14 +438,12 @@ class GatewayTLSPolicy:
         key = (name, port)
         creator = self._creators.get(key)
         if creator is None:
-            if len(self._creators) >= _CLIENT_CREATOR_CACHE_SIZE:
-                self._creators.clear()
             creator = optionsForClientTLS(
                 name,
                 trustRoot=self._trust_root,
                 extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2},
             )
-            self._creators[key] = creator
+            self._creators.put(key, creator)
         return creator
 
 

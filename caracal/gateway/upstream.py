@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IResolutionReceiver
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
+from caracal.gateway.cache import BoundedCache
 from caracal.gateway.interfaces import IUpstreamGuard
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -561,7 +562,7 @@ class UpstreamGuard:
         self._clock = clock
         self._timeout = timeout
         # Pinned upstreams whose host is an address, by parsed URL.
-        self._numeric: dict[UpstreamURL, PinnedUpstream] = {}
+        self._numeric: BoundedCache[UpstreamURL, PinnedUpstream] = BoundedCache(_NUMERIC_CACHE_SIZE)
 
     def check(self, url: str) -> defer.Deferred[PinnedUpstream]:
         """
@@ -585,9 +586,7 @@ class UpstreamGuard:
             except UpstreamRefused:
                 return defer.fail()
             # A numeric host's verdict never changes (no DNS): keep it.
-            if len(self._numeric) >= _NUMERIC_CACHE_SIZE:
-                self._numeric.clear()
-            self._numeric[upstream] = pinned
+            self._numeric.put(upstream, pinned)
             return defer.succeed(pinned)
         collector = _Collector()
         try:
