@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import gzip
 import json
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 from hyperlink import EncodedURL
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseNeverReceived
+from twisted.web.client import URI, ResponseNeverReceived
+from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -165,6 +168,73 @@ class ExchangeRequestTests(SynchronousTestCase):
         expected = EncodedURL.from_text(base + "/oauth/2/token").to_uri().to_text()
         self.assertEqual(seen, [expected.encode("ascii")])
         self.assertEqual(expected, "http://xn--st-3sa.example:8443/base%20path/oauth/2/token")
+
+    def test_form_is_what_urlencode_writes(self):
+        """
+        The form built from per-resource parts is byte for byte what
+        C{urlencode} writes for the SPEC's fields, for a JWT (sent unquoted)
+        and for a subject token that needs quoting, across resources.
+        """
+        sts = STSDouble(body=MANDATE)
+        client, _, _ = client_for(sts)
+        cases = [
+            (SUBJECT, "zone-a", "app-1", "res://tools/search"),
+            ("a b+c&d=e\u00e9", "zone-a", "app-1", "res://tools/search"),
+            (SUBJECT, "z&zone_id=evil", "a b", "r=1"),
+            (SUBJECT, "zone-a", "app-1", "res://tools/search"),
+        ]
+        for subject, zone, application, resource in cases:
+            self.successResultOf(client.exchange(subject, zone, application, resource, "req"))
+        expected = [
+            urlencode(
+                [
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+                    ("subject_token", subject),
+                    ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+                    ("zone_id", zone),
+                    ("application_id", application),
+                    ("resource", resource),
+                ]
+            ).encode("ascii")
+            for subject, zone, application, resource in cases
+        ]
+        self.assertEqual(sts.bodies, expected)
+
+    def test_host_header_as_the_agent_writes_it(self):
+        """
+        The exchange carries the Host header the Agent would add: the
+        token URL's host, with the port only when it is not the default.
+        """
+        for base, host in [
+            ("http://sts.test:8080", b"sts.test:8080"),
+            ("http://sts.test", b"sts.test"),
+            ("https://sts.test:443", b"sts.test"),
+        ]:
+            seen = []
+
+            def answer(method, uri, headers, body, seen=seen):
+                seen.append(headers)
+                return Deferred()
+
+            client = STSClient(base, Clock(), agent=ScriptedAgent(answer))
+            exchange(client)
+            self.assertEqual(seen[0].getRawHeaders(b"host"), [host], base)
+
+    def test_endpoint_made_once_per_origin(self):
+        """
+        The client's Agent makes one endpoint per origin and reuses it for
+        every request (the stock Agent makes one per request).
+        """
+        client = STSClient(BASE, MemoryReactorClock())
+        factory = client._http._agent._endpointFactory
+        uri = URI.fromBytes(b"http://sts.test:8080/oauth/2/token")
+        first = factory.endpointForURI(uri)
+        self.assertIsInstance(first, HostnameEndpoint)
+        self.assertIs(factory.endpointForURI(uri), first)
+        other = factory.endpointForURI(URI.fromBytes(b"http://sts.test:8081/x"))
+        self.assertIsNot(other, first)
+        with self.assertRaises(SchemeNotSupported):
+            factory.endpointForURI(URI.fromBytes(b"ftp://sts.test/x"))
 
     def test_unprintable_request_id_not_sent(self):
         """A request id that could not be a header value is left out."""

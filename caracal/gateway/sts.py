@@ -16,27 +16,33 @@ import json
 import re
 import zlib
 from dataclasses import dataclass, field
-from http.cookiejar import DefaultCookiePolicy
-from urllib.parse import urlencode
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from urllib.parse import quote_plus, urlencode
 
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
+    BrowserLikePolicyForHTTPS,
     GzipDecoder,
     HTTPConnectionPool,
     RequestNotSent,
     ResponseDone,
     ResponseNeverReceived,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from caracal.gateway.denials import Denial
@@ -72,6 +78,13 @@ _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}\Z")
 _GENERIC_CODES = {400: "invalid_request", 401: "invalid_token"}
 #: The STS token endpoint (RFC 8693), under STS_URL.
 TOKEN_PATH = "/oauth/2/token"  # noqa: S105 (a path)
+
+# A subject token made only of characters that form encoding leaves as they
+# are (a JWT's base64url segments and dots): it goes into the form unquoted.
+_FORM_SAFE = re.compile(r"[A-Za-z0-9._-]*\Z")
+#: Form tails (zone, application, resource) kept per resource; past this many
+#: distinct ones the table is emptied (resources are few; this is a bound).
+_FORM_TAILS_SIZE = 1024
 
 
 class STSUnavailable(Exception):
@@ -289,6 +302,57 @@ def refusal(status: int, body: bytes, subject_token: str) -> Denial | None:
     return Denial(status, code, description, metric=METRIC)
 
 
+@implementer(IAgentEndpointFactory)
+class _ReusedEndpoints:
+    """
+    The endpoints the stock Agent would use (TCP, TLS verified by the policy
+    for https), made once per origin and reused: the stock Agent builds a new
+    L{HostnameEndpoint} (and TLS creator) for every request, although the
+    pool only needs one when it must connect. An endpoint holds no
+    per-connection state, so one serves every connection to its origin. The
+    STS is one origin; the table is bounded all the same.
+    """
+
+    _SIZE = 16
+
+    def __init__(self, reactor, tls_policy) -> None:
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._endpoints: dict[tuple[bytes, bytes, int], object] = {}
+
+    def endpointForURI(self, uri):
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = self._endpoint(uri)
+            if len(self._endpoints) >= self._SIZE:
+                self._endpoints.clear()
+            self._endpoints[key] = endpoint
+        return endpoint
+
+    def _endpoint(self, uri):
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+        endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port)
+        if uri.scheme == b"https":
+            creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        return endpoint
+
+
+_FORM_HEAD = (urlencode([("grant_type", GRANT_TYPE)]) + "&subject_token=").encode("ascii")
+
+
+def _host_value(uri: URI) -> bytes:
+    """The C{Host} header the Agent would send for C{uri} (port only when not the default)."""
+    host = uri.host
+    if isIPv6Address(host.decode("ascii")):
+        host = b"[" + host + b"]"
+    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
+        return host
+    return b"%b:%d" % (host, uri.port)
+
+
 class PreparedURL(EncodedURL):
     """
     A URL already in URI form (ASCII: IDNA host, percent-encoded path) whose
@@ -352,14 +416,26 @@ class STSClient:
                 # drop idle ones before a typical 60 s server idle timeout so a
                 # POST is not sent on a connection the STS is closing.
                 pool = persistent_pool(reactor, max_per_host=16, idle_timeout=50)
-            kwargs = {"pool": pool}
-            if tls_policy is not None:
-                kwargs["contextFactory"] = tls_policy
-            agent = Agent(reactor, **kwargs)
+            if tls_policy is None:
+                tls_policy = BrowserLikePolicyForHTTPS()
+            agent = Agent.usingEndpointFactory(reactor, _ReusedEndpoints(reactor, tls_policy), pool)
         self.pool = pool
         # The STS has no business setting cookies that every caller would share.
         cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
         self._http = HTTPClient(agent, cookiejar=cookies, data_to_body_producer=_BytesProducer)
+        # Given as each call's cookies, an empty jar spares treq building one
+        # from a dict per call; it is only read (treq merges it into the
+        # client's jar, which refuses every cookie anyway).
+        self._no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        # The exchange's fixed headers, Host included: the Agent adds Host
+        # (copying the headers to do so) only when it is missing.
+        token_uri = URI.fromBytes(self.token_url.to_text().encode("ascii"))
+        self._exchange_headers = {
+            b"Accept": [b"application/json"],
+            b"Content-Type": [b"application/x-www-form-urlencoded"],
+            b"Host": [_host_value(token_uri)],
+        }
+        self._form_tails: dict[tuple[str, str, str], bytes] = {}
 
     def close(self) -> Deferred:
         """Close the pooled idle connections (fires when they are closed)."""
@@ -373,7 +449,11 @@ class STSClient:
         return d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_timed_out)
 
     def _request(
-        self, method: str, path: str | EncodedURL, headers: dict, body: bytes | None = None
+        self,
+        method: str,
+        path: str | EncodedURL,
+        headers: dict | Headers,
+        body: bytes | None = None,
     ):
         kwargs = {
             "headers": headers,
@@ -381,11 +461,36 @@ class STSClient:
             "unbuffered": True,
             # The STS answers directly; a redirect is a misconfiguration.
             "allow_redirects": False,
+            "cookies": self._no_cookies,
         }
         if body is not None:
             kwargs["data"] = body
         url = path if isinstance(path, EncodedURL) else self.base_url + path
         return self._http.request(method, url, **kwargs)
+
+    def _form(self, subject_token: str, zone_id: str, application_id: str, resource: str) -> bytes:
+        """
+        The exchange's form, as C{urlencode} writes it: the fields after the
+        subject token are the resource's, encoded once per resource; a
+        subject token of form-safe characters (every JWT) needs no quoting.
+        """
+        tail_key = (zone_id, application_id, resource)
+        tail = self._form_tails.get(tail_key)
+        if tail is None:
+            tail = urlencode(
+                [
+                    ("subject_token_type", ACCESS_TOKEN_TYPE),
+                    ("zone_id", zone_id),
+                    ("application_id", application_id),
+                    ("resource", resource),
+                ]
+            ).encode("ascii")
+            if len(self._form_tails) >= _FORM_TAILS_SIZE:
+                self._form_tails.clear()
+            self._form_tails[tail_key] = tail
+        if not _FORM_SAFE.match(subject_token):
+            subject_token = quote_plus(subject_token)
+        return b"".join((_FORM_HEAD, subject_token.encode("ascii"), b"&", tail))
 
     def exchange(
         self,
@@ -406,24 +511,12 @@ class STSClient:
             a JSON error, 504 C{sts_unavailable} on timeout, 502
             C{sts_unavailable} on any other failure.
         """
-        form = urlencode(
-            [
-                ("grant_type", GRANT_TYPE),
-                ("subject_token", subject_token),
-                ("subject_token_type", ACCESS_TOKEN_TYPE),
-                ("zone_id", zone_id),
-                ("application_id", application_id),
-                ("resource", resource),
-            ]
-        ).encode("ascii")
-        headers = {
-            b"Accept": [b"application/json"],
-            b"Content-Type": [b"application/x-www-form-urlencoded"],
-        }
+        form = self._form(subject_token, zone_id, application_id, resource)
+        headers = Headers(self._exchange_headers)
         if _REQUEST_ID.match(request_id or ""):
-            headers[b"X-Request-Id"] = [request_id.encode("ascii")]
+            headers.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
         if traceparent:
-            headers[b"traceparent"] = [traceparent]
+            headers.setRawHeaders(b"traceparent", [traceparent])
 
         def attempt() -> Deferred:
             return self._request("POST", self.token_url, headers, form)
