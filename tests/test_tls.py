@@ -108,7 +108,7 @@ class LoadServerCertificateTests(SynchronousTestCase):
         """The leaf comes first, the intermediate after it; the key matches."""
         credentials = load_server_certificate(self.cert_file, self.key_file)
         self.assertEqual(credentials.leaf, self.leaf.cert)
-        self.assertEqual(list(credentials.intermediates), self.leaf.intermediates)
+        self.assertEqual(list(credentials.intermediates), list(self.leaf.intermediates))
         self.assertEqual(len(credentials.chain), 2)
         self.assertEqual(credentials.not_after, self.leaf.cert.not_valid_after_utc)
         self.assertEqual(credentials.not_after.tzinfo, UTC)
