@@ -6,16 +6,13 @@ merge, header hygiene both ways and the credential by auth mode.
 
 from __future__ import annotations
 
-import io
 import re
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web import server
 from twisted.web.http_headers import Headers
-from twisted.web.test.requesthelper import DummyChannel
 
 from caracal.gateway.config import GatewayConfig
 from caracal.gateway.denials import Denial
@@ -35,6 +32,7 @@ from caracal.gateway.registry import ToolResource
 from caracal.gateway.sts import Mandate
 from caracal.gateway.upstream import PinnedUpstream, parse_upstream
 from tests.support.metrics import upstream_observations
+from tests.support.requests import client_request, written
 
 TARGET_PATHS = [
     (b"/api", b"/tools/x", b"/api/tools/x"),
@@ -350,27 +348,6 @@ class ResponseHeadersTests(SynchronousTestCase):
         out = response_headers(self.upstream(), transformed=True)
         self.assertFalse(out.hasHeader(b"content-length"))
         self.assertTrue(out.hasHeader(b"content-type"))
-
-
-def client_request(method=b"GET", uri=b"/x?a=1", clientproto=b"HTTP/1.1") -> server.Request:
-    """A real server Request on a fake channel, as the gateway's site makes them."""
-    channel = DummyChannel()
-    request = server.Request(channel, False)
-    # Kept apart: the request forgets its channel once finished.
-    request.test_transport = channel.transport
-    request.method = method
-    request.uri = uri
-    request.path = uri.partition(b"?")[0]
-    request.clientproto = clientproto
-    request.content = io.BytesIO(b"")
-    request.request_id = "req-1"
-    request.log_fields = {}
-    request.requestHeaders.setRawHeaders(b"host", [b"gateway.test"])
-    return request
-
-
-def written(request) -> bytes:
-    return request.test_transport.written.getvalue()
 
 
 class ForwarderTests(SynchronousTestCase):

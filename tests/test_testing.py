@@ -4,24 +4,25 @@ The in-memory doubles of L{caracal.gateway.testing} provide their interfaces
 and pass the same contract suites (L{tests.support.contracts}) as the real
 implementations; so do the real implementations that need no network
 (L{JWKSCache} over an in-memory fetch, L{UpstreamGuard} over an in-memory
-resolver, L{RedisAuditLog} over the in-memory Redis).
+resolver, L{RedisAuditLog} and the revocation follower over the in-memory
+Redis, L{Metrics}).
 """
 
 from __future__ import annotations
 
 import json
+import socket
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 from twisted.internet import defer, task
 from twisted.trial import unittest
-from zope.interface.verify import verifyObject
 
 from caracal.gateway.audit import RedisAuditLog
-from caracal.gateway.interfaces import IForwarder, IMetrics, IRevocations
+from caracal.gateway.denials import Denial
 from caracal.gateway.jwks import JWKSCache
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.revocations import RevocationStore
+from caracal.gateway.revocations import RevocationFollower, RevocationStore
 from caracal.gateway.testing import (
     MemoryAuditLog,
     MemoryForwarder,
@@ -31,11 +32,14 @@ from caracal.gateway.testing import (
     MemoryTokenExchange,
     MemoryUpstreamGuard,
 )
-from caracal.gateway.upstream import UpstreamGuard
+from caracal.gateway.upstream import PinnedUpstream, UpstreamGuard, parse_upstream
 from tests.support.contracts import (
     AuditLogContract,
+    ForwarderContract,
     KeySourceContract,
+    MetricsContract,
     RedisStreamContract,
+    RevocationsContract,
     TokenExchangeContract,
     UpstreamGuardContract,
 )
@@ -144,17 +148,65 @@ class MemoryRedisStreamTests(RedisStreamContract, unittest.TestCase):
         self.failureResultOf(self.connection.execute_command("PING"), ConnectionError)
 
 
-class DeclarationTests(unittest.SynchronousTestCase):
-    """The collaborators without a contract suite of their own still provide their interfaces."""
+def _pinned(url: str = "http://tools.example/") -> PinnedUpstream:
+    return PinnedUpstream(parse_upstream(url), "203.0.114.7", socket.AF_INET)
 
-    def test_forwarder(self):
-        """L{MemoryForwarder} provides L{IForwarder}."""
-        self.assertTrue(verifyObject(IForwarder, MemoryForwarder()))
 
-    def test_metrics(self):
-        """L{Metrics} (in memory already) provides L{IMetrics}."""
-        self.assertTrue(verifyObject(IMetrics, Metrics()))
+class MemoryForwarderTests(ForwarderContract, unittest.TestCase):
+    """L{MemoryForwarder} passes the forwarder contract."""
 
-    def test_revocations(self):
-        """L{RevocationStore} (in memory already) provides L{IRevocations}."""
-        self.assertTrue(verifyObject(IRevocations, RevocationStore(_clock())))
+    def make_forwarder(self):
+        return MemoryForwarder()
+
+    def answering(self, status):
+        self.forwarder.status = status
+        self.forwarder.body = b"upstream says %d" % (status,)
+        return _pinned()
+
+    def unreachable(self):
+        self.forwarder.denial = Denial(
+            502, "upstream_unreachable", "the upstream could not be reached", "upstream_errors"
+        )
+        return _pinned()
+
+
+class RevocationStoreTests(RevocationsContract, unittest.TestCase):
+    """L{RevocationStore} fed by hand passes the revocations contract."""
+
+    def make_revocations(self):
+        self.store = RevocationStore(_clock())
+        return self.store
+
+    def revoke(self, zone_id, session_id):
+        self.store.revoke(zone_id, session_id)
+        return defer.succeed(None)
+
+
+class FollowedOnMemoryRedisTests(RevocationsContract, unittest.TestCase):
+    """
+    L{RevocationStore} fed by a L{RevocationFollower} reading
+    L{MemoryRedisServer} passes the revocations contract.
+    """
+
+    def make_revocations(self):
+        clock = _clock()
+        self.redis = MemoryRedisServer(clock)
+        store = RevocationStore(clock)
+        follower = RevocationFollower(
+            None, store, None, clock, stream="revocations", connect=self.redis.connect
+        )
+        follower.startService()
+        self.addCleanup(follower.stopService)
+        return follower.when_ready().addCallback(lambda _: store)
+
+    def revoke(self, zone_id, session_id):
+        # The follower's blocked XREAD answers as the entry is added.
+        self.redis.add("revocations", {"zone_id": zone_id, "session_id": session_id})
+        return defer.succeed(None)
+
+
+class MetricsTests(MetricsContract, unittest.TestCase):
+    """L{Metrics}, the one implementation (in memory already), passes the metrics contract."""
+
+    def make_metrics(self):
+        return Metrics()

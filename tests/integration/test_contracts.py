@@ -3,32 +3,43 @@
 The real implementations pass the contract suites their in-memory doubles
 pass in C{tests.test_testing}: the Redis connection the revocation follower
 uses and L{RedisAuditLog} on the shared Redis (streams of the test's own),
-L{STSClient} and L{JWKSCache} against the development STS on 127.0.0.1.
+L{STSClient} and L{JWKSCache} against the development STS on 127.0.0.1,
+L{Forwarder} to a real upstream on 127.0.0.1, and L{RevocationStore} fed by
+its follower from a stream of the test's own on the shared Redis.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
-from zope.interface.verify import verifyObject
 
 from caracal.gateway.audit import RedisAuditLog
 from caracal.gateway.forward import Forwarder
-from caracal.gateway.interfaces import IForwarder
 from caracal.gateway.jwks import JWKSCache
 from caracal.gateway.redisconn import blocking_connection, close_redis
-from caracal.gateway.revocations import parse_entries
+from caracal.gateway.revocations import (
+    RevocationFollower,
+    RevocationStore,
+    parse_entries,
+    publish_revocation,
+)
 from caracal.gateway.sts import STSClient
+from caracal.gateway.upstream import PinnedUpstream, parse_upstream
 from tests.support.contracts import (
     AuditLogContract,
+    ForwarderContract,
     KeySourceContract,
     RedisStreamContract,
+    RevocationsContract,
     TokenExchangeContract,
 )
 from tests.support.redis import SyncRedis, redis_namespace, shared_address
 from tests.support.sts import start_dev_sts, stop_listening
+from tests.support.upstreams import LocalUpstream
+from tests.support.waiting import free_port, wait_until
 
 
 class RedisStreams:
@@ -115,11 +126,60 @@ class JWKSCacheOverSTSTests(DevSTS, KeySourceContract, unittest.TestCase):
         return cache, "zone-a", zone.kid, zone.public_key
 
 
-class ForwarderDeclarationTests(unittest.TestCase):
-    """The real forwarder provides L{IForwarder}."""
+def pinned_to(url: str) -> PinnedUpstream:
+    """C{url} pinned to 127.0.0.1, as L{UpstreamGuard} pins a checked upstream."""
+    return PinnedUpstream(parse_upstream(url), "127.0.0.1", socket.AF_INET)
 
-    def test_forwarder(self):
-        """L{Forwarder} provides L{IForwarder}."""
-        forwarder = Forwarder(reactor, None, timeout=1.0)
+
+class ForwarderOnLoopbackTests(ForwarderContract, unittest.TestCase):
+    """L{Forwarder} to a real upstream on 127.0.0.1 passes the forwarder contract."""
+
+    def make_forwarder(self):
+        self.upstream = LocalUpstream(reactor).start()
+        self.addCleanup(self.upstream.stop)
+        forwarder = Forwarder(reactor, None, timeout=5.0)
         self.addCleanup(forwarder.close)
-        self.assertTrue(verifyObject(IForwarder, forwarder))
+        return forwarder
+
+    def answering(self, status):
+        return pinned_to(self.upstream.url(f"/status?code={status}"))
+
+    def unreachable(self):
+        # Refused at once: nothing listens on a free loopback port.
+        return pinned_to(f"http://127.0.0.1:{free_port()}/")
+
+
+def _entry_key(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence)
+
+
+class FollowedOnRedisTests(RedisStreams, RevocationsContract, unittest.TestCase):
+    """
+    L{RevocationStore} fed by a L{RevocationFollower} reading a stream of the
+    test's own on the real Redis passes the revocations contract.
+    """
+
+    def make_revocations(self):
+        self.stream = self.own_stream("revocations")
+        self.publisher = self.own_connection()
+        store = RevocationStore(reactor)
+        self.follower = RevocationFollower(
+            shared_address(), store, None, reactor, stream=self.stream
+        )
+        self.follower.startService()
+        self.addCleanup(self.follower.stopService)
+        return self.follower.when_ready().addCallback(lambda _: store)
+
+    @defer.inlineCallbacks
+    def revoke(self, zone_id, session_id):
+        entry_id = yield publish_revocation(
+            self.publisher, zone_id, session_id, stream=self.stream, clock=reactor
+        )
+
+        def read_past() -> bool:
+            last = self.follower.last_id
+            return last is not None and _entry_key(last) >= _entry_key(entry_id)
+
+        # Applied once the follower has read the entry just added.
+        yield wait_until(read_past)

@@ -3,9 +3,9 @@ Contract test suites: what every implementation of an interface of
 L{caracal.gateway.interfaces} does, written once and mixed into a
 L{twisted.trial.unittest.TestCase} per implementation. The in-memory doubles
 of L{caracal.gateway.testing} run them in C{tests.test_testing}; the real
-implementations over real Redis and a real STS in
-C{tests.integration.test_contracts}. (The resource registry's and the replay
-guard's contracts live beside their modules' tests:
+implementations over real Redis, a real STS and a real upstream on
+127.0.0.1 in C{tests.integration.test_contracts}. (The resource registry's
+and the replay guard's contracts live beside their modules' tests:
 C{tests.test_registry.ResourceStoreContract},
 C{tests.test_replay.ReplayGuardContract}.)
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer
 from txredisapi import ResponseError
 from zope.interface.verify import verifyObject
@@ -21,8 +22,11 @@ from zope.interface.verify import verifyObject
 from caracal.gateway.denials import Denial
 from caracal.gateway.interfaces import (
     IAuditLog,
+    IForwarder,
     IKeySource,
+    IMetrics,
     IRedisConnection,
+    IRevocations,
     ITokenExchange,
     IUpstreamGuard,
 )
@@ -30,6 +34,8 @@ from caracal.gateway.jwks import UnknownKeyID
 from caracal.gateway.revocations import ALREADY_DEAD_LETTERED, parse_entries, parse_xread
 from caracal.gateway.sts import Mandate
 from caracal.gateway.upstream import UpstreamRefused
+from tests.support.requests import client_request, written
+from tests.support.responses import parse_response
 
 
 class KeySourceContract:
@@ -261,3 +267,200 @@ class RedisStreamContract:
         with self.assertRaises(ResponseError) as refused:
             yield self.xadd(first, n="again")
         self.assertIn(ALREADY_DEAD_LETTERED, str(refused.exception))
+
+
+class ForwarderContract:
+    """
+    What every L{IForwarder} does with an accepted request. Subclasses
+    provide C{make_forwarder()}, C{answering(status)}: a pinned upstream
+    that answers a C{GET /} with C{status} and the body C{upstream says
+    <status>}, and C{unreachable()}: a pinned upstream nothing answers for
+    (its connection is refused).
+    """
+
+    def setUp(self):
+        self.forwarder = self.make_forwarder()
+
+    def forward(self, request, pinned):
+        return self.forwarder.forward(request, pinned, [(b"Authorization", b"Bearer m")], 300)
+
+    def test_interface(self):
+        """The forwarder provides L{IForwarder}."""
+        self.assertTrue(verifyObject(IForwarder, self.forwarder))
+
+    @defer.inlineCallbacks
+    def test_answer_relayed(self):
+        """The upstream's status and body reach the client; the Deferred fires C{None} after."""
+        request = client_request(uri=b"/")
+        result = yield self.forward(request, self.answering(201))
+        self.assertIsNone(result)
+        status, _headers, body, _rest = parse_response(written(request))
+        self.assertEqual((status, body), (201, b"upstream says 201"))
+        self.assertTrue(request.finished)
+
+    @defer.inlineCallbacks
+    def test_upstream_error_is_an_answer(self):
+        """An upstream's own 5xx is relayed as its answer, not turned into a refusal."""
+        request = client_request(uri=b"/")
+        yield self.forward(request, self.answering(503))
+        status, _headers, body, _rest = parse_response(written(request))
+        self.assertEqual((status, body), (503, b"upstream says 503"))
+
+    @defer.inlineCallbacks
+    def test_unreachable_refused_before_writing(self):
+        """An unreachable upstream fails with a 502 L{Denial}, nothing written to the client."""
+        request = client_request(uri=b"/")
+        with self.assertRaises(Denial) as refused:
+            yield self.forward(request, self.unreachable())
+        self.assertEqual(
+            (refused.exception.status, refused.exception.code), (502, "upstream_unreachable")
+        )
+        self.assertEqual(written(request), b"")
+        self.assertFalse(request.finished)
+
+
+class RevocationsContract:
+    """
+    What every L{IRevocations} does, however revocations reach it.
+    Subclasses provide C{make_revocations()}: the store, current (or a
+    Deferred of it), and C{revoke(zone_id, session_id)}: a Deferred firing
+    once that revocation has reached the store.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.revocations = yield self.make_revocations()
+
+    def test_interface(self):
+        """The store provides L{IRevocations}."""
+        self.assertTrue(verifyObject(IRevocations, self.revocations))
+
+    @defer.inlineCallbacks
+    def test_current(self):
+        """A loaded store vouches for what it does not hold: ready, no reason given."""
+        self.assertIsNone(self.revocations.unavailable())
+        self.assertIsNone((yield self.revocations.check()))
+
+    @defer.inlineCallbacks
+    def test_revoked_in_its_zone_only(self):
+        """A revoked session is revoked in its zone, not elsewhere; others are not."""
+        self.assertFalse(self.revocations.is_revoked("zone-a", "s-1"))
+        yield self.revoke("zone-a", "s-1")
+        self.assertTrue(self.revocations.is_revoked("zone-a", "s-1"))
+        self.assertFalse(self.revocations.is_revoked("zone-b", "s-1"))
+        self.assertFalse(self.revocations.is_revoked("zone-a", "s-2"))
+        self.assertEqual(self.revocations.active(), 1)
+
+    @defer.inlineCallbacks
+    def test_revoked_twice_held_once(self):
+        """Revoking a session again is harmless: it is held once."""
+        yield self.revoke("zone-a", "s-1")
+        yield self.revoke("zone-a", "s-1")
+        self.assertEqual(self.revocations.active(), 1)
+
+    @defer.inlineCallbacks
+    def test_watch_fires_once(self):
+        """A watch is called once when its session gets revoked, not for another."""
+        calls = []
+        self.revocations.watch("zone-a", "s-1", lambda: calls.append("s-1"))
+        yield self.revoke("zone-a", "s-2")
+        self.assertEqual(calls, [])
+        yield self.revoke("zone-a", "s-1")
+        yield self.revoke("zone-a", "s-1")
+        self.assertEqual(calls, ["s-1"])
+
+    @defer.inlineCallbacks
+    def test_watch_of_a_revoked_session_fires_at_once(self):
+        """Watching a session already revoked calls back at once."""
+        yield self.revoke("zone-a", "s-1")
+        calls = []
+        self.revocations.watch("zone-a", "s-1", lambda: calls.append(True))
+        self.assertEqual(calls, [True])
+
+    @defer.inlineCallbacks
+    def test_cancelled_watch_silent(self):
+        """A cancelled watch is not called when its session gets revoked."""
+        calls = []
+        cancel = self.revocations.watch("zone-a", "s-1", lambda: calls.append(True))
+        cancel()
+        yield self.revoke("zone-a", "s-1")
+        self.assertTrue(self.revocations.is_revoked("zone-a", "s-1"))
+        self.assertEqual(calls, [])
+
+
+def exposed(metrics, sample_name: str, **labels) -> float:
+    """
+    The sum of the samples named C{sample_name} with C{labels} in the
+    Prometheus text C{metrics} exposes: what a scrape reads.
+    """
+    text, _content_type = metrics.exposition()
+    total = 0.0
+    for family in text_string_to_metric_families(text.decode("utf-8")):
+        for sample in family.samples:
+            if sample.name == sample_name and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                total += sample.value
+    return total
+
+
+class MetricsContract:
+    """
+    What every L{IMetrics} does, read back only through its JSON snapshot
+    and its Prometheus exposition. Subclasses provide C{make_metrics()}.
+    """
+
+    def setUp(self):
+        self.metrics = self.make_metrics()
+
+    def test_interface(self):
+        """The metrics provide L{IMetrics}."""
+        self.assertTrue(verifyObject(IMetrics, self.metrics))
+
+    def test_counter(self):
+        """An incremented JSON counter shows in the snapshot and as a Prometheus counter."""
+        self.metrics.increment("upstream_errors")
+        self.metrics.increment("upstream_errors", 2)
+        self.assertEqual(self.metrics.snapshot()["upstream_errors"], 3)
+        self.metrics.increment("jwks_fetches", result="ok")
+        self.assertEqual(
+            exposed(self.metrics, "caracal_gateway_jwks_fetches_total", result="ok"), 1
+        )
+
+    def test_unknown_counter_refused(self):
+        """Incrementing a name no counter has is a mistake, not a new counter."""
+        self.assertRaises(KeyError, self.metrics.increment, "no_such_counter")
+
+    def test_gauge_read_when_reported(self):
+        """A gauge reports what its reader says at the time it is read."""
+        held = [2]
+        self.metrics.gauge("revocations_active", lambda: held[0])
+        held[0] = 5
+        self.assertEqual(self.metrics.snapshot()["revocations_active"], 5)
+        self.assertEqual(exposed(self.metrics, "caracal_gateway_revocations_active"), 5)
+
+    def test_counted_gauge(self):
+        """A counted gauge moves by what is added."""
+        self.metrics.add("inflight_requests", 1)
+        self.metrics.add("inflight_requests", 1)
+        self.metrics.add("inflight_requests", -1)
+        self.assertEqual(exposed(self.metrics, "caracal_gateway_inflight_requests"), 1)
+
+    def test_observation(self):
+        """An observed latency is counted and summed in its histogram."""
+        self.metrics.observe("sts_exchange_duration_seconds", 0.25)
+        name = "caracal_gateway_sts_exchange_duration_seconds"
+        self.assertEqual(exposed(self.metrics, name + "_count"), 1)
+        self.assertEqual(exposed(self.metrics, name + "_sum"), 0.25)
+
+    def test_request_done(self):
+        """A finished request is counted by status class; a refusal by its reason too."""
+        self.metrics.request_done(200, None, 0.01)
+        self.metrics.request_done(403, None, 0.02, denial="denials_binding")
+        requests = "caracal_gateway_requests_total"
+        self.assertEqual(exposed(self.metrics, requests, status_class="2xx"), 1)
+        self.assertEqual(exposed(self.metrics, requests, status_class="4xx"), 1)
+        self.assertEqual(
+            exposed(self.metrics, "caracal_gateway_denials_total", reason="denials_binding"), 1
+        )
+        self.assertEqual(exposed(self.metrics, "caracal_gateway_request_duration_seconds_count"), 2)
