@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 
 import psycopg2
-from psycopg2.extensions import Notify
+from psycopg2.extensions import POLL_OK, Notify
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, Cooperator
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -26,6 +27,7 @@ from caracal.gateway.registry import (
     PostgresResourceStore,
     ResourceStoreUnavailable,
     ToolResource,
+    _StoreConnection,
 )
 from caracal.gateway.testing import MemoryResourceStore
 
@@ -272,6 +274,67 @@ class FakeConnection:
     def notify(self, payload: str, channel: str = CHANNEL):
         for observer in list(self.observers):
             observer(Notify(4242, channel, payload))
+
+
+class HeldNotifyConnection:
+    """
+    A psycopg2 connection whose libpq holds a notification it read with a
+    query's result: C{notifies} gets it only at the next C{poll}.
+    """
+
+    closed = 0
+
+    def __init__(self) -> None:
+        self.notifies: list = []
+        self.held: list = []
+
+    def poll(self):
+        self.notifies.extend(self.held)
+        del self.held[:]
+        return POLL_OK
+
+    def fileno(self):
+        return 42
+
+
+class StoreConnectionTests(SynchronousTestCase):
+    """The store's txpostgres connection, around a fake psycopg2 connection."""
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.connection = _StoreConnection(self.reactor, lambda connection, reason: None)
+        self.connection._connection = self.psycopg2 = HeldNotifyConnection()
+        self.connection.cooperator = Cooperator(
+            scheduler=lambda work: self.reactor.callLater(0, work), started=True
+        )
+        self.seen: list = []
+        self.connection.addNotifyObserver(self.seen.append)
+
+    def test_notify_read_with_a_result_is_dispatched(self):
+        """
+        A NOTIFY that libpq read together with the end of a query's result
+        reaches the observers once the query is done, without any further
+        traffic on the socket.
+        """
+        cursor = object()
+        self.connection.cursorRunning(cursor)
+        notify = Notify(4242, CHANNEL, "x")
+        self.psycopg2.held.append(notify)
+        self.connection.cursorFinished(cursor)
+        self.reactor.advance(0)
+        self.reactor.advance(0)
+        self.assertEqual(self.seen, [notify])
+
+    def test_closed_connection_is_not_polled(self):
+        """A query that ended with its connection closed polls nothing."""
+        cursor = object()
+        self.connection.cursorRunning(cursor)
+        self.psycopg2.closed = 1
+        self.psycopg2.held.append(Notify(4242, CHANNEL, "x"))
+        self.connection.cursorFinished(cursor)
+        self.reactor.advance(0)
+        self.assertEqual(self.psycopg2.held, [Notify(4242, CHANNEL, "x")])
+        self.assertEqual(self.seen, [])
 
 
 class PostgresResourceStoreTests(SynchronousTestCase):

@@ -111,3 +111,37 @@ class TrustRootTests(SynchronousTestCase):
 
         context = CertificateOptions(trustRoot=Recording()).getContext()
         self.assertEqual(calls, [context])
+
+
+class TxpostgresConnectionTests(SynchronousTestCase):
+    """
+    Not Twisted's, but as private: txpostgres's C{Connection._connection}, the
+    psycopg2 connection the resource store's connection polls when a query
+    is done (L{caracal.gateway.registry._StoreConnection.cursorFinished}) so
+    a NOTIFY buffered by libpq is not lost.
+    """
+
+    def test_psycopg2_connection_is_kept_there(self):
+        """C{connect} stores the psycopg2 connection it makes as C{_connection}."""
+        from txpostgres.txpostgres import Connection
+
+        made = []
+
+        class Made:
+            def fileno(self):
+                return -1
+
+            def poll(self):
+                import psycopg2.extensions
+
+                return psycopg2.extensions.POLL_OK
+
+        def factory(*args, **kwargs):
+            made.append(Made())
+            return made[0]
+
+        connection = Connection(reactor=SelectReactor())
+        connection.connectionFactory = staticmethod(factory)
+        connection.connect(dsn="")
+        self.assertIs(connection._connection, made[0])
+        self.assertTrue(callable(connection._connection.poll))

@@ -163,6 +163,14 @@ class _StoreConnection(Connection):
     txpostgres lets a failure to read from a dead connection escape from
     C{doRead} into the reactor (a logged traceback); here it becomes a
     C{lost} call instead.
+
+    It also hands on a NOTIFY that arrived together with a query's result.
+    psycopg2 moves libpq's notifications into C{connection.notifies} before
+    it reads a result, not after; a notification read in the same packet as
+    the result's end stays in libpq, the socket never turns readable again,
+    and txpostgres never dispatches it (a change would wait for the periodic
+    reload). Once the query is done, polling the idle psycopg2 connection
+    moves it, and txpostgres's C{cursorFinished} dispatches it.
     """
 
     def __init__(self, reactor, lost: Callable[[Connection, Failure], None]) -> None:
@@ -178,6 +186,16 @@ class _StoreConnection(Connection):
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         self._lost(self, reason)
+
+    def cursorFinished(self, cursor) -> None:
+        # No query is in flight here (txpostgres runs one at a time and the
+        # next starts after this cursor's Deferred has fired), so this poll
+        # cannot take another query's result. C{_connection} is txpostgres's
+        # psycopg2 connection; pinned by tests/test_twisted_private.py.
+        if not self._connection.closed:
+            with contextlib.suppress(psycopg2.Error):
+                self._connection.poll()
+        super().cursorFinished(cursor)
 
 
 @implementer(IResourceRegistry)

@@ -99,14 +99,6 @@ class MultiHostStoreTests(TestCase):
         self.assertIsNotNone(store.get("on-the-first"), "the snapshot survived the switch")
         yield store.check()
 
-    # In about one run in six the store reconnects through the second host,
-    # LISTENs and reloads, yet the NOTIFY of the next change never reaches it
-    # (only the periodic reload would). Skipped, not loosened, until the
-    # cause is found: the lost notification is a real defect, not the test's.
-    test_primary_change.skip = (
-        "known intermittent: a NOTIFY after a multi-host primary change is sometimes lost"
-    )
-
 
 class MultiHostGatewayTests(TestCase):
     """A real twistd gateway whose DATABASE_URL_FILE names a DSN whose first host is dead."""
