@@ -145,3 +145,12 @@ class TxpostgresConnectionTests(SynchronousTestCase):
         connection.connect(dsn="")
         self.assertIs(connection._connection, made[0])
         self.assertTrue(callable(connection._connection.poll))
+
+    def test_cursor_reports_the_end_of_its_query(self):
+        """
+        A txpostgres cursor calls its connection's C{cursorFinished} when its
+        query is done, the hook the resource store's connection polls in.
+        """
+        from txpostgres.txpostgres import Cursor
+
+        self.assertIn("self._connection.cursorFinished(self)", inspect.getsource(Cursor._doit))
