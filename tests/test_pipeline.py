@@ -808,6 +808,25 @@ class PipelineTests(PipelineFixture, SynchronousTestCase):
         self.assertEqual(request.written, [])
         self.assertEqual(self.metrics.counters["requests_denied"], 0)
 
+    def test_bugInAStepIsAnInternalError(self):
+        """
+        A step that raises something other than a Denial, at once or through
+        its Deferred, is answered 500 internal_error and logged; no later
+        step runs.
+        """
+        for answer in (
+            lambda *a, **k: 1 / 0,
+            lambda *a, **k: defer.fail(ZeroDivisionError()),
+        ):
+            self.sts.exchange = answer
+            request = self.call(token=self.mint())
+            self.assertEqual(request.responseCode, 500)
+            self.assertEqual(json.loads(request.body)["error"], "internal_error")
+            self.assertEqual(request.log_fields["denial"], "internal_error")
+            self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.guard.calls, [])
+        self.assertEqual(self.forwarder.calls, [])
+
     def test_finishedRequestNotCancelled(self):
         """A request answered normally is not cancelled afterwards."""
         request = self.call(token=self.mint())

@@ -12,15 +12,18 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from caracal.gateway.denials import Denial
 from caracal.gateway.jwks import JWKSCache
 from caracal.gateway.tokens import (
+    NOT_AT_HAND,
     SignatureCache,
     extract_bearer,
     fingerprint,
+    parse_token,
     peek,
     peek_claims,
     peek_header,
@@ -28,6 +31,7 @@ from caracal.gateway.tokens import (
     seconds_left,
     session_id,
     single_use,
+    verify_now,
     verify_token,
 )
 from tests.test_jwks import FakeSTS, ec_jwk
@@ -533,6 +537,91 @@ class VerifyTokenTests(SynchronousTestCase, DenialAssertions):
                 return defer.fail(ZeroDivisionError())
 
         self.failureResultOf(verify_token(self.mint(), "zone-a", BrokenCache()), ZeroDivisionError)
+
+
+class VerifyNowTests(SynchronousTestCase, DenialAssertions):
+    """
+    L{verify_now}: with the zone's keys fresh in the cache it answers
+    without a Deferred exactly what L{verify_token} answers; otherwise it
+    steps aside (L{NOT_AT_HAND}) without fetching anything.
+    """
+
+    setUp = VerifyTokenTests.setUp
+    mint = VerifyTokenTests.mint
+    forge = VerifyTokenTests.forge
+
+    def outcome(self, result):
+        if isinstance(result, Denial):
+            return ("denied", result.status, result.code, result.description, result.metric)
+        return ("claims", result)
+
+    def test_sameAnswersAsVerifyToken(self):
+        """Valid, forged, expired, early, unknown-key and wrong-alg tokens: same outcome."""
+        other = ec.generate_private_key(ec.SECP256R1())
+        tokens = [
+            self.mint(),
+            self.mint(use="ambient"),
+            self.mint(key=other),
+            self.mint(exp=int(NOW)),
+            self.mint(nbf=int(NOW + 60)),
+            self.mint(iat=int(NOW + 60)),
+            self.mint(jti=7),
+            self.mint(kid="unknown"),
+            self.forge({"alg": "none", "kid": "k1"}, sign=lambda data: b"x"),
+            self.forge({"alg": "ES256"}, sign=lambda data: b"x" * 64),
+            self.forge({"alg": "ES256", "kid": "k1"}, sign=lambda data: b"x" * 10),
+        ]
+        self.successResultOf(self.cache.key_for("zone-a", "k1"))
+        for token in tokens:
+            parsed = parse_token(token)
+            deferred = verify_token(token, "zone-a", self.cache, parsed=parsed)
+            expected = self.outcome(
+                self.successResultOf(deferred)
+                if deferred.called and not isinstance(deferred.result, Failure)
+                else self.failureResultOf(deferred, Denial).value
+            )
+            fetches = len(self.sts.calls)
+            try:
+                got = verify_now(token, "zone-a", self.cache, parsed)
+            except Denial as denial:
+                got = denial
+            self.assertEqual(len(self.sts.calls), fetches)  # never fetches
+            if got is NOT_AT_HAND:
+                # Only a kid the fresh set lacks is left to verify_token.
+                self.assertEqual(parsed.header.get("kid"), "unknown")
+                continue
+            self.assertEqual(self.outcome(got), expected, token)
+
+    def test_notAtHandWithoutFreshKeys(self):
+        """No keys yet, or keys past their TTL: L{NOT_AT_HAND}, and nothing is fetched."""
+        token = self.mint()
+        self.assertIs(verify_now(token, "zone-a", self.cache, peek(token)), NOT_AT_HAND)
+        self.assertEqual(self.sts.calls, [])
+        self.successResultOf(self.cache.key_for("zone-a", "k1"))
+        self.assertEqual(verify_now(token, "zone-a", self.cache, peek(token))["jti"], "j-1")
+        self.clock.advance(self.cache.ttl)
+        self.assertIs(verify_now(token, "zone-a", self.cache, peek(token)), NOT_AT_HAND)
+        self.assertEqual(len(self.sts.calls), 1)
+
+    def test_keySourceWithoutCachedKey(self):
+        """A key source that only has C{key_for} always gets L{verify_token}'s path."""
+
+        class Source:
+            clock = self.clock
+
+            def key_for(self, zone_id, kid):
+                raise AssertionError("not asked")
+
+        token = self.mint()
+        self.assertIs(verify_now(token, "zone-a", Source(), peek(token)), NOT_AT_HAND)
+
+    def test_signatureCacheShared(self):
+        """An ambient token verified now is remembered like by L{verify_token}."""
+        signatures = SignatureCache()
+        token = self.mint(use="ambient")
+        self.successResultOf(self.cache.key_for("zone-a", "k1"))
+        verify_now(token, "zone-a", self.cache, peek(token), signatures)
+        self.assertEqual(len(signatures), 1)
 
 
 class SignatureCacheTests(SynchronousTestCase, DenialAssertions):

@@ -196,6 +196,19 @@ class JWKSCache:
         self._start_fetch(zone_id, zone, now)
         return waiter
 
+    def cached_key(self, zone_id: str, kid: str) -> EllipticCurvePublicKey | None:
+        """
+        The key L{key_for} would hand out at once, without a L{Deferred}: the
+        zone's key C{kid} while its key set is within the TTL; else C{None}
+        (the caller asks L{key_for}, which fetches, serves stale or refuses).
+        """
+        zone = self._zones.get(zone_id)
+        if zone is None or zone.fetched_at is None:
+            return None
+        if self.clock.seconds() - zone.fetched_at >= self.ttl:
+            return None
+        return zone.keys.get(kid)
+
     def _usable(self, zone: _ZoneKeys, now: float) -> str | None:
         """
         C{_FRESH} within the TTL; C{_STALE} past it while refreshes fail and

@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.proxy import ReverseProxyResource
 from twisted.web.resource import Resource
@@ -182,22 +183,29 @@ class GatewayResource(ReverseProxyResource):
         if call is None:
             self.screen(request)
             call = request.gateway_call
-        # Steps 2-7 ran in screen, as soon as the headers were in.
-        d = defer.fail(call.denial) if call.denial is not None else defer.succeed(call)
+        run = _Run(self, call)
         # A client that leaves cancels the chain: the call in flight (JWKS
         # fetch, Redis claim, STS exchange, DNS lookup, upstream request) is
         # dropped and no later step runs.
-        request.notifyFinish().addErrback(lambda _: d.cancel())
-        d.addCallback(read_operation)  # SPEC 14: the MCP method and target (the body is in)
-        d.addCallback(self._verify_signature)  # step 8
-        d.addCallback(self._guard_replay)  # step 9
-        d.addCallback(self._check_session)  # step 10
-        d.addCallback(self._exchange)  # step 11
-        d.addCallback(self._guard_upstream)  # step 12
-        d.addCallback(self._forward)  # step 13
-        d.addErrback(self._deny, call)
-        d.addErrback(self._fail, call)
+        request.notifyFinish().addErrback(run.cancel)
+        # Steps 2-7 ran in screen, as soon as the headers were in.
+        if call.denial is not None:
+            run.failed(Failure(call.denial))
+        else:
+            run.resume(call, 0)
         return NOT_DONE_YET
+
+    def _steps(self) -> tuple:
+        """The steps after the body is in, in SPEC order (see L{_Run})."""
+        return (
+            read_operation,  # SPEC 14: the MCP method and target (the body is in)
+            self._verify_signature,  # step 8
+            self._guard_replay,  # step 9
+            self._check_session,  # step 10
+            self._exchange,  # step 11
+            self._guard_upstream,  # step 12
+            self._forward,  # step 13
+        )
 
     # SPEC 12 H2: only the methods a tool call uses, before authentication.
     def _check_method(self, call: Call) -> Call:
@@ -264,9 +272,21 @@ class GatewayResource(ReverseProxyResource):
         )
 
     # Step 8: an ES256 signature from the resource's zone.
-    def _verify_signature(self, call: Call) -> defer.Deferred:
+    def _verify_signature(self, call: Call) -> Call | defer.Deferred:
         tracing = self.pipeline.tracing
         if tracing is None:
+            # With the zone's keys at hand (the usual case) the check needs
+            # no Deferred; otherwise the JWKS lookup may fetch.
+            claims = tokens.verify_now(
+                call.token,
+                call.zone_id,
+                self.pipeline.jwks,
+                call.parsed,
+                self.pipeline.signatures,
+            )
+            if claims is not tokens.NOT_AT_HAND:
+                call.claims = claims
+                return call
             d = self._verify(call)
         else:
             # A JWKS fetch this lookup starts is a child of the request's span.
@@ -508,6 +528,64 @@ class GatewayResource(ReverseProxyResource):
             return
         request.write(error_body(request, 500, "internal_error", "internal error"))
         request.finish()
+
+
+class _Run:
+    """
+    One request's way through the steps of L{GatewayResource._steps}. Each
+    step gets what the previous one returned; a step that answers at once
+    returns its value and the next step runs in the same call, one that must
+    wait returns a L{Deferred} and the next step runs when it fires. So the
+    chain costs a Deferred only where something is awaited (Redis, the STS,
+    a DNS lookup, the upstream), not one per step.
+
+    The first step that raises, or whose Deferred fails, ends the run: the
+    failure goes to L{GatewayResource._deny} and, if that cannot answer it,
+    to L{GatewayResource._fail}, as the errbacks of a single chain would.
+    L{cancel} cancels the Deferred being awaited, like cancelling that chain.
+    """
+
+    __slots__ = ("_resource", "_call", "_steps", "_pending")
+
+    def __init__(self, resource: GatewayResource, call: Call) -> None:
+        self._resource = resource
+        self._call = call
+        self._steps = resource._steps()
+        self._pending: defer.Deferred | None = None
+
+    def resume(self, result, index: int) -> None:
+        """Run the steps from C{index} on, C{result} the previous step's value."""
+        self._pending = None
+        steps = self._steps
+        while index < len(steps):
+            try:
+                result = steps[index](result)
+            except BaseException:
+                self.failed(Failure())
+                return
+            index += 1
+            if isinstance(result, defer.Deferred):
+                self._pending = result
+                result.addCallbacks(self.resume, self.failed, callbackArgs=(index,))
+                return
+
+    def failed(self, failure: Failure) -> None:
+        """A step failed: answer it (the errbacks of the chain)."""
+        self._pending = None
+        resource, call = self._resource, self._call
+        try:
+            resource._deny(failure, call)
+        except BaseException:
+            try:
+                resource._fail(Failure(), call)
+            except BaseException:
+                log.failure("answering a pipeline error failed", Failure())
+
+    def cancel(self, _reason=None) -> None:
+        """The client left: cancel what the run is waiting for, if anything."""
+        pending = self._pending
+        if pending is not None:
+            pending.cancel()
 
 
 @implementer(IRequestScreen)
