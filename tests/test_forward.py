@@ -396,6 +396,25 @@ class ForwarderTests(SynchronousTestCase):
         self.assertIn(b"Authorization: Bearer mandate\r\n", sent)
         self.assertIn(b"Host: api.example\r\n", sent)
 
+    def test_endpoint_reused_per_pinned_upstream(self):
+        """
+        Requests to one pinned upstream with one connect timeout share an
+        endpoint factory (and so its endpoint); another address or timeout
+        gets its own, and each connects where it was pinned.
+        """
+        factory = self.forwarder._endpoint_factory(self.pinned, 5.0)
+        self.assertIs(self.forwarder._endpoint_factory(self.pinned, 5.0), factory)
+        same = PinnedUpstream(parse_upstream("http://api.example/base"), "93.184.216.34", 2)
+        self.assertIs(self.forwarder._endpoint_factory(same, 5.0), factory)
+        self.assertIsNot(self.forwarder._endpoint_factory(self.pinned, 9.0), factory)
+        moved = PinnedUpstream(parse_upstream("http://api.example/base"), "93.184.216.35", 2)
+        self.forwarder.forward(client_request(), moved, [], 300)
+        self.forward(client_request())
+        self.assertEqual(
+            [c[:2] for c in self.reactor.tcpClients],
+            [("93.184.216.35", 80), ("93.184.216.34", 80)],
+        )
+
     def test_timeout(self):
         """No response headers within UPSTREAM_TIMEOUT is a 504 upstream_timeout."""
         d = self.forward(client_request())

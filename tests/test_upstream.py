@@ -686,6 +686,27 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
         self.assertEqual((host, port), ("2606:4700::1", 8443))
         self.assertEqual(policy.asked, [(b"v6.example", 8443)])
 
+    def test_endpoint_made_once(self):
+        """
+        The factory makes its endpoint once and hands the same one to every
+        request (the Agent asks on every request), connecting each time to
+        the pinned address; a URI of another upstream is still refused.
+        """
+        reactor = MemoryReactorClock()
+        policy = RecordingPolicy()
+        pinned = PinnedUpstream(parse_upstream("https://api.example/"), "93.184.216.34", 2)
+        factory = PinnedEndpointFactory(pinned, policy, reactor, connect_timeout=7)
+        first = factory.endpointForURI(URI.fromBytes(b"https://api.example/x"))
+        self.assertIs(factory.endpointForURI(URI.fromBytes(b"https://api.example/y?z")), first)
+        from twisted.internet.protocol import Factory, Protocol
+
+        first.connect(Factory.forProtocol(Protocol))
+        first.connect(Factory.forProtocol(Protocol))
+        self.assertEqual([c[:2] for c in reactor.tcpClients], [("93.184.216.34", 443)] * 2)
+        self.assertEqual(policy.asked, [(b"api.example", 443)])
+        with self.assertRaises(UpstreamRefused):
+            factory.endpointForURI(URI.fromBytes(b"https://evil.example/x"))
+
     def test_other_uri_refused(self):
         """
         The factory refuses to connect anywhere but the pinned upstream's scheme, host and port.

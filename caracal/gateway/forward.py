@@ -29,6 +29,7 @@ from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from caracal.gateway.cache import BoundedCache
 from caracal.gateway.denials import Denial
 from caracal.gateway.headers import (
     CARACAL_PREFIX,
@@ -45,6 +46,8 @@ from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
 log = Logger()
 
 REVOKED_TRAILER = b"X-Caracal-Revoked"
+#: Pinned upstreams (with their connect timeout) whose endpoint is kept.
+_ENDPOINT_CACHE_SIZE = 1024
 
 _TRACEPARENT = re.compile(rb"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
 
@@ -125,9 +128,16 @@ def merge_query(upstream_query: bytes, request_query: bytes) -> bytes:
     return b"&".join(merged)
 
 
+# What every forwarded request and response loses, whatever it carries.
+_REMOVED_REQUEST = HOP_BY_HOP | DROPPED_REQUEST
+_REMOVED_RESPONSE = HOP_BY_HOP | DROPPED_RESPONSE
+
+
 def make_traceparent() -> bytes:
     """A fresh W3C trace context header value (version 00, not sampled)."""
-    return b"00-%s-%s-00" % (os.urandom(16).hex().encode(), os.urandom(8).hex().encode())
+    # One read of the random source for both ids: 16 bytes of trace id, 8 of span id.
+    ids = os.urandom(24).hex().encode("ascii")
+    return b"00-" + ids[:32] + b"-" + ids[32:] + b"-00"
 
 
 def forward_request_headers(
@@ -147,8 +157,7 @@ def forward_request_headers(
     C{X-Forwarded-Host} = the inbound C{Host}, C{X-Request-Id} and a
     C{traceparent} when the caller sent no valid one.
     """
-    removed = HOP_BY_HOP | DROPPED_REQUEST | connection_tokens(inbound)
-    removed |= {_name(n) for n in drop}
+    removed = _REMOVED_REQUEST.union(connection_tokens(inbound), [_name(n) for n in drop])
     outbound = _without(inbound, removed)
     outbound.setRawHeaders(b"Host", [host.encode("ascii")])
     if client_ip:
@@ -197,15 +206,24 @@ def response_headers(upstream: Headers, transformed: bool = False) -> Headers:
     all) and its C{X-Request-Id} (the gateway's own is echoed). The
     C{Content-Length} stays unless the body is C{transformed}.
     """
-    removed = HOP_BY_HOP | DROPPED_RESPONSE | connection_tokens(upstream)
+    return _without(upstream, _response_removed(upstream, transformed))
+
+
+def _response_removed(upstream: Headers, transformed: bool = False) -> frozenset[bytes]:
+    """The names L{response_headers} leaves out of C{upstream} (besides C{X-Caracal-*})."""
+    removed = _REMOVED_RESPONSE.union(connection_tokens(upstream))
     if transformed:
         removed |= {b"content-length"}
-    return _without(upstream, removed)
+    return removed
 
 
-def _without(headers: Headers, removed: set[bytes]) -> Headers:
-    """A copy of C{headers} without the C{removed} names and every C{X-Caracal-*}."""
-    kept = Headers()
+def _without(headers: Headers, removed: set[bytes], into: Headers | None = None) -> Headers:
+    """
+    A copy of C{headers} without the C{removed} names and every
+    C{X-Caracal-*}; with C{into}, those headers set there (each replacing
+    its name) instead of into a new L{Headers}.
+    """
+    kept = Headers() if into is None else into
     for name, values in headers.getAllRawHeaders():
         lowered = name.lower()
         if lowered in removed or lowered.startswith(CARACAL_PREFIX):
@@ -267,6 +285,19 @@ class Forwarder:
         if pool is None:
             pool = persistent_pool(reactor, max_per_host=16, idle_timeout=60)
         self.pool = pool
+        # One endpoint factory (holding its endpoint) per pinned upstream and
+        # connect timeout, instead of a factory and an endpoint per request.
+        self._endpoints: BoundedCache[tuple[PinnedUpstream, float], PinnedEndpointFactory] = (
+            BoundedCache(_ENDPOINT_CACHE_SIZE)
+        )
+
+    def _endpoint_factory(self, pinned: PinnedUpstream, timeout: float) -> PinnedEndpointFactory:
+        key = (pinned, timeout)
+        factory = self._endpoints.get(key)
+        if factory is None:
+            factory = PinnedEndpointFactory(pinned, self._tls_policy, self._reactor, timeout)
+            self._endpoints.put(key, factory)
+        return factory
 
     def close(self) -> defer.Deferred:
         """Close the idle pooled connections (at shutdown)."""
@@ -328,7 +359,7 @@ class Forwarder:
         exchange = _Exchange(self, request, token_expires_in, watch_revocation, timeout)
         agent = Agent.usingEndpointFactory(
             self._reactor,
-            PinnedEndpointFactory(pinned, self._tls_policy, self._reactor, timeout),
+            self._endpoint_factory(pinned, timeout),
             pool=_PoolView(self.pool, exchange),
         )
         exchange.start(agent, url.uri(path, query), headers, _body_producer(request))
@@ -528,8 +559,8 @@ class _Exchange:
             and request.method != b"HEAD"
         ):
             upstream.setRawHeaders(b"Content-Length", [str(response.length).encode("ascii")])
-        for name, values in response_headers(upstream).getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, values)
+        # response_headers(upstream), set straight into the response's headers.
+        _without(upstream, _response_removed(upstream), into=request.responseHeaders)
         left = max(0, int(self._token_expires_in - elapsed))
         request.responseHeaders.setRawHeaders(
             b"X-Caracal-Token-Expires-In", [str(left).encode("ascii")]

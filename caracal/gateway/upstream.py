@@ -659,6 +659,9 @@ class PinnedEndpointFactory:
         self._tls_policy = tls_policy
         self._reactor = reactor
         self._connect_timeout = connect_timeout
+        # Made on first use and kept: an endpoint holds no per-connection
+        # state, and the Agent asks for one on every request, pooled or not.
+        self._endpoint = None
 
     def endpointForURI(self, uri):
         """
@@ -671,6 +674,12 @@ class PinnedEndpointFactory:
         host = uri.host.decode("ascii").strip("[]").lower()
         if scheme != url.scheme or host != url.host or uri.port != url.port:
             raise UpstreamRefused("not_pinned", "request URI does not match the pinned upstream")
+        if self._endpoint is None:
+            self._endpoint = self._make_endpoint()
+        return self._endpoint
+
+    def _make_endpoint(self):
+        url = self._pinned.url
         if self._pinned.family == socket.AF_INET6:
             # TCP6ClientEndpoint takes the scope id inside the host text.
             endpoint = TCP6ClientEndpoint(
