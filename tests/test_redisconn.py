@@ -1,19 +1,27 @@
 # -*- test-case-name: tests.test_redisconn -*-
 """
-Unit tests for the Sentinel side of L{caracal.gateway.redisconn}: the watch
-that moves a pool's connections to the master the sentinels name, on a
-L{Clock}. The real thing, through real failovers, is in
+Unit tests for L{caracal.gateway.redisconn}: the Sentinel watch that moves a
+pool's connections to the master the sentinels name, on a L{Clock}, and the
+protocol and pool handler of every connection (hiredis, commands sent at
+once), on L{StringTransport}s. The real thing, through real failovers, is in
 L{tests.integration.test_sentinel}.
 """
 
 from __future__ import annotations
 
+import hiredis
+import txredisapi
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from caracal.gateway.redisconn import _MasterWatch
+from caracal.gateway.redisconn import (
+    _MasterWatch,
+    _PoolHandler,
+    _ReconnectingRedisFactory,
+    _RedisProtocol,
+)
 
 
 class _Sentinels:
@@ -89,3 +97,158 @@ class MasterWatchTests(SynchronousTestCase):
         self.watch.stop()
         self.clock.advance(5.0)
         self.assertEqual(self.sentinels.asked, 0)
+
+
+def _connected_protocol(factory=None) -> _RedisProtocol:
+    """A connected L{_RedisProtocol} (no AUTH, no SELECT) on a L{StringTransport}."""
+    protocol = _RedisProtocol(charset="utf-8", convertNumbers=False)
+    protocol.factory = factory
+    protocol.makeConnection(StringTransport())
+    return protocol
+
+
+class ProtocolTests(SynchronousTestCase):
+    """
+    L{_RedisProtocol}: replies parsed by hiredis, commands built by
+    C{hiredis.pack_command} with txredisapi's bytes.
+    """
+
+    def setUp(self):
+        self.protocol = _connected_protocol()
+        self.base = txredisapi.BaseRedisProtocol(charset="utf-8")
+
+    def test_hiredis_parser(self):
+        """Connections parse replies with hiredis (txredisapi's HiredisProtocol)."""
+        self.assertIsInstance(self.protocol, txredisapi.HiredisProtocol)
+
+    def test_same_bytes_as_txredisapi(self):
+        """Every kind of argument is sent exactly as txredisapi would send it."""
+        for args in [
+            ("SET", "seen:jti:z:abc", "1", "NX", "PX", 30000),
+            ("XADD", "caracal.audit.events", "MAXLEN", "~", "1000000", "*", "id", "x"),
+            ("SET", b"\xff\x00", "\u00e9\u2603"),
+            ("X", 1.5),
+            ("X", True),
+            ("X", None),
+            ("X", bytearray(b"ab")),
+            ("X", -7),
+        ]:
+            self.assertEqual(self.protocol._build_command(*args), self.base._build_command(*args))
+
+    def test_built_by_hiredis(self):
+        """str, bytes and int arguments are packed by hiredis; a float is not."""
+        packed = []
+        original = hiredis.pack_command
+
+        def pack(args):
+            packed.append(args)
+            return original(args)
+
+        self.patch(hiredis, "pack_command", pack)
+        self.protocol._build_command("SET", b"k", 1)
+        self.protocol._build_command("X", 1.5)
+        self.assertEqual(packed, [("SET", b"k", 1)])
+
+    def test_unencodable_string(self):
+        """A string UTF-8 cannot encode fails as in txredisapi (InvalidData)."""
+        self.assertRaises(txredisapi.InvalidData, self.protocol._build_command, "SET", "\udcff")
+
+    def test_replies(self):
+        """Status, bulk, integer, nil, nested and error replies, in order, as before."""
+        replies = [
+            self.protocol.execute_command("PING"),
+            self.protocol.execute_command("GET", "a"),
+            self.protocol.execute_command("INCR", "b"),
+            self.protocol.execute_command("GET", "c"),
+            self.protocol.execute_command("XREAD", "STREAMS", "s", "0"),
+            self.protocol.execute_command("SET", "d", "1"),
+        ]
+        self.protocol.dataReceived(
+            b"+PONG\r\n$5\r\n12345\r\n:7\r\n$-1\r\n"
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\nk\r\n$1\r\nv\r\n"
+        )
+        self.protocol.dataReceived(b"-READONLY You can't write against a read only replica.\r\n")
+        values = [self.successResultOf(d) for d in replies[:-1]]
+        self.assertEqual(values, ["PONG", "12345", 7, None, [["s", [["1-0", ["k", "v"]]]]]])
+        error = self.failureResultOf(replies[-1], txredisapi.ResponseError)
+        self.assertTrue(str(error.value).startswith("READONLY"))
+
+
+class PoolHandlerTests(SynchronousTestCase):
+    """
+    L{_PoolHandler} sends a command on a connection that is up at once, and
+    otherwise behaves as txredisapi's handler.
+    """
+
+    def setUp(self):
+        self.factory = _ReconnectingRedisFactory(
+            uuid="test",
+            dbid=None,
+            poolsize=2,
+            isLazy=True,
+            handler=_PoolHandler,
+            charset="utf-8",
+            convertNumbers=False,
+        )
+        self.handler = self.factory.handler
+
+    def add_connection(self) -> _RedisProtocol:
+        protocol = _connected_protocol(self.factory)
+        self.factory.addConnection(protocol)
+        return protocol
+
+    def test_sent_at_once(self):
+        """A connection is up: the command is written before the call returns, its reply fires."""
+        protocol = self.add_connection()
+        self.patch(self.factory, "getConnection", lambda peek=False: self.fail("not at once"))
+        d = self.handler.execute_command("SET", "k", "v")
+        self.assertEqual(protocol.transport.value(), b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")
+        self.assertNoResult(d)
+        protocol.dataReceived(b"+OK\r\n")
+        self.assertEqual(self.successResultOf(d), "OK")
+
+    def test_named_commands(self):
+        """Commands called by name (C{set}) take the same way."""
+        protocol = self.add_connection()
+        d = self.handler.set("k", "v", only_if_not_exists=True, pexpire=1000)
+        self.assertIn(b"NX", protocol.transport.value())
+        protocol.dataReceived(b"$-1\r\n")
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_waits_for_a_connection(self):
+        """No connection yet: the command waits and is sent once one is up."""
+        d = self.handler.execute_command("PING")
+        self.assertNoResult(d)
+        protocol = self.add_connection()
+        self.assertEqual(protocol.transport.value(), b"*1\r\n$4\r\nPING\r\n")
+        protocol.dataReceived(b"+PONG\r\n")
+        self.assertEqual(self.successResultOf(d), "PONG")
+
+    def test_dead_connection_skipped(self):
+        """A connection that went down is not written to; a live one is used."""
+        dead = self.add_connection()
+        dead.connected = 0
+        live = self.add_connection()
+        for _ in range(10):
+            self.handler.execute_command("PING")
+        self.assertEqual(dead.transport.value(), b"")
+        self.assertEqual(live.transport.value(), b"*1\r\n$4\r\nPING\r\n" * 10)
+
+    def test_synchronous_error_is_a_failure(self):
+        """A command that raises while being sent gives a failed Deferred, not an exception."""
+        self.add_connection()
+        d = self.handler.execute_command("SET", "\udcff")
+        self.failureResultOf(d, txredisapi.InvalidData)
+
+    def test_not_connected_after_stop(self):
+        """A stopped pool with no connection fails the command, as txredisapi does."""
+        self.factory.stopped = True
+        self.failureResultOf(self.handler.execute_command("PING"), txredisapi.ConnectionError)
+
+    def test_spread_over_connections(self):
+        """Commands are spread over the connections that are up, like txredisapi's peek."""
+        first, second = self.add_connection(), self.add_connection()
+        for _ in range(200):
+            self.handler.execute_command("PING")
+        self.assertTrue(first.transport.value())
+        self.assertTrue(second.transport.value())
