@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import psycopg2
@@ -28,6 +27,7 @@ from psycopg2 import sql
 
 # The packaged schema, exactly as the admin command's migrate applies it.
 from caracal.gateway.admin import schema_sql
+from tests.support.servers import stop_server, wait_for_server
 
 #: The shared server's maintenance connection; override with CARACAL_TEST_POSTGRES.
 ADMIN_DSN = os.environ.get("CARACAL_TEST_POSTGRES", "host=127.0.0.1 port=5432 dbname=test")
@@ -275,17 +275,18 @@ class PrivatePostgres:
             stderr=subprocess.DEVNULL,
             **_as_postgres_user(),
         )
-        give_up = time.monotonic() + deadline
-        while True:
-            try:
-                psycopg2.connect(self.admin_dsn, connect_timeout=1).close()
-                return time.monotonic()
-            except psycopg2.OperationalError:
-                pass
-            if self._process.poll() is not None or time.monotonic() > give_up:
-                self.stop()
-                raise RuntimeError(f"private postgres did not start on port {self.port}")
-            time.sleep(0.02)
+
+        def answers() -> bool:
+            psycopg2.connect(self.admin_dsn, connect_timeout=1).close()
+            return True
+
+        return wait_for_server(
+            self._process,
+            answers,
+            deadline,
+            f"private postgres did not start on port {self.port}",
+            not_yet=(psycopg2.OperationalError,),
+        )
 
     @property
     def running(self) -> bool:
@@ -298,14 +299,7 @@ class PrivatePostgres:
         are refused, and this returns once the server has exited.
         """
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_server(process, signal.SIGINT, timeout=15)
 
     def terminate_backends(self, database: str) -> int:
         """C{pg_terminate_backend} every session of C{database}; how many were ended."""

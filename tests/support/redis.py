@@ -12,10 +12,10 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import uuid
 
 from caracal.gateway.config import RedisAddress
+from tests.support.servers import stop_server, wait_for_server
 from tests.support.waiting import free_port
 
 SHARED_HOST = "127.0.0.1"
@@ -183,33 +183,26 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        give_up = time.monotonic() + deadline
-        while True:
+
+        def answers() -> bool:
+            client = self.client(timeout=0.5)
             try:
-                client = self.client(timeout=0.5)
-                try:
-                    if client.call("PING") == "PONG":
-                        return
-                finally:
-                    client.close()
-            except OSError:
-                pass
-            if self._process.poll() is not None or time.monotonic() > give_up:
-                self.stop()
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
+                return client.call("PING") == "PONG"
+            finally:
+                client.close()
+
+        wait_for_server(
+            self._process,
+            answers,
+            deadline,
+            f"redis-server did not start on port {self.port}",
+            not_yet=(OSError,),
+        )
 
     def stop(self) -> None:
         """Stop the server (no-op when it is not running) and wait for it to exit."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        stop_server(process)
 
     def client(self, timeout: float = 2.0) -> SyncRedis:
         """A synchronous client to this server."""

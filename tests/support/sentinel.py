@@ -22,11 +22,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 
 from twisted.internet import defer
 
 from tests.support.redis import PrivateRedis, SyncRedis
+from tests.support.servers import stop_server, wait_for_server
 from tests.support.waiting import free_port, wait_until
 
 MASTER_NAME = "caracal-test"
@@ -125,11 +125,13 @@ class SentinelGroup:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        give_up = time.monotonic() + deadline
-        while not self._replica_known():
-            if self._sentinel.poll() is not None or time.monotonic() > give_up:
-                raise RuntimeError("the sentinel did not come up with a replica it can promote")
-            time.sleep(0.05)
+        wait_for_server(
+            self._sentinel,
+            self._replica_known,
+            deadline,
+            "the sentinel did not come up with a replica it can promote",
+            interval=0.05,
+        )
 
     def _replica_known(self) -> bool:
         """The sentinel sees a healthy replica in sync: a failover can be asked for."""
@@ -195,12 +197,6 @@ class SentinelGroup:
     def stop(self) -> None:
         """Stop the sentinel and both nodes (no-op for what is not running)."""
         process, self._sentinel = self._sentinel, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_server(process)
         for node in self.nodes.values():
             node.stop()
