@@ -321,6 +321,18 @@ _COLUMNS = (
     "updated_at",
 )
 
+#: The columns C{list} shows as a table, with their headings (C{--json} has them all).
+_TABLE = (
+    ("resource_identifier", "RESOURCE"),
+    ("zone_id", "ZONE"),
+    ("application_id", "APPLICATION"),
+    ("upstream_url", "UPSTREAM"),
+    ("auth_mode", "MODE"),
+    ("auth_header", "HEADER"),
+    ("auth_scheme", "SCHEME"),
+    ("upstream_timeout_ms", "UPSTREAM_TIMEOUT"),
+)
+
 
 @register("add", "add a resource", _configure_add)
 def add(context: Context) -> int:
@@ -371,25 +383,15 @@ def list_(context: Context) -> int:
         json.dump(records, context.stdout, indent=2)
         context.stdout.write("\n")
         return EXIT_OK
-    headers = (
-        "RESOURCE",
-        "ZONE",
-        "APPLICATION",
-        "UPSTREAM",
-        "MODE",
-        "HEADER",
-        "SCHEME",
-        "UPSTREAM_TIMEOUT",
-    )
     shown = [
         {**record, "upstream_timeout_ms": _duration_text(record["upstream_timeout_ms"])}
         for record in records
     ]
-    table = [headers] + [
-        tuple("-" if record[c] is None else str(record[c]) for c in _COLUMNS[:8])
+    table = [tuple(heading for _, heading in _TABLE)] + [
+        tuple("-" if record[column] is None else str(record[column]) for column, _ in _TABLE)
         for record in shown
     ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_TABLE))]
     for line in table:
         text = "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
         print(text.rstrip(), file=context.stdout)
