@@ -249,26 +249,28 @@ class LoadServerCertificateTests(SynchronousTestCase):
             cert_file=reordered,
         )
 
-    def test_expired(self):
-        """An expired certificate is refused with its expiry date."""
-        leaf = make_leaf(make_authority(), not_after=datetime.datetime(2026, 1, 1, tzinfo=UTC))
+    def assertRefusedExpired(self, not_after, shown: str, now=None):
+        """A certificate that ended at C{not_after} is refused, its end C{shown}."""
+        leaf = make_leaf(make_authority(), not_after=not_after)
         cert_file, key_file = leaf.write(self.directory, "expired")
         self.assertRefused(
-            f"TLS_CERT_FILE {cert_file}: certificate expired on 2026-01-01T00:00:00Z",
+            f"TLS_CERT_FILE {cert_file}: certificate expired on {shown}",
             cert_file=cert_file,
             key_file=key_file,
+            now=now,
+        )
+
+    def test_expired(self):
+        """An expired certificate is refused with its expiry date."""
+        self.assertRefusedExpired(
+            datetime.datetime(2026, 1, 1, tzinfo=UTC),
+            "2026-01-01T00:00:00Z",
             now=datetime.datetime(2026, 3, 1, tzinfo=UTC),
         )
 
     def test_expired_by_wall_clock(self):
         """Without C{now}, the wall clock decides."""
-        leaf = make_leaf(make_authority(), not_after=datetime.datetime(2020, 1, 1, tzinfo=UTC))
-        cert_file, key_file = leaf.write(self.directory, "old")
-        self.assertRefused(
-            f"TLS_CERT_FILE {cert_file}: certificate expired on 2020-01-01T00:00:00Z",
-            cert_file=cert_file,
-            key_file=key_file,
-        )
+        self.assertRefusedExpired(datetime.datetime(2020, 1, 1, tzinfo=UTC), "2020-01-01T00:00:00Z")
 
     def test_not_yet_valid(self):
         """A certificate not yet valid is refused with its start date."""
