@@ -28,11 +28,11 @@ from caracal.gateway.forward import (
 )
 from caracal.gateway.http import GatewaySite
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.registry import ToolResource
 from caracal.gateway.sts import Mandate
 from caracal.gateway.upstream import PinnedUpstream, parse_upstream
 from tests.support.metrics import upstream_observations
 from tests.support.requests import client_request, written
+from tests.support.resources import tool_resource
 
 TARGET_PATHS = [
     (b"/api", b"/tools/x", b"/api/tools/x"),
@@ -257,18 +257,6 @@ class ForwardRequestHeadersTests(SynchronousTestCase):
             self.assertRegex(value, TRACEPARENT)
 
 
-def resource(auth_mode="caracal_jwt", auth_header=None, auth_scheme=None) -> ToolResource:
-    return ToolResource(
-        resource_identifier="tools",
-        zone_id="zone-1",
-        application_id="app-1",
-        upstream_url="https://api.example/",
-        auth_mode=auth_mode,
-        auth_header=auth_header,
-        auth_scheme=auth_scheme,
-    )
-
-
 class CredentialHeadersTests(SynchronousTestCase):
     """L{credential_headers} by auth mode."""
 
@@ -276,25 +264,25 @@ class CredentialHeadersTests(SynchronousTestCase):
         """Each auth mode, header and scheme gives its credential headers."""
         mandate = Mandate(access_token="mandate-jwt", provider_token="provider-secret")
         cases = [
-            (resource(), [(b"Authorization", b"Bearer mandate-jwt")]),
+            (tool_resource(), [(b"Authorization", b"Bearer mandate-jwt")]),
             (
-                resource(auth_header="X-Mandate", auth_scheme="Caracal"),
+                tool_resource(auth_header="X-Mandate", auth_scheme="Caracal"),
                 [(b"X-Mandate", b"Caracal mandate-jwt")],
             ),
-            (resource(auth_scheme=""), [(b"Authorization", b"mandate-jwt")]),
+            (tool_resource(auth_scheme=""), [(b"Authorization", b"mandate-jwt")]),
             (
-                resource("provider_oauth", auth_scheme="Bearer"),
+                tool_resource("provider_oauth", auth_scheme="Bearer"),
                 [
                     (b"Authorization", b"Bearer provider-secret"),
                     (b"X-Caracal-Identity", b"mandate-jwt"),
                 ],
             ),
             (
-                resource("provider_apikey", auth_header="X-Api-Key"),
+                tool_resource("provider_apikey", auth_header="X-Api-Key"),
                 [(b"X-Api-Key", b"provider-secret"), (b"X-Caracal-Identity", b"mandate-jwt")],
             ),
             (
-                resource("provider_oauth"),
+                tool_resource("provider_oauth"),
                 [(b"Authorization", b"provider-secret"), (b"X-Caracal-Identity", b"mandate-jwt")],
             ),
         ]
@@ -306,7 +294,7 @@ class CredentialHeadersTests(SynchronousTestCase):
         mandate = Mandate(access_token="mandate-jwt")
         for mode in ("provider_oauth", "provider_apikey"):
             with self.assertRaises(MissingProviderToken) as caught:
-                credential_headers(resource(mode), mandate)
+                credential_headers(tool_resource(mode), mandate)
             self.assertNotIn("mandate-jwt", str(caught.exception))
 
 

@@ -26,7 +26,6 @@ from twisted.web.resource import Resource
 from caracal.gateway.denials import Denial, denial_body
 from caracal.gateway.forward import Forwarder, credential_headers
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.registry import ToolResource
 from caracal.gateway.sts import Mandate
 from caracal.gateway.tls import client_tls_policy
 from caracal.gateway.upstream import (
@@ -37,23 +36,12 @@ from caracal.gateway.upstream import (
 )
 from tests.support.certs import make_authority, make_leaf
 from tests.support.metrics import upstream_observations
+from tests.support.resources import tool_resource
 from tests.support.responses import parse_response
 from tests.support.upstreams import LocalUpstream, TrackingSite
 from tests.support.waiting import wait_until
 
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
-
-
-def caracal_resource(auth_mode="caracal_jwt", auth_header=None, auth_scheme=None):
-    return ToolResource(
-        resource_identifier="tools",
-        zone_id="zone-1",
-        application_id="app-1",
-        upstream_url="unused",
-        auth_mode=auth_mode,
-        auth_header=auth_header,
-        auth_scheme=auth_scheme,
-    )
 
 
 MANDATE = Mandate(access_token="mandate-jwt", provider_token="provider-secret")
@@ -200,7 +188,7 @@ class ForwardingTests(Harness):
         """
         self.route_to(
             self.upstream.url("/api?fixed=up&v=1"),
-            credential_headers(caracal_resource(), MANDATE),
+            credential_headers(tool_resource(), MANDATE),
             expires_in=300,
         )
         body = b'{"hello": "world"}'
@@ -260,9 +248,7 @@ class ForwardingTests(Harness):
         """The provider token in the resource's header, the mandate as identity."""
         self.route_to(
             self.upstream.url("/"),
-            credential_headers(
-                caracal_resource("provider_apikey", auth_header="X-Api-Key"), MANDATE
-            ),
+            credential_headers(tool_resource("provider_apikey", auth_header="X-Api-Key"), MANDATE),
         )
         _, _, answer, _ = yield self.exchange(
             b"GET /x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n"
