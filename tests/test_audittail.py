@@ -6,12 +6,12 @@ from __future__ import annotations
 import io
 import json
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.trial.unittest import SynchronousTestCase
 
 from caracal.gateway import admin
 from caracal.gateway.audit import RedisAuditLog
-from caracal.gateway.audittail import Filter, entry_fields, event_of, format_line
+from caracal.gateway.audittail import BATCH, Filter, entry_fields, event_of, format_line, tail
 
 KEY = bytes(range(32))
 
@@ -80,6 +80,22 @@ class FormatTests(SynchronousTestCase):
         self.assertFalse(Filter(request_id="r-2")(event))
         self.assertFalse(Filter()(event_of({"data": "not json"})))
 
+    def test_prefilter(self):
+        """
+        An entry whose raw document cannot hold the request id or resource
+        asked for is passed over without decoding; one that JSON would
+        escape is left to the full filter.
+        """
+        data = fields_of(request_id="r-1", resource="tools")["data"]
+        self.assertTrue(Filter(request_id="r-1", resource="tools").could_match(data))
+        self.assertTrue(Filter(decision="allow").could_match(data))
+        self.assertFalse(Filter(request_id="r-2").could_match(data))
+        self.assertFalse(Filter(resource="other").could_match(data))
+        for escaped in ('r"1', "r\\1", "r-\u00e9"):
+            quoted = fields_of(request_id=escaped)["data"]
+            self.assertTrue(Filter(request_id=escaped).could_match(quoted))
+            self.assertTrue(Filter(request_id=escaped)(event_of({"data": quoted})))
+
     def test_entry_fields(self):
         """A flat reply list becomes a dict of strings."""
         self.assertEqual(entry_fields([b"id", b"x", "data", "{}"]), {"id": "x", "data": "{}"})
@@ -106,3 +122,57 @@ class CommandLineTests(SynchronousTestCase):
         status, _out, err = self.run_admin("audit", "tail", "--decision", "maybe")
         self.assertEqual(status, 2)
         self.assertEqual(err.count("\n"), 1)
+
+
+class ScriptedRedis:
+    """Answers each command with a Deferred the test fires (or never fires)."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[tuple, defer.Deferred]] = []
+
+    def execute_command(self, *command):
+        d = defer.Deferred()
+        self.asked.append((command, d))
+        return d
+
+
+class TailTimeoutTests(SynchronousTestCase):
+    """The time bound of C{audit tail} is per read of Redis, not per scan."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.redis = ScriptedRedis()
+        self.out = io.StringIO()
+        self.done = tail(
+            self.redis,
+            self.out,
+            Filter(request_id="r-last"),
+            KEY,
+            count=1,
+            stream="s",
+            clock=self.clock,
+            reply_timeout=10.0,
+        )
+
+    def batch(self, first: int, request_id="r-other"):
+        """A full XREVRANGE reply of entries numbered from C{first} down."""
+        fields = fields_of(request_id=request_id)
+        flat = [item for pair in fields.items() for item in pair]
+        return [(f"{first - n}-0", flat) for n in range(BATCH)]
+
+    def test_long_scan_is_not_cut(self):
+        """Many prompt replies adding up to more than the bound still finish."""
+        for number in range(5):
+            self.clock.advance(9.0)
+            _command, reply = self.redis.asked[-1]
+            reply.callback(self.batch(100_000 - number * BATCH))
+        self.clock.advance(9.0)
+        self.redis.asked[-1][1].callback(self.batch(50_000, request_id="r-last"))
+        self.assertEqual(self.successResultOf(self.done), 1)
+        self.assertIn("request=r-last", self.out.getvalue())
+
+    def test_one_silent_read_times_out(self):
+        """A read Redis does not answer within the bound fails the command."""
+        self.redis.asked[-1][1].callback(self.batch(100_000))
+        self.clock.advance(10.0)
+        self.failureResultOf(self.done, defer.TimeoutError)

@@ -38,7 +38,7 @@ SCAN_LIMIT = 100_000
 BATCH = 500
 #: Milliseconds one blocking read waits for new entries with C{--follow}.
 BLOCK_MS = 5000
-#: Seconds C{audit tail} without C{--follow} waits for Redis.
+#: Seconds C{audit tail} waits for Redis to answer one read of past entries.
 READ_TIMEOUT = 10.0
 
 
@@ -70,6 +70,11 @@ def _decode(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def _verbatim_in_json(value: str) -> bool:
+    """C{value} appears unchanged inside its JSON string, however it is encoded."""
+    return value.isascii() and json.dumps(value)[1:-1] == value
+
+
 def entry_fields(flat) -> dict[str, str]:
     """An C{XRANGE}/C{XREAD} entry's flat field list as a dict of strings."""
     values = [_decode(v) for v in flat]
@@ -92,6 +97,18 @@ class Filter:
         self.resource = resource
         self.decision = decision
         self.request_id = request_id
+
+    def could_match(self, data: str) -> bool:
+        """
+        C{False} when the raw C{data} document cannot hold the request id or
+        resource asked for: a substring test that spares decoding the JSON
+        of every entry scanned. A value JSON would escape is not
+        prefiltered (its encoded form may differ); L{__call__} decides.
+        """
+        for wanted in (self.request_id, self.resource):
+            if wanted is not None and _verbatim_in_json(wanted) and wanted not in data:
+                return False
+        return True
 
     def __call__(self, event: dict | None) -> bool:
         if event is None:
@@ -155,25 +172,34 @@ def tail(
     follow: bool = False,
     stream: str = AUDIT_STREAM,
     scan_limit: int = SCAN_LIMIT,
+    clock=None,
+    reply_timeout: float | None = None,
 ):
     """
     Print the last C{count} matching entries of C{stream}, oldest first;
     with C{follow}, then print new matching entries as they come (until
     cancelled). Fires with the number of lines printed.
+
+    With C{clock} and C{reply_timeout}, each read of past entries fails with
+    L{defer.TimeoutError} when Redis does not answer it in time; the scan as
+    a whole is bounded by C{scan_limit} entries, not by a time.
     """
     found: list[tuple[str, dict]] = []
     newest = None
     end = "+"
     scanned = 0
     while len(found) < count and scanned < scan_limit:
-        reply = yield redis.execute_command("XREVRANGE", stream, end, "-", "COUNT", BATCH)
+        reading = redis.execute_command("XREVRANGE", stream, end, "-", "COUNT", BATCH)
+        if clock is not None and reply_timeout is not None:
+            reading.addTimeout(reply_timeout, clock)
+        reply = yield reading
         if not reply:
             break
         for entry_id, flat in reply:
             entry_id = _decode(entry_id)
             newest = newest or entry_id
             fields = entry_fields(flat)
-            if matches(event_of(fields)):
+            if matches.could_match(fields.get("data", "")) and matches(event_of(fields)):
                 found.append((entry_id, fields))
                 if len(found) >= count:
                     break
@@ -265,9 +291,9 @@ def _run(context) -> int:
                 key,
                 count=args.count,
                 follow=args.follow,
+                clock=reactor,
+                reply_timeout=READ_TIMEOUT,
             )
-            if not args.follow:
-                reading.addTimeout(READ_TIMEOUT, reactor)
             yield reading
         except defer.TimeoutError:
             outcome["error"] = f"no answer from Redis within {READ_TIMEOUT:g} s"
