@@ -624,6 +624,48 @@ class VerifyNowTests(SynchronousTestCase, DenialAssertions):
         self.assertEqual(len(signatures), 1)
 
 
+class ES256CheckTests(SynchronousTestCase):
+    """The signature check answers exactly what pyjwt's ECAlgorithm(SHA256).verify answers."""
+
+    def test_sameAsPyjwt(self):
+        """Valid, tampered, short and long signatures; P-256, P-384, private and RSA keys."""
+        from jwt.algorithms import ECAlgorithm
+
+        from caracal.gateway.tokens import _es256_valid
+
+        pyjwt = ECAlgorithm(ECAlgorithm.SHA256)
+        p256 = ec.generate_private_key(ec.SECP256R1())
+        p384 = ec.generate_private_key(ec.SECP384R1())
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        message = b"header.payload"
+        signature = pyjwt.sign(message, p256)
+        signature384 = pyjwt.sign(message, p384)
+        tampered = signature[:-1] + bytes([signature[-1] ^ 1])
+        cases = [
+            (p256.public_key(), signature),
+            (p256, signature),
+            (p256.public_key(), tampered),
+            (p256.public_key(), signature[:-1]),
+            (p256.public_key(), signature + b"\0"),
+            (p256.public_key(), b"\0" * 64),
+            (p384.public_key(), signature384),
+            (p384.public_key(), signature),
+            (ec.generate_private_key(ec.SECP256R1()).public_key(), signature),
+            (rsa_key.public_key(), signature),
+        ]
+        results = []
+        for key, sig in cases:
+            outcomes = []
+            for check in (pyjwt.verify, _es256_valid):
+                try:
+                    outcomes.append(check(message, key, sig))
+                except (ValueError, TypeError, AttributeError):
+                    outcomes.append(False)
+            self.assertEqual(outcomes[0], outcomes[1], (key, sig))
+            results.append(outcomes[0])
+        self.assertEqual(results, [True, True] + [False] * 4 + [True] + [False] * 3)
+
+
 class SignatureCacheTests(SynchronousTestCase, DenialAssertions):
     """
     L{SignatureCache}: a reusable token's signature is verified once per key

@@ -145,6 +145,7 @@ class GatewayResource(ReverseProxyResource):
         self.pipeline = pipeline
         if pipeline.replay_events is None:
             pipeline.replay_events = ReplayEventThrottle(pipeline.clock, pipeline.metrics)
+        self._steps = self._make_steps()
 
     def getChild(self, path, request):
         return self
@@ -195,8 +196,8 @@ class GatewayResource(ReverseProxyResource):
             run.resume(call, 0)
         return NOT_DONE_YET
 
-    def _steps(self) -> tuple:
-        """The steps after the body is in, in SPEC order (see L{_Run})."""
+    def _make_steps(self) -> tuple:
+        """The steps after the body is in, in SPEC order (see L{_Run}); made once."""
         return (
             read_operation,  # SPEC 14: the MCP method and target (the body is in)
             self._verify_signature,  # step 8
@@ -550,7 +551,7 @@ class _Run:
     def __init__(self, resource: GatewayResource, call: Call) -> None:
         self._resource = resource
         self._call = call
-        self._steps = resource._steps()
+        self._steps = resource._steps
         self._pending: defer.Deferred | None = None
 
     def resume(self, result, index: int) -> None:

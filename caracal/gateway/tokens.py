@@ -31,7 +31,10 @@ import re
 from typing import Any
 
 import jwt
-from jwt.algorithms import ECAlgorithm
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ec import ECDSA, EllipticCurvePrivateKey
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.hashes import SHA256
 from jwt.utils import base64url_decode, base64url_encode
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.web.http_headers import Headers
@@ -61,7 +64,7 @@ _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 # The same, with the trailing padding some issuers add (pyjwt accepts it too).
 _BASE64URL_PADDED = re.compile(r"([A-Za-z0-9_-]+)(={0,2})")
-_ES256 = ECAlgorithm(ECAlgorithm.SHA256)
+_ECDSA_SHA256 = ECDSA(SHA256())
 #: Verified signatures remembered by a L{SignatureCache} unless told otherwise.
 SIGNATURE_CACHE_SIZE = 4096
 
@@ -417,6 +420,27 @@ def verify_token(
     )
 
 
+def _es256_valid(message: bytes, key, signature: bytes) -> bool:
+    """
+    pyjwt's C{ECAlgorithm(SHA256).verify}, without what it redoes on every
+    call: a new hash and ECDSA object and its byte-by-byte integer conversion. The raw C{r || s}
+    signature must be exactly twice the curve's size, as pyjwt requires.
+    """
+    if isinstance(key, EllipticCurvePrivateKey):
+        key = key.public_key()
+    size = (key.curve.key_size + 7) // 8
+    if len(signature) != 2 * size:
+        return False
+    der = encode_dss_signature(
+        int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+    )
+    try:
+        key.verify(der, message, _ECDSA_SHA256)
+    except InvalidSignature:
+        return False
+    return True
+
+
 #: What L{verify_now} returns when the zone's key is not at hand.
 NOT_AT_HAND = object()
 
@@ -486,7 +510,7 @@ def _verified_claims(
     remembered = signatures is not None and signatures.verified(zone_id, token, key, now)
     if not remembered:
         try:
-            valid = _ES256.verify(parsed.signing_input, key, parsed.signature)
+            valid = _es256_valid(parsed.signing_input, key, parsed.signature)
         except (ValueError, TypeError, AttributeError):
             valid = False
         if not valid:
