@@ -7,6 +7,8 @@ L{GatewaySite}, and the JSON-lines observer with its level filter.
 from __future__ import annotations
 
 import json
+import random
+from datetime import UTC, datetime
 from io import StringIO
 
 from twisted.logger import Logger, LogLevel
@@ -20,6 +22,7 @@ from caracal.gateway.logs import (
     format_access_line,
     json_log_observer,
     level_named,
+    utc_timestamp,
 )
 from tests.test_http import HTTPTestMixin, one_response
 
@@ -251,3 +254,24 @@ class ObserverTests(SynchronousTestCase):
         self.assertIs(level_named("WARN"), LogLevel.warn)
         self.assertIs(level_named(LogLevel.error), LogLevel.error)
         self.assertRaises(ValueError, level_named, "loud")
+
+
+class TimestampTests(SynchronousTestCase):
+    """L{utc_timestamp} formats exactly as C{datetime} does, a second at a time."""
+
+    def test_as_datetime(self):
+        """Whole seconds, rounding edges and random moments read as datetime's isoformat."""
+        moments = [0, 0.0005, 0.0004995, 1_700_000_000.25, 1_700_000_000.9995]
+        moments += [1_000_000_000 + edge for edge in (0.9999995, 0.9999994, 0.0000005, 0.0015)]
+        moments += [253_402_300_799.999]
+        generator = random.Random(14)
+        moments += [generator.uniform(0, 4e9) for _ in range(2_000)]
+        moments += [1.7e9 + generator.random() for _ in range(2_000)]
+        for seconds in moments:
+            expected = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+            self.assertEqual(utc_timestamp(seconds), expected.replace("+00:00", "Z"), seconds)
+
+    def test_carry_into_the_next_second(self):
+        """A fraction rounding up to a whole second moves to the next second."""
+        self.assertEqual(utc_timestamp(1_000_000_000.9999996), "2001-09-09T01:46:41.000Z")
+        self.assertEqual(utc_timestamp(1_000_000_000.5), "2001-09-09T01:46:40.500Z")

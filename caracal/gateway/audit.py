@@ -30,15 +30,15 @@ fingerprint in its C{suppressed} field.
 from __future__ import annotations
 
 import json
-import uuid
-from datetime import datetime, timezone
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from caracal.gateway import ids
 from caracal.gateway.cache import BoundedCache
 from caracal.gateway.interfaces import IAuditLog
+from caracal.gateway.logs import utc_timestamp
 from caracal.gateway.revocations import sign_fields
 
 AUDIT_STREAM = "caracal.audit.events"
@@ -67,13 +67,20 @@ CREDENTIAL_FIELDS = frozenset(
 
 _CORE_FIELDS = ("event_type", "request_id", "decision", "occurred_at")
 
+# Metadata names already found to be neither core fields nor credentials: the
+# same few names come with every event. Bounded, though callers use fixed names.
+_PLAIN_NAMES: set[str] = set()
+_PLAIN_NAMES_KEPT = 1024
+
 _log = Logger()
+
+# The data document's encoding; json.dumps with options builds an encoder per call.
+_DATA_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
 
 
 def rfc3339(seconds: float) -> str:
     """C{seconds} since the epoch as RFC 3339 UTC with milliseconds."""
-    moment = datetime.fromtimestamp(seconds, tz=timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return utc_timestamp(seconds)
 
 
 def audit_event(
@@ -84,10 +91,18 @@ def audit_event(
     metadata (which can neither override a core field nor carry a credential).
     """
     event: dict[str, object] = {}
+    plain = _PLAIN_NAMES
     for name, value in metadata.items():
-        if name in _CORE_FIELDS:
+        if name in plain:
+            event[name] = value
+        elif name in _CORE_FIELDS:
             continue
-        event[name] = "[redacted]" if name.lower() in CREDENTIAL_FIELDS else value
+        elif name.lower() in CREDENTIAL_FIELDS:
+            event[name] = "[redacted]"
+        else:
+            event[name] = value
+            if len(plain) < _PLAIN_NAMES_KEPT:
+                plain.add(name)
     event.update(
         event_type=event_type,
         request_id=request_id,
@@ -181,10 +196,7 @@ class RedisAuditLog:
     def fields(self, event_type: str, request_id: str, decision: str, **metadata) -> dict:
         """The stream entry's fields (C{id}, C{data}, C{_sig}) for one event."""
         event = audit_event(event_type, request_id, decision, self._clock.seconds(), metadata)
-        fields = {
-            "id": str(uuid.uuid4()),
-            "data": json.dumps(event, sort_keys=True, separators=(",", ":"), default=str),
-        }
+        fields = {"id": ids.uuid4(), "data": _DATA_ENCODER.encode(event)}
         if self._hmac_key:
             fields["_sig"] = sign_fields(self._hmac_key, self._stream, fields)
         return fields

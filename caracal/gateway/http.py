@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from uuid import uuid4
 
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
@@ -51,6 +50,7 @@ from twisted.web.server import Request, Site
 
 from caracal.gateway import cors, sse
 from caracal.gateway.denials import Denial, error_body, error_envelope
+from caracal.gateway.ids import uuid4
 from caracal.gateway.interfaces import IRequestScreen
 from caracal.gateway.logs import (
     ACCESS_EVENT_KEY,
@@ -94,7 +94,7 @@ def choose_request_id(values: list[bytes] | None) -> str:
     """
     if values and len(values) == 1 and _REQUEST_ID.fullmatch(values[0]):
         return values[0].decode("ascii")
-    return str(uuid4())
+    return uuid4()
 
 
 def _nonconforming(request, method: bytes, target: bytes, version: bytes) -> str | None:
@@ -184,7 +184,7 @@ class GatewayRequest(Request):
     def request_id(self) -> str:
         """The request id (SPEC step 0); a new UUID4 until the channel chose one."""
         if self._request_id is None:
-            self._request_id = str(uuid4())
+            self._request_id = uuid4()
         return self._request_id
 
     @request_id.setter
@@ -734,7 +734,7 @@ class GatewayChannel(HTTPChannel):
                 b"Request Timeout",
                 "request_timeout",
                 "request not received in time",
-                str(uuid4()),
+                uuid4(),
             )
         self._close_soon()
 

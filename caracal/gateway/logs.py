@@ -13,6 +13,7 @@ of it; the pipeline records a token's fingerprint instead.
 from __future__ import annotations
 
 import json
+import math
 import time
 from datetime import UTC, datetime
 
@@ -50,10 +51,38 @@ STATUS_NO_RESPONSE = 499
 _LEVELS = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
 
 
-def _timestamp(seconds: float) -> str:
-    """ISO 8601 UTC with milliseconds, e.g. C{2024-05-01T12:00:00.123Z}."""
-    moment = datetime.fromtimestamp(seconds, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+# The last whole second formatted by utc_timestamp, and its text: lines and
+# events come many to a second.
+_second: int | None = None
+_second_text = ""
+
+
+def utc_timestamp(seconds: float) -> str:
+    """
+    ISO 8601 (RFC 3339) UTC with milliseconds, e.g.
+    C{2024-05-01T12:00:00.123Z}: exactly
+    C{datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")}
+    with C{Z} for C{+00:00}, the date and time of day formatted once a second.
+    """
+    global _second, _second_text
+    # As datetime.fromtimestamp: the fraction rounded half-even to the
+    # microsecond (carrying into the second), then cut to milliseconds.
+    fraction, whole = math.modf(seconds)
+    micro = round(fraction * 1e6)
+    if micro >= 1_000_000:
+        whole += 1.0
+        micro -= 1_000_000
+    elif micro < 0:
+        whole -= 1.0
+        micro += 1_000_000
+    second = int(whole)
+    if second != _second:
+        _second_text = datetime.fromtimestamp(second, UTC).isoformat()[:19]
+        _second = second
+    return f"{_second_text}.{micro // 1000:03d}Z"
+
+
+_timestamp = utc_timestamp
 
 
 def _text(value: bytes | str | None) -> str | None:
