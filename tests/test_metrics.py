@@ -197,6 +197,27 @@ class ExpositionTests(SynchronousTestCase):
         denials = found["caracal_gateway_denials"]
         self.assertEqual(value(denials, "_total", reason="sts_unavailable"), 1)
 
+    def test_repeatedObservationsKeepTheirLabels(self):
+        """
+        Observing again with the same labels lands in the same series; a
+        resource label follows the resource table as it changes, and a
+        command past the label bound stays C{other}.
+        """
+        metrics = Metrics()
+        metrics.observe("upstream_duration_seconds", 0.004, resource="tools")
+        metrics.known_resources = lambda name: name == "tools"
+        metrics.observe("upstream_duration_seconds", 0.004, resource="tools")
+        for index in range(MAX_LABEL_VALUES + 2):
+            for _ in range(2):
+                metrics.observe("redis_command_duration_seconds", 0.001, command=f"c{index}")
+        found = families(metrics)
+        upstream = found["caracal_gateway_upstream_duration_seconds"]
+        self.assertEqual(value(upstream, "_count", resource="unknown"), 1)
+        self.assertEqual(value(upstream, "_count", resource="tools"), 1)
+        redis = found["caracal_gateway_redis_command_duration_seconds"]
+        self.assertEqual(value(redis, "_count", command="C0"), 2)
+        self.assertEqual(value(redis, "_count", command="other"), 4)
+
     def test_unknownResourcesShareOneLabel(self):
         """Names not in the resource table all land on resource="unknown"."""
         metrics = Metrics()

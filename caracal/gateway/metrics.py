@@ -231,6 +231,7 @@ class Metrics:
         self._status_children: dict[tuple[str, str], object] = {}
         self._duration_children: dict[str, object] = {}
         self._children: dict[tuple, object] = {}
+        self._observed: dict[tuple, object] = {}
 
     # -- the call sites' API ----------------------------------------------------
 
@@ -259,10 +260,22 @@ class Metrics:
         Record a latency in histogram C{name} (L{HISTOGRAMS}); a C{resource}
         label not in the resource table is recorded as C{unknown}.
         """
-        histogram = self._histograms[name]
-        if labels:
-            histogram = self._child(name, histogram, self._bounded(labels))
-        histogram.observe(seconds)
+        if not labels:
+            self._histograms[name].observe(seconds)
+            return
+        # Each Redis command is timed: its child is found from the raw label
+        # values in one lookup. Not for "resource", whose label changes with
+        # the resource table; the others' bounded values never change.
+        key = (name, *labels.items())
+        try:
+            child = self._observed.get(key)
+        except TypeError:  # an unhashable label value: bounded as a string below
+            key, child = None, None
+        if child is None:
+            child = self._child(name, self._histograms[name], self._bounded(labels))
+            if key is not None and "resource" not in labels and len(self._observed) < 1024:
+                self._observed[key] = child
+        child.observe(seconds)
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         """
