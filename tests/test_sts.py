@@ -31,6 +31,7 @@ from caracal.gateway.sts import (
     MAX_EXCHANGE_BYTES,
     MAX_JWKS_BYTES,
     Mandate,
+    PreparedURL,
     STSClient,
     STSUnavailable,
 )
@@ -551,3 +552,20 @@ class HealthTests(SynchronousTestCase):
         d = client.health()
         clock.advance(1.0)
         self.failureResultOf(d, STSUnavailable)
+
+
+class PreparedURLTests(SynchronousTestCase):
+    """L{PreparedURL.prepare} for every kind of host."""
+
+    def test_ipv6_literal(self):
+        """An IPv6 literal host is kept as it is (IDNA would refuse it)."""
+        prepared = PreparedURL.prepare("http://[::1]:8080/a b/oauth/2/token")
+        self.assertEqual(prepared.to_text(), "http://[::1]:8080/a%20b/oauth/2/token")
+        self.assertEqual(prepared.host, "::1")
+
+    def test_ipv4_and_names(self):
+        """IPv4 literals and ASCII names come out as the URI treq would build."""
+        for url in ("http://127.0.0.1:8080/t", "https://sts.example/x/oauth/2/token"):
+            self.assertEqual(
+                PreparedURL.prepare(url).to_text(), EncodedURL.from_text(url).to_uri().to_text()
+            )

@@ -365,7 +365,14 @@ class PreparedURL(EncodedURL):
     @classmethod
     def prepare(cls, url: str) -> PreparedURL:
         """The URI form of C{url}, prepared."""
-        uri = EncodedURL.from_text(url).to_uri()
+        parsed = EncodedURL.from_text(url)
+        if ":" in parsed.host:
+            # An IPv6 literal: hyperlink would pass it through IDNA, which
+            # refuses the colons. It is already URI text; only the rest of
+            # the URL needs converting.
+            uri = parsed.replace(host="ipv6.invalid").to_uri().replace(host=parsed.host)
+        else:
+            uri = parsed.to_uri()
         prepared = cls.from_text(uri.to_text())
         prepared._uri_text = uri.to_text()
         return prepared

@@ -49,6 +49,17 @@ class STSClientTestCase(TestCase):
 
 class DevSTSTests(STSClientTestCase):
     @inlineCallbacks
+    def test_exchange_over_ipv6_loopback(self):
+        """An C{STS_URL} naming an IPv6 literal (C{http://[::1]:port}) works."""
+        sts, base_url, port = yield start_dev_sts(reactor, interface="::1")
+        self.serve(port)
+        self.assertTrue(base_url.startswith("http://[::1]:"), base_url)
+        client = self.client(base_url)
+        token = sts.mint("zone-a", "agent-1", session_id="s1")
+        mandate = yield client.exchange(token, "zone-a", "app-1", "res-1", "req-1")
+        self.assertTrue(mandate.access_token)
+
+    @inlineCallbacks
     def test_exchange(self):
         """A minted token exchanges for a mandate that verifies with the zone's JWKS."""
         sts, base_url, _ = yield self.dev_sts()

@@ -84,31 +84,34 @@ def stop_listening(port) -> Deferred:
     )
 
 
-def listen(reactor, resource, tls_options=None):
+def listen(reactor, resource, tls_options=None, interface="127.0.0.1"):
     """
-    Serve C{resource} on 127.0.0.1 on a free port, plaintext or with
-    C{tls_options}. Returns C{(base_url, port)}; L{site_of}C{(port)} is the
-    L{CountingSite} (C{port.factory} itself for plaintext).
+    Serve C{resource} on C{interface} (a loopback address) on a free port,
+    plaintext or with C{tls_options}. Returns C{(base_url, port)};
+    L{site_of}C{(port)} is the L{CountingSite} (C{port.factory} itself for
+    plaintext).
     """
     site = CountingSite(resource)
     if tls_options is None:
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        port = reactor.listenTCP(0, site, interface=interface)
         scheme = "http"
     else:
-        port = reactor.listenSSL(0, site, tls_options, interface="127.0.0.1")
+        port = reactor.listenSSL(0, site, tls_options, interface=interface)
         scheme = "https"
-    return f"{scheme}://127.0.0.1:{port.getHost().port}", port
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"{scheme}://{host}:{port.getHost().port}", port
 
 
-def start_dev_sts(reactor, clock=None) -> Deferred:
+def start_dev_sts(reactor, clock=None, interface="127.0.0.1") -> Deferred:
     """
-    Start a development STS on 127.0.0.1 on a free port, plaintext.
+    Start a development STS on C{interface} (127.0.0.1 unless another
+    loopback address is given) on a free port, plaintext.
 
     @return: a L{Deferred} firing with C{(DevSTS, base_url, port)}; stop it
         with L{stop_listening}C{(port)}.
     """
     sts = DevSTS(clock=clock or reactor)
-    base_url, port = listen(reactor, sts.resource())
+    base_url, port = listen(reactor, sts.resource(), interface=interface)
     return succeed((sts, base_url, port))
 
 
