@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from caracal.gateway.forward import Forwarder
 from caracal.gateway.logs import json_log_observer
-from caracal.gateway.pools import persistent_pool
+from caracal.gateway.pools import IDLE_PER_ORIGIN, persistent_pool
 from caracal.gateway.sts import STSClient
 
 
@@ -21,6 +21,20 @@ class PoolTests(SynchronousTestCase):
         pool = persistent_pool(MemoryReactorClock(), max_per_host=7, idle_timeout=42)
         self.assertTrue(pool.persistent)
         self.assertEqual((pool.maxPersistentPerHost, pool.cachedConnectionTimeout), (7, 42))
+
+    def test_defaults_keep_a_busy_workers_connections(self):
+        """
+        The forwarder's and the STS client's own pools keep
+        L{IDLE_PER_ORIGIN} idle connections per origin, enough for the calls
+        a busy worker has in flight (fewer made it open and close
+        connections under load).
+        """
+        reactor = MemoryReactorClock()
+        forwarder = Forwarder(reactor, None, timeout=5.0)
+        client = STSClient("http://127.0.0.1:9", reactor)
+        for pool in (forwarder.pool, client.pool):
+            self.assertEqual(pool.maxPersistentPerHost, IDLE_PER_ORIGIN)
+        self.assertGreaterEqual(IDLE_PER_ORIGIN, 64)
 
     def test_factory_noise_filtered_by_namespace(self):
         """

@@ -39,7 +39,7 @@ from caracal.gateway.headers import (
     connection_tokens,
 )
 from caracal.gateway.interfaces import IForwarder
-from caracal.gateway.pools import persistent_pool
+from caracal.gateway.pools import IDLE_PER_ORIGIN, persistent_pool
 from caracal.gateway.sse import EventStreamRelay, is_event_stream
 from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
 
@@ -283,7 +283,7 @@ class Forwarder:
         self._metrics = metrics
         self._sse_keepalive = sse_keepalive
         if pool is None:
-            pool = persistent_pool(reactor, max_per_host=16, idle_timeout=60)
+            pool = persistent_pool(reactor, max_per_host=IDLE_PER_ORIGIN, idle_timeout=60)
         self.pool = pool
         # One endpoint factory (holding its endpoint) per pinned upstream and
         # connect timeout, instead of a factory and an endpoint per request.

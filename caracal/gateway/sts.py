@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from caracal.gateway.denials import Denial
 from caracal.gateway.interfaces import ITokenExchange
-from caracal.gateway.pools import persistent_pool
+from caracal.gateway.pools import IDLE_PER_ORIGIN, persistent_pool
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 (a URN)
@@ -422,7 +422,7 @@ class STSClient:
                 # connections that a burst does not reconnect every time, and
                 # drop idle ones before a typical 60 s server idle timeout so a
                 # POST is not sent on a connection the STS is closing.
-                pool = persistent_pool(reactor, max_per_host=16, idle_timeout=50)
+                pool = persistent_pool(reactor, max_per_host=IDLE_PER_ORIGIN, idle_timeout=50)
             if tls_policy is None:
                 tls_policy = BrowserLikePolicyForHTTPS()
             agent = Agent.usingEndpointFactory(reactor, _ReusedEndpoints(reactor, tls_policy), pool)
