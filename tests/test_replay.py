@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import uuid
 
+import txredisapi
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
 from caracal.gateway.interfaces import IReplayGuard
+from caracal.gateway.redisconn import _ReconnectingRedisFactory
 from caracal.gateway.replay import (
     RedisReplayGuard,
     ReplayCheckUnavailable,
@@ -218,3 +223,155 @@ class RedisReplayGuardCancellationTests(unittest.SynchronousTestCase):
         self.assertEqual(
             str(self.failureResultOf(d, ReplayCheckUnavailable).value), "no reply in time"
         )
+
+
+def claim_pool(size: int, clock):
+    """
+    A txredisapi pool of C{size} connections, as L{connect_redis} builds it,
+    each connected to a L{StringTransport}: what each connection was sent
+    is in its transport, and a test answers with C{dataReceived}.
+    """
+    factory = _ReconnectingRedisFactory(
+        uuid="test",
+        dbid=None,
+        poolsize=size,
+        isLazy=True,
+        handler=txredisapi.ConnectionHandler,
+        charset="utf-8",
+        convertNumbers=False,
+    )
+    factory.metrics = None
+    factory.clock = clock
+    connections = []
+    for _ in range(size):
+        connection = factory.protocol(charset="utf-8", convertNumbers=False)
+        connection.factory = factory
+        connection.makeConnection(StringTransport())
+        factory.addConnection(connection)
+        connections.append(connection)
+    return factory.handler, connections
+
+
+def sent(connection) -> list[list[str]]:
+    """The commands written to C{connection} so far, each as its arguments."""
+    commands = []
+    lines = connection.transport.value().decode("utf-8").split("\r\n")
+    index = 0
+    while index < len(lines) and lines[index]:
+        count = int(lines[index][1:])
+        commands.append([lines[index + 2 + 2 * n] for n in range(count)])
+        index += 1 + 2 * count
+    return commands
+
+
+class ReplicatedClaimTests(unittest.SynchronousTestCase):
+    """
+    L{RedisReplayGuard} with C{min_replicas}: a claim counts once a replica
+    holds it (C{SET NX PX} then C{WAIT} on the same connection), otherwise
+    it fails closed.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.redis, self.connections = claim_pool(2, self.clock)
+        self.guard = RedisReplayGuard(self.redis, self.clock, timeout=0.5, min_replicas=1)
+
+    def claim(self, jti="jti-1"):
+        return self.guard.claim("zone-a", jti, "req-1", 60_000)
+
+    def test_set_and_wait_on_one_connection(self):
+        """SET NX PX and WAIT go out together on one connection, the other stays idle."""
+        self.claim()
+        first, second = self.connections
+        self.assertEqual(
+            sent(first),
+            [
+                ["SET", "seen:jti:zone-a:jti-1", "req-1", "PX", "60000", "NX"],
+                ["WAIT", "1", "250"],
+            ],
+        )
+        self.assertEqual(sent(second), [])
+
+    def test_connection_held_until_acknowledged(self):
+        """A second claim in flight gets the other connection, not a place behind WAIT."""
+        self.claim("jti-1")
+        self.claim("jti-2")
+        first, second = self.connections
+        self.assertEqual([command[0] for command in sent(first)], ["SET", "WAIT"])
+        self.assertEqual(sent(second)[0][1], "seen:jti:zone-a:jti-2")
+
+    def test_acknowledged(self):
+        """WAIT answering 1: claimed."""
+        d = self.claim()
+        self.connections[0].dataReceived(b"+OK\r\n")
+        self.assertNoResult(d)
+        self.connections[0].dataReceived(b":1\r\n")
+        self.assertIs(self.successResultOf(d), True)
+
+    def test_not_acknowledged(self):
+        """WAIT answering 0: the replay check is unavailable (the key is set all the same)."""
+        d = self.claim()
+        self.connections[0].dataReceived(b"+OK\r\n:0\r\n")
+        failure = self.failureResultOf(d, ReplayCheckUnavailable)
+        self.assertEqual(str(failure.value), "claim acknowledged by 0 of 1 replicas in time")
+
+    def test_more_replicas_asked(self):
+        """With min_replicas 2, one acknowledgement is not enough."""
+        guard = RedisReplayGuard(self.redis, self.clock, timeout=0.5, min_replicas=2)
+        d = guard.claim("zone-a", "jti-1", "req-1", 60_000)
+        self.assertEqual(sent(self.connections[0])[1], ["WAIT", "2", "250"])
+        self.connections[0].dataReceived(b"+OK\r\n:1\r\n")
+        self.failureResultOf(d, ReplayCheckUnavailable)
+
+    def test_timeout(self):
+        """No answer within the guard's timeout: unavailable, and the connection stays lent."""
+        d = self.claim()
+        self.connections[0].dataReceived(b"+OK\r\n")
+        self.clock.advance(0.5)
+        failure = self.failureResultOf(d, ReplayCheckUnavailable)
+        self.assertEqual(str(failure.value), "no reply in time")
+        self.claim("jti-2")
+        self.assertEqual(len(sent(self.connections[0])), 2)
+        self.assertEqual(len(sent(self.connections[1])), 2)
+        # The late reply is dropped quietly and the connection is lent again.
+        self.connections[0].dataReceived(b":0\r\n")
+        self.claim("jti-3")
+        self.assertEqual(len(sent(self.connections[0])), 4)
+
+    def test_replay(self):
+        """A replay is refused at once: the WAIT reply is not awaited."""
+        d = self.claim()
+        self.connections[0].dataReceived(b"$-1\r\n")
+        self.assertIs(self.successResultOf(d), False)
+        self.connections[0].dataReceived(b":0\r\n")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_set_refused(self):
+        """A master refusing the write (READONLY, NOREPLICAS): unavailable."""
+        d = self.claim()
+        self.connections[0].dataReceived(
+            b"-NOREPLICAS Not enough good replicas to write.\r\n:0\r\n"
+        )
+        failure = self.failureResultOf(d, ReplayCheckUnavailable)
+        self.assertIn("NOREPLICAS", str(failure.value))
+
+    def test_connection_lost(self):
+        """A connection lost before the replies: unavailable, no unhandled error."""
+        d = self.claim()
+        self.connections[0].connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ReplayCheckUnavailable)
+
+    def test_cancelled(self):
+        """A claim cancelled by its caller fails with CancelledError, no timer left."""
+        d = self.claim()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_wait_without_replicas(self):
+        """min_replicas 0 (plain Redis by default): SET NX alone, as before."""
+        guard = RedisReplayGuard(self.redis, self.clock, timeout=0.5)
+        d = guard.claim("zone-a", "jti-1", "req-1", 60_000)
+        self.assertEqual([command[0] for command in sent(self.connections[0])], ["SET"])
+        self.connections[0].dataReceived(b"+OK\r\n")
+        self.assertIs(self.successResultOf(d), True)

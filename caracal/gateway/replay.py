@@ -16,12 +16,23 @@ which the pipeline answers as C{invalid_token}:
    part of the key, so with a colon-free zone the key splits back into exactly
    one (zone, jti) pair even when the C{jti} contains colons: two different
    pairs can never share a key, and the key format stays the SPEC's verbatim.
+
+Claims that survive a failover. Redis replicates asynchronously: a claim the
+master accepted but had not yet sent to a replica is lost when that replica
+is promoted, and the token could then be spent a second time on the new
+master. With C{min_replicas} (C{REPLAY_MIN_REPLICAS}, 1 by default behind
+Sentinel) the claim is followed by C{WAIT <min_replicas> <ms>} on the same
+connection (WAIT counts the acknowledgements of its own connection's
+writes), and a token is only let through once that many replicas hold its
+claim. Fewer acknowledgements in time fail closed (503): the key is set
+anyway, so the token stays spent wherever the claim survives.
 """
 
 from __future__ import annotations
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from caracal.gateway.interfaces import IReplayGuard
@@ -93,13 +104,26 @@ class RedisReplayGuard:
     @param clock: the reactor (C{IReactorTime}) bounding each call.
     @param timeout: seconds a claim may take before it fails with
         L{ReplayCheckUnavailable}; keeps a stalled Redis from holding
-        requests.
+        requests. It bounds the whole claim, replica acknowledgement
+        included.
+    @param min_replicas: replicas that must acknowledge a claim before the
+        token is let through (C{0}: the master's C{OK} is enough). With
+        more than 0, C{redis} should be a pool of the guard's own: each
+        claim holds one of its connections until the replicas answered
+        (L{CLAIM_POOL_SIZE} connections).
     """
 
-    def __init__(self, redis, clock, timeout: float = 0.5) -> None:
+    #: Share of C{timeout} given to the replicas (C{WAIT}'s own bound), so
+    #: that the server answers "not enough replicas" before the guard's
+    #: own timeout cuts the claim short, and the connection comes back free.
+    wait_share = 0.5
+
+    def __init__(self, redis, clock, timeout: float = 0.5, min_replicas: int = 0) -> None:
         self._redis = redis
         self._clock = clock
         self._timeout = timeout
+        self._min_replicas = min_replicas
+        self._wait_ms = max(1, int(timeout * self.wait_share * 1000))
 
     def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
         """See L{IReplayGuard.claim}."""
@@ -107,11 +131,50 @@ class RedisReplayGuard:
             key, ttl_ms = claim_arguments(zone_id, jti, ttl_ms)
         except ValueError:
             return defer.fail()
-        d = defer.maybeDeferred(
-            self._redis.set, key, request_id, pexpire=ttl_ms, only_if_not_exists=True
-        )
+        if self._min_replicas:
+            d = self._claim_replicated(key, request_id, ttl_ms)
+        else:
+            d = defer.maybeDeferred(
+                self._redis.set, key, request_id, pexpire=ttl_ms, only_if_not_exists=True
+            )
+            d.addCallback(self._answered)
         d.addTimeout(self._timeout, self._clock)
-        return d.addCallbacks(self._answered, self._unavailable)
+        return d.addErrback(self._unavailable)
+
+    @defer.inlineCallbacks
+    def _claim_replicated(self, key: str, request_id: str, ttl_ms: int):
+        # txredisapi's pipeline() lends one connection of the pool for this
+        # claim alone and takes it back once both replies are in: SET and
+        # WAIT go out together on it, and no other command queues behind a
+        # WAIT that is waiting for the replicas.
+        connection = yield self._redis.pipeline()
+        claimed = _reply_of(
+            connection.set(key, request_id, pexpire=ttl_ms, only_if_not_exists=True)
+        )
+        acknowledged = _reply_of(
+            connection.execute_command("WAIT", self._min_replicas, self._wait_ms)
+        )
+        # Each reply is read through its own copy; this only returns the
+        # connection to the pool.
+        connection.execute_pipeline().addErrback(lambda _: None)
+        try:
+            first_use = self._answered((yield claimed))
+        except BaseException:
+            acknowledged.addErrback(lambda _: None)
+            raise
+        if not first_use:
+            # A replay is refused whatever the replicas say, without waiting
+            # for them.
+            acknowledged.addErrback(lambda _: None)
+            return False
+        replicas = yield acknowledged
+        if isinstance(replicas, bool) or not isinstance(replicas, int):
+            raise ReplayCheckUnavailable(f"unexpected reply to WAIT: {type(replicas).__name__}")
+        if replicas < self._min_replicas:
+            raise ReplayCheckUnavailable(
+                f"claim acknowledged by {replicas} of {self._min_replicas} replicas in time"
+            )
+        return True
 
     @staticmethod
     def _answered(reply) -> bool:
@@ -134,3 +197,28 @@ class RedisReplayGuard:
             reason = "no reply in time"
         _log.warn("replay check unavailable: {reason}", reason=reason)
         raise ReplayCheckUnavailable(reason)
+
+
+def _reply_of(command: defer.Deferred) -> defer.Deferred:
+    """
+    A Deferred of its own firing with C{command}'s reply, leaving C{command}
+    unchanged for the pipeline's C{DeferredList} (which consumes its result).
+    """
+    reply = defer.Deferred()
+
+    def copy(result):
+        if isinstance(result, Failure):
+            reply.errback(result)
+        else:
+            reply.callback(result)
+        return result
+
+    command.addBoth(copy)
+    return reply
+
+
+#: Connections in a replicated guard's own pool: each claim holds one for a
+#: round trip to the master and one from the master to a replica (about a
+#: millisecond on one network), so eight serve thousands of claims a second
+#: per worker while the request path's pool stays free for audit and probes.
+CLAIM_POOL_SIZE = 8
