@@ -125,7 +125,7 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
     from caracal.gateway.audit import RedisAuditLog
     from caracal.gateway.redisconn import check_redis, close_redis, connect_redis
     from caracal.gateway.registry import PostgresResourceStore
-    from caracal.gateway.replay import RedisReplayGuard
+    from caracal.gateway.replay import CLAIM_POOL_SIZE, RedisReplayGuard
     from caracal.gateway.revocations import RevocationFollower, RevocationStore
     from caracal.gateway.spool import AuditSpool
     from caracal.gateway.sts import STSClient
@@ -133,6 +133,11 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
 
     resources = PostgresResourceStore(config.database_url, reactor)
     redis = connect_redis(config.redis, reactor, metrics=metrics)
+    claims = redis
+    if config.replay_min_replicas:
+        # A pool of its own: each claim holds a connection until replicas
+        # acknowledged it, which must not delay audit writes or probes.
+        claims = connect_redis(config.redis, reactor, CLAIM_POOL_SIZE, metrics=metrics)
     revocations = RevocationStore(reactor)
     follower = RevocationFollower(
         config.redis, revocations, config.streams_hmac_key, reactor, metrics
@@ -148,7 +153,7 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
     )
     return Backends(
         resources=resources,
-        replay=RedisReplayGuard(redis, reactor),
+        replay=RedisReplayGuard(claims, reactor, min_replicas=config.replay_min_replicas),
         audit=audit,
         revocations=revocations,
         sts=sts,
@@ -164,7 +169,11 @@ def build_backends(config: GatewayConfig, reactor, metrics: Metrics) -> Backends
         services=[
             resources,
             follower,
-            ClosingService(lambda: close_redis(redis), sts.close),
+            ClosingService(
+                lambda: close_redis(redis),
+                lambda: None if claims is redis else close_redis(claims),
+                sts.close,
+            ),
             AuditService(audit),
         ],
         gauges={

@@ -62,6 +62,8 @@ _SIZE_UNITS = {
 DEFAULT_AUDIT_SPOOL_DIR = "/var/lib/caracal-gateway/audit-spool"
 DEFAULT_AUDIT_SPOOL_MAX_BYTES = 1024**3
 DEFAULT_AUDIT_STREAM_MAXLEN = 1_000_000
+#: More replicas than any deployment has is a typo: every claim would fail.
+MAX_REPLAY_MIN_REPLICAS = 16
 
 # What a configured URL may be made of: printable ASCII without the quote,
 # backslash and angle brackets (these URLs are written into header values).
@@ -473,6 +475,8 @@ class GatewayConfig:
     database_url: str = field(default="", repr=False)
     redis_url: str = field(default="", repr=False)
     jti_fail_open: bool = False
+    #: C{REPLAY_MIN_REPLICAS}; C{None} (unset) means L{replay_min_replicas}'s default.
+    replay_min_replicas_setting: int | None = None
     revocation_fail_open: bool = False
     streams_hmac_key: bytes | None = field(default=None, repr=False)
     allow_private_upstreams: bool = False
@@ -515,6 +519,18 @@ class GatewayConfig:
     def redis(self) -> RedisAddress:
         """C{REDIS_URL}, parsed."""
         return parse_redis_url(self.redis_url)
+
+    @property
+    def replay_min_replicas(self) -> int:
+        """
+        Replicas that must hold a JTI claim before its token is let through
+        (C{REPLAY_MIN_REPLICAS}): by default 1 behind Sentinel, where a
+        failover promotes a replica and only what it holds survives, and 0
+        (no C{WAIT}) on a plain C{redis://}.
+        """
+        if self.replay_min_replicas_setting is not None:
+            return self.replay_min_replicas_setting
+        return 1 if self.redis_url.startswith(f"{_SENTINEL_SCHEME}://") else 0
 
     @property
     def resource_metadata_url(self) -> str | None:
@@ -579,6 +595,7 @@ class GatewayConfig:
             "DATABASE_URL": redact_url(self.database_url),
             "REDIS_URL": redact_url(self.redis_url),
             "JTI_FAIL_OPEN": self.jti_fail_open,
+            "REPLAY_MIN_REPLICAS": self.replay_min_replicas,
             "REVOCATION_FAIL_OPEN": self.revocation_fail_open,
             "STREAMS_HMAC_KEY": "***" if self.streams_hmac_key else None,
             "ALLOW_PRIVATE_UPSTREAMS": self.allow_private_upstreams,
@@ -771,7 +788,7 @@ class _Reader:
             "cors_allowed_origins": frozenset(origins),
         }
 
-    def integer(self, name: str, default: int, low: int, high: int) -> int:
+    def integer(self, name: str, default: int | None, low: int, high: int) -> int | None:
         value = self.text(name)
         if value is None:
             return default
@@ -903,6 +920,9 @@ class _Reader:
             database_url=database_url,
             redis_url=redis_url,
             jti_fail_open=jti_fail_open,
+            replay_min_replicas_setting=self.integer(
+                "REPLAY_MIN_REPLICAS", None, 0, MAX_REPLAY_MIN_REPLICAS
+            ),
             revocation_fail_open=revocation_fail_open,
             streams_hmac_key=hmac_key,
             allow_private_upstreams=allow_private,
