@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 
 from twisted.internet import defer
@@ -44,6 +45,8 @@ _DATA_NODE_ARGUMENTS = (
     "--repl-diskless-sync-delay",
     "0",
 )
+#: DEBUG SLEEP (L{SentinelGroup.stall}) from the test's own loopback client.
+_DEBUG_ARGUMENTS = ("--enable-debug-command", "local")
 
 
 class SentinelGroup:
@@ -68,7 +71,7 @@ class SentinelGroup:
         """
         self.directory = os.path.abspath(directory)
         self.name = name
-        arguments = () if isolated_old_master else _DATA_NODE_ARGUMENTS
+        arguments = _DEBUG_ARGUMENTS + (() if isolated_old_master else _DATA_NODE_ARGUMENTS)
         isolation = ("--rename-command", "REPLICAOF", "", "--rename-command", "SLAVEOF", "")
         first = PrivateRedis(
             extra_arguments=(
@@ -165,6 +168,26 @@ class SentinelGroup:
             return client.call("ROLE")[0]
         finally:
             client.close()
+
+    def replica_port(self) -> int:
+        """The port of the data node the sentinel does not name as the master."""
+        master = self.master_port()
+        (port,) = (port for port in self.nodes if port != master)
+        return port
+
+    def stall(self, port: int, seconds: float):
+        """
+        Freeze the node on C{port} for C{seconds} (C{DEBUG SLEEP}) and return
+        at once: what reaches it meanwhile (replication, a sentinel's orders)
+        waits in its sockets. Returns a callable closing the connection used.
+        """
+        connection = socket.create_connection(("127.0.0.1", port), timeout=2.0)
+        command = ("DEBUG", "SLEEP", f"{seconds:.3f}")
+        parts = [b"*%d\r\n" % len(command)]
+        for argument in command:
+            parts.append(b"$%d\r\n%s\r\n" % (len(argument), argument.encode()))
+        connection.sendall(b"".join(parts))
+        return connection.close
 
     def failover(self) -> None:
         """Ask the sentinel for a failover now (C{SENTINEL FAILOVER}); returns at once."""
