@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
+from caracal.gateway.config import ConfigError, GatewayConfig
 from caracal.gateway.interfaces import IReplayGuard
 from caracal.gateway.redisconn import _ReconnectingRedisFactory
 from caracal.gateway.replay import (
@@ -25,6 +26,7 @@ from caracal.gateway.replay import (
     replay_key,
 )
 from caracal.gateway.testing import MemoryReplayGuard
+from tests import test_config
 
 
 class ReplayGuardContract:
@@ -372,6 +374,47 @@ class ReplicatedClaimTests(unittest.SynchronousTestCase):
         """min_replicas 0 (plain Redis by default): SET NX alone, as before."""
         guard = RedisReplayGuard(self.redis, self.clock, timeout=0.5)
         d = guard.claim("zone-a", "jti-1", "req-1", 60_000)
-        self.assertEqual([command[0] for command in sent(self.connections[0])], ["SET"])
-        self.connections[0].dataReceived(b"+OK\r\n")
+        # txredisapi picks any connection of the pool for a plain command.
+        (used,) = [connection for connection in self.connections if sent(connection)]
+        self.assertEqual([command[0] for command in sent(used)], ["SET"])
+        used.dataReceived(b"+OK\r\n")
         self.assertIs(self.successResultOf(d), True)
+
+
+class ReplayMinReplicasSettingTests(unittest.SynchronousTestCase):
+    """C{REPLAY_MIN_REPLICAS}: its default follows the kind of C{REDIS_URL}."""
+
+    sentinel_url = "redis+sentinel://:pw@127.0.0.1:26379,127.0.0.1:26380/caracal"
+
+    def config(self, **overrides):
+        return GatewayConfig.from_environ(test_config.dev(**overrides))
+
+    def test_default_plain_redis(self):
+        """A plain redis:// waits for no replica (one round trip, as before)."""
+        config = self.config()
+        self.assertEqual(config.replay_min_replicas, 0)
+        self.assertEqual(config.redacted()["REPLAY_MIN_REPLICAS"], 0)
+
+    def test_default_sentinel(self):
+        """Behind Sentinel a claim waits for one replica by default."""
+        self.assertEqual(self.config(REDIS_URL=self.sentinel_url).replay_min_replicas, 1)
+
+    def test_explicit(self):
+        """The setting wins over the default, either way."""
+        self.assertEqual(
+            self.config(REDIS_URL=self.sentinel_url, REPLAY_MIN_REPLICAS="0").replay_min_replicas,
+            0,
+        )
+        self.assertEqual(self.config(REPLAY_MIN_REPLICAS="2").replay_min_replicas, 2)
+
+    def test_malformed(self):
+        """Not a number, or more replicas than any deployment has: refused, naming it."""
+        for value, message in (
+            ("one", "REPLAY_MIN_REPLICAS must be an integer"),
+            ("-1", "REPLAY_MIN_REPLICAS must be between 0 and 16"),
+            ("17", "REPLAY_MIN_REPLICAS must be between 0 and 16"),
+        ):
+            error = self.assertRaises(
+                ConfigError, GatewayConfig.from_environ, test_config.dev(REPLAY_MIN_REPLICAS=value)
+            )
+            self.assertEqual(str(error), message)
