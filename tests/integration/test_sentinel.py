@@ -13,14 +13,18 @@ not touched.
 
 from __future__ import annotations
 
+import secrets
 import time
+import uuid
 
 import treq
 from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from caracal.gateway.config import parse_redis_url
 from caracal.gateway.redisconn import close_redis, connect_redis
+from caracal.gateway.replay import RedisReplayGuard, ReplayCheckUnavailable
 from caracal.gateway.revocations import REVOCATION_STREAM, RevocationFollower, RevocationStore
 from tests.support.redis import SyncRedis
 from tests.support.replicas import ReplicaSet
@@ -207,7 +211,7 @@ class MasterWatchTests(TestCase):
         return task.deferLater(reactor, 0.05, lambda: None)
 
     def on_node(self, port: int, *command):
-        client = self.group.nodes[port].client()
+        client = self.group.client(port)
         try:
             return client.call(*command)
         finally:
@@ -247,3 +251,64 @@ class MasterWatchTests(TestCase):
         new = yield self.switch()
         self.on_node(new, "XADD", REVOCATION_STREAM, "*", "zone_id", "z", "session_id", "s-new")
         yield wait_until(lambda: store.is_revoked("z", "s-new"), timeout=15.0, interval=0.1)
+
+
+class PasswordTests(TestCase):
+    """
+    C{redis+sentinel://:password@host:port/master} (SPEC 16): the password
+    is the data nodes' (C{requirepass}); the sentinels are asked without it.
+    """
+
+    timeout = 120
+
+    def setUp(self):
+        self.password = "node-Pass-" + secrets.token_hex(8)
+        self.group = SentinelGroup(self.mktemp(), password=self.password)
+        self.addCleanup(self.group.stop)
+        self.group.start()
+        self.logged = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def guard(self, url: str) -> RedisReplayGuard:
+        """A replica-acknowledged replay guard on its own pool through C{url}."""
+        redis = connect_redis(parse_redis_url(url), reactor, pool_size=2)
+        self.addCleanup(task.deferLater, reactor, 0.05, lambda: None)
+        self.addCleanup(close_redis, redis)
+        return RedisReplayGuard(redis, reactor, timeout=2.0, min_replicas=1)
+
+    @defer.inlineCallbacks
+    def test_claims_through_a_failover(self):
+        """
+        Claims authenticate to the master, wait for its replica, and go on
+        after a failover (the nodes authenticate to each other); the password
+        appears in no log event.
+        """
+        self.assertIn(f":{self.password}@", self.group.url)
+        guard = self.guard(self.group.url)
+        self.assertIs((yield guard.claim("zone-p", "jti-before", "r1", 60_000)), True)
+        self.assertIs((yield guard.claim("zone-p", "jti-before", "r2", 60_000)), False)
+
+        old = self.group.master_port()
+        self.group.failover()
+        yield self.group.wait_for_new_master(old)
+
+        @defer.inlineCallbacks
+        def claimed_on_new_master():
+            try:
+                return (yield guard.claim("zone-p", uuid.uuid4().hex, "r3", 60_000))
+            except ReplayCheckUnavailable:
+                return False
+
+        yield wait_until(claimed_on_new_master, timeout=30.0, interval=0.1)
+        self.assertIs((yield guard.claim("zone-p", "jti-before", "r4", 60_000)), False)
+        shown = "\n".join(repr(event) + formatEvent(event) for event in self.logged)
+        self.assertNotIn(self.password, shown)
+
+    @defer.inlineCallbacks
+    def test_password_required(self):
+        """Without the password the nodes refuse the claim: it fails closed."""
+        guard = self.guard(self.group.url.replace(f":{self.password}@", ""))
+        yield self.assertFailure(
+            guard.claim("zone-p", "jti-1", "r1", 60_000), ReplayCheckUnavailable
+        )

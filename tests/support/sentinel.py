@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
+from urllib.parse import quote
 
 from twisted.internet import defer
 
@@ -49,6 +50,25 @@ _DATA_NODE_ARGUMENTS = (
 _DEBUG_ARGUMENTS = ("--enable-debug-command", "local")
 
 
+class _DataNode(PrivateRedis):
+    """A L{PrivateRedis} whose clients authenticate when it has a password."""
+
+    def __init__(self, password: str | None, extra_arguments: tuple[str, ...]) -> None:
+        super().__init__(extra_arguments=extra_arguments)
+        self.password = password
+
+    def client(self, timeout: float = 2.0) -> SyncRedis:
+        """A synchronous client, authenticated (C{AUTH}) when the node asks for it."""
+        client = super().client(timeout)
+        if self.password is not None:
+            try:
+                client.call("AUTH", self.password)
+            except BaseException:
+                client.close()
+                raise
+        return client
+
+
 class SentinelGroup:
     """
     Master, replica and sentinel. C{stop} stops all three (register it as a
@@ -58,7 +78,11 @@ class SentinelGroup:
     """
 
     def __init__(
-        self, directory: str, name: str = MASTER_NAME, isolated_old_master: bool = False
+        self,
+        directory: str,
+        name: str = MASTER_NAME,
+        isolated_old_master: bool = False,
+        password: str | None = None,
     ) -> None:
         """
         @param isolated_old_master: the first master ignores the sentinel's
@@ -68,20 +92,29 @@ class SentinelGroup:
             gateway's own watch of the sentinels moves it to the new one.
             Neither node then asks for C{min-replicas-to-write}, or the new
             master, left without a replica, would refuse every write.
+        @param password: the data nodes require it (C{requirepass}) and use
+            it with each other (C{masterauth}); the sentinel monitors them
+            with it (C{auth-pass}) and asks none of its own clients. L{url}
+            then carries it, as SPEC 16 writes it.
         """
         self.directory = os.path.abspath(directory)
         self.name = name
+        self.password = password
         arguments = _DEBUG_ARGUMENTS + (() if isolated_old_master else _DATA_NODE_ARGUMENTS)
+        if password is not None:
+            arguments += ("--requirepass", password, "--masterauth", password)
         isolation = ("--rename-command", "REPLICAOF", "", "--rename-command", "SLAVEOF", "")
-        first = PrivateRedis(
+        first = _DataNode(
+            password,
             extra_arguments=(
                 *arguments,
                 *(isolation if isolated_old_master else ()),
                 "--dir",
                 self._node_directory("first"),
-            )
+            ),
         )
-        second = PrivateRedis(
+        second = _DataNode(
+            password,
             extra_arguments=(
                 *arguments,
                 "--dir",
@@ -89,7 +122,7 @@ class SentinelGroup:
                 "--replicaof",
                 "127.0.0.1",
                 str(first.port),
-            )
+            ),
         )
         self.nodes = {first.port: first, second.port: second}
         self.initial_master = first.port
@@ -105,7 +138,8 @@ class SentinelGroup:
     @property
     def url(self) -> str:
         """C{REDIS_URL} for the gateway."""
-        return f"redis+sentinel://127.0.0.1:{self.sentinel_port}/{self.name}"
+        credentials = f":{quote(self.password, safe='')}@" if self.password is not None else ""
+        return f"redis+sentinel://{credentials}127.0.0.1:{self.sentinel_port}/{self.name}"
 
     def start(self, deadline: float = 20.0) -> None:
         """Start the nodes and the sentinel; return once the sentinel knows the replica."""
@@ -122,6 +156,8 @@ class SentinelGroup:
                 f"sentinel failover-timeout {self.name} {FAILOVER_TIMEOUT_MS}\n"
                 f"sentinel parallel-syncs {self.name} 1\n"
             )
+            if self.password is not None:
+                output.write(f"sentinel auth-pass {self.name} {self.password}\n")
         executable = shutil.which("redis-server") or "redis-server"
         self._sentinel = subprocess.Popen(
             [executable, config, "--sentinel", "--loglevel", "warning"],
@@ -156,6 +192,10 @@ class SentinelGroup:
         finally:
             client.close()
 
+    def client(self, port: int) -> SyncRedis:
+        """A synchronous client to the data node on C{port}, authenticated if need be."""
+        return self.nodes[port].client()
+
     def master_port(self) -> int:
         """The master's port as the sentinel names it now."""
         _host, port = self.sentinel_call("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name)
@@ -163,7 +203,7 @@ class SentinelGroup:
 
     def role(self, port: int) -> str:
         """What the node on C{port} says it is (C{master} or C{slave})."""
-        client = self.nodes[port].client()
+        client = self.client(port)
         try:
             return client.call("ROLE")[0]
         finally:
@@ -182,10 +222,14 @@ class SentinelGroup:
         waits in its sockets. Returns a callable closing the connection used.
         """
         connection = socket.create_connection(("127.0.0.1", port), timeout=2.0)
-        command = ("DEBUG", "SLEEP", f"{seconds:.3f}")
-        parts = [b"*%d\r\n" % len(command)]
-        for argument in command:
-            parts.append(b"$%d\r\n%s\r\n" % (len(argument), argument.encode()))
+        commands = [("DEBUG", "SLEEP", f"{seconds:.3f}")]
+        if self.password is not None:
+            commands.insert(0, ("AUTH", self.password))
+        parts = []
+        for command in commands:
+            parts.append(b"*%d\r\n" % len(command))
+            for argument in command:
+                parts.append(b"$%d\r\n%s\r\n" % (len(argument), argument.encode()))
         connection.sendall(b"".join(parts))
         return connection.close
 
@@ -205,7 +249,7 @@ class SentinelGroup:
             port = self.master_port()
             if port == old_port or self.role(port) != "master":
                 return False
-            client = self.nodes[port].client()
+            client = self.client(port)
             try:
                 # min-replicas-to-write: refused until the old master follows.
                 client.call("SET", "caracal-test:failover-probe", "1", "PX", 1000)
