@@ -218,7 +218,7 @@ def _reply_of(command: defer.Deferred) -> defer.Deferred:
 
 
 #: Connections in a replicated guard's own pool: each claim holds one for a
-#: round trip to the master and one from the master to a replica (about a
-#: millisecond on one network), so eight serve thousands of claims a second
-#: per worker while the request path's pool stays free for audit and probes.
+#: round trip to the master and one from the master to a replica (under half
+#: a millisecond on loopback), so eight outpace what one worker's CPU can
+#: claim, and the request path's pool stays free for audit and probes.
 CLAIM_POOL_SIZE = 8
