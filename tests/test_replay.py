@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 
-import txredisapi
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -18,7 +17,7 @@ from zope.interface.verify import verifyObject
 
 from caracal.gateway.config import ConfigError, GatewayConfig
 from caracal.gateway.interfaces import IReplayGuard
-from caracal.gateway.redisconn import _ReconnectingRedisFactory
+from caracal.gateway.redisconn import _PoolHandler, _ReconnectingRedisFactory
 from caracal.gateway.replay import (
     RedisReplayGuard,
     ReplayCheckUnavailable,
@@ -238,7 +237,7 @@ def claim_pool(size: int, clock):
         dbid=None,
         poolsize=size,
         isLazy=True,
-        handler=txredisapi.ConnectionHandler,
+        handler=_PoolHandler,
         charset="utf-8",
         convertNumbers=False,
     )
@@ -374,7 +373,7 @@ class ReplicatedClaimTests(unittest.SynchronousTestCase):
         """min_replicas 0 (plain Redis by default): SET NX alone, as before."""
         guard = RedisReplayGuard(self.redis, self.clock, timeout=0.5)
         d = guard.claim("zone-a", "jti-1", "req-1", 60_000)
-        # txredisapi picks any connection of the pool for a plain command.
+        # A plain command goes to any connection of the pool, picked at random.
         (used,) = [connection for connection in self.connections if sent(connection)]
         self.assertEqual([command[0] for command in sent(used)], ["SET"])
         used.dataReceived(b"+OK\r\n")
