@@ -59,6 +59,8 @@ SPEC_VARIABLES = (
     "DATABASE_URL",
     "REDIS_URL",
     "JTI_FAIL_OPEN",
+    # SPEC 16: replica-acknowledged JTI claims (README "Running a fleet").
+    "REPLAY_MIN_REPLICAS",
     # SPEC section 12
     "REVOCATION_FAIL_OPEN",
     "STREAMS_HMAC_KEY",
