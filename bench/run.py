@@ -11,7 +11,7 @@ Everything runs on 127.0.0.1, each server in its own process:
   - the upstream (C{bench/targets.py upstream}): a tiny JSON tool server;
   - (a) C{bare}: C{twisted.web.proxy.ReverseProxyResource} over TLS to it;
   - the dev STS (C{twistd -n caracal-devsts --insecure-http});
-  - (b)/(c): C{twistd -n caracal-gateway} (dev mode, TLS) with a temporary
+  - (b)/(c): C{twistd -n --logger caracal.gateway.logfile.observer caracal-gateway} (dev mode, TLS) with a temporary
     Postgres database holding one resource pointing at the upstream, and the
     shared Redis for JTIs. (b) sends one C{use=ambient} token on every
     request; (c) sends a fresh single-use C{per_call} token on every request
@@ -294,6 +294,10 @@ def idle_connections_mib(pid: int, port: int, ca_file: str, count: int) -> dict:
 def python_command(script: str, *args: str) -> list[str]:
     """Run a bench script under this interpreter."""
     return [sys.executable, os.path.join(BENCH, script), *args]
+
+
+#: twistd's C{--logger} in the systemd unit and the Dockerfile.
+PRODUCTION_LOGGER = "caracal.gateway.logfile.observer"
 
 
 def twistd_command(*args: str) -> list[str]:
@@ -821,7 +825,10 @@ class Bench:
         """One C{twistd caracal-gateway} (C{options} after the plugin name); its port once ready."""
         port = free_port()
         env = {**self.gateway_env, "PORT": str(port)}
-        gateway = self.processes.start(name, twistd_command("caracal-gateway", *options), env)
+        # The logger production runs with (etc/caracal-gateway.service, the
+        # Dockerfile): JSON lines at LOG_LEVEL on standard output.
+        command = twistd_command("--logger", PRODUCTION_LOGGER, "caracal-gateway", *options)
+        gateway = self.processes.start(name, command, env)
         self.processes.wait_listening(name, gateway, port)
         # Listening is not serving: wait until Postgres, Redis and the STS are reachable.
         deadline = time.monotonic() + START_TIMEOUT
