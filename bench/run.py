@@ -9,11 +9,13 @@ in one run (see bench/README.rst):
 Everything runs on 127.0.0.1, each server in its own process:
 
   - the upstream (C{bench/targets.py upstream}): a tiny JSON tool server;
-  - (a) C{bare}: C{twisted.web.proxy.ReverseProxyResource} over TLS to it;
+  - (a) C{bare}: a minimal proxy resource over TLS sending each request
+    through one C{Agent} on a persistent pool (C{bench/targets.py bare});
   - the dev STS (C{twistd -n caracal-devsts --insecure-http});
-  - (b)/(c): C{twistd -n --logger caracal.gateway.logfile.observer caracal-gateway} (dev mode, TLS) with a temporary
-    Postgres database holding one resource pointing at the upstream, and the
-    shared Redis for JTIs. (b) sends one C{use=ambient} token on every
+  - (b)/(c): C{twistd -n --logger caracal.gateway.logfile.observer
+    caracal-gateway} (dev mode, TLS) with a temporary Postgres database
+    holding one resource pointing at the upstream, and the shared Redis for
+    JTIs. (b) sends one C{use=ambient} token on every
     request; (c) sends a fresh single-use C{per_call} token on every request
     (pre-minted through the STS's C{POST /dev/mint}; never one twice).
 
