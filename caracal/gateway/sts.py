@@ -45,6 +45,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from caracal.gateway.cache import BoundedCache
 from caracal.gateway.denials import Denial
 from caracal.gateway.interfaces import ITokenExchange
 from caracal.gateway.pools import IDLE_PER_ORIGIN, persistent_pool
@@ -318,16 +319,14 @@ class _ReusedEndpoints:
     def __init__(self, reactor, tls_policy) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy
-        self._endpoints: dict[tuple[bytes, bytes, int], object] = {}
+        self._endpoints: BoundedCache[tuple[bytes, bytes, int], object] = BoundedCache(self._SIZE)
 
     def endpointForURI(self, uri):
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._endpoints.get(key)
         if endpoint is None:
             endpoint = self._endpoint(uri)
-            if len(self._endpoints) >= self._SIZE:
-                self._endpoints.clear()
-            self._endpoints[key] = endpoint
+            self._endpoints.put(key, endpoint)
         return endpoint
 
     def _endpoint(self, uri):
@@ -442,7 +441,7 @@ class STSClient:
             b"Content-Type": [b"application/x-www-form-urlencoded"],
             b"Host": [_host_value(token_uri)],
         }
-        self._form_tails: dict[tuple[str, str, str], bytes] = {}
+        self._form_tails: BoundedCache[tuple[str, str, str], bytes] = BoundedCache(_FORM_TAILS_SIZE)
 
     def close(self) -> Deferred:
         """Close the pooled idle connections (fires when they are closed)."""
@@ -492,9 +491,7 @@ class STSClient:
                     ("resource", resource),
                 ]
             ).encode("ascii")
-            if len(self._form_tails) >= _FORM_TAILS_SIZE:
-                self._form_tails.clear()
-            self._form_tails[tail_key] = tail
+            self._form_tails.put(tail_key, tail)
         if not _FORM_SAFE.match(subject_token):
             subject_token = quote_plus(subject_token)
         return b"".join((_FORM_HEAD, subject_token.encode("ascii"), b"&", tail))
