@@ -247,6 +247,11 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(service.metrics_endpoint.fileno, 98)
         self.assertTrue(self.metrics_listener.detached)
 
+    def test_one_process_tunes_the_collector_once_serving(self) -> None:
+        """The serving process's service tunes the collector when it listens."""
+        service, _ = self.make()
+        self.assertIs(service._serving, tap.tune_collector)
+
     def test_no_metrics_address_no_second_listener(self) -> None:
         """Without METRICS_ADDRESS only the public port is bound."""
         service, _ = self.make()
@@ -733,6 +738,38 @@ class GatewayServiceTests(SynchronousTestCase):
             ["build", "background privileged start", "background start", "listen"],
         )
         self.assertIsNotNone(service.port)
+
+    def test_serving_hook_once_listening(self) -> None:
+        """The C{serving} hook runs once, when the gateway listens, not before."""
+        service = self.service()
+        service._serving = lambda: self.events.append("serving")
+        service.startService()
+        self.assertEqual(self.events[-2:], ["listen", "serving"])
+        service._listened(service.port)
+        self.assertEqual(self.events.count("serving"), 1)
+
+    def test_processes_tune_the_collector(self) -> None:
+        """
+        C{tune_collector} collects, freezes what start-up left and raises the
+        first threshold only, keeping the other two.
+        """
+        calls = []
+
+        class Collector:
+            def collect(self):
+                calls.append("collect")
+
+            def freeze(self):
+                calls.append("freeze")
+
+            def get_threshold(self):
+                return (700, 11, 12)
+
+            def set_threshold(self, *thresholds):
+                calls.append(thresholds)
+
+        tap.tune_collector(Collector())
+        self.assertEqual(calls, ["collect", "freeze", (tap.COLLECTOR_THRESHOLD, 11, 12)])
 
     def test_start_without_privileged_start(self) -> None:
         """Starting without privilegedStartService still starts everything in order."""

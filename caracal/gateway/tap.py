@@ -21,6 +21,7 @@ here first so their errors are refused starts too.
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import signal
@@ -337,6 +338,34 @@ def tls_factory(site, server_tls, reactor):
     return TLSMemoryBIOFactory(server_tls.creator, False, site, clock=reactor)
 
 
+#: The collector's first threshold once serving (CPython's default is 700).
+COLLECTOR_THRESHOLD = 10_000
+
+
+def tune_collector(collector=gc) -> None:
+    """
+    Make Python's cyclic garbage collector cheap for a serving gateway.
+
+    A request allocates and frees thousands of objects, nearly all freed by
+    reference counting; at CPython's default threshold (700 more objects
+    alive than at the last collection) the collector still ran several
+    times a second under load and scanned the whole start-up heap (modules,
+    configuration, ~60,000 objects) at every full collection: about 5 % of
+    the per_call CPU, measured with C{gc.callbacks} under the bench. So,
+    once listening: collect what start-up left, move everything alive into
+    the permanent generation (C{gc.freeze}: never scanned again, still freed
+    when unreferenced) and raise the first threshold to
+    L{COLLECTOR_THRESHOLD}. Garbage in cycles is still collected, in
+    batches of at most that many objects.
+
+    @param collector: the C{gc} module, or a stand-in for tests.
+    """
+    collector.collect()
+    collector.freeze()
+    _, second, third = collector.get_threshold()
+    collector.set_threshold(COLLECTOR_THRESHOLD, second, third)
+
+
 class GatewayService(Service):
     """
     One gateway's lifetime: build it and start its background services,
@@ -358,6 +387,7 @@ class GatewayService(Service):
         install_sighup=install_sighup_reload,
         restore_sighup=None,
         metrics_endpoint=None,
+        serving=None,
     ) -> None:
         """
         @param endpoint: the C{IStreamServerEndpoint} to listen on.
@@ -369,6 +399,8 @@ class GatewayService(Service):
             previous handler (L{install_sighup_reload}).
         @param restore_sighup: puts the previous handler back (default:
             C{signal.signal(SIGHUP, previous)}).
+        @param serving: called once with no argument when the gateway
+            listens (the processes pass L{tune_collector}), or C{None}.
         """
         self.config = config
         self.endpoint = endpoint
@@ -383,6 +415,7 @@ class GatewayService(Service):
         self._previous_sighup = None
         self._watch = None
         self.metrics_endpoint = metrics_endpoint
+        self._serving = serving
         self.gateway: Gateway | None = None
         self.port = None
         self.metrics_port = None
@@ -467,6 +500,9 @@ class GatewayService(Service):
             address=port.getHost(),
             scheme="plaintext HTTP" if self.server_tls is None else "TLS",
         )
+        if self._serving is not None:
+            serving, self._serving = self._serving, None
+            serving()
         if self.metrics_endpoint is not None and self.gateway.metrics_site is not None:
             d = self.metrics_endpoint.listen(self.gateway.metrics_site)
             d.addCallbacks(self._metrics_listened, self._listen_failed)
@@ -631,4 +667,11 @@ def makeService(options: Options) -> Service:
         metrics_endpoint = AdoptedStreamServerEndpoint(
             reactor, metrics_listener.detach(), metrics_family
         )
-    return GatewayService(config, endpoint, reactor, server_tls, metrics_endpoint=metrics_endpoint)
+    return GatewayService(
+        config,
+        endpoint,
+        reactor,
+        server_tls,
+        metrics_endpoint=metrics_endpoint,
+        serving=tune_collector,
+    )

@@ -28,7 +28,7 @@ from caracal.gateway.config import ConfigError, GatewayConfig
 from caracal.gateway.logfile import ReopeningFile, install_reopen_handler
 from caracal.gateway.logs import json_log_observer
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.tap import LISTEN_BACKLOG, GatewayService
+from caracal.gateway.tap import LISTEN_BACKLOG, GatewayService, tune_collector
 from caracal.gateway.tls import ServerTLS
 from caracal.gateway.workers import ListenWhenServing, SharedMetrics, parse_arguments
 
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         server_tls,
         build=build,
         metrics_endpoint=metrics_endpoint,
+        serving=tune_collector,
     )
     failed: list[bool] = []
 
