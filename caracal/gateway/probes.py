@@ -168,8 +168,40 @@ def _connect_reason(failure: Failure, password: str | None) -> str:
     return _scrub(_one_line(failure.getErrorMessage()), password) or failure.type.__name__
 
 
-def _ping(address: RedisAddress, timeout: float, reactor) -> defer.Deferred:
-    """Connect to C{address} itself and C{PING}: the detail, or L{ProbeFailed}."""
+def _replicas_enough(connection, timeout: float, reactor, min_replicas: int) -> defer.Deferred:
+    """
+    C{ROLE}: the server is a master with at least C{min_replicas} connected
+    replicas (what C{REPLAY_MIN_REPLICAS} waits for on every claim); the
+    detail, or L{ProbeFailed}.
+    """
+    d = connection.execute_command("ROLE")
+    d.addTimeout(timeout, reactor)
+
+    def judged(reply):
+        role = _one_line(reply[0].decode() if isinstance(reply[0], bytes) else reply[0])
+        if role != "master":
+            raise ProbeFailed(f"answers ROLE {role}, not master")
+        connected = len(reply[2])
+        if connected < min_replicas:
+            raise ProbeFailed(
+                f"the master has {connected} connected replica(s) and REPLAY_MIN_REPLICAS is"
+                f" {min_replicas}: every single-use token would get 503"
+            )
+        return f"{connected} replica(s) connected (REPLAY_MIN_REPLICAS={min_replicas})"
+
+    def failed(failure):
+        if failure.check(ProbeFailed):
+            return failure
+        raise ProbeFailed(f"ROLE failed: {_one_line(failure.getErrorMessage())}")
+
+    return d.addCallbacks(judged, failed)
+
+
+def _ping(address: RedisAddress, timeout: float, reactor, min_replicas: int = 0) -> defer.Deferred:
+    """
+    Connect to C{address} itself and C{PING} (and with C{min_replicas}, count
+    the master's replicas): the detail, or L{ProbeFailed}.
+    """
     started = time.monotonic()
     connected = redisconn.connect_once(address, reactor, connect_timeout=timeout)
     connected.addTimeout(timeout, reactor)
@@ -189,6 +221,13 @@ def _ping(address: RedisAddress, timeout: float, reactor) -> defer.Deferred:
             lambda _: f"PING answered PONG in {(time.monotonic() - started) * 1000:.0f} ms",
             unanswered,
         )
+        if min_replicas:
+
+            def replicas(pinged: str) -> defer.Deferred:
+                counted = _replicas_enough(connection, timeout, reactor, min_replicas)
+                return counted.addCallback(lambda detail: f"{pinged}; {detail}")
+
+            d.addCallback(replicas)
         return d.addBoth(lambda outcome: _disconnected(connection, outcome))
 
     return connected.addCallbacks(ping, not_connected)
@@ -232,15 +271,17 @@ def _sentinel_master(host: str, port: int, name: str, timeout: float, reactor):
 
 
 @defer.inlineCallbacks
-def probe_redis(address: RedisAddress, timeout: float, reactor):
+def probe_redis(address: RedisAddress, timeout: float, reactor, min_replicas: int = 0):
     """
     A connection to C{address} (C{REDIS_URL}) as the gateway opens them
     (C{AUTH} and C{SELECT} included), then C{PING}, each step bounded by
     C{timeout}; for C{redis+sentinel://}, at the master the first sentinel
-    that answers names.
+    that answers names. With C{min_replicas} (C{REPLAY_MIN_REPLICAS}), the
+    master must have that many replicas connected, or every claim of a
+    single-use token would fail closed.
     """
     if not address.sentinels:
-        return (yield _ping(address, timeout, reactor))
+        return (yield _ping(address, timeout, reactor, min_replicas))
     failures = []
     for host, port in address.sentinels:
         try:
@@ -249,7 +290,7 @@ def probe_redis(address: RedisAddress, timeout: float, reactor):
             failures.append(f"sentinel {host}:{port}: {failure}")
             continue
         located = dataclasses.replace(address, host=master[0], port=master[1], sentinels=())
-        detail = yield _ping(located, timeout, reactor)
+        detail = yield _ping(located, timeout, reactor, min_replicas)
         return f"sentinel {host}:{port} names master {master[0]}:{master[1]}; {detail}"
     raise ProbeFailed("; ".join(failures))
 
@@ -378,7 +419,7 @@ def settled_probes(environ: Mapping[str, str], timeout: float) -> Probes:
             if config.sts_url.startswith("https://"):
                 probes["sts"] = probe_sts
             probes["redis"] = lambda config, timeout, reactor: probe_redis(
-                config.redis, timeout, reactor
+                config.redis, timeout, reactor, config.replay_min_replicas
             )
             probes["postgres"] = probe_postgres
         names = list(probes)

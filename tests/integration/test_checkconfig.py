@@ -181,7 +181,23 @@ class CheckConfigTests(TestCase):
         status, items, text = await self.check(self.environ(REDIS_URL=url))
         self.assertEqual(items["Redis"], "PASS", text)
         self.assertIn(f"names master 127.0.0.1:{master}; PING answered PONG", text)
+        self.assertIn("1 replica(s) connected (REPLAY_MIN_REPLICAS=1)", text)
         self.assertEqual(status, 0, text)
+
+    async def test_too_few_replicas_for_replay_min_replicas(self):
+        """
+        REPLAY_MIN_REPLICAS asks for more replicas than the master has: the
+        Redis item fails, saying single-use tokens would all get 503.
+        """
+        environ = self.environ(REPLAY_MIN_REPLICAS="1")
+        status, items, text = await self.check(environ)
+        self.assertEqual(items["Redis"], "FAIL", text)
+        self.assertIn(
+            "the master has 0 connected replica(s) and REPLAY_MIN_REPLICAS is 1: every"
+            " single-use token would get 503",
+            text,
+        )
+        self.assertEqual(status, 1)
 
     async def test_sentinel_without_the_master(self):
         """A sentinel that knows no such master: the Redis item fails, saying so."""
