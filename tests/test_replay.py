@@ -26,6 +26,28 @@ from caracal.gateway.replay import (
 )
 from caracal.gateway.testing import MemoryReplayGuard
 from tests import test_config
+from tests.support.waiting import wait_until
+
+
+class InspectedRedisKeys:
+    """
+    C{stored} and C{let_expire} of L{ReplayGuardContract} for a guard on a
+    real Redis, read through C{self.inspect} (a L{tests.support.redis.SyncRedis}
+    on the server that holds the claims).
+    """
+
+    def stored(self, zone_id, jti):
+        key = replay_key(zone_id, jti)
+        value = self.inspect.call("GET", key)
+        if value is None:
+            return defer.succeed(None)
+        return defer.succeed((value, self.inspect.call("PTTL", key)))
+
+    def let_expire(self, zone_id, jti, ttl_ms):
+        key = replay_key(zone_id, jti)
+        return wait_until(
+            lambda: self.inspect.call("EXISTS", key) == 0, timeout=ttl_ms / 1000 + 2, interval=0.02
+        )
 
 
 class ReplayGuardContract:

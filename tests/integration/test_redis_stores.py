@@ -27,7 +27,7 @@ from caracal.gateway.replay import RedisReplayGuard, ReplayCheckUnavailable
 from caracal.gateway.revocations import verify_fields
 from tests.support.redis import PrivateRedis, SyncRedis, redis_namespace, shared_address
 from tests.support.waiting import wait_until
-from tests.test_replay import ReplayGuardContract
+from tests.test_replay import InspectedRedisKeys, ReplayGuardContract
 
 KEY = bytes(range(32))
 
@@ -58,7 +58,9 @@ class RedisTestMixin:
         self.addCleanup(delete)
 
 
-class RedisReplayGuardTests(RedisTestMixin, ReplayGuardContract, unittest.TestCase):
+class RedisReplayGuardTests(
+    RedisTestMixin, InspectedRedisKeys, ReplayGuardContract, unittest.TestCase
+):
     """L{RedisReplayGuard} passes the replay guard contract on a real Redis."""
 
     def make_guard(self):
@@ -69,19 +71,6 @@ class RedisReplayGuardTests(RedisTestMixin, ReplayGuardContract, unittest.TestCa
 
     def new_zone(self) -> str:
         return f"{self.namespace}-{uuid.uuid4().hex[:8]}"
-
-    def stored(self, zone_id, jti):
-        key = f"seen:jti:{zone_id}:{jti}"
-        value = self.inspect.call("GET", key)
-        if value is None:
-            return defer.succeed(None)
-        return defer.succeed((value, self.inspect.call("PTTL", key)))
-
-    def let_expire(self, zone_id, jti, ttl_ms):
-        key = f"seen:jti:{zone_id}:{jti}"
-        return wait_until(
-            lambda: self.inspect.call("EXISTS", key) == 0, timeout=ttl_ms / 1000 + 2, interval=0.02
-        )
 
     @defer.inlineCallbacks
     def test_two_gateways(self):

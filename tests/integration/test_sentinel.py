@@ -31,7 +31,7 @@ from tests.support.redis import PrivateRedis, SyncRedis
 from tests.support.replicas import ReplicaSet
 from tests.support.sentinel import SentinelGroup
 from tests.support.waiting import wait_until
-from tests.test_replay import ReplayGuardContract
+from tests.test_replay import InspectedRedisKeys, ReplayGuardContract
 
 #: What a single-use token may meet while the master changes: served, or a
 #: fail-closed 503 (the replay check, or the revocation state, unavailable).
@@ -316,7 +316,7 @@ class PasswordTests(TestCase):
         )
 
 
-class ReplicatedReplayGuardTests(ReplayGuardContract, TestCase):
+class ReplicatedReplayGuardTests(InspectedRedisKeys, ReplayGuardContract, TestCase):
     """
     L{RedisReplayGuard} waiting for a replica passes the replay guard
     contract on a real master and replica, every claim read back from the
@@ -359,16 +359,3 @@ class ReplicatedReplayGuardTests(ReplayGuardContract, TestCase):
 
     def new_zone(self) -> str:
         return f"zone-{uuid.uuid4().hex[:8]}"
-
-    def stored(self, zone_id, jti):
-        key = f"seen:jti:{zone_id}:{jti}"
-        value = self.inspect.call("GET", key)
-        if value is None:
-            return defer.succeed(None)
-        return defer.succeed((value, self.inspect.call("PTTL", key)))
-
-    def let_expire(self, zone_id, jti, ttl_ms):
-        key = f"seen:jti:{zone_id}:{jti}"
-        return wait_until(
-            lambda: self.inspect.call("EXISTS", key) == 0, timeout=ttl_ms / 1000 + 2, interval=0.02
-        )
