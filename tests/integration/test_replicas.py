@@ -30,7 +30,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from caracal.gateway.revocations import REVOCATION_STREAM, sign_fields
-from tests.support.redis import SHARED_PORT, PrivateRedis
+from tests.support.redis import SHARED_PORT, PrivateRedis, SyncRedis, redis_namespace
 from tests.support.replicas import DEAD_LETTER_STREAM, ReplicaSet
 from tests.support.waiting import wait_until
 
@@ -320,3 +320,22 @@ class RedisRestartTests(PrivateRedisMixin, ReplicaTestCase):
         second_id = self.set.revoke(second)
         self.assertLess(int(second_id.split("-")[0]), int(ahead.split("-")[0]))
         yield self.enforced_everywhere(second, time.monotonic(), timeout=5.0)
+
+
+class SharedStreamReadTests(TestCase):
+    """A replica set reads a shared stream from its own start, never whole."""
+
+    def test_entries_older_than_the_set_are_not_read(self):
+        """
+        C{entries} returns this set's entries written since it was made and
+        does not fetch older ones (a shared audit stream can hold a million).
+        """
+        stream = redis_namespace("replicas-stream")
+        redis = SyncRedis()
+        self.addCleanup(redis.close)
+        self.addCleanup(redis.call, "DEL", stream)
+        replicas = ReplicaSet(self.mktemp())
+        redis.call("XADD", stream, "1-1", "zone_id", replicas.zone)
+        new = redis.call("XADD", stream, "*", "zone_id", replicas.zone)
+        redis.call("XADD", stream, "*", "zone_id", "another-zone")
+        self.assertEqual([entry_id for entry_id, _ in replicas.entries(stream, redis)], [new])

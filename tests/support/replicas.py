@@ -73,6 +73,11 @@ class ReplicaSet:
         self.directory = os.path.abspath(directory)
         os.makedirs(self.directory, exist_ok=True)
         self.zone = f"zone-replicas-{secrets.token_hex(6)}"
+        #: The smallest stream id an entry of this set can have: its streams
+        #: are shared (the audit stream holds up to a million entries), so
+        #: they are read from here on, never whole. A minute early, in case
+        #: the clock steps back a little.
+        self.first_entry_id = f"{int(time.time() * 1000) - 60_000}-0"
         self.hmac_key = secrets.token_bytes(32)
         self.redis_port = redis_port
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
@@ -322,7 +327,7 @@ class ReplicaSet:
         if own:
             redis = SyncRedis(port=self.redis_port)
         try:
-            reply = redis.call("XRANGE", stream, "-", "+") or []
+            reply = redis.call("XRANGE", stream, self.first_entry_id, "+") or []
         finally:
             if own:
                 redis.close()
