@@ -458,25 +458,18 @@ class GatewayResource(ReverseProxyResource):
         # Time left now, not at step 4: the JWKS and STS calls took some of it.
         seconds_left = call.claims["exp"] - self.pipeline.clock.seconds()
         tracing = self.pipeline.tracing
-        if tracing is None:
-            return self.pipeline.forwarder.forward(
-                call.request,
-                call.pinned,
-                credentials,
-                seconds_left,
-                watch,
-                call.resource.upstream_timeout,
+        span = None
+        if tracing is not None:
+            method = call.request.method.decode("ascii", "replace")
+            span = tracing.start_client(
+                f"upstream {method}",
+                call.span,
+                {"http.request.method": method, "server.address": call.pinned.url.host},
             )
-        method = call.request.method.decode("ascii", "replace")
-        span = tracing.start_client(
-            f"upstream {method}",
-            call.span,
-            {"http.request.method": method, "server.address": call.pinned.url.host},
-        )
-        # The upstream gets the traceparent of its own span, replacing the
-        # caller's (whose trace the span continues); the forwarder's
-        # replace-by-name headers carry it like the credential.
-        credentials = [*credentials, (b"traceparent", tracing.traceparent(span))]
+            # The upstream gets the traceparent of its own span, replacing the
+            # caller's (whose trace the span continues); the forwarder's
+            # replace-by-name headers carry it like the credential.
+            credentials = [*credentials, (b"traceparent", tracing.traceparent(span))]
         d = self.pipeline.forwarder.forward(
             call.request,
             call.pinned,
@@ -485,6 +478,8 @@ class GatewayResource(ReverseProxyResource):
             watch,
             call.resource.upstream_timeout,
         )
+        if span is None:
+            return d
 
         def answered(result):
             # Forwarded: the status is the upstream's (a failure has none).
