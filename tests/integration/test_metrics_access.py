@@ -20,13 +20,11 @@ import os
 import random
 import re
 
-import treq
 from twisted.internet import defer, reactor
-from twisted.internet.ssl import Certificate
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from tests.support.certs import make_chain
+from tests.support.clients import fresh_connection_client
 from tests.support.postgres import TemporaryDatabase, postgres_available
 from tests.support.process import (
     GatewayProcess,
@@ -75,13 +73,9 @@ class MetricsAccessTests(TestCase):
         self.addCleanup(kill)
         return process
 
-    def client(self, root=None, host="127.0.0.1"):
+    def client(self, root=None):
         """A treq client: plaintext, or TLS trusting only the test root C{root}."""
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        if root is None:
-            return treq.client.HTTPClient(Agent(reactor, pool=pool))
-        policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(root.pem))
-        return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+        return fresh_connection_client(root)
 
     @defer.inlineCallbacks
     def get(self, client, url: str, headers=None):

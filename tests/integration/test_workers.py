@@ -17,11 +17,11 @@ import signal
 import treq
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
-from twisted.internet.ssl import Certificate
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from caracal.gateway import workers
+from tests.support.clients import fresh_connection_client
 from tests.support.process import (
     GatewayProcess,
     Subreaper,
@@ -83,11 +83,7 @@ class WorkersTests(TestCase):
 
     def client(self, root=None):
         """A treq client opening a new connection per request, so both workers get some."""
-        pool = HTTPConnectionPool(reactor, persistent=False)
-        if root is None:
-            return treq.client.HTTPClient(Agent(reactor, pool=pool))
-        policy = BrowserLikePolicyForHTTPS(trustRoot=Certificate.loadPEM(root.pem))
-        return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
+        return fresh_connection_client(root)
 
     @defer.inlineCallbacks
     def get(self, client, url: str):
