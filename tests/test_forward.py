@@ -403,6 +403,29 @@ class ForwarderTests(SynchronousTestCase):
             [("93.184.216.35", 80), ("93.184.216.34", 80)],
         )
 
+    def test_pooled_connection_kept_to_its_pinned_address(self):
+        """
+        A kept-alive connection is reused for the next call to the same
+        pinned address, never for a call pinned to another address of the
+        same host name (the name may resolve elsewhere by then).
+        """
+        self.successResultOf(self.finish_one(self.pinned))
+        self.forward(client_request())
+        self.assertEqual(len(self.reactor.tcpClients), 1, "reused")
+        moved = PinnedUpstream(parse_upstream("http://api.example/base"), "93.184.216.35", 2)
+        self.forwarder.forward(client_request(), moved, [], 300)
+        self.assertEqual(
+            [c[:2] for c in self.reactor.tcpClients],
+            [("93.184.216.34", 80), ("93.184.216.35", 80)],
+        )
+
+    def finish_one(self, pinned):
+        """Forward one call to C{pinned} and answer it in full (its connection goes idle)."""
+        d = self.forwarder.forward(client_request(), pinned, [], 300)
+        self.connect_upstream()
+        self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return d
+
     def test_timeout(self):
         """No response headers within UPSTREAM_TIMEOUT is a 504 upstream_timeout."""
         d = self.forward(client_request())
@@ -620,7 +643,7 @@ class ForwarderTests(SynchronousTestCase):
         self.successResultOf(d)
         # Only the pool's idle-connection timer is left.
         timers = [call.func.__name__ for call in self.reactor.getDelayedCalls()]
-        self.assertEqual(timers, ["_removeConnection"])
+        self.assertEqual(timers, ["_sweep"])
 
     def test_drain_ends_idle_get_stream_at_once(self):
         """Draining ends a GET stream between events at once: whole message, logged drained."""

@@ -19,7 +19,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI, ResponseNeverReceived
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from caracal.gateway.denials import Denial
+from caracal.gateway.pools import PooledAgent
 from caracal.gateway.sts import (
     MAX_EXCHANGE_BYTES,
     MAX_JWKS_BYTES,
@@ -223,19 +224,19 @@ class ExchangeRequestTests(SynchronousTestCase):
 
     def test_endpoint_made_once_per_origin(self):
         """
-        The client's Agent makes one endpoint per origin and reuses it for
-        every request (the stock Agent makes one per request).
+        The client's agent makes one endpoint per origin (a host name
+        endpoint, as the stock Agent's) and reuses it for every request
+        (the stock Agent makes one per request).
         """
         client = STSClient(BASE, MemoryReactorClock())
-        factory = client._http._agent._endpointFactory
-        uri = URI.fromBytes(b"http://sts.test:8080/oauth/2/token")
-        first = factory.endpointForURI(uri)
+        agent = client._http._agent
+        self.assertIsInstance(agent, PooledAgent)
+        first = agent._target(b"http://sts.test:8080/oauth/2/token")[1]
         self.assertIsInstance(first, HostnameEndpoint)
-        self.assertIs(factory.endpointForURI(uri), first)
-        other = factory.endpointForURI(URI.fromBytes(b"http://sts.test:8081/x"))
-        self.assertIsNot(other, first)
+        self.assertIs(agent._target(b"http://sts.test:8080/x")[1], first)
+        self.assertIsNot(agent._target(b"http://sts.test:8081/x")[1], first)
         with self.assertRaises(SchemeNotSupported):
-            factory.endpointForURI(URI.fromBytes(b"ftp://sts.test/x"))
+            agent._target(b"ftp://sts.test/x")
 
     def test_unprintable_request_id_not_sent(self):
         """A request id that could not be a header value is left out."""

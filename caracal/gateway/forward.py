@@ -19,12 +19,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import (
-    Agent,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    ResponseDone,
-)
+from twisted.web.client import FileBodyProducer, Request, ResponseDone
 from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
@@ -39,7 +34,7 @@ from caracal.gateway.headers import (
     connection_tokens,
 )
 from caracal.gateway.interfaces import IForwarder
-from caracal.gateway.pools import IDLE_PER_ORIGIN, persistent_pool
+from caracal.gateway.pools import IDLE_PER_ORIGIN, OriginPool
 from caracal.gateway.sse import EventStreamRelay, is_event_stream
 from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
 
@@ -268,7 +263,7 @@ class Forwarder:
     @param timeout: seconds to wait for the response headers
         (C{UPSTREAM_TIMEOUT}); also bounds the TCP connect.
     @param metrics: a L{caracal.gateway.metrics.Metrics} or None.
-    @param pool: an L{HTTPConnectionPool}; a persistent one is made if None.
+    @param pool: an L{OriginPool}; one of its own if None.
     @param sse_keepalive: seconds of silence after which an event stream
         gets a keep-alive comment between events (C{SSE_KEEPALIVE}); C{0}
         for none.
@@ -283,7 +278,7 @@ class Forwarder:
         self._metrics = metrics
         self._sse_keepalive = sse_keepalive
         if pool is None:
-            pool = persistent_pool(reactor, max_per_host=IDLE_PER_ORIGIN, idle_timeout=60)
+            pool = OriginPool(reactor, IDLE_PER_ORIGIN, idle_timeout=60)
         self.pool = pool
         # One endpoint factory (holding its endpoint) per pinned upstream and
         # connect timeout, instead of a factory and an endpoint per request.
@@ -301,7 +296,7 @@ class Forwarder:
 
     def close(self) -> defer.Deferred:
         """Close the idle pooled connections (at shutdown)."""
-        return self.pool.closeCachedConnections()
+        return self.pool.close()
 
     def forward(
         self,
@@ -357,40 +352,18 @@ class Forwarder:
         if timeout is None:
             timeout = self._timeout
         exchange = _Exchange(self, request, token_expires_in, watch_revocation, timeout)
-        agent = Agent.usingEndpointFactory(
-            self._reactor,
-            self._endpoint_factory(pinned, timeout),
-            pool=_PoolView(self.pool, exchange),
-        )
-        exchange.start(agent, url.uri(path, query), headers, _body_producer(request))
+        # Connections are pooled per pinned address: one made to an address
+        # that passed the checks is never reused for another the name now
+        # resolves to.
+        origin = (url.scheme, url.host, url.port, pinned.address)
+        endpoint = self._endpoint_factory(pinned, timeout).endpoint()
+        target = path + b"?" + query if query else path
+        exchange.start(self.pool, origin, endpoint, target, headers, _body_producer(request))
         return exchange.result
-
-
-class _PoolView:
-    """
-    The shared pool as one request's Agent sees it, noting which connection
-    the request got: twisted's client parser moves C{Connection} out of the
-    response headers (into the protocol's parser), and the headers it names
-    are hop-by-hop too.
-    """
-
-    def __init__(self, pool: HTTPConnectionPool, exchange: _Exchange) -> None:
-        self._pool = pool
-        self._exchange = exchange
-        self.persistent = pool.persistent
-
-    def getConnection(self, key, endpoint):
-        def got(protocol):
-            self._exchange.protocol = protocol
-            return protocol
-
-        return self._pool.getConnection(key, endpoint).addCallback(got)
 
 
 def _connection_headers(protocol) -> Headers:
     """The response's connection-control headers, as the client parser kept them."""
-    # A connection reused from the pool comes wrapped in a retrying protocol.
-    protocol = getattr(protocol, "_clientProtocol", protocol)
     parser = getattr(protocol, "_parser", None)
     headers = getattr(parser, "connHeaders", None)
     return headers if isinstance(headers, Headers) else Headers()
@@ -441,7 +414,9 @@ class _Exchange:
         if hook is not None:
             hook(waiting)
 
-    def start(self, agent, uri: bytes, headers: Headers, body) -> None:
+    def start(
+        self, pool: OriginPool, origin, endpoint, target: bytes, headers: Headers, body
+    ) -> None:
         self._started = self._reactor.seconds()
         self._upstream_wait(True)
         self._request.notifyFinish().addCallbacks(lambda _: None, self._client_gone)
@@ -453,10 +428,20 @@ class _Exchange:
                 cancel()
                 return
             self._cancel_watch = cancel
-        # maybeDeferred: the Agent raises some errors instead of failing.
-        self._pending = defer.maybeDeferred(agent.request, self._request.method, uri, headers, body)
+        try:
+            request = Request(self._request.method, target, headers, body, persistent=True)
+        except Exception:  # a method or target Twisted refuses to write
+            self._pending = defer.fail()
+        else:
+            self._pending = pool.request(origin, endpoint, request, noted=self._noted)
         self._pending.addCallbacks(self._got_response, self._request_failed)
         self._pending.addErrback(self._unexpected)
+
+    def _noted(self, protocol) -> None:
+        # Twisted's client parser moves Connection out of the response
+        # headers (into the protocol's parser), and the headers it names are
+        # hop-by-hop too: the response's framing is read from the protocol.
+        self.protocol = protocol
 
     # -- before the response headers ---------------------------------------
 

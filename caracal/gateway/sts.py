@@ -4,8 +4,9 @@ The gateway's client of the STS (SPEC section 5 and step 11 of section 6):
 the RFC 8693 token exchange that turns a caller's bearer into a per-call
 L{Mandate}, the per-zone JWKS fetch, and the STS health probe.
 
-Every call goes over one treq L{HTTPClient} on an L{Agent} with a persistent
-L{HTTPConnectionPool}, so connections to the STS are kept alive and reused.
+Every call goes over one treq L{HTTPClient} on a
+L{caracal.gateway.pools.PooledAgent}, so connections to the STS are kept
+alive and reused.
 Every call is bounded in time (C{timeout}, on the reactor) and in the size of
 the body read; past either bound the connection is dropped, not drained.
 """
@@ -22,7 +23,6 @@ from urllib.parse import quote_plus, urlencode
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
-from twisted.internet.abstract import isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -31,24 +31,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
-    Agent,
     BrowserLikePolicyForHTTPS,
     GzipDecoder,
-    HTTPConnectionPool,
     RequestNotSent,
     ResponseDone,
     ResponseNeverReceived,
 )
-from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from caracal.gateway.cache import BoundedCache
 from caracal.gateway.denials import Denial
 from caracal.gateway.interfaces import ITokenExchange
-from caracal.gateway.pools import IDLE_PER_ORIGIN, persistent_pool
+from caracal.gateway.pools import IDLE_PER_ORIGIN, OriginPool, PooledAgent, host_value
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 (a URN)
@@ -303,53 +300,23 @@ def refusal(status: int, body: bytes, subject_token: str) -> Denial | None:
     return Denial(status, code, description, metric=METRIC)
 
 
-@implementer(IAgentEndpointFactory)
-class _ReusedEndpoints:
+def _endpoint_for(reactor, tls_policy):
     """
-    The endpoints the stock Agent would use (TCP, TLS verified by the policy
-    for https), made once per origin and reused: the stock Agent builds a new
-    L{HostnameEndpoint} (and TLS creator) for every request, although the
-    pool only needs one when it must connect. An endpoint holds no
-    per-connection state, so one serves every connection to its origin. The
-    STS is one origin; the table is bounded all the same.
+    The endpoint the stock Agent would use for a URI (TCP, TLS verified by
+    C{tls_policy} for https), for L{PooledAgent}, which makes one per origin
+    and reuses it: an endpoint holds no per-connection state.
     """
 
-    _SIZE = 16
-
-    def __init__(self, reactor, tls_policy) -> None:
-        self._reactor = reactor
-        self._tls_policy = tls_policy
-        self._endpoints: BoundedCache[tuple[bytes, bytes, int], object] = BoundedCache(self._SIZE)
-
-    def endpointForURI(self, uri):
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            endpoint = self._endpoint(uri)
-            self._endpoints.put(key, endpoint)
-        return endpoint
-
-    def _endpoint(self, uri):
-        if uri.scheme not in (b"http", b"https"):
-            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
-        endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port)
+    def endpoint(uri: URI):
+        endpoint = HostnameEndpoint(reactor, uri.host.decode("ascii"), uri.port)
         if uri.scheme == b"https":
-            creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
-            endpoint = wrapClientTLS(creator, endpoint)
+            endpoint = wrapClientTLS(tls_policy.creatorForNetloc(uri.host, uri.port), endpoint)
         return endpoint
+
+    return endpoint
 
 
 _FORM_HEAD = (urlencode([("grant_type", GRANT_TYPE)]) + "&subject_token=").encode("ascii")
-
-
-def _host_value(uri: URI) -> bytes:
-    """The C{Host} header the Agent would send for C{uri} (port only when not the default)."""
-    host = uri.host
-    if isIPv6Address(host.decode("ascii")):
-        host = b"[" + host + b"]"
-    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
-        return host
-    return b"%b:%d" % (host, uri.port)
 
 
 class PreparedURL(EncodedURL):
@@ -396,7 +363,7 @@ class STSClient:
     @param tls_policy: an L{IPolicyForHTTPS} for an https STS (the Agent's
         default, the system roots, when C{None}).
     @param timeout: seconds a whole call (connect, request, answer) may take.
-    @param pool: the L{HTTPConnectionPool} to use; a persistent one by default.
+    @param pool: the L{OriginPool} to use; one of its own by default.
     @param agent: an L{IAgent} to use instead of building one (tests).
     """
 
@@ -408,7 +375,7 @@ class STSClient:
         reactor,
         tls_policy=None,
         timeout: float = 5.0,
-        pool: HTTPConnectionPool | None = None,
+        pool: OriginPool | None = None,
         agent=None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -421,10 +388,10 @@ class STSClient:
                 # connections that a burst does not reconnect every time, and
                 # drop idle ones before a typical 60 s server idle timeout so a
                 # POST is not sent on a connection the STS is closing.
-                pool = persistent_pool(reactor, max_per_host=IDLE_PER_ORIGIN, idle_timeout=50)
+                pool = OriginPool(reactor, IDLE_PER_ORIGIN, idle_timeout=50)
             if tls_policy is None:
                 tls_policy = BrowserLikePolicyForHTTPS()
-            agent = Agent.usingEndpointFactory(reactor, _ReusedEndpoints(reactor, tls_policy), pool)
+            agent = PooledAgent(pool, _endpoint_for(reactor, tls_policy))
         self.pool = pool
         # The STS has no business setting cookies that every caller would share.
         cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
@@ -439,7 +406,7 @@ class STSClient:
         self._exchange_headers = {
             b"Accept": [b"application/json"],
             b"Content-Type": [b"application/x-www-form-urlencoded"],
-            b"Host": [_host_value(token_uri)],
+            b"Host": [host_value(token_uri)],
         }
         self._form_tails: BoundedCache[tuple[str, str, str], bytes] = BoundedCache(_FORM_TAILS_SIZE)
 
@@ -447,7 +414,7 @@ class STSClient:
         """Close the pooled idle connections (fires when they are closed)."""
         if self.pool is None:
             return succeed(None)
-        return self.pool.closeCachedConnections()
+        return self.pool.close()
 
     def _bounded(self, d: Deferred) -> Deferred:
         # Whatever failure the cancellation surfaces as (the Agent may wrap it

@@ -674,6 +674,10 @@ class PinnedEndpointFactory:
         host = uri.host.decode("ascii").strip("[]").lower()
         if scheme != url.scheme or host != url.host or uri.port != url.port:
             raise UpstreamRefused("not_pinned", "request URI does not match the pinned upstream")
+        return self.endpoint()
+
+    def endpoint(self):
+        """The endpoint to the pinned address (made once), for callers that hold no URI."""
         if self._endpoint is None:
             self._endpoint = self._make_endpoint()
         return self._endpoint
