@@ -240,6 +240,27 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         self.assertNotIn(b"TwistedWeb", transport.value())
 
 
+class LocalAddressTests(HTTPTestMixin, SynchronousTestCase):
+    """The channel's local address is asked of the transport once per connection."""
+
+    def test_get_host_once(self):
+        """Two requests on one connection: one C{getHost} on the transport, same address."""
+        channel, transport = self.connect()
+        asked = []
+        real = transport.getHost
+
+        def get_host():
+            asked.append(True)
+            return real()
+
+        transport.getHost = get_host
+        self.request(channel)
+        self.request(channel)
+        self.assertEqual(len(self.resource.rendered), 2)
+        self.assertEqual(len(asked), 1)
+        self.assertIs(self.resource.rendered[0].getHost(), self.resource.rendered[1].getHost())
+
+
 class RefusalMixin(HTTPTestMixin):
     """
     Sends a request the gateway must refuse and checks the refusal: the JSON

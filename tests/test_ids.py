@@ -67,3 +67,27 @@ class UUID4Tests(SynchronousTestCase):
             os.waitpid(child, 0)
         self.assertEqual(len(from_child), 36)
         self.assertNotEqual(from_child, ids.uuid4())
+
+
+class RandomHexTests(SynchronousTestCase):
+    """L{ids.random_hex}: fresh random bytes from the same buffered draws."""
+
+    def setUp(self):
+        ids._forget()
+        self.addCleanup(ids._forget)
+
+    def test_sizes_and_no_reuse(self):
+        """Each call gives C{size} bytes in hex, never bytes another call got, across draws."""
+        draws = []
+
+        def urandom(size):
+            draws.append(size)
+            return bytes((index + 7 * len(draws)) % 256 for index in range(size))
+
+        self.patch(ids.os, "urandom", urandom)
+        made = [ids.random_hex(24) for _ in range(ids._DRAW // 24 + 1)]
+        self.assertTrue(all(len(h) == 48 for h in made))
+        self.assertEqual(draws, [ids._DRAW, ids._DRAW], "a new draw when the rest is too short")
+        first = bytes((index + 7) % 256 for index in range(ids._DRAW))
+        self.assertEqual(made[0], first[:24].hex())
+        self.assertEqual(made[-1], bytes((index + 14) % 256 for index in range(24)).hex())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet import defer
@@ -24,6 +23,7 @@ from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from caracal.gateway import ids
 from caracal.gateway.cache import BoundedCache
 from caracal.gateway.denials import Denial
 from caracal.gateway.headers import (
@@ -130,9 +130,9 @@ _REMOVED_RESPONSE = HOP_BY_HOP | DROPPED_RESPONSE
 
 def make_traceparent() -> bytes:
     """A fresh W3C trace context header value (version 00, not sampled)."""
-    # One read of the random source for both ids: 16 bytes of trace id, 8 of span id.
-    ids = os.urandom(24).hex().encode("ascii")
-    return b"00-" + ids[:32] + b"-" + ids[32:] + b"-00"
+    # 16 bytes of trace id and 8 of span id, from the buffered random source.
+    trace = ids.random_hex(24).encode("ascii")
+    return b"00-" + trace[:32] + b"-" + trace[32:] + b"-00"
 
 
 def forward_request_headers(
@@ -337,7 +337,7 @@ class Forwarder:
         url = pinned.url
         path = target_path(url.base_path, request.path)
         query = merge_query(url.query, request.uri.partition(b"?")[2])
-        request_id = getattr(request, "request_id", None) or str(uuid.uuid4())
+        request_id = getattr(request, "request_id", None) or ids.uuid4()
         credentials = [(_bytes(n), _bytes(v)) for n, v in credential_headers]
         headers = forward_request_headers(
             request.requestHeaders,
@@ -632,7 +632,9 @@ class _Exchange:
             return
         self._close("done")
         self._release_client()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # isinstance, not Failure.check: check names every class of the
+        # error's MRO on each call, and this runs once per forwarded call.
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             # PotentialDataLoss: an upstream without length or chunking ends
             # its body by closing; that is how such a body ends.
             if self._connected():

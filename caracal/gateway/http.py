@@ -322,6 +322,16 @@ class GatewayChannel(HTTPChannel):
         self._refused = False
         self._closing = False
         self._event_stream = False
+        self._host = None
+
+    def getHost(self):
+        """
+        The local address, asked of the socket once per connection: Twisted's
+        Request asks for it on every request, a C{getsockname} call each time.
+        """
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     # -- timers ---------------------------------------------------------------
 

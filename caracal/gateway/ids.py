@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_ids -*-
 """
 Random UUID4 strings for request ids (SPEC step 0) and audit entry ids
-(SPEC section 9), drawn on every request.
+(SPEC section 9), and the random trace context ids sent upstream, drawn on
+every request.
 
 C{str(uuid.uuid4())} costs a C{getrandom} system call, a L{uuid.UUID} object
 and its formatting for each id. Here the operating system's random bytes
@@ -33,13 +34,18 @@ def _forget() -> None:
 os.register_at_fork(after_in_child=_forget)
 
 
-def uuid4() -> str:
-    """A new random UUID (version 4, RFC 9562 variant) in its canonical text form."""
+def random_hex(size: int) -> str:
+    """C{size} random bytes (at most 64) from the operating system's source, in hex."""
     global _pool, _offset
     offset = _offset
-    if offset >= _DRAW:
+    if offset + size > _DRAW:
         _pool = os.urandom(_DRAW)
         offset = 0
-    _offset = offset + 16
-    h = _pool[offset : offset + 16].hex()
+    _offset = offset + size
+    return _pool[offset : offset + size].hex()
+
+
+def uuid4() -> str:
+    """A new random UUID (version 4, RFC 9562 variant) in its canonical text form."""
+    h = random_hex(16)
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16)]}{h[17:20]}-{h[20:]}"

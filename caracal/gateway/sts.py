@@ -184,7 +184,7 @@ class _BoundedBody(Protocol):
         if self._finished is None:
             return
         finished, self._finished = self._finished, None
-        if not reason.check(ResponseDone, PotentialDataLoss):
+        if not isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             finished.errback(reason)
         elif self._gunzip is not None and not self._gunzip.eof:
             finished.errback(_MalformedAnswer("truncated gzip body"))
