@@ -303,6 +303,65 @@ class GatewayRequest(Request):
         self.finish()
 
 
+class Deadlines:
+    """
+    Named deadlines on one clock, served by one timer.
+
+    A channel arms and stops four or five deadlines per request (header,
+    read, write, idle). As reactor timers that is a C{callLater} and a
+    C{cancel} each; here arming or stopping one is a dict write, and the one
+    timer is replaced only when a deadline comes earlier than it. A stopped
+    deadline leaves the timer as it is: it may fire for nothing once, then
+    waits for the next deadline. (Moving a timer earlier with
+    C{DelayedCall.reset} would search the reactor's whole timer heap.)
+
+    @param clock: an L{IReactorTime}.
+    """
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self._due: dict[str, tuple[float, object]] = {}
+        self._call = None
+
+    def arm(self, name: str, seconds: float, action) -> None:
+        """Call C{action()} in C{seconds} unless stopped or armed again first."""
+        when = self._clock.seconds() + seconds
+        self._due[name] = (when, action)
+        call = self._call
+        if call is not None and call.active():
+            if call.getTime() <= when:
+                return
+            call.cancel()
+        self._call = self._clock.callLater(seconds, self._expire)
+
+    def cancel(self, *names: str) -> None:
+        """Stop the named deadlines; all of them, and the timer, when none is named."""
+        if names:
+            for name in names:
+                self._due.pop(name, None)
+            return
+        self._due.clear()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def armed(self) -> set[str]:
+        """The names of the deadlines running."""
+        return set(self._due)
+
+    def _expire(self) -> None:
+        self._call = None
+        while self._due:
+            now = self._clock.seconds()
+            name, (when, action) = min(self._due.items(), key=lambda item: item[1][0])
+            if when > now:
+                if self._call is None:
+                    self._call = self._clock.callLater(when - now, self._expire)
+                return
+            del self._due[name]
+            action()
+
+
 class GatewayChannel(HTTPChannel):
     """
     An L{HTTPChannel} enforcing the body limit and the four server timeouts
@@ -314,7 +373,7 @@ class GatewayChannel(HTTPChannel):
 
     def __init__(self) -> None:
         super().__init__()
-        self._timers: dict = {}
+        self._timers: Deadlines | None = None
         self._state = "reading"
         self._request_bytes_seen = False
         self._headers_in = False
@@ -344,22 +403,15 @@ class GatewayChannel(HTTPChannel):
         return self.site.config
 
     def _arm(self, name: str, seconds: float, action) -> None:
-        self._cancel(name)
-        self._timers[name] = self._clock.callLater(seconds, self._fire, name, action)
-
-    def _fire(self, name: str, action) -> None:
-        self._timers.pop(name, None)
-        action()
+        self._timers.arm(name, seconds, action)
 
     def _cancel(self, *names: str) -> None:
-        for name in names or tuple(self._timers):
-            call = self._timers.pop(name, None)
-            if call is not None and call.active():
-                call.cancel()
+        if self._timers is not None:
+            self._timers.cancel(*names)
 
     def armed(self) -> set[str]:
         """The names of the timers currently running (for tests and debugging)."""
-        return {name for name, call in self._timers.items() if call.active()}
+        return set() if self._timers is None else self._timers.armed()
 
     def _start_reading(self) -> None:
         # A request begins: its headers and its whole body each get a deadline.
@@ -382,6 +434,7 @@ class GatewayChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         """Start the first request's header and read deadlines."""
+        self._timers = Deadlines(self._clock)
         super().connectionMade()
         self.site._channel_opened(self)
         self._start_reading()
