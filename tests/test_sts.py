@@ -222,6 +222,18 @@ class ExchangeRequestTests(SynchronousTestCase):
             exchange(client)
             self.assertEqual(seen[0].getRawHeaders(b"host"), [host], base)
 
+    def test_sts_cookies_never_sent_back(self):
+        """
+        A cookie the STS sets (for any domain, the STS's own included) is
+        kept nowhere: the next exchange, another caller's, carries no Cookie.
+        """
+        sts = STSDouble(body=MANDATE, headers={b"set-cookie": b"session=abc; Path=/"})
+        client, _, _ = client_for(sts)
+        self.successResultOf(exchange(client))
+        self.successResultOf(exchange(client))
+        self.assertEqual([r.getHeader(b"cookie") for r in sts.requests], [None, None])
+        self.assertEqual(len(client._no_cookies), 0)
+
     def test_endpoint_made_once_per_origin(self):
         """
         The client's agent makes one endpoint per origin (a host name

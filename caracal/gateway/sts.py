@@ -17,7 +17,6 @@ import json
 import re
 import zlib
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import quote_plus, urlencode
 
 from hyperlink import EncodedURL
@@ -353,6 +352,24 @@ class PreparedURL(EncodedURL):
         return text
 
 
+class _NoCookies(IndexableCookieJar):
+    """
+    A cookie jar that never stores a cookie nor adds one to a request. treq
+    asks its jar on every call; a jar with a refusing policy still walks its
+    (empty) store, clears expired cookies and parses every Set-Cookie header
+    of the answer before refusing them.
+    """
+
+    def add_cookie_header(self, request) -> None:
+        """Send no cookie."""
+
+    def extract_cookies(self, response, request) -> None:
+        """Keep no cookie the STS sets."""
+
+    def set_cookie(self, cookie) -> None:
+        """Keep no cookie at all."""
+
+
 @implementer(ITokenExchange)
 class STSClient:
     """
@@ -393,13 +410,13 @@ class STSClient:
                 tls_policy = BrowserLikePolicyForHTTPS()
             agent = PooledAgent(pool, _endpoint_for(reactor, tls_policy))
         self.pool = pool
-        # The STS has no business setting cookies that every caller would share.
-        cookies = IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-        self._http = HTTPClient(agent, cookiejar=cookies, data_to_body_producer=_BytesProducer)
-        # Given as each call's cookies, an empty jar spares treq building one
-        # from a dict per call; it is only read (treq merges it into the
-        # client's jar, which refuses every cookie anyway).
-        self._no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        # The STS has no business setting cookies that every caller would
+        # share: the client's jar keeps none and sends none. An empty jar is
+        # also each call's cookies, so treq builds none from a dict per call.
+        self._no_cookies = _NoCookies()
+        self._http = HTTPClient(
+            agent, cookiejar=self._no_cookies, data_to_body_producer=_BytesProducer
+        )
         # The exchange's fixed headers, Host included: the Agent adds Host
         # (copying the headers to do so) only when it is missing.
         token_uri = URI.fromBytes(self.token_url.to_text().encode("ascii"))
