@@ -77,6 +77,8 @@ TARGET_P99_RATIO = 2.5
 TARGET_WORKERS_SCALING = 0.85
 TARGET_PARENT_CORE = 0.02
 TARGET_SOAK_MB_PER_100K = 1.0
+#: One MiB in MB (SPEC 17's memory targets are in MB).
+MIB_IN_MB = 1.048576
 TARGET_IDLE_MB_PER_1000 = 20.0
 PATH = "/bench/tool"
 UPSTREAM_BODY = b'{"ok":true,"tool":"bench"}'  # bench/targets.py UPSTREAM_BODY
@@ -621,9 +623,10 @@ def spec_checks(results: dict, ratio: dict) -> list[dict]:
             )  # fmt: skip
     soak = results.get("soak")
     if soak and "mib_per_100k" in soak:
+        # SPEC 17 says MB: the MiB measured, in MB (10^6 bytes), is what is compared.
         check(
-            "RSS growth per 100k requests", soak["mib_per_100k"], "<=",
-            TARGET_SOAK_MB_PER_100K, " MiB",
+            "RSS growth per 100k requests (after warm-up)", soak["mib_per_100k"] * MIB_IN_MB,
+            "<", TARGET_SOAK_MB_PER_100K, " MB",
         )  # fmt: skip
     idle = results.get("idle")
     if idle and "gateway" in idle:
@@ -686,9 +689,12 @@ def format_table(results: dict, ratio: dict, checks: list[dict] | None = None) -
     soak = results.get("soak")
     if soak:
         lines.append(
-            f"soak: {soak['requests']} requests ({soak['target']}), gateway RSS"
+            f"soak: {soak['requests']} requests ({soak['target']}) after"
+            f" {soak.get('warmup_requests', 0)} of warm-up, gateway RSS"
             f" {soak['rss_before_mib']:.2f} -> {soak['rss_after_mib']:.2f} MiB"
-            f" ({soak['mib_per_100k']:+.3f} MiB per 100k requests)"
+            f" ({soak['mib_per_100k']:+.3f} MiB per 100k requests;"
+            f" {soak.get('mib_per_100k_with_warmup', soak['mib_per_100k']):+.3f} counting"
+            f" the warm-up from {soak.get('rss_start_mib', soak['rss_before_mib']):.2f} MiB)"
         )
     for name, idle in (results.get("idle") or {}).items():
         lines.append(
@@ -1048,29 +1054,45 @@ class Bench:
         """
         About C{requests} ambient requests through the gateway (a long wrk run
         sized from (b)'s rate) and its RSS before and after: growth per 100k.
+        A fifth as many requests go first, unmeasured: what a process takes
+        once while its pools, caches and allocator arenas fill up is not
+        growth per request (a leak keeps growing after it). Both figures
+        are kept; SPEC 17 is checked against the one after the warm-up.
         """
         rate = self.results.get("ambient", {}).get("rps") or self.args.assumed_rate
-        seconds = max(1, math.ceil(requests / rate))
         token_file = write_tokens(
             os.path.join(self.directory, "ambient.tokens"), [self.ambient_token]
         )
         pid = self.processes.pid("gateway")
+
+        def load(count: int) -> dict:
+            seconds = max(1, math.ceil(count / rate))
+            raw = run_load(
+                self.loader, self.gateway_port, "ambient", seconds, self.args.connections,
+                self.args.threads, self.resource, token_file,
+            )  # fmt: skip
+            return summarize(raw)
+
+        start = pid_rss_mib(pid)
+        self.say(f"soak: ambient warm-up (about {requests // 5} requests) ...")
+        warmup = load(requests // 5)
         before = pid_rss_mib(pid)
-        self.say(f"soak: ambient load for {seconds} s (about {requests} requests) ...")
-        raw = run_load(
-            self.loader, self.gateway_port, "ambient", seconds, self.args.connections,
-            self.args.threads, self.resource, token_file,
-        )  # fmt: skip
+        self.say(f"soak: ambient load (about {requests} requests) ...")
+        done = load(requests)
         after = pid_rss_mib(pid)
-        done = summarize(raw)
         self.results["soak"] = {
             "target": "ambient",
             "requests": done["requests"],
-            "errors": done["errors"],
-            "valid": done["valid"],
+            "errors": done["errors"] + warmup["errors"],
+            "valid": done["valid"] and warmup["valid"],
+            "warmup_requests": warmup["requests"],
+            "rss_start_mib": round(start, 2),
             "rss_before_mib": round(before, 2),
             "rss_after_mib": round(after, 2),
             "mib_per_100k": round((after - before) * 100_000 / max(1, done["requests"]), 3),
+            "mib_per_100k_with_warmup": round(
+                (after - start) * 100_000 / max(1, done["requests"] + warmup["requests"]), 3
+            ),
         }
 
     def report(self) -> dict:

@@ -92,6 +92,26 @@ class BenchSmokeTests(SynchronousTestCase):
         )
         self.assertIn("ratio (b)/(a)", output)
 
+    def test_soak_after_warm_up(self) -> None:
+        """
+        --soak: a fifth as many requests warm the gateway up unmeasured, then
+        the RSS growth per 100k of the measured ones is compared with SPEC 17
+        in MB; the figure counting the warm-up is reported too.
+        """
+        missing = _services_reason()
+        if missing:
+            raise self.skipTest(missing)
+        status, report, output = self.run_bench("--targets", "ambient", "--soak", "500")
+        self.assertEqual(status, 0, output)
+        soak = report["soak"]
+        self.assertGreater(soak["warmup_requests"], 0)
+        self.assertGreater(soak["requests"], 0)
+        self.assertEqual(soak["errors"], 0)
+        for key in ("rss_start_mib", "rss_before_mib", "rss_after_mib", "mib_per_100k_with_warmup"):
+            self.assertIn(key, soak)
+        self.assertIn("SPEC 17: RSS growth per 100k requests (after warm-up)", output)
+        self.assertIn("(target < 1MB)", output.replace(" MB)", "MB)"))
+
     def test_per_call_pool_too_small_is_invalid(self) -> None:
         """Requests beyond the pre-minted single-use tokens make the run invalid (exit 1)."""
         missing = _services_reason()
