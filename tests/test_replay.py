@@ -202,6 +202,14 @@ class ReplayKeyTests(unittest.SynchronousTestCase):
             with self.assertRaises(ReplayKeyInvalid, msg=repr((zone_id, jti))):
                 replay_key(zone_id, jti)
 
+    def test_control_range_edges(self):
+        """Exactly C0 (to 0x1f), DEL and C1 (0x7f-0x9f) are refused; their neighbours pass."""
+        for code in (0x00, 0x1F, 0x7F, 0x9F):
+            with self.assertRaises(ReplayKeyInvalid, msg=hex(code)):
+                replay_key("zone", "a" + chr(code))
+        for code in (0x20, 0x7E, 0xA0, 0x2028):
+            self.assertTrue(replay_key("zone", "a" + chr(code)).endswith(chr(code)), hex(code))
+
     def test_limits_accepted(self):
         """Exactly 256 bytes and non-ASCII printable characters are fine."""
         self.assertTrue(replay_key("z" * 256, "j" * 256).endswith("j" * 256))
