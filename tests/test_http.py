@@ -15,7 +15,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -312,6 +312,26 @@ class DeadlinesTests(SynchronousTestCase):
         self.assertEqual(self.deadlines.armed(), {"abort"})
         self.clock.advance(5)
         self.assertEqual(self.fired, [("abort", 15)])
+
+
+class AccessEventTests(HTTPTestMixin, SynchronousTestCase):
+    """The access-log event handed to the observer is the one C{Logger.info} would emit."""
+
+    def test_same_event_as_logger_info(self):
+        """Same keys and values as Logger.info's event, but for the time it was made."""
+        channel, _transport = self.connect()
+        self.request(channel)
+        [event] = self.access_events
+        reference = []
+        Logger(namespace=ACCESS_NAMESPACE, observer=reference.append).info(
+            "{access_line}", access_line=event["access_line"], access=event["access"]
+        )
+        [expected] = reference
+        self.assertEqual(set(event), set(expected))
+        for key in set(expected) - {"log_time", "log_logger"}:
+            self.assertEqual(event[key], expected[key], key)
+        self.assertIs(event["log_logger"], self.site.access_log)
+        self.assertIs(event["log_level"], LogLevel.info)
 
 
 class LocalAddressTests(HTTPTestMixin, SynchronousTestCase):

@@ -21,6 +21,7 @@ from caracal.gateway.logs import (
     access_record,
     format_access_line,
     json_log_observer,
+    level_filter,
     level_named,
     utc_timestamp,
 )
@@ -186,6 +187,20 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(
             [entry["level"] for entry in self.emit("error", *every)], ["error", "critical"]
         )
+
+    def test_levels_remembered_and_forgotten_on_change(self) -> None:
+        """
+        The filter remembers each namespace's level (sub-namespaces of a
+        quiet one included) and forgets them all when a level is set.
+        """
+        predicate = level_filter("info")
+        self.assertEqual(predicate.logLevelForNamespace("twisted.web.client.X"), LogLevel.warn)
+        self.assertEqual(predicate.logLevelForNamespace("caracal.access"), LogLevel.info)
+        self.assertEqual(predicate._levels["caracal.access"], LogLevel.info)
+        predicate.setLogLevelForNamespace("caracal", LogLevel.error)
+        self.assertEqual(predicate.logLevelForNamespace("caracal.access"), LogLevel.error)
+        predicate.clearLogLevels()
+        self.assertEqual(predicate.logLevelForNamespace("twisted.web.client.X"), LogLevel.info)
 
     def test_access_line_encoded_once(self) -> None:
         """

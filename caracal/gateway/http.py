@@ -39,11 +39,12 @@ is switched off so these rule alone.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.iweb import INonQueuedRequestFactory
 from twisted.web.server import Request, Site
@@ -920,8 +921,21 @@ class GatewaySite(Site):
     def log(self, request) -> None:
         """Emit the one JSON access-log line of C{request}."""
         record = access_record(request)
-        self.access_log.info(
-            "{access_line}", access_line=format_access_line(record), **{ACCESS_EVENT_KEY: record}
+        log = self.access_log
+        # The event Logger.info would emit, handed to its observer directly:
+        # Logger.emit first checks the level against every LogLevel constant,
+        # once per request here.
+        log.observer(
+            {
+                "access_line": format_access_line(record),
+                ACCESS_EVENT_KEY: record,
+                "log_logger": log,
+                "log_level": LogLevel.info,
+                "log_namespace": log.namespace,
+                "log_source": log.source,
+                "log_format": "{access_line}",
+                "log_time": time.time(),
+            }
         )
         if not request.local:
             fields = request.log_fields

@@ -187,6 +187,36 @@ def level_named(name: str | LogLevel) -> LogLevel:
 QUIET_NAMESPACES = ("twisted.web.client",)
 
 
+class _RememberedLevels(LogLevelFilterPredicate):
+    """
+    Twisted's per-namespace level filter, remembering each namespace's level:
+    Twisted works it out again for every event, splitting the namespace and
+    joining its prefixes (the access log's one line per request included).
+    """
+
+    _REMEMBERED = 1024  # namespaces are few (modules, classes); bounded all the same
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._levels: dict[str, LogLevel] = {}
+        super().__init__(*args, **kwargs)
+
+    def logLevelForNamespace(self, namespace):  # noqa: N802 - Twisted's name
+        level = self._levels.get(namespace)
+        if level is None:
+            level = super().logLevelForNamespace(namespace)
+            if len(self._levels) < self._REMEMBERED:
+                self._levels[namespace] = level
+        return level
+
+    def setLogLevelForNamespace(self, namespace, level):  # noqa: N802 - Twisted's name
+        self._levels.clear()
+        super().setLogLevelForNamespace(namespace, level)
+
+    def clearLogLevels(self):  # noqa: N802 - Twisted's name
+        self._levels.clear()
+        super().clearLogLevels()
+
+
 def level_filter(level: str | LogLevel = "info") -> LogLevelFilterPredicate:
     """
     Twisted's per-namespace level filter for C{LOG_LEVEL}: events below
@@ -194,7 +224,7 @@ def level_filter(level: str | LogLevel = "info") -> LogLevelFilterPredicate:
     (unless C{level} is C{debug}).
     """
     minimum = level_named(level)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=minimum)
+    predicate = _RememberedLevels(defaultLogLevel=minimum)
     if minimum is not LogLevel.debug:  # debug shows everything
         quiet = max(minimum, LogLevel.warn, key=_LEVELS.index)
         for namespace in QUIET_NAMESPACES:
