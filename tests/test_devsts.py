@@ -13,6 +13,8 @@ import os
 import sys
 
 import jwt
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
@@ -172,6 +174,60 @@ class DevSTSTests(SynchronousTestCase):
         self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(good))[0], 200)
         clock.advance(61)
         self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(good))[0], 401)
+
+    def test_subject_refusals_kept_without_pyjwt(self):
+        """
+        The subject check (the gateway's parse and ES256 check, not pyjwt's
+        decode) still refuses, as 401, every token pyjwt's decode refused
+        though signed by the zone's key: a non-string C{sub} or C{jti}, an
+        C{aud}, another C{alg} or C{kid} in the header, a C{crit} or
+        C{b64} header, a non-canonical segment; and pyjwt is not called.
+        """
+        sts, _, http = make_sts()
+        key = sts.zone_key("zone-a")
+        claims = {"sub": "agent", "zone_id": "zone-a", "exp": T0 + 60, "use": "per_call"}
+
+        def signed(extra_claims=None, **headers):
+            """An ES256 signature by the zone's key over any header and claims."""
+            header = {"alg": "ES256", "typ": "JWT", "kid": key.kid, **headers}
+            signing_input = b".".join(
+                jwt.utils.base64url_encode(json.dumps(part).encode())
+                for part in (header, {**claims, **(extra_claims or {})})
+            )
+            der = key.private_key.sign(signing_input, ec.ECDSA(hashes.SHA256()))
+            raw = jwt.utils.der_to_raw_signature(der, key.private_key.curve)
+            return (signing_input + b"." + jwt.utils.base64url_encode(raw)).decode()
+
+        good = signed()
+        head, body, signature = good.split(".")
+        last = jwt.utils.base64url_decode(signature)[-1:]
+        # The signature's last character carries 4 unused bits: flipping
+        # one decodes to the same bytes, so only a canonical check refuses it.
+        alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+        twin = alphabet[alphabet.index(signature[-1]) ^ 1]
+        self.assertEqual(jwt.utils.base64url_decode(signature[:-1] + twin)[-1:], last)
+        refused = [
+            signed({"sub": 5}),
+            signed({"sub": None}),
+            signed({"jti": 7}),
+            signed({"aud": "somebody"}),
+            signed(kid="other-kid"),
+            signed(alg="ES384"),
+            signed(crit=["exp"], exp=1),
+            f"{head}.{body}.{signature[:-1]}{twin}",
+            f"{head}.{body}",
+            f"{head}.{body}.{signature}.x",
+        ]
+        self.patch(jwt, "decode_complete", None)
+        self.patch(jwt.api_jwt.PyJWT, "decode_complete", None)
+        for token in refused:
+            status, answer = self.post(http, "/oauth/2/token", exchange_form(token))
+            self.assertEqual((status, answer["error"]), (401, "invalid_token"), token)
+        self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(good))[0], 200)
+        # What pyjwt let through still passes: an empty aud.
+        self.assertEqual(
+            self.post(http, "/oauth/2/token", exchange_form(signed({"aud": ""})))[0], 200
+        )
 
     def test_issued_mandate_refused_as_subject(self):
         """
