@@ -87,6 +87,26 @@ class DevSTSTests(SynchronousTestCase):
             },
         )
 
+    def test_sign_writes_what_pyjwt_writes(self):
+        """
+        A zone key signs without pyjwt, yet the header and claims segments are
+        byte for byte what C{jwt.encode} writes (sorted compact header with the
+        kid, compact ASCII claims in their order), and the signature verifies
+        with the published JWK.
+        """
+        sts, _, _ = make_sts()
+        key = sts.zone_key("zone-a")
+        claims = {"sub": "agent-\u00e9", "exp": T0 + 60, "act": {"sub": "x"}, "n": None, "l": [1]}
+        token = key.sign(claims)
+        expected = jwt.encode(claims, key.private_key, algorithm="ES256", headers={"kid": key.kid})
+        self.assertEqual(token.split(".")[:2], expected.split(".")[:2])
+        self.assertEqual(len(token), len(expected))
+        self.assertEqual(self.verify(sts, token, "zone-a"), claims)
+        self.patch(jwt, "encode", None)
+        self.assertEqual(
+            self.verify(sts, sts.mint("zone-a", "a", ttl=60), "zone-a")["exp"], T0 + 60
+        )
+
     def test_mint_defaults(self):
         """Per-call tokens always get a fresh jti; ambient ones none unless given."""
         sts, _, _ = make_sts()

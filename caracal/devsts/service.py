@@ -18,12 +18,14 @@ Endpoints (L{DevSTS.resource}):
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from dataclasses import dataclass, field
 
-import jwt
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm
 from twisted.web.resource import Resource
 
@@ -39,6 +41,15 @@ ACTOR = "caracal-gateway"
 MANDATE_TTL = 120
 #: Longest life of a token minted through C{POST /dev/mint}.
 MAX_MINT_TTL = 24 * 3600
+# One ECDSA-with-SHA256 object for every signature, not one per call.
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+# Compact JSON, as pyjwt writes a JWT's segments.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
+def _b64url(data: bytes) -> bytes:
+    """Base64url without padding (RFC 7515 section 2)."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 @dataclass
@@ -49,9 +60,28 @@ class ZoneKey:
     private_key: ec.EllipticCurvePrivateKey = field(repr=False)
     #: The verification key, derived once (every exchange verifies with it).
     public_key: ec.EllipticCurvePublicKey = field(init=False, repr=False)
+    #: The encoded JOSE header with its trailing dot, the same for every
+    #: token of this key (so each signature encodes only the claims).
+    header_prefix: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.public_key = self.private_key.public_key()
+        # pyjwt's header for ES256 with a kid: sorted keys, compact.
+        header = {"alg": "ES256", "kid": self.kid, "typ": "JWT"}
+        self.header_prefix = _b64url(_COMPACT.encode(header).encode("utf-8")) + b"."
+
+    def sign(self, claims: dict) -> str:
+        """
+        C{claims} as a compact ES256 JWS with this key's C{kid}: what
+        C{jwt.encode(claims, key, "ES256", headers={"kid": kid})} writes,
+        without pyjwt's per-call set-up (header encoding, algorithm and hash
+        objects, byte-by-byte signature conversion); the dev STS signs
+        a mandate per exchange.
+        """
+        signing_input = self.header_prefix + _b64url(_COMPACT.encode(claims).encode("utf-8"))
+        r, s = decode_dss_signature(self.private_key.sign(signing_input, _ECDSA_SHA256))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return (signing_input + b"." + _b64url(signature)).decode("ascii")
 
     def jwk(self) -> dict:
         """The public key as a JWK (kty EC, crv P-256, alg ES256, kid, x, y)."""
@@ -138,8 +168,7 @@ class DevSTS:
         return {"keys": [self.zone_key(zone_id).jwk()]}
 
     def _sign(self, zone_id: str, claims: dict) -> str:
-        key = self.zone_key(zone_id)
-        return jwt.encode(claims, key.private_key, algorithm="ES256", headers={"kid": key.kid})
+        return self.zone_key(zone_id).sign(claims)
 
     def mint(
         self,
