@@ -11,15 +11,19 @@ import io
 import json
 import os
 import sys
+from urllib.parse import urlencode
 
 import jwt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import http
 from twisted.web.server import Site
 
 from caracal.devsts import DevSTS
@@ -29,6 +33,7 @@ from caracal.gateway.sts import STSClient
 from tests.support.certs import make_chain
 
 BASE = "http://devsts.test"
+FORM = b"application/x-www-form-urlencoded"
 T0 = 1_800_000_000
 
 
@@ -386,6 +391,85 @@ class DevSTSTests(SynchronousTestCase):
         status, answer = self.post(http, "/oauth/2/token", exchange_form(sts.mint("zone-a", "a")))
         self.assertEqual((status, answer), (403, {"error": "access_denied"}))
         self.assertEqual(sts.exchanges, 1)
+
+
+def serve(site, request: bytes) -> tuple[int, dict]:
+    """Send one raw HTTP/1.1 request through C{site} in memory; the status and JSON answer."""
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(request)
+    channel.connectionLost(Failure(ConnectionDone()))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+def form_post(path: str, body: bytes, content_type: bytes | None) -> bytes:
+    """A raw POST of C{body} with the C{Content-Type} given (none when C{None})."""
+    lines = [f"POST {path} HTTP/1.1".encode(), b"Host: devsts.test"]
+    if content_type is not None:
+        lines.append(b"Content-Type: " + content_type)
+    lines.append(b"Content-Length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+class SiteTests(SynchronousTestCase):
+    """The site C{twistd caracal-devsts} serves (L{DevSTS.site})."""
+
+    def setUp(self):
+        self.sts, self.clock, _ = make_sts()
+        self.site = self.sts.site()
+        self.parsed = []
+        original = http._parseContentType
+
+        def recording(line):
+            self.parsed.append(line)
+            return original(line)
+
+        self.patch(http, "_parseContentType", recording)
+
+    def test_exact_form_type_read_without_header_parse(self):
+        """
+        An exchange whose C{Content-Type} is exactly the form type is answered
+        without Twisted's C{email}-based C{Content-Type} parse, with the same
+        outcome: 200 for a good form, 400 for a missing field, 401 for a bad token.
+        """
+        token = self.sts.mint("zone-a", "agent")
+        body = urlencode(exchange_form(token)).encode()
+        self.assertEqual(serve(self.site, form_post("/oauth/2/token", body, FORM))[0], 200)
+        missing = urlencode(exchange_form(token, resource=None)).encode()
+        status, answer = serve(self.site, form_post("/oauth/2/token", missing, FORM))
+        self.assertEqual((status, answer["error"]), (400, "invalid_request"))
+        bad = urlencode(exchange_form(token + "x")).encode()
+        self.assertEqual(serve(self.site, form_post("/oauth/2/token", bad, FORM))[0], 401)
+        self.assertEqual(self.parsed, [])
+        self.assertEqual([r.granted for r in self.sts.exchange_log], [True, False, False])
+
+    def test_other_content_types_as_twisted_reads_them(self):
+        """
+        Any other C{Content-Type} goes through Twisted's own parse: a form
+        type with parameters or multipart is read, text or none is not (400).
+        """
+        token = self.sts.mint("zone-a", "agent")
+        body = urlencode(exchange_form(token)).encode()
+        with_charset = FORM + b"; charset=utf-8"
+        self.assertEqual(serve(self.site, form_post("/oauth/2/token", body, with_charset))[0], 200)
+        for content_type in (b"text/plain", None):
+            status, answer = serve(self.site, form_post("/oauth/2/token", body, content_type))
+            self.assertEqual((status, answer["error"]), (400, "invalid_request"), content_type)
+        multipart = (
+            b'--b\r\nContent-Disposition: form-data; name="zone_id"\r\n\r\nzone-a\r\n--b--\r\n'
+        )
+        status, answer = serve(
+            self.site, form_post("/dev/mint", multipart, b"multipart/form-data; boundary=b")
+        )
+        self.assertEqual(status, 200)
+        self.assertEqual(
+            jwt.decode(answer["token"], options={"verify_signature": False})["zone_id"], "zone-a"
+        )
+        self.assertEqual(
+            self.parsed, [with_charset, b"text/plain", b"multipart/form-data; boundary=b"]
+        )
 
 
 class TapTests(SynchronousTestCase):

@@ -22,7 +22,6 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.python import usage
-from twisted.web.server import Site
 
 from caracal.devsts.service import DevSTS
 
@@ -139,7 +138,7 @@ def makeService(options: Options, reactor=None, environ: Mapping[str, str] | Non
     if reactor is None:
         from twisted.internet import reactor
     sts = DevSTS()
-    site = Site(sts.resource())
+    site = sts.site()
     if options["tls"] is not None:
         endpoint = SSL4ServerEndpoint(
             reactor, options["port"], options["tls"], interface=options["bind"]
