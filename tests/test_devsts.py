@@ -472,6 +472,31 @@ class SiteTests(SynchronousTestCase):
         )
 
 
+class AccessLogTests(SynchronousTestCase):
+    """The dev STS's access log: a line per request only when asked for."""
+
+    def served_log(self, **options) -> str:
+        """What the site's access log received for one exchange."""
+        sts, _, _ = make_sts()
+        site = sts.site(**options)
+        site.startFactory()
+        self.addCleanup(site.stopFactory)
+        log = io.StringIO()
+        site.logFile = log
+        body = urlencode(exchange_form(sts.mint("zone-a", "agent"))).encode()
+        self.assertEqual(serve(site, form_post("/oauth/2/token", body, FORM))[0], 200)
+        return log.getvalue()
+
+    def test_off_by_default(self):
+        """By default no access line is formatted or written."""
+        self.assertEqual(self.served_log(), "")
+
+    def test_on_when_asked(self):
+        """With C{access_log} one combined-format line per request is written."""
+        [line] = self.served_log(access_log=True).splitlines()
+        self.assertIn('"POST /oauth/2/token HTTP/1.1" 200', line)
+
+
 class TapTests(SynchronousTestCase):
     """C{twistd caracal-devsts} options."""
 
@@ -497,6 +522,13 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(reactor.sslServers, [])
         self.assertIsInstance(factory, Site)
         self.assertIsInstance(service.sts, DevSTS)
+        self.assertFalse(factory.access_log)
+
+    def test_access_log_flag(self):
+        """C{--access-log} turns the site's access log on."""
+        options = self.parse("--insecure-http", "--access-log")
+        [(_port, factory, _backlog, _interface)] = self.start(options)[0].tcpServers
+        self.assertTrue(factory.access_log)
 
     def test_refuses_production(self):
         """

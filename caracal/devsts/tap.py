@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_devsts -*-
 """
 C{twistd -n caracal-devsts --port 8443 --bind 127.0.0.1
-[--tls-cert F --tls-key K | --insecure-http]}: serve the development STS.
+[--tls-cert F --tls-key K | --insecure-http] [--access-log]}: serve the
+development STS (an access line per request only with C{--access-log}).
 
 For development and tests only (see L{caracal.devsts}): it refuses to
 start with C{CARACAL_ENV=production} or bound to anything but a loopback
@@ -66,14 +67,17 @@ def tls_options(cert_file: str, key_file: str) -> CertificateOptions:
 class Options(usage.Options):
     """Command line of C{twistd caracal-devsts}."""
 
-    synopsis = "[--port P] [--bind A] [--tls-cert F --tls-key K | --insecure-http]"
+    synopsis = "[--port P] [--bind A] [--tls-cert F --tls-key K | --insecure-http] [--access-log]"
     optParameters = [
         ["port", "p", 8443, "TCP port to listen on", int],
         ["bind", "b", "127.0.0.1", "address to listen on"],
         ["tls-cert", None, None, "PEM certificate chain (leaf first)"],
         ["tls-key", None, None, "PEM private key"],
     ]
-    optFlags = [["insecure-http", None, "serve plaintext HTTP (development only)"]]
+    optFlags = [
+        ["insecure-http", None, "serve plaintext HTTP (development only)"],
+        ["access-log", None, "log a line per request (off: it costs CPU per request)"],
+    ]
 
     def postOptions(self) -> None:
         cert, key = self["tls-cert"], self["tls-key"]
@@ -138,7 +142,7 @@ def makeService(options: Options, reactor=None, environ: Mapping[str, str] | Non
     if reactor is None:
         from twisted.internet import reactor
     sts = DevSTS()
-    site = sts.site()
+    site = sts.site(access_log=options["access-log"])
     if options["tls"] is not None:
         endpoint = SSL4ServerEndpoint(
             reactor, options["port"], options["tls"], interface=options["bind"]
