@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import http
 from twisted.web.server import Site
 
-from caracal.devsts import DevSTS
+from caracal.devsts import DevSTS, service
 from caracal.devsts.tap import Options, makeService, refusal
 from caracal.gateway.denials import Denial
 from caracal.gateway.sts import STSClient
@@ -253,6 +253,69 @@ class DevSTSTests(SynchronousTestCase):
         self.assertEqual(
             self.post(http, "/oauth/2/token", exchange_form(signed({"aud": ""})))[0], 200
         )
+
+    def count_verifications(self) -> list:
+        """Record each ES256 verification the dev STS runs from now on."""
+        calls = []
+        original = service.es256_valid
+
+        def counting(*args):
+            calls.append(args)
+            return original(*args)
+
+        self.patch(service, "es256_valid", counting)
+        return calls
+
+    def test_own_tokens_not_verified_again(self):
+        """
+        A token this STS minted, or already verified, is exchanged without a
+        second ES256 verification; its claims are still judged every time
+        (expiry, C{sub}, C{aud}, mandate marks), and a token it did not sign
+        is verified, and refused.
+        """
+        sts, clock, http = make_sts()
+        other = DevSTS(clock=clock)
+        calls = self.count_verifications()
+        token = sts.mint("zone-a", "agent", ttl=60)
+        for _ in range(2):
+            self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(token))[0], 200)
+        for extra, expected in (
+            ({"sub": 5}, (401, "invalid_token")),
+            ({"aud": "x"}, (401, "invalid_token")),
+            ({"act": {"sub": "x"}}, (400, "invalid_grant")),
+        ):
+            status, answer = self.post(
+                http, "/oauth/2/token", exchange_form(sts.mint("zone-a", "a", extra_claims=extra))
+            )
+            self.assertEqual((status, answer["error"]), expected, extra)
+        self.assertEqual(calls, [])
+        # Signed with the zone's key but not minted here: verified once.
+        signed = sts.zone_key("zone-a").sign({"sub": "a", "exp": T0 + 60})
+        for _ in range(2):
+            self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(signed))[0], 200)
+        self.assertEqual(len(calls), 1)
+        forged = other.mint("zone-a", "agent", extra_claims={"kid": "x"})
+        forged = forged.replace(forged.split(".")[0], token.split(".")[0])
+        self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(forged))[0], 401)
+        self.assertEqual(len(calls), 2)
+        clock.advance(60)
+        self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(token))[0], 401)
+
+    def test_remembered_signatures_bounded(self):
+        """
+        At most C{SIGNED_TOKENS} signatures are remembered: the oldest is
+        forgotten, then verified again (and still accepted).
+        """
+        self.patch(service, "SIGNED_TOKENS", 2)
+        sts, _, http = make_sts()
+        calls = self.count_verifications()
+        first, second, third = (sts.mint("zone-a", "agent") for _ in range(3))
+        self.assertEqual(len(sts._signed), 2)
+        for token in (second, third):
+            self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(token))[0], 200)
+        self.assertEqual(calls, [])
+        self.assertEqual(self.post(http, "/oauth/2/token", exchange_form(first))[0], 200)
+        self.assertEqual(len(calls), 1)
 
     def test_issued_mandate_refused_as_subject(self):
         """
