@@ -37,7 +37,6 @@ passes its own C{tls_options}.
 
 from __future__ import annotations
 
-import random
 import weakref
 
 import hiredis
@@ -146,10 +145,15 @@ class _PoolHandler(txredisapi.ConnectionHandler):
     is sent on it at once. The library's own way takes the connection
     through an C{inlineCallbacks} generator and two more Deferreds per
     command, a large part of what a Redis command costs the request path.
-    It picks among the pool's connections the same way (at random among
-    those up), and falls back to the library for everything else: no
-    connection yet (the command waits for one), a dead one to discard,
-    blocking commands (which take a connection out of the pool).
+    It sends on the first connection of the pool that is up, not on one at
+    random as txredisapi does: the commands of one reactor turn (one
+    request's claim, another's audit entry) then leave in one write and
+    their replies come back in one read, instead of one system call and one
+    reactor event per command per connection (Redis runs commands one at a
+    time whatever the connection; the others stay for failover and for
+    blocking commands). It falls back to the library for everything else:
+    no connection yet (the command waits for one), blocking commands (which
+    take a connection out of the pool).
     """
 
     def __getattr__(self, method):
@@ -162,9 +166,7 @@ class _PoolHandler(txredisapi.ConnectionHandler):
         factory = self._factory
 
         def send(*args, **kwargs):
-            pending = factory.connectionQueue.pending
-            if pending:
-                connection = random.choice(pending)
+            for connection in factory.connectionQueue.pending:
                 if connection.connected:
                     try:
                         result = protocol_method(connection, *args, **kwargs)
