@@ -143,6 +143,17 @@ class OriginPoolTests(SynchronousTestCase):
         self.failureResultOf(d)
         self.assertEqual(len(self.endpoint.protocols), 1)
 
+    def test_keeps_nothing(self):
+        """With C{max_idle} 0 a connection is closed once its response is read."""
+        pool = OriginPool(self.reactor, max_idle=0)
+        d = pool.request("a", self.endpoint, get())
+        [protocol] = self.endpoint.protocols
+        protocol.dataReceived(OK)
+        self.successResultOf(readBody(self.successResultOf(d)))
+        self.assertTrue(protocol.transport.disconnecting)
+        self.assertEqual(pool.idle("a"), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
     def test_close(self):
         """close() aborts the idle connections, cancels the timer and fires."""
         first = self.call()

@@ -67,7 +67,8 @@ class OriginPool:
     one idle for C{idle_timeout} seconds is closed.
 
     @param reactor: the clock of the idle timeout.
-    @param max_idle: idle connections kept per origin.
+    @param max_idle: idle connections kept per origin (0: each connection is
+        closed once its response is read).
     @param idle_timeout: seconds an idle connection is kept.
     """
 
@@ -130,6 +131,9 @@ class OriginPool:
     def _put(self, key: Hashable, protocol: HTTP11ClientProtocol) -> None:
         if protocol.state != "QUIESCENT":
             return  # Twisted calls this only when quiescent; never keep a busy one
+        if self.max_idle <= 0:
+            protocol.transport.loseConnection()  # a pool that keeps nothing
+            return
         idle = self._idle.setdefault(key, [])
         if len(idle) >= self.max_idle:
             oldest, _since = idle.pop(0)

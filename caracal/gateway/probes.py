@@ -30,11 +30,11 @@ from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet import error as internet_error
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool
 from txpostgres.txpostgres import Connection
 
 from caracal.gateway import redisconn
 from caracal.gateway.config import ConfigError, GatewayConfig, RedisAddress
+from caracal.gateway.pools import OriginPool
 from caracal.gateway.registry import connection_parameters
 from caracal.gateway.sts import STSClient, STSUnavailable
 from caracal.gateway.tls import client_tls_policy
@@ -132,7 +132,7 @@ def probe_sts(config: GatewayConfig, timeout: float, reactor) -> defer.Deferred:
         reactor,
         tls_policy=policy,
         timeout=timeout,
-        pool=HTTPConnectionPool(reactor, persistent=False),
+        pool=OriginPool(reactor, max_idle=0),
     )
     started = time.monotonic()
 
