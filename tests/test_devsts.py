@@ -126,6 +126,15 @@ class DevSTSTests(SynchronousTestCase):
         )
         self.assertEqual((extra["sid"], extra["x"]), (None, 1))
 
+    def test_exchange_log_keeps_the_latest(self):
+        """The exchange log keeps the last EXCHANGE_LOG_SIZE records, the oldest dropped first."""
+        self.patch(service, "EXCHANGE_LOG_SIZE", 2)
+        sts, _, http = make_sts()
+        token = sts.mint("zone-a", "agent-7", ttl=60)
+        for _ in range(3):
+            self.post(http, "/oauth/2/token", exchange_form(token))
+        self.assertEqual((sts.exchanges, len(sts.exchange_log)), (3, 2))
+
     def test_exchange_roundtrip(self):
         """A minted token exchanges for a zone-signed mandate within the caller's exp."""
         sts, _, http = make_sts()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections import deque
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
@@ -129,6 +130,10 @@ class MandateAsSubject(InvalidSubject):
 MANDATE_USES = frozenset({"resource", "mandate"})
 
 
+#: Exchange records a dev STS keeps (the most recent ones).
+EXCHANGE_LOG_SIZE = 10_000
+
+
 class DevSTS:
     """
     The development STS's state: per-zone keys and call counters.
@@ -136,7 +141,9 @@ class DevSTS:
     @ivar exchanges: token-exchange requests received (whatever their outcome).
     @ivar jwks_fetches: JWKS requests received.
     @ivar health_checks: health requests received.
-    @ivar exchange_log: one L{ExchangeRecord} per exchange request received.
+    @ivar exchange_log: one L{ExchangeRecord} per exchange request received,
+        the last L{EXCHANGE_LOG_SIZE} of them (tests read what they just
+        caused; a long bench run would otherwise keep every one).
     @ivar fail_exchanges: when set to C{(status, body_dict)}, every exchange is
         answered with that instead (for failure drills).
     """
@@ -151,7 +158,7 @@ class DevSTS:
         self.exchanges = 0
         self.jwks_fetches = 0
         self.health_checks = 0
-        self.exchange_log: list[ExchangeRecord] = []
+        self.exchange_log: deque[ExchangeRecord] = deque(maxlen=EXCHANGE_LOG_SIZE)
         self.fail_exchanges: tuple[int, dict] | None = None
 
     def now(self) -> int:
