@@ -40,6 +40,7 @@ from caracal.gateway.cache import BoundedCache
 from caracal.gateway.interfaces import IAuditLog
 from caracal.gateway.logs import utc_timestamp
 from caracal.gateway.revocations import sign_fields
+from caracal.gateway.timeouts import TimeBound
 
 AUDIT_STREAM = "caracal.audit.events"
 
@@ -188,6 +189,7 @@ class RedisAuditLog:
         self._stream = stream
         self._timeout = timeout
         self._maxlen = str(maxlen)
+        self._bound = TimeBound(clock, timeout)
         self.spool = spool
         # id -> (fields, Deferred) of the XADDs sent and not yet answered,
         # in the order they were sent.
@@ -207,7 +209,7 @@ class RedisAuditLog:
         for name, value in fields.items():
             arguments += [name, value]
         d = defer.maybeDeferred(self._redis.execute_command, *arguments)
-        return d.addTimeout(self._timeout, self._clock)
+        return self._bound.bound(d)
 
     def start(self) -> None:
         """Start replaying the spool (this process's and any left by a crash)."""

@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from caracal.gateway.interfaces import IReplayGuard
+from caracal.gateway.timeouts import TimeBound
 
 KEY_PREFIX = "seen:jti:"
 MAX_KEY_PART_BYTES = 256
@@ -128,6 +129,7 @@ class RedisReplayGuard:
         self._timeout = timeout
         self._min_replicas = min_replicas
         self._wait_ms = max(1, int(timeout * self.wait_share * 1000))
+        self._bound = TimeBound(clock, timeout)
 
     def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
         """See L{IReplayGuard.claim}."""
@@ -142,7 +144,7 @@ class RedisReplayGuard:
                 self._redis.set, key, request_id, pexpire=ttl_ms, only_if_not_exists=True
             )
             d.addCallback(self._answered)
-        d.addTimeout(self._timeout, self._clock)
+        self._bound.bound(d)
         return d.addErrback(self._unavailable)
 
     @defer.inlineCallbacks

@@ -45,6 +45,7 @@ from caracal.gateway.cache import BoundedCache
 from caracal.gateway.denials import Denial
 from caracal.gateway.interfaces import ITokenExchange
 from caracal.gateway.pools import IDLE_PER_ORIGIN, OriginPool, PooledAgent, host_value
+from caracal.gateway.timeouts import TimeBound
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105 (a URN)
@@ -399,6 +400,7 @@ class STSClient:
         self.token_url = PreparedURL.prepare(self.base_url + TOKEN_PATH)
         self.timeout = timeout
         self._reactor = reactor
+        self._bound: TimeBound | None = None
         if agent is None:
             if pool is None:
                 # Many concurrent exchanges share one STS; keep enough idle
@@ -436,7 +438,9 @@ class STSClient:
     def _bounded(self, d: Deferred) -> Deferred:
         # Whatever failure the cancellation surfaces as (the Agent may wrap it
         # in ResponseNeverReceived), a timed-out call is a TimeoutError.
-        return d.addTimeout(self.timeout, self._reactor, onTimeoutCancel=_timed_out)
+        if self._bound is None or self._bound.seconds != self.timeout:
+            self._bound = TimeBound(self._reactor, self.timeout, onTimeoutCancel=_timed_out)
+        return self._bound.bound(d)
 
     def _request(
         self,
