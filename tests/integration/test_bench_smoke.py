@@ -5,7 +5,7 @@ one-second run of target (a), and of (b) when Postgres and Redis answer,
 reports real traffic with zero errors and the SPEC 17 figures next to their
 targets; a per_call run whose token pool is too small is reported invalid
 rather than measured on error paths; a C{--workers 2} row reports each
-process's CPU.
+process's CPU; C{--idle-only} measures the idle-connection memory alone.
 """
 
 from __future__ import annotations
@@ -111,6 +111,26 @@ class BenchSmokeTests(SynchronousTestCase):
             self.assertIn(key, soak)
         self.assertIn("SPEC 17: RSS growth per 100k requests (after warm-up)", output)
         self.assertIn("(target < 1MB)", output.replace(" MB)", "MB)"))
+
+    def test_idle_only(self) -> None:
+        """
+        C{--idle-only} measures the idle connections of (a) and the gateway
+        with no load target, and compares the gateway's figure with SPEC
+        17's "less than 20 MB" in MB (the RSS read in MiB, converted).
+        """
+        missing = _services_reason()
+        if missing:
+            raise self.skipTest(missing)
+        status, report, output = self.run_bench("--idle-only", "--idle", "20")
+        self.assertEqual(status, 0, output)
+        self.assertEqual(report["targets"], {})
+        self.assertNotIn("req/s", output)
+        self.assertEqual(report["idle"]["bare"]["connections"], 20)
+        self.assertEqual(report["idle"]["gateway"]["connections"], 20)
+        [check] = report["spec17"]
+        self.assertEqual(check["target"], "< 20 MB")
+        megabytes = report["idle"]["gateway"]["mib_per_1000"] * 2**20 / 1e6
+        self.assertEqual(check["ok"], megabytes < 20)
 
     def test_per_call_pool_too_small_is_invalid(self) -> None:
         """Requests beyond the pre-minted single-use tokens make the run invalid (exit 1)."""
