@@ -37,7 +37,7 @@ from caracal.gateway.config import GatewayConfig
 from caracal.gateway.connections import ConnectionLimit
 from caracal.gateway.http import GatewaySite
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.tls import ServerTLS
+from caracal.gateway.tls import ServerTLS, ServerTLSProtocol
 from tests.support.certs import make_chain, make_leaf
 
 DEV_PLAINTEXT = {
@@ -816,6 +816,8 @@ class GatewayServiceTests(SynchronousTestCase):
         self.assertIsInstance(limit, ConnectionLimit)
         factory = limit.wrappedFactory
         self.assertIsInstance(factory, TLSMemoryBIOFactory)
+        # Idle connections give their handshake buffers back (tls.ServerTLSProtocol).
+        self.assertIs(factory.protocol, ServerTLSProtocol)
         self.assertIs(factory.wrappedFactory, site)
         self.assertEqual(self.handshake(factory, root), leaf.cert.public_bytes(Encoding.DER))
 

@@ -8,6 +8,7 @@ Handshakes here run between two in-memory OpenSSL connections (no sockets).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -20,7 +21,10 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, formatEvent
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface.verify import verifyObject
@@ -685,3 +689,188 @@ class ClientPolicyTests(SynchronousTestCase):
         self.assertEqual(options & excluded, excluded)
         self.assertFalse(options & SSL.OP_NO_TLSv1_2)
         self.assertFalse(options & SSL.OP_NO_TLSv1_3)
+
+
+def _flow(source: SSL.Connection, sink: SSL.Connection) -> None:
+    """Move whatever C{source} has written to its memory BIO into C{sink}'s."""
+    try:
+        data = source.bio_read(65536)
+    except SSL.WantReadError:
+        return
+    sink.bio_write(data)
+
+
+def _read_all(connection: SSL.Connection) -> bytes:
+    """The application bytes C{connection} can decrypt now."""
+    received = b""
+    while True:
+        try:
+            received += connection.recv(65536)
+        except SSL.WantReadError:
+            return received
+
+
+class ReleaseBIOBuffersTests(SynchronousTestCase):
+    """
+    L{tls.release_bio_buffers}: a connection's memory BIOs are replaced by
+    empty ones only when nothing waits in them, and the connection goes on.
+    """
+
+    def setUp(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        make_chain(directory)
+        self.server_tls = ServerTLS(
+            os.path.join(directory, "server.crt"),
+            os.path.join(directory, "server.key"),
+            clock=task.Clock(),
+        )
+        self.server, self.client = _handshake(self.server_tls._context, client_context())
+
+    def exchange(self, server: SSL.Connection, client: SSL.Connection, size: int) -> None:
+        """C{size} bytes each way, through the memory BIOs."""
+        client.sendall(b"q" * size)
+        _flow(client, server)
+        self.assertEqual(_read_all(server), b"q" * size)
+        server.sendall(b"a" * size)
+        _flow(server, client)
+        self.assertEqual(_read_all(client), b"a" * size)
+
+    def test_replaced_and_connection_goes_on(self):
+        """
+        With both BIOs empty they are replaced (the ones pyOpenSSL reads and
+        writes through with them), and data still flows both ways, for TLS
+        1.3 and TLS 1.2 alike.
+        """
+        for version in (None, SSL.TLS1_2_VERSION):
+            server, client = _handshake(self.server_tls._context, client_context(version))
+            _flow(server, client)  # the TLS 1.3 tickets, if any
+            _read_all(client)
+            self.exchange(server, client, 3000)
+            into, out = server._into_ssl, server._from_ssl
+            self.assertTrue(tls.release_bio_buffers(server))
+            self.assertNotEqual(server._into_ssl, into)
+            self.assertNotEqual(server._from_ssl, out)
+            self.exchange(server, client, 3000)
+            self.exchange(server, client, 20)
+
+    def test_not_while_bytes_wait(self):
+        """
+        Bytes waiting in either BIO (received and not read yet, or written
+        and not sent yet) keep both BIOs in place and the bytes intact.
+        """
+        server, client = self.server, self.client
+        _flow(server, client)
+        _read_all(client)
+        client.sendall(b"unread")
+        _flow(client, server)
+        into, out = server._into_ssl, server._from_ssl
+        self.assertFalse(tls.release_bio_buffers(server))
+        self.assertEqual((server._into_ssl, server._from_ssl), (into, out))
+        self.assertEqual(_read_all(server), b"unread")
+
+        server.sendall(b"unsent")
+        self.assertFalse(tls.release_bio_buffers(server))
+        self.assertEqual((server._into_ssl, server._from_ssl), (into, out))
+        _flow(server, client)
+        self.assertEqual(_read_all(client), b"unsent")
+        self.assertTrue(tls.release_bio_buffers(server))
+
+
+class _Echo(Protocol):
+    """Writes back what it receives."""
+
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class ServerTLSProtocolTests(SynchronousTestCase):
+    """
+    The listener's TLS transport (L{ServerTLS.factory}) releases its memory
+    BIOs after the handshake flight and after a large exchange, not after a
+    small one, and serves the same bytes either way.
+    """
+
+    def setUp(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        make_chain(directory)
+        self.clock = task.Clock()
+        server_tls = ServerTLS(
+            os.path.join(directory, "server.crt"),
+            os.path.join(directory, "server.key"),
+            clock=self.clock,
+        )
+        factory = server_tls.factory(Factory.forProtocol(_Echo), self.clock)
+        self.assertIsInstance(factory, TLSMemoryBIOFactory)
+        self.protocol = factory.buildProtocol(None)
+        self.assertIsInstance(self.protocol, tls.ServerTLSProtocol)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.client = SSL.Connection(client_context(), None)
+        self.client.set_connect_state()
+        self.released = []
+        release = tls.release_bio_buffers
+
+        def recording(connection):
+            done = release(connection)
+            self.released.append(done)
+            return done
+
+        self.patch(tls, "release_bio_buffers", recording)
+
+    def pump(self) -> None:
+        """Run the client and the server until neither has bytes for the other."""
+        for _ in range(20):
+            with contextlib.suppress(SSL.WantReadError):
+                self.client.do_handshake()
+            try:
+                data = self.client.bio_read(65536)
+            except SSL.WantReadError:
+                data = b""
+            if data:
+                self.protocol.dataReceived(data)
+            self.clock.advance(0)  # Twisted's buffered writes
+            sent = self.transport.value()
+            self.transport.clear()
+            if sent:
+                self.client.bio_write(sent)
+            if not data and not sent:
+                return
+        raise AssertionError("client and server kept talking")
+
+    def echo(self, size: int) -> None:
+        self.client.sendall(b"x" * size)
+        self.pump()
+        self.assertEqual(_read_all(self.client), b"x" * size)
+
+    def test_released_after_handshake(self):
+        """The BIOs that carried the handshake flight are replaced once it is done."""
+        self.pump()
+        self.assertTrue(self.protocol._handshakeDone)
+        self.assertEqual(self.released, [True])
+        self.echo(100)
+
+    def test_small_exchange_keeps_them(self):
+        """A few hundred bytes each way leave the BIOs (and the CPU) alone."""
+        self.pump()
+        del self.released[:]
+        self.echo(tls.BIO_RELEASE_BYTES // 2)
+        self.echo(tls.BIO_RELEASE_BYTES // 2)
+        self.assertEqual(self.released, [])
+
+    def test_large_exchange_releases_them(self):
+        """
+        A large echo (several records) ends with fresh BIOs, replaced once
+        both were empty; the exchanges after it are served the same.
+        """
+        self.pump()
+        del self.released[:]
+        self.echo(40_000)
+        self.assertIn(True, self.released)
+        self.assertIs(self.released[-1], True)
+        del self.released[:]
+        self.echo(10)
+        self.assertEqual(self.released, [])
+        self.echo(5000)
+        self.assertIs(self.released[-1], True)

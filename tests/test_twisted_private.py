@@ -17,6 +17,9 @@ and fails loudly, naming the user, the day a Twisted release changes it.
  - C{twisted.web.client._RetryingHTTP11ClientProtocol}: L{caracal.gateway.pools.OriginPool}
    retries an idempotent request that found its reused connection closed
    exactly as Twisted's own pool does;
+ - C{TLSMemoryBIOProtocol._flushSendBIO} and C{_handshakeDone}:
+   L{caracal.gateway.tls.ServerTLSProtocol} replaces the first to see what
+   leaves the send BIO and to release both BIOs once the handshake is done;
  - C{twisted.internet._sslverify.IOpenSSLTrustRoot} and its
    C{_addCACertsToContext}: the only way to give C{optionsForClientTLS} the
    platform roots plus extra CAs (L{caracal.gateway.tls.PlatformTrustPlus}).
@@ -33,6 +36,7 @@ from twisted.internet.interfaces import _ISupportsExitSignalCapturing
 from twisted.internet.selectreactor import SelectReactor
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from twisted.scripts import twistd
 from twisted.trial.unittest import SynchronousTestCase
@@ -98,6 +102,27 @@ class ChannelInternalsTests(SynchronousTestCase):
         """C{_networkProducer} is the transport, which can be unregistered from."""
         self.assertIs(self.channel._networkProducer, self.transport)
         self.assertTrue(callable(self.channel._networkProducer.unregisterProducer))
+
+
+class TLSProtocolInternalsTests(SynchronousTestCase):
+    """The C{TLSMemoryBIOProtocol} methods and flags L{ServerTLSProtocol} builds on."""
+
+    def test_send_bio_flushed_through_one_method(self):
+        """
+        Twisted's own C{_flushSendBIO} is the only reader of the send BIO in
+        the handshake, read and write paths; C{_handshakeDone} is the flag
+        it keeps.
+        """
+        source = inspect.getsource(TLSMemoryBIOProtocol)
+        self.assertEqual(source.count(".bio_read("), 1)
+        flush = inspect.getsource(TLSMemoryBIOProtocol._flushSendBIO)
+        self.assertIn("self._tlsConnection.bio_read(2**15)", flush)
+        self.assertIn("self.transport.write(bytes)", flush)
+        for caller in ("_checkHandshakeStatus", "_flushReceiveBIO", "_write"):
+            self.assertIn(
+                "self._flushSendBIO()", inspect.getsource(getattr(TLSMemoryBIOProtocol, caller))
+            )
+        self.assertIn("self._handshakeDone = True", source)
 
 
 class TrustRootTests(SynchronousTestCase):

@@ -32,7 +32,6 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from caracal.gateway.app import Gateway, build_gateway
@@ -335,7 +334,7 @@ def tls_factory(site, server_tls, reactor):
     """
     if server_tls is None:
         return site
-    return TLSMemoryBIOFactory(server_tls.creator, False, site, clock=reactor)
+    return server_tls.factory(site, reactor)
 
 
 #: The collector's first threshold once serving (CPython's default is 700).

@@ -13,6 +13,12 @@ Outbound: L{client_tls_policy} is the C{IPolicyForHTTPS} for the STS and https
 upstreams: the peer certificate is verified against the hostname, trusting the
 platform roots plus an optional PEM bundle.
 
+Idle connections: L{ServerTLSFactory} (what the listener wraps the site
+with) gives each connection's two memory BIOs back to the allocator once the
+handshake flight or a larger exchange has gone through and both are empty
+(L{release_bio_buffers}): a memory BIO otherwise keeps, for the life of the
+connection, the largest buffer it ever held.
+
 Startup refusals raise L{ConfigError} whose single line names the file and the
 reason; key material never appears in a message or a log line.
 """
@@ -29,11 +35,14 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 from twisted.internet import task
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import TLSVersion, optionsForClientTLS
 from twisted.logger import Logger
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -62,6 +71,14 @@ ALPN_PROTOCOL = b"http/1.1"
 # (hostname, port): building one loads the trust store, which is too costly
 # to repeat for every new pooled connection.
 _CLIENT_CREATOR_CACHE_SIZE = 256
+
+
+#: A connection's memory BIOs are replaced by fresh ones (see
+#: L{release_bio_buffers}) once a chunk larger than this has gone through
+#: either of them: the handshake flight (the certificate chain: 2 to 6 KiB)
+#: always, a request or response of a few hundred bytes never, so a small
+#: keep-alive exchange costs no extra work.
+BIO_RELEASE_BYTES = 512
 
 
 def _utcnow() -> datetime.datetime:
@@ -249,6 +266,90 @@ def select_alpn(connection: SSL.Connection, offered: list[bytes]):
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+def _bio_pending(bio) -> int:
+    """Bytes written to memory BIO C{bio} and not read yet."""
+    return _lib.BIO_get_mem_data(bio, _ffi.new("char **"))
+
+
+def release_bio_buffers(connection: SSL.Connection) -> bool:
+    """
+    Replace the two memory BIOs of C{connection} (made without a socket) by
+    fresh, empty ones when nothing is waiting in either, so the buffers they
+    grew to are freed.
+
+    An OpenSSL memory BIO grows its buffer to a third more than the most
+    bytes it ever held and never shrinks it: after the handshake the BIO
+    OpenSSL writes to holds the server's whole first flight (certificate
+    chain included) and the one it reads from the client's hello, about
+    2.3 KiB per connection measured with OpenSSL 4.0.3, kept for as long as
+    the connection stays open (hours, for an agent's event stream).
+    C{SSL_set_bio} frees the old pair; the record layer is told of the new
+    one, so the connection goes on as before.
+
+    pyOpenSSL has no public way to do this: it uses the connection's private
+    C{_ssl}, C{_into_ssl} and C{_from_ssl} (pinned by tests.test_tls).
+
+    @return: True when replaced, False when bytes were waiting (nothing done).
+    """
+    into, out = connection._into_ssl, connection._from_ssl
+    if into is None or out is None or _bio_pending(into) or _bio_pending(out):
+        return False
+    fresh_into = _lib.BIO_new(_lib.BIO_s_mem())
+    fresh_out = _lib.BIO_new(_lib.BIO_s_mem())
+    if fresh_into == _ffi.NULL or fresh_out == _ffi.NULL:
+        # Out of memory: keep the old pair, which works.
+        for bio in (fresh_into, fresh_out):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    _lib.SSL_set_bio(connection._ssl, fresh_into, fresh_out)
+    connection._into_ssl, connection._from_ssl = fresh_into, fresh_out
+    return True
+
+
+class ServerTLSProtocol(BufferingTLSTransport):
+    """
+    Twisted's TLS transport for the listener, releasing its memory BIOs'
+    buffers (L{release_bio_buffers}) after a chunk of more than
+    L{BIO_RELEASE_BYTES} went through them, as soon as both are empty.
+    """
+
+    # The largest chunk through either BIO since they were fresh; a class
+    # default so a connection that never needs a release stores nothing.
+    _bio_high = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        """Note the size of what goes into the read BIO, then as Twisted."""
+        if len(data) > self._bio_high:
+            self._bio_high = len(data)
+        super().dataReceived(data)
+
+    def _flushSendBIO(self) -> None:
+        # Twisted's own (read up to 32 KiB and write it out), plus the note
+        # of the size and the release; Twisted calls it after every handshake
+        # step, every write and every read.
+        try:
+            data = self._tlsConnection.bio_read(2**15)
+        except SSL.WantReadError:
+            pass
+        else:
+            self.transport.write(data)
+            if len(data) > self._bio_high:
+                self._bio_high = len(data)
+        if (
+            self._bio_high > BIO_RELEASE_BYTES
+            and self._handshakeDone
+            and release_bio_buffers(self._tlsConnection)
+        ):
+            self._bio_high = 0
+
+
+class ServerTLSFactory(TLSMemoryBIOFactory):
+    """C{TLSMemoryBIOFactory} making L{ServerTLSProtocol}s."""
+
+    protocol = ServerTLSProtocol
+
+
 def _file_stamp(path: str) -> tuple[int, int, int] | None:
     """What tells us a file was replaced or rewritten; None when it is gone."""
     try:
@@ -304,6 +405,16 @@ class ServerTLS:
     def not_after(self) -> datetime.datetime:
         """End of validity (UTC) of the certificate currently served."""
         return self.credentials.not_after
+
+    def factory(self, wrapped, clock) -> ServerTLSFactory:
+        """
+        The listener's protocol factory: C{wrapped} (the site) over TLS from
+        this object's current context, each connection releasing its
+        handshake buffers once idle (L{ServerTLSProtocol}).
+
+        @param clock: the C{IReactorTime} Twisted's write buffering uses.
+        """
+        return ServerTLSFactory(self.creator, False, wrapped, clock=clock)
 
     def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         """

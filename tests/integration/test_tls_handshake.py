@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.integration.test_tls_handshake -*-
 """
 Real TLS handshakes on 127.0.0.1 against L{caracal.gateway.tls}: the server
-behind C{TLSMemoryBIOFactory(server_tls.creator, False, site)} with blocking
+behind the listener's C{ServerTLSFactory(creator, False, site)} with blocking
 pyOpenSSL clients in threads, and the outbound policy through a real
 C{twisted.web.client.Agent}.
 """
@@ -18,14 +18,13 @@ from service_identity import VerificationError
 from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.threads import deferToThread
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from caracal.gateway.tls import ServerTLS, client_tls_policy
+from caracal.gateway.tls import ServerTLS, ServerTLSFactory, client_tls_policy
 from tests.support.certs import client_context, make_authority, make_chain, make_leaf
 
 
@@ -133,7 +132,9 @@ class _ServerTestCase(TestCase):
     def listen(self, creator) -> int:
         site = Site(_Hello())
         site.timeout = None
-        factory = TLSMemoryBIOFactory(creator, False, site)
+        # The gateway's TLS transport (it releases its handshake buffers),
+        # so keep-alive requests below go through BIOs replaced mid-connection.
+        factory = ServerTLSFactory(creator, False, site)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         self.addCleanup(self._stop, port, factory)
         return port.getHost().port
