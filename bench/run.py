@@ -36,6 +36,7 @@ bench could not be set up (a target unavailable without C{--allow-missing}).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import http.client
 import json
@@ -464,6 +465,224 @@ def delete_jti_keys(zone: str) -> int:
                 return deleted
 
 
+# -- CPU quota (cgroups) --------------------------------------------------
+
+#: The CFS period (the kernel's default); a quota of CORES is CORES x this per period.
+CFS_PERIOD_US = 100_000
+#: The kernel refuses CFS quotas under 1 ms per period.
+CFS_MIN_QUOTA_US = 1_000
+#: The weight of a limited cgroup: ten times a task's default (v1
+#: C{cpu.shares} 1024, v2 C{cpu.weight} 100). A quota only caps: under other
+#: load the cgroup competes as one task against every other runnable task of
+#: the machine and may get less than its budget; this weight lets it take its
+#: budget first, and the quota keeps that at CORES.
+CPU_SHARES_V1 = 10_240
+CPU_WEIGHT_V2 = 1_000
+#: A limited process that used less than this fraction of its quota was held
+#: back by the machine, not by the quota: the comparison is not of equal budgets.
+AT_QUOTA = 0.9
+
+
+def cfs_quota_us(cores: float, period_us: int = CFS_PERIOD_US) -> int:
+    """The CFS quota (microseconds per C{period_us}) that allows C{cores} of a core."""
+    quota = round(cores * period_us)
+    if quota < CFS_MIN_QUOTA_US:
+        raise BenchError(
+            f"--cpu-quota {cores}: at least {CFS_MIN_QUOTA_US / period_us:g} of a core"
+            f" (the kernel's smallest CFS quota is {CFS_MIN_QUOTA_US} us per {period_us} us)"
+        )
+    return quota
+
+
+def quota_problem(cores: float, processes: int, cpus: int) -> str | None:
+    """
+    Why C{processes} gateway processes of C{cores} each cannot all get their
+    budget on C{cpus} cores, or C{None}: one core stays for the rig (wrk, the
+    dev STS, the upstream, Redis), otherwise a worker would wait for a core
+    instead of its quota and the ratio would measure the machine again.
+    """
+    if cores <= 0:
+        return f"--cpu-quota must be positive, not {cores}"
+    if processes * cores > cpus - 1 + 1e-9:
+        return (
+            f"--cpu-quota {cores:g} x {processes} gateway process(es) = {processes * cores:g}"
+            f" cores, more than the {cpus} cores minus one for wrk, the STS and the upstream"
+            f" ({cpus - 1}): lower --cpu-quota or --workers"
+        )
+    return None
+
+
+def find_cpu_cgroup(mounts: str = "/proc/self/mounts") -> tuple[str, str]:
+    """
+    C{(version, root)} of a writable cgroup hierarchy with the C{cpu}
+    controller: C{("v1", "/sys/fs/cgroup/cpu")} (or C{cpu,cpuacct}), else
+    C{("v2", <cgroup2 mount>)} when its root offers C{cpu}. L{BenchError}
+    saying what is missing when neither is there or writable.
+    """
+    try:
+        with open(mounts, encoding="utf-8") as f:
+            entries = [line.split() for line in f if line.strip()]
+    except OSError as error:
+        raise BenchError(f"--cpu-quota: cannot read {mounts}: {error}") from error
+    seen = []
+    for fields in entries:
+        if len(fields) >= 4 and fields[2] == "cgroup" and "cpu" in fields[3].split(","):
+            seen.append(f"cgroup v1 cpu at {fields[1]}")
+            if os.access(fields[1], os.W_OK) and os.path.exists(
+                os.path.join(fields[1], "cpu.cfs_quota_us")
+            ):
+                return "v1", fields[1]
+    for fields in entries:
+        if len(fields) >= 3 and fields[2] == "cgroup2":
+            try:
+                with open(os.path.join(fields[1], "cgroup.controllers"), encoding="ascii") as f:
+                    controllers = f.read().split()
+            except OSError:
+                continue
+            if "cpu" in controllers:
+                seen.append(f"cgroup v2 at {fields[1]}")
+                if os.access(fields[1], os.W_OK):
+                    return "v2", fields[1]
+    found = "; found " + ", ".join(seen) + " (not writable: run as root)" if seen else ""
+    raise BenchError(
+        "--cpu-quota needs a writable cgroup cpu controller (cgroup v1 'cpu' with"
+        f" cpu.cfs_quota_us, or cgroup v2 offering 'cpu' in cgroup.controllers){found}"
+    )
+
+
+class CpuCgroups:
+    """
+    The cgroups this run made, each holding one gateway process limited to
+    C{cores} of a core by a CFS quota (cgroup v1 C{cpu.cfs_quota_us}, v2
+    C{cpu.max}), so that one process and each of N workers get the same
+    budget whatever else runs on the machine. L{remove_all} takes every one
+    away again (moving out any process still inside first).
+    """
+
+    def __init__(
+        self, cores: float, version: str, root: str, prefix: str | None = None, rmdir=os.rmdir
+    ) -> None:
+        """
+        @param root: the hierarchy's mount (L{find_cpu_cgroup}); the cgroups
+            are made directly under it.
+        @param rmdir: removes one cgroup directory (a test's stand-in
+            directory holds plain files where cgroupfs has control files).
+        """
+        self.cores = cores
+        self.version = version
+        self.root = root
+        self.period_us = CFS_PERIOD_US
+        self.quota_us = cfs_quota_us(cores, self.period_us)
+        self.prefix = prefix or f"caracal-bench-{secrets.token_hex(4)}"
+        self._rmdir = rmdir
+        self.made: list[str] = []
+        #: pid -> the cgroup directory it was in before L{limit} moved it.
+        self.origin: dict[int, str] = {}
+
+    def settings(self) -> dict:
+        """What the report records about the quota."""
+        return {
+            "cores": self.cores,
+            "cgroup": self.version,
+            "quota_us": self.quota_us,
+            "period_us": self.period_us,
+            # The limited gateways' and the rig's weight (the rig is not capped).
+            "weight": CPU_SHARES_V1 if self.version == "v1" else CPU_WEIGHT_V2,
+            "parent": "unlimited",
+        }
+
+    @staticmethod
+    def _write(path: str, value: str) -> None:
+        # One value per write(2): cgroupfs takes one pid per write.
+        with open(path, "w", encoding="ascii") as f:
+            f.write(value)
+
+    def _current(self, pid: int) -> str:
+        """The directory of C{pid}'s cgroup in this hierarchy (the root when unknown)."""
+        key = "" if self.version == "v2" else "cpu"
+        try:
+            with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+                for line in f:
+                    _id, controllers, path = line.rstrip("\n").split(":", 2)
+                    if (self.version == "v2" and controllers == key) or (
+                        self.version == "v1" and key in controllers.split(",")
+                    ):
+                        candidate = os.path.join(self.root, path.lstrip("/"))
+                        if os.path.isdir(candidate):
+                            return candidate
+        except (OSError, ValueError):
+            pass
+        return self.root
+
+    def limit(self, name: str, pid: int, capped: bool = True) -> str:
+        """
+        Make cgroup C{<prefix>-<name>} limited to C{cores} (only weighted
+        when not C{capped}), move C{pid} into it; its path.
+        """
+        path = os.path.join(self.root, f"{self.prefix}-{name}")
+        if self.version == "v2":
+            control = os.path.join(self.root, "cgroup.subtree_control")
+            with open(control, encoding="ascii") as f:
+                enabled = f.read().split()
+            if "cpu" not in enabled:
+                self._write(control, "+cpu")
+        os.mkdir(path)
+        self.made.append(path)
+        if self.version == "v1":
+            if capped:
+                self._write(os.path.join(path, "cpu.cfs_period_us"), str(self.period_us))
+                self._write(os.path.join(path, "cpu.cfs_quota_us"), str(self.quota_us))
+            self._write(os.path.join(path, "cpu.shares"), str(CPU_SHARES_V1))
+        else:
+            if capped:
+                self._write(os.path.join(path, "cpu.max"), f"{self.quota_us} {self.period_us}")
+            self._write(os.path.join(path, "cpu.weight"), str(CPU_WEIGHT_V2))
+        self.origin.setdefault(pid, self._current(pid))
+        self._write(os.path.join(path, "cgroup.procs"), str(pid))
+        return path
+
+    @staticmethod
+    def stat(path: str) -> dict[str, int]:
+        """The cgroup's C{cpu.stat}: periods, throttled periods, throttled time (us)."""
+        values = {}
+        with open(os.path.join(path, "cpu.stat"), encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if value.strip().isdigit():
+                    values[key] = int(value)
+        throttled_us = values.get("throttled_usec", values.get("throttled_time", 0) // 1000)
+        return {
+            "periods": values.get("nr_periods", 0),
+            "throttled_periods": values.get("nr_throttled", 0),
+            "throttled_us": throttled_us,
+        }
+
+    def release(self, path: str) -> None:
+        """Move every process of cgroup C{path} back where it was, then remove the cgroup."""
+        try:
+            with open(os.path.join(path, "cgroup.procs"), encoding="ascii") as f:
+                pids = [int(line) for line in f if line.strip()]
+        except FileNotFoundError:
+            # Already gone (removed by hand): nothing to move or remove.
+            self.made.remove(path)
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):  # ended meanwhile
+                self._write(os.path.join(self.origin.get(pid, self.root), "cgroup.procs"), str(pid))
+        self._rmdir(path)
+        self.made.remove(path)
+
+    def remove_all(self) -> list[str]:
+        """Release every cgroup still there; the problems, one line each."""
+        problems = []
+        for path in list(reversed(self.made)):
+            try:
+                self.release(path)
+            except OSError as error:
+                problems.append(f"could not remove cgroup {path}: {error}")
+        return problems
+
+
 # -- load -----------------------------------------------------------------
 
 
@@ -637,9 +856,18 @@ def spec_checks(results: dict, ratio: dict) -> list[dict]:
     return checks
 
 
-def format_table(results: dict, ratio: dict, checks: list[dict] | None = None) -> str:
+def format_table(
+    results: dict, ratio: dict, checks: list[dict] | None = None, settings: dict | None = None
+) -> str:
     """The human-readable report."""
     lines = []
+    quota = (settings or {}).get("cpu_quota")
+    if quota:
+        lines.append(
+            f"cpu quota: {quota['cores']:g} of a core for (c)'s gateway and for each worker of"
+            f" (d), parent unlimited (cgroup {quota['cgroup']}: {quota['quota_us']} us per"
+            f" {quota['period_us']} us)"
+        )
     if any(results.get(name) is not None for name in TARGETS):
         lines.append(f"{'target':<38}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     for name in TARGETS:
@@ -676,6 +904,14 @@ def format_table(results: dict, ratio: dict, checks: list[dict] | None = None) -
                 f"{process} {100 * used / seconds:.0f}%" for process, used in split.items()
             )
             lines.append(f"cpu split during {name} (share of a core): {shares}")
+        limited = results.get(name, {}).get("cpu_quota")
+        if limited:
+            held = ", ".join(
+                f"{process} {100 * (q['core_share'] or 0):.0f}% (throttled in"
+                f" {q['throttled_periods']} of {q['periods']} periods)"
+                for process, q in limited["processes"].items()
+            )
+            lines.append(f"cpu quota during {name} ({limited['cores']:g} of a core): {held}")
     for name in TARGETS:
         memory = results.get(name, {}).get("memory_mib")
         if memory:
@@ -737,6 +973,8 @@ class Bench:
         self.notes: list[str] = []
         self.bare_port: int | None = None
         self.gateway_port: int | None = None
+        #: With --cpu-quota, the cgroups limiting (c)'s process and (d)'s workers.
+        self.cgroups: CpuCgroups | None = None
 
     def say(self, message: str) -> None:
         if not self.args.quiet:
@@ -903,26 +1141,107 @@ class Bench:
     # measurements
 
     def measure(self, name: str, port: int, token_file: str = "", warmup_file: str = "") -> None:
-        args = self.args
         mode = "per_call" if name == "workers" else name
+        front = self.processes.pid(FRONT[name])
+        # The workers of a --workers N gateway are the front's children.
+        workers = children_of(front) if name == "workers" else []
+        limited = self.limit_cpu(name, front, workers)
+        try:
+            self._measure(name, port, mode, front, workers, limited, token_file, warmup_file)
+            if limited and workers and children_of(front) != workers:
+                # A replacement worker starts in the parent's (unlimited) cgroup.
+                self.notes.append(
+                    f"{name}: a worker was replaced during the measurement and ran"
+                    " without the quota"
+                )
+        finally:
+            # The same process serves (b), the soak and --idle unlimited.
+            for path in limited.values():
+                self.cgroups.release(path)
+
+    def limit_cpu(self, name: str, front: int, workers: list[int]) -> dict[str, str]:
+        """
+        With C{--cpu-quota}: (c)'s process, or each worker of (d), in its
+        own cgroup limited to the quota, before the warm-up; C{{process:
+        cgroup}} (empty without a quota or for the other targets).
+
+        (d)'s parent stays unlimited where it was: SPEC 17 judges its CPU
+        on its own (under 2 % of a core), a limit could only hide it, and a
+        worker the parent restarts would inherit the parent's cgroup.
+        """
+        if self.cgroups is None or name not in ("per_call", "workers"):
+            return {}
+        if name == "workers" and len(workers) != self.args.workers:
+            raise BenchError(
+                f"--cpu-quota: found {len(workers)} workers of pid {front}, not {self.args.workers}"
+            )
+        pids = (
+            {"gateway": front}
+            if name == "per_call"
+            else {f"worker {i}": pid for i, pid in enumerate(workers, 1)}
+        )
+        limited = {}
+        try:
+            for process, pid in pids.items():
+                limited[process] = self.cgroups.limit(f"{name}-{process.replace(' ', '-')}", pid)
+        except OSError as error:
+            for path in limited.values():
+                self.cgroups.release(path)
+            raise BenchError(f"--cpu-quota: cannot limit {name} {process}: {error}") from error
+        return limited
+
+    def quota_result(self, name: str, result: dict, before: dict, after: dict) -> dict:
+        """
+        The quota and, per limited process, its share of a core and how
+        often the kernel throttled it during the measurement: a process
+        held at its quota shows a share near it and most periods throttled.
+        A process under L{AT_QUOTA} of its quota was held back by something
+        else (the machine, the STS, too few connections): noted, since the
+        ratio then does not compare equal budgets.
+        """
+        cores = self.cgroups.cores
+        seconds = result["seconds"]
+        used = result.get("cpu_split") or {"gateway": result["cpu_s"].get("gateway", 0.0)}
+        per_process = {}
+        for process in before:
+            share = used.get(process, 0.0) / seconds if seconds else 0.0
+            per_process[process] = {
+                "core_share": round(share, 3),
+                "at_quota": share >= AT_QUOTA * cores,
+                **{key: after[process][key] - before[process][key] for key in after[process]},
+            }
+        below = [p for p, q in per_process.items() if not q["at_quota"]]
+        if below:
+            self.notes.append(
+                f"{name}: {', '.join(below)} used less than {AT_QUOTA:.0%} of the {cores:g}-core"
+                " quota: held back by something other than the quota (other load on the"
+                " machine, the STS, too few connections), so budgets were not equal"
+            )
+        return {"cores": cores, "processes": per_process}
+
+    def _measure(
+        self, name: str, port: int, mode: str, front: int, workers: list[int],
+        limited: dict[str, str], token_file: str, warmup_file: str,
+    ) -> None:  # fmt: skip
+        args = self.args
         if args.warmup:
             run_load(
                 self.loader, port, mode, args.warmup, args.connections, args.threads,
                 self.resource, warmup_file or token_file,
             )  # fmt: skip
         self.say(f"measuring {LABELS[name]} for {args.duration} s ...")
-        front = self.processes.pid(FRONT[name])
-        # The workers of a --workers N gateway are the front's children.
         pids = {"parent": front, **{
-            f"worker {i}": pid for i, pid in enumerate(children_of(front), 1)
+            f"worker {i}": pid for i, pid in enumerate(workers, 1)
         }} if name == "workers" else {}  # fmt: skip
         split_before = {label: pid_cpu_seconds(pid) for label, pid in pids.items()}
+        quota_before = {process: CpuCgroups.stat(path) for process, path in limited.items()}
         before = self.processes.cpu_seconds()
         raw = run_load(
             self.loader, port, mode, args.duration, args.connections, args.threads,
             self.resource, token_file,
         )  # fmt: skip
         after = self.processes.cpu_seconds()
+        quota_after = {process: CpuCgroups.stat(path) for process, path in limited.items()}
         split = {
             label: round(pid_cpu_seconds(pid) - split_before[label], 2)
             for label, pid in pids.items()
@@ -951,6 +1270,8 @@ class Bench:
             result["workers"] = len(split) - 1
             result["cpu_split"] = split
             result["parent_core_share"] = round(split["parent"] / result["seconds"], 4)
+        if limited:
+            result["cpu_quota"] = self.quota_result(name, result, quota_before, quota_after)
         self.results[name] = result
 
     def per_call_budget(self, seconds: int, measured: str = "ambient") -> int:
@@ -969,6 +1290,20 @@ class Bench:
         args = self.args
         self.loader = loader_available(args.loader)
         self.load_at_start = os.getloadavg()
+        if args.cpu_quota is not None:
+            self.cgroups = CpuCgroups(args.cpu_quota, *find_cpu_cgroup())
+            # The rig (this process and all it starts: wrk, the upstream, the
+            # dev STS, the gateways until they are limited) weighted too, not
+            # capped: on a machine busy with other work a starved STS or wrk
+            # would hold the limited gateways under their budget again.
+            try:
+                self.cgroups.limit("rig", os.getpid(), capped=False)
+            except OSError as error:
+                raise BenchError(f"--cpu-quota: cannot make the rig's cgroup: {error}") from error
+            self.say(
+                f"cpu quota: {args.cpu_quota:g} of a core per gateway process"
+                f" (cgroup {self.cgroups.version} under {self.cgroups.root})"
+            )
         self.say(f"load generator: {self.loader}; temporary files in {self.directory}")
         self.start_upstream_and_certs()
         # --idle-only: bare and the gateway are started (and checked) for the
@@ -1129,6 +1464,7 @@ class Bench:
                 "path": PATH,
                 "tracing": args.otel,
                 "trace_exports": getattr(getattr(self, "trace_sink", None), "exports", None),
+                "cpu_quota": self.cgroups.settings() if self.cgroups else None,
             },
             "targets": {name: self.results[name] for name in TARGETS if name in self.results},
             "soak": self.results.get("soak"),
@@ -1146,6 +1482,9 @@ class Bench:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         problems = []
         self.processes.stop_all()
+        if self.cgroups is not None:
+            # After the processes: a cgroup can only go once it is empty.
+            problems += self.cgroups.remove_all()
         if self.database is not None:
             try:
                 self.database.drop()
@@ -1217,6 +1556,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="tracing on: the gateway exports spans to a local OTLP sink",
     )
+    parser.add_argument(
+        "--cpu-quota", type=float, default=None, metavar="CORES",
+        help="limit (c)'s gateway and each worker of (d) to CORES of a core (cgroup CFS quota)",
+    )  # fmt: skip
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and certificates")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
@@ -1230,6 +1573,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--idle-only needs --idle CONNECTIONS")
     if args.threads > args.connections:
         args.threads = args.connections
+    if args.cpu_quota is not None:
+        if args.idle_only or not {"per_call", "workers"} & set(args.targets):
+            parser.error("--cpu-quota applies to the per_call and workers targets only")
+        processes = args.workers if "workers" in args.targets else 1
+        problem = quota_problem(args.cpu_quota, processes, os.cpu_count() or 1)
+        if problem is None:
+            try:
+                cfs_quota_us(args.cpu_quota)
+            except BenchError as error:
+                problem = str(error)
+        if problem:
+            parser.error(problem)
     return args
 
 
@@ -1256,6 +1611,7 @@ def main(argv=None) -> int:
             {**report["targets"], "soak": report["soak"], "idle": report["idle"]},
             report["ratios"],
             report["spec17"],
+            report["settings"],
         )
     )
     for note in report["notes"]:
