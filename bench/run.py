@@ -26,8 +26,13 @@ C{bench/pyload.py} when wrk is not installed. The table gives req/s, p50,
 p99 and errors (non-2xx answers plus socket errors: a valid run has 0), the
 ratios of (b) and (c) to (a), and the same as JSON in C{--out}.
 
-Every process, the database and the run's JTI keys are removed at the end,
-also on errors and Ctrl-C.
+With C{--cpu-quota CORES}, (c)'s gateway process and each worker of (d)
+are held at CORES of a core by a cgroup CFS quota each, so that N workers
+are compared with one process at the same budget per process on a machine
+with fewer free cores than workers (see L{CpuCgroups} and bench/README.rst).
+
+Every process, the database, the run's JTI keys and cgroups are removed at
+the end, also on errors and Ctrl-C.
 
 Exit status: 0 every measured target valid; 1 a target had errors; 2 the
 bench could not be set up (a target unavailable without C{--allow-missing}).
