@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -247,10 +248,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual(service.metrics_endpoint.fileno, 98)
         self.assertTrue(self.metrics_listener.detached)
 
-    def test_one_process_tunes_the_collector_once_serving(self) -> None:
-        """The serving process's service tunes the collector when it listens."""
+    def test_one_process_tunes_itself_once_serving(self) -> None:
+        """The serving process's service runs L{tap.serving_tunings} when it listens."""
         service, _ = self.make()
-        self.assertIs(service._serving, tap.tune_collector)
+        called = []
+        self.patch(tap, "serving_tunings", called.append)
+        service._serving()
+        self.assertEqual(called, [service.reactor])
 
     def test_no_metrics_address_no_second_listener(self) -> None:
         """Without METRICS_ADDRESS only the public port is bound."""
@@ -770,6 +774,35 @@ class GatewayServiceTests(SynchronousTestCase):
 
         tap.tune_collector(Collector())
         self.assertEqual(calls, ["collect", "freeze", (tap.COLLECTOR_THRESHOLD, 11, 12)])
+
+    def test_serving_tunings_trim_every_interval(self) -> None:
+        """
+        Once serving: the collector is tuned, and malloc's free pages are given
+        back every L{tap.TRIM_INTERVAL} seconds, not at once.
+        """
+        clock = Clock()
+        tuned, trims = [], []
+        self.patch(tap, "tune_collector", tuned.append)
+
+        def trim():
+            trims.append(clock.seconds())
+
+        calls = tap.serving_tunings(clock, collector="gc", trim=trim)
+        self.assertEqual(tuned, ["gc"])
+        self.assertEqual(trims, [])
+        clock.advance(tap.TRIM_INTERVAL)
+        clock.advance(tap.TRIM_INTERVAL)
+        self.assertEqual(trims, [tap.TRIM_INTERVAL, tap.TRIM_INTERVAL * 2])
+        calls.stop()
+
+    def test_trim_malloc(self) -> None:
+        """trim_malloc calls malloc_trim(0) where the C library has it, and nothing elsewhere."""
+        called = []
+        self.assertTrue(tap.trim_malloc(lambda: called.append))
+        self.assertEqual(called, [0])
+        self.assertFalse(tap.trim_malloc(lambda: None))
+        # This machine's glibc has it; the call returns memory and raises nothing.
+        self.assertIsInstance(tap.trim_malloc(), bool)
 
     def test_start_without_privileged_start(self) -> None:
         """Starting without privilegedStartService still starts everything in order."""

@@ -28,7 +28,7 @@ from caracal.gateway.config import ConfigError, GatewayConfig
 from caracal.gateway.logfile import ReopeningFile, install_reopen_handler
 from caracal.gateway.logs import json_log_observer
 from caracal.gateway.metrics import Metrics
-from caracal.gateway.tap import LISTEN_BACKLOG, GatewayService, tune_collector
+from caracal.gateway.tap import LISTEN_BACKLOG, GatewayService, serving_tunings
 from caracal.gateway.tls import ServerTLS
 from caracal.gateway.workers import ListenWhenServing, SharedMetrics, parse_arguments
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         server_tls,
         build=build,
         metrics_endpoint=metrics_endpoint,
-        serving=tune_collector,
+        serving=lambda: serving_tunings(reactor),
     )
     failed: list[bool] = []
 
