@@ -148,13 +148,13 @@ class OriginPool:
         expired_before = now - self.idle_timeout
         next_expiry = None
         for key, idle in list(self._idle.items()):
-            kept = 0
-            while kept < len(idle) and idle[kept][1] <= expired_before:
-                kept += 1
-            for protocol, _since in idle[:kept]:
+            expired = 0
+            while expired < len(idle) and idle[expired][1] <= expired_before:
+                expired += 1
+            for protocol, _since in idle[:expired]:
                 if protocol.state == "QUIESCENT":
                     protocol.transport.loseConnection()
-            del idle[:kept]
+            del idle[:expired]
             if not idle:
                 del self._idle[key]
                 continue
