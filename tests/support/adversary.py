@@ -27,6 +27,7 @@ hold no C{BLOCK} line.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -67,6 +68,8 @@ def build_connect_guard() -> str:
     if compiler is None:
         raise SkipTest("no C compiler (cc) to build the connect guard the gateway must run under")
     directory = tempfile.mkdtemp(prefix="caracal-guard-")
+    # Kept for the test process's life (gateways it starts load it), then removed.
+    atexit.register(shutil.rmtree, directory, True)
     library = os.path.join(directory, "connect_guard.so")
     built = subprocess.run(
         [compiler, "-shared", "-fPIC", "-O2", "-o", library, GUARD_SOURCE, "-ldl"],
