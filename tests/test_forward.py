@@ -387,14 +387,14 @@ class ForwarderTests(SynchronousTestCase):
     def test_endpoint_reused_per_pinned_upstream(self):
         """
         Requests to one pinned upstream with one connect timeout share an
-        endpoint factory (and so its endpoint); another address or timeout
-        gets its own, and each connects where it was pinned.
+        endpoint; another address or timeout gets its own, and each connects
+        where it was pinned.
         """
-        factory = self.forwarder._endpoint_factory(self.pinned, 5.0)
-        self.assertIs(self.forwarder._endpoint_factory(self.pinned, 5.0), factory)
+        endpoint = self.forwarder._endpoint(self.pinned, 5.0)
+        self.assertIs(self.forwarder._endpoint(self.pinned, 5.0), endpoint)
         same = PinnedUpstream(parse_upstream("http://api.example/base"), "93.184.216.34", 2)
-        self.assertIs(self.forwarder._endpoint_factory(same, 5.0), factory)
-        self.assertIsNot(self.forwarder._endpoint_factory(self.pinned, 9.0), factory)
+        self.assertIs(self.forwarder._endpoint(same, 5.0), endpoint)
+        self.assertIsNot(self.forwarder._endpoint(self.pinned, 9.0), endpoint)
         moved = PinnedUpstream(parse_upstream("http://api.example/base"), "93.184.216.35", 2)
         self.forwarder.forward(client_request(), moved, [], 300)
         self.forward(client_request())

@@ -16,14 +16,11 @@ from twisted.internet.interfaces import IHostnameResolver, IOpenSSLClientConnect
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
-from zope.interface.verify import verifyObject
 
 from caracal.gateway.testing import MemoryResolver
 from caracal.gateway.upstream import (
-    PinnedEndpointFactory,
     PinnedUpstream,
     UpstreamGuard,
     UpstreamRefused,
@@ -32,6 +29,7 @@ from caracal.gateway.upstream import (
     is_public_address,
     numeric_host,
     parse_upstream,
+    pinned_endpoint,
 )
 
 DOT_SEGMENTS = [
@@ -640,15 +638,13 @@ class RecordingPolicy:
         return FakeCreator(hostname)
 
 
-class PinnedEndpointFactoryTests(SynchronousTestCase):
-    """L{PinnedEndpointFactory} connects to the pinned address only."""
+class PinnedEndpointTests(SynchronousTestCase):
+    """L{pinned_endpoint} connects to the pinned address only."""
 
-    def connect(self, pinned, uri):
+    def connect(self, pinned):
         reactor = MemoryReactorClock()
         policy = RecordingPolicy()
-        factory = PinnedEndpointFactory(pinned, policy, reactor, connect_timeout=7)
-        verifyObject(IAgentEndpointFactory, factory)
-        endpoint = factory.endpointForURI(URI.fromBytes(uri))
+        endpoint = pinned_endpoint(pinned, policy, reactor, connect_timeout=7)
         from twisted.internet.protocol import Factory, Protocol
 
         endpoint.connect(Factory.forProtocol(Protocol))
@@ -657,7 +653,7 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
     def test_http_connects_to_pinned_ipv4(self):
         """An http upstream connects to the pinned address and port, without TLS."""
         pinned = PinnedUpstream(parse_upstream("http://api.example:8080/"), "93.184.216.34", 2)
-        reactor, policy = self.connect(pinned, b"http://api.example:8080/x")
+        reactor, policy = self.connect(pinned)
         [(host, port, _factory, timeout, _bind)] = reactor.tcpClients
         self.assertEqual((host, port, timeout), ("93.184.216.34", 8080, 7))
         self.assertEqual(policy.asked, [])
@@ -665,7 +661,7 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
     def test_https_verifies_hostname(self):
         """An https upstream connects to the pinned address and verifies the URL's host name."""
         pinned = PinnedUpstream(parse_upstream("https://api.example/"), "93.184.216.34", 2)
-        reactor, policy = self.connect(pinned, b"https://api.example/x")
+        reactor, policy = self.connect(pinned)
         [(host, port, _factory, _timeout, _bind)] = reactor.tcpClients
         self.assertEqual((host, port), ("93.184.216.34", 443))
         self.assertEqual(policy.asked, [(b"api.example", 443)])
@@ -673,7 +669,7 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
     def test_https_trailing_dot_verified_without_it(self):
         """Certificates never name the root's trailing dot."""
         pinned = PinnedUpstream(parse_upstream("https://api.example./"), "93.184.216.34", 2)
-        _, policy = self.connect(pinned, b"https://api.example./x")
+        _, policy = self.connect(pinned)
         self.assertEqual(policy.asked, [(b"api.example", 443)])
 
     def test_ipv6(self):
@@ -681,38 +677,7 @@ class PinnedEndpointFactoryTests(SynchronousTestCase):
         pinned = PinnedUpstream(
             parse_upstream("https://v6.example:8443/"), "2606:4700::1", socket.AF_INET6
         )
-        reactor, policy = self.connect(pinned, b"https://v6.example:8443/")
+        reactor, policy = self.connect(pinned)
         [(host, port, _factory, _timeout, _bind)] = reactor.tcpClients
         self.assertEqual((host, port), ("2606:4700::1", 8443))
         self.assertEqual(policy.asked, [(b"v6.example", 8443)])
-
-    def test_endpoint_made_once(self):
-        """
-        The factory makes its endpoint once and hands the same one to every
-        request (the Agent asks on every request), connecting each time to
-        the pinned address; a URI of another upstream is still refused.
-        """
-        reactor = MemoryReactorClock()
-        policy = RecordingPolicy()
-        pinned = PinnedUpstream(parse_upstream("https://api.example/"), "93.184.216.34", 2)
-        factory = PinnedEndpointFactory(pinned, policy, reactor, connect_timeout=7)
-        first = factory.endpointForURI(URI.fromBytes(b"https://api.example/x"))
-        self.assertIs(factory.endpointForURI(URI.fromBytes(b"https://api.example/y?z")), first)
-        from twisted.internet.protocol import Factory, Protocol
-
-        first.connect(Factory.forProtocol(Protocol))
-        first.connect(Factory.forProtocol(Protocol))
-        self.assertEqual([c[:2] for c in reactor.tcpClients], [("93.184.216.34", 443)] * 2)
-        self.assertEqual(policy.asked, [(b"api.example", 443)])
-        with self.assertRaises(UpstreamRefused):
-            factory.endpointForURI(URI.fromBytes(b"https://evil.example/x"))
-
-    def test_other_uri_refused(self):
-        """
-        The factory refuses to connect anywhere but the pinned upstream's scheme, host and port.
-        """
-        pinned = PinnedUpstream(parse_upstream("http://api.example/"), "93.184.216.34", 2)
-        factory = PinnedEndpointFactory(pinned, RecordingPolicy(), MemoryReactorClock())
-        for uri in (b"http://evil.example/", b"https://api.example/", b"http://api.example:81/"):
-            with self.assertRaises(UpstreamRefused):
-                factory.endpointForURI(URI.fromBytes(uri))

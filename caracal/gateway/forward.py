@@ -36,7 +36,7 @@ from caracal.gateway.headers import (
 from caracal.gateway.interfaces import IForwarder
 from caracal.gateway.pools import IDLE_PER_ORIGIN, OriginPool
 from caracal.gateway.sse import EventStreamRelay, is_event_stream
-from caracal.gateway.upstream import PinnedEndpointFactory, PinnedUpstream
+from caracal.gateway.upstream import PinnedUpstream, pinned_endpoint
 
 log = Logger()
 
@@ -280,19 +280,18 @@ class Forwarder:
         if pool is None:
             pool = OriginPool(reactor, IDLE_PER_ORIGIN, idle_timeout=60)
         self.pool = pool
-        # One endpoint factory (holding its endpoint) per pinned upstream and
-        # connect timeout, instead of a factory and an endpoint per request.
-        self._endpoints: BoundedCache[tuple[PinnedUpstream, float], PinnedEndpointFactory] = (
-            BoundedCache(_ENDPOINT_CACHE_SIZE)
+        # One endpoint per pinned upstream and connect timeout, not one per request.
+        self._endpoints: BoundedCache[tuple[PinnedUpstream, float], object] = BoundedCache(
+            _ENDPOINT_CACHE_SIZE
         )
 
-    def _endpoint_factory(self, pinned: PinnedUpstream, timeout: float) -> PinnedEndpointFactory:
+    def _endpoint(self, pinned: PinnedUpstream, timeout: float):
         key = (pinned, timeout)
-        factory = self._endpoints.get(key)
-        if factory is None:
-            factory = PinnedEndpointFactory(pinned, self._tls_policy, self._reactor, timeout)
-            self._endpoints.put(key, factory)
-        return factory
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = pinned_endpoint(pinned, self._tls_policy, self._reactor, timeout)
+            self._endpoints.put(key, endpoint)
+        return endpoint
 
     def close(self) -> defer.Deferred:
         """Close the idle pooled connections (at shutdown)."""
@@ -356,7 +355,7 @@ class Forwarder:
         # that passed the checks is never reused for another the name now
         # resolves to.
         origin = (url.scheme, url.host, url.port, pinned.address)
-        endpoint = self._endpoint_factory(pinned, timeout).endpoint()
+        endpoint = self._endpoint(pinned, timeout)
         target = path + b"?" + query if query else path
         exchange.start(self.pool, origin, endpoint, target, headers, _body_producer(request))
         return exchange.result

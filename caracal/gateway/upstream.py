@@ -6,7 +6,7 @@ to, and how the connection is pinned to an address that passed the check.
 The order is fixed and matters: the static rules (L{parse_upstream}, including
 the dot-segment rule) run first, then the allowlist, and only then is a name
 resolved, once. The connection then goes to an address that was judged
-(L{PinnedEndpointFactory}), never to a second resolution of the name, while
+(L{pinned_endpoint}), never to a second resolution of the name, while
 TLS still verifies the certificate for the hostname.
 """
 
@@ -25,7 +25,6 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IResolutionReceiver
-from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from caracal.gateway.cache import BoundedCache
@@ -639,64 +638,21 @@ class UpstreamGuard:
         return PinnedUpstream(url=upstream, address=text, family=_family(address))
 
 
-@implementer(IAgentEndpointFactory)
-class PinnedEndpointFactory:
+def pinned_endpoint(pinned: PinnedUpstream, tls_policy, reactor, connect_timeout: float = 30.0):
     """
-    Endpoints for an L{twisted.web.client.Agent} that connect to the pinned
-    address, never resolving the name again, and for C{https} wrap the
-    connection in TLS verified for the upstream's hostname.
+    The endpoint to C{pinned}'s checked address, never resolving the name
+    again; for C{https}, wrapped in TLS verified for the upstream's host
+    name. It holds no per-connection state: one serves every connection.
 
-    @param pinned: the checked upstream.
     @param tls_policy: an L{IPolicyForHTTPS}.
-    @param reactor: the reactor to connect with (default: the global one).
     @param connect_timeout: seconds allowed for the TCP connection.
     """
-
-    def __init__(self, pinned: PinnedUpstream, tls_policy, reactor=None, connect_timeout=30.0):
-        if reactor is None:
-            from twisted.internet import reactor
-        self._pinned = pinned
-        self._tls_policy = tls_policy
-        self._reactor = reactor
-        self._connect_timeout = connect_timeout
-        # Made on first use and kept: an endpoint holds no per-connection
-        # state, and the Agent asks for one on every request, pooled or not.
-        self._endpoint = None
-
-    def endpointForURI(self, uri):
-        """
-        The endpoint for C{uri}, which must name the pinned upstream (an
-        Agent only asks about the URI it was given; anything else would be a
-        bug, so it is refused rather than connected to).
-        """
-        url = self._pinned.url
-        scheme = uri.scheme.decode("ascii")
-        host = uri.host.decode("ascii").strip("[]").lower()
-        if scheme != url.scheme or host != url.host or uri.port != url.port:
-            raise UpstreamRefused("not_pinned", "request URI does not match the pinned upstream")
-        return self.endpoint()
-
-    def endpoint(self):
-        """The endpoint to the pinned address (made once), for callers that hold no URI."""
-        if self._endpoint is None:
-            self._endpoint = self._make_endpoint()
-        return self._endpoint
-
-    def _make_endpoint(self):
-        url = self._pinned.url
-        if self._pinned.family == socket.AF_INET6:
-            # TCP6ClientEndpoint takes the scope id inside the host text.
-            endpoint = TCP6ClientEndpoint(
-                self._reactor, self._pinned.address, url.port, timeout=self._connect_timeout
-            )
-        else:
-            endpoint = TCP4ClientEndpoint(
-                self._reactor, self._pinned.address, url.port, timeout=self._connect_timeout
-            )
-        if url.scheme == "https":
-            # The certificate names the host without the root's trailing dot.
-            creator = self._tls_policy.creatorForNetloc(
-                url.host.rstrip(".").encode("ascii"), url.port
-            )
-            endpoint = wrapClientTLS(creator, endpoint)
-        return endpoint
+    url = pinned.url
+    tcp = TCP6ClientEndpoint if pinned.family == socket.AF_INET6 else TCP4ClientEndpoint
+    # TCP6ClientEndpoint takes an IPv6 scope id inside the host text.
+    endpoint = tcp(reactor, pinned.address, url.port, timeout=connect_timeout)
+    if url.scheme == "https":
+        # The certificate names the host without the root's trailing dot.
+        creator = tls_policy.creatorForNetloc(url.host.rstrip(".").encode("ascii"), url.port)
+        endpoint = wrapClientTLS(creator, endpoint)
+    return endpoint
