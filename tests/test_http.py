@@ -25,7 +25,7 @@ from zope.interface import implementer
 
 from caracal.gateway.config import GatewayConfig
 from caracal.gateway.denials import Denial
-from caracal.gateway.http import Deadlines, GatewayChannel, GatewaySite, choose_request_id
+from caracal.gateway.http import GatewayChannel, GatewaySite, choose_request_id
 from caracal.gateway.interfaces import IRequestScreen
 from caracal.gateway.logs import ACCESS_NAMESPACE
 from caracal.gateway.metrics import Metrics
@@ -239,80 +239,6 @@ class RequestIdTests(HTTPTestMixin, SynchronousTestCase):
         _, headers, _ = one_response(transport)
         self.assertEqual(headers[b"server"], [b"caracal-gateway"])
         self.assertNotIn(b"TwistedWeb", transport.value())
-
-
-class DeadlinesTests(SynchronousTestCase):
-    """L{Deadlines}: named deadlines served by one reactor timer."""
-
-    def setUp(self):
-        self.clock = Clock()
-        self.deadlines = Deadlines(self.clock)
-        self.fired = []
-
-    def arm(self, name, seconds):
-        self.deadlines.arm(name, seconds, lambda: self.fired.append((name, self.clock.seconds())))
-
-    def test_each_fires_at_its_time(self):
-        """Each deadline fires once, at its own time, whatever order they were armed in."""
-        self.arm("idle", 60)
-        self.arm("header", 10)
-        self.arm("read", 30)
-        for step in (10, 20, 30):
-            self.clock.advance(step)
-        self.assertEqual(self.fired, [("header", 10), ("read", 30), ("idle", 60)])
-
-    def test_exact_times(self):
-        """A deadline fires at exactly C{seconds} after it was armed, not before."""
-        self.arm("header", 10)
-        self.clock.advance(9.99)
-        self.assertEqual(self.fired, [])
-        self.clock.advance(0.01)
-        self.assertEqual(self.fired, [("header", 10)])
-
-    def test_one_timer(self):
-        """Deadlines later than the timer add no reactor timer; an earlier one replaces it."""
-        self.arm("idle", 60)
-        self.arm("read", 70)
-        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [60])
-        self.arm("header", 10)
-        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [10])
-
-    def test_stopped_never_fires(self):
-        """A stopped deadline does not fire; the others still do, on time."""
-        self.arm("header", 10)
-        self.arm("idle", 60)
-        self.deadlines.cancel("header")
-        self.clock.advance(10)
-        self.assertEqual(self.fired, [])
-        self.assertEqual(self.deadlines.armed(), {"idle"})
-        self.clock.advance(50)
-        self.assertEqual(self.fired, [("idle", 60)])
-
-    def test_rearmed_moves(self):
-        """Arming a name again replaces its deadline."""
-        self.arm("write", 30)
-        self.clock.advance(20)
-        self.arm("write", 30)
-        self.clock.advance(20)
-        self.assertEqual(self.fired, [])
-        self.clock.advance(10)
-        self.assertEqual(self.fired, [("write", 50)])
-
-    def test_cancel_all_leaves_no_timer(self):
-        """Stopping them all removes the reactor timer too."""
-        self.arm("header", 10)
-        self.arm("read", 30)
-        self.deadlines.cancel()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual(self.deadlines.armed(), set())
-
-    def test_action_may_arm(self):
-        """An action that arms another deadline (an abort after a refusal) gets it on time."""
-        self.deadlines.arm("header", 10, lambda: self.arm("abort", 5))
-        self.clock.advance(10)
-        self.assertEqual(self.deadlines.armed(), {"abort"})
-        self.clock.advance(5)
-        self.assertEqual(self.fired, [("abort", 15)])
 
 
 class AccessEventTests(HTTPTestMixin, SynchronousTestCase):

@@ -61,6 +61,7 @@ from caracal.gateway.logs import (
     format_access_line,
 )
 from caracal.gateway.proxy import PROXIED_METHODS, method_not_allowed
+from caracal.gateway.timeouts import Deadlines
 
 SERVER_NAME = b"caracal-gateway"
 
@@ -302,65 +303,6 @@ class GatewayRequest(Request):
             self.setResponseCode(status, _REASONS[status])
         self.write(body)
         self.finish()
-
-
-class Deadlines:
-    """
-    Named deadlines on one clock, served by one timer.
-
-    A channel arms and stops four or five deadlines per request (header,
-    read, write, idle). As reactor timers that is a C{callLater} and a
-    C{cancel} each; here arming or stopping one is a dict write, and the one
-    timer is replaced only when a deadline comes earlier than it. A stopped
-    deadline leaves the timer as it is: it may fire for nothing once, then
-    waits for the next deadline. (Moving a timer earlier with
-    C{DelayedCall.reset} would search the reactor's whole timer heap.)
-
-    @param clock: an L{IReactorTime}.
-    """
-
-    def __init__(self, clock) -> None:
-        self._clock = clock
-        self._due: dict[str, tuple[float, object]] = {}
-        self._call = None
-
-    def arm(self, name: str, seconds: float, action) -> None:
-        """Call C{action()} in C{seconds} unless stopped or armed again first."""
-        when = self._clock.seconds() + seconds
-        self._due[name] = (when, action)
-        call = self._call
-        if call is not None and call.active():
-            if call.getTime() <= when:
-                return
-            call.cancel()
-        self._call = self._clock.callLater(seconds, self._expire)
-
-    def cancel(self, *names: str) -> None:
-        """Stop the named deadlines; all of them, and the timer, when none is named."""
-        if names:
-            for name in names:
-                self._due.pop(name, None)
-            return
-        self._due.clear()
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
-
-    def armed(self) -> set[str]:
-        """The names of the deadlines running."""
-        return set(self._due)
-
-    def _expire(self) -> None:
-        self._call = None
-        while self._due:
-            now = self._clock.seconds()
-            name, (when, action) = min(self._due.items(), key=lambda item: item[1][0])
-            if when > now:
-                if self._call is None:
-                    self._call = self._clock.callLater(when - now, self._expire)
-                return
-            del self._due[name]
-            action()
 
 
 #: The attributes Twisted's HTTPChannel (and LineReceiver, Protocol) set on a

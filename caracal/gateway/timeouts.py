@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_timeouts -*-
 """
-One fixed time bound over many Deferreds, served by one timer.
+Many deadlines on one reactor timer: L{TimeBound}, one fixed bound over
+many Deferreds, and L{Deadlines}, a connection's named deadlines.
 
 Each request bounds three waits in time (the STS exchange, the JTI claim,
 the audit entry), each always with the same number of seconds. Twisted's
@@ -106,3 +107,62 @@ def _timeout_error(result, seconds: float):
         result.trap(CancelledError)
         raise TimeoutError(seconds, "Deferred")
     return result
+
+
+class Deadlines:
+    """
+    Named deadlines on one clock, served by one timer.
+
+    A channel arms and stops four or five deadlines per request (header,
+    read, write, idle). As reactor timers that is a C{callLater} and a
+    C{cancel} each; here arming or stopping one is a dict write, and the one
+    timer is replaced only when a deadline comes earlier than it. A stopped
+    deadline leaves the timer as it is: it may fire for nothing once, then
+    waits for the next deadline. (Moving a timer earlier with
+    C{DelayedCall.reset} would search the reactor's whole timer heap.)
+
+    @param clock: an L{IReactorTime}.
+    """
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self._due: dict[str, tuple[float, object]] = {}
+        self._call = None
+
+    def arm(self, name: str, seconds: float, action) -> None:
+        """Call C{action()} in C{seconds} unless stopped or armed again first."""
+        when = self._clock.seconds() + seconds
+        self._due[name] = (when, action)
+        call = self._call
+        if call is not None and call.active():
+            if call.getTime() <= when:
+                return
+            call.cancel()
+        self._call = self._clock.callLater(seconds, self._expire)
+
+    def cancel(self, *names: str) -> None:
+        """Stop the named deadlines; all of them, and the timer, when none is named."""
+        if names:
+            for name in names:
+                self._due.pop(name, None)
+            return
+        self._due.clear()
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def armed(self) -> set[str]:
+        """The names of the deadlines running."""
+        return set(self._due)
+
+    def _expire(self) -> None:
+        self._call = None
+        while self._due:
+            now = self._clock.seconds()
+            name, (when, action) = min(self._due.items(), key=lambda item: item[1][0])
+            if when > now:
+                if self._call is None:
+                    self._call = self._clock.callLater(when - now, self._expire)
+                return
+            del self._due[name]
+            action()
