@@ -400,7 +400,7 @@ class STSClient:
         self.token_url = PreparedURL.prepare(self.base_url + TOKEN_PATH)
         self.timeout = timeout
         self._reactor = reactor
-        self._bound: TimeBound | None = None
+        self._bound = TimeBound(reactor, timeout, onTimeoutCancel=_timed_out)
         if agent is None:
             if pool is None:
                 # Many concurrent exchanges share one STS; keep enough idle
@@ -438,8 +438,6 @@ class STSClient:
     def _bounded(self, d: Deferred) -> Deferred:
         # Whatever failure the cancellation surfaces as (the Agent may wrap it
         # in ResponseNeverReceived), a timed-out call is a TimeoutError.
-        if self._bound is None or self._bound.seconds != self.timeout:
-            self._bound = TimeBound(self._reactor, self.timeout, onTimeoutCancel=_timed_out)
         return self._bound.bound(d)
 
     def _request(
