@@ -100,22 +100,22 @@ class FindCgroupTests(SynchronousTestCase):
         )
         self.assertEqual(bench.find_cpu_cgroup(table), ("v1", root))
 
-    def test_v2_cpu(self) -> None:
-        """Without v1 cpu, a cgroup2 mount offering cpu is chosen."""
+    def cgroup2(self, controllers: str) -> tuple[str, str]:
+        """A cgroup2 mount offering C{controllers}: its root and the mount table naming it."""
         root = self.mktemp()
         os.makedirs(root)
         with open(os.path.join(root, "cgroup.controllers"), "w") as f:
-            f.write("cpuset cpu io memory pids\n")
-        table = self.mounts(f"cgroup2 {root} cgroup2 rw 0 0")
+            f.write(controllers + "\n")
+        return root, self.mounts(f"cgroup2 {root} cgroup2 rw 0 0")
+
+    def test_v2_cpu(self) -> None:
+        """Without v1 cpu, a cgroup2 mount offering cpu is chosen."""
+        root, table = self.cgroup2("cpuset cpu io memory pids")
         self.assertEqual(bench.find_cpu_cgroup(table), ("v2", root))
 
     def test_neither(self) -> None:
         """No cpu controller anywhere (a cgroup2 without cpu): a clear error."""
-        root = self.mktemp()
-        os.makedirs(root)
-        with open(os.path.join(root, "cgroup.controllers"), "w") as f:
-            f.write("memory pids\n")
-        table = self.mounts(f"cgroup2 {root} cgroup2 rw 0 0")
+        _root, table = self.cgroup2("memory pids")
         error = self.assertRaises(bench.BenchError, bench.find_cpu_cgroup, table)
         self.assertIn("needs a writable cgroup cpu controller", str(error))
 
