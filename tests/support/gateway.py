@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import tempfile
 
 import treq
@@ -85,7 +86,10 @@ class GatewayHarness:
 
     @defer.inlineCallbacks
     def stop(self):
-        """Stop whatever L{start} got to start, in reverse order; always drop the database."""
+        """
+        Stop whatever L{start} got to start, in reverse order; always drop the
+        database and remove the harness's directory.
+        """
         try:
             if hasattr(self, "pool"):
                 yield self.pool.closeCachedConnections()
@@ -110,6 +114,8 @@ class GatewayHarness:
         finally:
             self.redis.close()
             self.database.drop()
+            # The generated certificates and key, and the audit spool.
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def _delete_entries_of_zone(self, stream: str) -> None:
         """XDEL this harness's entries (its zone is unique) from a shared stream."""
