@@ -6,7 +6,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import URI, Request, readBody
+from twisted.web.client import URI, Request, ResponseFailed, ResponseNeverReceived, readBody
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
@@ -42,9 +42,9 @@ class OriginPoolTests(SynchronousTestCase):
         self.pool = OriginPool(self.reactor, max_idle=2, idle_timeout=30)
         self.endpoint = FakeEndpoint()
 
-    def call(self, key="a", request=None, noted=None):
+    def call(self, key="a", request=None):
         """Send a request and answer it on whichever connection it went: the body read."""
-        d = self.pool.request(key, self.endpoint, request or get(), noted=noted)
+        d = self.pool.request(key, self.endpoint, request or get())
         protocol = self.used()
         protocol.dataReceived(OK)
         response = self.successResultOf(d)
@@ -121,18 +121,42 @@ class OriginPoolTests(SynchronousTestCase):
     def test_idempotent_retried_on_a_new_connection(self):
         """
         An idempotent request without a body that finds its reused connection
-        closed goes once more on a new connection (Twisted's retry), and the
-        caller's C{noted} hears of the connection it finally went on.
+        closed goes once more on a new connection (Twisted's retry), once.
         """
         first = self.call()
-        seen = []
-        d = self.pool.request("a", self.endpoint, get(), noted=seen.append)
+        d = self.pool.request("a", self.endpoint, get())
         first.connectionLost(Failure(ConnectionDone()))
         second = self.endpoint.protocols[-1]
         self.assertIsNot(second, first)
-        second.dataReceived(OK)
+        second.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ResponseNeverReceived)
+        self.assertEqual(len(self.endpoint.protocols), 2)
+
+    def test_retry_succeeds(self):
+        """The retried request's answer is the caller's."""
+        first = self.call()
+        d = self.pool.request("a", self.endpoint, get())
+        first.connectionLost(Failure(ConnectionDone()))
+        self.endpoint.protocols[-1].dataReceived(OK)
         self.assertEqual(self.successResultOf(readBody(self.successResultOf(d))), b"ok")
-        self.assertEqual(seen, [first, second])
+
+    def test_not_retried_after_an_answer_began(self):
+        """A connection lost after some of the answer: not stale, not retried."""
+        first = self.call()
+        d = self.pool.request("a", self.endpoint, get())
+        first.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        first.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ResponseFailed)
+        self.assertEqual(len(self.endpoint.protocols), 1)
+
+    def test_cancelled_not_retried(self):
+        """A cancelled request is not sent again."""
+        first = self.call()
+        d = self.pool.request("a", self.endpoint, get())
+        d.cancel()
+        self.failureResultOf(d, ResponseNeverReceived)
+        first.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.endpoint.protocols), 1)
 
     def test_post_not_retried(self):
         """A POST that finds its reused connection closed fails: it may have been acted on."""

@@ -14,9 +14,6 @@ and fails loudly, naming the user, the day a Twisted release changes it.
    L{caracal.gateway.http.GatewayChannel} keeps the write timeout running
    while the client reads slowly, spots pipelined requests and half-closes
    after a refusal; L{caracal.gateway.forward} starts an upstream body paused;
- - C{twisted.web.client._RetryingHTTP11ClientProtocol}: L{caracal.gateway.pools.OriginPool}
-   retries an idempotent request that found its reused connection closed
-   exactly as Twisted's own pool does;
  - C{TLSMemoryBIOProtocol._flushSendBIO} and C{_handshakeDone}:
    L{caracal.gateway.tls.ServerTLSProtocol} replaces the first to see what
    leaves the send BIO and to release both BIOs once the handshake is done;
@@ -182,20 +179,3 @@ class TxpostgresConnectionTests(SynchronousTestCase):
         from txpostgres.txpostgres import Cursor
 
         self.assertIn("self._connection.cursorFinished(self)", inspect.getsource(Cursor._doit))
-
-
-class RetryingProtocolTests(SynchronousTestCase):
-    """C{_RetryingHTTP11ClientProtocol}, the retry L{caracal.gateway.pools.OriginPool} uses."""
-
-    def test_retries_idempotent_without_body_only(self):
-        """
-        It takes (protocol, new connection) and retries only an idempotent
-        request without a body, once, on a new connection.
-        """
-        from twisted.web.client import ResponseNeverReceived, _RetryingHTTP11ClientProtocol
-
-        retrying = _RetryingHTTP11ClientProtocol(None, None)
-        lost = ResponseNeverReceived([Failure(ConnectionDone())])
-        self.assertTrue(retrying._shouldRetry(b"GET", lost, None))
-        self.assertFalse(retrying._shouldRetry(b"POST", lost, None))
-        self.assertFalse(retrying._shouldRetry(b"GET", lost, object()))

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from caracal.gateway import ids
 from caracal.gateway.cache import BoundedCache
 from caracal.gateway.denials import Denial
+from caracal.gateway.h1client import BytesBody
 from caracal.gateway.headers import (
     CARACAL_PREFIX,
     DROPPED_REQUEST,
@@ -41,6 +42,9 @@ from caracal.gateway.upstream import PinnedUpstream, pinned_endpoint
 log = Logger()
 
 REVOKED_TRAILER = b"X-Caracal-Revoked"
+#: Request bodies up to this size are read from the spool and sent with the
+#: head; larger ones are streamed from the spool file.
+_INLINE_BODY = 64 * 1024
 #: Pinned upstreams (with their connect timeout) whose endpoint is kept.
 _ENDPOINT_CACHE_SIZE = 1024
 
@@ -241,6 +245,9 @@ def _body_producer(request):
     if length == 0 and not framed:
         # A GET without a body must stay without Content-Length upstream.
         return None
+    if length <= _INLINE_BODY:
+        # Written with the head, in one write (an MCP call's JSON-RPC body).
+        return BytesBody(content.read())
     return FileBodyProducer(content)
 
 
@@ -361,13 +368,6 @@ class Forwarder:
         return exchange.result
 
 
-def _connection_headers(protocol) -> Headers:
-    """The response's connection-control headers, as the client parser kept them."""
-    parser = getattr(protocol, "_parser", None)
-    headers = getattr(parser, "connHeaders", None)
-    return headers if isinstance(headers, Headers) else Headers()
-
-
 def _upstream_denial(failure) -> Denial:
     return Denial(
         502,
@@ -401,7 +401,6 @@ class _Exchange:
         self._events: EventStreamRelay | None = None
         self._cancel_drain = None
         self._trailer = False
-        self.protocol = None
         self.state = "waiting"
         self.result: defer.Deferred[None] = defer.Deferred(self._cancelled)
 
@@ -432,15 +431,9 @@ class _Exchange:
         except Exception:  # a method or target Twisted refuses to write
             self._pending = defer.fail()
         else:
-            self._pending = pool.request(origin, endpoint, request, noted=self._noted)
+            self._pending = pool.request(origin, endpoint, request)
         self._pending.addCallbacks(self._got_response, self._request_failed)
         self._pending.addErrback(self._unexpected)
-
-    def _noted(self, protocol) -> None:
-        # Twisted's client parser moves Connection out of the response
-        # headers (into the protocol's parser), and the headers it names are
-        # hop-by-hop too: the response's framing is read from the protocol.
-        self.protocol = protocol
 
     # -- before the response headers ---------------------------------------
 
@@ -529,20 +522,11 @@ class _Exchange:
     def _write_head(self, response, elapsed: float) -> None:
         request = self._request
         request.setResponseCode(response.code, response.phrase)
-        # twisted's client parser keeps the framing headers apart from
-        # response.headers: put back Connection (it names more hop-by-hop
-        # headers) and Content-Length (the client gets the body unchunked).
-        upstream = response.headers.copy()
-        framing = _connection_headers(self.protocol)
-        for name in (b"Connection", b"Content-Length"):
-            for value in framing.getRawHeaders(name, []):
-                upstream.addRawHeader(name, value)
-        if (
-            not upstream.hasHeader(b"content-length")
-            and isinstance(response.length, int)
-            and request.method != b"HEAD"
-        ):
-            upstream.setRawHeaders(b"Content-Length", [str(response.length).encode("ascii")])
+        # The client's response.headers are the upstream's as received,
+        # Connection (it names more hop-by-hop headers) and Content-Length
+        # included; the body is relayed unchunked, so a chunked one has
+        # no length and the gateway's channel chunks it again.
+        upstream = response.headers
         # response_headers(upstream), set straight into the response's headers.
         _without(upstream, _response_removed(upstream), into=request.responseHeaders)
         left = max(0, int(self._token_expires_in - elapsed))

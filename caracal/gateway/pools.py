@@ -7,11 +7,11 @@ Twisted's L{HTTPConnectionPool} behind an L{Agent} costs, per request, a URI
 parse, an endpoint lookup, a host header computed again, two or three
 Deferreds and a timer armed and cancelled for every connection put back
 (measured: about a tenth of a gateway call's CPU for its two outbound
-exchanges). L{OriginPool} keeps the part that matters, Twisted's own
-L{HTTP11ClientProtocol} on connections reused per origin with Twisted's retry
-of an idempotent request that found its reused connection closed, and drops
-the rest: callers name the origin's key and endpoint they already hold, and
-one timer per pool closes the connections left idle too long.
+exchanges). L{OriginPool} keeps connections of the gateway's own client
+(L{caracal.gateway.h1client}) per origin, with Twisted's rule for retrying an
+idempotent request that found its reused connection closed: callers name the
+origin's key and endpoint they already hold, and one timer per pool closes
+the connections left idle too long.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.web.client import (
     URI,
-    HTTP11ClientProtocol,
     Request,
-    Response,
-    _RetryingHTTP11ClientProtocol,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -34,6 +34,7 @@ from twisted.web.iweb import IAgent, IBodyProducer
 from zope.interface import implementer
 
 from caracal.gateway.cache import BoundedCache
+from caracal.gateway.h1client import H1ClientProtocol, Response
 
 #: Idle keep-alive connections kept per origin (the STS, each upstream). A
 #: call that finds none idle opens a connection, and one returned to a full
@@ -44,16 +45,32 @@ from caracal.gateway.cache import BoundedCache
 IDLE_PER_ORIGIN = 64
 
 
+#: Methods a request may be sent again with when its reused connection turned
+#: out closed (Twisted's list: idempotent, and never with a body).
+_RETRIED_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"))
+
+
 class _ClientFactory(Factory):
-    """Twisted's HTTP/1.1 client protocol, handed back to the pool when quiescent."""
+    """The client protocol, handed back to the pool when quiescent."""
 
     noisy = False  # no "Starting factory" line per outbound connection
 
-    def __init__(self, quiescent: Callable[[HTTP11ClientProtocol], None]) -> None:
+    def __init__(self, quiescent: Callable[[H1ClientProtocol], None]) -> None:
         self._quiescent = quiescent
 
-    def buildProtocol(self, addr) -> HTTP11ClientProtocol:
-        return HTTP11ClientProtocol(self._quiescent)
+    def buildProtocol(self, addr) -> H1ClientProtocol:
+        return H1ClientProtocol(self._quiescent)
+
+
+def _stale(failure) -> bool:
+    """
+    Whether a request failed only because its reused connection was already
+    closed: nothing was answered and nobody cancelled it.
+    """
+    if not failure.check(RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived):
+        return False
+    reasons = getattr(failure.value, "reasons", None) or []
+    return not any(r.check(defer.CancelledError) for r in reasons)
 
 
 class OriginPool:
@@ -77,7 +94,7 @@ class OriginPool:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         # key -> [(protocol, idle since)], oldest first.
-        self._idle: dict[Hashable, list[tuple[HTTP11ClientProtocol, float]]] = {}
+        self._idle: dict[Hashable, list[tuple[H1ClientProtocol, float]]] = {}
         self._sweep_call = None
 
     def idle(self, key: Hashable) -> int:
@@ -85,52 +102,40 @@ class OriginPool:
         return len(self._idle.get(key, ()))
 
     def request(
-        self,
-        key: Hashable,
-        endpoint: IStreamClientEndpoint,
-        request: Request,
-        noted: Callable[[HTTP11ClientProtocol], object] | None = None,
+        self, key: Hashable, endpoint: IStreamClientEndpoint, request: Request
     ) -> defer.Deferred[Response]:
         """
         Send C{request} to the origin C{key}, connecting with C{endpoint} if
         none of its connections is idle.
 
-        @param noted: called with the protocol the request is sent on (the
-            forwarder reads the response's connection headers from it).
         @return: a Deferred firing with the L{Response}, or failing as
-            L{HTTP11ClientProtocol.request} does.
+            L{H1ClientProtocol.request} does.
         """
         idle = self._idle.get(key)
         while idle:
             protocol, _since = idle.pop()
             if protocol.state != "QUIESCENT":
                 continue  # closed while idle
-            if noted is not None:
-                noted(protocol)
-            # Twisted's retry: an idempotent request without a body that
-            # finds its reused connection closed goes once more, on a new one.
-            retrying = _RetryingHTTP11ClientProtocol(
-                protocol, lambda: self._connect(key, endpoint, noted)
-            )
-            return retrying.request(request)
-        return self._connect(key, endpoint, noted).addCallback(
-            lambda protocol: protocol.request(request)
-        )
+            sent = protocol.request(request)
+            if request.method in _RETRIED_METHODS and request.bodyProducer is None:
+                # Twisted's retry: an idempotent request without a body that
+                # finds its reused connection closed goes once more, on a new one.
+                sent.addErrback(self._retry, key, endpoint, request)
+            return sent
+        return self._send_fresh(key, endpoint, request)
 
-    def _connect(self, key, endpoint, noted) -> defer.Deferred[HTTP11ClientProtocol]:
+    def _retry(self, failure, key, endpoint, request):
+        if not _stale(failure):
+            return failure
+        return self._send_fresh(key, endpoint, request)
+
+    def _send_fresh(self, key, endpoint, request) -> defer.Deferred[Response]:
         connecting = endpoint.connect(_ClientFactory(lambda protocol: self._put(key, protocol)))
-        if noted is None:
-            return connecting
+        return connecting.addCallback(lambda protocol: protocol.request(request))
 
-        def connected(protocol):
-            noted(protocol)
-            return protocol
-
-        return connecting.addCallback(connected)
-
-    def _put(self, key: Hashable, protocol: HTTP11ClientProtocol) -> None:
+    def _put(self, key: Hashable, protocol: H1ClientProtocol) -> None:
         if protocol.state != "QUIESCENT":
-            return  # Twisted calls this only when quiescent; never keep a busy one
+            return  # never keep a busy or closed one
         if self.max_idle <= 0:
             protocol.transport.loseConnection()  # a pool that keeps nothing
             return

@@ -38,11 +38,12 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from caracal.gateway.cache import BoundedCache
 from caracal.gateway.denials import Denial
+from caracal.gateway.h1client import BytesBody
 from caracal.gateway.interfaces import ITokenExchange
 from caracal.gateway.pools import IDLE_PER_ORIGIN, OriginPool, PooledAgent, host_value
 from caracal.gateway.timeouts import TimeBound
@@ -110,31 +111,6 @@ class Mandate:
     expires_in: int | None = None
     issued_token_type: str | None = None
     provider_token: str | None = field(default=None, repr=False)
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """
-    A request body written in one go. The form is a few hundred bytes, so the
-    default producer's cooperator (extra reactor turns) buys nothing.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self.body)
-        return succeed(None)
-
-    def stopProducing(self):
-        pass
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
 
 
 class _BoundedBody(Protocol):
@@ -416,9 +392,7 @@ class STSClient:
         # share: the client's jar keeps none and sends none. An empty jar is
         # also each call's cookies, so treq builds none from a dict per call.
         self._no_cookies = _NoCookies()
-        self._http = HTTPClient(
-            agent, cookiejar=self._no_cookies, data_to_body_producer=_BytesProducer
-        )
+        self._http = HTTPClient(agent, cookiejar=self._no_cookies, data_to_body_producer=BytesBody)
         # The exchange's fixed headers, Host included: the Agent adds Host
         # (copying the headers to do so) only when it is missing.
         token_uri = URI.fromBytes(self.token_url.to_text().encode("ascii"))

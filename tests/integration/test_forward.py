@@ -644,3 +644,91 @@ class GuardTests(TestCase):
         raw = yield client.closed.addTimeout(5, reactor)
         self.assertEqual(parse_response(raw)[0], 200)
         self.assertEqual(self.upstream.connections, 1)
+
+
+class _CannedUpstream(Protocol):
+    """Answers every request head with its factory's next canned bytes."""
+
+    def connectionMade(self) -> None:
+        self.factory.connections += 1
+        self._seen = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self._seen += data
+        while b"\r\n\r\n" in self._seen:
+            _head, _, self._seen = self._seen.partition(b"\r\n\r\n")
+            self.transport.write(self.factory.answers.pop(0))
+
+
+class HostileUpstreamTests(Harness):
+    """
+    A real upstream answering with responses that could be read more than
+    one way: the client gets a 502 or a visibly cut body, never a response
+    framed differently from what the gateway read, and the connection is
+    never reused.
+    """
+
+    def start_canned(self, *answers: bytes) -> Factory:
+        factory = Factory.forProtocol(_CannedUpstream)
+        factory.connections = 0
+        factory.answers = list(answers)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.route_to(f"http://127.0.0.1:{port.getHost().port}/")
+        return factory
+
+    GOOD = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    @defer.inlineCallbacks
+    def test_ambiguous_heads_refused(self):
+        """Heads the gateway refuses to guess at: 502, and a new connection next time."""
+        hostile = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\nX-A: b\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            b"HTTP/1.1 200 OK\r\n Content-Length: 3\r\n\r\nabc",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nabc",
+        ]
+        upstream = self.start_canned(*[answer for h in hostile for answer in (h, self.GOOD)])
+        for number, _answer in enumerate(hostile, 1):
+            status, _headers, body, _ = yield self.exchange(
+                b"GET /x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+            )
+            self.assertEqual(status, 502, body)
+            self.assertEqual(json.loads(body)["error"], "upstream_unreachable")
+            status, _headers, body, _ = yield self.exchange(
+                b"GET /x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+            )
+            self.assertEqual((status, body), (200, b"ok"))
+            # The refused answer's connection was dropped; the good one is kept.
+            self.assertEqual(upstream.connections, number + 1)
+
+    @defer.inlineCallbacks
+    def test_smuggled_second_response_not_served(self):
+        """
+        Bytes after a complete response (a second response riding along) are
+        never taken as the answer to the next request: that connection is
+        dropped and the next request goes on a new one.
+        """
+        smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nSMUGGLE"
+        upstream = self.start_canned(self.GOOD + smuggled, self.GOOD)
+        for _ in range(2):
+            status, _headers, body, _ = yield self.exchange(
+                b"GET /x HTTP/1.1\r\nHost: g\r\nConnection: close\r\n\r\n"
+            )
+            self.assertEqual((status, body), (200, b"ok"))
+        self.assertEqual(upstream.connections, 2)
+
+    @defer.inlineCallbacks
+    def test_malformed_chunk_cuts_the_body(self):
+        """A bad chunk mid-body: the client's body ends without its last chunk."""
+        upstream = self.start_canned(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\nxx\r\n0\r\n\r\n"
+        )
+        client = yield self.connect()
+        client.transport.write(b"GET /x HTTP/1.1\r\nHost: g\r\n\r\n")
+        raw = yield client.closed.addTimeout(10, reactor)
+        self.assertTrue(raw.startswith(b"HTTP/1.1 200 OK\r\n"), raw)
+        self.assertIn(b"\r\n2\r\nok\r\n", raw)
+        self.assertFalse(raw.endswith(b"0\r\n\r\n"), raw)
+        self.assertEqual(upstream.connections, 1)
