@@ -14,6 +14,10 @@ and fails loudly, naming the user, the day a Twisted release changes it.
    L{caracal.gateway.http.GatewayChannel} keeps the write timeout running
    while the client reads slowly, spots pipelined requests and half-closes
    after a refusal; L{caracal.gateway.forward} starts an upstream body paused;
+ - C{Headers._rawHeaders} and C{twisted.web.http_headers._nameEncoder}:
+   L{caracal.gateway.headers.raw_fields} and C{canonical_name}, with which
+   the forwarder and the outbound client copy and build headers without
+   checking every name and value again;
  - C{TLSMemoryBIOProtocol._flushSendBIO} and C{_handshakeDone}:
    L{caracal.gateway.tls.ServerTLSProtocol} replaces the first to see what
    leaves the send BIO and to release both BIOs once the handshake is done;
@@ -179,3 +183,38 @@ class TxpostgresConnectionTests(SynchronousTestCase):
         from txpostgres.txpostgres import Cursor
 
         self.assertIn("self._connection.cursorFinished(self)", inspect.getsource(Cursor._doit))
+
+
+class HeadersInternalsTests(SynchronousTestCase):
+    """C{Headers._rawHeaders} and C{_nameEncoder}, behind L{caracal.gateway.headers.raw_fields}."""
+
+    def test_raw_fields_is_the_headers_dict(self):
+        """
+        It is the dict Headers reads and writes, keyed by the canonical name,
+        values as given (already free of CR and LF).
+        """
+        from twisted.web.http_headers import Headers
+
+        from caracal.gateway.headers import canonical_name, raw_fields
+
+        headers = Headers()
+        headers.addRawHeader(b"x-forwarded-for", b"192.0.2.1")
+        fields = raw_fields(headers)
+        self.assertEqual(fields, {b"X-Forwarded-For": [b"192.0.2.1"]})
+        fields[canonical_name(b"content-md5")] = [b"x"]
+        fields[canonical_name(b"TRACEPARENT")] = [b"y"]
+        self.assertEqual(headers.getRawHeaders(b"Content-MD5"), [b"x"])
+        self.assertEqual(headers.getRawHeaders(b"traceparent"), [b"y"])
+        self.assertEqual(
+            [name for name, _values in headers.getAllRawHeaders()],
+            [b"X-Forwarded-For", b"Content-MD5", b"Traceparent"],
+        )
+
+    def test_canonical_name_refuses_non_tokens(self):
+        """A name that is not a token raises, as Headers would."""
+        from twisted.web.http_headers import InvalidHeaderName
+
+        from caracal.gateway.headers import canonical_name
+
+        for name in (b"Bad Name", b"X\r\nY", b"", b"a:b"):
+            self.assertRaises(InvalidHeaderName, canonical_name, name)

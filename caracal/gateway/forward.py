@@ -33,6 +33,7 @@ from caracal.gateway.headers import (
     DROPPED_RESPONSE,
     HOP_BY_HOP,
     connection_tokens,
+    raw_fields,
 )
 from caracal.gateway.interfaces import IForwarder
 from caracal.gateway.pools import IDLE_PER_ORIGIN, OriginPool
@@ -223,11 +224,13 @@ def _without(headers: Headers, removed: set[bytes], into: Headers | None = None)
     its name) instead of into a new L{Headers}.
     """
     kept = Headers() if into is None else into
-    for name, values in headers.getAllRawHeaders():
+    # Names already canonical and values already checked by C{headers}.
+    fields = raw_fields(kept)
+    for name, values in raw_fields(headers).items():
         lowered = name.lower()
         if lowered in removed or lowered.startswith(CARACAL_PREFIX):
             continue
-        kept.setRawHeaders(name, list(values))
+        fields[name] = list(values)
     return kept
 
 

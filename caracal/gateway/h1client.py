@@ -44,6 +44,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from caracal.gateway.headers import canonical_name, raw_fields
+
 #: Most bytes of a response head (status line and headers), as the gateway's
 #: own server accepts for a request head.
 MAX_HEAD = 64 * 1024
@@ -148,12 +150,19 @@ def parse_head(head: bytes) -> tuple[tuple, int, bytes, Headers]:
     if len(code) != 3 or not code.isdigit():
         raise MalformedResponse("the status is not three digits")
     headers = Headers()
+    fields = raw_fields(headers)
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         if not colon or not name or not _TOKEN_CHARS.issuperset(name):
             # Also a folded line (leading space): obsolete, and read two ways.
             raise MalformedResponse("malformed header line")
-        headers.addRawHeader(name, value.strip(b" \t"))
+        # No CR or LF anywhere in the head: the value needs no cleaning.
+        name = canonical_name(name)
+        values = fields.get(name)
+        if values is None:
+            fields[name] = [value.strip(b" \t")]
+        else:
+            values.append(value.strip(b" \t"))
     return version, int(code), parts[2] if len(parts) == 3 else b"", headers
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, _nameEncoder
 
 # Hop-by-hop headers (RFC 9110 section 7.6.1 and the old proxy ones): they
 # describe one connection, never the end-to-end message.
@@ -97,3 +97,20 @@ def auth_scheme_problem(scheme: str) -> str | None:
     if scheme and (not _TOKEN.match(scheme) or len(scheme) > 64):
         return "not empty or a single token such as Bearer"
     return None
+
+
+def raw_fields(headers: Headers) -> dict[bytes, list[bytes]]:
+    """
+    The dict inside C{headers}: canonical name (C{Http-Header-Case}) to its
+    values, each free of CR and LF. Copying from one L{Headers} to another
+    through it skips re-checking and re-encoding every name and value (each
+    L{Headers.setRawHeaders} does both). Twisted's private C{_rawHeaders},
+    pinned by tests.test_twisted_private.
+    """
+    return headers._rawHeaders
+
+
+#: A header name in the case L{Headers} keeps it (raises for a non-token),
+#: for names put into L{raw_fields} directly. Twisted's private
+#: C{_nameEncoder.encode}, pinned by tests.test_twisted_private.
+canonical_name = _nameEncoder.encode
