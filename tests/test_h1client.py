@@ -426,6 +426,17 @@ class ConnectionTests(ClientTestCase):
         self.assertEqual(self.transport.producerState, "producing")
         self.assertRaises(RuntimeError, response.deliverBody, Reader())
 
+    def test_whole_body_with_head_not_paused(self):
+        """A body that came whole with its head: reading is never paused and resumed."""
+        pauses = []
+        self.transport.pauseProducing = lambda: pauses.append("pause")
+        reader = self.read(self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+        self.assertEqual(reader.body, b"ok")
+        self.assertEqual(pauses, [])
+        self.assertEqual(self.quiescent, [self.protocol])
+        self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok")
+        self.assertEqual(pauses, ["pause"])
+
     def test_reader_flow_control(self):
         """The reader's transport pauses and resumes the connection, and lets go at the end."""
         response = self.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")

@@ -391,10 +391,13 @@ class H1ClientProtocol(Protocol):
         if self._remaining == 0 and not self._chunked:
             self._finish(rest)
         else:
-            # Nothing more is read until the body has a reader (deliverBody).
-            self.transport.pauseProducing()
             if rest:
                 self._body_received(rest)
+            if self._response is response:
+                # The body goes on: nothing more is read until it has a
+                # reader (deliverBody). A body that came whole with its
+                # head (a small answer) costs no pause and resume.
+                self.transport.pauseProducing()
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
             deferred.callback(response)
