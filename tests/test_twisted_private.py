@@ -218,3 +218,19 @@ class HeadersInternalsTests(SynchronousTestCase):
 
         for name in (b"Bad Name", b"X\r\nY", b"", b"a:b"):
             self.assertRaises(InvalidHeaderName, canonical_name, name)
+
+    def test_literal_canonical_names(self):
+        """The names the forwarder and the client use as raw_fields keys are canonical."""
+        from caracal.gateway.headers import canonical_name
+
+        for name in (
+            b"Host",
+            b"X-Forwarded-For",
+            b"X-Forwarded-Proto",
+            b"X-Forwarded-Host",
+            b"X-Request-Id",
+            b"Traceparent",
+            b"Content-Length",
+            b"Transfer-Encoding",
+        ):
+            self.assertEqual(canonical_name(name.lower()), name)

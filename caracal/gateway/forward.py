@@ -159,19 +159,23 @@ def forward_request_headers(
     """
     removed = _REMOVED_REQUEST.union(connection_tokens(inbound), [_name(n) for n in drop])
     outbound = _without(inbound, removed)
-    outbound.setRawHeaders(b"Host", [host.encode("ascii")])
+    # Set by canonical name: values the gateway made or already checked (an
+    # IP address, the upstream's host, a request id of visible ASCII, the
+    # inbound Host as Headers holds it), none with a CR or LF.
+    fields = raw_fields(outbound)
+    fields[b"Host"] = [host.encode("ascii")]
     if client_ip:
-        outbound.setRawHeaders(b"X-Forwarded-For", [client_ip.encode("ascii")])
-    outbound.setRawHeaders(b"X-Forwarded-Proto", [proto.encode("ascii")])
-    inbound_host = inbound.getRawHeaders(b"host")
+        fields[b"X-Forwarded-For"] = [client_ip.encode("ascii")]
+    fields[b"X-Forwarded-Proto"] = [proto.encode("ascii")]
+    inbound_host = raw_fields(inbound).get(b"Host")
     if inbound_host:
-        outbound.setRawHeaders(b"X-Forwarded-Host", [inbound_host[0]])
-    outbound.setRawHeaders(b"X-Request-Id", [request_id.encode("ascii")])
-    trace = outbound.getRawHeaders(b"traceparent")
+        fields[b"X-Forwarded-Host"] = [inbound_host[0]]
+    fields[b"X-Request-Id"] = [request_id.encode("ascii")]
+    trace = fields.get(b"Traceparent")
     if not trace or len(trace) != 1 or not _TRACEPARENT.match(trace[0].strip().lower()):
         # Absent or malformed: W3C says start a new trace, and drop the
         # tracestate that belonged to the broken one.
-        outbound.setRawHeaders(b"traceparent", [make_traceparent()])
+        fields[b"Traceparent"] = [make_traceparent()]
         if trace:
             outbound.removeHeader(b"tracestate")
     return outbound

@@ -44,7 +44,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from caracal.gateway.headers import canonical_name, raw_fields
+from caracal.gateway.headers import canonical_name, connection_tokens, raw_fields
 
 #: Most bytes of a response head (status line and headers), as the gateway's
 #: own server accepts for a request head.
@@ -123,13 +123,6 @@ def _content_length(values: list[bytes]) -> int:
     if length is None:
         raise MalformedResponse("empty Content-Length")
     return length
-
-
-def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for value in headers.getRawHeaders(b"connection", ()):
-        tokens.update(t.strip(b" \t").lower() for t in value.split(b","))
-    return tokens
 
 
 def parse_head(head: bytes) -> tuple[tuple, int, bytes, Headers]:
@@ -382,7 +375,7 @@ class H1ClientProtocol(Protocol):
             request.persistent
             and version == (b"HTTP", 1, 1)
             and (self._chunked or self._remaining is not None)
-            and b"close" not in _connection_tokens(headers)
+            and b"close" not in connection_tokens(headers)
         )
         self.state = "BODY"
         response = self._response = Response(
@@ -406,8 +399,9 @@ class H1ClientProtocol(Protocol):
     def _framing(self, code: int, headers: Headers) -> int:
         """Set how the body ends; the response's length (or UNKNOWN_LENGTH)."""
         self._chunked = False
-        lengths = headers.getRawHeaders(b"content-length")
-        codings = headers.getRawHeaders(b"transfer-encoding")
+        fields = raw_fields(headers)
+        lengths = fields.get(b"Content-Length")
+        codings = fields.get(b"Transfer-Encoding")
         if codings is not None:
             if lengths is not None:
                 raise MalformedResponse("both Content-Length and Transfer-Encoding")
