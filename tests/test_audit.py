@@ -15,6 +15,7 @@ from caracal.gateway.metrics import Metrics
 from caracal.gateway.revocations import verify_fields
 from caracal.gateway.spool import AuditSpool
 from caracal.gateway.testing import MemoryAuditLog
+from tests.test_replay import claim_pool
 
 KEY = bytes(range(32))
 
@@ -161,6 +162,65 @@ class RedisAuditLogUnitTests(unittest.SynchronousTestCase):
         redis.execute_command = FakeRedis().execute_command
         self.successResultOf(log.emit("e", "r-4", "deny"))
         self.assertEqual(spool.size, 0, "Redis takes new events directly again")
+
+
+class PackedAuditTests(unittest.SynchronousTestCase):
+    """
+    L{RedisAuditLog} on a pool of L{caracal.gateway.redisconn}: the C{XADD}
+    is packed once and sent with C{send_packed}, with txredisapi's bytes.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.redis, (self.connection,) = claim_pool(1, self.clock)
+        self.spool = AuditSpool(self.mktemp(), 10_000, self.clock)
+        os.makedirs(self.spool.directory)
+        self.log = RedisAuditLog(self.redis, KEY, self.clock, stream="s", spool=self.spool)
+
+    def test_bytes(self):
+        """Exactly what execute_command would write for the same entry."""
+        fields = self.log.fields("e", "r-1", "allow", zone_id="z", status=200)
+        self.log.send(fields)
+        arguments = ["XADD", "s", "MAXLEN", "~", "1000000", "*"]
+        for name, value in fields.items():
+            arguments += [name, value]
+        self.assertEqual(
+            self.connection.transport.value(), self.connection._build_command(*arguments)
+        )
+
+    def test_stored(self):
+        """The entry's id in reply: stored, nothing spooled."""
+        d = self.log.emit("e", "r-1", "allow")
+        self.connection.dataReceived(b"$3\r\n1-0\r\n")
+        self.assertIsNone(self.successResultOf(d))
+        self.assertFalse(self.spool.holding)
+
+    def test_error_reply_spools(self):
+        """An error reply: the entry goes to the spool."""
+        d = self.log.emit("e", "r-1", "allow")
+        self.connection.dataReceived(b"-OOM command not allowed\r\n")
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(self.spool.holding)
+
+    def test_timeout_then_late_reply(self):
+        """No reply in time: spooled; the late reply is dropped, not given to the next entry."""
+        late = self.log.emit("e", "r-1", "allow")
+        self.clock.advance(2.0)
+        self.successResultOf(late)
+        self.assertTrue(self.spool.holding)
+        sent = []
+        self.spool._send = lambda fields: (sent.append(fields), self.log.send(fields))[1]
+        replayed = self.spool.replay()
+        self.connection.dataReceived(b"$3\r\n1-0\r\n$3\r\n2-0\r\n")
+        self.successResultOf(replayed)
+        self.assertEqual([json.loads(f["data"])["request_id"] for f in sent], ["r-1"])
+        self.assertFalse(self.spool.holding)
+
+    def test_not_text_takes_txredisapi_way(self):
+        """A field value that is not a string is formatted by txredisapi, as before."""
+        self.log.send({"id": "x", "n": 1.5})
+        self.assertIn(b"$8\r\n1.500000\r\n", self.connection.transport.value())
 
 
 class ReplayEventThrottleTests(unittest.SynchronousTestCase):

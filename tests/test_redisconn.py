@@ -12,11 +12,14 @@ from __future__ import annotations
 import hiredis
 import txredisapi
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from caracal.gateway.redisconn import (
+    _MasterProtocol,
     _MasterWatch,
     _PoolHandler,
     _ReconnectingRedisFactory,
@@ -259,3 +262,211 @@ class PoolHandlerTests(SynchronousTestCase):
         first.connected = 0
         self.handler.execute_command("PING")
         self.assertEqual(second.transport.value(), b"*1\r\n$4\r\nPING\r\n")
+
+
+class _Metrics:
+    """Records L{caracal.gateway.metrics.Metrics.observe} calls."""
+
+    def __init__(self):
+        self.observed = []
+
+    def observe(self, name, seconds, **labels):
+        self.observed.append((name, seconds, labels))
+
+
+class SendPackedTests(SynchronousTestCase):
+    """
+    L{_RedisProtocol.send_packed} and L{_PoolHandler.send_packed}: a command
+    already packed, its reply on one Deferred fired by C{replyReceived},
+    in order with the commands sent by C{execute_command}.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.metrics = _Metrics()
+        self.factory = _ReconnectingRedisFactory(
+            uuid="test",
+            dbid=None,
+            poolsize=2,
+            isLazy=True,
+            handler=_PoolHandler,
+            charset="utf-8",
+            convertNumbers=False,
+        )
+        self.factory.metrics = self.metrics
+        self.factory.clock = self.clock
+        self.handler = self.factory.handler
+        self.protocol = _connected_protocol(self.factory)
+
+    def send(self, *args, command="SET"):
+        return self.protocol.send_packed(hiredis.pack_command(args), command)
+
+    def test_written_and_answered(self):
+        """The bytes are written as given; the reply fires the Deferred, decoded as before."""
+        d = self.send("SET", "k", "v", "PX", 1000, "NX")
+        self.assertEqual(
+            self.protocol.transport.value(),
+            self.protocol._build_command("SET", "k", "v", "PX", 1000, "NX"),
+        )
+        self.assertNoResult(d)
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.assertEqual(self.successResultOf(d), "OK")
+
+    def test_nil_and_bulk(self):
+        """A nil reply is None, a bulk reply a string (convertNumbers off)."""
+        nil, bulk = self.send("SET", "a", "1"), self.send("XADD", "s", "*", "f", "v")
+        self.protocol.dataReceived(b"$-1\r\n$3\r\n1-0\r\n")
+        self.assertIsNone(self.successResultOf(nil))
+        self.assertEqual(self.successResultOf(bulk), "1-0")
+
+    def test_error_reply(self):
+        """An error reply fails the Deferred with txredisapi's ResponseError."""
+        d = self.send("SET", "k", "v")
+        self.protocol.dataReceived(b"-ERR wrong\r\n")
+        self.assertEqual(str(self.failureResultOf(d, txredisapi.ResponseError).value), "ERR wrong")
+
+    def test_in_order_with_execute_command(self):
+        """Packed commands and execute_command's share the connection's order of replies."""
+        first = self.protocol.execute_command("PING")
+        second = self.send("SET", "k", "v")
+        third = self.protocol.execute_command("GET", "k")
+        fourth = self.send("SET", "k", "w")
+        self.protocol.dataReceived(b"+PONG\r\n+OK\r\n$1\r\nv\r\n$-1\r\n")
+        self.assertEqual(
+            [self.successResultOf(d) for d in (first, second, third, fourth)],
+            ["PONG", "OK", "v", None],
+        )
+
+    def test_cancelled_keeps_its_place(self):
+        """
+        A cancelled command (its caller's time bound) still takes its own
+        reply when it comes, which is dropped: the next command gets the next
+        reply.
+        """
+        cancelled = self.send("SET", "a", "1")
+        after = self.send("SET", "b", "1")
+        cancelled.cancel()
+        self.failureResultOf(cancelled, defer.CancelledError)
+        self.protocol.dataReceived(b"+OK\r\n$-1\r\n")
+        self.assertIsNone(self.successResultOf(after))
+
+    def test_connection_lost(self):
+        """Commands waiting when the connection is lost fail with ConnectionError."""
+        d = self.send("SET", "k", "v")
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, txredisapi.ConnectionError)
+
+    def test_timed(self):
+        """Each command's time to reply is recorded under its name."""
+        d = self.send("XADD", "s", "*", "f", "v", command="XADD")
+        self.clock.advance(0.25)
+        self.protocol.dataReceived(b"$3\r\n1-0\r\n")
+        self.successResultOf(d)
+        self.assertEqual(
+            self.metrics.observed, [("redis_command_duration_seconds", 0.25, {"command": "XADD"})]
+        )
+
+    def test_handler_sends_on_first_connection_up(self):
+        """The pool handler writes on its first connection up, at once."""
+        down = _connected_protocol(self.factory)
+        self.factory.addConnection(down)
+        down.connected = 0
+        self.factory.addConnection(self.protocol)
+        args = ("SET", "k", "v")
+        d = self.handler.send_packed(hiredis.pack_command(args), "SET", args)
+        self.assertEqual(down.transport.value(), b"")
+        self.assertEqual(self.protocol.transport.value(), hiredis.pack_command(args))
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.assertEqual(self.successResultOf(d), "OK")
+
+    def test_handler_waits_for_a_connection(self):
+        """No connection up: the arguments wait for one through execute_command."""
+        args = ("SET", "k", "v")
+        d = self.handler.send_packed(b"never written", "SET", args)
+        self.assertNoResult(d)
+        self.factory.addConnection(self.protocol)
+        self.assertEqual(self.protocol.transport.value(), self.protocol._build_command(*args))
+        self.protocol.dataReceived(b"+OK\r\n")
+        self.assertEqual(self.successResultOf(d), "OK")
+
+
+class _SentinelFactory:
+    """What L{_MasterProtocol} reads of its factory while it connects."""
+
+    service_name = "caracal"
+    metrics = None
+
+    def __init__(self):
+        self.sentinel_manager = type("Sentinels", (), {"masters": {"caracal": ("h", 1)}})()
+
+
+class DemotedMasterTests(SynchronousTestCase):
+    """
+    A Sentinel master connection answered C{READONLY} (the master was
+    demoted) is closed, whichever way the command was sent; the command
+    still fails with the error.
+    """
+
+    def setUp(self):
+        self.protocol = _MasterProtocol(charset="utf-8", convertNumbers=False)
+        self.protocol.factory = _SentinelFactory()
+        self.protocol.makeConnection(StringTransport())
+        # The server confirms it is the master (ROLE).
+        self.protocol.dataReceived(b"*3\r\n$6\r\nmaster\r\n:0\r\n*0\r\n")
+        self.assertTrue(self.protocol._ready)
+        self.protocol.transport.clear()
+
+    def test_execute_command(self):
+        """A command sent by execute_command."""
+        d = self.protocol.execute_command("SET", "k", "v")
+        self.protocol.dataReceived(b"-READONLY You can't write against a read only replica.\r\n")
+        self.failureResultOf(d, txredisapi.ResponseError)
+        self.assertTrue(self.protocol.transport.disconnecting)
+
+    def test_send_packed(self):
+        """A command sent packed."""
+        d = self.protocol.send_packed(hiredis.pack_command(("SET", "k", "v")), "SET")
+        self.protocol.dataReceived(b"-READONLY You can't write against a read only replica.\r\n")
+        self.failureResultOf(d, txredisapi.ResponseError)
+        self.assertTrue(self.protocol.transport.disconnecting)
+
+    def test_other_errors(self):
+        """Any other error leaves the connection open."""
+        d = self.protocol.send_packed(hiredis.pack_command(("SET", "k", "v")), "SET")
+        self.protocol.dataReceived(b"-ERR something else\r\n")
+        self.failureResultOf(d, txredisapi.ResponseError)
+        self.assertFalse(self.protocol.transport.disconnecting)
+
+
+class PrivateNamesTests(SynchronousTestCase):
+    """
+    What L{_RedisProtocol.send_packed} relies on, outside the public APIs of
+    txredisapi and Twisted: an upgrade changing any of it fails here.
+    """
+
+    def test_reply_queue(self):
+        """Replies go in order to the Deferreds of C{replyQueue.waiting}, a list."""
+        protocol = _connected_protocol()
+        self.assertIsInstance(protocol.replyQueue.waiting, list)
+        d = protocol.execute_command("PING")
+        self.assertEqual(len(protocol.replyQueue.waiting), 1)
+        protocol.dataReceived(b"+PONG\r\n")
+        self.assertEqual(protocol.replyQueue.waiting, [])
+        self.successResultOf(d)
+
+    def test_pool_queue(self):
+        """A pool's connections up are in C{connectionQueue.pending}."""
+        factory = _ReconnectingRedisFactory(
+            uuid="t", dbid=None, poolsize=1, isLazy=True, handler=_PoolHandler
+        )
+        protocol = _connected_protocol(factory)
+        factory.addConnection(protocol)
+        self.assertEqual(list(factory.connectionQueue.pending), [protocol])
+
+    def test_cancelled_deferred_drops_its_result(self):
+        """A Deferred without canceller, cancelled, ignores the one result that follows."""
+        d = defer.Deferred()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        d.callback("late")
+        self.assertRaises(defer.AlreadyCalledError, d.callback, "later")

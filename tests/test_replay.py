@@ -410,6 +410,86 @@ class ReplicatedClaimTests(unittest.SynchronousTestCase):
         self.assertIs(self.successResultOf(d), True)
 
 
+class PackedClaimTests(unittest.SynchronousTestCase):
+    """
+    L{RedisReplayGuard} on a pool of L{caracal.gateway.redisconn}: the C{SET}
+    is packed once and sent with C{send_packed}, with the bytes and outcomes
+    of txredisapi's C{set}.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.redis, (self.connection,) = claim_pool(1, self.clock)
+        self.guard = RedisReplayGuard(self.redis, self.clock, timeout=0.5)
+
+    def claim(self, jti="jti-1"):
+        return self.guard.claim("zone-a", jti, "req-1", 60_000)
+
+    def test_bytes(self):
+        """Exactly what txredisapi's set(..., pexpire=, only_if_not_exists=True) writes."""
+        sent_by_txredisapi = claim_pool(1, self.clock)
+        sent_by_txredisapi[0].set(
+            "seen:jti:zone-a:jti-1", "req-1", pexpire=60_000, only_if_not_exists=True
+        )
+        self.claim()
+        self.assertEqual(
+            self.connection.transport.value(), sent_by_txredisapi[1][0].transport.value()
+        )
+
+    def test_first_use_and_replay(self):
+        """OK: first use; nil: a replay."""
+        first, second = self.claim(), self.claim()
+        self.connection.dataReceived(b"+OK\r\n$-1\r\n")
+        self.assertIs(self.successResultOf(first), True)
+        self.assertIs(self.successResultOf(second), False)
+
+    def test_error_reply(self):
+        """An error reply: unavailable, naming the error."""
+        d = self.claim()
+        self.connection.dataReceived(b"-MISCONF cannot persist\r\n")
+        self.assertIn("MISCONF", str(self.failureResultOf(d, ReplayCheckUnavailable).value))
+
+    def test_unexpected_reply(self):
+        """Neither OK nor nil: unavailable."""
+        d = self.claim()
+        self.connection.dataReceived(b":1\r\n")
+        self.failureResultOf(d, ReplayCheckUnavailable)
+
+    def test_timeout_then_late_reply(self):
+        """
+        No reply in time: unavailable; its late reply is dropped and the next
+        claim gets its own.
+        """
+        late = self.claim("jti-1")
+        self.clock.advance(0.5)
+        self.assertEqual(
+            str(self.failureResultOf(late, ReplayCheckUnavailable).value), "no reply in time"
+        )
+        d = self.claim("jti-2")
+        self.connection.dataReceived(b"+OK\r\n$-1\r\n")
+        self.assertIs(self.successResultOf(d), False)
+
+    def test_connection_lost(self):
+        """The connection lost before the reply: unavailable."""
+        d = self.claim()
+        self.connection.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d, ReplayCheckUnavailable)
+
+    def test_no_connection_up(self):
+        """No connection up: the claim waits for one (within its bound), then is sent."""
+        self.connection.connected = 0
+        d = self.claim()
+        self.assertEqual(self.connection.transport.value(), b"")
+        self.clock.advance(0.5)
+        self.failureResultOf(d, ReplayCheckUnavailable)
+
+    def test_unencodable(self):
+        """A jti UTF-8 cannot encode (a lone surrogate) fails closed, as before."""
+        d = self.claim("jti-\udcff")
+        self.failureResultOf(d, ReplayCheckUnavailable)
+        self.assertEqual(self.connection.transport.value(), b"")
+
+
 class ReplayMinReplicasSettingTests(unittest.SynchronousTestCase):
     """C{REPLAY_MIN_REPLICAS}: its default follows the kind of C{REDIS_URL}."""
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 
+import hiredis
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -190,6 +191,8 @@ class RedisAuditLog:
         self._timeout = timeout
         self._maxlen = str(maxlen)
         self._bound = TimeBound(clock, timeout)
+        # A pool of caracal.gateway.redisconn sends the XADD already packed.
+        self._send_packed = getattr(redis, "send_packed", None)
         self.spool = spool
         # id -> (fields, Deferred) of the XADDs sent and not yet answered,
         # in the order they were sent.
@@ -206,9 +209,22 @@ class RedisAuditLog:
     def send(self, fields: dict) -> defer.Deferred:
         """C{XADD} one entry (capped); fails when Redis did not take it in time."""
         arguments = ["XADD", self._stream, "MAXLEN", "~", self._maxlen, "*"]
+        packable = True
         for name, value in fields.items():
             arguments += [name, value]
-        d = defer.maybeDeferred(self._redis.execute_command, *arguments)
+            if type(name) is not str or type(value) is not str:
+                packable = False
+        arguments = tuple(arguments)
+        d = None
+        if packable and self._send_packed is not None:
+            try:
+                packed = hiredis.pack_command(arguments)
+            except UnicodeError:
+                pass  # txredisapi's own error (InvalidData) below
+            else:
+                d = self._send_packed(packed, "XADD", arguments)
+        if d is None:
+            d = defer.maybeDeferred(self._redis.execute_command, *arguments)
         return self._bound.bound(d)
 
     def start(self) -> None:

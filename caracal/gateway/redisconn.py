@@ -27,7 +27,9 @@ Replies are parsed by hiredis (txredisapi uses its C{HiredisProtocol} when
 the module is installed) and commands are built by C{hiredis.pack_command}:
 txredisapi's own pure-Python parser and builder cost tens of microseconds
 per command on the request path. A command is handed to a pooled connection
-at once when one is up (L{_PoolHandler}).
+at once when one is up (L{_PoolHandler}); the request path's two commands,
+the JTI claim and the audit entry, come already packed and take one Deferred
+each (L{_PoolHandler.send_packed}).
 
 C{rediss://} is honoured by wrapping the TCP endpoint in TLS
 (L{twisted.internet.endpoints.wrapClientTLS}); the server certificate is
@@ -57,6 +59,23 @@ _log = Logger()
 
 class RedisUnavailable(Exception):
     """Redis did not answer (down, disconnected, or slower than allowed)."""
+
+
+class _Reply(defer.Deferred):
+    """
+    The reply to one command sent with L{_RedisProtocol.send_packed}, fired
+    by L{_RedisProtocol.replyReceived} itself.
+
+    It has no canceller: cancelled (a caller's time bound), it stays in the
+    connection's queue of waiting replies, so the replies that follow still
+    go to their own commands, and its reply, when it comes, is dropped
+    (C{Deferred.cancel} arranges that for a Deferred without a canceller).
+
+    @ivar timed: C{(metrics, command, sent at)} when the command's time to
+        reply is recorded, else C{None}.
+    """
+
+    timed = None
 
 
 class _RedisProtocol(txredisapi.RedisProtocol):
@@ -112,6 +131,57 @@ class _RedisProtocol(txredisapi.RedisProtocol):
             return result
 
         return d.addBoth(replied)
+
+    def send_packed(self, packed: bytes, command: str) -> defer.Deferred:
+        """
+        Send one command already in RESP (C{hiredis.pack_command}'s bytes)
+        on this connection, which must be up and neither pipelining nor in a
+        transaction (a connection of the pool's queue never is: those
+        commands take theirs out of it).
+
+        The request path's two commands, the JTI claim and the audit entry,
+        take this way: C{execute_command} makes a Deferred in the reply
+        queue, a second one for the caller and three callbacks (its reply
+        check, its copy to the second one, the timing); here one L{_Reply}
+        is fired by L{replyReceived}, which also records the time.
+
+        @param command: the command's name, the label of its
+            C{redis_command_duration_seconds}.
+        @return: a Deferred firing with the reply, or failing with the error
+            reply (L{txredisapi.ResponseError}) or a lost connection's
+            L{txredisapi.ConnectionError}, as C{execute_command}'s.
+        """
+        self.transport.write(packed)
+        reply = _Reply()
+        factory = self.factory
+        metrics = getattr(factory, "metrics", None)
+        if metrics is not None:
+            reply.timed = (metrics, command, factory.clock.seconds())
+        self.replyQueue.waiting.append(reply)
+        return reply
+
+    def replyReceived(self, reply):
+        """
+        Fire the oldest command's Deferred: a L{_Reply} directly, any other
+        through txredisapi's reply queue.
+        """
+        waiting = self.replyQueue.waiting
+        if waiting and type(waiting[0]) is _Reply:
+            answered = waiting.pop(0)
+            timed = answered.timed
+            if timed is not None:
+                metrics, command, sent = timed
+                metrics.observe(
+                    "redis_command_duration_seconds",
+                    self.factory.clock.seconds() - sent,
+                    command=command,
+                )
+            if isinstance(reply, Exception):
+                answered.errback(reply)
+            else:
+                answered.callback(reply)
+            return
+        self.replyQueue.put(reply)
 
     def _build_command(self, *args, **kwargs):
         # hiredis builds the same bytes as txredisapi for str (UTF-8,
@@ -181,6 +251,17 @@ class _PoolHandler(txredisapi.ConnectionHandler):
         self.__dict__[method] = send
         return send
 
+    def send_packed(self, packed: bytes, command: str, args: tuple) -> defer.Deferred:
+        """
+        Send C{packed}, the RESP bytes of C{args}, on the first connection
+        up (L{_RedisProtocol.send_packed}); with none up, C{args} go through
+        C{execute_command} and wait for one.
+        """
+        for connection in self._factory.connectionQueue.pending:
+            if connection.connected:
+                return connection.send_packed(packed, command)
+        return self.execute_command(*args)
+
 
 class _NotMaster(Exception):
     """The server a sentinel named is not (or no longer) the master."""
@@ -213,16 +294,15 @@ class _MasterProtocol(_RedisProtocol):
         if self.dbid is not None:
             yield self.select(self.dbid)
 
-    def execute_command(self, *args, **kwargs):
-        d = super().execute_command(*args, **kwargs)
-        return d.addErrback(self._demoted)
-
-    def _demoted(self, failure):
-        # A master turned replica answers writes with READONLY: this
-        # connection is of no use any more, the next one asks the sentinels.
-        if failure.check(txredisapi.ResponseError) and str(failure.value).startswith("READONLY"):
+    def replyReceived(self, reply):
+        """
+        A master turned replica answers writes with C{READONLY}: this
+        connection is of no use any more, the next one asks the sentinels.
+        The reply still goes to its command.
+        """
+        if isinstance(reply, txredisapi.ResponseError) and str(reply).startswith("READONLY"):
             self.transport.loseConnection()
-        return failure
+        super().replyReceived(reply)
 
 
 class _ReconnectingRedisFactory(txredisapi.RedisFactory):

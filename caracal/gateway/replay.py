@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 
+import hiredis
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -130,6 +131,8 @@ class RedisReplayGuard:
         self._min_replicas = min_replicas
         self._wait_ms = max(1, int(timeout * self.wait_share * 1000))
         self._bound = TimeBound(clock, timeout)
+        # A pool of caracal.gateway.redisconn sends the SET already packed.
+        self._send_packed = getattr(redis, "send_packed", None)
 
     def claim(self, zone_id: str, jti: str, request_id: str, ttl_ms: int) -> defer.Deferred:
         """See L{IReplayGuard.claim}."""
@@ -140,12 +143,28 @@ class RedisReplayGuard:
         if self._min_replicas:
             d = self._claim_replicated(key, request_id, ttl_ms)
         else:
-            d = defer.maybeDeferred(
-                self._redis.set, key, request_id, pexpire=ttl_ms, only_if_not_exists=True
-            )
+            d = self._set(key, request_id, ttl_ms)
             d.addCallback(self._answered)
         self._bound.bound(d)
         return d.addErrback(self._unavailable)
+
+    def _set(self, key: str, request_id: str, ttl_ms: int) -> defer.Deferred:
+        """
+        C{SET key request_id PX ttl_ms NX}, the arguments txredisapi's
+        C{set} would send in its order; its reply or failure.
+        """
+        send_packed = self._send_packed
+        if send_packed is not None and type(request_id) is str:
+            args = ("SET", key, request_id, "PX", ttl_ms, "NX")
+            try:
+                packed = hiredis.pack_command(args)
+            except UnicodeError:
+                pass  # txredisapi's own error (InvalidData) below
+            else:
+                return send_packed(packed, "SET", args)
+        return defer.maybeDeferred(
+            self._redis.set, key, request_id, pexpire=ttl_ms, only_if_not_exists=True
+        )
 
     @defer.inlineCallbacks
     def _claim_replicated(self, key: str, request_id: str, ttl_ms: int):
