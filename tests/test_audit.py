@@ -9,7 +9,13 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from caracal.gateway.audit import RedisAuditLog, ReplayEventThrottle, audit_event, rfc3339
+from caracal.gateway.audit import (
+    _DATA_ENCODER,
+    RedisAuditLog,
+    ReplayEventThrottle,
+    audit_event,
+    rfc3339,
+)
 from caracal.gateway.interfaces import IAuditLog
 from caracal.gateway.metrics import Metrics
 from caracal.gateway.revocations import verify_fields
@@ -56,6 +62,111 @@ class AuditEventTests(unittest.SynchronousTestCase):
         self.assertEqual(event["access_token"], "[redacted]")
         self.assertEqual(event["Token"], "[redacted]")
         self.assertNotIn("eyJsecret", json.dumps(event))
+
+
+class _Named:
+    """A value the JSON encoder only knows through C{default=str}."""
+
+    def __str__(self):
+        return "named \u00e9"
+
+
+class _Count(int):
+    pass
+
+
+class EncodedDataTests(unittest.SynchronousTestCase):
+    """
+    The C{data} text L{RedisAuditLog} writes member by member is, for every
+    kind of metadata, exactly C{_DATA_ENCODER.encode(audit_event(...))}:
+    the document the tests above pin, encoded with sorted keys.
+    """
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000.123)
+        self.log = RedisAuditLog(FakeRedis(), None, self.clock)
+
+    def assertSameText(self, metadata):
+        expected = _DATA_ENCODER.encode(
+            audit_event("gateway_call", "r-1", "allow", self.clock.seconds(), dict(metadata))
+        )
+        # As emit() writes it: from its own **metadata dict.
+        fields = self.log._fields("gateway_call", "r-1", "allow", dict(metadata))
+        self.assertEqual(fields["data"], expected)
+        self.assertEqual(json.loads(expected)["request_id"], "r-1")
+
+    def test_gateway_call(self):
+        """The fields of a gateway_call event, twice (the second time from the kept plan)."""
+        metadata = {
+            "reason": None,
+            "zone_id": "zone-a",
+            "application_id": "app",
+            "resource": "https://tool.example/",
+            "method": "POST",
+            "path": "/v1/x",
+            "status": 200,
+            "upstream_host": "tool.example",
+            "sts_ms": 1.234,
+            "upstream_ms": 0.5,
+            "duration_ms": 3.0,
+            "bytes_in": 0,
+            "bytes_out": 26,
+            "sub": "agent",
+            "sid": None,
+            "token_fingerprint": "abcdef012345",
+            "mcp_method": "tools/call",
+        }
+        self.assertSameText(metadata)
+        self.assertSameText(metadata)
+
+    def test_values_of_every_kind(self):
+        """Strings to escape, numbers, bools, nested values, specials, default=str."""
+        self.assertSameText(
+            {
+                "quote": 'a "b" \\ c\n\u2603 \U0001f600 \udcff',
+                "true": True,
+                "false": False,
+                "negative": -7,
+                "big": 10**30,
+                "subclass": _Count(3),
+                "float": 1e-7,
+                "nan": float("nan"),
+                "infinite": float("inf"),
+                "minus_infinite": float("-inf"),
+                "nested": {"b": [1, 2.5, None], "a": {"z": "\u00e9"}},
+                "tuple": (1, "two"),
+                "object": _Named(),
+                "string_subclass": type("S", (str,), {})("s"),
+            }
+        )
+
+    def test_names(self):
+        """Core fields win, credentials are redacted, names sort as sort_keys sorts them."""
+        self.assertSameText(
+            {
+                "decision": "deny",
+                "occurred_at": "never",
+                "Token": "t",
+                "access_token": "eyJsecret",
+                "\u00e9t\u00e9": 1,
+                "Zebra": 2,
+                "_under": 3,
+                "a b": 4,
+            }
+        )
+        data = self.log.fields("x", "r", "allow", access_token="eyJsecret", occurred_at="x")["data"]
+        self.assertNotIn("eyJsecret", data)
+        self.assertEqual(json.loads(data)["occurred_at"], "2023-11-14T22:13:20.123Z")
+
+    def test_no_metadata(self):
+        """An event with the core fields alone."""
+        self.assertSameText({})
+
+    def test_many_name_sets(self):
+        """Past the plans kept, events are written the same way."""
+        for n in range(300):
+            self.assertSameText({f"name_{n}": n, "common": "c"})
 
 
 class MemoryAuditLogTests(unittest.SynchronousTestCase):

@@ -30,6 +30,8 @@ fingerprint in its C{suppressed} field.
 from __future__ import annotations
 
 import json
+import math
+from json.encoder import encode_basestring_ascii
 
 import hiredis
 from twisted.internet import defer
@@ -112,6 +114,73 @@ def audit_event(
         occurred_at=rfc3339(occurred_at),
     )
     return event
+
+
+#: Plans of L{_encode_data} by the names of an event's metadata, in their order.
+_PLANS: dict[tuple, tuple] = {}
+_PLANS_KEPT = 256
+
+_REDACTED_TEXT = encode_basestring_ascii("[redacted]")
+
+
+def _plan(names: tuple) -> tuple:
+    """
+    How L{_encode_data} writes the document of an event whose metadata has
+    C{names}: one C{(text before the value, name of the value)} per key, in
+    C{sort_keys}' order, the name C{None} when the text is the whole member
+    (a credential's C{"[redacted]"}). The same keys as L{audit_event}'s: the
+    core fields, and the metadata's but for a core field's name.
+    """
+    members = {name: name for name in _CORE_FIELDS}
+    for name in names:
+        if name in members:
+            continue
+        members[name] = None if name.lower() in CREDENTIAL_FIELDS else name
+    plan = []
+    for key in sorted(members):
+        text = ("," if plan else "") + encode_basestring_ascii(key) + ":"
+        name = members[key]
+        plan.append((text if name is not None else text + _REDACTED_TEXT, name))
+    return tuple(plan)
+
+
+def _encode_data(values: dict) -> str:
+    """
+    C{_DATA_ENCODER.encode(audit_event(...))} without the event dict: the
+    same text, written member by member in the order of a plan kept for
+    each set of metadata names (the same few come with every event), with
+    the JSON encoder left for values other than strings, C{None}, integers
+    and finite floats.
+
+    @param values: the metadata with the core fields written over it (by
+        the caller, who owns it), the C{occurred_at} text included.
+    """
+    names = tuple(values)
+    plan = _PLANS.get(names)
+    if plan is None:
+        plan = _plan(names)
+        if len(_PLANS) < _PLANS_KEPT:
+            _PLANS[names] = plan
+    parts = ["{"]
+    append = parts.append
+    for text, name in plan:
+        append(text)
+        if name is None:
+            continue
+        value = values[name]
+        kind = type(value)
+        if kind is str:
+            append(encode_basestring_ascii(value))
+        elif value is None:
+            append("null")
+        elif kind is int:
+            append(int.__repr__(value))
+        elif kind is float and math.isfinite(value):
+            append(float.__repr__(value))
+        else:
+            append(_DATA_ENCODER.encode(value))
+    append("}")
+    return "".join(parts)
 
 
 class ReplayEventThrottle:
@@ -200,8 +269,16 @@ class RedisAuditLog:
 
     def fields(self, event_type: str, request_id: str, decision: str, **metadata) -> dict:
         """The stream entry's fields (C{id}, C{data}, C{_sig}) for one event."""
-        event = audit_event(event_type, request_id, decision, self._clock.seconds(), metadata)
-        fields = {"id": ids.uuid4(), "data": _DATA_ENCODER.encode(event)}
+        return self._fields(event_type, request_id, decision, metadata)
+
+    def _fields(self, event_type: str, request_id: str, decision: str, metadata: dict) -> dict:
+        # metadata is this call's own (**metadata): the core fields are
+        # written over it, as audit_event lets them win.
+        metadata["event_type"] = event_type
+        metadata["request_id"] = request_id
+        metadata["decision"] = decision
+        metadata["occurred_at"] = rfc3339(self._clock.seconds())
+        fields = {"id": ids.uuid4(), "data": _encode_data(metadata)}
         if self._hmac_key:
             fields["_sig"] = sign_fields(self._hmac_key, self._stream, fields)
         return fields
@@ -241,7 +318,7 @@ class RedisAuditLog:
     def emit(self, event_type: str, request_id: str, decision: str, **metadata) -> defer.Deferred:
         """See L{IAuditLog.emit}."""
         try:
-            fields = self.fields(event_type, request_id, decision, **metadata)
+            fields = self._fields(event_type, request_id, decision, metadata)
         except Exception:
             _log.failure("audit event {event_type} could not be built", event_type=event_type)
             return defer.succeed(None)
