@@ -965,6 +965,38 @@ class TimeoutTests(HTTPTestMixin, SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertTrue(transport.disconnecting)
 
+    def test_idle_connections_share_one_timer(self) -> None:
+        """
+        Many idle keep-alive connections wait on one reactor timer, not one
+        each, and each is still closed at its own idle timeout, counted from
+        the end of its last request.
+        """
+        connections = []
+        for _ in range(5):
+            channel, transport = self.connect()
+            self.request(channel)
+            connections.append((channel, transport))
+            self.clock.advance(1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        # t = 5: the third one's next request; its idle time starts again.
+        self.request(connections[2][0])
+        self.clock.advance(IDLE - 5)  # t = IDLE: the first one went idle at 0
+        self.assertEqual([t.disconnecting for _, t in connections], [True] + [False] * 4)
+        closed = []
+        for _ in range(5):
+            self.clock.advance(1)
+            closed.append([t.disconnecting for _, t in connections])
+        self.assertEqual(
+            closed,
+            [
+                [True, True, False, False, False],
+                [True, True, False, False, False],
+                [True, True, False, True, False],
+                [True, True, False, True, True],
+                [True, True, True, True, True],
+            ],
+        )
+
     def test_idle_restarts_after_each_request(self) -> None:
         """The idle timeout restarts after each request."""
         channel, transport = self.connect()

@@ -1,11 +1,11 @@
 # -*- test-case-name: tests.test_timeouts -*-
-"""L{TimeBound} and L{Deadlines}: many deadlines on one reactor timer."""
+"""L{TimeBound} and L{SiteDeadlines}: many deadlines on one reactor timer."""
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from caracal.gateway.timeouts import Deadlines, TimeBound
+from caracal.gateway.timeouts import SiteDeadlines, TimeBound
 
 
 class TimeBoundTests(SynchronousTestCase):
@@ -140,16 +140,21 @@ class TimeBoundTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.bound.bound(d)), 7)
 
 
-class DeadlinesTests(SynchronousTestCase):
-    """L{Deadlines}: named deadlines served by one reactor timer."""
+class SiteDeadlinesTests(SynchronousTestCase):
+    """L{SiteDeadlines}: the named deadlines of many owners, served by one reactor timer."""
 
     def setUp(self):
         self.clock = Clock()
-        self.deadlines = Deadlines(self.clock)
+        self.deadlines = SiteDeadlines(self.clock)
         self.fired = []
 
-    def arm(self, name, seconds):
-        self.deadlines.arm(name, seconds, lambda: self.fired.append((name, self.clock.seconds())))
+    def arm(self, name, seconds, owner="a"):
+        self.deadlines.arm(
+            owner, name, seconds, lambda: self.fired.append((owner, name, self.clock.seconds()))
+        )
+
+    def timers(self):
+        return [call.getTime() for call in self.clock.getDelayedCalls()]
 
     def test_each_fires_at_its_time(self):
         """Each deadline fires once, at its own time, whatever order they were armed in."""
@@ -158,7 +163,8 @@ class DeadlinesTests(SynchronousTestCase):
         self.arm("read", 30)
         for step in (10, 20, 30):
             self.clock.advance(step)
-        self.assertEqual(self.fired, [("header", 10), ("read", 30), ("idle", 60)])
+        self.assertEqual(self.fired, [("a", "header", 10), ("a", "read", 30), ("a", "idle", 60)])
+        self.assertEqual(self.timers(), [])
 
     def test_exact_times(self):
         """A deadline fires at exactly C{seconds} after it was armed, not before."""
@@ -166,49 +172,114 @@ class DeadlinesTests(SynchronousTestCase):
         self.clock.advance(9.99)
         self.assertEqual(self.fired, [])
         self.clock.advance(0.01)
-        self.assertEqual(self.fired, [("header", 10)])
+        self.assertEqual(self.fired, [("a", "header", 10)])
+
+    def test_owners_in_arm_order_on_one_timer(self):
+        """
+        Many owners' deadlines of one name fire each at its own time, in the
+        order they were armed, on a single reactor timer.
+        """
+        for owner in range(100):
+            self.arm("idle", 60, owner)
+            self.clock.advance(0.5)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(len(self.deadlines), 100)
+        self.clock.advance(10)  # t = 60
+        self.assertEqual(self.fired, [(0, "idle", 60)])
+        self.clock.pump([0.5] * 99)
+        self.assertEqual(self.fired, [(i, "idle", 60 + i * 0.5) for i in range(100)])
+        self.assertEqual(self.timers(), [])
 
     def test_one_timer(self):
         """Deadlines later than the timer add no reactor timer; an earlier one replaces it."""
         self.arm("idle", 60)
-        self.arm("read", 70)
-        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [60])
-        self.arm("header", 10)
-        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [10])
+        self.arm("read", 70, "b")
+        self.assertEqual(self.timers(), [60])
+        self.arm("header", 10, "c")
+        self.assertEqual(self.timers(), [10])
 
     def test_stopped_never_fires(self):
         """A stopped deadline does not fire; the others still do, on time."""
         self.arm("header", 10)
+        self.arm("header", 10, "b")
         self.arm("idle", 60)
-        self.deadlines.cancel("header")
+        self.deadlines.cancel("a", "header")
         self.clock.advance(10)
-        self.assertEqual(self.fired, [])
-        self.assertEqual(self.deadlines.armed(), {"idle"})
+        self.assertEqual(self.fired, [("b", "header", 10)])
+        self.assertEqual(self.deadlines.armed("a"), {"idle"})
+        self.assertEqual(self.deadlines.armed("b"), set())
         self.clock.advance(50)
-        self.assertEqual(self.fired, [("idle", 60)])
+        self.assertEqual(self.fired, [("b", "header", 10), ("a", "idle", 60)])
 
     def test_rearmed_moves(self):
-        """Arming a name again replaces its deadline."""
+        """Arming a name again replaces the owner's deadline, behind the others armed since."""
         self.arm("write", 30)
-        self.clock.advance(20)
-        self.arm("write", 30)
-        self.clock.advance(20)
-        self.assertEqual(self.fired, [])
         self.clock.advance(10)
-        self.assertEqual(self.fired, [("write", 50)])
+        self.arm("write", 30, "b")
+        self.clock.advance(10)
+        self.arm("write", 30)
+        self.clock.advance(20)
+        self.assertEqual(self.fired, [("b", "write", 40)])
+        self.clock.advance(10)
+        self.assertEqual(self.fired, [("b", "write", 40), ("a", "write", 50)])
+        self.assertEqual(len(self.deadlines), 0)
 
     def test_cancel_all_leaves_no_timer(self):
-        """Stopping them all removes the reactor timer too."""
+        """Once no owner has a deadline armed, no reactor timer is left."""
         self.arm("header", 10)
         self.arm("read", 30)
-        self.deadlines.cancel()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual(self.deadlines.armed(), set())
+        self.arm("read", 30, "b")
+        self.deadlines.cancel("a")
+        self.assertEqual(self.deadlines.armed("a"), set())
+        self.assertEqual(self.timers(), [10])
+        self.deadlines.cancel("b", "read")
+        self.assertEqual(self.timers(), [])
+        self.assertEqual(len(self.deadlines), 0)
+
+    def test_cancel_unknown(self):
+        """Stopping what is not armed (an owner, a name) does nothing."""
+        self.deadlines.cancel("nobody")
+        self.arm("idle", 60)
+        self.deadlines.cancel("nobody", "idle", "header")
+        self.assertEqual(self.deadlines.armed("a"), {"idle"})
 
     def test_action_may_arm(self):
         """An action that arms another deadline (an abort after a refusal) gets it on time."""
-        self.deadlines.arm("header", 10, lambda: self.arm("abort", 5))
+        self.deadlines.arm("a", "header", 10, lambda: self.arm("abort", 5))
         self.clock.advance(10)
-        self.assertEqual(self.deadlines.armed(), {"abort"})
+        self.assertEqual(self.deadlines.armed("a"), {"abort"})
+        self.assertEqual(self.timers(), [15])
         self.clock.advance(5)
-        self.assertEqual(self.fired, [("abort", 15)])
+        self.assertEqual(self.fired, [("a", "abort", 15)])
+
+    def test_action_may_cancel_others(self):
+        """An action stopping another owner's deadline due at the same time prevents it."""
+        self.deadlines.arm("a", "idle", 60, lambda: self.deadlines.cancel("b"))
+        self.arm("idle", 60, "b")
+        self.arm("idle", 60, "c")
+        self.clock.advance(60)
+        self.assertEqual(self.fired, [("c", "idle", 60)])
+        self.assertEqual(self.timers(), [])
+
+    def test_failing_action_does_not_stop_the_others(self):
+        """An action that raises is logged; the deadlines after it still fire on time."""
+
+        def fail():
+            raise RuntimeError("boom")
+
+        self.deadlines.arm("a", "idle", 60, fail)
+        self.arm("idle", 60, "b")
+        self.arm("write", 90, "c")
+        self.clock.advance(60)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.fired, [("b", "idle", 60)])
+        self.assertEqual(self.timers(), [90])
+        self.clock.advance(30)
+        self.assertEqual(self.fired, [("b", "idle", 60), ("c", "write", 90)])
+
+    def test_same_seconds_per_name(self):
+        """A name armed again with other seconds is refused: its queue would lose its order."""
+        self.arm("idle", 60)
+        with self.assertRaises(ValueError):
+            self.arm("idle", 30, "b")
+        self.assertEqual(self.deadlines.armed("b"), set())

@@ -61,7 +61,7 @@ from caracal.gateway.logs import (
     format_access_line,
 )
 from caracal.gateway.proxy import PROXIED_METHODS, method_not_allowed
-from caracal.gateway.timeouts import Deadlines
+from caracal.gateway.timeouts import SiteDeadlines
 
 SERVER_NAME = b"caracal-gateway"
 
@@ -343,7 +343,6 @@ class GatewayChannel(HTTPChannel):
 
     def __init__(self) -> None:
         super().__init__()
-        self._timers: Deadlines | None = None
         self._state = "reading"
         self._request_bytes_seen = False
         self._headers_in = False
@@ -385,23 +384,18 @@ class GatewayChannel(HTTPChannel):
     # -- timers ---------------------------------------------------------------
 
     @property
-    def _clock(self):
-        return self.site.clock
-
-    @property
     def _config(self):
         return self.site.config
 
     def _arm(self, name: str, seconds: float, action) -> None:
-        self._timers.arm(name, seconds, action)
+        self.site.deadlines.arm(self, name, seconds, action)
 
     def _cancel(self, *names: str) -> None:
-        if self._timers is not None:
-            self._timers.cancel(*names)
+        self.site.deadlines.cancel(self, *names)
 
     def armed(self) -> set[str]:
         """The names of the timers currently running (for tests and debugging)."""
-        return set() if self._timers is None else self._timers.armed()
+        return self.site.deadlines.armed(self)
 
     def _start_reading(self) -> None:
         # A request begins: its headers and its whole body each get a deadline.
@@ -424,7 +418,6 @@ class GatewayChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         """Start the first request's header and read deadlines."""
-        self._timers = Deadlines(self._clock)
         super().connectionMade()
         self.site._channel_opened(self)
         self._start_reading()
@@ -885,6 +878,8 @@ class GatewaySite(Site):
         self._channels: set[GatewayChannel] = set()
         self._drain_waiters: list[Deferred] = []
         self._drain_hooks: list = []
+        #: Every channel's timeouts, on one timer (L{SiteDeadlines}).
+        self.deadlines = SiteDeadlines(clock)
 
     @property
     def inflight(self) -> int:

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_timeouts -*-
 """
 Many deadlines on one reactor timer: L{TimeBound}, one fixed bound over
-many Deferreds, and L{Deadlines}, a connection's named deadlines.
+many Deferreds, and L{SiteDeadlines}, the named deadlines of a site's
+connections.
 
 Each request bounds three waits in time (the STS exchange, the JTI claim,
 the audit entry), each always with the same number of seconds. Twisted's
@@ -14,10 +15,13 @@ at its oldest open deadline do the same work for the cost of one callback.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+_log = Logger()
 
 
 class TimeBound:
@@ -109,60 +113,117 @@ def _timeout_error(result, seconds: float):
     return result
 
 
-class Deadlines:
-    """
-    Named deadlines on one clock, served by one timer.
+#: A deadline this close (seconds) to the clock counts as due: the timer is
+#: set with C{when - now}, which floating point may land a hair before C{when}.
+_SLACK = 1e-6
 
-    A channel arms and stops four or five deadlines per request (header,
-    read, write, idle). As reactor timers that is a C{callLater} and a
-    C{cancel} each; here arming or stopping one is a dict write, and the one
-    timer is replaced only when a deadline comes earlier than it. A stopped
-    deadline leaves the timer as it is: it may fire for nothing once, then
-    waits for the next deadline. (Moving a timer earlier with
-    C{DelayedCall.reset} would search the reactor's whole timer heap.)
+
+class SiteDeadlines:
+    """
+    The named deadlines of all a site's connections, served by one timer.
+
+    A connection arms and stops four or five deadlines per request (header,
+    read, write, idle) and holds one (idle) for as long as it waits for the
+    next request: hours, for an agent's keep-alive connection. A timer per
+    connection cost every idle one a C{DelayedCall}, its entry in the
+    reactor's heap and a table of its own deadlines, about 0.7 KiB. Here a
+    name is always armed with the same number of seconds (the site's
+    configured timeout), so its deadlines fall due in the order they were
+    armed: one queue per name in that order, and one reactor timer at the
+    earliest head, do the same work, and a connection waiting for its next
+    request holds one queue entry.
+
+    Arming or stopping a deadline is a queue write; the timer is replaced
+    only when a deadline comes earlier than it (a name with fewer seconds),
+    and a stopped deadline leaves it as it is: it may fire for nothing once.
+    No timer is left once no deadline is armed.
 
     @param clock: an L{IReactorTime}.
     """
 
     def __init__(self, clock) -> None:
         self._clock = clock
-        self._due: dict[str, tuple[float, object]] = {}
+        # name -> {owner: (deadline, action)}, oldest first; name -> seconds.
+        self._queues: dict[str, OrderedDict] = {}
+        self._seconds: dict[str, float] = {}
+        self._armed = 0
         self._call = None
+        self._expiring = False
 
-    def arm(self, name: str, seconds: float, action) -> None:
-        """Call C{action()} in C{seconds} unless stopped or armed again first."""
+    def __len__(self) -> int:
+        """How many deadlines are armed, over all owners."""
+        return self._armed
+
+    def arm(self, owner, name: str, seconds: float, action) -> None:
+        """
+        Call C{action()} in C{seconds} unless C{owner}'s deadline C{name} is
+        stopped or armed again first (which replaces it).
+
+        @raise ValueError: C{name} was armed before with other C{seconds}:
+            its queue would no longer be in deadline order.
+        """
+        queue = self._queues.get(name)
+        if queue is None:
+            queue = self._queues[name] = OrderedDict()
+            self._seconds[name] = seconds
+        elif self._seconds[name] != seconds:
+            raise ValueError(
+                f"deadline {name!r} is armed for {self._seconds[name]} s, not {seconds} s"
+            )
         when = self._clock.seconds() + seconds
-        self._due[name] = (when, action)
+        if queue.pop(owner, None) is None:
+            self._armed += 1
+        queue[owner] = (when, action)
+        if self._expiring:
+            return  # _expire arms the timer for the earliest once done
         call = self._call
-        if call is not None and call.active():
+        if call is not None:
             if call.getTime() <= when:
                 return
             call.cancel()
         self._call = self._clock.callLater(seconds, self._expire)
 
-    def cancel(self, *names: str) -> None:
-        """Stop the named deadlines; all of them, and the timer, when none is named."""
-        if names:
-            for name in names:
-                self._due.pop(name, None)
-            return
-        self._due.clear()
-        if self._call is not None and self._call.active():
+    def cancel(self, owner, *names: str) -> None:
+        """Stop C{owner}'s named deadlines; all of them when none is named."""
+        queues = self._queues
+        for name in names or list(queues):
+            queue = queues.get(name)
+            if queue is not None and queue.pop(owner, None) is not None:
+                self._armed -= 1
+        if not self._armed and self._call is not None:
+            # Nothing armed: no timer left behind (a stopped reactor,
+            # trial's clean-reactor check); the next arm makes one.
             self._call.cancel()
-        self._call = None
+            self._call = None
 
-    def armed(self) -> set[str]:
-        """The names of the deadlines running."""
-        return set(self._due)
+    def armed(self, owner) -> set[str]:
+        """The names of C{owner}'s deadlines running."""
+        return {name for name, queue in self._queues.items() if owner in queue}
 
     def _expire(self) -> None:
         self._call = None
-        while self._due:
-            now = self._clock.seconds()
-            name, (when, action) = min(self._due.items(), key=lambda item: item[1][0])
-            if when > now:
-                if self._call is None:
+        queues = self._queues.values()
+        self._expiring = True
+        try:
+            while self._armed:
+                # The earliest head of all queues (a handful of names).
+                earliest = None
+                for queue in queues:
+                    if queue:
+                        head = next(iter(queue.values()))
+                        if earliest is None or head[0] < earliest[1][0]:
+                            earliest = (queue, head)
+                queue, (when, action) = earliest
+                now = self._clock.seconds()
+                if when > now + _SLACK:
                     self._call = self._clock.callLater(when - now, self._expire)
-                return
-            del self._due[name]
-            action()
+                    return
+                queue.popitem(last=False)
+                self._armed -= 1
+                try:
+                    action()
+                except Exception:
+                    # One connection's failure must not stop the others' deadlines.
+                    _log.failure("deadline action failed")
+        finally:
+            self._expiring = False
