@@ -25,7 +25,12 @@ from zope.interface import implementer
 
 from caracal.gateway.config import GatewayConfig
 from caracal.gateway.denials import Denial
-from caracal.gateway.http import GatewayChannel, GatewaySite, choose_request_id
+from caracal.gateway.http import (
+    LOCAL_ADDRESSES_KEPT,
+    GatewayChannel,
+    GatewaySite,
+    choose_request_id,
+)
 from caracal.gateway.interfaces import IRequestScreen
 from caracal.gateway.logs import ACCESS_NAMESPACE
 from caracal.gateway.metrics import Metrics
@@ -280,6 +285,33 @@ class LocalAddressTests(HTTPTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.resource.rendered), 2)
         self.assertEqual(len(asked), 1)
         self.assertIs(self.resource.rendered[0].getHost(), self.resource.rendered[1].getHost())
+
+    def connect_to(self, host: str, port: int = 8443):
+        channel = self.site.buildProtocol(IPv4Address("TCP", "203.0.113.7", 41000))
+        channel.makeConnection(StringTransport(hostAddress=IPv4Address("TCP", host, port)))
+        return channel
+
+    def test_one_object_per_local_address(self):
+        """
+        Connections to the same local address and port keep one address
+        object between them (an idle connection holds no copy of its own);
+        another address or port is another object.
+        """
+        first, second = self.connect_to("192.0.2.1"), self.connect_to("192.0.2.1")
+        other_host, other_port = self.connect_to("192.0.2.2"), self.connect_to("192.0.2.1", 9443)
+        self.assertIs(first.getHost(), second.getHost())
+        self.assertEqual(first.getHost(), IPv4Address("TCP", "192.0.2.1", 8443))
+        self.assertEqual(other_host.getHost(), IPv4Address("TCP", "192.0.2.2", 8443))
+        self.assertEqual(other_port.getHost(), IPv4Address("TCP", "192.0.2.1", 9443))
+
+    def test_shared_addresses_bounded(self):
+        """Past LOCAL_ADDRESSES_KEPT distinct addresses, a connection keeps its own."""
+        for index in range(LOCAL_ADDRESSES_KEPT):
+            self.connect_to(f"192.0.2.{index}").getHost()
+        late, late_again = self.connect_to("198.51.100.1"), self.connect_to("198.51.100.1")
+        self.assertEqual(late.getHost(), late_again.getHost())
+        self.assertIsNot(late.getHost(), late_again.getHost())
+        self.assertEqual(len(self.site._local_addresses), LOCAL_ADDRESSES_KEPT)
 
 
 class RefusalMixin(HTTPTestMixin):

@@ -376,9 +376,11 @@ class GatewayChannel(HTTPChannel):
         """
         The local address, asked of the socket once per connection: Twisted's
         Request asks for it on every request, a C{getsockname} call each time.
+        Kept as the site's shared object for that address
+        (L{GatewaySite.local_address}).
         """
         if self._host is None:
-            self._host = super().getHost()
+            self._host = self.site.local_address(super().getHost())
         return self._host
 
     # -- timers ---------------------------------------------------------------
@@ -851,6 +853,12 @@ class GatewayChannel(HTTPChannel):
             self._close_soon()
 
 
+#: How many distinct local addresses a site shares between its connections
+#: (L{GatewaySite.local_address}): a listener bound to every interface sees
+#: one per local address a client reached it on, a handful.
+LOCAL_ADDRESSES_KEPT = 64
+
+
 class GatewaySite(Site):
     """
     The gateway's L{Site}: L{GatewayRequest}s on L{GatewayChannel}s, one JSON
@@ -880,6 +888,7 @@ class GatewaySite(Site):
         self._drain_hooks: list = []
         #: Every channel's timeouts, on one timer (L{SiteDeadlines}).
         self.deadlines = SiteDeadlines(clock)
+        self._local_addresses: dict = {}
 
     @property
     def inflight(self) -> int:
@@ -975,6 +984,22 @@ class GatewaySite(Site):
                 self._drain_hooks.remove(hook)
 
         return cancel
+
+    def local_address(self, address):
+        """
+        The one object standing for C{address}, a connection's local
+        address: every connection to the same listening address and port
+        keeps the same object instead of its own (0.2 KiB: the address, its
+        host string and port, held by each idle keep-alive connection). At
+        most L{LOCAL_ADDRESSES_KEPT} distinct ones are kept; past that a
+        connection keeps its own.
+        """
+        shared = self._local_addresses.get(address)
+        if shared is not None:
+            return shared
+        if len(self._local_addresses) < LOCAL_ADDRESSES_KEPT:
+            self._local_addresses[address] = address
+        return address
 
     def _channel_opened(self, channel: GatewayChannel) -> None:
         self._channels.add(channel)
