@@ -874,3 +874,135 @@ class ServerTLSProtocolTests(SynchronousTestCase):
         self.assertEqual(self.released, [])
         self.echo(5000)
         self.assertIs(self.released[-1], True)
+
+
+class _Pieces(Protocol):
+    """Answers each chunk received with three writes: C{<}, the chunk, C{>}."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"<")
+        self.transport.writeSequence([data])
+        self.transport.write(b">")
+
+
+def _records(data: bytes) -> list[int]:
+    """The content types of the TLS records in C{data}, in order."""
+    types = []
+    while data:
+        types.append(data[0])
+        data = data[5 + int.from_bytes(data[3:5], "big") :]
+    return types
+
+
+class GatheredWritesTests(SynchronousTestCase):
+    """
+    L{tls.ServerTLSProtocol} gathers a connection's small writes until the
+    end of the reactor turn, as Twisted's buffering transport does, holding
+    nothing while idle and flushing all connections with one timer.
+    """
+
+    def setUp(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        make_chain(directory)
+        self.clock = task.Clock()
+        server_tls = ServerTLS(
+            os.path.join(directory, "server.crt"),
+            os.path.join(directory, "server.key"),
+            clock=self.clock,
+        )
+        self.factory = server_tls.factory(Factory.forProtocol(_Pieces), self.clock)
+
+    def connect(self):
+        """A handshaken (server protocol, its transport, client connection)."""
+        protocol = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        client = SSL.Connection(client_context(), None)
+        client.set_connect_state()
+        for _ in range(20):
+            with contextlib.suppress(SSL.WantReadError):
+                client.do_handshake()
+            with contextlib.suppress(SSL.WantReadError):
+                protocol.dataReceived(client.bio_read(65536))
+            self.clock.advance(0)
+            if transport.value():
+                client.bio_write(transport.value())
+                transport.clear()
+            elif protocol._handshakeDone:
+                break
+        _read_all(client)  # the session tickets
+        return protocol, transport, client
+
+    def send(self, protocol, client, data: bytes) -> None:
+        client.sendall(data)
+        protocol.dataReceived(client.bio_read(65536))
+
+    def test_one_record_per_turn(self):
+        """Three writes of one turn leave at its end, together, in one TLS record."""
+        protocol, transport, client = self.connect()
+        self.send(protocol, client, b"hello")
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0)
+        self.assertEqual(_records(transport.value()), [23])
+        client.bio_write(transport.value())
+        self.assertEqual(_read_all(client), b"<hello>")
+
+    def test_one_timer_for_all_connections(self):
+        """Connections writing in the same turn share one reactor timer."""
+        connections = [self.connect() for _ in range(3)]
+        for protocol, _transport, client in connections:
+            self.send(protocol, client, b"x")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(0)
+        for _protocol, transport, client in connections:
+            client.bio_write(transport.value())
+            self.assertEqual(_read_all(client), b"<x>")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idle_connection_holds_no_buffer(self):
+        """Once flushed, a connection keeps no buffer, aggregator or bound write of its own."""
+        protocol, _transport, client = self.connect()
+        self.send(protocol, client, b"x")
+        self.clock.advance(0)
+        self.assertIsNone(protocol._gathered)
+        self.assertNotIn("_aggregator", vars(protocol))
+        self.assertNotIn("write", vars(protocol))
+
+    def test_large_writes_go_at_once(self):
+        """Past GATHER_BYTES, what was gathered is sent without waiting for the turn's end."""
+        protocol, transport, client = self.connect()
+        protocol.write(b"a" * 100)
+        self.assertEqual(transport.value(), b"")
+        protocol.write(b"b" * tls.GATHER_BYTES)
+        self.assertNotEqual(transport.value(), b"")
+        client.bio_write(transport.value())
+        self.assertEqual(_read_all(client), b"a" * 100 + b"b" * tls.GATHER_BYTES)
+        self.clock.advance(0)  # the turn's flush finds nothing left
+
+    def test_lose_connection_sends_gathered_first(self):
+        """Bytes written before loseConnection reach the client before the close alert."""
+        protocol, transport, client = self.connect()
+        protocol.write(b"last words")
+        protocol.loseConnection()
+        self.assertEqual(_records(transport.value()), [23, 23])  # data, then the alert
+        client.bio_write(transport.value())
+        self.assertEqual(client.recv(65536), b"last words")
+        self.assertRaises(SSL.ZeroReturnError, client.recv, 65536)
+        self.clock.advance(0)
+
+    def test_writes_after_connection_lost_dropped(self):
+        """A write after the connection is lost is dropped without an error."""
+        protocol, transport, _client = self.connect()
+        protocol.connectionLost(None)
+        transport.clear()
+        protocol.write(b"too late")
+        self.clock.advance(0)
+        self.assertEqual(transport.value(), b"")
+
+    def test_not_bytes_refused(self):
+        """Writing what is not bytes raises at once, as with Twisted's transport."""
+        protocol, _transport, _client = self.connect()
+        with self.assertRaises(TypeError):
+            protocol.write("text")
+        self.clock.advance(0)
