@@ -197,6 +197,31 @@ class PeekTests(SynchronousTestCase, DenialAssertions):
         header, _, signature = self.token().split(".")
         self.refused(f"{header}.e30*.{signature}")
 
+    def test_base64urlAlphabetOnly(self):
+        """
+        Only base64url's alphabet is read: its C{-} and C{_} are, standard
+        base64's C{+} and C{/} (the same bits) are not, nor are characters
+        outside both, padding inside a segment, a length no base64 has, or
+        more padding than completes the quantum.
+        """
+        # b"\xfb\xff\xbf" is "-_-_" in base64url, "+/+/" in standard base64.
+        header, payload, _ = self.token().split(".")
+        self.assertEqual(peek(f"{header}.{payload}.-_-_").signature, b"\xfb\xff\xbf")
+        for signature in (
+            "+/+/",
+            "-_+_",
+            "-_/_",
+            "c2ln bmF0",
+            "c2lu\u00e9mF0",
+            "c2lu\x00mF0",
+            "c2ln=mF0",
+            "c2lnb",
+            "c2lnbg===",
+            "c2lnbg=",
+            "=c2lnbg=",
+        ):
+            self.refused(f"{header}.{payload}.{signature}")
+
     def test_headerNotJSONObject(self):
         """A header that is not a JSON object is refused."""
         for header in ([], "ES256", 1):

@@ -35,7 +35,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ec import ECDSA, EllipticCurvePrivateKey
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.hashes import SHA256
-from jwt.utils import base64url_decode, base64url_encode
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.web.http_headers import Headers
 
@@ -60,10 +59,12 @@ CLOCK_SKEW = 5.0
 # A bearer token is token68 (RFC 6750): visible ASCII, no whitespace. One
 # regex pass instead of a Python loop over every byte.
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
-# A base64url segment without padding (what a compact JWS is made of).
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
-# The same, with the trailing padding some issuers add (pyjwt accepts it too).
-_BASE64URL_PADDED = re.compile(r"([A-Za-z0-9_-]+)(={0,2})")
+# base64url to standard base64 and back: C{-} and C{_} become C{+} and C{/},
+# and C{+} and C{/} (not base64url) become C{-} and C{_}, which standard base64
+# does not have, so a segment holding them never re-encodes to itself.
+_FROM_BASE64URL = bytes.maketrans(b"-_+/", b"+/-_")
+# The padding a segment of each length modulo 4 lacks (1 is no base64 length).
+_PADDING = (b"", None, b"==", b"=")
 _ECDSA_SHA256 = ECDSA(SHA256())
 #: Verified signatures remembered by a L{SignatureCache} unless told otherwise.
 SIGNATURE_CACHE_SIZE = 4096
@@ -147,23 +148,32 @@ class ParsedToken:
         self.signature = signature
 
 
-def _segment(segment: str) -> bytes:
+def _segment(segment: bytes) -> bytes:
     """
-    One base64url segment decoded as strictly as pyjwt does: its alphabet
-    (a regex pass, not a loop per byte), at most two padding characters and
-    only where they complete a quantum, and the canonical encoding only.
+    One base64url segment decoded as strictly as pyjwt does: its alphabet,
+    at most two padding characters and only where they complete a quantum,
+    and the canonical encoding only.
+
+    All three hold exactly when the segment, turned into standard base64
+    (L{_FROM_BASE64URL}) and completed with the padding it lacks, is what
+    encoding its decoded bytes gives back: the encoder writes only the
+    alphabet, the one right padding, and zero unused bits. Two C calls,
+    instead of a regex pass with a character class per byte, pyjwt's
+    decoding in Python and a re-encoding to compare.
+
+    @raise ValueError: anything else (C{binascii.Error} is one).
     """
-    match = _BASE64URL_PADDED.fullmatch(segment)
-    if match is None:
-        raise ValueError("not base64url")
-    stripped, padding = match.groups()
-    if (padding and len(segment) % 4) or len(stripped) % 4 == 1:
-        raise ValueError("bad base64url padding")
-    try:
-        decoded = base64url_decode(stripped)
-    except (TypeError, binascii.Error):
-        raise ValueError("not base64url") from None
-    if base64url_encode(decoded) != stripped.encode("ascii"):
+    if segment[-1:] == b"=":
+        if len(segment) % 4:
+            raise ValueError("bad base64url padding")
+        standard = segment.translate(_FROM_BASE64URL)
+    else:
+        padding = _PADDING[len(segment) % 4]
+        if padding is None:
+            raise ValueError("bad base64url length")
+        standard = segment.translate(_FROM_BASE64URL) + padding
+    decoded = binascii.a2b_base64(standard)
+    if binascii.b2a_base64(decoded, newline=False) != standard:
         raise ValueError("not canonical base64url")
     return decoded
 
@@ -176,8 +186,14 @@ def parse_token(token: str) -> ParsedToken:
         is not a compact JWS whose header and payload are base64url JSON
         objects (with an attached payload) and whose signature is base64url.
     """
-    _segments(token)
-    header_segment, payload_segment, signature_segment = token.split(".")
+    try:
+        data = token.encode("ascii")
+    except UnicodeEncodeError:
+        raise _malformed("the bearer token is not a JWT") from None
+    segments = data.split(b".")
+    if len(segments) != 3 or not all(segments):
+        raise _malformed("the bearer token is not a JWT")
+    header_segment, payload_segment, signature_segment = segments
     try:
         header = json.loads(_segment(header_segment))
         if not isinstance(header, dict) or header.get("b64", True) is False:
@@ -192,7 +208,7 @@ def parse_token(token: str) -> ParsedToken:
         signature = _segment(signature_segment)
     except (ValueError, TypeError, RecursionError):
         raise _malformed("the bearer token is not a JWT") from None
-    signing_input = token.rpartition(".")[0].encode("ascii")
+    signing_input = data[: len(header_segment) + 1 + len(payload_segment)]
     return ParsedToken(header, claims, signing_input, signature)
 
 
