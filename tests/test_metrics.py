@@ -5,17 +5,22 @@ section 15, read back through C{prometheus_client}'s own parser.
 """
 
 import json
+import math
 
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from caracal.gateway.metrics import (
+    BUCKETS,
     CONTENT_TYPE,
     HISTOGRAMS,
     MAX_LABEL_VALUES,
     PROMETHEUS_COUNTERS,
     PROMETHEUS_GAUGES,
     Metrics,
+    _incrementer,
+    _observer,
     merge_snapshots,
     render_json,
 )
@@ -263,3 +268,83 @@ class ExpositionTests(SynchronousTestCase):
         a.increment("connections_refused", 5)
         self.assertEqual(value(families(b)["caracal_gateway_connections_refused"], "_total"), 0)
         self.assertEqual(value(families(a)["caracal_gateway_connections_refused"], "_total"), 5)
+
+
+class FastPathTests(SynchronousTestCase):
+    """
+    The request path writes C{prometheus_client}'s values without its
+    per-call checks and bucket walk (L{_observer}, L{_incrementer}): what a
+    scrape reads is what the library's own C{observe} and C{inc} give.
+    """
+
+    AMOUNTS = (
+        list(BUCKETS)
+        + [bound * 0.999 for bound in BUCKETS]
+        + [bound * 1.001 for bound in BUCKETS]
+        + [0, 0.0, -0.5, 7, 31.0, 1e9, math.inf, -math.inf, math.nan]
+    )
+
+    def reference(self, amounts) -> dict:
+        """The bucket counts and sum the library's own observe gives C{amounts}."""
+        histogram = Histogram("reference", "", registry=CollectorRegistry(), buckets=BUCKETS)
+        for amount in amounts:
+            histogram.observe(amount)
+        return self.buckets(histogram.collect()[0], "reference")
+
+    def buckets(self, family, name: str, **labels) -> dict:
+        found = {}
+        for sample in family.samples:
+            if all(sample.labels.get(k) == v for k, v in labels.items()):
+                if sample.name == name + "_bucket":
+                    found[sample.labels["le"]] = sample.value
+                elif sample.name == name + "_sum":
+                    found["sum"] = repr(sample.value)
+        return found
+
+    def test_observationsLandWhereTheLibraryPutsThem(self):
+        """
+        Every amount, on a bucket bound, either side of one, zero, negative,
+        infinite or NaN, lands in the bucket (and the sum) where
+        C{Histogram.observe} puts it, with and without labels.
+        """
+        expected = self.reference(self.AMOUNTS)
+        library = Histogram("laid_out", "", registry=CollectorRegistry(), buckets=BUCKETS)
+        self.assertNotEqual(_observer(library), library.observe, "the fast path is not taken")
+        metrics = Metrics()
+        metrics.known_resources = lambda name: name == "tools"
+        for amount in self.AMOUNTS:
+            metrics.observe("sts_exchange_duration_seconds", amount)
+            metrics.observe("redis_command_duration_seconds", amount, command="get")
+            metrics.observe("upstream_duration_seconds", amount, resource="tools")
+            metrics.request_done(200, "tools", amount)
+        by_name = {family.name: family for family in metrics.registry.collect()}
+        for name, labels in (
+            ("sts_exchange_duration_seconds", {}),
+            ("redis_command_duration_seconds", {"command": "GET"}),
+            ("upstream_duration_seconds", {"resource": "tools"}),
+            ("request_duration_seconds", {"resource": "tools"}),
+        ):
+            family = by_name["caracal_gateway_" + name]
+            self.assertEqual(self.buckets(family, family.name, **labels), expected, (name, labels))
+
+    def test_countedGaugeGoesBothWays(self):
+        """A counted gauge takes negative and fractional steps, as C{Gauge.inc} does."""
+        metrics = Metrics()
+        for delta in (1, 1, -1, 0.5, -2):
+            metrics.add("audit_spool_bytes", delta)
+        self.assertEqual(value(families(metrics)["caracal_gateway_audit_spool_bytes"]), -0.5)
+
+    def test_fallsBackToThePublicMethods(self):
+        """A metric not laid out as expected is fed through its own C{observe} or C{inc}."""
+        calls = []
+
+        class Opaque:
+            def observe(self, amount):
+                calls.append(("observe", amount))
+
+            def inc(self, amount):
+                calls.append(("inc", amount))
+
+        _observer(Opaque())(0.5)
+        _incrementer(Opaque())(2)
+        self.assertEqual(calls, [("observe", 0.5), ("inc", 2)])

@@ -33,8 +33,10 @@ every worker's series merged (its C{MultiProcessCollector}).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -146,6 +148,50 @@ def _version() -> str:
         return UNKNOWN
 
 
+def _incrementer(metric) -> Callable[[float], None]:
+    """
+    C{metric.inc} for a counter's child or a gauge that nothing else sets,
+    without what C{prometheus_client} checks on every call (that the metric
+    is not a labelled parent, the gauge's mode, an exemplar): adds C{amount}
+    to the very value C{inc} adds it to, under its lock (and, with workers,
+    to its memory-mapped file). For the request path only, where the
+    amount is known to be right (a counter's is never negative).
+    """
+    value = getattr(metric, "_value", None)
+    inc = getattr(value, "inc", None)
+    return inc if callable(inc) else metric.inc
+
+
+def _observer(histogram) -> Callable[[float], None]:
+    """
+    C{histogram.observe} (a histogram without labels, or a child) without its
+    per-call checks and its bucket search in Python: the bucket is found by
+    C{bisect} (C{prometheus_client} walks the bounds until C{amount <= bound},
+    which is the bisection's C{bisect_left}), then the sum and that bucket are
+    added to in C{prometheus_client}'s own order and values. NaN, which falls
+    in no bucket there, is left to the library. Falls back to C{observe}
+    when the histogram is not laid out as expected.
+    """
+    observe = histogram.observe
+    try:
+        add_sum = histogram._sum.inc
+        add_bucket = [bucket.inc for bucket in histogram._buckets]
+        bounds = tuple(float(bound) for bound in histogram._upper_bounds)
+    except (AttributeError, TypeError, ValueError):
+        return observe
+    if not bounds or len(add_bucket) != len(bounds) or bounds[-1] != math.inf:
+        return observe
+
+    def fast_observe(amount: float) -> None:
+        if amount != amount:
+            observe(amount)
+            return
+        add_sum(amount)
+        add_bucket[bisect_left(bounds, amount)](1)
+
+    return fast_observe
+
+
 class _BoundedLabel:
     """A label's values: the first C{limit} well-formed ones, then C{other}."""
 
@@ -226,12 +272,18 @@ class Metrics:
         build.labels(version=version or _version()).set(1)
         if multiprocess_dir is None:
             ProcessCollector(registry=registry)
-        # Label-less children looked up once: the request path stays cheap.
-        self._sts_histogram = self._histograms["sts_exchange_duration_seconds"]
-        self._status_children: dict[tuple[str, str], object] = {}
-        self._duration_children: dict[str, object] = {}
+        # What the request path calls, found once: each histogram's and
+        # each child's observe (L{_observer}), each counted gauge's and each
+        # request counter child's inc (L{_incrementer}).
+        self._plain_observers = {
+            name: _observer(histogram) for name, histogram in self._histograms.items()
+        }
+        self._adders = {name: _incrementer(gauge) for name, gauge in self._gauges.items()}
+        self._status_children: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._duration_children: dict[str, Callable[[float], None]] = {}
         self._children: dict[tuple, object] = {}
-        self._observed: dict[tuple, object] = {}
+        self._child_observers: dict[tuple, Callable[[float], None]] = {}
+        self._observed: dict[tuple, Callable[[float], None]] = {}
 
     # -- the call sites' API ----------------------------------------------------
 
@@ -261,21 +313,21 @@ class Metrics:
         label not in the resource table is recorded as C{unknown}.
         """
         if not labels:
-            self._histograms[name].observe(seconds)
+            self._plain_observers[name](seconds)
             return
         # Each Redis command is timed: its child is found from the raw label
         # values in one lookup. Not for "resource", whose label changes with
         # the resource table; the others' bounded values never change.
         key = (name, *labels.items())
         try:
-            child = self._observed.get(key)
+            observe = self._observed.get(key)
         except TypeError:  # an unhashable label value: bounded as a string below
-            key, child = None, None
-        if child is None:
-            child = self._child(name, self._histograms[name], self._bounded(labels))
+            key, observe = None, None
+        if observe is None:
+            observe = self._child_observer(name, self._bounded(labels))
             if key is not None and "resource" not in labels and len(self._observed) < 1024:
-                self._observed[key] = child
-        child.observe(seconds)
+                self._observed[key] = observe
+        observe(seconds)
 
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         """
@@ -296,7 +348,7 @@ class Metrics:
 
     def add(self, name: str, delta: float) -> None:
         """Move gauge C{name} (L{PROMETHEUS_GAUGES}) by C{delta}."""
-        self._gauges[name].inc(delta)
+        self._adders[name](delta)
 
     def request_done(
         self, status: int, resource: str | None, seconds: float, denial: str | None = None
@@ -309,15 +361,16 @@ class Metrics:
         label = self.resource_label(resource)
         status_class = f"{status // 100}xx" if 100 <= status < 600 else OTHER
         key = (status_class, label)
-        child = self._status_children.get(key)
-        if child is None:
-            child = self._status_children[key] = self._requests.labels(status_class, label)
-        child.inc()
+        count = self._status_children.get(key)
+        if count is None:
+            count = _incrementer(self._requests.labels(status_class, label))
+            self._status_children[key] = count
+        count(1)
         duration = self._duration_children.get(label)
         if duration is None:
-            duration = self._histograms["request_duration_seconds"].labels(label)
+            duration = _observer(self._histograms["request_duration_seconds"].labels(label))
             self._duration_children[label] = duration
-        duration.observe(seconds)
+        duration(seconds)
         if denial:
             self._denials.labels(self._reasons(denial)).inc()
 
@@ -373,6 +426,15 @@ class Metrics:
         if child is None:
             child = self._children[key] = family.labels(**labels)
         return child
+
+    def _child_observer(self, name: str, labels: dict) -> Callable[[float], None]:
+        # The observe of histogram name's child for these (bounded) labels.
+        key = (name, *labels.items())
+        observe = self._child_observers.get(key)
+        if observe is None:
+            child = self._child(name, self._histograms[name], labels)
+            observe = self._child_observers[key] = _observer(child)
+        return observe
 
     def _bounded(self, labels: dict) -> dict:
         bounded = {}
