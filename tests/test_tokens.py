@@ -197,6 +197,31 @@ class PeekTests(SynchronousTestCase, DenialAssertions):
         header, _, signature = self.token().split(".")
         self.refused(f"{header}.e30*.{signature}")
 
+    def test_jsonAsJSONLoadsReadsIt(self):
+        """
+        The header and payload are read as C{json.loads} reads bytes: white
+        space after the object and UTF-16 or UTF-32 are read, anything after
+        the object, a second object, or bytes that are not UTF-8 are refused.
+        """
+        header, _, signature = self.token().split(".")
+        claims = {"exp": NOW + 300, "sub": "agent\u00e9"}
+        text = json.dumps(claims)
+        for raw in (
+            (text + " \n").encode("utf-8"),
+            text.encode("utf-16"),
+            text.encode("utf-32"),
+            text.encode("utf-8-sig"),
+        ):
+            self.assertEqual(peek_claims(f"{header}.{b64(raw)}.{signature}"), claims, raw)
+        for raw in (
+            (text + " x").encode("utf-8"),
+            (text + "{}").encode("utf-8"),
+            text[:-1].encode("utf-8"),
+            b'{"exp": 1, "sub": "\xff"}',
+            b'{"exp": 1, "sub": "\xe9"}',
+        ):
+            self.refused(f"{header}.{b64(raw)}.{signature}")
+
     def test_base64urlAlphabetOnly(self):
         """
         Only base64url's alphabet is read: its C{-} and C{_} are, standard

@@ -65,6 +65,9 @@ _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]+")
 _FROM_BASE64URL = bytes.maketrans(b"-_+/", b"+/-_")
 # The padding a segment of each length modulo 4 lacks (1 is no base64 length).
 _PADDING = (b"", None, b"==", b"=")
+# What json.loads decodes with (its default decoder), and that decoder's scanner.
+_JSON = json.JSONDecoder()
+_SCAN = _JSON.scan_once
 _ECDSA_SHA256 = ECDSA(SHA256())
 #: Verified signatures remembered by a L{SignatureCache} unless told otherwise.
 SIGNATURE_CACHE_SIZE = 4096
@@ -178,6 +181,30 @@ def _segment(segment: bytes) -> bytes:
     return decoded
 
 
+def _json(data: bytes) -> Any:
+    """
+    C{json.loads(data)}, for less: a JOSE header or payload is UTF-8 and
+    starts with C{{}, and then C{json.loads} would pick UTF-8 (a BOM, or the
+    zero bytes of UTF-16 or UTF-32, would come first) and hand the text to
+    its default decoder, which scans one value from the start and refuses
+    anything after it but whitespace. The scan is done here directly; text
+    after the value, and anything not starting so, goes the whole way.
+
+    @raise ValueError: not JSON (C{UnicodeDecodeError} and
+        C{json.JSONDecodeError} are ones).
+    """
+    if data[:1] != b"{" or data[1:2] == b"\x00":
+        return json.loads(data)
+    text = data.decode("utf-8", "surrogatepass")
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:  # no value at all (not so at a "{"): as json.loads says it
+        raise json.JSONDecodeError("Expecting value", text, 0) from None
+    if end != len(text):
+        return _JSON.decode(text)
+    return value
+
+
 def parse_token(token: str) -> ParsedToken:
     """
     Split and decode C{token} once (no verification).
@@ -195,14 +222,14 @@ def parse_token(token: str) -> ParsedToken:
         raise _malformed("the bearer token is not a JWT")
     header_segment, payload_segment, signature_segment = segments
     try:
-        header = json.loads(_segment(header_segment))
+        header = _json(_segment(header_segment))
         if not isinstance(header, dict) or header.get("b64", True) is False:
             raise ValueError("header is not a JSON object with an attached payload")
         # No critical extension is implemented, so none may be required (RFC
         # 7515 4.1.11); and a kid, when present, is a string.
         if "crit" in header or not isinstance(header.get("kid", ""), str):
             raise ValueError("unsupported header")
-        claims = json.loads(_segment(payload_segment))
+        claims = _json(_segment(payload_segment))
         if not isinstance(claims, dict):
             raise ValueError("payload is not a JSON object")
         signature = _segment(signature_segment)
