@@ -11,11 +11,12 @@ import random
 from datetime import UTC, datetime
 from io import StringIO
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import FilteringLogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from caracal.gateway.logs import (
+    _LEVELS,
     ACCESS_NAMESPACE,
     LOG_FIELDS,
     access_record,
@@ -144,6 +145,54 @@ class AccessLogTests(HTTPTestMixin, SynchronousTestCase):
         """An access line is compact JSON."""
         self.assertEqual(format_access_line({"a": 1, "b": None}), '{"a":1,"b":null}')
 
+    def test_pipeline_fields_order_and_extras(self) -> None:
+        """
+        The record is the core keys, then L{LOG_FIELDS} in their order, then
+        any other key of C{log_fields} in its order; a core key in
+        C{log_fields} does not override the request's own, whatever order
+        C{log_fields} holds its keys in.
+        """
+        channel, _ = self.connect()
+        channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: g\r\nX-Request-Id: order\r\n\r\n")
+        [request] = self.resource.pending
+        core = ["ts", "request_id", "method", "path", "status"]
+        core += ["bytes_sent", "duration_ms", "client_ip"]
+        request.log_fields.update(resource="r", upstream_cut="drained", mcp="m")
+        record = access_record(request)
+        self.assertEqual(list(record), core + list(LOG_FIELDS) + ["upstream_cut", "mcp", "aborted"])
+        self.assertEqual((record["resource"], record["upstream_cut"]), ("r", "drained"))
+        request.log_fields = {"extra": 1, "zone": "z", "path": "/forged", "resource": "r"}
+        record = access_record(request)
+        self.assertEqual(list(record), core + list(LOG_FIELDS) + ["extra", "aborted"])
+        self.assertEqual((record["path"], record["zone"], record["extra"]), ("/slow", "z", 1))
+        self.assertIsNone(record["denial"])
+        request.log_fields = dict.fromkeys(LOG_FIELDS, "v")
+        request.log_fields["method"] = "FORGED"
+        record = access_record(request)
+        self.assertEqual(record["method"], "GET")
+        self.assertEqual(list(record), core + list(LOG_FIELDS) + ["aborted"])
+
+    def test_access_line_as_json_encodes_it(self) -> None:
+        """
+        The access line is what C{json.dumps} with compact separators and
+        C{default=str} writes, whatever the pipeline put in a field.
+        """
+        record = {
+            "ts": "2024-05-01T12:00:00.123Z",
+            "path": '/\u00e9"\\\n\x00\u2028',
+            "status": 200,
+            "big": 10**30,
+            "duration_ms": 0.1 + 0.2,
+            "odd": [float("nan"), float("inf"), -float("inf"), -0.0, 1e300],
+            "nested": {"a": [1, {"b": None}], 3: True, None: False},
+            "other": object,
+            "flag": False,
+        }
+        self.assertEqual(
+            format_access_line(record),
+            json.dumps(record, separators=(",", ":"), default=str),
+        )
+
     def test_access_record_of_unfinished_request(self) -> None:
         """An unfinished request's record has status 499."""
         channel, _ = self.connect()
@@ -201,6 +250,37 @@ class ObserverTests(SynchronousTestCase):
         self.assertEqual(predicate.logLevelForNamespace("caracal.access"), LogLevel.error)
         predicate.clearLogLevels()
         self.assertEqual(predicate.logLevelForNamespace("twisted.web.client.X"), LogLevel.info)
+
+    def test_passes_as_twisted_filters(self) -> None:
+        """
+        The observer lets through exactly the events Twisted's
+        C{FilteringLogObserver} with the same level filter lets through:
+        every level in a quiet namespace, its sub-namespaces and others,
+        events without a level or namespace, and again once a level changed
+        after such events had been decided.
+        """
+        ours, theirs = [], []
+        observer = json_log_observer(StringIO(), "info")
+        observer._observer = ours.append
+        twisted = FilteringLogObserver(theirs.append, [observer.predicate])
+        events = [
+            {"log_level": level, "log_namespace": namespace}
+            for level in _LEVELS
+            for namespace in ("caracal.access", "twisted.web.client", "twisted.web.client.X", "")
+        ]
+        events += [{"log_namespace": "caracal.access"}, {"log_level": LogLevel.error}, {}]
+        events += [{"log_level": None, "log_namespace": "caracal.access"}]
+        for change in (None, ("caracal", LogLevel.error), ("twisted.web", LogLevel.debug), "clear"):
+            if change == "clear":
+                observer.predicate.clearLogLevels()
+            elif change is not None:
+                observer.predicate.setLogLevelForNamespace(*change)
+            del ours[:], theirs[:]
+            for event in events:
+                observer(event)
+                twisted(event)
+            self.assertEqual(ours, theirs, change)
+            self.assertTrue(0 < len(ours) < len(events), change)
 
     def test_access_line_encoded_once(self) -> None:
         """

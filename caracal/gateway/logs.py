@@ -16,12 +16,14 @@ import json
 import math
 import time
 from datetime import UTC, datetime
+from json.encoder import c_make_encoder, encode_basestring_ascii
 
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     formatEvent,
 )
 from zope.interface import provider
@@ -49,6 +51,7 @@ ACCESS_EVENT_KEY = "access"
 STATUS_NO_RESPONSE = 499
 
 _LEVELS = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
+_LEVEL_SET = frozenset(_LEVELS)
 
 
 # The last whole second formatted by utc_timestamp, and its text: lines and
@@ -136,10 +139,11 @@ def access_record(request) -> dict:
     status = request.code
     if not complete and not getattr(request, "startedWriting", False):
         status = STATUS_NO_RESPONSE
+    method = request.method
     record = {
         "ts": _timestamp(finished_at),
         "request_id": getattr(request, "request_id", None),
-        "method": _text(request.method),
+        "method": method.decode("ascii", "backslashreplace") if type(method) is bytes else method,
         "path": _request_path(request),
         "status": status,
         "bytes_sent": request.sentLength,
@@ -147,22 +151,45 @@ def access_record(request) -> dict:
         "client_ip": _client_ip(request),
     }
     fields = getattr(request, "log_fields", None) or {}
-    for name in LOG_FIELDS:
-        record[name] = fields.get(name)
-    for name, value in fields.items():
-        record.setdefault(name, value)
+    if tuple(fields)[:_LOG_FIELD_COUNT] == LOG_FIELDS and _CORE_KEYS.isdisjoint(fields):
+        # The usual shape (GatewayRequest starts log_fields with LOG_FIELDS,
+        # in order): the loops below would add exactly these, in this order.
+        record.update(fields)
+    else:
+        for name in LOG_FIELDS:
+            record[name] = fields.get(name)
+        for name, value in fields.items():
+            record.setdefault(name, value)
     if not complete:
         record["aborted"] = True
     return record
 
 
+# The keys access_record writes before the pipeline's fields.
+_CORE_KEYS = frozenset(
+    ("ts", "request_id", "method", "path", "status", "bytes_sent", "duration_ms", "client_ip")
+)
+_LOG_FIELD_COUNT = len(LOG_FIELDS)
+
 # One encoder for every line: json.dumps with options builds a new one per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+
+# What _ENCODER.encode runs for a dict, made once: JSONEncoder builds this C
+# encoder again on every call (c_make_encoder is None only without the _json
+# accelerator module). No circular check: a record is flat, and its values
+# are the pipeline's strings and numbers.
+_ENCODE = (
+    c_make_encoder(None, str, encode_basestring_ascii, None, ":", ",", False, False, True)
+    if c_make_encoder is not None
+    else None
+)
 
 
 def format_access_line(record: dict) -> str:
     """C{record} as one compact JSON line (no trailing newline)."""
-    return _ENCODER.encode(record)
+    if _ENCODE is None or type(record) is not dict:
+        return _ENCODER.encode(record)
+    return "".join(_ENCODE(record, 0))
 
 
 def level_named(name: str | LogLevel) -> LogLevel:
@@ -198,7 +225,30 @@ class _RememberedLevels(LogLevelFilterPredicate):
 
     def __init__(self, *args, **kwargs) -> None:
         self._levels: dict[str, LogLevel] = {}
+        # (namespace, level) -> whether Twisted's __call__ lets such an event pass.
+        self._passing: dict[tuple, bool] = {}
         super().__init__(*args, **kwargs)
+
+    def passes(self, event: dict) -> bool:
+        """
+        Whether Twisted's C{FilteringLogObserver} with this predicate alone
+        would pass C{event} on (this predicate answers C{no} or C{maybe},
+        and C{maybe} from the only predicate passes): its answer for the
+        event's namespace and level, remembered for the L{LogLevel}s. Twisted
+        asks it through C{shouldLogEvent} and C{LogLevel}'s comparison
+        methods, some ten Python calls per event, the access line's included.
+        """
+        level = event.get("log_level")
+        namespace = event.get("log_namespace", "")
+        if level in _LEVEL_SET and type(namespace) is str:
+            key = (namespace, level)
+            passing = self._passing.get(key)
+            if passing is None:
+                passing = self(event) is not PredicateResult.no
+                if len(self._passing) < self._REMEMBERED:
+                    self._passing[key] = passing
+            return passing
+        return self(event) is not PredicateResult.no
 
     def logLevelForNamespace(self, namespace):  # noqa: N802 - Twisted's name
         level = self._levels.get(namespace)
@@ -210,14 +260,36 @@ class _RememberedLevels(LogLevelFilterPredicate):
 
     def setLogLevelForNamespace(self, namespace, level):  # noqa: N802 - Twisted's name
         self._levels.clear()
+        self._passing.clear()
         super().setLogLevelForNamespace(namespace, level)
 
     def clearLogLevels(self):  # noqa: N802 - Twisted's name
         self._levels.clear()
+        self._passing.clear()
         super().clearLogLevels()
 
 
-def level_filter(level: str | LogLevel = "info") -> LogLevelFilterPredicate:
+class _LevelFilteringObserver(FilteringLogObserver):
+    """
+    Twisted's C{FilteringLogObserver} with one L{_RememberedLevels} predicate,
+    asking it through L{_RememberedLevels.passes}: the same events pass.
+    """
+
+    def __init__(self, observer: ILogObserver, predicate: _RememberedLevels) -> None:
+        super().__init__(observer, [predicate])
+        self.predicate = predicate
+        self._passes = predicate.passes
+
+    def __call__(self, event: dict) -> None:
+        if self._passes(event):
+            if "log_trace" in event:
+                event["log_trace"].append((self, self._observer))
+            self._observer(event)
+        else:
+            self._negativeObserver(event)
+
+
+def level_filter(level: str | LogLevel = "info") -> _RememberedLevels:
     """
     Twisted's per-namespace level filter for C{LOG_LEVEL}: events below
     C{level} are dropped, and those of L{QUIET_NAMESPACES} below C{warn}
@@ -247,7 +319,7 @@ def json_log_observer(
 
     @param extra: keys added to every line (a worker's C{{"worker": N}}).
     """
-    return FilteringLogObserver(_json_lines(out_file, extra), [level_filter(level)])
+    return _LevelFilteringObserver(_json_lines(out_file, extra), level_filter(level))
 
 
 def _json_lines(out_file, extra: dict | None) -> ILogObserver:
