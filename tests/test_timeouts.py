@@ -147,11 +147,18 @@ class SiteDeadlinesTests(SynchronousTestCase):
         self.clock = Clock()
         self.deadlines = SiteDeadlines(self.clock)
         self.fired = []
+        self.actions = {}
+
+    def recorder(self, name):
+        """The one action of deadline C{name}: note (owner, name, time)."""
+        if name not in self.actions:
+            self.actions[name] = lambda owner: self.fired.append(
+                (owner, name, self.clock.seconds())
+            )
+        return self.actions[name]
 
     def arm(self, name, seconds, owner="a"):
-        self.deadlines.arm(
-            owner, name, seconds, lambda: self.fired.append((owner, name, self.clock.seconds()))
-        )
+        self.deadlines.arm(owner, name, seconds, self.recorder(name))
 
     def timers(self):
         return [call.getTime() for call in self.clock.getDelayedCalls()]
@@ -245,7 +252,7 @@ class SiteDeadlinesTests(SynchronousTestCase):
 
     def test_action_may_arm(self):
         """An action that arms another deadline (an abort after a refusal) gets it on time."""
-        self.deadlines.arm("a", "header", 10, lambda: self.arm("abort", 5))
+        self.deadlines.arm("a", "header", 10, lambda owner: self.arm("abort", 5, owner))
         self.clock.advance(10)
         self.assertEqual(self.deadlines.armed("a"), {"abort"})
         self.assertEqual(self.timers(), [15])
@@ -254,21 +261,30 @@ class SiteDeadlinesTests(SynchronousTestCase):
 
     def test_action_may_cancel_others(self):
         """An action stopping another owner's deadline due at the same time prevents it."""
-        self.deadlines.arm("a", "idle", 60, lambda: self.deadlines.cancel("b"))
-        self.arm("idle", 60, "b")
-        self.arm("idle", 60, "c")
+        record = self.recorder("idle")
+
+        def action(owner):
+            record(owner)
+            if owner == "a":
+                self.deadlines.cancel("b")
+
+        for owner in "abc":
+            self.deadlines.arm(owner, "idle", 60, action)
         self.clock.advance(60)
-        self.assertEqual(self.fired, [("c", "idle", 60)])
+        self.assertEqual(self.fired, [("a", "idle", 60), ("c", "idle", 60)])
         self.assertEqual(self.timers(), [])
 
     def test_failing_action_does_not_stop_the_others(self):
         """An action that raises is logged; the deadlines after it still fire on time."""
+        record = self.recorder("idle")
 
-        def fail():
-            raise RuntimeError("boom")
+        def action(owner):
+            if owner == "a":
+                raise RuntimeError("boom")
+            record(owner)
 
-        self.deadlines.arm("a", "idle", 60, fail)
-        self.arm("idle", 60, "b")
+        self.deadlines.arm("a", "idle", 60, action)
+        self.deadlines.arm("b", "idle", 60, action)
         self.arm("write", 90, "c")
         self.clock.advance(60)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
@@ -283,3 +299,15 @@ class SiteDeadlinesTests(SynchronousTestCase):
         with self.assertRaises(ValueError):
             self.arm("idle", 30, "b")
         self.assertEqual(self.deadlines.armed("b"), set())
+
+    def test_same_action_per_name(self):
+        """
+        A name has one action, called with the owner: a deadline holds no
+        callable of its own. Another action for the name is refused.
+        """
+        self.arm("idle", 60)
+        with self.assertRaises(ValueError):
+            self.deadlines.arm("b", "idle", 60, lambda owner: None)
+        self.assertEqual(self.deadlines.armed("b"), set())
+        self.clock.advance(60)
+        self.assertEqual(self.fired, [("a", "idle", 60)])

@@ -390,6 +390,8 @@ class GatewayChannel(HTTPChannel):
         return self.site.config
 
     def _arm(self, name: str, seconds: float, action) -> None:
+        # action: the class's function, called with the channel when due, so
+        # an idle connection's deadline holds no bound method of its own.
         self.site.deadlines.arm(self, name, seconds, action)
 
     def _cancel(self, *names: str) -> None:
@@ -405,8 +407,8 @@ class GatewayChannel(HTTPChannel):
         self._headers_in = False
         self._request_bytes_seen = False
         self._cancel("idle")
-        self._arm("header", self._config.read_header_timeout, self._header_timed_out)
-        self._arm("read", self._config.read_timeout, self._read_timed_out)
+        self._arm("header", self._config.read_header_timeout, GatewayChannel._header_timed_out)
+        self._arm("read", self._config.read_timeout, GatewayChannel._read_timed_out)
 
     def _enter_idle(self) -> None:
         self._state = "idle"
@@ -414,7 +416,7 @@ class GatewayChannel(HTTPChannel):
         if self.site.draining:
             self._close_soon()
         elif not self._flush_pending:
-            self._arm("idle", self._config.idle_timeout, self._idle_timed_out)
+            self._arm("idle", self._config.idle_timeout, GatewayChannel._idle_timed_out)
 
     # -- connection -----------------------------------------------------------
 
@@ -509,7 +511,7 @@ class GatewayChannel(HTTPChannel):
             return
         self._cancel("header", "read")
         self._state = "handling"
-        self._arm("write", self._config.write_timeout, self._write_timed_out)
+        self._arm("write", self._config.write_timeout, GatewayChannel._write_timed_out)
         super().allContentReceived()
 
     def requestDone(self, request) -> None:
@@ -722,7 +724,7 @@ class GatewayChannel(HTTPChannel):
         self._refused = True
         self.persistent = False
         self._cancel()
-        self._arm("abort", CLOSE_GRACE, self._abort)
+        self._arm("abort", CLOSE_GRACE, GatewayChannel._abort)
         if counted:
             metrics = self.site.metrics
             metrics.increment("requests_total")
@@ -755,7 +757,7 @@ class GatewayChannel(HTTPChannel):
 
     def _close_soon(self) -> None:
         self._cancel()
-        self._arm("abort", CLOSE_GRACE, self._abort)
+        self._arm("abort", CLOSE_GRACE, GatewayChannel._abort)
         self.loseConnection()
 
     def _abort(self) -> None:
@@ -799,7 +801,7 @@ class GatewayChannel(HTTPChannel):
         if waiting:
             self._cancel("write")
         else:
-            self._arm("write", self._config.write_timeout, self._write_timed_out)
+            self._arm("write", self._config.write_timeout, GatewayChannel._write_timed_out)
 
     def event_stream_started(self) -> None:
         """
@@ -822,7 +824,9 @@ class GatewayChannel(HTTPChannel):
             self._arm_stream_idle()
 
     def _arm_stream_idle(self) -> None:
-        self._arm("stream_idle", self._config.stream_idle_timeout, self._stream_idle_timed_out)
+        self._arm(
+            "stream_idle", self._config.stream_idle_timeout, GatewayChannel._stream_idle_timed_out
+        )
 
     def _stream_idle_timed_out(self) -> None:
         if self._event_stream:

@@ -143,9 +143,9 @@ class SiteDeadlines:
 
     def __init__(self, clock) -> None:
         self._clock = clock
-        # name -> {owner: (deadline, action)}, oldest first; name -> seconds.
+        # name -> {owner: deadline}, oldest first; name -> (seconds, action).
         self._queues: dict[str, OrderedDict] = {}
-        self._seconds: dict[str, float] = {}
+        self._kinds: dict[str, tuple] = {}
         self._armed = 0
         self._call = None
         self._expiring = False
@@ -156,24 +156,29 @@ class SiteDeadlines:
 
     def arm(self, owner, name: str, seconds: float, action) -> None:
         """
-        Call C{action()} in C{seconds} unless C{owner}'s deadline C{name} is
-        stopped or armed again first (which replaces it).
+        Call C{action(owner)} in C{seconds} unless C{owner}'s deadline
+        C{name} is stopped or armed again first (which replaces it).
 
-        @raise ValueError: C{name} was armed before with other C{seconds}:
-            its queue would no longer be in deadline order.
+        @param action: the same for every owner (e.g. an unbound method of
+            the owners' class), so a deadline holds no callable of its own.
+        @raise ValueError: C{name} was armed before with other C{seconds}
+            (its queue would no longer be in deadline order) or another
+            C{action}.
         """
         queue = self._queues.get(name)
         if queue is None:
             queue = self._queues[name] = OrderedDict()
-            self._seconds[name] = seconds
-        elif self._seconds[name] != seconds:
-            raise ValueError(
-                f"deadline {name!r} is armed for {self._seconds[name]} s, not {seconds} s"
-            )
+            self._kinds[name] = (seconds, action)
+        else:
+            kind = self._kinds[name]
+            if kind[0] != seconds or kind[1] is not action:
+                raise ValueError(
+                    f"deadline {name!r} is armed as {kind!r}, not {(seconds, action)!r}"
+                )
         when = self._clock.seconds() + seconds
         if queue.pop(owner, None) is None:
             self._armed += 1
-        queue[owner] = (when, action)
+        queue[owner] = when
         if self._expiring:
             return  # _expire arms the timer for the earliest once done
         call = self._call
@@ -202,18 +207,18 @@ class SiteDeadlines:
 
     def _expire(self) -> None:
         self._call = None
-        queues = self._queues.values()
+        queues = self._queues.items()
         self._expiring = True
         try:
             while self._armed:
                 # The earliest head of all queues (a handful of names).
                 earliest = None
-                for queue in queues:
+                for name, queue in queues:
                     if queue:
-                        head = next(iter(queue.values()))
-                        if earliest is None or head[0] < earliest[1][0]:
-                            earliest = (queue, head)
-                queue, (when, action) = earliest
+                        owner, when = next(iter(queue.items()))
+                        if earliest is None or when < earliest[0]:
+                            earliest = (when, owner, name, queue)
+                when, owner, name, queue = earliest
                 now = self._clock.seconds()
                 if when > now + _SLACK:
                     self._call = self._clock.callLater(when - now, self._expire)
@@ -221,7 +226,7 @@ class SiteDeadlines:
                 queue.popitem(last=False)
                 self._armed -= 1
                 try:
-                    action()
+                    self._kinds[name][1](owner)
                 except Exception:
                     # One connection's failure must not stop the others' deadlines.
                     _log.failure("deadline action failed")
