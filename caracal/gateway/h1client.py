@@ -40,7 +40,7 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http import NO_BODY_CODES, PotentialDataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
@@ -59,9 +59,6 @@ MAX_INTERIM = 16
 _MAX_LENGTH_DIGITS = 18
 
 _HTTP_VERSIONS = {b"HTTP/1.1": (b"HTTP", 1, 1), b"HTTP/1.0": (b"HTTP", 1, 0)}
-_TOKEN_CHARS = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -132,7 +129,8 @@ def parse_head(head: bytes) -> tuple[tuple, int, bytes, Headers]:
 
     @raise MalformedResponse: any part of it can be read more than one way.
     """
-    if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+    crlf = head.count(b"\r\n")
+    if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
         raise MalformedResponse("bare CR or LF in the response head")
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ", 2)
@@ -146,11 +144,15 @@ def parse_head(head: bytes) -> tuple[tuple, int, bytes, Headers]:
     fields = raw_fields(headers)
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or not _TOKEN_CHARS.issuperset(name):
-            # Also a folded line (leading space): obsolete, and read two ways.
+        try:
+            # Refuses a name that is not a token: also a folded line
+            # (leading space, obsolete and read two ways) or an empty name.
+            name = canonical_name(name)
+        except InvalidHeaderName:
+            raise MalformedResponse("malformed header line") from None
+        if not colon:
             raise MalformedResponse("malformed header line")
         # No CR or LF anywhere in the head: the value needs no cleaning.
-        name = canonical_name(name)
         values = fields.get(name)
         if values is None:
             fields[name] = [value.strip(b" \t")]
