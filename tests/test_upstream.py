@@ -681,3 +681,54 @@ class PinnedEndpointTests(SynchronousTestCase):
         [(host, port, _factory, _timeout, _bind)] = reactor.tcpClients
         self.assertEqual((host, port), ("2606:4700::1", 8443))
         self.assertEqual(policy.asked, [(b"v6.example", 8443)])
+
+
+class PathFastWayOutTests(SynchronousTestCase):
+    """path_problem's early answer for paths that cannot hide a dot segment or a NUL."""
+
+    def test_agrees_with_the_full_check(self):
+        """
+        On 20,000 paths built from the characters dot segments, encodings
+        and fragments are made of, the answer is the one the full check gives.
+        """
+        import random
+        import re
+
+        from caracal.gateway import upstream
+
+        rng = random.Random(1207)
+        pieces = [
+            b"a",
+            b"/",
+            b".",
+            b"..",
+            b"%",
+            b"2",
+            b"e",
+            b"E",
+            b"5",
+            b"c",
+            b"0",
+            b"\\",
+            b";",
+            b"#",
+            b"?",
+            b"\x00",
+            b"%2e",
+            b"%2E",
+            b"%00",
+            b"%c0%ae",
+            b"%252e",
+        ]
+        paths = [
+            b"/" + b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+            for _ in range(20000)
+        ]
+        fast = [upstream.path_problem(p) for p in paths]
+        # A pattern that always matches: every path takes the full check.
+        self.patch(upstream, "_MAY_HIDE", re.compile(rb""))
+        full = [upstream.path_problem(p) for p in paths]
+        disagreeing = [(p, f, g) for p, f, g in zip(paths, fast, full, strict=True) if f != g]
+        self.assertEqual(disagreeing[:3], [])
+        self.assertIn(None, fast)
+        self.assertTrue(any(fast))

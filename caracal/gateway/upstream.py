@@ -55,6 +55,8 @@ _NUMERIC_CACHE_SIZE = 4096
 
 _SEPARATORS = re.compile(rb"[/\\]")
 _PERCENT = re.compile(rb"%[0-9a-fA-F]{2}")
+#: What a dot segment or a NUL needs in some spelling (path_problem's fast way out).
+_MAY_HIDE = re.compile(rb"[.%\x00]")
 
 
 class UpstreamRefused(Exception):
@@ -130,6 +132,10 @@ def path_problem(path: bytes) -> str | None:
     if b"#" in path:
         return "the request target contains a fragment"
     current = path.split(b"?", 1)[0]
+    if not _MAY_HIDE.search(current):
+        # Without a dot, a percent sign or a NUL no spelling of a dot
+        # segment or of a NUL can be there (most tool paths: /mcp, /tools/x).
+        return None
     for _ in range(_DECODE_ROUNDS + 1):
         if b"\x00" in current:
             return "the request path contains a NUL byte"
