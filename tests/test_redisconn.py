@@ -177,6 +177,19 @@ class ProtocolTests(SynchronousTestCase):
         self.assertTrue(str(error.value).startswith("READONLY"))
 
 
+def _pool_factory() -> _ReconnectingRedisFactory:
+    """A lazy two-connection factory with the pool handler, as the gateway builds one."""
+    return _ReconnectingRedisFactory(
+        uuid="test",
+        dbid=None,
+        poolsize=2,
+        isLazy=True,
+        handler=_PoolHandler,
+        charset="utf-8",
+        convertNumbers=False,
+    )
+
+
 class PoolHandlerTests(SynchronousTestCase):
     """
     L{_PoolHandler} sends a command on a connection that is up at once, and
@@ -184,15 +197,7 @@ class PoolHandlerTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        self.factory = _ReconnectingRedisFactory(
-            uuid="test",
-            dbid=None,
-            poolsize=2,
-            isLazy=True,
-            handler=_PoolHandler,
-            charset="utf-8",
-            convertNumbers=False,
-        )
+        self.factory = _pool_factory()
         self.handler = self.factory.handler
 
     def add_connection(self) -> _RedisProtocol:
@@ -284,15 +289,7 @@ class SendPackedTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.metrics = _Metrics()
-        self.factory = _ReconnectingRedisFactory(
-            uuid="test",
-            dbid=None,
-            poolsize=2,
-            isLazy=True,
-            handler=_PoolHandler,
-            charset="utf-8",
-            convertNumbers=False,
-        )
+        self.factory = _pool_factory()
         self.factory.metrics = self.metrics
         self.factory.clock = self.clock
         self.handler = self.factory.handler

@@ -777,6 +777,17 @@ class ReleaseBIOBuffersTests(SynchronousTestCase):
         self.assertTrue(tls.release_bio_buffers(server))
 
 
+def _listener(testcase, protocol, clock):
+    """The listener's TLS factory for C{protocol} on C{clock}, with a fresh test chain."""
+    directory = testcase.mktemp()
+    os.makedirs(directory)
+    make_chain(directory)
+    server_tls = ServerTLS(
+        os.path.join(directory, "server.crt"), os.path.join(directory, "server.key"), clock=clock
+    )
+    return server_tls.factory(Factory.forProtocol(protocol), clock)
+
+
 class _Echo(Protocol):
     """Writes back what it receives."""
 
@@ -792,16 +803,8 @@ class ServerTLSProtocolTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        directory = self.mktemp()
-        os.makedirs(directory)
-        make_chain(directory)
         self.clock = task.Clock()
-        server_tls = ServerTLS(
-            os.path.join(directory, "server.crt"),
-            os.path.join(directory, "server.key"),
-            clock=self.clock,
-        )
-        factory = server_tls.factory(Factory.forProtocol(_Echo), self.clock)
+        factory = _listener(self, _Echo, self.clock)
         self.assertIsInstance(factory, TLSMemoryBIOFactory)
         self.protocol = factory.buildProtocol(None)
         self.assertIsInstance(self.protocol, tls.ServerTLSProtocol)
@@ -902,16 +905,8 @@ class GatheredWritesTests(SynchronousTestCase):
     """
 
     def setUp(self):
-        directory = self.mktemp()
-        os.makedirs(directory)
-        make_chain(directory)
         self.clock = task.Clock()
-        server_tls = ServerTLS(
-            os.path.join(directory, "server.crt"),
-            os.path.join(directory, "server.key"),
-            clock=self.clock,
-        )
-        self.factory = server_tls.factory(Factory.forProtocol(_Pieces), self.clock)
+        self.factory = _listener(self, _Pieces, self.clock)
 
     def connect(self):
         """A handshaken (server protocol, its transport, client connection)."""
