@@ -301,6 +301,24 @@ def idle_connections_mib(pid: int, port: int, ca_file: str, count: int) -> dict:
     }
 
 
+def measured_command(argv: list[str]) -> str:
+    """
+    The command line a report records: what was measured, without where the
+    report was written (C{--out} names a path on the machine that ran it,
+    which the report, kept in the repository, must not hold).
+    """
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return " ".join(["python", "bench/run.py", *kept])
+
+
 def python_command(script: str, *args: str) -> list[str]:
     """Run a bench script under this interpreter."""
     return [sys.executable, os.path.join(BENCH, script), *args]
@@ -1450,7 +1468,7 @@ class Bench:
             loader_version = loader_version[0] if loader_version else "wrk"
         return {
             "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "command": " ".join(["python", "bench/run.py", *sys.argv[1:]]),
+            "command": measured_command(sys.argv[1:]),
             "machine": {
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),

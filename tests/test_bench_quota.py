@@ -232,3 +232,18 @@ class ReportTests(SynchronousTestCase):
         # Without a quota the table starts with its column titles, as before.
         plain = bench.format_table({"per_call": result}, {}, [], {"cpu_quota": None})
         self.assertTrue(plain.startswith("target "))
+
+
+class MeasuredCommandTests(SynchronousTestCase):
+    """The command a report records."""
+
+    def test_out_path_left_out(self) -> None:
+        """Where the report went (a machine path) is not recorded; every other option is."""
+        for argv in (
+            ["--duration", "15", "--out", "reports/run.json", "--idle", "1000"],
+            ["--duration", "15", "--out=reports/run.json", "--idle", "1000"],
+        ):
+            self.assertEqual(
+                bench.measured_command(argv),
+                "python bench/run.py --duration 15 --idle 1000",
+            )
