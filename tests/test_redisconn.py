@@ -467,3 +467,29 @@ class PrivateNamesTests(SynchronousTestCase):
         self.failureResultOf(d, defer.CancelledError)
         d.callback("late")
         self.assertRaises(defer.AlreadyCalledError, d.callback, "later")
+
+
+class PackOrFallBackTests(SynchronousTestCase):
+    """redisconn.send_packed: hiredis's bytes through a pool, or None for txredisapi's way."""
+
+    def test_packed_and_sent(self):
+        """The command's RESP bytes, its name and its arguments go to the pool's sender."""
+        from caracal.gateway.redisconn import send_packed
+
+        sent = []
+        result = send_packed(lambda *a: sent.append(a) or "reply", ("SET", "k", "v", "PX", 5))
+        self.assertEqual(result, "reply")
+        self.assertEqual(
+            sent,
+            [(b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n$2\r\nPX\r\n$1\r\n5\r\n", "SET",
+              ("SET", "k", "v", "PX", 5))],
+        )  # fmt: skip
+
+    def test_no_pool_or_unpackable(self):
+        """No pool sender, or text UTF-8 cannot encode: None, nothing sent."""
+        from caracal.gateway.redisconn import send_packed
+
+        sent = []
+        self.assertIsNone(send_packed(None, ("SET", "k", "v")))
+        self.assertIsNone(send_packed(sent.append, ("SET", "k", "\udc80")))
+        self.assertEqual(sent, [])

@@ -33,7 +33,6 @@ import json
 import math
 from json.encoder import encode_basestring_ascii
 
-import hiredis
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -42,6 +41,7 @@ from caracal.gateway import ids
 from caracal.gateway.cache import BoundedCache
 from caracal.gateway.interfaces import IAuditLog
 from caracal.gateway.logs import utc_timestamp
+from caracal.gateway.redisconn import send_packed
 from caracal.gateway.revocations import sign_fields
 from caracal.gateway.timeouts import TimeBound
 
@@ -292,14 +292,7 @@ class RedisAuditLog:
             if type(name) is not str or type(value) is not str:
                 packable = False
         arguments = tuple(arguments)
-        d = None
-        if packable and self._send_packed is not None:
-            try:
-                packed = hiredis.pack_command(arguments)
-            except UnicodeError:
-                pass  # txredisapi's own error (InvalidData) below
-            else:
-                d = self._send_packed(packed, "XADD", arguments)
+        d = send_packed(self._send_packed, arguments) if packable else None
         if d is None:
             d = defer.maybeDeferred(self._redis.execute_command, *arguments)
         return self._bound.bound(d)

@@ -263,6 +263,23 @@ class _PoolHandler(txredisapi.ConnectionHandler):
         return self.execute_command(*args)
 
 
+def send_packed(send, args: tuple) -> defer.Deferred | None:
+    """
+    C{args} (a command and its arguments, C{str} and C{int} only) packed by
+    hiredis and sent with C{send}, a pool's L{_PoolHandler.send_packed};
+    C{None} when there is no such pool (C{send} is C{None}) or the
+    arguments do not pack (text UTF-8 cannot encode): the caller then sends
+    them txredisapi's way, which reports that error as it always did.
+    """
+    if send is None:
+        return None
+    try:
+        packed = hiredis.pack_command(args)
+    except UnicodeError:
+        return None
+    return send(packed, args[0], args)
+
+
 class _NotMaster(Exception):
     """The server a sentinel named is not (or no longer) the master."""
 

@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import re
 
-import hiredis
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from caracal.gateway.interfaces import IReplayGuard
+from caracal.gateway.redisconn import send_packed
 from caracal.gateway.timeouts import TimeBound
 
 KEY_PREFIX = "seen:jti:"
@@ -153,15 +153,10 @@ class RedisReplayGuard:
         C{SET key request_id PX ttl_ms NX}, the arguments txredisapi's
         C{set} would send in its order; its reply or failure.
         """
-        send_packed = self._send_packed
-        if send_packed is not None and type(request_id) is str:
-            args = ("SET", key, request_id, "PX", ttl_ms, "NX")
-            try:
-                packed = hiredis.pack_command(args)
-            except UnicodeError:
-                pass  # txredisapi's own error (InvalidData) below
-            else:
-                return send_packed(packed, "SET", args)
+        if type(request_id) is str:
+            sent = send_packed(self._send_packed, ("SET", key, request_id, "PX", ttl_ms, "NX"))
+            if sent is not None:
+                return sent
         return defer.maybeDeferred(
             self._redis.set, key, request_id, pexpire=ttl_ms, only_if_not_exists=True
         )
